@@ -1,0 +1,1 @@
+"""privface secure package."""

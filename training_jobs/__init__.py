@@ -1,0 +1,1 @@
+"""privface training_jobs package."""
