@@ -1,0 +1,42 @@
+"""FastAPI dependencies: the gateway context, a database session, and scope-checked callers."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from app.auth import Principal, authenticate
+from app.context import GatewayContext
+from app.db import session_scope
+from app.problems import forbidden, unauthorized
+
+_bearer = HTTPBearer(auto_error=False, description="An API key: `pf_<prefix>_<secret>`.")
+
+
+def get_context(request: Request) -> GatewayContext:
+    return request.app.state.ctx
+
+
+def get_session(ctx: GatewayContext = Depends(get_context)) -> Iterator[Session]:
+    with session_scope(ctx.sessions) as session:
+        yield session
+
+
+def require_scope(scope: str | None) -> Callable[..., Principal]:
+    """A dependency that authenticates the caller and, when `scope` is given, checks it holds that scope."""
+
+    def dependency(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+                   ctx: GatewayContext = Depends(get_context)) -> Principal:
+        if credentials is None or credentials.scheme.lower() != "bearer":
+            raise unauthorized("send `Authorization: Bearer <api key>`")
+        with session_scope(ctx.sessions) as session:
+            principal = authenticate(session, credentials.credentials, ctx.settings.secret_key)
+        if principal is None:
+            raise unauthorized("the API key is unknown, revoked or malformed")
+        if scope is not None and scope not in principal.scopes:
+            raise forbidden(f"this endpoint needs the '{scope}' scope; the key has {sorted(principal.scopes)}")
+        return principal
+
+    return dependency

@@ -1,0 +1,90 @@
+"""The gateway application: `create_app(settings)` builds it; uvicorn serves `app.main:app`."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import redis
+from fastapi import FastAPI
+
+from app.context import GatewayContext
+from app.db import make_engine, make_sessionmaker
+from app.limits import BodySizeLimit
+from app.migrate import migrate_gateway
+from app.problems import install_problem_handlers
+from app.routers import admin, matching, service, subjects
+from app.services import operations
+from app.services.jobs import JobRunner
+from app.services.model_events import sync_active_model, watch_model_activations
+from app.services.model_registry import ServedModels
+from app.services.replay import NonceStore
+from app.settings import GatewaySettings, get_settings
+from secure.coordinator import PartyPair
+
+log = logging.getLogger(__name__)
+RECONCILE_EVERY_S = 5.0
+
+DESCRIPTION = """Privacy-preserving face verification. Clients upload noised frequency-domain features made by
+the SDK (never an image). Templates are stored as two secret shares at two non-colluding parties, and
+matching runs under two-party computation: verify reveals one bit, identify one bit plus the subject id
+on a match. Errors are RFC 9457 `application/problem+json`."""
+
+
+def build_context(settings: GatewaySettings) -> GatewayContext:
+    engine = make_engine(settings.database_url)
+    sessions = make_sessionmaker(engine)
+    redis_client = redis.Redis.from_url(settings.redis_url) if settings.redis_url else None
+    return GatewayContext(
+        settings=settings, engine=engine, sessions=sessions,
+        models=ServedModels(settings.model_dir, settings.prefer_gpu, settings.batch_max, settings.batch_wait_ms),
+        parties=PartyPair(settings.party_urls, settings.internal_token, settings.party_timeout_s),
+        nonces=NonceStore(sessions, settings.nonce_ttl_s, redis_client),
+        jobs=JobRunner(settings, sessions),
+    )
+
+
+async def _reconcile_forever(ctx: GatewayContext) -> None:
+    """Finish interrupted operations (crashes, lost replies) for as long as the gateway runs."""
+    while True:
+        try:
+            await operations.reconcile(ctx.sessions, ctx.parties, stale_after_s=ctx.settings.party_timeout_s * 2)
+        except Exception:
+            log.exception("reconcile pass failed")
+        await asyncio.sleep(RECONCILE_EVERY_S)
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        migrate_gateway(settings.database_url)
+        ctx = build_context(settings)
+        app.state.ctx = ctx
+        await sync_active_model(ctx.sessions, ctx.models)
+        tasks = [asyncio.create_task(watch_model_activations(ctx.sessions, ctx.models, settings.redis_url,
+                                                             settings.model_poll_s)),
+                 asyncio.create_task(_reconcile_forever(ctx))]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await ctx.parties.aclose()
+            ctx.jobs.shutdown()
+            ctx.engine.dispose()
+
+    app = FastAPI(title="privface", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    install_problem_handlers(app)
+    for module in (subjects, matching, admin, service):
+        app.include_router(module.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+def app() -> FastAPI:
+    """uvicorn factory: `uvicorn --factory app.main:app`."""
+    return create_app()

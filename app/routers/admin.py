@@ -1,0 +1,77 @@
+"""Admin endpoints: model versions, background jobs, tenant key rotation."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, status
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.auth import Principal
+from app.context import GatewayContext
+from app.deps import get_context, get_session, require_scope
+from app.models import Job, ModelVersion, Tenant
+from app.problems import Problem, not_found
+from app.schemas import JobCreate, JobOut, ModelVersionOut
+from app.services.jobs import JOB_KINDS
+from app.services.model_events import publish_activation, sync_active_model
+from app.services.model_registry import activate_version
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"])
+admin = require_scope("admin")
+ERRORS = {401: {"description": "Missing or invalid API key"}, 403: {"description": "Needs the admin scope"}}
+
+
+def _model_out(row: ModelVersion) -> ModelVersionOut:
+    return ModelVersionOut.model_validate(row, from_attributes=True)
+
+
+def _job_out(row: Job) -> JobOut:
+    return JobOut.model_validate(row, from_attributes=True)
+
+
+@router.get("/models", response_model=list[ModelVersionOut], responses=ERRORS)
+def list_models(_: Principal = Depends(admin), session: Session = Depends(get_session)) -> list[ModelVersionOut]:
+    """Every registered model version with its checksum, transform, metrics and status."""
+    rows = session.execute(select(ModelVersion).order_by(ModelVersion.created_at)).scalars()
+    return [_model_out(row) for row in rows]
+
+
+@router.post("/models/{version}/activate", response_model=ModelVersionOut,
+             responses={**ERRORS, 404: {"description": "Unknown model version"}})
+async def activate_model(version: str, _: Principal = Depends(admin),
+                         ctx: GatewayContext = Depends(get_context)) -> ModelVersionOut:
+    """Make a version active. Every gateway worker swaps its ORT session without dropping requests."""
+    with ctx.sessions() as session, session.begin():
+        row = activate_version(session, version)
+        out = _model_out(row)
+    publish_activation(ctx.settings.redis_url, version)
+    await sync_active_model(ctx.sessions, ctx.models)
+    return out
+
+
+@router.post("/jobs", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
+             responses={**ERRORS, 422: {"description": "Unknown job kind"}})
+def create_job(body: JobCreate, _: Principal = Depends(admin), ctx: GatewayContext = Depends(get_context)) -> JobOut:
+    """Start a background job; poll `GET /v1/admin/jobs/{id}` for its progress."""
+    if body.kind not in JOB_KINDS:
+        raise Problem(422, "unknown-job-kind", "Unknown job kind",
+                      f"{body.kind!r} is not one of {sorted(JOB_KINDS)}")
+    job_id = ctx.jobs.submit(body.kind, body.params)
+    with ctx.sessions() as session:
+        return _job_out(session.get(Job, job_id))
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, responses={**ERRORS, 404: {"description": "Unknown job"}})
+def get_job(job_id: str, _: Principal = Depends(admin), session: Session = Depends(get_session)) -> JobOut:
+    """A job's status, progress (0..1), message and result."""
+    row = session.get(Job, job_id)
+    if row is None:
+        raise not_found("job", job_id)
+    return _job_out(row)
+
+
+@router.post("/tenant/rotate-key", responses=ERRORS)
+def rotate_tenant_key(principal: Principal = Depends(admin), session: Session = Depends(get_session)) -> dict:
+    """Revoke every template of the caller's tenant by moving to a new template key. Re-enroll afterwards."""
+    tenant = session.get(Tenant, principal.tenant_id)
+    tenant.key_version += 1
+    return {"tenant_id": tenant.id, "key_version": tenant.key_version}

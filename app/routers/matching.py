@@ -1,0 +1,39 @@
+"""1:1 verification and 1:N identification."""
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Depends
+
+from app.auth import Principal
+from app.context import GatewayContext
+from app.deps import get_context, require_scope
+from app.schemas import IdentifyOut, IdentifyRequest, VerifyOut, VerifyRequest
+from app.services import biometrics
+from app.services.audit import audit
+
+router = APIRouter(prefix="/v1", tags=["matching"])
+ERRORS = {401: {"description": "Missing or invalid API key"}, 403: {"description": "Missing scope"},
+          409: {"description": "Replayed nonce, or subject without templates"},
+          422: {"description": "Invalid features"}, 503: {"description": "A party is down or timed out"}}
+
+
+@router.post("/verify", response_model=VerifyOut, responses={**ERRORS, 404: {"description": "Unknown subject"}})
+async def verify(body: VerifyRequest, principal: Principal = Depends(require_scope("verify")),
+                 ctx: GatewayContext = Depends(get_context)) -> VerifyOut:
+    """1:1: is this face the claimed subject? Reveals one bit, computed under MPC."""
+    request_id = "req_" + uuid.uuid4().hex[:16]
+    match, version = await biometrics.verify(ctx, principal, body.subject_id, body.features)
+    audit(ctx.sessions, principal, "verify", "match" if match else "no-match", body.subject_id, request_id)
+    return VerifyOut(match=match, model_version=version, request_id=request_id)
+
+
+@router.post("/identify", response_model=IdentifyOut, responses=ERRORS)
+async def identify(body: IdentifyRequest, principal: Principal = Depends(require_scope("verify")),
+                   ctx: GatewayContext = Depends(get_context)) -> IdentifyOut:
+    """1:N: who is this among the tenant's subjects? One bit, plus the subject id only on a match."""
+    request_id = "req_" + uuid.uuid4().hex[:16]
+    subject_id, version = await biometrics.identify(ctx, principal, body.features)
+    audit(ctx.sessions, principal, "identify", "match" if subject_id else "no-match", subject_id, request_id)
+    return IdentifyOut(match=subject_id is not None, subject_id=subject_id, model_version=version,
+                       request_id=request_id)

@@ -1,0 +1,69 @@
+"""Subjects and their enrollments."""
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Depends, Response, status
+from sqlalchemy.orm import Session
+
+from app.auth import Principal
+from app.context import GatewayContext
+from app.deps import get_context, get_session, require_scope
+from app.models import Subject
+from app.schemas import EnrollmentOut, EnrollRequest, SubjectCreate, SubjectOut
+from app.services import biometrics
+from app.services.audit import audit
+
+router = APIRouter(prefix="/v1/subjects", tags=["subjects"])
+ERRORS = {401: {"description": "Missing or invalid API key"}, 403: {"description": "Missing scope"},
+          404: {"description": "Unknown subject"}}
+
+
+def _subject_out(subject: Subject) -> SubjectOut:
+    return SubjectOut(id=subject.id, external_id=subject.external_id, created_at=subject.created_at,
+                      enrollments=[_enrollment_out(e) for e in subject.enrollments])
+
+
+def _enrollment_out(enrollment) -> EnrollmentOut:
+    return EnrollmentOut(id=f"enr_{enrollment.template_seq}", subject_id=enrollment.subject_id,
+                         model_version=enrollment.model_version, created_at=enrollment.created_at,
+                         epsilon=enrollment.epsilon)
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=SubjectOut, responses=ERRORS)
+def create_subject(body: SubjectCreate, principal: Principal = Depends(require_scope("enroll")),
+                   session: Session = Depends(get_session)) -> SubjectOut:
+    """Create a subject (a person) to enroll faces for. Returns its id."""
+    subject = Subject(id="sub_" + uuid.uuid4().hex, tenant_id=principal.tenant_id, external_id=body.external_id)
+    session.add(subject)
+    session.flush()
+    session.refresh(subject)
+    return _subject_out(subject)
+
+
+@router.get("/{subject_id}", response_model=SubjectOut, responses=ERRORS)
+def get_subject(subject_id: str, principal: Principal = Depends(require_scope("enroll")),
+                session: Session = Depends(get_session)) -> SubjectOut:
+    """A subject and the metadata of its enrollments (never a template)."""
+    return _subject_out(biometrics.load_subject(session, principal, subject_id))
+
+
+@router.delete("/{subject_id}", status_code=status.HTTP_204_NO_CONTENT,
+               responses={**ERRORS, 503: {"description": "A party is down; nothing was deleted"}})
+async def delete_subject(subject_id: str, principal: Principal = Depends(require_scope("enroll")),
+                         ctx: GatewayContext = Depends(get_context)) -> Response:
+    """Delete a subject and remove its template shares at both parties (all or nothing)."""
+    await biometrics.delete_subject(ctx, principal, subject_id)
+    audit(ctx.sessions, principal, "delete-subject", "deleted", subject_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/{subject_id}/enrollments", status_code=status.HTTP_201_CREATED, response_model=EnrollmentOut,
+             responses={**ERRORS, 409: {"description": "Replayed nonce"}, 413: {"description": "Body too large"},
+                        422: {"description": "Invalid features"}, 503: {"description": "A party is down"}})
+async def enroll(subject_id: str, body: EnrollRequest, principal: Principal = Depends(require_scope("enroll")),
+                 ctx: GatewayContext = Depends(get_context)) -> EnrollmentOut:
+    """Enroll one face (as SDK features) for the subject: stored as two shares, one per party."""
+    enrollment = await biometrics.enroll(ctx, principal, subject_id, body.features)
+    audit(ctx.sessions, principal, "enroll", "stored", subject_id)
+    return _enrollment_out(enrollment)

@@ -1,0 +1,136 @@
+"""Pydantic v2 request and response schemas of the public REST API (kept apart from the ORM models)."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_FEATURES_EXAMPLE = {
+    "transform_id": "dct8-v0",
+    "params_hash": "0123456789abcdef",
+    "shape": [73, 14, 14],
+    "dtype": "float16",
+    "data": "<base64 of K*14*14 little-endian float16 values>",
+    "epsilon": 1.2e5,
+    "nonce": "9f86d081884c7d659a2feaa0c55ad015",
+    "created_at": "2026-11-23T10:00:00Z",
+}
+
+
+class FeaturePayload(BaseModel):
+    """Noised block-DCT features made on the device by the SDK; the only thing a client uploads."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_FEATURES_EXAMPLE]})
+    transform_id: str = Field(max_length=100)
+    params_hash: str = Field(pattern=r"^[0-9a-f]{16}$")
+    shape: list[int] = Field(min_length=3, max_length=3)
+    dtype: Literal["float16"]
+    data: str = Field(description="base64 of the little-endian float16 array, C order")
+    epsilon: float | None = Field(gt=0, description="per-image privacy budget the SDK applied; null when no noise")
+    nonce: str = Field(pattern=r"^[0-9a-f]{32,64}$", description="fresh per payload; a replay is refused")
+    created_at: datetime | None = None
+
+
+class SubjectCreate(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"external_id": "customer-4711"}]})
+    external_id: str | None = Field(None, max_length=200)
+
+
+class EnrollmentOut(BaseModel):
+    id: str
+    subject_id: str
+    model_version: str
+    created_at: datetime
+    epsilon: float | None = None
+
+
+class SubjectOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "sub_5f0c3b1e9a7d4c2b8e6f1a0d9c8b7a65", "external_id": "customer-4711",
+        "created_at": "2026-11-23T10:00:00Z", "enrollments": []}]})
+    id: str
+    external_id: str | None
+    created_at: datetime
+    enrollments: list[EnrollmentOut]
+
+
+class EnrollRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"features": _FEATURES_EXAMPLE}]})
+    features: FeaturePayload
+
+
+class VerifyRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "subject_id": "sub_5f0c3b1e9a7d4c2b8e6f1a0d9c8b7a65", "features": _FEATURES_EXAMPLE}]})
+    subject_id: str = Field(max_length=64)
+    features: FeaturePayload
+
+
+class VerifyOut(BaseModel):
+    """1:1 reveals exactly one bit."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"match": True, "model_version": "v0",
+                                                                "request_id": "req_1c2d"}]})
+    match: bool
+    model_version: str
+    request_id: str
+
+
+class IdentifyRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"features": _FEATURES_EXAMPLE}]})
+    features: FeaturePayload
+
+
+class IdentifyOut(BaseModel):
+    """1:N reveals one bit and, only when it is set, the matched subject."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"match": True, "subject_id": "sub_5f0c3b1e9a7d4c2b8e6f1a0d9c8b7a65", "model_version": "v0",
+         "request_id": "req_1c2d"}]})
+    match: bool
+    subject_id: str | None
+    model_version: str
+    request_id: str
+
+
+class TransformOut(BaseModel):
+    transform_id: str
+    params_hash: str
+    model_version: str
+    spec: dict
+
+
+class ModelVersionOut(BaseModel):
+    version: str
+    status: str
+    sha256: str
+    transform_id: str
+    params_hash: str
+    embedding_dim: int
+    threshold: float
+    metrics: dict
+    created_at: datetime
+    activated_at: datetime | None
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"kind": "export-model-v0", "params": {}}]})
+    kind: str
+    params: dict = Field(default_factory=dict)
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    status: str
+    progress: float
+    message: str | None
+    result: dict | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class HealthOut(BaseModel):
+    status: str
+    checks: dict = Field(default_factory=dict)

@@ -1,0 +1,181 @@
+"""Enroll, verify and identify: the gateway's three privacy-preserving operations.
+
+Each takes validated features, computes the protected template in memory, and talks to the parties
+only through `PartyPair`. What comes back to the caller is what DESIGN.md allows: an id, one bit,
+or one bit plus the matched subject id.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.auth import Principal
+from app.context import GatewayContext
+from app.db import session_scope
+from app.models import Enrollment, Subject
+from app.problems import Problem, invalid_features, not_found, unavailable
+from app.schemas import FeaturePayload
+from app.services import operations
+from app.services.features import check_epsilon, decode_features
+from app.services.model_registry import LoadedModel
+from app.services.templates import gallery_name, protected_template
+from secure.coordinator import PartiesOutOfSync, PartiesUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def load_subject(session: Session, principal: Principal, subject_id: str) -> Subject:
+    subject = session.get(Subject, subject_id)
+    if subject is None or subject.tenant_id != principal.tenant_id:
+        raise not_found("subject", subject_id)
+    return subject
+
+
+def model_for(ctx: GatewayContext, payload: FeaturePayload) -> LoadedModel:
+    """The active model, provided the payload was made with the transform it serves."""
+    model = ctx.models.active
+    if (payload.transform_id, payload.params_hash) != (model.spec.transform_id, model.spec.params_hash):
+        raise invalid_features(
+            f"transform {payload.transform_id}/{payload.params_hash} is not served; this gateway serves "
+            f"{model.spec.transform_id}/{model.spec.params_hash} (GET /v1/transforms)", "unknown-transform")
+    return model
+
+
+async def template_from_payload(ctx: GatewayContext, principal: Principal, payload: FeaturePayload):
+    """Validate everything about the payload, then compute its protected fixed-point template."""
+    model = model_for(ctx, payload)
+    check_epsilon(payload, model.spec, principal.epsilon_max)
+    features = decode_features(payload, model.spec, ctx.settings.nonce_ttl_s)
+    ctx.nonces.claim(payload.nonce)
+    return model, await protected_template(model, features, principal, ctx.settings.secret_key)
+
+
+async def enroll(ctx: GatewayContext, principal: Principal, subject_id: str, payload: FeaturePayload) -> Enrollment:
+    with session_scope(ctx.sessions) as session:
+        load_subject(session, principal, subject_id)
+    model, template = await template_from_payload(ctx, principal, payload)
+    gallery = gallery_name(model.version, principal.tenant_id, principal.tenant_key_version)
+    context = {"subject_id": subject_id, "tenant_id": principal.tenant_id, "model_version": model.version,
+               "key_version": principal.tenant_key_version, "transform_id": model.spec.transform_id,
+               "epsilon": payload.epsilon}
+    seq = operations.begin(ctx.sessions, "store", gallery, [], context)
+    try:
+        prepared = await ctx.parties.store(seq, seq, gallery, template)
+    except PartiesUnavailable as exc:
+        prepared, reason = False, str(exc)
+    else:
+        reason = "a party refused the share"
+    del template
+    if not prepared:
+        operations.decide(ctx.sessions, seq, commit=False)
+        await _deliver_quietly(ctx, seq)
+        raise unavailable(f"enrollment not stored: {reason}; nothing was kept")
+    try:
+        operations.decide(ctx.sessions, seq, commit=True, apply=operations.record_enrollment)
+    except LookupError:
+        operations.decide(ctx.sessions, seq, commit=False)
+        await _deliver_quietly(ctx, seq)
+        raise not_found("subject", subject_id) from None
+    await _deliver_quietly(ctx, seq)
+    with session_scope(ctx.sessions) as session:
+        return session.get(Enrollment, seq)
+
+
+async def delete_subject(ctx: GatewayContext, principal: Principal, subject_id: str) -> None:
+    with session_scope(ctx.sessions) as session:
+        subject = load_subject(session, principal, subject_id)
+        seqs = [e.template_seq for e in subject.enrollments]
+    if not seqs:
+        operations_delete_metadata(ctx, subject_id)
+        return
+    seq = operations.begin(ctx.sessions, "delete", "", seqs, {"subject_id": subject_id})
+    try:
+        prepared = await ctx.parties.delete(seq, seqs)
+    except PartiesUnavailable as exc:
+        operations.decide(ctx.sessions, seq, commit=False)
+        await _deliver_quietly(ctx, seq)
+        raise unavailable(f"subject not deleted: {exc}; nothing was changed") from None
+    operations.decide(ctx.sessions, seq, commit=prepared, apply=operations.record_deletion)
+    await _deliver_quietly(ctx, seq)
+    if not prepared:
+        raise unavailable("subject not deleted: a party refused; nothing was changed")
+
+
+def operations_delete_metadata(ctx: GatewayContext, subject_id: str) -> None:
+    """A subject without templates has nothing at the parties: delete its row directly."""
+    with session_scope(ctx.sessions) as session:
+        subject = session.get(Subject, subject_id)
+        if subject is not None:
+            session.delete(subject)
+
+
+async def verify(ctx: GatewayContext, principal: Principal, subject_id: str, payload: FeaturePayload) -> tuple[bool, str]:
+    """1:1: does the probe match any current template of the claimed subject? One bit."""
+    with session_scope(ctx.sessions) as session:
+        load_subject(session, principal, subject_id)
+    model, query = await template_from_payload(ctx, principal, payload)
+    gallery = gallery_name(model.version, principal.tenant_id, principal.tenant_key_version)
+
+    async def run(upto: int) -> bool:
+        with session_scope(ctx.sessions) as session:
+            seqs = _current_templates(session, subject_id, model.version, principal.tenant_key_version, upto)
+        if not seqs:
+            raise Problem(409, "subject-not-enrolled", "No template to compare with",
+                          f"subject {subject_id!r} has no enrollment under model {model.version} and the "
+                          "tenant's current key; enroll it first")
+        return await ctx.parties.verify(uuid.uuid4().hex, gallery, upto, query, seqs, model.threshold)
+
+    return await _with_resync(ctx, run), model.version
+
+
+async def identify(ctx: GatewayContext, principal: Principal, payload: FeaturePayload) -> tuple[str | None, str]:
+    """1:N over the tenant's current gallery: one bit and, only on a match, the subject id."""
+    model, query = await template_from_payload(ctx, principal, payload)
+    gallery = gallery_name(model.version, principal.tenant_id, principal.tenant_key_version)
+
+    async def run(upto: int) -> int | None:
+        return await ctx.parties.identify(uuid.uuid4().hex, gallery, upto, query, model.threshold)
+
+    matched = await _with_resync(ctx, run)
+    if matched is None:
+        return None, model.version
+    with session_scope(ctx.sessions) as session:
+        enrollment = session.get(Enrollment, matched)
+        if enrollment is None or enrollment.tenant_id != principal.tenant_id:
+            log.error("identify revealed template %s that the gateway cannot map", matched)
+            raise unavailable("the match could not be resolved; retry")
+        return enrollment.subject_id, model.version
+
+
+def _current_templates(session: Session, subject_id: str, model_version: str, key_version: int,
+                       upto: int) -> list[int]:
+    return list(session.execute(select(Enrollment.template_seq).where(
+        Enrollment.subject_id == subject_id, Enrollment.model_version == model_version,
+        Enrollment.key_version == key_version, Enrollment.template_seq <= upto,
+    ).order_by(Enrollment.template_seq)).scalars())
+
+
+async def _with_resync(ctx: GatewayContext, run):
+    """Run a match job on the snapshot of every decided operation; on 'behind', resync once and retry."""
+    for attempt in (1, 2):
+        with session_scope(ctx.sessions) as session:
+            upto = operations.decided_through(session)
+        try:
+            return await run(upto)
+        except PartiesOutOfSync:
+            if attempt == 2:
+                raise unavailable("the parties could not be brought in sync; retry") from None
+            await operations.reconcile(ctx.sessions, ctx.parties, stale_after_s=ctx.settings.party_timeout_s * 2)
+        except PartiesUnavailable as exc:
+            raise unavailable(str(exc)) from None
+
+
+async def _deliver_quietly(ctx: GatewayContext, seq: int) -> None:
+    """Tell the parties a decision; if one is down, the reconcile loop finishes the delivery later."""
+    try:
+        await operations.deliver(ctx.sessions, ctx.parties, seq)
+    except PartiesUnavailable as exc:
+        log.warning("decision of operation %s not yet delivered: %s", seq, exc)

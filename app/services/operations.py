@@ -1,0 +1,113 @@
+"""The gateway side of the parties' ordered operation log: two-phase commit and recovery.
+
+Every change to the parties' galleries is an `Operation` row whose `seq` orders it. The gateway first
+records the intent (state `preparing`), asks both parties to prepare, then records the decision
+(`committed` or `aborted`) in the same transaction as its own metadata (enrollment rows), and only then
+tells the parties. A gateway that dies anywhere in between leaves a row that `reconcile` finishes:
+undecided intents are aborted, decisions a party has not acknowledged are re-sent. So an enrollment is
+all-or-nothing across both parties, and never duplicated.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db import session_scope
+from app.models import Enrollment, Operation, Subject
+from secure.coordinator import PartiesUnavailable, PartyPair
+
+log = logging.getLogger(__name__)
+
+
+def begin(factory: sessionmaker[Session], kind: str, gallery: str, template_seqs: list[int],
+          context: dict) -> int:
+    """Record the intent of an operation and return its sequence number."""
+    with session_scope(factory) as session:
+        op = Operation(kind=kind, model_version=gallery, template_seqs=template_seqs, context=context)
+        session.add(op)
+        session.flush()
+        return op.seq
+
+
+def decide(factory: sessionmaker[Session], seq: int, commit: bool,
+           apply: Callable[[Session, Operation], None] | None = None) -> bool:
+    """Record the decision durably (with the gateway's own metadata change); False if already decided otherwise."""
+    with session_scope(factory) as session:
+        op = session.get(Operation, seq, with_for_update=True)
+        if op is None or op.state != "preparing":
+            return op is not None and op.state == ("committed" if commit else "aborted")
+        op.state = "committed" if commit else "aborted"
+        if commit and apply is not None:
+            apply(session, op)
+        return True
+
+
+async def deliver(factory: sessionmaker[Session], pair: PartyPair, seq: int) -> bool:
+    """Send a recorded decision to the parties that have not acknowledged it; True when both have."""
+    with session_scope(factory) as session:
+        op = session.get(Operation, seq)
+        state, acked = op.state, (op.acked_0, op.acked_1)
+    if state == "preparing":
+        return False
+    send = pair.commit if state == "committed" else pair.abort
+    acks = await send(seq)
+    with session_scope(factory) as session:
+        op = session.get(Operation, seq)
+        op.acked_0 = op.acked_0 or acks[0]
+        op.acked_1 = op.acked_1 or acks[1]
+        return op.acked_0 and op.acked_1
+
+
+def decided_through(session: Session) -> int:
+    """The highest seq s such that every operation ≤ s is decided: the snapshot a match job may use."""
+    oldest_open = session.execute(select(func.min(Operation.seq)).where(Operation.state == "preparing")).scalar()
+    if oldest_open is not None:
+        return int(oldest_open) - 1
+    return int(session.execute(select(func.max(Operation.seq))).scalar() or 0)
+
+
+async def reconcile(factory: sessionmaker[Session], pair: PartyPair, stale_after_s: float) -> int:
+    """Finish what a crash or a lost reply left open; returns how many operations are still unacknowledged."""
+    cutoff = datetime.now(timezone.utc) - timedelta(seconds=stale_after_s)
+    with session_scope(factory) as session:
+        stale = session.execute(select(Operation.seq).where(
+            Operation.state == "preparing", Operation.created_at < cutoff)).scalars().all()
+    for seq in stale:
+        decide(factory, seq, commit=False)
+        log.warning("operation %s was left undecided; aborted it", seq)
+    with session_scope(factory) as session:
+        pending = session.execute(select(Operation.seq).where(
+            Operation.state != "preparing", or_(Operation.acked_0.is_(False), Operation.acked_1.is_(False))
+        ).order_by(Operation.seq)).scalars().all()
+    left = 0
+    for seq in pending:
+        try:
+            done = await deliver(factory, pair, seq)
+        except PartiesUnavailable:
+            done = False
+        left += 0 if done else 1
+    return left
+
+
+def record_enrollment(session: Session, op: Operation) -> None:
+    """Commit-time metadata of a store operation: the enrollment row."""
+    ctx = op.context
+    if session.get(Subject, ctx["subject_id"]) is None:
+        raise LookupError("subject was deleted while enrolling")
+    session.add(Enrollment(template_seq=op.seq, subject_id=ctx["subject_id"], tenant_id=ctx["tenant_id"],
+                           model_version=ctx["model_version"], key_version=ctx["key_version"],
+                           transform_id=ctx["transform_id"], epsilon=ctx.get("epsilon")))
+
+
+def record_deletion(session: Session, op: Operation) -> None:
+    """Commit-time metadata of a delete operation: the subject and its enrollments disappear."""
+    subject = session.get(Subject, op.context["subject_id"])
+    if subject is None:
+        return
+    for enrollment in list(subject.enrollments):
+        session.delete(enrollment)
+    session.delete(subject)

@@ -1,0 +1,63 @@
+"""The gateway's one settings object (environment variables with the PRIVFACE_ prefix).
+
+Every default is the embedded local stack: SQLite, two local parties, in-process jobs when no Redis.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from typing import Annotated
+
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class GatewaySettings(BaseSettings):
+    """Configuration of the API gateway process (and of `privface run`)."""
+
+    model_config = SettingsConfigDict(env_prefix="PRIVFACE_", extra="ignore")
+
+    env: str = Field("production", description="'production', 'development' or 'test'.")
+    database_url: str = Field(
+        f"sqlite:///{PROJECT_ROOT / 'var' / 'gateway.db'}", description="Gateway database (SQLAlchemy URL)."
+    )
+    redis_url: str | None = Field(None, description="Redis for jobs, model events, replay protection; unset = in-process.")
+    shared_dir: Path = Field(PROJECT_ROOT.parent / "shared", description="Read-only data and pretrained models.")
+    model_dir: Path = Field(PROJECT_ROOT / "var" / "models", description="Where model versions (ONNX + metadata) live.")
+    secret_key: str = Field(
+        "dev-insecure-change-me", description="Master secret: derives tenant template keys and hashes API keys."
+    )
+    party_urls: Annotated[tuple[str, str], NoDecode] = Field(
+        ("http://127.0.0.1:8101", "http://127.0.0.1:8102"), description="Internal URLs of party 0 and party 1."
+    )
+    internal_token: str = Field("dev-internal-token", description="Bearer token between the gateway and the parties.")
+    party_timeout_s: float = Field(15.0, description="Deadline for one party call, MPC included.")
+    max_body_bytes: int = Field(256 * 1024, description="Largest accepted request body.")
+    default_epsilon_max: float | None = Field(None, description="Default tenant ceiling on the per-image ε (None: any).")
+    nonce_ttl_s: int = Field(600, description="Replay window: a nonce is remembered, and a payload accepted, this long.")
+    batch_max: int = Field(32, description="Micro-batching: largest ORT batch.")
+    batch_wait_ms: float = Field(2.0, description="Micro-batching: longest wait for a batch to fill.")
+    prefer_gpu: bool = Field(True, description="Use ONNX Runtime's CUDA provider when present.")
+    model_poll_s: float = Field(5.0, description="Fallback poll of the active model version when Redis is absent.")
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    @field_validator("party_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @property
+    def is_test(self) -> bool:
+        return self.env == "test"
+
+
+@lru_cache
+def get_settings() -> GatewaySettings:
+    """The process-wide settings (tests build their own and pass them to `create_app`)."""
+    return GatewaySettings()

@@ -1,0 +1,1 @@
+"""Alembic environments: gateway/ for the gateway database, party/ for each party database."""

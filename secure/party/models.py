@@ -1,0 +1,46 @@
+"""The party database: this party's shares and its two-phase operation log (separate from the gateway's).
+
+Nothing here is a template: ``shares.share`` is one additive share (uniform over Z_2^64, int64 LE bytes).
+A committed delete erases the share bytes (``share`` becomes NULL) and keeps the row as a tombstone.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, BigInteger, DateTime, Integer, LargeBinary, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+OP_KINDS = ("store", "delete", "none")  # 'none': a tombstone for a seq aborted before this party heard of it
+OP_STATES = ("prepared", "committed", "aborted")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class PartyBase(DeclarativeBase):
+    """Declarative base of the party database (never shared with the gateway's models)."""
+
+
+class ShareRow(PartyBase):
+    __tablename__ = "shares"
+    template_seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    model_version: Mapped[str] = mapped_column(String(64), index=True)
+    dim: Mapped[int] = mapped_column(Integer)
+    share: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # int64 LE; NULL once deleted
+    add_seq: Mapped[int] = mapped_column(BigInteger, unique=True, index=True)
+    del_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class OpRow(PartyBase):
+    __tablename__ = "ops"
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    kind: Mapped[str] = mapped_column(String(16))  # store | delete | none
+    template_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # store
+    template_seqs: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)  # delete
+    model_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)  # prepared | committed | aborted
+    payload: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # the share of a prepared store
+    digest: Mapped[str] = mapped_column(String(64))  # sha256 of the op's content (idempotent re-prepare)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
