@@ -1,0 +1,230 @@
+"""The `privface` command: run the local stack or one of its processes, migrate, manage keys, and the client."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from app.settings import GatewaySettings, get_settings
+
+LOCAL_KEY_FILE = "local-api-key.txt"
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    if args.party is not None:
+        from secure.party.db import migrate_party_db
+        from secure.party.settings import PartySettings
+
+        migrate_party_db(PartySettings(rank=args.party).database_url)
+    else:
+        from app.migrate import migrate_gateway
+
+        migrate_gateway(get_settings().database_url)
+    print("migrated")
+    return 0
+
+
+def cmd_create_api_key(args: argparse.Namespace) -> int:
+    from app.auth import create_api_key, ensure_tenant
+    from app.db import make_engine, make_sessionmaker, session_scope
+    from app.migrate import migrate_gateway
+
+    settings = get_settings()
+    migrate_gateway(settings.database_url)
+    with session_scope(make_sessionmaker(make_engine(settings.database_url))) as session:
+        ensure_tenant(session, args.tenant, settings.default_epsilon_max)
+        try:
+            key = create_api_key(session, args.tenant, args.scopes, settings.secret_key)
+        except ValueError as exc:
+            return _fail(str(exc))
+    print(key)
+    return 0
+
+
+def ensure_model(settings: GatewaySettings) -> str:
+    """Export, register and activate model v0 when no version is active yet; returns the active version."""
+    from app.db import make_engine, make_sessionmaker, session_scope
+    from app.services.model_registry import activate_version, active_version, register_model_dir
+    from inference.export import ensure_model_v0
+
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    with session_scope(sessions) as session:
+        row = active_version(session)
+        if row is not None:
+            return row.version
+    print("exporting model v0 (first start only) ...", flush=True)
+    version_dir = ensure_model_v0(settings.model_dir, settings.shared_dir)
+    with session_scope(sessions) as session:
+        row = register_model_dir(session, settings.model_dir, Path(version_dir))
+        activate_version(session, row.version)
+        return row.version
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from app.migrate import migrate_gateway
+
+    settings = get_settings()
+    migrate_gateway(settings.database_url)
+    if args.action == "ensure":
+        print(f"active model: {ensure_model(settings)}")
+        return 0
+    from app.db import make_engine, make_sessionmaker, session_scope
+    from app.models import ModelVersion
+    from sqlalchemy import select
+
+    with session_scope(make_sessionmaker(make_engine(settings.database_url))) as session:
+        for row in session.execute(select(ModelVersion).order_by(ModelVersion.created_at)).scalars():
+            print(f"{row.version}\t{row.status}\t{row.transform_id}\t{row.sha256[:12]}\tthreshold={row.threshold:.4f}")
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = get_settings()
+    uvicorn.run("app.main:app", factory=True, host=args.host or settings.host, port=args.port or settings.port,
+                workers=args.workers, log_level="info")
+    return 0
+
+
+def cmd_party(args: argparse.Namespace) -> int:
+    from secure.party.server import run_party
+    from secure.party.settings import PartySettings
+
+    run_party(PartySettings(rank=args.rank))
+    return 0
+
+
+def cmd_dealer(args: argparse.Namespace) -> int:
+    from secure.mpc.dealer import run_dealer
+    from secure.mpc.settings import MpcSettings
+
+    run_dealer(MpcSettings())
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from app.services.jobs import run_worker
+
+    run_worker(get_settings())
+    return 0
+
+
+def _local_key(settings: GatewaySettings) -> str:
+    """The local stack's API key (all scopes), created once and kept in var/ (mode 0600)."""
+    from app.auth import create_api_key, ensure_tenant
+    from app.db import make_engine, make_sessionmaker, session_scope
+
+    path = settings.model_dir.parent / LOCAL_KEY_FILE
+    if path.exists():
+        return path.read_text().strip()
+    with session_scope(make_sessionmaker(make_engine(settings.database_url))) as session:
+        ensure_tenant(session, "local", settings.default_epsilon_max)
+        key = create_api_key(session, "local", ["enroll", "verify", "admin"], settings.secret_key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+    return key
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The whole stack on one machine: dealer, party 0, party 1 and the gateway, embedded defaults."""
+    from app.migrate import migrate_gateway
+
+    settings = get_settings()
+    migrate_gateway(settings.database_url)
+    version = ensure_model(settings)
+    key = _local_key(settings)
+    python = [sys.executable, "-m", "app.cli"]
+    children = [subprocess.Popen(python + ["dealer"]),
+                subprocess.Popen(python + ["party", "--rank", "0"]),
+                subprocess.Popen(python + ["party", "--rank", "1"]),
+                subprocess.Popen(python + ["gateway", "--port", str(settings.port)])]
+    url = f"http://{settings.host}:{settings.port}"
+    print(f"\nprivface is starting (model {version}):\n  gateway   {url}  (docs: {url}/docs, ready: {url}/readyz)\n"
+          f"  party 0   {settings.party_urls[0]}\n  party 1   {settings.party_urls[1]}\n"
+          f"  API key   {key}   (also in {settings.model_dir.parent / LOCAL_KEY_FILE})\n"
+          f"  try: privface client --url {url} --api-key $KEY create-subject\n", flush=True)
+    return _supervise(children)
+
+
+def _supervise(children: list[subprocess.Popen]) -> int:
+    stop = {"now": False}
+
+    def handler(signum, frame):  # noqa: ANN001
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    code = 0
+    while not stop["now"]:
+        for child in children:
+            if child.poll() is not None:
+                print(f"error: a process of the stack exited ({child.args[3:]}, code {child.returncode})",
+                      file=sys.stderr)
+                stop["now"], code = True, 1
+        time.sleep(0.5)
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    for child in children:
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="privface", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="the whole local stack with embedded defaults").set_defaults(func=cmd_run)
+    gateway = sub.add_parser("gateway", help="the REST gateway (uvicorn)")
+    gateway.add_argument("--host")
+    gateway.add_argument("--port", type=int)
+    gateway.add_argument("--workers", type=int, default=1)
+    gateway.set_defaults(func=cmd_gateway)
+    party = sub.add_parser("party", help="one MPC party server")
+    party.add_argument("--rank", type=int, choices=(0, 1), required=True)
+    party.set_defaults(func=cmd_party)
+    sub.add_parser("dealer", help="the correlated-randomness dealer (CrypTen TTP)").set_defaults(func=cmd_dealer)
+    sub.add_parser("worker", help="an rq worker for background jobs (needs PRIVFACE_REDIS_URL)").set_defaults(
+        func=cmd_worker)
+    migrate = sub.add_parser("migrate", help="apply database migrations")
+    migrate.add_argument("--party", type=int, choices=(0, 1), help="migrate this party's database instead")
+    migrate.set_defaults(func=cmd_migrate)
+    key = sub.add_parser("create-api-key", help="create a tenant (if new) and an API key; prints the key once")
+    key.add_argument("--tenant", required=True)
+    key.add_argument("--scopes", nargs="+", required=True, help="enroll verify admin")
+    key.set_defaults(func=cmd_create_api_key)
+    models = sub.add_parser("models", help="list model versions, or make sure one is active")
+    models.add_argument("action", choices=("list", "ensure"))
+    models.set_defaults(func=cmd_models)
+    sub.add_parser("client", help="the SDK's command line (enroll, verify, identify, delete)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["client"]:
+        from client.cli import main as client_main
+
+        return client_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,394 @@
+"""The frequency transform: the ONE implementation shared by the client SDK, training and the server.
+
+An aligned 112x112 RGB face becomes a stack of noisy 8x8-block DCT coefficient planes:
+
+1. RGB -> YCbCr (JPEG full range, float64), level-shifted by -128 as JPEG does before its DCT, so that
+   every channel, DC included, is centred near zero and a symmetric clip bound makes sense.
+2. 8x8 block DCT (orthonormal DCT-II) per colour channel -> 64 frequency planes of 14x14 per channel.
+   Frequency index k = 8*u + v (raster order inside the block; u = vertical, v = horizontal frequency;
+   0 = DC).
+3. Channel selection. Feature channel order is fixed: all kept luma indices (ascending), then the kept
+   chroma indices for Cb (ascending), then the same indices for Cr ("sparse colour").
+4. Clip each kept channel c to +-B_c, B_c = clip_sigmas * channel_std[c] (per-channel std measured on
+   LFW identities outside every evaluation fold, see `inference.compute_stats`).
+5. Noise per coefficient (the mechanism protects each coefficient; "neighbouring" = the coefficient is
+   replaced by any other value in [-B_c, B_c], so the sensitivity is 2*B_c):
+   - Laplace: scale b_c = 2*B_c / eps_coef, pure eps_coef-DP per coefficient.
+   - Gaussian: sigma_c = 2*B_c * sqrt(2 ln(1.25/delta)) / eps_coef, (eps_coef, delta)-DP per coefficient
+     (the classic bound, strictly valid for eps_coef < 1).
+   Per image, basic composition over the K*196 released coefficients: eps_image = K*196*eps_coef
+   (and delta_image = K*196*delta for Gaussian). That is an honest but loose upper bound.
+   epsilon_per_coefficient=None disables noise: the features are then NOT differentially private and
+   epsilon_per_image is reported as infinity.
+6. Cast to float16 (values beyond float16 range are clamped first; clamping is post-processing and
+   costs no privacy).
+
+Caveat: noise is drawn with numpy's floating-point samplers, which are known to leak through their
+low-order bits (Mironov 2012); the stated ε ignores that effect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BLOCK = 8
+FACE_SIZE = 112
+GRID = FACE_SIZE // BLOCK  # 14 blocks per side
+COEFFS = BLOCK * BLOCK  # 64 frequencies per block
+POSITIONS = GRID * GRID  # 196 blocks per image
+FLOAT16_MAX = 65504.0
+# Laplace noise is unbounded; validation accepts |x| up to clip bound + this many noise scales.
+# P(|Laplace| > 50 b) = e^-50, so an honest client never trips it, while garbage is still refused.
+NOISE_TOLERANCE_SCALES = 50.0
+MECHANISMS = ("laplace", "gaussian")
+STATS_PATH = Path(__file__).parent / "transforms" / "dct8_stats.json"
+
+# JPEG (ITU-T T.871) full-range RGB -> YCbCr; offset added after the matrix.
+_RGB_TO_YCBCR = np.array([[0.299, 0.587, 0.114],
+                          [-0.168735892, -0.331264108, 0.5],
+                          [0.5, -0.418687589, -0.081312411]])
+_YCBCR_OFFSET = np.array([0.0, 128.0, 128.0])
+_YCBCR_TO_RGB = np.linalg.inv(_RGB_TO_YCBCR)
+LEVEL_SHIFT = 128.0
+
+
+def dct_matrix(n: int = BLOCK) -> np.ndarray:
+    """Orthonormal DCT-II matrix D (D @ x is the DCT of x; D.T @ X inverts it)."""
+    k = np.arange(n)[:, None]
+    x = np.arange(n)[None, :]
+    d = np.sqrt(2.0 / n) * np.cos(np.pi * (2 * x + 1) * k / (2 * n))
+    d[0, :] = np.sqrt(1.0 / n)
+    return d
+
+
+_D = dct_matrix()
+
+
+class FeatureValidationError(ValueError):
+    """Features the server must refuse; `code` is a short slug (shape, dtype, non-finite, out-of-range)."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    """Every parameter of one versioned transform; the server serves features made with exactly these.
+
+    channel_std holds one std per KEPT channel, in feature order, so that the spec alone (no stats file)
+    defines the transform and its hash.
+    """
+
+    name: str
+    luma_keep: tuple[int, ...]
+    chroma_keep: tuple[int, ...]
+    clip_sigmas: float
+    mechanism: str
+    epsilon_per_coefficient: float | None
+    delta: float | None
+    channel_std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        _check_indices("luma_keep", self.luma_keep)
+        _check_indices("chroma_keep", self.chroma_keep)
+        if self.mechanism not in MECHANISMS:
+            raise ValueError(f"mechanism must be one of {MECHANISMS}, not {self.mechanism!r}")
+        if not self.clip_sigmas > 0:
+            raise ValueError("clip_sigmas must be positive")
+        if len(self.channel_std) != self.num_channels or not all(s > 0 for s in self.channel_std):
+            raise ValueError(f"channel_std needs {self.num_channels} positive values, got {len(self.channel_std)}")
+        eps = self.epsilon_per_coefficient
+        if eps is not None and not (eps > 0 and math.isfinite(eps)):
+            raise ValueError("epsilon_per_coefficient must be a positive finite number or None (no noise)")
+        if self.mechanism == "gaussian" and eps is not None and not (self.delta and 0 < self.delta < 1):
+            raise ValueError("the Gaussian mechanism needs 0 < delta < 1")
+        if self.mechanism == "laplace" and self.delta not in (None, 0.0):
+            raise ValueError("the Laplace mechanism takes no delta")
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.luma_keep) + 2 * len(self.chroma_keep)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.num_channels, GRID, GRID)
+
+    @property
+    def noisy(self) -> bool:
+        return self.epsilon_per_coefficient is not None
+
+    @property
+    def epsilon_per_image(self) -> float:
+        """Basic composition over all K*196 released coefficients; inf when there is no noise."""
+        if self.epsilon_per_coefficient is None:
+            return math.inf
+        return self.num_channels * POSITIONS * self.epsilon_per_coefficient
+
+    @property
+    def delta_per_image(self) -> float:
+        """Composed delta (0 for Laplace; 1 = no guarantee when there is no noise)."""
+        if self.epsilon_per_coefficient is None:
+            return 1.0
+        return self.num_channels * POSITIONS * (self.delta or 0.0)
+
+    @property
+    def transform_id(self) -> str:
+        """Human-readable id, e.g. "dct8-y63c5-lap32"; params_hash tells specs with equal ids apart."""
+        return f"dct8-y{len(self.luma_keep)}c{len(self.chroma_keep)}-{_noise_tag(self)}"
+
+    @property
+    def params_hash(self) -> str:
+        """First 16 hex digits of sha256 over the canonical JSON of every parameter (stats included)."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def clip_bounds(self) -> np.ndarray:
+        """B_c per kept channel, float64 [K]."""
+        return self.clip_sigmas * np.asarray(self.channel_std, dtype=np.float64)
+
+    def noise_scales(self) -> np.ndarray:
+        """Laplace b_c or Gaussian sigma_c per kept channel (zeros without noise), float64 [K]."""
+        if self.epsilon_per_coefficient is None:
+            return np.zeros(self.num_channels)
+        sensitivity = 2.0 * self.clip_bounds()
+        scale = sensitivity / self.epsilon_per_coefficient
+        if self.mechanism == "gaussian":
+            scale = scale * math.sqrt(2.0 * math.log(1.25 / self.delta))
+        return scale
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("luma_keep", "chroma_keep", "channel_std"):
+            data[key] = list(data[key])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TransformSpec":
+        return cls(
+            name=str(data["name"]),
+            luma_keep=tuple(int(i) for i in data["luma_keep"]),
+            chroma_keep=tuple(int(i) for i in data["chroma_keep"]),
+            clip_sigmas=float(data["clip_sigmas"]),
+            mechanism=str(data["mechanism"]),
+            epsilon_per_coefficient=_optional_float(data.get("epsilon_per_coefficient")),
+            delta=_optional_float(data.get("delta")),
+            channel_std=tuple(float(s) for s in data["channel_std"]),
+        )
+
+    def with_epsilon(self, epsilon_per_coefficient: float | None, delta: float | None = None) -> "TransformSpec":
+        """The same transform with another noise level (None: no noise)."""
+        return TransformSpec(self.name, self.luma_keep, self.chroma_keep, self.clip_sigmas, self.mechanism,
+                             epsilon_per_coefficient, delta if delta is not None else self.delta, self.channel_std)
+
+    def apply(self, face_rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return apply(face_rgb, self, rng)
+
+    def clean(self, face_rgb: np.ndarray) -> np.ndarray:
+        return clean(face_rgb, self)
+
+
+def _check_indices(field: str, indices: tuple[int, ...]) -> None:
+    if list(indices) != sorted(set(indices)) or any(not 0 <= i < COEFFS for i in indices):
+        raise ValueError(f"{field} must be strictly ascending frequency indices in 0..63")
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _noise_tag(spec: TransformSpec) -> str:
+    if spec.epsilon_per_coefficient is None:
+        return "clean"
+    if spec.mechanism == "laplace":
+        return f"lap{spec.epsilon_per_coefficient:g}"
+    return f"gau{spec.epsilon_per_coefficient:g}d{spec.delta:g}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pixel <-> frequency maps (all accept an optional leading batch dimension).
+
+def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
+    """[..., H, W, 3] RGB (any numeric dtype, 0..255) -> float64 [..., 3, H, W] YCbCr, level-shifted by -128."""
+    ycc = rgb.astype(np.float64) @ _RGB_TO_YCBCR.T + _YCBCR_OFFSET - LEVEL_SHIFT
+    return np.moveaxis(ycc, -1, -3)
+
+
+def ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
+    """Inverse of rgb_to_ycbcr: float64 [..., 3, H, W] -> float64 [..., H, W, 3] (unclipped)."""
+    ycc = np.moveaxis(ycc, -3, -1) + LEVEL_SHIFT - _YCBCR_OFFSET
+    return ycc @ _YCBCR_TO_RGB.T
+
+
+def block_dct(planes: np.ndarray) -> np.ndarray:
+    """[..., 112, 112] -> [..., 64, 14, 14]: orthonormal 8x8 DCT-II per block, frequency k = 8u + v."""
+    lead = planes.shape[:-2]
+    blocks = planes.reshape(*lead, GRID, BLOCK, GRID, BLOCK)  # [..., i, x, j, y]
+    coef = np.einsum("ux,...ixjy,vy->...uvij", _D, blocks, _D, optimize=True)
+    return coef.reshape(*lead, COEFFS, GRID, GRID)
+
+
+def block_idct(coef: np.ndarray) -> np.ndarray:
+    """Inverse of block_dct: [..., 64, 14, 14] -> [..., 112, 112]."""
+    lead = coef.shape[:-3]
+    coef = coef.reshape(*lead, BLOCK, BLOCK, GRID, GRID)  # [..., u, v, i, j]
+    blocks = np.einsum("ux,...uvij,vy->...ixjy", _D, coef, _D, optimize=True)
+    return blocks.reshape(*lead, FACE_SIZE, FACE_SIZE)
+
+
+def full_coefficients(face_rgb: np.ndarray) -> np.ndarray:
+    """All frequency planes, float64 [..., 3, 64, 14, 14] (Y, Cb, Cr); used for stats and studies."""
+    _check_face(face_rgb)
+    return block_dct(rgb_to_ycbcr(face_rgb))
+
+
+def kept_index(spec: TransformSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(colour channel, frequency) of each feature channel, in feature order."""
+    colours = [0] * len(spec.luma_keep) + [1] * len(spec.chroma_keep) + [2] * len(spec.chroma_keep)
+    freqs = list(spec.luma_keep) + list(spec.chroma_keep) * 2
+    return np.array(colours), np.array(freqs)
+
+
+def select(coefficients: np.ndarray, spec: TransformSpec) -> np.ndarray:
+    """[..., 3, 64, 14, 14] -> [..., K, 14, 14] kept channels in feature order."""
+    colours, freqs = kept_index(spec)
+    return coefficients[..., colours, freqs, :, :]
+
+
+def clipped(face_rgb: np.ndarray, spec: TransformSpec) -> np.ndarray:
+    """Kept, clipped channels before noise, float64 [..., K, 14, 14]."""
+    features = select(full_coefficients(face_rgb), spec)
+    bounds = spec.clip_bounds()[:, None, None]
+    return np.clip(features, -bounds, bounds)
+
+
+def add_noise(features: np.ndarray, spec: TransformSpec, rng: np.random.Generator) -> np.ndarray:
+    """Clipped features [..., K, 14, 14] plus the spec's calibrated noise (float64); unchanged without noise."""
+    if not spec.noisy:
+        return features
+    scales = np.broadcast_to(spec.noise_scales()[:, None, None], features.shape)
+    if spec.mechanism == "laplace":
+        return features + rng.laplace(0.0, scales)
+    return features + rng.normal(0.0, scales)
+
+
+def to_float16(features: np.ndarray) -> np.ndarray:
+    """Clamp into float16's finite range (post-processing) and cast."""
+    return np.clip(features, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
+
+
+def apply(face_rgb: np.ndarray, spec: TransformSpec, rng: np.random.Generator) -> np.ndarray:
+    """The client-side transform: aligned RGB uint8 face(s) [..., 112, 112, 3] -> float16 [..., K, 14, 14]."""
+    return to_float16(add_noise(clipped(face_rgb, spec), spec, rng))
+
+
+def clean(face_rgb: np.ndarray, spec: TransformSpec) -> np.ndarray:
+    """The same features without noise (training targets, studies); float16 like apply()."""
+    return to_float16(clipped(face_rgb, spec))
+
+
+def inverse(features: np.ndarray, spec: TransformSpec) -> np.ndarray:
+    """Naive rebuild for leakage studies: removed channels = 0, inverse DCT -> RGB uint8 [..., 112, 112, 3].
+
+    Chroma planes with every coefficient removed rebuild as mid-grey chroma (zero after level shift).
+    """
+    features = np.asarray(features, dtype=np.float64)
+    if features.shape[-3:] != spec.shape:
+        raise ValueError(f"features shape {features.shape} does not end with {spec.shape}")
+    lead = features.shape[:-3]
+    coefficients = np.zeros((*lead, 3, COEFFS, GRID, GRID))
+    colours, freqs = kept_index(spec)
+    coefficients[..., colours, freqs, :, :] = features
+    rgb = ycbcr_to_rgb(block_idct(coefficients))
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def validation_bounds(spec: TransformSpec) -> np.ndarray:
+    """Largest |x| the server accepts per channel: clip bound + NOISE_TOLERANCE_SCALES noise scales.
+
+    A sanity bound, not a proof of honesty: Laplace/Gaussian noise is unbounded, so a generous multiple
+    of the noise scale is allowed. A float16 rounding margin is added; capped at float16's max.
+    """
+    bound = spec.clip_bounds() + NOISE_TOLERANCE_SCALES * spec.noise_scales()
+    return np.minimum(bound * (1 + 2 ** -10) + 1e-3, FLOAT16_MAX)
+
+
+def validate_features(arr: np.ndarray, spec: TransformSpec) -> None:
+    """Server-side checks on one decoded feature array; raises FeatureValidationError."""
+    if not isinstance(arr, np.ndarray):
+        raise FeatureValidationError("dtype", f"expected a numpy array, got {type(arr).__name__}")
+    if arr.dtype != np.float16:
+        raise FeatureValidationError("dtype", f"dtype {arr.dtype} given, float16 expected")
+    if arr.shape != spec.shape:
+        raise FeatureValidationError("shape", f"shape {list(arr.shape)} given, {list(spec.shape)} expected")
+    values = arr.astype(np.float32)
+    if not np.isfinite(values).all():
+        raise FeatureValidationError("non-finite", f"{int((~np.isfinite(values)).sum())} values are NaN or inf")
+    excess = np.abs(values) > validation_bounds(spec)[:, None, None]
+    if excess.any():
+        channel = int(np.argwhere(excess)[0][0])
+        raise FeatureValidationError(
+            "out-of-range", f"{int(excess.sum())} values exceed the transform's bounds (first in channel {channel})")
+
+
+def _check_face(face_rgb: np.ndarray) -> None:
+    if face_rgb.shape[-3:] != (FACE_SIZE, FACE_SIZE, 3):
+        raise ValueError(f"expected aligned faces [..., 112, 112, 3], got {face_rgb.shape}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Presets built from the committed per-channel stats.
+
+V0_LUMA_KEEP = tuple(range(1, COEFFS))  # everything but DC
+V0_CHROMA_KEEP = (1, 2, 8, 9, 16)  # five low AC frequencies: "sparse colour"
+LOW10 = (0, 1, 2, 3, 8, 9, 10, 16, 17, 24)  # the 10 lowest frequencies (zig-zag), ~95% of luma AC variance
+LOW10_LUMA_KEEP = tuple(k for k in range(COEFFS) if k not in LOW10)
+LOW10_CHROMA_KEEP = (4, 11, 18, 25, 32)  # the next five in zig-zag order, so colour stays sparse
+DEFAULT_CLIP_SIGMAS = 4.0
+# Chosen by the fold-1 measurement in docs/models/v0.md: the strongest noise whose accuracy with model
+# v0 stays within ~2 points of no noise.
+DEFAULT_EPSILON_PER_COEFFICIENT = 128.0
+
+
+@lru_cache(maxsize=4)
+def load_stats(path: Path = STATS_PATH) -> dict[str, Any]:
+    """Per-channel DCT statistics written by `python -m inference.compute_stats`."""
+    return json.loads(Path(path).read_text())
+
+
+def make_spec(name: str, luma_keep: tuple[int, ...], chroma_keep: tuple[int, ...],
+              epsilon_per_coefficient: float | None = DEFAULT_EPSILON_PER_COEFFICIENT,
+              mechanism: str = "laplace", delta: float | None = None,
+              clip_sigmas: float = DEFAULT_CLIP_SIGMAS, stats: dict[str, Any] | None = None) -> TransformSpec:
+    """A spec whose channel_std comes from the committed stats file."""
+    std = (stats or load_stats())["std"]
+    channel_std = [std["Y"][k] for k in luma_keep] + [std["Cb"][k] for k in chroma_keep] \
+        + [std["Cr"][k] for k in chroma_keep]
+    return TransformSpec(name, tuple(luma_keep), tuple(chroma_keep), clip_sigmas, mechanism,
+                         epsilon_per_coefficient, delta, tuple(float(s) for s in channel_std))
+
+
+def spec_v0(epsilon_per_coefficient: float | None = DEFAULT_EPSILON_PER_COEFFICIENT) -> TransformSpec:
+    """Default v0: DC removed everywhere, luma AC 1..63, chroma (1,2,8,9,16), clip 4 sigma, Laplace."""
+    return make_spec("dct8-v0", V0_LUMA_KEEP, V0_CHROMA_KEEP, epsilon_per_coefficient)
+
+
+def spec_low10(epsilon_per_coefficient: float | None = DEFAULT_EPSILON_PER_COEFFICIENT) -> TransformSpec:
+    """The 10 lowest frequencies removed from every channel (for the model work; v0 accuracy is poor)."""
+    return make_spec("dct8-low10", LOW10_LUMA_KEEP, LOW10_CHROMA_KEEP, epsilon_per_coefficient)
+
+
+PRESETS = {"dct8-v0": spec_v0, "dct8-low10": spec_low10}
+
+
+def default_spec() -> TransformSpec:
+    return spec_v0()
