@@ -49,7 +49,7 @@ async def _reconcile_forever(ctx: GatewayContext) -> None:
     """Finish interrupted operations (crashes, lost replies) for as long as the gateway runs."""
     while True:
         try:
-            await operations.reconcile(ctx.sessions, ctx.parties, stale_after_s=ctx.settings.party_timeout_s * 2)
+            await operations.reconcile(ctx.sessions, ctx.parties, stale_after_s=operations.stale_after(ctx.settings.party_timeout_s))
         except Exception:
             log.exception("reconcile pass failed")
         await asyncio.sleep(RECONCILE_EVERY_S)

@@ -52,11 +52,11 @@ MECHANISMS = ("laplace", "gaussian")
 STATS_PATH = Path(__file__).parent / "transforms" / "dct8_stats.json"
 
 # JPEG (ITU-T T.871) full-range RGB -> YCbCr; offset added after the matrix.
-_RGB_TO_YCBCR = np.array([[0.299, 0.587, 0.114],
+RGB_TO_YCBCR = np.array([[0.299, 0.587, 0.114],
                           [-0.168735892, -0.331264108, 0.5],
                           [0.5, -0.418687589, -0.081312411]])
-_YCBCR_OFFSET = np.array([0.0, 128.0, 128.0])
-_YCBCR_TO_RGB = np.linalg.inv(_RGB_TO_YCBCR)
+YCBCR_OFFSET = np.array([0.0, 128.0, 128.0])
+YCBCR_TO_RGB = np.linalg.inv(RGB_TO_YCBCR)
 LEVEL_SHIFT = 128.0
 
 
@@ -219,30 +219,30 @@ def _noise_tag(spec: TransformSpec) -> str:
 
 def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
     """[..., H, W, 3] RGB (any numeric dtype, 0..255) -> float64 [..., 3, H, W] YCbCr, level-shifted by -128."""
-    ycc = rgb.astype(np.float64) @ _RGB_TO_YCBCR.T + _YCBCR_OFFSET - LEVEL_SHIFT
+    ycc = rgb.astype(np.float64) @ RGB_TO_YCBCR.T + YCBCR_OFFSET - LEVEL_SHIFT
     return np.moveaxis(ycc, -1, -3)
 
 
 def ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
     """Inverse of rgb_to_ycbcr: float64 [..., 3, H, W] -> float64 [..., H, W, 3] (unclipped)."""
-    ycc = np.moveaxis(ycc, -3, -1) + LEVEL_SHIFT - _YCBCR_OFFSET
-    return ycc @ _YCBCR_TO_RGB.T
+    ycc = np.moveaxis(ycc, -3, -1) + LEVEL_SHIFT - YCBCR_OFFSET
+    return ycc @ YCBCR_TO_RGB.T
 
 
 def block_dct(planes: np.ndarray) -> np.ndarray:
     """[..., 112, 112] -> [..., 64, 14, 14]: orthonormal 8x8 DCT-II per block, frequency k = 8u + v."""
     lead = planes.shape[:-2]
-    blocks = planes.reshape(*lead, GRID, BLOCK, GRID, BLOCK)  # [..., i, x, j, y]
-    coef = np.einsum("ux,...ixjy,vy->...uvij", _D, blocks, _D, optimize=True)
-    return coef.reshape(*lead, COEFFS, GRID, GRID)
+    blocks = planes.reshape(*lead, GRID, BLOCK, GRID, BLOCK).swapaxes(-3, -2)  # [..., i, j, x, y]
+    coef = _D @ blocks @ _D.T  # [..., i, j, u, v]
+    return np.moveaxis(coef.reshape(*lead, GRID, GRID, COEFFS), -1, -3)
 
 
 def block_idct(coef: np.ndarray) -> np.ndarray:
     """Inverse of block_dct: [..., 64, 14, 14] -> [..., 112, 112]."""
     lead = coef.shape[:-3]
-    coef = coef.reshape(*lead, BLOCK, BLOCK, GRID, GRID)  # [..., u, v, i, j]
-    blocks = np.einsum("ux,...uvij,vy->...ixjy", _D, coef, _D, optimize=True)
-    return blocks.reshape(*lead, FACE_SIZE, FACE_SIZE)
+    coef = np.moveaxis(coef, -3, -1).reshape(*lead, GRID, GRID, BLOCK, BLOCK)  # [..., i, j, u, v]
+    blocks = _D.T @ coef @ _D  # [..., i, j, x, y]
+    return blocks.swapaxes(-3, -2).reshape(*lead, FACE_SIZE, FACE_SIZE)
 
 
 def full_coefficients(face_rgb: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from app.auth import Principal
 from app.context import GatewayContext
 from app.db import session_scope
+from app.failpoints import failpoint
 from app.models import Enrollment, Subject
 from app.problems import Problem, invalid_features, not_found, unavailable
 from app.schemas import FeaturePayload
@@ -73,13 +74,17 @@ async def enroll(ctx: GatewayContext, principal: Principal, subject_id: str, pay
         operations.decide(ctx.sessions, seq, commit=False)
         await _deliver_quietly(ctx, seq)
         raise unavailable(f"enrollment not stored: {reason}; nothing was kept")
+    failpoint("enroll-after-prepare")
     try:
-        operations.decide(ctx.sessions, seq, commit=True, apply=operations.record_enrollment)
+        committed = operations.decide(ctx.sessions, seq, commit=True, apply=operations.record_enrollment)
     except LookupError:
         operations.decide(ctx.sessions, seq, commit=False)
         await _deliver_quietly(ctx, seq)
         raise not_found("subject", subject_id) from None
+    failpoint("enroll-after-decision")
     await _deliver_quietly(ctx, seq)
+    if not committed:  # the reconcile loop judged this operation stale and aborted it
+        raise unavailable("enrollment timed out and was rolled back; nothing was kept")
     with session_scope(ctx.sessions) as session:
         return session.get(Enrollment, seq)
 
@@ -93,7 +98,7 @@ async def delete_subject(ctx: GatewayContext, principal: Principal, subject_id: 
         return
     seq = operations.begin(ctx.sessions, "delete", "", seqs, {"subject_id": subject_id})
     try:
-        prepared = await ctx.parties.delete(seq, seqs)
+        prepared = await ctx.parties.delete_prepare(seq, seqs)
     except PartiesUnavailable as exc:
         operations.decide(ctx.sessions, seq, commit=False)
         await _deliver_quietly(ctx, seq)
@@ -168,7 +173,7 @@ async def _with_resync(ctx: GatewayContext, run):
         except PartiesOutOfSync:
             if attempt == 2:
                 raise unavailable("the parties could not be brought in sync; retry") from None
-            await operations.reconcile(ctx.sessions, ctx.parties, stale_after_s=ctx.settings.party_timeout_s * 2)
+            await operations.reconcile(ctx.sessions, ctx.parties, stale_after_s=operations.stale_after(ctx.settings.party_timeout_s))
         except PartiesUnavailable as exc:
             raise unavailable(str(exc)) from None
 

@@ -6,8 +6,6 @@ in-flight requests finish on the session they started with).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -20,37 +18,26 @@ from sqlalchemy.orm import Session
 
 from app.models import ModelVersion
 from app.problems import Problem
+from inference.metadata import ModelMetadata
 from inference.runtime import MicroBatcher, OrtEmbedder
 from inference.transform import TransformSpec
 
 log = logging.getLogger(__name__)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def register_model_dir(session: Session, model_root: Path, version_dir: Path) -> ModelVersion:
     """Register `version_dir` (model.json + ONNX file) as a candidate, after checking its checksum."""
-    meta = json.loads((version_dir / "model.json").read_text())
-    onnx_path = version_dir / meta.get("onnx_file", "model.onnx")
-    actual = file_sha256(onnx_path)
-    if actual != meta["sha256"]:
-        raise ValueError(f"{onnx_path}: sha256 {actual} does not match model.json's {meta['sha256']}")
-    existing = session.get(ModelVersion, meta["version"])
+    meta = ModelMetadata.load(version_dir, verify=True)
+    existing = session.get(ModelVersion, meta.version)
     if existing is not None:
-        if existing.sha256 != actual:
-            raise ValueError(f"model version {meta['version']} is already registered with another checksum")
+        if existing.sha256 != meta.sha256:
+            raise ValueError(f"model version {meta.version} is already registered with another checksum")
         return existing
-    spec = TransformSpec.from_dict(meta["transform"])
+    onnx_path = (version_dir / meta.onnx_file).resolve()
     row = ModelVersion(
-        version=meta["version"], path=str(onnx_path.resolve().relative_to(model_root.resolve())), sha256=actual,
-        transform_id=spec.transform_id, params_hash=spec.params_hash, embedding_dim=int(meta["embedding_dim"]),
-        threshold=float(meta["threshold"]), metrics=meta.get("metrics", {}), status="candidate",
+        version=meta.version, path=str(onnx_path.relative_to(model_root.resolve())), sha256=meta.sha256,
+        transform_id=meta.transform_id, params_hash=meta.params_hash, embedding_dim=meta.embedding_dim,
+        threshold=meta.threshold, metrics=meta.metrics, status="candidate",
     )
     session.add(row)
     session.flush()
@@ -138,10 +125,9 @@ class ServedModels:
 
     def _load(self, row: ModelVersion) -> LoadedModel:
         path = self._root / row.path
-        if file_sha256(path) != row.sha256:
+        meta = ModelMetadata.load(path.parent, verify=True)
+        if meta.sha256 != row.sha256:
             raise RuntimeError(f"model file {path} does not match its registered checksum")
-        meta = json.loads((path.parent / "model.json").read_text())
         embedder = OrtEmbedder(path, prefer_gpu=self._prefer_gpu)
         batcher = MicroBatcher(embedder, max_batch=self._batch[0], max_wait_ms=self._batch[1])
-        return LoadedModel(row.version, TransformSpec.from_dict(meta["transform"]), row.threshold,
-                           row.embedding_dim, embedder, batcher)
+        return LoadedModel(row.version, meta.spec, row.threshold, row.embedding_dim, embedder, batcher)

@@ -23,6 +23,11 @@ from secure.coordinator import PartiesUnavailable, PartyPair
 log = logging.getLogger(__name__)
 
 
+def stale_after(party_timeout_s: float) -> float:
+    """An operation still undecided this long after it began has lost its request (prepare is bounded)."""
+    return party_timeout_s + 5.0
+
+
 def begin(factory: sessionmaker[Session], kind: str, gallery: str, template_seqs: list[int],
           context: dict) -> int:
     """Record the intent of an operation and return its sequence number."""

@@ -25,7 +25,7 @@ class PartyBase(DeclarativeBase):
 class ShareRow(PartyBase):
     __tablename__ = "shares"
     template_seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    model_version: Mapped[str] = mapped_column(String(64), index=True)
+    model_version: Mapped[str] = mapped_column(String(200), index=True)  # the gateway's gallery name
     dim: Mapped[int] = mapped_column(Integer)
     share: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # int64 LE; NULL once deleted
     add_seq: Mapped[int] = mapped_column(BigInteger, unique=True, index=True)
@@ -38,7 +38,7 @@ class OpRow(PartyBase):
     kind: Mapped[str] = mapped_column(String(16))  # store | delete | none
     template_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # store
     template_seqs: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)  # delete
-    model_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    model_version: Mapped[str | None] = mapped_column(String(200), nullable=True)
     state: Mapped[str] = mapped_column(String(16), index=True)  # prepared | committed | aborted
     payload: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # the share of a prepared store
     digest: Mapped[str] = mapped_column(String(64))  # sha256 of the op's content (idempotent re-prepare)

@@ -17,7 +17,7 @@ def upgrade() -> None:
     op.create_table(
         "shares",
         sa.Column("template_seq", sa.BigInteger(), autoincrement=False, nullable=False),
-        sa.Column("model_version", sa.String(length=64), nullable=False),
+        sa.Column("model_version", sa.String(length=200), nullable=False),
         sa.Column("dim", sa.Integer(), nullable=False),
         sa.Column("share", sa.LargeBinary(), nullable=True),
         sa.Column("add_seq", sa.BigInteger(), nullable=False),
@@ -32,7 +32,7 @@ def upgrade() -> None:
         sa.Column("kind", sa.String(length=16), nullable=False),
         sa.Column("template_seq", sa.BigInteger(), nullable=True),
         sa.Column("template_seqs", sa.JSON(), nullable=True),
-        sa.Column("model_version", sa.String(length=64), nullable=True),
+        sa.Column("model_version", sa.String(length=200), nullable=True),
         sa.Column("state", sa.String(length=16), nullable=False),
         sa.Column("payload", sa.LargeBinary(), nullable=True),
         sa.Column("digest", sa.String(length=64), nullable=False),

@@ -1,0 +1,144 @@
+"""`LocalStack`: the real privface processes (dealer, party 0, party 1, gateway) on one machine.
+
+Used by the integration tests and the benchmarks: free ports, fresh secrets, one database per process.
+
+Each process runs the real `privface` command with its own environment, database and log file, so tests
+can kill one with SIGKILL, restart it, and read every log and database afterwards.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from app.settings import PROJECT_ROOT as ROOT
+
+MODEL_CACHE = ROOT / "var" / "test-models"
+
+
+def shared_dir() -> Path:
+    """Where the read-only data lives: PRIVFACE_SHARED_DIR, else ../shared beside the project."""
+    return Path(os.environ.get("PRIVFACE_SHARED_DIR", ROOT.parent / "shared")).resolve()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LocalStack:
+    workdir: Path
+    gateway_db: str | None = None
+    party_dbs: tuple[str, str] | None = None
+    redis_url: str | None = None
+    party_timeout_s: float = 15.0
+    mpc_op_timeout_s: float = 8.0
+    model_dir: Path = MODEL_CACHE
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.party_ports = (free_port(), free_port())
+        self.secret = secrets.token_hex(16)
+        self.token = secrets.token_hex(16)
+        self.mpc_port = free_port()
+        self.gateway_db = self.gateway_db or f"sqlite:///{self.workdir / 'gateway.db'}"
+        self.party_dbs = self.party_dbs or tuple(f"sqlite:///{self.workdir / f'party{r}.db'}" for r in (0, 1))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVFACE_")}
+        env.update({
+            "PRIVFACE_ENV": "test", "PRIVFACE_SHARED_DIR": str(shared_dir()),
+            "PRIVFACE_DATABASE_URL": self.gateway_db, "PRIVFACE_MODEL_DIR": str(self.model_dir),
+            "PRIVFACE_SECRET_KEY": self.secret, "PRIVFACE_INTERNAL_TOKEN": self.token,
+            "PRIVFACE_PARTY_URLS": ",".join(f"http://127.0.0.1:{p}" for p in self.party_ports),
+            "PRIVFACE_PORT": str(self.port), "PRIVFACE_PARTY_TIMEOUT_S": str(self.party_timeout_s),
+            "PRIVFACE_MPC_PROVIDER": "TTP", "PRIVFACE_MPC_MASTER_ADDR": "127.0.0.1",
+            "PRIVFACE_MPC_MASTER_PORT": str(self.mpc_port), "PRIVFACE_MPC_OP_TIMEOUT_S": str(self.mpc_op_timeout_s),
+            "PRIVFACE_MODEL_POLL_S": "1", "PYTHONUNBUFFERED": "1",
+        })
+        if self.redis_url:
+            env["PRIVFACE_REDIS_URL"] = self.redis_url
+        return env
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Run a `privface` subcommand against this stack's configuration."""
+        return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=self.env(),
+                              capture_output=True, text=True, check=check, timeout=600)
+
+    def start(self, timeout: float = 180.0) -> "LocalStack":
+        self.cli("models", "ensure")
+        for name in ("dealer", "party0", "party1", "gateway"):
+            self.start_process(name)
+        self.wait_ready(timeout)
+        return self
+
+    def start_process(self, name: str) -> None:
+        env = self.env()
+        if name == "dealer":
+            args = ["dealer"]
+        elif name.startswith("party"):
+            rank = int(name[-1])
+            args = ["party", "--rank", str(rank)]
+            env.update({"PRIVFACE_PARTY_DATABASE_URL": self.party_dbs[rank],
+                        "PRIVFACE_PARTY_PORT": str(self.party_ports[rank])})
+        else:
+            args = ["gateway", "--port", str(self.port)]
+        log = open(self.workdir / f"{name}.log", "ab")
+        self.processes[name] = subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=env,
+                                                stdout=log, stderr=subprocess.STDOUT)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.processes.pop(name)
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+
+    def wait_ready(self, timeout: float = 180.0) -> dict:
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while time.monotonic() < deadline:
+            for name, proc in self.processes.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log(name)[-3000:]}")
+            try:
+                response = httpx.get(self.url + "/readyz", timeout=5)
+                last = response.json()
+                if response.status_code == 200:
+                    return last
+            except httpx.HTTPError as exc:
+                last = exc
+            time.sleep(0.5)
+        raise TimeoutError(f"stack not ready after {timeout}s: {last}")
+
+    def log(self, name: str) -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def api_key(self, *scopes: str, tenant: str = "acme") -> str:
+        return self.cli("create-api-key", "--tenant", tenant, "--scopes", *scopes).stdout.strip()
+
+    def stop(self) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.processes.clear()

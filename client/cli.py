@@ -1,0 +1,125 @@
+"""`privface client ...`: the SDK on the command line (create-subject, enroll, verify, identify, delete).
+
+Results go to stdout as one JSON object per line, so scripts can parse them. Every failure is ONE line
+`error: ...` on stderr: exit status 2 for usage and input problems (bad arguments, unreadable photo,
+no face or several faces), 1 for errors the service reports (or an unreachable service).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from client.detect import FACE_POLICIES
+from client.errors import MultipleFacesError, NoFaceError, PrivfaceError
+from client.sdk import PrivfaceClient
+
+EXIT_SERVICE = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A usage or input problem (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing a multi-line usage block and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Connection options are accepted before or after the command (SUPPRESS keeps the first one given).
+    common = _Parser(add_help=False)
+    common.add_argument("--url", default=argparse.SUPPRESS, help="gateway base URL (env PRIVFACE_URL)")
+    common.add_argument("--api-key", default=argparse.SUPPRESS, help="API key (env PRIVFACE_API_KEY)")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds per request (10)")
+    parser = _Parser(prog="privface client", parents=[common], description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    create = commands.add_parser("create-subject", parents=[common], help="create a subject; prints it")
+    create.add_argument("--external-id", help="your own id for the subject")
+    enroll = commands.add_parser("enroll", parents=[common], help="enroll one or more photos for a subject")
+    enroll.add_argument("subject_id")
+    enroll.add_argument("photos", nargs="+", type=Path)
+    verify = commands.add_parser("verify", parents=[common], help="1:1 - is the photo this subject?")
+    verify.add_argument("subject_id")
+    verify.add_argument("photo", type=Path)
+    identify = commands.add_parser("identify", parents=[common], help="1:N - which subject is the photo?")
+    identify.add_argument("photo", type=Path)
+    delete = commands.add_parser("delete", parents=[common], help="delete a subject and its templates")
+    delete.add_argument("subject_id")
+    for command in (enroll, verify, identify):
+        command.add_argument("--face-policy", choices=FACE_POLICIES, default="single",
+                             help="single: refuse photos with several faces (default); largest: use the largest")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        with _client(args) as client:
+            for result in _run(client, args):
+                print(json.dumps(result), flush=True)
+        return 0
+    except (UsageError, NoFaceError, MultipleFacesError) as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except PrivfaceError as exc:
+        return _fail(str(exc), EXIT_SERVICE)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    return status
+
+
+def _client(args: argparse.Namespace) -> PrivfaceClient:
+    url = getattr(args, "url", None) or os.environ.get("PRIVFACE_URL")
+    api_key = getattr(args, "api_key", None) or os.environ.get("PRIVFACE_API_KEY")
+    if not url:
+        raise UsageError("no gateway URL: pass --url or set PRIVFACE_URL")
+    if not api_key:
+        raise UsageError("no API key: pass --api-key or set PRIVFACE_API_KEY")
+    return PrivfaceClient(url, api_key, timeout=getattr(args, "timeout", 10.0))
+
+
+def _run(client: PrivfaceClient, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The command's results, one JSON-able dict each."""
+    if args.command == "create-subject":
+        return [client.create_subject(args.external_id)]
+    if args.command == "delete":
+        client.delete_subject(args.subject_id)
+        return [{"deleted": args.subject_id}]
+    if args.command == "verify":
+        return [{"match": client.verify_features(args.subject_id, _features(client, args.photo, args.face_policy))}]
+    if args.command == "identify":
+        subject_id = client.identify_features(_features(client, args.photo, args.face_policy))
+        return [{"match": subject_id is not None, "subject_id": subject_id}]
+    return _enroll(client, args.subject_id, args.photos, args.face_policy)
+
+
+def _enroll(client: PrivfaceClient, subject_id: str, photos: list[Path], face_policy: str) -> list[dict[str, Any]]:
+    """Make every photo's features first, so a bad photo stops the command before anything is enrolled."""
+    show = len(photos) > 1
+    payloads = [_features(client, photo, face_policy) for photo in tqdm(photos, "features", disable=not show)]
+    return [client.enroll_features(subject_id, payload) for payload in tqdm(payloads, "enroll", disable=not show)]
+
+
+def _features(client: PrivfaceClient, photo: Path, face_policy: str):
+    """The photo's payload; input problems are reported with the photo's name."""
+    try:
+        return client.features(photo, face_policy)
+    except OSError as exc:
+        raise UsageError(f"{photo}: cannot read: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise UsageError(f"{photo}: {exc}") from None
+    except (NoFaceError, MultipleFacesError) as exc:
+        raise UsageError(f"{photo}: {exc}") from None

@@ -1,0 +1,185 @@
+"""`PrivfaceClient`: the REST client apps embed (sync, httpx).
+
+It turns photos into noised features on the device (client.features) and sends only those. Retries are
+limited to cases where resending is safe: the gateway answered 503 (it says nothing was kept), or no
+connection could be made (nothing was sent). Other failures, a read timeout included, are raised at
+once, because the request may already have taken effect (e.g. an enrollment).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from client.detect import FaceDetector, FacePolicy
+from client.errors import PrivfaceError, ServiceUnavailableError, error_for
+from client.features import FeaturePayload, Photo, extract_features, with_fresh_nonce
+from inference.transform import TransformSpec
+
+MAX_RETRY_WAIT_S = 30.0  # a Retry-After beyond this is capped, so a call never hangs for minutes
+
+
+class PrivfaceClient:
+    """One gateway, one API key. Safe to share between threads (detection is serialised)."""
+
+    def __init__(self, base_url: str, api_key: str, timeout: float = 10.0, retries: int = 3,
+                 transform: TransformSpec | None = None, backoff_s: float = 0.5) -> None:
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout,
+                                  headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"})
+        self._retries = retries
+        self._backoff_s = backoff_s
+        self._transform = transform
+        self._detector: FaceDetector | None = None
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "PrivfaceClient":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- subjects ------------------------------------------------------------------------------------
+
+    def create_subject(self, external_id: str | None = None) -> dict[str, Any]:
+        """Create a subject; returns it ({"id", "external_id", "created_at", "enrollments"})."""
+        return self._request("POST", "/v1/subjects", {"external_id": external_id})
+
+    def get_subject(self, subject_id: str) -> dict[str, Any]:
+        """A subject and its enrollments' metadata."""
+        return self._request("GET", f"/v1/subjects/{quote(subject_id, safe='')}")
+
+    def delete_subject(self, subject_id: str) -> None:
+        """Delete a subject and its templates at both parties."""
+        self._request("DELETE", f"/v1/subjects/{quote(subject_id, safe='')}")
+
+    # -- biometrics from photos ----------------------------------------------------------------------
+
+    def features(self, photo: Photo, face_policy: FacePolicy = "single") -> FeaturePayload:
+        """The payload for `photo` under the served transform; raises NoFaceError / MultipleFacesError."""
+        spec = self.transform
+        with self._lock:
+            if self._detector is None:
+                self._detector = FaceDetector()
+            return extract_features(photo, spec, face_policy, self._detector)
+
+    def enroll(self, subject_id: str, photo: Photo, face_policy: FacePolicy = "single") -> dict[str, Any]:
+        """Enroll the face in `photo` for the subject; returns the enrollment's metadata."""
+        return self.enroll_features(subject_id, self.features(photo, face_policy))
+
+    def verify(self, subject_id: str, photo: Photo, face_policy: FacePolicy = "single") -> bool:
+        """1:1: is the face in `photo` the subject?"""
+        return self.verify_features(subject_id, self.features(photo, face_policy))
+
+    def identify(self, photo: Photo, face_policy: FacePolicy = "single") -> str | None:
+        """1:N: the id of the matching subject, or None."""
+        return self.identify_features(self.features(photo, face_policy))
+
+    # -- biometrics from precomputed features --------------------------------------------------------
+
+    def enroll_features(self, subject_id: str, features: FeaturePayload) -> dict[str, Any]:
+        return self._request("POST", f"/v1/subjects/{quote(subject_id, safe='')}/enrollments",
+                             {"features": features})
+
+    def verify_features(self, subject_id: str, features: FeaturePayload) -> bool:
+        return bool(self._request("POST", "/v1/verify", {"subject_id": subject_id, "features": features})["match"])
+
+    def identify_features(self, features: FeaturePayload) -> str | None:
+        result = self._request("POST", "/v1/identify", {"features": features})
+        return result["subject_id"] if result["match"] else None
+
+    # -- transform -----------------------------------------------------------------------------------
+
+    def transforms(self) -> list[dict[str, Any]]:
+        """The transforms the gateway serves: [{"transform_id", "params_hash", "spec", ...}]."""
+        return self._request("GET", "/v1/transforms")
+
+    @property
+    def transform(self) -> TransformSpec:
+        """The transform given at construction, else the one the gateway serves (fetched once)."""
+        if self._transform is None:
+            self._transform = self._fetch_transform()
+        return self._transform
+
+    def _fetch_transform(self) -> TransformSpec:
+        served = self.transforms()
+        if not served:
+            raise ServiceUnavailableError("the gateway serves no transform yet (no active model)")
+        entry = served[0]
+        spec = TransformSpec.from_dict(entry["spec"])
+        if (spec.transform_id, spec.params_hash) != (entry["transform_id"], entry["params_hash"]):
+            raise PrivfaceError(f"the served transform {entry['transform_id']}/{entry['params_hash']} rebuilds here "
+                                f"as {spec.transform_id}/{spec.params_hash}: the SDK and gateway versions differ")
+        return spec
+
+    # -- HTTP ----------------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """Send with retries on 503 / connection failure; the decoded JSON (None for 204) or a typed error."""
+        for attempt in range(self._retries + 1):
+            if attempt and body and "features" in body:
+                body = {**body, "features": with_fresh_nonce(body["features"])}
+            last = attempt == self._retries
+            try:
+                response = self._http.request(method, path, json=body)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if last:
+                    raise ServiceUnavailableError(f"cannot connect to {self._http.base_url}: {exc}") from exc
+                time.sleep(self._backoff(attempt, None))
+                continue
+            except httpx.HTTPError as exc:
+                raise PrivfaceError(f"{method} {path} failed: {type(exc).__name__}: {exc}") from exc
+            if response.status_code == 503 and not last:
+                time.sleep(self._backoff(attempt, response.headers.get("Retry-After")))
+                continue
+            return _result(response)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _backoff(self, attempt: int, retry_after: str | None) -> float:
+        """The server's Retry-After when given, else exponential backoff; capped at MAX_RETRY_WAIT_S."""
+        wait = _retry_after_s(retry_after)
+        if wait is None:
+            wait = self._backoff_s * 2 ** attempt
+        return min(max(wait, 0.0), MAX_RETRY_WAIT_S)
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Retry-After as seconds: either delta-seconds or an HTTP date (RFC 9110 §10.2.3); None if absent/bad."""
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return (when - datetime.now(timezone.utc)).total_seconds()
+
+
+def _result(response: httpx.Response) -> Any:
+    if response.is_success:
+        return response.json() if response.content else None
+    raise error_for(response.status_code, _problem(response))
+
+
+def _problem(response: httpx.Response) -> dict[str, Any]:
+    """The RFC 9457 body, or a stand-in built from the status line when the body is not JSON."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        return body
+    return {"title": response.reason_phrase or f"HTTP {response.status_code}", "status": response.status_code,
+            "detail": response.text[:200]}

@@ -1,0 +1,152 @@
+"""Export a model version to ONNX, check it against PyTorch, measure it, and write its model.json.
+
+    python -m inference.export --version v0 --out-dir var/models [--eval-pairs 600]
+
+Produces OUT_DIR/<version>/model.onnx and model.json (see inference.metadata). The directory appears
+atomically (built under a temporary name, then renamed), so a crashed export never looks complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from inference.evaluation import verify_fold
+from inference.frequency_model import FrequencyFaceModel, build_model_v0
+from inference.lfw import fold_pairs, lfw_dir, load_many, shared_dir
+from inference.metadata import METADATA_FILE, ModelMetadata, file_sha256
+from inference.mobilefacenet import EMBEDDING_DIM
+from inference.runtime import OrtEmbedder
+from inference.transform import TransformSpec, apply, default_spec
+
+ONNX_FILE = "model.onnx"
+OPSET = 17
+MAX_PARITY_DIFF = 1e-3
+EVAL_FOLD = 1
+PROTOCOL = ("LFW aligned 112, pairs.txt fold {fold} ({pairs} pairs); each image transformed once with its own "
+            "noise draw (seed 0); cosine of L2-normalised embeddings; accuracy = mean over 10 interleaved "
+            "parts of the pairs, threshold chosen on the other 9; served threshold = best on all of them, "
+            "with the served (noisy) transform.")
+
+
+def build(version: str, shared: Path) -> tuple[FrequencyFaceModel, TransformSpec]:
+    """The PyTorch model and the transform it serves, for each version this module knows how to make."""
+    if version == "v0":
+        spec = default_spec()
+        return build_model_v0(spec, shared), spec
+    raise ValueError(f"don't know how to build model version {version!r}")
+
+
+def export_onnx(model: FrequencyFaceModel, spec: TransformSpec, path: Path) -> None:
+    """ONNX opset 17 (TorchScript exporter), input "features" [N,K,14,14], output "embedding" [N,d]."""
+    example = torch.zeros(2, *spec.shape)
+    torch.onnx.export(model, (example,), str(path), input_names=["features"], output_names=["embedding"],
+                      dynamic_axes={"features": {0: "N"}, "embedding": {0: "N"}}, opset_version=OPSET,
+                      dynamo=False)
+    declare_output_shape(path, EMBEDDING_DIM)
+
+
+def declare_output_shape(path: Path, dim: int) -> None:
+    """Write the output shape as ["N", dim]: the exporter leaves a symbolic name after the L2 norm."""
+    graph = onnx.load(str(path))
+    dims = graph.graph.output[0].type.tensor_type.shape.dim
+    dims[0].dim_param = "N"
+    dims[1].dim_value = dim
+    onnx.checker.check_model(graph)
+    onnx.save(graph, str(path))
+
+
+def sample_features(shared: Path, spec: TransformSpec, count: int = 8, seed: int = 0) -> np.ndarray:
+    """Real noisy features of the first fold-1 images, float32 [count, K, 14, 14]."""
+    lfw = lfw_dir(shared)
+    images = [pair.left for pair in fold_pairs(lfw, EVAL_FOLD)[:count]]
+    return apply(load_many(lfw, images), spec, np.random.default_rng(seed)).astype(np.float32)
+
+
+def parity(model: FrequencyFaceModel, embedder: OrtEmbedder, features: np.ndarray) -> float:
+    """Max |ORT - PyTorch| over the embeddings of `features`."""
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(features)).numpy()
+    return float(np.max(np.abs(embedder.embed(features) - expected)))
+
+
+def measure(embedder: OrtEmbedder, spec: TransformSpec, shared: Path, eval_pairs: int) -> tuple[dict, float]:
+    """Fold-1 metrics without noise and with the served noise; returns (metrics, served threshold)."""
+    lfw = lfw_dir(shared)
+    clean = verify_fold(lfw, EVAL_FOLD, spec.with_epsilon(None), embedder.embed, eval_pairs)
+    noisy = verify_fold(lfw, EVAL_FOLD, spec, embedder.embed, eval_pairs)
+    metrics = {"protocol": PROTOCOL.format(fold=EVAL_FOLD, pairs=noisy.num_pairs),
+               f"lfw_fold{EVAL_FOLD}_no_noise": clean.to_dict(),
+               f"lfw_fold{EVAL_FOLD}_served_noise": {**noisy.to_dict(), "transform_id": spec.transform_id}}
+    return metrics, noisy.threshold
+
+
+def export_version(version: str, out_dir: Path, shared: Path, eval_pairs: int = 600) -> Path:
+    """Build, export, check and measure `version`; returns OUT_DIR/<version>. Replaces an existing one."""
+    model, spec = build(version, shared)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=out_dir))
+    try:
+        write_version(model, spec, version, staging, shared, eval_pairs)
+        final = out_dir / version
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+        return final
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_version(model: FrequencyFaceModel, spec: TransformSpec, version: str, directory: Path,
+                  shared: Path, eval_pairs: int) -> ModelMetadata:
+    onnx_path = directory / ONNX_FILE
+    export_onnx(model, spec, onnx_path)
+    embedder = OrtEmbedder(onnx_path, prefer_gpu=False, intra_op_threads=torch.get_num_threads())
+    diff = parity(model, embedder, sample_features(shared, spec))
+    if not diff <= MAX_PARITY_DIFF:
+        raise RuntimeError(f"ONNX Runtime and PyTorch disagree by {diff:.3g} (limit {MAX_PARITY_DIFF})")
+    metrics, threshold = measure(embedder, spec, shared, eval_pairs)
+    meta = ModelMetadata(version=version, transform=spec.to_dict(), transform_id=spec.transform_id,
+                         params_hash=spec.params_hash, embedding_dim=EMBEDDING_DIM, sha256=file_sha256(onnx_path),
+                         onnx_file=ONNX_FILE, ort_vs_torch_max_abs_diff=diff, threshold=threshold, metrics=metrics)
+    meta.save(directory)
+    return meta
+
+
+def ensure_model_v0(model_dir: Path, shared_dir: Path, eval_pairs: int = 600) -> Path:
+    """MODEL_DIR/v0, exported (with metrics and threshold) only if absent or not matching its checksum."""
+    version_dir = Path(model_dir) / "v0"
+    if (version_dir / METADATA_FILE).exists():
+        try:
+            ModelMetadata.load(version_dir, verify=True)
+            return version_dir
+        except (ValueError, OSError, TypeError, KeyError):
+            pass  # damaged: export again
+    return export_version("v0", Path(model_dir), Path(shared_dir), eval_pairs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--version", default="v0")
+    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--shared-dir", type=Path, default=None)
+    parser.add_argument("--eval-pairs", type=int, default=600, help="fold-1 pairs to measure (600 = all)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    final = export_version(args.version, args.out_dir, args.shared_dir or shared_dir(), args.eval_pairs)
+    meta = ModelMetadata.load(final)
+    print(f"exported {final}: {meta.transform_id} {meta.params_hash}, ORT vs torch {meta.ort_vs_torch_max_abs_diff:.2e}")
+    for name, value in meta.metrics.items():
+        print(f"  {name}: {value}")
+
+
+if __name__ == "__main__":
+    main()

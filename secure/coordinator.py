@@ -1,0 +1,301 @@
+"""The gateway's only door to the two parties (``PartyPair``): two-phase ops and match jobs.
+
+Store / delete are two-phase. ``store`` / ``delete_prepare`` run *prepare* at both parties concurrently and
+return True only if both prepared; the gateway then records its decision durably in its own database and
+calls ``commit(seq)`` or ``abort(seq)`` (each returns per-party acks; both are idempotent, so the gateway
+re-sends a recorded decision until both parties ack — see ``resync``).
+
+Match jobs (``verify`` / ``identify``) split the fixed-point query into two shares, send one to each party,
+and reconstruct only the revealed output (one bit; for identify, the matched template_seq when the bit is 1).
+A share pair is never kept beyond the call that split it.
+
+Errors: ``PartiesUnavailable`` (timeouts, connection errors, 5xx: the gateway answers 503),
+``PartiesOutOfSync`` (a party is behind the requested snapshot, or the parties disagree on it: the gateway
+re-sends its decisions with ``resync`` and retries once), ``PartiesError`` (anything else).
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+import httpx
+import numpy as np
+
+from secure.sharing import reconstruct_int, split, to_b64
+
+log = logging.getLogger("privface.coordinator")
+
+
+class PartiesError(Exception):
+    """A party refused or failed a call."""
+
+    def __init__(self, message: str, *, status: int | None = None, problems: list[dict | None] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.problems = problems or []
+
+
+class PartiesUnavailable(PartiesError):
+    """A party could not be reached in time, or said it is unavailable (503)."""
+
+
+class PartiesOutOfSync(PartiesError):
+    """A party is behind the requested snapshot (pending ops), or the two parties' snapshots differ."""
+
+    def __init__(self, message: str, *, pending: dict[int, list[int]] | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.pending = pending or {}
+
+
+class _Reply:
+    __slots__ = ("rank", "status", "body", "error")
+
+    def __init__(self, rank: int, status: int | None, body: Any, error: BaseException | None = None) -> None:
+        self.rank, self.status, self.body, self.error = rank, status, body, error
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+    @property
+    def slug(self) -> str:
+        if isinstance(self.body, dict):
+            return str(self.body.get("type", "")).rsplit("/", 1)[-1]
+        return ""
+
+    @property
+    def unavailable(self) -> bool:
+        return self.status is None or self.status >= 500
+
+
+class PartyPair:
+    """Async client of party 0 and party 1 (``httpx.AsyncClient``; use ``async with`` or ``aclose``)."""
+
+    def __init__(self, party_urls: tuple[str, str] | list[str], internal_token: str, timeout_s: float = 15.0, *,
+                 tls_verify: Any = True, client_cert: Any = None, transport_retries: int = 1) -> None:
+        if len(party_urls) != 2:
+            raise ValueError("exactly two party URLs")
+        self.party_urls = tuple(u.rstrip("/") for u in party_urls)
+        self.timeout_s = float(timeout_s)
+        headers = {"Authorization": f"Bearer {internal_token}"}
+        verify = tls_verify
+        if client_cert is not None:  # mutual TLS: present our certificate to the parties
+            import ssl
+
+            verify = ssl.create_default_context(cafile=tls_verify if isinstance(tls_verify, str) else None)
+            certfile, keyfile = client_cert if isinstance(client_cert, tuple) else (client_cert, None)
+            verify.load_cert_chain(certfile, keyfile)
+        self._clients = [
+            httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(self.timeout_s + 5.0),
+                              transport=httpx.AsyncHTTPTransport(retries=transport_retries, verify=verify))
+            for url in self.party_urls
+        ]
+
+    async def __aenter__(self) -> PartyPair:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(c.aclose() for c in self._clients))
+
+    # -- transport ------------------------------------------------------------------------------------------
+    async def _call(self, rank: int, method: str, path: str, json: Any = None, timeout: float | None = None) -> _Reply:
+        try:
+            resp = await self._clients[rank].request(method, path, json=json,
+                                                     timeout=httpx.Timeout(timeout or self.timeout_s))
+        except (httpx.TimeoutException, httpx.TransportError) as exc:
+            log.warning("party %d %s %s: %s", rank, method, path, type(exc).__name__)
+            return _Reply(rank, None, None, exc)
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        if resp.status_code >= 400:
+            log.warning("party %d %s %s -> %d %s", rank, method, path, resp.status_code,
+                        body.get("type") if isinstance(body, dict) else "")
+        return _Reply(rank, resp.status_code, body)
+
+    async def _both(self, method: str, path: str, json: Any | list[Any] = None,
+                    timeout: float | None = None) -> tuple[_Reply, _Reply]:
+        bodies = json if isinstance(json, list) else [json, json]
+        r0, r1 = await asyncio.gather(self._call(0, method, path, bodies[0], timeout),
+                                      self._call(1, method, path, bodies[1], timeout))
+        return r0, r1
+
+    # -- two-phase operations ---------------------------------------------------------------------------------
+    async def store(self, seq: int, template_seq: int, model_version: str, template_fixed: np.ndarray) -> bool:
+        """Prepare storing a fixed-point template (int64 [d]) as two shares. True only if both prepared.
+
+        False if a party refused (e.g. 409: seq or template already used); raises PartiesUnavailable if a
+        party could not answer. ``model_version`` names the gallery (any string up to 200 characters).
+        """
+        template = np.asarray(template_fixed)
+        if template.ndim != 1 or template.size == 0 or template.dtype != np.int64:
+            raise ValueError("template_fixed must be a non-empty 1-d int64 array")
+        s0, s1 = split(template)
+        bodies = [{"seq": seq, "kind": "store", "model_version": model_version, "template_seq": template_seq,
+                   "share": to_b64(s)} for s in (s0, s1)]
+        del s0, s1
+        replies = await self._both("POST", "/internal/ops/prepare", bodies)
+        del bodies
+        return self._prepared(seq, replies)
+
+    async def delete_prepare(self, seq: int, template_seqs: Iterable[int], model_version: str | None = None) -> bool:
+        """Prepare deleting (erasing) the given templates in one operation. True only if both prepared.
+
+        Templates unknown to a party are ignored there; a template whose store is still prepared is a 409
+        (False). Raises PartiesUnavailable like ``store``. On commit each party erases its share bytes.
+        """
+        targets = sorted({int(t) for t in template_seqs})
+        if not targets:
+            raise ValueError("nothing to delete")
+        body = {"seq": seq, "kind": "delete", "model_version": model_version, "template_seqs": targets}
+        replies = await self._both("POST", "/internal/ops/prepare", body)
+        return self._prepared(seq, replies)
+
+    def _prepared(self, seq: int, replies: tuple[_Reply, _Reply]) -> bool:
+        """True if both prepared; False if one refused (4xx); PartiesUnavailable if one could not answer.
+
+        Whatever the outcome, the gateway records a decision and sends it (abort unless True).
+        """
+        if all(r.ok and r.body.get("state") in ("prepared", "committed") for r in replies):
+            return True
+        self._raise_unavailable(replies, f"prepare of op {seq}")
+        return False
+
+    async def commit(self, seq: int) -> tuple[bool, bool]:
+        """Send the commit decision for ``seq``; per-party acks (True once the party has it committed)."""
+        r0, r1 = await self._both("POST", f"/internal/ops/{seq}/commit")
+        return tuple(r.ok and r.body.get("state") == "committed" for r in (r0, r1))  # type: ignore[return-value]
+
+    async def abort(self, seq: int) -> tuple[bool, bool]:
+        """Send the abort decision for ``seq`` (a party that never heard of it records it as aborted)."""
+        r0, r1 = await self._both("POST", f"/internal/ops/{seq}/abort")
+        return tuple(r.ok and r.body.get("state") == "aborted" for r in (r0, r1))  # type: ignore[return-value]
+
+    async def op_states(self, seq: int) -> tuple[str | None, str | None]:
+        """Each party's state for ``seq`` (None: unknown there). Raises PartiesUnavailable."""
+        replies = await self._both("GET", f"/internal/ops/{seq}")
+        self._raise_unavailable(replies)
+        return tuple(r.body.get("state") if r.ok else None for r in replies)  # type: ignore[return-value]
+
+    async def state(self) -> list[dict]:
+        """Both parties' /internal/state (applied_through, pending, committed_count, versions, mpc)."""
+        replies = await self._both("GET", "/internal/state")
+        self._raise_unavailable(replies)
+        for r in replies:
+            if not r.ok:
+                raise PartiesError(f"party {r.rank} state failed ({r.status})", status=r.status)
+        return [r.body for r in replies]
+
+    async def resync(self, decide: Callable[[list[int]], Mapping[int, bool | None] | Awaitable[Mapping[int, bool | None]]]
+                     ) -> dict[int, dict[int, str]]:
+        """Re-send the gateway's recorded decisions for every op still pending at either party.
+
+        ``decide(seqs)`` maps each seq to True (committed at the gateway), False (aborted, or unknown to the
+        gateway) or None (still in flight: leave it). Returns {rank: {seq: new state}} for what was sent.
+        """
+        states = await self.state()
+        pending = sorted({q for st in states for q in st.get("pending", [])})
+        if not pending:
+            return {0: {}, 1: {}}
+        decisions = decide(pending)
+        if inspect.isawaitable(decisions):
+            decisions = await decisions
+        done: dict[int, dict[int, str]] = {0: {}, 1: {}}
+        calls = []
+        for rank, st in enumerate(states):
+            for q in st.get("pending", []):
+                verdict = decisions.get(q)
+                if verdict is None:
+                    continue
+                calls.append((rank, q, "commit" if verdict else "abort"))
+        replies = await asyncio.gather(*(self._call(rank, "POST", f"/internal/ops/{q}/{what}") for rank, q, what in calls))
+        for (rank, q, _what), r in zip(calls, replies):
+            done[rank][q] = r.body.get("state") if r.ok else f"error:{r.status}"
+        return done
+
+    # -- match jobs ------------------------------------------------------------------------------------------
+    async def _match(self, kind: str, job_id: str, model_version: str, upto_seq: int, query_fixed: np.ndarray,
+                     threshold: float, template_seqs: list[int] | None, expected_committed: int | None) -> int:
+        query = np.asarray(query_fixed)
+        if query.ndim != 1 or query.size == 0 or query.dtype != np.int64:
+            raise ValueError("query_fixed must be a non-empty 1-d int64 array")
+        q0, q1 = split(query)
+        common = {"job_id": job_id, "kind": kind, "model_version": model_version, "upto_seq": int(upto_seq),
+                  "expected_committed": expected_committed, "template_seqs": template_seqs,
+                  "threshold": float(threshold), "timeout_s": self.timeout_s}
+        bodies = [{**common, "query_share": to_b64(q0)}, {**common, "query_share": to_b64(q1)}]
+        del q0, q1
+        replies = await self._match_both(bodies, timeout=self.timeout_s + 5.0)
+        del bodies
+        self._raise_unavailable(replies)
+        problems = [r.body if not r.ok else None for r in replies]
+        sync = [r for r in replies if r.status == 409]
+        if sync:
+            pending = {r.rank: list(r.body.get("pending", [])) if isinstance(r.body, dict) else [] for r in sync}
+            slugs = ",".join(f"{r.rank}:{r.slug}" for r in sync)
+            raise PartiesOutOfSync(f"parties not ready for snapshot {upto_seq} ({slugs})", status=409,
+                                   pending=pending, problems=problems)
+        for r in replies:
+            if not r.ok:
+                raise PartiesError(f"party {r.rank} refused the match job ({r.status} {r.slug})", status=r.status,
+                                   problems=problems)
+        b0, b1 = replies[0].body, replies[1].body
+        if b0.get("n") != b1.get("n") or b0.get("labels_digest") != b1.get("labels_digest"):
+            raise PartiesOutOfSync(f"parties used different galleries for snapshot {upto_seq}")
+        return reconstruct_int(int(b0["share"]), int(b1["share"]))
+
+    async def _match_both(self, bodies: list[dict], timeout: float) -> list[_Reply]:
+        """Both match calls; if one party refuses quickly (4xx), do not wait for the other's MPC timeout."""
+        tasks = [asyncio.create_task(self._call(rank, "POST", "/internal/match", bodies[rank], timeout))
+                 for rank in (0, 1)]
+        try:
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            first = next(iter(done)).result()
+            if pending and first.status is not None and 400 <= first.status < 500:
+                for t in pending:
+                    t.cancel()
+                other = 1 - first.rank
+                replies = [first, first]
+                replies[other] = _Reply(other, 499, {"type": "cancelled"})
+                return replies
+            await asyncio.wait(tasks)
+            return [t.result() for t in tasks]
+        finally:
+            for t in tasks:
+                if not t.done():
+                    t.cancel()
+
+    async def verify(self, job_id: str, model_version: str, upto_seq: int, query_fixed: np.ndarray,
+                     template_seqs: Iterable[int], threshold: float, *, expected_committed: int | None = None) -> bool:
+        """1:1 — does the query match any of the claimed subject's templates (visible at upto_seq)?"""
+        seqs = sorted({int(t) for t in template_seqs})
+        if not seqs:
+            return False
+        out = await self._match("verify", job_id, model_version, upto_seq, query_fixed, threshold, seqs,
+                                expected_committed)
+        if out not in (0, 1):
+            raise PartiesError("the MPC returned an invalid verify output")
+        return out == 1
+
+    async def identify(self, job_id: str, model_version: str, upto_seq: int, query_fixed: np.ndarray,
+                       threshold: float, *, expected_committed: int | None = None) -> int | None:
+        """1:N — the matched template_seq, or None."""
+        out = await self._match("identify", job_id, model_version, upto_seq, query_fixed, threshold, None,
+                                expected_committed)
+        if out < 0:
+            raise PartiesError("the MPC returned an invalid identify output")
+        return out or None
+
+    @staticmethod
+    def _raise_unavailable(replies: Iterable[_Reply], what: str = "") -> None:
+        down = [r for r in replies if r.unavailable]
+        if down:
+            who = ", ".join(f"party {r.rank} ({r.status or type(r.error).__name__})" for r in down)
+            raise PartiesUnavailable(f"{what + ': ' if what else ''}unavailable: {who}", status=503)

@@ -1,0 +1,239 @@
+"""In-memory gallery of this party's shares, one per model version, with add/delete seqs for snapshots.
+
+Rows are kept in growable numpy buffers (amortised O(1) append; a million 512-d rows is one
+[n, d] int64 block). ``snapshot(model_version, upto_seq)`` returns exactly the rows added at seq <= upto_seq
+and not deleted at seq <= upto_seq, in add-seq order, so both parties build identical galleries for a match
+job. A snapshot with nothing filtered out is a read-only view (no copy); otherwise the last filtered
+snapshot per version is cached until the version changes.
+
+Rows whose share was erased before this process loaded them (deleted at startup) are not in memory; a
+snapshot older than such a delete (``upto_seq < purged_through``) would differ from the other party's and
+raises ``SnapshotTooOld``.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+NOT_DELETED = np.iinfo(np.int64).max
+
+
+class GalleryError(Exception):
+    pass
+
+
+class DimensionMismatch(GalleryError):
+    pass
+
+
+class SnapshotTooOld(GalleryError):
+    pass
+
+
+@dataclass
+class _Version:
+    dim: int
+    capacity: int = 0
+    size: int = 0
+    shares: np.ndarray = field(default_factory=lambda: np.empty((0, 0), np.int64))
+    labels: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    add_seq: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    del_seq: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    index: dict[int, int] = field(default_factory=dict)  # template_seq -> row
+    ordered: bool = True  # add_seq non-decreasing over rows
+    deleted: int = 0
+    max_add: int = 0
+    max_del: int = 0
+    purged_through: int = 0
+    generation: int = 0
+    cache: tuple | None = None  # (generation, upto_seq, shares, labels)
+
+    def __post_init__(self) -> None:
+        if self.capacity == 0:
+            self._grow(16)
+
+    def _grow(self, need: int) -> None:
+        cap = max(need, 2 * self.capacity, 16)
+        shares = np.empty((cap, self.dim), np.int64)
+        labels = np.empty(cap, np.int64)
+        add = np.empty(cap, np.int64)
+        dele = np.full(cap, NOT_DELETED, np.int64)
+        if self.size:
+            shares[: self.size] = self.shares[: self.size]
+            labels[: self.size] = self.labels[: self.size]
+            add[: self.size] = self.add_seq[: self.size]
+            dele[: self.size] = self.del_seq[: self.size]
+        self.shares, self.labels, self.add_seq, self.del_seq, self.capacity = shares, labels, add, dele, cap
+
+
+class Gallery:
+    """Thread-safe in-memory share gallery keyed by model version."""
+
+    def __init__(self) -> None:
+        self._versions: dict[str, _Version] = {}
+        self._where: dict[int, str] = {}  # template_seq -> model_version
+        self._lock = threading.RLock()
+
+    # -- mutation -------------------------------------------------------------------------------------------
+    def dim(self, model_version: str) -> int | None:
+        with self._lock:
+            v = self._versions.get(model_version)
+            return v.dim if v else None
+
+    def add(self, model_version: str, template_seq: int, add_seq: int, share: np.ndarray) -> None:
+        """Append one row (idempotent for an identical template_seq/add_seq)."""
+        self.add_many(model_version, np.asarray([template_seq]), np.asarray([add_seq]),
+                      np.asarray(share, np.int64).reshape(1, -1))
+
+    def add_many(self, model_version: str, template_seqs: np.ndarray, add_seqs: np.ndarray, shares: np.ndarray,
+                 del_seqs: np.ndarray | None = None) -> None:
+        shares = np.asarray(shares, np.int64)
+        if shares.ndim != 2:
+            raise ValueError("shares must be [n, d]")
+        n, d = shares.shape
+        if n == 0:
+            return
+        with self._lock:
+            v = self._versions.get(model_version)
+            if v is None:
+                v = self._versions[model_version] = _Version(dim=d)
+            if d != v.dim:
+                raise DimensionMismatch(f"model version {model_version!r} holds {v.dim}-d shares, got {d}")
+            keep = []
+            for i, t in enumerate(template_seqs.tolist()):
+                if t in self._where:
+                    row = self._versions[self._where[t]].index[t]
+                    if self._versions[self._where[t]].add_seq[row] != int(add_seqs[i]):
+                        raise GalleryError(f"template {t} already present with another add seq")
+                    continue
+                keep.append(i)
+            if not keep:
+                return
+            if len(keep) != n:
+                idx = np.asarray(keep)
+                template_seqs, add_seqs, shares = template_seqs[idx], add_seqs[idx], shares[idx]
+                del_seqs = del_seqs[idx] if del_seqs is not None else None
+                n = len(keep)
+            if v.size + n > v.capacity:
+                v._grow(v.size + n)
+            s, e = v.size, v.size + n
+            v.shares[s:e] = shares
+            v.labels[s:e] = template_seqs
+            v.add_seq[s:e] = add_seqs
+            if del_seqs is not None:
+                v.del_seq[s:e] = del_seqs
+                dmask = del_seqs != NOT_DELETED
+                v.deleted += int(dmask.sum())
+                if dmask.any():
+                    v.max_del = max(v.max_del, int(del_seqs[dmask].max()))
+            first = int(add_seqs[0])
+            if (s > 0 and first < int(v.add_seq[s - 1])) or (n > 1 and bool(np.any(np.diff(add_seqs) < 0))):
+                v.ordered = False
+            v.max_add = max(v.max_add, int(add_seqs.max()))
+            for j, t in enumerate(template_seqs.tolist()):
+                v.index[t] = s + j
+                self._where[t] = model_version
+            v.size = e
+            v.generation += 1
+
+    def delete(self, template_seq: int, del_seq: int) -> bool:
+        """Mark a row deleted at ``del_seq`` (idempotent). False if the template is unknown here."""
+        with self._lock:
+            mv = self._where.get(template_seq)
+            if mv is None:
+                return False
+            v = self._versions[mv]
+            row = v.index[template_seq]
+            if v.del_seq[row] == NOT_DELETED:
+                v.del_seq[row] = del_seq
+                v.deleted += 1
+                v.max_del = max(v.max_del, del_seq)
+                v.generation += 1
+            return True
+
+    def note_purged(self, model_version: str, dim: int | None, through_seq: int) -> None:
+        """Record that rows deleted at seq <= through_seq were erased before loading (see SnapshotTooOld)."""
+        with self._lock:
+            v = self._versions.get(model_version)
+            if v is None:
+                if dim is None:
+                    return
+                v = self._versions[model_version] = _Version(dim=dim)
+            v.purged_through = max(v.purged_through, through_seq)
+
+    def _sort(self, v: _Version) -> None:
+        order = np.argsort(v.add_seq[: v.size], kind="stable")
+        # fresh arrays: views handed out earlier stay valid and unchanged
+        cap = v.capacity
+        shares = np.empty((cap, v.dim), np.int64)
+        shares[: v.size] = v.shares[order]
+        labels = np.empty(cap, np.int64)
+        labels[: v.size] = v.labels[order]
+        add = np.empty(cap, np.int64)
+        add[: v.size] = v.add_seq[order]
+        dele = np.full(cap, NOT_DELETED, np.int64)
+        dele[: v.size] = v.del_seq[order]
+        v.shares, v.labels, v.add_seq, v.del_seq = shares, labels, add, dele
+        v.index = {int(t): i for i, t in enumerate(v.labels[: v.size].tolist())}
+        v.ordered = True
+
+    # -- reads ----------------------------------------------------------------------------------------------
+    def snapshot(self, model_version: str, upto_seq: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shares [n, d] int64, labels [n] int64) of the rows visible at ``upto_seq``, in add-seq order."""
+        with self._lock:
+            v = self._versions.get(model_version)
+            if v is None:
+                return np.empty((0, 0), np.int64), np.empty(0, np.int64)
+            if upto_seq < v.purged_through:
+                raise SnapshotTooOld(f"snapshot {upto_seq} predates deletions erased at load ({v.purged_through})")
+            if not v.ordered:
+                self._sort(v)
+            n = v.size
+            if upto_seq >= v.max_add and (v.deleted == 0 or self._none_deleted_by(v, upto_seq)):
+                shares, labels = v.shares[:n], v.labels[:n]
+            elif v.cache is not None and v.cache[0] == v.generation and v.cache[1] == upto_seq:
+                return v.cache[2], v.cache[3]
+            else:
+                mask = (v.add_seq[:n] <= upto_seq) & (v.del_seq[:n] > upto_seq)
+                shares, labels = v.shares[:n][mask], v.labels[:n][mask]
+                shares.flags.writeable = False
+                labels.flags.writeable = False
+                v.cache = (v.generation, upto_seq, shares, labels)
+                return shares, labels
+            shares = shares.view()
+            labels = labels.view()
+            shares.flags.writeable = False
+            labels.flags.writeable = False
+            return shares, labels
+
+    @staticmethod
+    def _none_deleted_by(v: _Version, upto_seq: int) -> bool:
+        return not bool(np.any(v.del_seq[: v.size] <= upto_seq))
+
+    def rows_for(self, model_version: str, upto_seq: int, template_seqs: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The visible rows among ``template_seqs`` (verify), in add-seq order."""
+        with self._lock:
+            v = self._versions.get(model_version)
+            if v is None:
+                return np.empty((0, 0), np.int64), np.empty(0, np.int64)
+            if upto_seq < v.purged_through:
+                raise SnapshotTooOld(f"snapshot {upto_seq} predates deletions erased at load ({v.purged_through})")
+            rows = []
+            for t in set(int(t) for t in template_seqs):
+                r = v.index.get(t)
+                if r is not None and v.add_seq[r] <= upto_seq < v.del_seq[r]:
+                    rows.append(r)
+            rows.sort(key=lambda r: int(v.add_seq[r]))
+            idx = np.asarray(rows, dtype=np.int64)
+            return v.shares[idx].copy(), v.labels[idx].copy()
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {mv: {"rows": v.size - v.deleted, "deleted": v.deleted, "dim": v.dim}
+                    for mv, v in self._versions.items()}
+
+    def has(self, template_seq: int) -> bool:
+        with self._lock:
+            return template_seq in self._where

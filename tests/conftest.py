@@ -1,0 +1,60 @@
+"""Shared test fixtures: data location, real PostgreSQL/Redis, free ports, and real privface processes."""
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.devstack import free_port, shared_dir  # noqa: F401  (re-exported for tests)
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("PRIVFACE_ENV", "test")
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    path = shared_dir()
+    if not (path / "datasets").is_dir():
+        pytest.skip(f"shared data not found at {path} (set PRIVFACE_SHARED_DIR)")
+    return path
+
+
+POSTGRES_ADMIN = os.environ.get("PRIVFACE_TEST_POSTGRES", "host=127.0.0.1 port=5432 user=postgres dbname=test")
+REDIS_URL = os.environ.get("PRIVFACE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database (real server), dropped afterwards."""
+    import psycopg
+
+    name = "pf_test_" + uuid.uuid4().hex[:12]
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable ({exc}); run scripts/services.sh")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A real Redis database number of its own, flushed before and after."""
+    import redis
+
+    url = REDIS_URL.rsplit("/", 1)[0] + "/" + str(7 + (os.getpid() % 8))
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:
+        pytest.fail(f"Redis is not reachable ({exc}); run scripts/services.sh")
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()

@@ -1,0 +1,84 @@
+"""What the servers keep: one party's shares look uniform, and no database or log holds a plaintext
+embedding, template or score."""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from scipy import stats
+
+from app.auth import tenant_template_key
+from app.devstack import LocalStack
+from inference.metadata import ModelMetadata
+from inference.protect import protect_embedding
+from inference.runtime import OrtEmbedder
+from secure.fixedpoint import encode
+from tests.test_gateway_api import aligned_face, auth, payload
+from tests.test_gateway_recovery import FACES, served_spec
+
+pytestmark = pytest.mark.slow
+
+
+def decode_payload(body: dict) -> np.ndarray:
+    import base64
+
+    return np.frombuffer(base64.b64decode(body["data"]), "<f2").reshape(body["shape"]).astype(np.float32)
+
+
+def needles(values: np.ndarray) -> list[bytes]:
+    """Byte patterns that would betray these values: float32/float64/fixed-point bytes and decimal text."""
+    head = np.asarray(values[:4])
+    patterns = [head.astype("<f4").tobytes(), head.astype("<f8").tobytes(), encode(head).astype("<i8").tobytes()]
+    patterns += [f"{v:.6f}".encode() for v in head if abs(v) > 1e-3]
+    return patterns
+
+
+def files_of(stack: LocalStack) -> list[Path]:
+    return [p for p in stack.workdir.iterdir() if p.is_file()]
+
+
+def test_shares_uniform_and_nothing_plaintext_at_rest_or_in_logs(tmp_path, shared):
+    stack = LocalStack(tmp_path).start()
+    try:
+        key = stack.api_key("enroll", "verify")
+        spec = served_spec(stack, key)
+        meta = ModelMetadata.load(stack.model_dir / "v0")
+        embedder = OrtEmbedder(stack.model_dir / "v0" / meta.onnx_file, prefer_gpu=False)
+        secrets_to_find: list[bytes] = []
+        for name in FACES * 4:
+            body = payload(spec, aligned_face(shared, name))
+            embedding = embedder.embed(decode_payload(body)[None])[0]
+            template = protect_embedding(embedding, tenant_template_key(stack.secret, "acme", 1), "v0", 1)
+            secrets_to_find += needles(embedding) + needles(template)
+            subject = httpx.post(stack.url + "/v1/subjects", json={}, headers=auth(key)).json()["id"]
+            response = httpx.post(f"{stack.url}/v1/subjects/{subject}/enrollments", json={"features": body},
+                                  headers=auth(key), timeout=60)
+            assert response.status_code == 201, response.text
+            probe = payload(spec, aligned_face(shared, name))
+            probe_template = protect_embedding(embedder.embed(decode_payload(probe)[None])[0],
+                                               tenant_template_key(stack.secret, "acme", 1), "v0", 1)
+            score = float(probe_template @ template)
+            secrets_to_find += needles(probe_template) + [f"{score:.4f}".encode(), f"{score:.6f}".encode()]
+            verify = httpx.post(stack.url + "/v1/verify", json={"subject_id": subject, "features": probe},
+                                headers=auth(key), timeout=60)
+            assert verify.status_code == 200 and verify.json()["match"] is True
+        stack.stop()
+
+        for rank in (0, 1):
+            with sqlite3.connect(stack.party_dbs[rank].removeprefix("sqlite:///")) as conn:
+                shares = b"".join(row[0] for row in conn.execute("SELECT share FROM shares"))
+            counts = np.bincount(np.frombuffer(shares, np.uint8), minlength=256)
+            assert len(shares) == 20 * meta.embedding_dim * 8
+            assert stats.chisquare(counts).pvalue > 1e-3, f"party {rank} shares are not uniform bytes"
+            bits = np.unpackbits(np.frombuffer(shares, np.uint8))
+            assert abs(bits.mean() - 0.5) < 4 * 0.5 / np.sqrt(bits.size)
+
+        for path in files_of(stack):
+            content = path.read_bytes()
+            for needle in secrets_to_find:
+                assert needle not in content, f"{path.name} contains a plaintext value"
+    finally:
+        stack.stop()

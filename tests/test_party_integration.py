@@ -1,0 +1,331 @@
+"""Two real party servers (uvicorn subprocesses, real SQLite / PostgreSQL) driven by the coordinator.
+
+The parties run the TEST-ONLY LocalPlaintextEngine from tests/party_harness.py (no CrypTen needed).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from scipy import stats
+from sqlalchemy import create_engine, text
+
+from secure import fixedpoint as fp
+from secure.coordinator import PartiesError, PartiesOutOfSync, PartiesUnavailable, PartyPair
+from secure.sharing import random_ring, reconstruct, to_b64
+
+HARNESS = Path(__file__).with_name("party_harness.py")
+_spec = importlib.util.spec_from_file_location("party_harness", HARNESS)
+harness = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(harness)
+
+pytestmark = pytest.mark.slow
+TOKEN = "test-internal-token-" + os.urandom(4).hex()
+D = 16
+THRESHOLD = 0.5
+
+
+class Party:
+    def __init__(self, rank: int, db_url: str, rendezvous: Path, log_dir: Path) -> None:
+        self.rank, self.db_url, self.rendezvous, self.log_dir = rank, db_url, rendezvous, log_dir
+        self.port = harness.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, keep_jobs: bool = False) -> None:
+        cmd = [sys.executable, str(HARNESS), "--rank", str(self.rank), "--db", self.db_url, "--port", str(self.port),
+               "--token", TOKEN, "--rendezvous", str(self.rendezvous)] + (["--keep-jobs"] if keep_jobs else [])
+        log = open(self.log_dir / f"party{self.rank}.log", "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"party {self.rank} exited: {(self.log_dir / f'party{self.rank}.log').read_text()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError(f"party {self.rank} did not start")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def parties(request, tmp_path):
+    dbs: list[str] = []
+    urls = []
+    for rank in (0, 1):
+        if request.param == "sqlite":
+            urls.append(f"sqlite:///{tmp_path / f'party{rank}.db'}")
+        else:
+            if not harness.pg_available():
+                pytest.skip("PostgreSQL not reachable")
+            name, url = harness.create_pg_database()
+            dbs.append(name)
+            urls.append(url)
+    rendezvous = tmp_path / "rendezvous"
+    ps = [Party(rank, urls[rank], rendezvous, tmp_path) for rank in (0, 1)]
+    try:
+        for p in ps:
+            p.start()
+        yield ps
+    finally:
+        for p in ps:
+            p.stop()
+        for name in dbs:
+            harness.drop_pg_database(name)
+
+
+def pair_for(ps, timeout_s: float = 10.0) -> PartyPair:
+    return PartyPair((ps[0].url, ps[1].url), TOKEN, timeout_s)
+
+
+def unit_vectors(n: int, seed: int = 0) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=(n, D))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_store_commit_verify_identify_delete(parties):
+    faces = unit_vectors(6)
+
+    async def scenario():
+        async with pair_for(parties) as pair:
+            # seqs 1..4 store templates 1..4 (template_seq = op seq), 2PC with the gateway's decision
+            for t in range(1, 5):
+                assert await pair.store(t, t, "v1", fp.encode(faces[t]))
+                assert await pair.store(t, t, "v1", fp.encode(faces[t])) is False  # a fresh split is other content: 409
+                assert await pair.commit(t) == (True, True)
+                assert await pair.commit(t) == (True, True)  # idempotent re-send
+            # seq 5 prepared then aborted: never visible
+            assert await pair.store(5, 5, "v1", fp.encode(faces[5]))
+            assert await pair.abort(5) == (True, True)
+            assert await pair.abort(5) == (True, True)
+            assert await pair.commit(5) == (False, False)
+            st = await pair.state()
+            assert [s["applied_through"] for s in st] == [5, 5]
+            assert [s["versions"]["v1"]["rows"] for s in st] == [4, 4]
+            assert all(s["mpc"]["ready"] for s in st)
+
+            q = fp.encode(faces[2] + 0.01)
+            assert await pair.verify("j1", "v1", 5, q, [2], THRESHOLD) is True
+            assert await pair.verify("j2", "v1", 5, q, [1, 3], THRESHOLD) is False
+            assert await pair.identify("j3", "v1", 5, q, THRESHOLD, expected_committed=4) == 2
+            assert await pair.identify("j4", "v1", 5, fp.encode(faces[5]), 0.99) is None
+            assert await pair.identify("j5", "v1", 1, q, THRESHOLD) is None  # snapshot before template 2
+            assert await pair.identify("j6", "v1", 5, fp.encode(faces[5]), 0.95) is None  # the aborted row is absent
+
+            # seq 6 deletes templates 2 and 3 in one op
+            assert await pair.delete_prepare(6, [2, 3])
+            assert await pair.commit(6) == (True, True)
+            assert await pair.identify("j7", "v1", 6, q, THRESHOLD) is None
+            assert await pair.verify("j8", "v1", 6, q, [2], THRESHOLD) is False
+            assert await pair.identify("j9", "v1", 5, q, THRESHOLD) == 2  # older snapshot still sees it
+            # a store of an existing template is refused by both parties -> not prepared
+            assert await pair.store(7, 1, "v1", fp.encode(faces[1])) is False
+            assert await pair.abort(7) == (True, True)
+
+    run(scenario())
+
+
+def test_behind_and_resync(parties):
+    faces = unit_vectors(4, seed=3)
+
+    async def scenario():
+        async with pair_for(parties, timeout_s=5) as pair:
+            assert await pair.store(1, 1, "v1", fp.encode(faces[1]))
+            # the gateway recorded 'commit' but only party 0 got it (simulate by committing at party 0 alone)
+            r = httpx.post(parties[0].url + "/internal/ops/1/commit", headers={"Authorization": f"Bearer {TOKEN}"})
+            assert r.status_code == 200
+            with pytest.raises(PartiesOutOfSync) as exc:
+                await pair.identify("b1", "v1", 1, fp.encode(faces[1]), THRESHOLD)
+            assert exc.value.pending == {1: [1]}
+            # a seq the gateway allocated but never prepared anywhere: gateway count says 1 committed <= 2
+            gateway_log = {1: True, 2: False}
+            done = await pair.resync(lambda seqs: {q: gateway_log.get(q, False) for q in seqs})
+            assert done == {0: {}, 1: {1: "committed"}}
+            assert await pair.identify("b2", "v1", 1, fp.encode(faces[1]), THRESHOLD, expected_committed=1) == 1
+            with pytest.raises(PartiesOutOfSync):  # gateway says 2 committed ops <= 2, parties know 1
+                await pair.identify("b3", "v1", 2, fp.encode(faces[1]), THRESHOLD, expected_committed=2)
+            # in-flight op (decision None) is left alone by resync
+            assert await pair.store(3, 3, "v1", fp.encode(faces[3]))
+            assert await pair.resync(lambda seqs: {q: None for q in seqs}) == {0: {}, 1: {}}
+            assert await pair.op_states(3) == ("prepared", "prepared")
+            await pair.abort(3)
+            # mismatched galleries are caught by the labels digest even if a party is misled
+            assert await pair.identify("b4", "v1", 3, fp.encode(faces[3]), THRESHOLD) is None
+
+    run(scenario())
+
+
+def test_kill9_restart_rebuilds_gallery(parties, tmp_path):
+    faces = unit_vectors(12, seed=5)
+
+    async def fill():
+        async with pair_for(parties) as pair:
+            for t in (1, 2, 3, 4, 5, 6, 7, 8, 10):  # seq t stores template 100 + t
+                assert await pair.store(t, 100 + t, "v1" if t % 3 else "v2", fp.encode(faces[t]))
+                if t != 10:
+                    await pair.commit(t)
+            assert await pair.delete_prepare(9, [101, 104])  # seq 9 deletes two v1 templates
+            await pair.commit(9)
+
+    run(fill())
+    # restart both with job capture on, then kill -9 party 1 while op 10 is still prepared
+    for p in parties:
+        p.stop()
+        p.start(keep_jobs=True)
+
+    async def probe(tag: str):
+        async with pair_for(parties) as pair:
+            out = []
+            for mv, upto in (("v1", 9), ("v2", 6), ("v2", 9)):
+                out.append(await pair.identify(f"{tag}-{mv}-{upto}", mv, upto, fp.encode(faces[6]), THRESHOLD))
+            return out
+
+    before = run(probe("before"))
+    keep = parties[0].rendezvous / "keep"
+    snap_before = {f.name.split("-", 1)[1]: np.load(f)["g"] for f in keep.glob("before-*.1.npz")}
+    parties[1].kill9()
+    parties[1].start(keep_jobs=True)
+    after = run(probe("after"))
+    snap_after = {f.name.split("-", 1)[1]: np.load(f)["g"] for f in keep.glob("after-*.1.npz")}
+    assert before == after and before[1] == 106  # faces[6] is template 106 (v2)
+
+    async def too_old():
+        async with pair_for(parties) as pair:
+            with pytest.raises(PartiesOutOfSync):  # party 1 erased template 101's share before loading
+                await pair.identify("old", "v1", 8, fp.encode(faces[5]), THRESHOLD)
+
+    run(too_old())
+    assert snap_before.keys() == snap_after.keys() and len(snap_before) >= 2
+    for k in snap_before:
+        assert np.array_equal(snap_before[k], snap_after[k]), k
+
+    async def finish():
+        async with pair_for(parties) as pair:
+            st = await pair.state()
+            assert [s["pending"] for s in st] == [[10], [10]]  # the prepare survived kill -9
+            assert await pair.commit(10) == (True, True)
+            return await pair.identify("fin", "v1", 10, fp.encode(faces[10]), THRESHOLD)
+
+    assert run(finish()) == 110
+
+
+def test_no_plaintext_in_party_databases(parties):
+    faces = unit_vectors(40, seed=9)
+    templates = {t: fp.encode(faces[t - 1]) for t in range(1, 41)}
+
+    async def fill():
+        async with pair_for(parties) as pair:
+            for t, tpl in templates.items():
+                assert await pair.store(t, t, "v1", tpl)
+                await pair.commit(t)
+
+    run(fill())
+    tables = []
+    for p in parties:
+        eng = create_engine(p.db_url)
+        with eng.connect() as c:
+            rows = dict(c.execute(text("SELECT template_seq, share FROM shares")).all())
+            assert c.execute(text("SELECT count(*) FROM ops WHERE payload IS NOT NULL")).scalar() == 0
+        eng.dispose()
+        tables.append({t: np.frombuffer(bytes(b), "<i8") for t, b in rows.items()})
+    all_bytes = []
+    for t, tpl in templates.items():
+        s0, s1 = tables[0][t], tables[1][t]
+        assert not np.array_equal(s0, tpl) and not np.array_equal(s1, tpl)
+        assert np.array_equal(reconstruct(s0, s1), tpl)  # they are shares of it, nothing more
+    for table in tables:
+        raw = np.concatenate([v for v in table.values()]).astype("<i8").view(np.uint8)
+        assert stats.chisquare(np.bincount(raw, minlength=256)).pvalue > 1e-6  # 5,120 bytes look uniform
+        top = (raw.reshape(-1, 8)[:, 7] >> 7)  # sign bits are balanced (a plaintext template's are not)
+        assert 0.35 < top.mean() < 0.65
+
+
+def test_bearer_auth_and_problem_json(parties):
+    p = parties[0]
+    routes = [("POST", "/internal/ops/prepare"), ("POST", "/internal/ops/1/commit"), ("POST", "/internal/ops/1/abort"),
+              ("GET", "/internal/state"), ("POST", "/internal/match"), ("GET", "/internal/ops/1")]
+    for method, path in routes:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            r = httpx.request(method, p.url + path, headers=headers, json={})
+            assert r.status_code == 401, (method, path, headers)
+            assert r.headers["content-type"].startswith("application/problem+json")
+            assert r.json()["type"].endswith("/unauthorized")
+    assert httpx.get(p.url + "/healthz").status_code == 200
+
+    async def bad_token():
+        async with PartyPair((parties[0].url, parties[1].url), "wrong", 5) as pair:
+            assert await pair.store(1, 1, "v1", fp.encode(unit_vectors(1)[0])) is False
+            with pytest.raises(PartiesError):
+                await pair.identify("x", "v1", 0, fp.encode(unit_vectors(1)[0]), THRESHOLD)
+
+    run(bad_token())
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    r = httpx.post(p.url + "/internal/ops/prepare", headers=auth, json={"seq": 1, "kind": "store"})
+    assert r.status_code == 422 and r.json()["type"].endswith("/op-invalid")
+    r = httpx.post(p.url + "/internal/ops/prepare", headers=auth, json={"seq": "x", "kind": "store", "share": "AAAA"})
+    assert r.status_code == 422 and "AAAA" not in r.text
+
+
+def test_mpc_timeout_is_503_and_party_down_is_unavailable(parties):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    faces = unit_vectors(2, seed=11)
+
+    async def fill():
+        async with pair_for(parties) as pair:
+            assert await pair.store(1, 1, "v1", fp.encode(faces[0]))
+            await pair.commit(1)
+
+    run(fill())
+    # only party 0 gets the job: its engine waits for a peer that never comes
+    body = {"job_id": "lonely", "kind": "identify", "model_version": "v1", "upto_seq": 1,
+            "query_share": to_b64(random_ring(D)), "threshold": 0.5, "timeout_s": 0.5}
+    r = httpx.post(parties[0].url + "/internal/match", headers=auth, json=body, timeout=10)
+    assert r.status_code == 503 and r.json()["type"].endswith("/mpc-unavailable")
+    body["query_share"] = base64.b64encode(b"\x00" * 8).decode()
+    r = httpx.post(parties[0].url + "/internal/match", headers=auth, json=body, timeout=10)
+    assert r.status_code == 422
+
+    parties[1].kill9()
+
+    async def down():
+        async with pair_for(parties, timeout_s=2) as pair:
+            with pytest.raises(PartiesUnavailable):
+                await pair.store(2, 2, "v1", fp.encode(faces[1]))
+            with pytest.raises(PartiesUnavailable):
+                await pair.delete_prepare(3, [1])
+            assert await pair.abort(3) == (True, False)
+            assert await pair.abort(2) == (True, False)
+            with pytest.raises(PartiesUnavailable):
+                await pair.identify("d1", "v1", 1, fp.encode(faces[0]), THRESHOLD)
+            with pytest.raises(PartiesUnavailable):
+                await pair.state()
+
+    run(down())
