@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from client.detect import FACE_POLICIES
 from client.errors import MultipleFacesError, NoFaceError, PrivfaceError
+from client.features import FeaturePayload
 from client.sdk import PrivfaceClient
 
 EXIT_SERVICE = 1
@@ -35,11 +37,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # Connection options are accepted before or after the command (SUPPRESS keeps the first one given).
+    # Connection options work before or after the command: SUPPRESS keeps an option not repeated after the
+    # command from being reset to a default by the subcommand parser.
     common = _Parser(add_help=False)
     common.add_argument("--url", default=argparse.SUPPRESS, help="gateway base URL (env PRIVFACE_URL)")
     common.add_argument("--api-key", default=argparse.SUPPRESS, help="API key (env PRIVFACE_API_KEY)")
     common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds per request (10)")
+    common.add_argument("--max-epsilon", type=float, default=argparse.SUPPRESS,
+                        help="refuse to send features whose per-image privacy budget exceeds this")
     parser = _Parser(prog="privface client", parents=[common], description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -68,10 +73,12 @@ def main(argv: list[str] | None = None) -> int:
             for result in _run(client, args):
                 print(json.dumps(result), flush=True)
         return 0
-    except (UsageError, NoFaceError, MultipleFacesError) as exc:
+    except UsageError as exc:
         return _fail(str(exc), EXIT_USAGE)
     except PrivfaceError as exc:
         return _fail(str(exc), EXIT_SERVICE)
+    except Exception as exc:  # noqa: BLE001 - the CLI's contract is one error line, never a traceback
+        return _fail(f"{type(exc).__name__}: {exc}", EXIT_SERVICE)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
 
@@ -88,38 +95,53 @@ def _client(args: argparse.Namespace) -> PrivfaceClient:
         raise UsageError("no gateway URL: pass --url or set PRIVFACE_URL")
     if not api_key:
         raise UsageError("no API key: pass --api-key or set PRIVFACE_API_KEY")
-    return PrivfaceClient(url, api_key, timeout=getattr(args, "timeout", 10.0))
+    return PrivfaceClient(url, api_key, timeout=getattr(args, "timeout", 10.0),
+                          max_epsilon=getattr(args, "max_epsilon", None))
 
 
-def _run(client: PrivfaceClient, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The command's results, one JSON-able dict each."""
+def _run(client: PrivfaceClient, args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    """The command's results, one JSON-able dict each, yielded as soon as each is known."""
     if args.command == "create-subject":
-        return [client.create_subject(args.external_id)]
-    if args.command == "delete":
+        yield client.create_subject(args.external_id)
+    elif args.command == "delete":
         client.delete_subject(args.subject_id)
-        return [{"deleted": args.subject_id}]
-    if args.command == "verify":
-        return [{"match": client.verify_features(args.subject_id, _features(client, args.photo, args.face_policy))}]
-    if args.command == "identify":
+        yield {"deleted": args.subject_id}
+    elif args.command == "verify":
+        yield {"match": client.verify_features(args.subject_id, _features(client, args.photo, args.face_policy))}
+    elif args.command == "identify":
         subject_id = client.identify_features(_features(client, args.photo, args.face_policy))
-        return [{"match": subject_id is not None, "subject_id": subject_id}]
-    return _enroll(client, args.subject_id, args.photos, args.face_policy)
+        yield {"match": subject_id is not None, "subject_id": subject_id}
+    else:
+        yield from _enroll(client, args.subject_id, args.photos, args.face_policy)
 
 
-def _enroll(client: PrivfaceClient, subject_id: str, photos: list[Path], face_policy: str) -> list[dict[str, Any]]:
-    """Make every photo's features first, so a bad photo stops the command before anything is enrolled."""
-    show = len(photos) > 1
-    payloads = [_features(client, photo, face_policy) for photo in tqdm(photos, "features", disable=not show)]
-    return [client.enroll_features(subject_id, payload) for payload in tqdm(payloads, "enroll", disable=not show)]
+def _enroll(client: PrivfaceClient, subject_id: str, photos: list[Path], face_policy: str) -> Iterator[dict[str, Any]]:
+    """Make every photo's features first, so a bad photo stops the command before anything is enrolled.
+
+    Each enrollment is reported as soon as it is stored, so a later failure leaves a clear record.
+    The progress bars (several photos only) are closed before an error line is printed.
+    """
+    payloads = []
+    with tqdm(photos, "features", disable=len(photos) < 2) as bar:
+        for photo in bar:
+            payloads.append(_features(client, photo, face_policy))
+    with tqdm(payloads, "enroll", disable=len(photos) < 2) as bar:
+        for payload in bar:
+            yield client.enroll_features(subject_id, payload)
 
 
-def _features(client: PrivfaceClient, photo: Path, face_policy: str):
-    """The photo's payload; input problems are reported with the photo's name."""
+def _features(client: PrivfaceClient, photo: Path, face_policy: str) -> FeaturePayload:
+    """The photo's payload; input problems are reported with the photo's name (exit status 2)."""
+    client.transform  # fetched first, so that a gateway problem is not blamed on the photo
     try:
-        return client.features(photo, face_policy)
+        data = photo.read_bytes()
     except OSError as exc:
         raise UsageError(f"{photo}: cannot read: {exc.strerror or exc}") from None
-    except ValueError as exc:
+    try:
+        return client.features(data, face_policy)
+    except (ValueError, NoFaceError, MultipleFacesError) as exc:
         raise UsageError(f"{photo}: {exc}") from None
-    except (NoFaceError, MultipleFacesError) as exc:
-        raise UsageError(f"{photo}: {exc}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,7 +26,7 @@ FACE_POLICIES: tuple[str, ...] = ("single", "largest")
 MAX_DETECT_SIDE = 1024
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq would compare numpy arrays, which has no single truth value
 class Face:
     """One detection in the photo's pixel coordinates.
 

@@ -32,6 +32,10 @@ class MultipleFacesError(PrivfaceError):
         self.count = count
 
 
+class PrivacyBudgetError(PrivfaceError):
+    """The transform in use spends more ε per image than the app allows (max_epsilon); nothing was sent."""
+
+
 class AuthenticationError(PrivfaceError):
     """401: the API key is missing or invalid."""
 

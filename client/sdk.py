@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
 
 from client.detect import FaceDetector, FacePolicy
-from client.errors import PrivfaceError, ServiceUnavailableError, error_for
+from client.errors import (InvalidRequestError, PrivacyBudgetError, PrivfaceError, ServiceUnavailableError,
+                           error_for)
 from client.features import FeaturePayload, Photo, extract_features, with_fresh_nonce
 from inference.transform import TransformSpec
 
+T = TypeVar("T")
 MAX_RETRY_WAIT_S = 30.0  # a Retry-After beyond this is capped, so a call never hangs for minutes
 
 
@@ -28,12 +31,18 @@ class PrivfaceClient:
     """One gateway, one API key. Safe to share between threads (detection is serialised)."""
 
     def __init__(self, base_url: str, api_key: str, timeout: float = 10.0, retries: int = 3,
-                 transform: TransformSpec | None = None, backoff_s: float = 0.5) -> None:
+                 transform: TransformSpec | None = None, *, backoff_s: float = 0.5,
+                 max_epsilon: float | None = None) -> None:
+        """max_epsilon: the most per-image ε the app accepts. The gateway chooses the transform, so without
+        this cap a misconfigured gateway could ask for weakly noised (or clean) features; None accepts any.
+        """
         self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout,
                                   headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"})
         self._retries = retries
         self._backoff_s = backoff_s
+        self._max_epsilon = max_epsilon
         self._transform = transform
+        self._transform_given = transform is not None
         self._detector: FaceDetector | None = None
         self._lock = threading.Lock()
 
@@ -65,6 +74,9 @@ class PrivfaceClient:
     def features(self, photo: Photo, face_policy: FacePolicy = "single") -> FeaturePayload:
         """The payload for `photo` under the served transform; raises NoFaceError / MultipleFacesError."""
         spec = self.transform
+        if self._max_epsilon is not None and not spec.epsilon_per_image <= self._max_epsilon:
+            raise PrivacyBudgetError(f"transform {spec.transform_id} spends ε={spec.epsilon_per_image:g} per image; "
+                                     f"this client allows at most {self._max_epsilon:g}")
         with self._lock:
             if self._detector is None:
                 self._detector = FaceDetector()
@@ -72,15 +84,28 @@ class PrivfaceClient:
 
     def enroll(self, subject_id: str, photo: Photo, face_policy: FacePolicy = "single") -> dict[str, Any]:
         """Enroll the face in `photo` for the subject; returns the enrollment's metadata."""
-        return self.enroll_features(subject_id, self.features(photo, face_policy))
+        return self._with_photo(photo, face_policy, lambda features: self.enroll_features(subject_id, features))
 
     def verify(self, subject_id: str, photo: Photo, face_policy: FacePolicy = "single") -> bool:
         """1:1: is the face in `photo` the subject?"""
-        return self.verify_features(subject_id, self.features(photo, face_policy))
+        return self._with_photo(photo, face_policy, lambda features: self.verify_features(subject_id, features))
 
     def identify(self, photo: Photo, face_policy: FacePolicy = "single") -> str | None:
         """1:N: the id of the matching subject, or None."""
-        return self.identify_features(self.features(photo, face_policy))
+        return self._with_photo(photo, face_policy, self.identify_features)
+
+    def _with_photo(self, photo: Photo, face_policy: FacePolicy, send: Callable[[FeaturePayload], T]) -> T:
+        """Send the photo's features; if the gateway has moved to another transform since we fetched ours,
+        fetch the new one and send once more. That second payload is a second noisy release of the face
+        (the gateway received the refused one), so the per-image ε is spent twice in that rare case.
+        """
+        try:
+            return send(self.features(photo, face_policy))
+        except InvalidRequestError as exc:
+            if self._transform_given or not str(exc.problem.get("type", "")).endswith("/unknown-transform"):
+                raise
+        self._transform = self._fetch_transform()
+        return send(self.features(photo, face_policy))
 
     # -- biometrics from precomputed features --------------------------------------------------------
 

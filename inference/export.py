@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +47,11 @@ def build(version: str, shared: Path) -> tuple[FrequencyFaceModel, TransformSpec
 def export_onnx(model: FrequencyFaceModel, spec: TransformSpec, path: Path) -> None:
     """ONNX opset 17 (TorchScript exporter), input "features" [N,K,14,14], output "embedding" [N,d]."""
     example = torch.zeros(2, *spec.shape)
-    torch.onnx.export(model, (example,), str(path), input_names=["features"], output_names=["embedding"],
-                      dynamic_axes={"features": {0: "N"}, "embedding": {0: "N"}}, opset_version=OPSET,
-                      dynamo=False)
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated but is what dynamo=False asks for
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        torch.onnx.export(model, (example,), str(path), input_names=["features"], output_names=["embedding"],
+                          dynamic_axes={"features": {0: "N"}, "embedding": {0: "N"}}, opset_version=OPSET,
+                          dynamo=False)
     declare_output_shape(path, EMBEDDING_DIM)
 
 
@@ -95,6 +98,7 @@ def export_version(version: str, out_dir: Path, shared: Path, eval_pairs: int = 
     staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=out_dir))
     try:
         write_version(model, spec, version, staging, shared, eval_pairs)
+        staging.chmod(0o755)  # mkdtemp makes it private; the served directory is world-readable
         final = out_dir / version
         if final.exists():
             shutil.rmtree(final)

@@ -356,7 +356,7 @@ LOW10_CHROMA_KEEP = (4, 11, 18, 25, 32)  # the next five in zig-zag order, so co
 DEFAULT_CLIP_SIGMAS = 4.0
 # Chosen by the fold-1 measurement in docs/models/v0.md: the strongest noise whose accuracy with model
 # v0 stays within ~2 points of no noise.
-DEFAULT_EPSILON_PER_COEFFICIENT = 128.0
+DEFAULT_EPSILON_PER_COEFFICIENT = 64.0
 
 
 @lru_cache(maxsize=4)

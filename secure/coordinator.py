@@ -9,7 +9,8 @@ Match jobs (``verify`` / ``identify``) split the fixed-point query into two shar
 and reconstruct only the revealed output (one bit; for identify, the matched template_seq when the bit is 1).
 A share pair is never kept beyond the call that split it.
 
-Errors: ``PartiesUnavailable`` (timeouts, connection errors, 5xx: the gateway answers 503),
+Errors: ``PartiesUnavailable`` (timeouts, connection errors, 5xx, and 401/403 — a party rejecting the internal
+token is a deployment fault: the gateway answers 503),
 ``PartiesOutOfSync`` (a party is behind the requested snapshot, or the parties disagree on it: the gateway
 re-sends its decisions with ``resync`` and retries once), ``PartiesError`` (anything else).
 """
@@ -67,27 +68,43 @@ class _Reply:
         return ""
 
     @property
+    def state(self) -> str | None:
+        return self.body.get("state") if self.ok and isinstance(self.body, dict) else None
+
+    @property
     def unavailable(self) -> bool:
-        return self.status is None or self.status >= 500
+        # no answer, a server-side failure, or a party that rejects our internal credentials (misconfiguration)
+        return self.status is None or self.status >= 500 or self.status in (401, 403)
 
 
 class PartyPair:
-    """Async client of party 0 and party 1 (``httpx.AsyncClient``; use ``async with`` or ``aclose``)."""
+    """Async client of party 0 and party 1 (``httpx.AsyncClient``; use ``async with`` or ``aclose``).
+
+    ``tls_verify``: True (system CAs), False, a CA bundle path, or an ``ssl.SSLContext``;
+    ``client_cert``: a PEM path or (cert, key) paths for mutual TLS.
+    ``precheck``: before a match job, ask both parties (no shares sent) whether they can serve the snapshot
+    and on which rows, so the MPC starts only when both will join it with identical galleries.
+    """
 
     def __init__(self, party_urls: tuple[str, str] | list[str], internal_token: str, timeout_s: float = 15.0, *,
-                 tls_verify: Any = True, client_cert: Any = None, transport_retries: int = 1) -> None:
+                 tls_verify: Any = True, client_cert: Any = None, transport_retries: int = 1,
+                 precheck: bool = True) -> None:
         if len(party_urls) != 2:
             raise ValueError("exactly two party URLs")
         self.party_urls = tuple(u.rstrip("/") for u in party_urls)
         self.timeout_s = float(timeout_s)
+        self.precheck = precheck
         headers = {"Authorization": f"Bearer {internal_token}"}
         verify = tls_verify
-        if client_cert is not None:  # mutual TLS: present our certificate to the parties
+        if isinstance(tls_verify, str) or client_cert is not None:
             import ssl
 
             verify = ssl.create_default_context(cafile=tls_verify if isinstance(tls_verify, str) else None)
-            certfile, keyfile = client_cert if isinstance(client_cert, tuple) else (client_cert, None)
-            verify.load_cert_chain(certfile, keyfile)
+            if tls_verify is False:
+                verify.check_hostname, verify.verify_mode = False, ssl.CERT_NONE
+            if client_cert is not None:  # mutual TLS: present our certificate to the parties
+                certfile, keyfile = client_cert if isinstance(client_cert, tuple) else (client_cert, None)
+                verify.load_cert_chain(certfile, keyfile)
         self._clients = [
             httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(self.timeout_s + 5.0),
                               transport=httpx.AsyncHTTPTransport(retries=transport_retries, verify=verify))
@@ -163,7 +180,7 @@ class PartyPair:
 
         Whatever the outcome, the gateway records a decision and sends it (abort unless True).
         """
-        if all(r.ok and r.body.get("state") in ("prepared", "committed") for r in replies):
+        if all(r.state in ("prepared", "committed") for r in replies):
             return True
         self._raise_unavailable(replies, f"prepare of op {seq}")
         return False
@@ -171,18 +188,23 @@ class PartyPair:
     async def commit(self, seq: int) -> tuple[bool, bool]:
         """Send the commit decision for ``seq``; per-party acks (True once the party has it committed)."""
         r0, r1 = await self._both("POST", f"/internal/ops/{seq}/commit")
-        return tuple(r.ok and r.body.get("state") == "committed" for r in (r0, r1))  # type: ignore[return-value]
+        return (r0.state == "committed", r1.state == "committed")
 
     async def abort(self, seq: int) -> tuple[bool, bool]:
         """Send the abort decision for ``seq`` (a party that never heard of it records it as aborted)."""
         r0, r1 = await self._both("POST", f"/internal/ops/{seq}/abort")
-        return tuple(r.ok and r.body.get("state") == "aborted" for r in (r0, r1))  # type: ignore[return-value]
+        return (r0.state == "aborted", r1.state == "aborted")
+
+    async def decide_at(self, rank: int, seq: int, commit: bool) -> bool:
+        """Send one party the decision for ``seq``; True once that party acknowledges it. Never raises."""
+        reply = await self._call(rank, "POST", f"/internal/ops/{seq}/{'commit' if commit else 'abort'}")
+        return reply.state == ("committed" if commit else "aborted")
 
     async def op_states(self, seq: int) -> tuple[str | None, str | None]:
         """Each party's state for ``seq`` (None: unknown there). Raises PartiesUnavailable."""
         replies = await self._both("GET", f"/internal/ops/{seq}")
         self._raise_unavailable(replies)
-        return tuple(r.body.get("state") if r.ok else None for r in replies)  # type: ignore[return-value]
+        return (replies[0].state, replies[1].state)
 
     async def state(self) -> list[dict]:
         """Both parties' /internal/state (applied_through, pending, committed_count, versions, mpc)."""
@@ -217,7 +239,7 @@ class PartyPair:
                 calls.append((rank, q, "commit" if verdict else "abort"))
         replies = await asyncio.gather(*(self._call(rank, "POST", f"/internal/ops/{q}/{what}") for rank, q, what in calls))
         for (rank, q, _what), r in zip(calls, replies):
-            done[rank][q] = r.body.get("state") if r.ok else f"error:{r.status}"
+            done[rank][q] = r.state if r.ok else f"error:{r.status}"
         return done
 
     # -- match jobs ------------------------------------------------------------------------------------------
@@ -226,6 +248,10 @@ class PartyPair:
         query = np.asarray(query_fixed)
         if query.ndim != 1 or query.size == 0 or query.dtype != np.int64:
             raise ValueError("query_fixed must be a non-empty 1-d int64 array")
+        if self.precheck:
+            check = {"kind": kind, "model_version": model_version, "upto_seq": int(upto_seq),
+                     "expected_committed": expected_committed, "template_seqs": template_seqs}
+            self._check_sync(upto_seq, await self._both("POST", "/internal/match/check", check))
         q0, q1 = split(query)
         common = {"job_id": job_id, "kind": kind, "model_version": model_version, "upto_seq": int(upto_seq),
                   "expected_committed": expected_committed, "template_seqs": template_seqs,
@@ -234,6 +260,12 @@ class PartyPair:
         del q0, q1
         replies = await self._match_both(bodies, timeout=self.timeout_s + 5.0)
         del bodies
+        b0, b1 = self._check_sync(upto_seq, replies)
+        return reconstruct_int(int(b0["share"]), int(b1["share"]))
+
+    def _check_sync(self, upto_seq: int, replies: Iterable[_Reply]) -> tuple[dict, dict]:
+        """Raise for unavailable / out-of-sync / refused replies; else both bodies (same gallery checked)."""
+        replies = list(replies)
         self._raise_unavailable(replies)
         problems = [r.body if not r.ok else None for r in replies]
         sync = [r for r in replies if r.status == 409]
@@ -248,8 +280,9 @@ class PartyPair:
                                    problems=problems)
         b0, b1 = replies[0].body, replies[1].body
         if b0.get("n") != b1.get("n") or b0.get("labels_digest") != b1.get("labels_digest"):
-            raise PartiesOutOfSync(f"parties used different galleries for snapshot {upto_seq}")
-        return reconstruct_int(int(b0["share"]), int(b1["share"]))
+            raise PartiesOutOfSync(f"the parties' galleries differ at snapshot {upto_seq}", status=409,
+                                   problems=problems)
+        return b0, b1
 
     async def _match_both(self, bodies: list[dict], timeout: float) -> list[_Reply]:
         """Both match calls; if one party refuses quickly (4xx), do not wait for the other's MPC timeout."""

@@ -30,7 +30,9 @@ def _mpc_engine_module():  # type: ignore[no-untyped-def]
         import secure.mpc.engine as mod  # noqa: F401
 
         return mod
-    except ImportError:
+    except ModuleNotFoundError as exc:  # only while secure/mpc/ does not exist yet; a broken one must fail
+        if exc.name not in ("secure.mpc", "secure.mpc.engine"):
+            raise
         import types
 
         mod = types.ModuleType("secure.mpc.engine")
@@ -121,20 +123,28 @@ def main() -> None:
     ap.add_argument("--token", required=True)
     ap.add_argument("--rendezvous", required=True)
     ap.add_argument("--keep-jobs", action="store_true")
+    ap.add_argument("--certfile")
+    ap.add_argument("--keyfile")
+    ap.add_argument("--cafile")
     args = ap.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
     _mpc_engine_module()
     import uvicorn
 
     from secure.party.db import migrate_party_db
-    from secure.party.server import create_party_app
+    from secure.party.server import create_party_app, uvicorn_ssl_options
     from secure.party.settings import PartySettings
 
     settings = PartySettings(rank=args.rank, database_url=args.db, internal_token=args.token, port=args.port,
-                             match_timeout_s=20)
+                             match_timeout_s=20, ssl_certfile=args.certfile, ssl_keyfile=args.keyfile,
+                             ssl_ca_certs=args.cafile)
     migrate_party_db(args.db)
     engine = LocalPlaintextEngine(args.rank, Path(args.rendezvous), keep=args.keep_jobs)
     app = create_party_app(settings, engine)
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", timeout_graceful_shutdown=1)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="info", timeout_graceful_shutdown=1,
+                **uvicorn_ssl_options(settings))
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def test_shares_uniform_and_nothing_plaintext_at_rest_or_in_logs(tmp_path, share
             probe_template = protect_embedding(embedder.embed(decode_payload(probe)[None])[0],
                                                tenant_template_key(stack.secret, "acme", 1), "v0", 1)
             score = float(probe_template @ template)
-            secrets_to_find += needles(probe_template) + [f"{score:.4f}".encode(), f"{score:.6f}".encode()]
+            secrets_to_find += needles(probe_template) + [f"{score:.6f}".encode(), repr(score).encode()]
             verify = httpx.post(stack.url + "/v1/verify", json={"subject_id": subject, "features": probe},
                                 headers=auth(key), timeout=60)
             assert verify.status_code == 200 and verify.json()["match"] is True

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,9 +43,12 @@ class Party:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, keep_jobs: bool = False) -> None:
+    def start(self, keep_jobs: bool = False, tls_args: list[str] | None = None, tls_ctx=None) -> None:
         cmd = [sys.executable, str(HARNESS), "--rank", str(self.rank), "--db", self.db_url, "--port", str(self.port),
                "--token", TOKEN, "--rendezvous", str(self.rendezvous)] + (["--keep-jobs"] if keep_jobs else [])
+        cmd += tls_args or []
+        if tls_ctx is not None:
+            self.url = self.url.replace("http://", "https://")
         log = open(self.log_dir / f"party{self.rank}.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
@@ -52,7 +56,7 @@ class Party:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"party {self.rank} exited: {(self.log_dir / f'party{self.rank}.log').read_text()}")
             try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/healthz", timeout=1, verify=tls_ctx or True).status_code == 200:
                     return
             except httpx.HTTPError:
                 time.sleep(0.1)
@@ -72,16 +76,15 @@ class Party:
                 self.proc.kill()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def parties(request, tmp_path):
+def _party_pair(backend: str, tmp_path: Path):
     dbs: list[str] = []
     urls = []
     for rank in (0, 1):
-        if request.param == "sqlite":
+        if backend == "sqlite":
             urls.append(f"sqlite:///{tmp_path / f'party{rank}.db'}")
         else:
             if not harness.pg_available():
-                pytest.skip("PostgreSQL not reachable")
+                pytest.fail("PostgreSQL is not reachable; run scripts/services.sh")
             name, url = harness.create_pg_database()
             dbs.append(name)
             urls.append(url)
@@ -96,6 +99,18 @@ def parties(request, tmp_path):
             p.stop()
         for name in dbs:
             harness.drop_pg_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def parties(request, tmp_path):
+    """Two parties on SQLite, then on PostgreSQL (each party its own database)."""
+    yield from _party_pair(request.param, tmp_path)
+
+
+@pytest.fixture
+def sqlite_parties(tmp_path):
+    """Two parties on SQLite only (for tests that do not exercise storage)."""
+    yield from _party_pair("sqlite", tmp_path)
 
 
 def pair_for(ps, timeout_s: float = 10.0) -> PartyPair:
@@ -153,14 +168,14 @@ def test_store_commit_verify_identify_delete(parties):
     run(scenario())
 
 
-def test_behind_and_resync(parties):
+def test_behind_and_resync(sqlite_parties):
     faces = unit_vectors(4, seed=3)
 
     async def scenario():
-        async with pair_for(parties, timeout_s=5) as pair:
+        async with pair_for(sqlite_parties, timeout_s=5) as pair:
             assert await pair.store(1, 1, "v1", fp.encode(faces[1]))
             # the gateway recorded 'commit' but only party 0 got it (simulate by committing at party 0 alone)
-            r = httpx.post(parties[0].url + "/internal/ops/1/commit", headers={"Authorization": f"Bearer {TOKEN}"})
+            r = httpx.post(sqlite_parties[0].url + "/internal/ops/1/commit", headers={"Authorization": f"Bearer {TOKEN}"})
             assert r.status_code == 200
             with pytest.raises(PartiesOutOfSync) as exc:
                 await pair.identify("b1", "v1", 1, fp.encode(faces[1]), THRESHOLD)
@@ -170,15 +185,28 @@ def test_behind_and_resync(parties):
             done = await pair.resync(lambda seqs: {q: gateway_log.get(q, False) for q in seqs})
             assert done == {0: {}, 1: {1: "committed"}}
             assert await pair.identify("b2", "v1", 1, fp.encode(faces[1]), THRESHOLD, expected_committed=1) == 1
-            with pytest.raises(PartiesOutOfSync):  # gateway says 2 committed ops <= 2, parties know 1
+            with pytest.raises(PartiesOutOfSync):  # gateway says 2 committed ops <= 2, the parties know 1
                 await pair.identify("b3", "v1", 2, fp.encode(faces[1]), THRESHOLD, expected_committed=2)
             # in-flight op (decision None) is left alone by resync
             assert await pair.store(3, 3, "v1", fp.encode(faces[3]))
             assert await pair.resync(lambda seqs: {q: None for q in seqs}) == {0: {}, 1: {}}
             assert await pair.op_states(3) == ("prepared", "prepared")
             await pair.abort(3)
-            # mismatched galleries are caught by the labels digest even if a party is misled
             assert await pair.identify("b4", "v1", 3, fp.encode(faces[3]), THRESHOLD) is None
+            # party 1 lost a committed op (say, a restored backup): the gateway's count exposes it
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            body = {"seq": 4, "kind": "store", "model_version": "v1", "template_seq": 4,
+                    "share": to_b64(random_ring(D))}
+            assert httpx.post(sqlite_parties[0].url + "/internal/ops/prepare", headers=auth, json=body).status_code == 200
+            assert httpx.post(sqlite_parties[0].url + "/internal/ops/4/commit", headers=auth).status_code == 200
+            with pytest.raises(PartiesOutOfSync) as exc:
+                await pair.identify("b5", "v1", 4, fp.encode(faces[3]), THRESHOLD, expected_committed=2)
+            assert exc.value.pending == {1: []}
+            assert exc.value.problems[1]["committed_count"] == 1
+            # without the count, the precheck still sees different galleries, and no MPC job starts
+            with pytest.raises(PartiesOutOfSync, match="differ"):
+                await pair.identify("b6", "v1", 4, fp.encode(faces[3]), THRESHOLD)
+            assert not list(sqlite_parties[0].rendezvous.glob("b6.*"))
 
     run(scenario())
 
@@ -256,7 +284,6 @@ def test_no_plaintext_in_party_databases(parties):
             assert c.execute(text("SELECT count(*) FROM ops WHERE payload IS NOT NULL")).scalar() == 0
         eng.dispose()
         tables.append({t: np.frombuffer(bytes(b), "<i8") for t, b in rows.items()})
-    all_bytes = []
     for t, tpl in templates.items():
         s0, s1 = tables[0][t], tables[1][t]
         assert not np.array_equal(s0, tpl) and not np.array_equal(s1, tpl)
@@ -268,8 +295,8 @@ def test_no_plaintext_in_party_databases(parties):
         assert 0.35 < top.mean() < 0.65
 
 
-def test_bearer_auth_and_problem_json(parties):
-    p = parties[0]
+def test_bearer_auth_and_problem_json(sqlite_parties):
+    p = sqlite_parties[0]
     routes = [("POST", "/internal/ops/prepare"), ("POST", "/internal/ops/1/commit"), ("POST", "/internal/ops/1/abort"),
               ("GET", "/internal/state"), ("POST", "/internal/match"), ("GET", "/internal/ops/1")]
     for method, path in routes:
@@ -281,9 +308,11 @@ def test_bearer_auth_and_problem_json(parties):
     assert httpx.get(p.url + "/healthz").status_code == 200
 
     async def bad_token():
-        async with PartyPair((parties[0].url, parties[1].url), "wrong", 5) as pair:
-            assert await pair.store(1, 1, "v1", fp.encode(unit_vectors(1)[0])) is False
-            with pytest.raises(PartiesError):
+        async with PartyPair((sqlite_parties[0].url, sqlite_parties[1].url), "wrong", 5) as pair:
+            with pytest.raises(PartiesUnavailable):  # a token mismatch is a deployment fault: 503, not 500
+                await pair.store(1, 1, "v1", fp.encode(unit_vectors(1)[0]))
+            assert await pair.commit(1) == (False, False)
+            with pytest.raises(PartiesUnavailable):
                 await pair.identify("x", "v1", 0, fp.encode(unit_vectors(1)[0]), THRESHOLD)
 
     run(bad_token())
@@ -294,29 +323,37 @@ def test_bearer_auth_and_problem_json(parties):
     assert r.status_code == 422 and "AAAA" not in r.text
 
 
-def test_mpc_timeout_is_503_and_party_down_is_unavailable(parties):
+def test_mpc_timeout_is_503_and_party_down_is_unavailable(sqlite_parties):
     auth = {"Authorization": f"Bearer {TOKEN}"}
     faces = unit_vectors(2, seed=11)
 
     async def fill():
-        async with pair_for(parties) as pair:
+        async with pair_for(sqlite_parties) as pair:
             assert await pair.store(1, 1, "v1", fp.encode(faces[0]))
             await pair.commit(1)
 
     run(fill())
+
+    async def wrong_dim():
+        async with pair_for(sqlite_parties) as pair:
+            with pytest.raises(PartiesError) as exc:  # refused by both (422), not a sync or availability issue
+                await pair.identify("dim", "v1", 1, fp.encode(np.ones(D + 1)), THRESHOLD)
+            assert type(exc.value) is PartiesError and exc.value.status == 422
+
+    run(wrong_dim())
     # only party 0 gets the job: its engine waits for a peer that never comes
     body = {"job_id": "lonely", "kind": "identify", "model_version": "v1", "upto_seq": 1,
             "query_share": to_b64(random_ring(D)), "threshold": 0.5, "timeout_s": 0.5}
-    r = httpx.post(parties[0].url + "/internal/match", headers=auth, json=body, timeout=10)
+    r = httpx.post(sqlite_parties[0].url + "/internal/match", headers=auth, json=body, timeout=10)
     assert r.status_code == 503 and r.json()["type"].endswith("/mpc-unavailable")
     body["query_share"] = base64.b64encode(b"\x00" * 8).decode()
-    r = httpx.post(parties[0].url + "/internal/match", headers=auth, json=body, timeout=10)
+    r = httpx.post(sqlite_parties[0].url + "/internal/match", headers=auth, json=body, timeout=10)
     assert r.status_code == 422
 
-    parties[1].kill9()
+    sqlite_parties[1].kill9()
 
     async def down():
-        async with pair_for(parties, timeout_s=2) as pair:
+        async with pair_for(sqlite_parties, timeout_s=2) as pair:
             with pytest.raises(PartiesUnavailable):
                 await pair.store(2, 2, "v1", fp.encode(faces[1]))
             with pytest.raises(PartiesUnavailable):
@@ -329,3 +366,62 @@ def test_mpc_timeout_is_503_and_party_down_is_unavailable(parties):
                 await pair.state()
 
     run(down())
+
+
+def _openssl_cert(tmp: Path, name: str) -> tuple[str, str]:
+    cert, key = tmp / f"{name}.crt", tmp / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="openssl CLI needed to make test certificates")
+def test_mutual_tls_between_gateway_and_parties(tmp_path):
+    import ssl
+
+    server_cert, server_key = _openssl_cert(tmp_path, "party")
+    client_cert, client_key = _openssl_cert(tmp_path, "gateway")
+    ps = [Party(rank, f"sqlite:///{tmp_path / f'p{rank}.db'}", tmp_path / "rv", tmp_path) for rank in (0, 1)]
+    ctx = ssl.create_default_context(cafile=server_cert)
+    ctx.load_cert_chain(client_cert, client_key)
+    try:
+        for p in ps:
+            p.start(tls_args=["--certfile", server_cert, "--keyfile", server_key, "--cafile", client_cert], tls_ctx=ctx)
+        assert all(p.url.startswith("https://") for p in ps)
+        face = unit_vectors(1, seed=2)[0]
+
+        async def scenario():
+            async with PartyPair((ps[0].url, ps[1].url), TOKEN, 10, tls_verify=server_cert,
+                                 client_cert=(client_cert, client_key)) as pair:
+                assert await pair.store(1, 1, "v1", fp.encode(face))
+                assert await pair.commit(1) == (True, True)
+                assert await pair.identify("tls", "v1", 1, fp.encode(face), THRESHOLD) == 1
+            async with PartyPair((ps[0].url, ps[1].url), TOKEN, 3, tls_verify=server_cert) as no_client_cert:
+                with pytest.raises(PartiesUnavailable):  # the parties demand a client certificate
+                    await no_client_cert.state()
+
+        run(scenario())
+        with pytest.raises(httpx.HTTPError):  # plain HTTP is not served
+            httpx.get(ps[0].url.replace("https://", "http://") + "/healthz", timeout=2)
+    finally:
+        for p in ps:
+            p.stop()
+
+
+def test_party_logs_hold_no_shares(sqlite_parties):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    share = random_ring(D)
+    body = {"seq": 1, "kind": "store", "model_version": "v1", "template_seq": 1, "share": to_b64(share)}
+    for p in sqlite_parties:
+        assert httpx.post(p.url + "/internal/ops/prepare", headers=auth, json=body).status_code == 200
+        assert httpx.post(p.url + "/internal/ops/1/commit", headers=auth).status_code == 200
+    query = to_b64(random_ring(D))
+    match = {"job_id": "logs", "kind": "identify", "model_version": "v1", "upto_seq": 1, "query_share": query,
+             "threshold": 0.5, "timeout_s": 0.3}
+    httpx.post(sqlite_parties[0].url + "/internal/match", headers=auth, json=match, timeout=10)
+    httpx.post(sqlite_parties[0].url + "/internal/match", headers=auth, json={**match, "query_share": query[:-4]}, timeout=10)
+    log_text = "".join((p.log_dir / f"party{p.rank}.log").read_text() for p in sqlite_parties)
+    assert "prepared op 1" in log_text  # logging is on...
+    assert to_b64(share) not in log_text and query not in log_text and query[:40] not in log_text  # ...shares are not
+    assert str(int(share[0])) not in log_text

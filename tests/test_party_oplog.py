@@ -28,7 +28,7 @@ def db_url(request, tmp_path):
         yield f"sqlite:///{tmp_path / 'party.db'}"
         return
     if not harness.pg_available():
-        pytest.skip("PostgreSQL not reachable")
+        pytest.fail("PostgreSQL is not reachable; run scripts/services.sh")
     name, url = harness.create_pg_database()
     try:
         yield url
@@ -135,3 +135,18 @@ def test_pending_ops_survive_reload(db_url):
     assert log2.commit(1) == "committed"
     assert log2.gallery.snapshot("v1", 1)[1].tolist() == [11]
     engine.dispose()
+
+
+def test_migration_matches_models(db_url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from secure.party.models import PartyBase
+
+    migrate_party_db(db_url)
+    migrate_party_db(db_url)  # idempotent
+    engine = make_party_engine(db_url)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), PartyBase.metadata)
+    engine.dispose()
+    assert diff == []

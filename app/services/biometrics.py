@@ -124,14 +124,15 @@ async def verify(ctx: GatewayContext, principal: Principal, subject_id: str, pay
     model, query = await template_from_payload(ctx, principal, payload)
     gallery = gallery_name(model.version, principal.tenant_id, principal.tenant_key_version)
 
-    async def run(upto: int) -> bool:
+    async def run(upto: int, committed: int) -> bool:
         with session_scope(ctx.sessions) as session:
             seqs = _current_templates(session, subject_id, model.version, principal.tenant_key_version, upto)
         if not seqs:
             raise Problem(409, "subject-not-enrolled", "No template to compare with",
                           f"subject {subject_id!r} has no enrollment under model {model.version} and the "
                           "tenant's current key; enroll it first")
-        return await ctx.parties.verify(uuid.uuid4().hex, gallery, upto, query, seqs, model.threshold)
+        return await ctx.parties.verify(uuid.uuid4().hex, gallery, upto, query, seqs, model.threshold,
+                                        expected_committed=committed)
 
     return await _with_resync(ctx, run), model.version
 
@@ -141,8 +142,9 @@ async def identify(ctx: GatewayContext, principal: Principal, payload: FeaturePa
     model, query = await template_from_payload(ctx, principal, payload)
     gallery = gallery_name(model.version, principal.tenant_id, principal.tenant_key_version)
 
-    async def run(upto: int) -> int | None:
-        return await ctx.parties.identify(uuid.uuid4().hex, gallery, upto, query, model.threshold)
+    async def run(upto: int, committed: int) -> int | None:
+        return await ctx.parties.identify(uuid.uuid4().hex, gallery, upto, query, model.threshold,
+                                          expected_committed=committed)
 
     matched = await _with_resync(ctx, run)
     if matched is None:
@@ -168,8 +170,9 @@ async def _with_resync(ctx: GatewayContext, run):
     for attempt in (1, 2):
         with session_scope(ctx.sessions) as session:
             upto = operations.decided_through(session)
+            committed = operations.committed_through(session, upto)
         try:
-            return await run(upto)
+            return await run(upto, committed)
         except PartiesOutOfSync:
             if attempt == 2:
                 raise unavailable("the parties could not be brought in sync; retry") from None

@@ -17,6 +17,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import session_scope
+from app.failpoints import failpoint
 from app.models import Enrollment, Operation, Subject
 from secure.coordinator import PartiesUnavailable, PartyPair
 
@@ -52,19 +53,24 @@ def decide(factory: sessionmaker[Session], seq: int, commit: bool,
 
 
 async def deliver(factory: sessionmaker[Session], pair: PartyPair, seq: int) -> bool:
-    """Send a recorded decision to the parties that have not acknowledged it; True when both have."""
+    """Send a recorded decision to each party that has not acknowledged it; True when both have."""
     with session_scope(factory) as session:
         op = session.get(Operation, seq)
-        state, acked = op.state, (op.acked_0, op.acked_1)
+        state, acked = op.state, [op.acked_0, op.acked_1]
     if state == "preparing":
         return False
-    send = pair.commit if state == "committed" else pair.abort
-    acks = await send(seq)
-    with session_scope(factory) as session:
-        op = session.get(Operation, seq)
-        op.acked_0 = op.acked_0 or acks[0]
-        op.acked_1 = op.acked_1 or acks[1]
-        return op.acked_0 and op.acked_1
+    for rank in (0, 1):
+        if not acked[rank]:
+            acked[rank] = await pair.decide_at(rank, seq, commit=state == "committed")
+            _record_ack(factory, seq, rank, acked[rank])
+            failpoint("enroll-between-acks")
+    return all(acked)
+
+
+def _record_ack(factory: sessionmaker[Session], seq: int, rank: int, acked: bool) -> None:
+    if acked:
+        with session_scope(factory) as session:
+            setattr(session.get(Operation, seq), f"acked_{rank}", True)
 
 
 def decided_through(session: Session) -> int:
@@ -73,6 +79,13 @@ def decided_through(session: Session) -> int:
     if oldest_open is not None:
         return int(oldest_open) - 1
     return int(session.execute(select(func.max(Operation.seq))).scalar() or 0)
+
+
+def committed_through(session: Session, upto: int) -> int:
+    """How many operations ≤ `upto` are committed: each party must report exactly this many for the snapshot
+    (fewer means it is behind; more, or a restored backup missing data, means it diverged)."""
+    return int(session.execute(select(func.count()).select_from(Operation).where(
+        Operation.state == "committed", Operation.seq <= upto)).scalar() or 0)
 
 
 async def reconcile(factory: sessionmaker[Session], pair: PartyPair, stale_after_s: float) -> int:

@@ -132,9 +132,9 @@ class OpLog:
             def flush(mv: str) -> None:
                 rows = buf.pop(mv, [])
                 if rows:
+                    block = np.frombuffer(b"".join(bytes(r[2]) for r in rows), dtype="<i8").astype(np.int64)
                     self.gallery.add_many(mv, np.asarray([r[0] for r in rows], np.int64),
-                                          np.asarray([r[1] for r in rows], np.int64),
-                                          np.stack([from_bytes(r[2]) for r in rows]))
+                                          np.asarray([r[1] for r in rows], np.int64), block.reshape(len(rows), -1))
 
             result = s.execute(
                 select(ShareRow.template_seq, ShareRow.model_version, ShareRow.dim, ShareRow.share,

@@ -14,7 +14,7 @@ import math
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -59,6 +59,19 @@ class MatchIn(BaseModel):
     template_seqs: list[int] | None = Field(None, max_length=10_000)
     threshold: float
     timeout_s: float | None = Field(None, gt=0)
+
+
+class CheckIn(BaseModel):
+    kind: Literal["verify", "identify"]
+    model_version: str = Field(..., min_length=1, max_length=200)
+    upto_seq: int = Field(..., ge=0)
+    expected_committed: int | None = Field(None, ge=0)
+    template_seqs: list[int] | None = Field(None, max_length=10_000)
+
+
+class CheckOut(BaseModel):
+    n: int
+    labels_digest: str
 
 
 class MatchOut(BaseModel):
@@ -134,7 +147,7 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
         return OpOut(seq=body.seq, state=state)
 
     @api.post("/ops/{seq}/commit", response_model=OpOut)
-    def commit(seq: int) -> OpOut:
+    def commit(seq: int = Path(..., gt=0)) -> OpOut:
         try:
             state = oplog.commit(seq)
         except OpError as exc:
@@ -143,7 +156,7 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
         return OpOut(seq=seq, state=state)
 
     @api.post("/ops/{seq}/abort", response_model=OpOut)
-    def abort(seq: int) -> OpOut:
+    def abort(seq: int = Path(..., gt=0)) -> OpOut:
         try:
             state = oplog.abort(seq)
         except OpError as exc:
@@ -152,7 +165,7 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
         return OpOut(seq=seq, state=state)
 
     @api.get("/ops/{seq}", response_model=OpOut)
-    def op_state(seq: int) -> OpOut:
+    def op_state(seq: int = Path(..., gt=0)) -> OpOut:
         return OpOut(seq=seq, state=oplog.op_state(seq))
 
     @api.get("/state")
@@ -164,12 +177,33 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
         return {"rank": settings.rank, "applied_through": oplog.applied_through, "pending": oplog.pending_seqs(),
                 "committed_count": oplog.committed_count(), "versions": oplog.gallery.counts(), "mpc": mpc}
 
+    @api.post("/match/check", response_model=CheckOut)
+    async def match_check(body: CheckIn) -> CheckOut:
+        """Would a match job on this snapshot run here, and on which rows? (No share is involved.)
+
+        The coordinator asks both parties first, so that the MPC starts only when both will take part
+        with identical galleries (a party that refuses alone would leave its peer waiting in the MPC).
+        """
+        def take() -> tuple[int, str]:
+            _, labels = oplog.match_rows(body.model_version, body.upto_seq, body.expected_committed,
+                                         body.template_seqs if body.kind == "verify" else None)
+            return int(labels.shape[0]), labels_digest(labels)
+
+        try:
+            n, digest = await run_in_threadpool(take)
+        except OpError as exc:
+            raise _op_problem(exc) from None
+        except SnapshotTooOld as exc:
+            raise PartyProblem(409, "snapshot-too-old", "Snapshot too old", str(exc)) from None
+        return CheckOut(n=n, labels_digest=digest)
+
     @api.post("/match", response_model=MatchOut)
     async def match(body: MatchIn) -> MatchOut:
         if not math.isfinite(body.threshold):
             raise PartyProblem(422, "validation-error", "The request is not valid", "threshold must be finite")
         if body.kind == "verify" and not body.template_seqs:
             raise PartyProblem(422, "validation-error", "The request is not valid", "verify names template_seqs")
+
         def take_rows() -> tuple[np.ndarray, np.ndarray, str]:
             shares, labels = oplog.match_rows(body.model_version, body.upto_seq, body.expected_committed,
                                               body.template_seqs if body.kind == "verify" else None)
