@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from inference import transform as T
-from inference.export import ensure_model_v0, export_version, sample_features
+from inference.export import EVAL_FOLD, ensure_model_v0, export_version, sample_features
 from inference.frequency_model import InverseDctAdapter, build_model_v0
 from inference.lfw import lfw_dir, shared_dir
 from inference.metadata import ModelMetadata, file_sha256
@@ -87,7 +87,7 @@ def test_export_writes_model_and_metadata(exported_v0: Path):
     assert raw["params_hash"] == spec.params_hash and raw["sha256"] == file_sha256(exported_v0 / "model.onnx")
     assert meta.version == "v0" and meta.embedding_dim == 128 and meta.onnx_file == "model.onnx"
     assert meta.ort_vs_torch_max_abs_diff < 1e-3
-    clean = meta.metrics["lfw_fold1_no_noise"]
+    clean = meta.metrics[f"lfw_fold{EVAL_FOLD}_no_noise"]
     assert clean["num_pairs"] == EVAL_PAIRS and 0.6 < clean["accuracy"] <= 1.0
     assert -1 < meta.threshold < 1
 
@@ -109,7 +109,7 @@ def test_onnx_matches_torch_with_dynamic_batch(exported_v0: Path):
 
 def test_ensure_model_v0_reuses_a_valid_export_and_replaces_a_damaged_one(exported_v0: Path, monkeypatch):
     calls = []
-    monkeypatch.setattr("inference.export.export_version", lambda *a, **k: calls.append(a) or exported_v0)
+    monkeypatch.setattr("inference.export.export_version", lambda *a, **k: calls.append(a))
     assert ensure_model_v0(exported_v0.parent, SHARED) == exported_v0 and not calls
     meta = ModelMetadata.load(exported_v0)
     tampered = json.loads((exported_v0 / "model.json").read_text()) | {"sha256": "0" * 64}

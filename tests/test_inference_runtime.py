@@ -14,6 +14,7 @@ import torch
 from inference.runtime import MicroBatcher, ModelHolder, OrtEmbedder
 
 SHAPE = (5, 14, 14)
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TorchScript ONNX exporter
 
 
 class Projection(torch.nn.Module):

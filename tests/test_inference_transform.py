@@ -98,7 +98,7 @@ def test_spec_identity_and_serialisation():
     {"chroma_keep": (1, 2, 8, 9, 17)},
     {"clip_sigmas": 3.0},
     {"mechanism": "gaussian", "delta": 1e-6},
-    {"epsilon_per_coefficient": 64.0},
+    {"epsilon_per_coefficient": T.DEFAULT_EPSILON_PER_COEFFICIENT / 2},
     {"epsilon_per_coefficient": None},
     {"channel_std": (T.spec_v0().channel_std[0] * 1.001,) + T.spec_v0().channel_std[1:]},
 ])

@@ -1,0 +1,44 @@
+"""The only place that imports CrypTen (0.4.1) — with the shims it needs on torch >= 2.9.
+
+CrypTen imports ``torch.onnx._internal.registration``, which moved to
+``torch.onnx._internal.torchscript_exporter.registration``; an alias in ``sys.modules`` before the import
+fixes it. Use ``load_crypten()`` (or ``from secure.mpc.crypten_compat import crypten``) and never
+``import crypten`` directly.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from types import ModuleType
+
+
+def _install_shims() -> None:
+    import torch  # noqa: F401
+    import torch.onnx  # noqa: F401
+
+    name = "torch.onnx._internal.registration"
+    if name in sys.modules:
+        return
+    try:
+        importlib.import_module(name)
+        return
+    except ImportError:
+        pass
+    moved = importlib.import_module("torch.onnx._internal.torchscript_exporter.registration")
+    sys.modules[name] = moved
+
+
+def load_crypten() -> ModuleType:
+    """Import CrypTen with the compatibility shims installed; returns the ``crypten`` module."""
+    if "crypten" in sys.modules:
+        return sys.modules["crypten"]
+    _install_shims()
+    import crypten as _crypten  # noqa: PLC0415  (the one sanctioned import)
+
+    return _crypten
+
+
+def __getattr__(attr: str):  # lazy ``from secure.mpc.crypten_compat import crypten``
+    if attr == "crypten":
+        return load_crypten()
+    raise AttributeError(attr)

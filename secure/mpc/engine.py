@@ -1,0 +1,274 @@
+"""The party-side MPC engine: ``MpcEngine.submit(MatchJob, timeout) -> this party's share of the output``.
+
+Lifecycle. ``start()`` runs a supervisor thread. Each *generation* is one worker process (``worker.party_main``,
+multiprocessing "spawn") that rendezvous-es with the peer party and the dealer (torch.distributed gloo, CrypTen
+TTP), reports "up", then serves jobs until anything fails: a peer or the dealer dies (connection closed) or
+goes silent (gloo timeout = op_timeout_s; idle links carry heartbeats), or the rendezvous times out. The
+worker then exits; the supervisor fails every pending job with ``MpcUnavailable``, waits retry_backoff_s and
+starts the next generation — forever, until ``stop()``. A broken gloo group is never reused, and a worker
+dies with its supervisor, so killing a party process releases its sockets at once.
+
+Ordering. Party 0 leads: its worker runs locally submitted jobs oldest first and announces each to party 1,
+which waits up to pair_wait_s for the same job id from its own caller; both run it, or both skip it (then the
+submit raises ``MpcUnavailable``). ``submit`` raises ``MpcUnavailable`` when the engine is not connected, when
+the job is skipped, when the generation breaks during the job, or when it has not finished within ``timeout``.
+
+This module imports neither torch nor CrypTen (only the workers do).
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from .settings import MpcSettings
+
+log = logging.getLogger("privface.mpc")
+
+
+@dataclass(frozen=True)
+class MatchJob:
+    job_id: str                 # same string at both parties (gateway-assigned uuid4 hex)
+    kind: Literal["verify", "identify"]
+    query_share: np.ndarray     # int64 [d]: this party's additive share of the fixed-point query (16 frac bits)
+    gallery_share: np.ndarray   # int64 [n, d]: this party's shares of the candidate templates, same order at both
+    labels: np.ndarray          # int64 [n], public, positive, identical at both parties
+    threshold: float            # public cosine threshold
+
+
+class MpcUnavailable(Exception):
+    """Peer/dealer down, not connected, job skipped, or timed out: the party answers 503."""
+
+
+class _Pending:
+    __slots__ = ("event", "share", "error")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.share: int | None = None
+        self.error: str | None = None
+
+    def finish(self, share: int | None = None, error: str | None = None) -> None:
+        self.share, self.error = share, error
+        self.event.set()
+
+
+def _validate(job: MatchJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if job.kind not in ("verify", "identify"):
+        raise ValueError(f"unknown job kind {job.kind!r}")
+    if not isinstance(job.job_id, str) or not job.job_id or len(job.job_id) > 200:
+        raise ValueError("job_id must be a non-empty string")
+    q = np.ascontiguousarray(job.query_share)
+    g = np.ascontiguousarray(job.gallery_share)
+    lab = np.ascontiguousarray(job.labels)
+    for name, arr in (("query_share", q), ("gallery_share", g), ("labels", lab)):
+        if arr.dtype != np.int64:
+            raise ValueError(f"{name} must be int64, got {arr.dtype}")
+    if q.ndim != 1 or g.ndim != 2 or lab.ndim != 1:
+        raise ValueError("expected query_share [d], gallery_share [n, d], labels [n]")
+    if g.shape[0] and g.shape[1] != q.shape[0]:
+        raise ValueError(f"gallery rows have d={g.shape[1]}, query has d={q.shape[0]}")
+    if lab.shape[0] != g.shape[0]:
+        raise ValueError("labels and gallery rows differ in number")
+    if not np.isfinite(job.threshold):
+        raise ValueError("threshold must be finite")
+    return q, g, lab
+
+
+def _close_queue(q: Any) -> None:
+    if q is None:
+        return
+    try:
+        q.cancel_join_thread()
+        q.close()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+class MpcEngine:
+    """One party's MPC engine (rank 0 = leader, rank 1 = follower). Thread-safe ``submit``."""
+
+    def __init__(self, rank: int, settings: MpcSettings) -> None:
+        if rank not in (0, 1):
+            raise ValueError("rank must be 0 or 1")
+        self.rank = rank
+        self.settings = settings
+        self._ctx = mp.get_context("spawn")
+        self._lock = threading.Lock()
+        self._pending: dict[str, _Pending] = {}
+        self._inq: Any = None
+        self._proc: Any = None
+        self._connected = False
+        self._generation = 0
+        self._device: str | None = None
+        self._last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------------------------ public
+    def start(self) -> None:
+        """Start the supervisor (non-blocking): rendezvous in the background, reconnect forever on failure."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._supervise, name=f"mpc-engine-{self.rank}", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the supervisor and the current worker; pending jobs fail with MpcUnavailable."""
+        self._stop.set()
+        with self._lock:
+            inq, proc = self._inq, self._proc
+        if inq is not None:
+            try:
+                inq.put(("stop",))
+            except Exception:  # noqa: BLE001
+                pass
+        if proc is not None:
+            proc.join(1.0)
+            if proc.is_alive():
+                proc.kill()
+        if self._thread is not None:
+            self._thread.join(5.0)
+
+    def status(self) -> dict:
+        with self._lock:
+            return {"connected": self._connected, "generation": self._generation,
+                    "provider": self.settings.provider, "last_error": self._last_error}
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Convenience for tests and start-up scripts: block until connected (True) or ``timeout`` (False)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.status()["connected"]:
+                return True
+            time.sleep(0.05)
+        return self.status()["connected"]
+
+    def submit(self, job: MatchJob, timeout: float) -> int:
+        """Run ``job`` jointly with the peer party; block; return THIS party's int64 share of the output."""
+        q, g, lab = _validate(job)
+        if g.shape[0] == 0:
+            return 0
+        payload = {"job_id": job.job_id, "kind": job.kind, "query_share": q, "gallery_share": g,
+                   "labels": lab, "threshold": float(job.threshold)}
+        pending = _Pending()
+        with self._lock:
+            if not self._connected or self._inq is None:
+                raise MpcUnavailable(f"MPC engine not connected ({self._last_error or 'connecting'})")
+            if job.job_id in self._pending:
+                raise MpcUnavailable(f"job {job.job_id} is already pending")
+            self._pending[job.job_id] = pending
+            inq = self._inq
+        try:
+            inq.put(("job", payload))
+        except Exception as exc:  # noqa: BLE001 - queue closed: generation just ended
+            with self._lock:
+                self._pending.pop(job.job_id, None)
+            raise MpcUnavailable(f"MPC engine not connected ({exc})") from None
+        if not pending.event.wait(max(0.0, float(timeout))):
+            with self._lock:
+                self._pending.pop(job.job_id, None)
+            try:
+                inq.put(("cancel", job.job_id))
+            except Exception:  # noqa: BLE001
+                pass
+            if pending.event.is_set() and pending.error is None and pending.share is not None:
+                return int(pending.share)  # finished in the race window
+            raise MpcUnavailable(f"job not run within {timeout:g}s")
+        if pending.error is not None:
+            raise MpcUnavailable(pending.error)
+        return int(pending.share)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------------------------------ supervisor
+    def _supervise(self) -> None:
+        from . import worker
+
+        settings_data = self.settings.model_dump()
+        while not self._stop.is_set():
+            with self._lock:
+                self._generation += 1
+                generation = self._generation
+            inq, outq = self._ctx.Queue(), self._ctx.Queue()
+            proc = self._ctx.Process(target=worker.party_main, name=f"privface-mpc-{self.rank}-g{generation}",
+                                     args=(self.rank, settings_data, generation, inq, outq), daemon=True)
+            try:
+                proc.start()
+            except Exception as exc:  # noqa: BLE001
+                self._set_error(f"cannot start worker: {exc}")
+                _close_queue(inq)
+                _close_queue(outq)
+                self._stop.wait(max(1.0, self.settings.retry_backoff_s))
+                continue
+            with self._lock:
+                self._proc, self._inq = proc, inq
+            try:
+                self._pump(proc, outq)
+            finally:
+                with self._lock:
+                    self._connected = False
+                    self._inq = None
+                    self._proc = None
+                    orphans, self._pending = self._pending, {}
+                reason = self._last_error or "MPC session ended"
+                for p in orphans.values():
+                    p.finish(error=f"MPC session lost: {reason}")
+                if proc.is_alive():
+                    proc.kill()
+                proc.join(2.0)
+                _close_queue(inq)
+                _close_queue(outq)
+            log.info("mpc rank %d generation %d ended: %s", self.rank, generation, self._last_error)
+            self._stop.wait(self.settings.retry_backoff_s)
+
+    def _pump(self, proc: Any, outq: Any) -> None:
+        dead_since: float | None = None
+        while True:
+            try:
+                msg = outq.get(timeout=0.1)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return
+                if not proc.is_alive():
+                    if dead_since is None:
+                        dead_since = time.monotonic()
+                    elif time.monotonic() - dead_since > 0.3:  # drained what it flushed
+                        if proc.exitcode not in (0, 3):
+                            self._set_error(f"worker exited with code {proc.exitcode}")
+                        return
+                continue
+            except (EOFError, OSError):
+                return
+            self._handle(msg)
+
+    def _handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "up":
+            with self._lock:
+                self._connected = True
+                self._device = msg[2]
+                self._last_error = None
+            log.info("mpc rank %d generation %d connected (device %s)", self.rank, msg[1], msg[2])
+        elif kind in ("done", "fail"):
+            with self._lock:
+                pending = self._pending.pop(msg[1], None)
+            if pending is not None:
+                if kind == "done":
+                    pending.finish(share=int(msg[2]))
+                else:
+                    pending.finish(error=str(msg[2]))
+        elif kind == "down":
+            with self._lock:
+                self._connected = False
+            self._set_error(str(msg[1]))
+
+    def _set_error(self, text: str) -> None:
+        with self._lock:
+            self._last_error = text

@@ -1,0 +1,61 @@
+"""Settings of the MPC engine and the dealer (environment variables with the PRIVFACE_MPC_ prefix).
+
+Security guard: CrypTen's "TFP" provider lets party 0 generate (and therefore see) every Beaver triple, which
+defeats two-party secret sharing. It is accepted ONLY when ``PRIVFACE_ENV=test``; every other configuration
+must use the separate dealer ("TTP"). The check runs when the settings object is built and again inside the
+worker process before CrypTen is initialised.
+"""
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TEST_ENV_VALUE = "test"
+
+
+def tfp_allowed() -> bool:
+    """True only in an explicit test environment (``PRIVFACE_ENV=test``)."""
+    return os.environ.get("PRIVFACE_ENV", "").strip().lower() == TEST_ENV_VALUE
+
+
+class MpcSettings(BaseSettings):
+    """Where the parties and the dealer rendezvous and how long an MPC operation may take."""
+
+    model_config = SettingsConfigDict(env_prefix="PRIVFACE_MPC_", extra="ignore")
+
+    master_addr: str = Field("127.0.0.1", description="Address of party 0 (it hosts the rendezvous store).")
+    master_port: int = Field(29500, ge=1, le=65535, description="Rendezvous (TCPStore) port on party 0.")
+    provider: Literal["TTP", "TFP"] = Field(
+        "TTP", description='Correlated randomness: "TTP" (separate dealer). "TFP" only with PRIVFACE_ENV=test.')
+    op_timeout_s: float = Field(
+        10.0, gt=0, description="gloo timeout: a dead peer makes any MPC operation fail within this time. Must "
+                                "exceed the longest single MPC step (raise it for very large galleries).")
+    connect_timeout_s: float = Field(30.0, gt=0, description="How long one rendezvous attempt waits for the others.")
+    pair_wait_s: float = Field(
+        2.0, gt=0, description="How long party 1 waits for the job party 0 announces (capped at op_timeout_s/2).")
+    heartbeat_s: float = Field(1.0, gt=0, description="Idle keep-alive period (capped at op_timeout_s/4).")
+    retry_backoff_s: float = Field(0.5, ge=0, description="Pause before a new rendezvous attempt.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description='"auto": CUDA when torch sees a GPU, else CPU. All three processes must agree.')
+    gloo_ifname: str | None = Field(None, description="GLOO_SOCKET_IFNAME for the worker (e.g. 'lo').")
+
+    @model_validator(mode="after")
+    def _guard_provider(self) -> MpcSettings:
+        if self.provider == "TFP" and not tfp_allowed():
+            raise ValueError(
+                'PRIVFACE_MPC_PROVIDER="TFP" lets party 0 see every Beaver triple; it is allowed only when '
+                'PRIVFACE_ENV=test. Use "TTP" with a separate dealer (privface dealer).')
+        return self
+
+    def effective_heartbeat_s(self) -> float:
+        return max(0.05, min(self.heartbeat_s, self.op_timeout_s / 4))
+
+    def effective_pair_wait_s(self) -> float:
+        return max(0.05, min(self.pair_wait_s, self.op_timeout_s / 2))
+
+    def world_size(self) -> int:
+        """Processes in the gloo group: the two parties, plus the dealer with TTP."""
+        return 3 if self.provider == "TTP" else 2

@@ -1,0 +1,381 @@
+"""Per-generation worker processes: one CrypTen/gloo session of a party (rank 0/1) or of the dealer (rank 2).
+
+A worker joins the 3-process gloo group (2 with the test-only TFP provider), serves until anything goes
+wrong (peer died, timeout, rendezvous failed), then exits; its supervisor (``MpcEngine`` or ``run_dealer``)
+starts a fresh one — a new "generation" — so a broken gloo group is never reused. Workers die with their
+supervisor (PR_SET_PDEATHSIG + a parent watchdog), so a SIGKILLed party takes its gloo sockets with it.
+
+Control plane inside the group (party 0 leads):
+* idle: party 0 broadcasts {"t": "hb"} to party 1 and pings the dealer every heartbeat period, so silent
+  peers are detected by the gloo timeout (op_timeout_s) even with no traffic;
+* job: party 0 broadcasts {"t": "job", id, n, d, digest}; party 1 waits up to pair_wait_s for the same job id
+  from its own supervisor; both all-reduce(MIN) an "I have it and it matches" flag; both run it or both skip.
+
+Engine <-> worker messages (multiprocessing queues):
+  in:  ("job", payload dict) | ("cancel", job_id) | ("stop",)
+  out: ("up", generation, device) | ("done", job_id, share) | ("fail", job_id, reason) | ("down", reason)
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+
+DEALER_FUNCTIONS = frozenset({"additive", "square", "binary", "wraps", "B2A", "ping"})
+
+
+# ----------------------------------------------------------------------------------------------- process
+def _die_with_parent() -> None:
+    """SIGKILL this process when its parent dies (Linux), plus a watchdog thread as a fallback."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: the watchdog still works
+        pass
+    if os.getppid() != parent:
+        os._exit(70)
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(70)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _exit(outq: Any, code: int) -> None:
+    """Flush the out-queue and leave without running destructors (a broken gloo group can hang them)."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if outq is not None:
+            outq.close()
+            outq.join_thread()
+    finally:
+        os._exit(code)
+
+
+def resolve_device(choice: str) -> str:
+    import torch
+
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("PRIVFACE_MPC_DEVICE=cuda but torch sees no GPU")
+        return "cuda"
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
+def init_crypten(rank: int, settings: Any):  # type: ignore[no-untyped-def]
+    """crypten.init() for ``rank`` with our rendezvous store and gloo timeouts; returns the crypten module."""
+    from .settings import tfp_allowed
+
+    if settings.provider == "TFP" and not tfp_allowed():  # defence in depth (the settings validator also checks)
+        raise RuntimeError("provider TFP refused outside PRIVFACE_ENV=test")
+    parties = 2
+    os.environ.update({"DISTRIBUTED_BACKEND": "gloo", "WORLD_SIZE": str(parties), "RANK": str(rank),
+                       "RENDEZVOUS": f"tcp://{settings.master_addr}:{settings.master_port}"})
+    if settings.gloo_ifname:
+        os.environ["GLOO_SOCKET_IFNAME"] = settings.gloo_ifname
+
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    from .crypten_compat import load_crypten
+
+    op_timeout = timedelta(seconds=float(settings.op_timeout_s))
+    connect_timeout = timedelta(seconds=float(settings.connect_timeout_s))
+    # new_group() (CrypTen makes three) takes the module default; init_process_group gets it explicitly.
+    c10d.default_pg_timeout = op_timeout
+    original = dist.init_process_group
+
+    def init_process_group(backend=None, init_method=None, world_size=-1, rank=-1, **kwargs):  # noqa: ANN001
+        store = dist.TCPStore(settings.master_addr, int(settings.master_port), world_size, rank == 0,
+                              timeout=connect_timeout, wait_for_workers=False)
+        return original(backend=backend, store=store, world_size=world_size, rank=rank, timeout=op_timeout)
+
+    dist.init_process_group = init_process_group
+    crypten = load_crypten()
+    crypten.cfg.mpc.provider = settings.provider
+    crypten.init()
+    return crypten
+
+
+def job_digest(kind: str, n: int, d: int, threshold: float, labels: np.ndarray, device: str) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([kind, int(n), int(d), float(threshold).hex(), device]).encode())
+    h.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- parties
+class _Party:
+    def __init__(self, rank: int, settings: Any, generation: int, inq: Any, outq: Any, device: str) -> None:
+        import torch
+        import torch.distributed as dist
+
+        from .crypten_compat import load_crypten
+
+        self.torch, self.dist = torch, dist
+        self.crypten = load_crypten()
+        self.comm = self.crypten.communicator.get()
+        self.rank, self.settings, self.generation = rank, settings, generation
+        self.inq, self.outq, self.device = inq, outq, device
+        self.ttp = settings.provider == "TTP"
+        self.hb = settings.effective_heartbeat_s()
+        self.pair_wait = settings.effective_pair_wait_s()
+        self.jobs: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self.stopping = False
+
+    # -- group messaging (JSON over uint8 tensors, no pickle)
+    def bcast(self, obj: Any = None) -> Any:
+        torch, dist, group = self.torch, self.dist, self.comm.main_group
+        if self.rank == 0:
+            data = json.dumps(obj).encode()
+            dist.broadcast(torch.tensor([len(data)], dtype=torch.long), 0, group=group)
+            dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, group=group)
+            return obj
+        size = torch.zeros(1, dtype=torch.long)
+        dist.broadcast(size, 0, group=group)
+        buf = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.broadcast(buf, 0, group=group)
+        return json.loads(bytes(buf.numpy()).decode())
+
+    def agree(self, ok: bool) -> bool:
+        flag = self.torch.tensor([1 if ok else 0], dtype=self.torch.long)
+        self.dist.all_reduce(flag, op=self.dist.ReduceOp.MIN, group=self.comm.main_group)
+        return bool(flag.item())
+
+    def ping_dealer(self) -> None:
+        from crypten.mpc.provider.ttp_provider import TTPClient
+
+        TTPClient.get().ttp_request("ping", None)
+
+    # -- local queue
+    def handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "job":
+            payload = msg[1]
+            self.on_job(payload)
+        elif kind == "cancel":
+            self.jobs.pop(msg[1], None)
+        elif kind == "stop":
+            self.stopping = True
+
+    def on_job(self, payload: dict) -> None:
+        self.jobs[payload["job_id"]] = payload
+
+    def poll(self, timeout: float) -> None:
+        """Take everything waiting on the in-queue; block up to ``timeout`` for the first item."""
+        try:
+            msg = self.inq.get(timeout=timeout) if timeout > 0 else self.inq.get_nowait()
+        except queue.Empty:
+            return
+        self.handle(msg)
+        while True:
+            try:
+                self.handle(self.inq.get_nowait())
+            except queue.Empty:
+                return
+
+    def digest(self, p: dict) -> str:
+        g = p["gallery_share"]
+        return job_digest(p["kind"], g.shape[0], g.shape[1], p["threshold"], p["labels"], self.device)
+
+    def run_job(self, p: dict) -> None:
+        from .protocol import match_share
+
+        try:
+            share = match_share(p["kind"], p["query_share"], p["gallery_share"], p["labels"], p["threshold"],
+                                self.device)
+        except BaseException as exc:
+            self.outq.put(("fail", p["job_id"], f"MPC failed: {type(exc).__name__}: {exc}"))
+            raise
+        self.outq.put(("done", p["job_id"], share))
+
+
+class _Leader(_Party):
+    def run(self) -> None:
+        last_hb = time.monotonic()
+        while not self.stopping:
+            wait = 0.0 if self.jobs else max(0.0, self.hb - (time.monotonic() - last_hb))
+            self.poll(wait)
+            if self.stopping:
+                return
+            if self.jobs:
+                _, p = self.jobs.popitem(last=False)
+                g = p["gallery_share"]
+                self.bcast({"t": "job", "id": p["job_id"], "n": int(g.shape[0]), "d": int(g.shape[1]),
+                            "digest": self.digest(p)})
+                if self.agree(True):
+                    self.run_job(p)
+                else:
+                    self.outq.put(("fail", p["job_id"], "the peer party did not submit this job in time "
+                                                         "(or its parameters differ); skipped by both"))
+            if time.monotonic() - last_hb >= self.hb:
+                self.bcast({"t": "hb"})
+                if self.ttp:
+                    self.ping_dealer()
+                last_hb = time.monotonic()
+
+
+class _Follower(_Party):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skipped: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def on_job(self, payload: dict) -> None:
+        if payload["job_id"] in self.skipped:
+            self.outq.put(("fail", payload["job_id"], "party 0 already announced this job and it was skipped"))
+            return
+        self.jobs[payload["job_id"]] = payload
+
+    def run(self) -> None:
+        while not self.stopping:
+            msg = self.bcast()  # raises after op_timeout_s without a word from party 0
+            self.poll(0)
+            if self.stopping:
+                return
+            if msg.get("t") != "job":
+                continue
+            jid = msg["id"]
+            deadline = time.monotonic() + self.pair_wait
+            while jid not in self.jobs and time.monotonic() < deadline:
+                self.poll(deadline - time.monotonic())
+            p = self.jobs.pop(jid, None)
+            ok = p is not None and self.digest(p) == msg.get("digest")
+            if self.agree(ok):
+                self.run_job(p)  # type: ignore[arg-type]
+            elif p is not None:
+                self.outq.put(("fail", jid, "the parties disagree on this job (n, d, kind, threshold or labels)"))
+            else:
+                self.skipped[jid] = None
+                while len(self.skipped) > 1024:
+                    self.skipped.popitem(last=False)
+
+
+def party_main(rank: int, settings_data: dict, generation: int, inq: Any, outq: Any) -> None:
+    """Entry point of a party worker process (multiprocessing 'spawn' target)."""
+    _die_with_parent()
+    from .settings import MpcSettings
+
+    stage = "rendezvous"
+    try:
+        settings = MpcSettings(**settings_data)
+        device = resolve_device(settings.device)
+        init_crypten(rank, settings)
+        stage = "session"
+        party = (_Leader if rank == 0 else _Follower)(rank, settings, generation, inq, outq, device)
+        outq.put(("up", generation, device))
+        party.run()
+        outq.put(("down", "stopped"))
+        _exit(outq, 0)
+    except BaseException as exc:  # noqa: BLE001 - any failure ends this generation
+        outq.put(("down", f"{stage} failed: {type(exc).__name__}: {str(exc)[:500]}"))
+        _exit(outq, 3)
+
+
+# ----------------------------------------------------------------------------------------------- dealer
+def dealer_main(settings_data: dict, generation: int) -> None:
+    """Entry point of a dealer worker process: CrypTen's TTP server, hardened (timeouts, whitelist, ping)."""
+    _die_with_parent()
+    import logging
+
+    from .settings import MpcSettings
+
+    log = logging.getLogger("privface.dealer")
+    code = 3
+    try:
+        settings = MpcSettings(**settings_data)
+        init_crypten(2, settings)
+        log.info("dealer generation %d connected", generation)
+        _Dealer(settings).serve()
+        code = 0
+    except BaseException as exc:  # noqa: BLE001
+        log.warning("dealer generation %d ended: %s: %s", generation, type(exc).__name__, exc)
+    _exit(None, code)
+
+
+def _make_dealer_class():  # type: ignore[no-untyped-def]
+    from .crypten_compat import load_crypten
+
+    load_crypten()
+    from crypten.mpc.provider.ttp_provider import TTPServer
+
+    class Dealer(TTPServer):
+        """CrypTen's TTPServer without its blocking constructor; requests are whitelisted and time out."""
+
+        def __init__(self, settings: Any) -> None:  # noqa: D107 - do NOT call TTPServer.__init__ (it blocks)
+            import crypten.communicator as comm
+
+            self.comm = comm.get()
+            self.ttp_group = self.comm.ttp_group
+            self.comm_group = self.comm.ttp_comm_group
+            self.device = "cpu"
+            self.timeout = timedelta(seconds=float(settings.op_timeout_s))
+            self._setup_generators()
+
+        def _recv_obj(self) -> Any:
+            import torch
+            import torch.distributed as dist
+            from crypten.common import serial
+
+            size = torch.tensor(1, dtype=torch.int32)
+            dist.irecv(size, src=0, group=self.ttp_group).wait(self.timeout)
+            data = torch.empty(size=(int(size),), dtype=torch.int8)
+            dist.irecv(data, src=0, group=self.ttp_group).wait(self.timeout)
+            return serial.restricted_loads(data.numpy().tobytes())
+
+        def serve(self) -> None:
+            ttp_rank = self.comm.get_ttp_rank()
+            while True:
+                message = self._recv_obj()
+                if message == "terminate":
+                    return
+                function = message["function"]
+                if function not in DEALER_FUNCTIONS:
+                    raise RuntimeError(f"refused dealer request {function!r}")
+                self.device = message["device"]
+                result = getattr(self, function)(*message["args"], **message["kwargs"])
+                self.comm.send_obj(result.size(), 0, self.ttp_group)
+                self.comm.broadcast(result, ttp_rank, self.comm_group)
+
+        def ping(self):  # type: ignore[no-untyped-def]
+            import torch
+
+            return torch.zeros(1, dtype=torch.long)
+
+        def additive(self, size0, size1, op, *args, **kwargs):  # type: ignore[no-untyped-def]
+            import torch
+
+            a = self._get_additive_PRSS(size0)
+            b = self._get_additive_PRSS(size1)
+            if a.is_cuda:  # int64 matmul/conv is not implemented on CUDA: use CrypTen's float-split wrapper
+                from crypten.cuda import CUDALongTensor
+
+                c = getattr(torch, op)(CUDALongTensor(a), CUDALongTensor(b), *args, **kwargs)
+                c = c.data if hasattr(c, "data") else c
+            else:
+                c = getattr(torch, op)(a, b, *args, **kwargs)
+            return c - self._get_additive_PRSS(c.size(), remove_rank=True)
+
+    return Dealer
+
+
+def _Dealer(settings: Any):  # type: ignore[no-untyped-def]  # noqa: N802
+    return _make_dealer_class()(settings)
