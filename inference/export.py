@@ -126,6 +126,38 @@ def write_version(model: FrequencyFaceModel, spec: TransformSpec, version: str, 
     return meta
 
 
+def export_model_version(model: FrequencyFaceModel, spec: TransformSpec, version: str, out_dir: Path,
+                         shared: Path, threshold: float, metrics: dict) -> Path:
+    """Export an already-built (e.g. trained) model as OUT_DIR/<version>: ONNX, ORT-vs-PyTorch parity, model.json.
+
+    Unlike export_version, the caller supplies the served threshold and the metrics (a trained model must be
+    measured on identities it never saw, which only the caller knows). Same atomic directory swap.
+    """
+    model = model.cpu().eval()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=out_dir))
+    try:
+        onnx_path = staging / ONNX_FILE
+        export_onnx(model, spec, onnx_path)
+        embedder = OrtEmbedder(onnx_path, prefer_gpu=False, intra_op_threads=torch.get_num_threads())
+        diff = parity(model, embedder, sample_features(shared, spec))
+        if not diff <= MAX_PARITY_DIFF:
+            raise RuntimeError(f"ONNX Runtime and PyTorch disagree by {diff:.3g} (limit {MAX_PARITY_DIFF})")
+        ModelMetadata(version=version, transform=spec.to_dict(), transform_id=spec.transform_id,
+                      params_hash=spec.params_hash, embedding_dim=EMBEDDING_DIM, sha256=file_sha256(onnx_path),
+                      onnx_file=ONNX_FILE, ort_vs_torch_max_abs_diff=diff, threshold=float(threshold),
+                      metrics=metrics).save(staging)
+        staging.chmod(0o755)
+        final = out_dir / version
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+        return final
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def ensure_model_v0(model_dir: Path, shared_dir: Path, eval_pairs: int = 600) -> Path:
     """MODEL_DIR/v0, exported (with metrics and threshold) only if absent or not matching its checksum.
 

@@ -53,7 +53,7 @@ def test_create_subject_with_flags(gateway: ScriptedGateway, capsys: pytest.Capt
 
 
 def test_enroll_several_photos(env: GatewayScript, capsys: pytest.CaptureFixture[str]) -> None:
-    photos = [str(FACES / "Guy_Ritchie_0001.jpg"), str(FACES / "Guy_Ritchie_0002.jpg")]
+    photos = [str(FACES / "James_Caan_0001.jpg"), str(FACES / "James_Caan_0002.jpg")]
     status, out, err = run(["enroll", "sub_1", *photos], capsys)
     assert status == 0 and [e["subject_id"] for e in out] == ["sub_1", "sub_1"]
     assert "enroll" in err and "2/2" in err, "a progress bar for several photos"
@@ -108,9 +108,9 @@ def test_input_errors(env: GatewayScript, capsys: pytest.CaptureFixture[str], tm
 def test_a_bad_photo_stops_enrollment_before_any_upload(env: GatewayScript, capsys: pytest.CaptureFixture[str],
                                                          tmp_path: Path) -> None:
     two = tmp_path / "two.png"
-    pair = [cv2.imread(str(FACES / name)) for name in ("Guy_Ritchie_0001.jpg", "Bill_Maher_0001.jpg")]
+    pair = [cv2.imread(str(FACES / name)) for name in ("James_Caan_0001.jpg", "Bill_Maher_0001.jpg")]
     cv2.imwrite(str(two), np.concatenate(pair, axis=1))
-    status, out, err = run(["enroll", "sub_1", str(FACES / "Guy_Ritchie_0002.jpg"), str(two)], capsys)
+    status, out, err = run(["enroll", "sub_1", str(FACES / "James_Caan_0002.jpg"), str(two)], capsys)
     assert status == 2 and out == []
     assert "2 faces" in err.splitlines()[-1] and err.splitlines()[-1].startswith("error: ")
     assert "/v1/subjects/sub_1/enrollments" not in [r[1] for r in env.requests]
@@ -128,7 +128,7 @@ def test_service_errors_exit_1(env: GatewayScript, capsys: pytest.CaptureFixture
 
 
 def test_enrollments_done_before_a_failure_are_reported(env: GatewayScript, capsys: pytest.CaptureFixture[str]) -> None:
-    photos = [str(FACES / "Guy_Ritchie_0001.jpg"), str(FACES / "Guy_Ritchie_0002.jpg")]
+    photos = [str(FACES / "James_Caan_0001.jpg"), str(FACES / "James_Caan_0002.jpg")]
     env.fail_after = 2  # /v1/transforms and the first enrollment succeed, then the gateway refuses
     status, out, err = run(["enroll", "sub_1", *photos], capsys)
     assert status == 1 and len(out) == 1 and out[0]["subject_id"] == "sub_1"

@@ -15,7 +15,7 @@ from client.features import (aligned_face, decode_features, encode_features, ext
 from inference.transform import default_spec
 from tests.test_client_detect import FACES
 
-PHOTO = FACES / "Guy_Ritchie_0001.jpg"
+PHOTO = FACES / "James_Caan_0001.jpg"
 PAYLOAD_KEYS = {"transform_id", "params_hash", "shape", "dtype", "data", "epsilon", "nonce", "created_at"}
 
 

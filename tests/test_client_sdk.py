@@ -96,7 +96,7 @@ def test_face_errors_are_raised_before_any_request(gateway: ScriptedGateway, scr
     with PrivfaceClient(gateway.url, API_KEY, transform=default_spec()) as sdk:
         with pytest.raises(NoFaceError):
             sdk.verify("sub_1", np.full((200, 200, 3), 128, np.uint8))
-        two = np.concatenate([load_photo(FACES / "Guy_Ritchie_0001.jpg"), load_photo(FACES / "Mary_Jo_Myers_0001.jpg")],
+        two = np.concatenate([load_photo(FACES / "James_Caan_0001.jpg"), load_photo(FACES / "Mary_Jo_Myers_0001.jpg")],
                              axis=1)
         with pytest.raises(MultipleFacesError) as caught:
             sdk.enroll("sub_1", two)

@@ -65,7 +65,8 @@ def match_share(kind: str, query_share: np.ndarray, gallery_share: np.ndarray, l
         out = best.ge(t_raw) * best_label
     else:
         raise ValueError(f"unknown job kind {kind!r}")
-    return int(out.share.reshape(-1)[0].item())
+    share = out.share.data  # torch.Tensor (CPU) or the tensor inside a CUDALongTensor
+    return int(share.reshape(-1)[0].item())
 
 
 def _tournament(crypten, vals, labs):  # type: ignore[no-untyped-def]

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+PROTOCOL_VERSION = 1
 DEALER_FUNCTIONS = frozenset({"additive", "square", "binary", "wraps", "B2A", "ping"})
 
 
@@ -161,6 +162,15 @@ class _Party:
         self.dist.all_reduce(flag, op=self.dist.ReduceOp.MIN, group=self.comm.main_group)
         return bool(flag.item())
 
+    def hello(self) -> None:
+        """Check that both parties run the same protocol version on the same device type."""
+        mine = {"t": "hello", "proto": PROTOCOL_VERSION, "device": self.device}
+        theirs = self.bcast(mine if self.rank == 0 else None)
+        ok = theirs == mine
+        if not self.agree(ok):
+            raise RuntimeError(f"parties disagree on protocol/device: party 0 {theirs}, this party {mine}"
+                               if self.rank == 1 else "party 1 runs another protocol version or device type")
+
     def ping_dealer(self) -> None:
         from crypten.mpc.provider.ttp_provider import TTPClient
 
@@ -204,7 +214,10 @@ class _Party:
             share = match_share(p["kind"], p["query_share"], p["gallery_share"], p["labels"], p["threshold"],
                                 self.device)
         except BaseException as exc:
-            self.outq.put(("fail", p["job_id"], f"MPC failed: {type(exc).__name__}: {exc}"))
+            # "down" first: by the time the caller sees its job fail, status() already says disconnected
+            reason = f"session failed: {type(exc).__name__}: {str(exc)[:500]}"
+            self.outq.put(("down", reason))
+            self.outq.put(("fail", p["job_id"], f"MPC failed, peer or dealer lost ({reason})"))
             raise
         self.outq.put(("done", p["job_id"], share))
 
@@ -229,6 +242,7 @@ class _Leader(_Party):
                                                          "(or its parameters differ); skipped by both"))
             if time.monotonic() - last_hb >= self.hb:
                 self.bcast({"t": "hb"})
+                self.agree(True)  # a round trip: a frozen (not just dead) peer is caught by the gloo timeout
                 if self.ttp:
                     self.ping_dealer()
                 last_hb = time.monotonic()
@@ -251,6 +265,9 @@ class _Follower(_Party):
             self.poll(0)
             if self.stopping:
                 return
+            if msg.get("t") == "hb":
+                self.agree(True)
+                continue
             if msg.get("t") != "job":
                 continue
             jid = msg["id"]
@@ -281,6 +298,7 @@ def party_main(rank: int, settings_data: dict, generation: int, inq: Any, outq: 
         init_crypten(rank, settings)
         stage = "session"
         party = (_Leader if rank == 0 else _Follower)(rank, settings, generation, inq, outq, device)
+        party.hello()
         outq.put(("up", generation, device))
         party.run()
         outq.put(("down", "stopped"))

@@ -1,0 +1,90 @@
+"""Development/test driver: ``python -m secure.mpc.cli party --rank R`` or ``python -m secure.mpc.cli dealer``.
+
+Settings come from the environment (PRIVFACE_MPC_*). The party driver starts an ``MpcEngine`` and serves
+JSON lines on stdin (each handled in its own thread), answering JSON lines on stdout:
+  {"cmd": "status", "tag": T}                                -> {"tag": T, "status": {...}}
+  {"cmd": "wait", "timeout": S, "tag": T}                    -> {"tag": T, "connected": bool, "status": {...}}
+  {"cmd": "submit", "tag": T, "job_id": J, "kind": K, "npz": PATH, "threshold": X, "timeout": S}
+        (PATH holds arrays query_share, gallery_share, labels) -> {"tag": T, "share": int, "elapsed": s}
+                                                             or {"tag": T, "error": "...", "elapsed": s}
+  {"cmd": "exit"}
+Production parties embed the engine in the party server instead (secure.party.server).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+
+
+def _party(rank: int) -> int:
+    import numpy as np
+
+    from .engine import MatchJob, MpcEngine, MpcUnavailable
+    from .settings import MpcSettings
+
+    engine = MpcEngine(rank, MpcSettings())
+    engine.start()
+    out_lock = threading.Lock()
+
+    def say(obj: dict) -> None:
+        with out_lock:
+            sys.stdout.write(json.dumps(obj) + "\n")
+            sys.stdout.flush()
+
+    def handle(req: dict) -> None:
+        tag = req.get("tag")
+        cmd = req.get("cmd")
+        if cmd == "status":
+            say({"tag": tag, "status": engine.status()})
+        elif cmd == "wait":
+            ok = engine.wait_connected(float(req.get("timeout", 60)))
+            say({"tag": tag, "connected": ok, "status": engine.status()})
+        elif cmd == "submit":
+            with np.load(req["npz"]) as data:
+                job = MatchJob(job_id=req["job_id"], kind=req["kind"], query_share=data["query_share"],
+                               gallery_share=data["gallery_share"], labels=data["labels"],
+                               threshold=float(req["threshold"]))
+            say({"tag": tag, "submitted": True})
+            t0 = time.monotonic()
+            try:
+                share = engine.submit(job, float(req.get("timeout", 60)))
+                say({"tag": tag, "share": share, "elapsed": time.monotonic() - t0})
+            except MpcUnavailable as exc:
+                say({"tag": tag, "error": str(exc), "elapsed": time.monotonic() - t0})
+
+    try:
+        for line in sys.stdin:
+            line = line.strip()
+            if not line:
+                continue
+            req = json.loads(line)
+            if req.get("cmd") == "exit":
+                break
+            threading.Thread(target=handle, args=(req,), daemon=True).start()
+    finally:
+        engine.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m secure.mpc.cli")
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("party")
+    p.add_argument("--rank", type=int, required=True, choices=(0, 1))
+    sub.add_parser("dealer")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    if args.what == "party":
+        return _party(args.rank)
+    from .dealer import run_dealer
+
+    run_dealer()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

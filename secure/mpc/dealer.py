@@ -1,0 +1,41 @@
+"""The dealer (rank 2): CrypTen's trusted-third-party provider of Beaver triples and masks.
+
+``run_dealer(settings)`` blocks forever: each generation is a worker process (``worker.dealer_main``) that joins
+the parties' gloo group, seeds one PRG per party, and answers party 0's requests (whitelisted: additive,
+square, binary, wraps, B2A, ping). It never receives any share of data. When the group breaks (a party died,
+timed out, or restarted) the worker exits and a new generation rendezvous-es again after retry_backoff_s.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import threading
+
+from .settings import MpcSettings
+
+log = logging.getLogger("privface.dealer")
+
+
+def run_dealer(settings: MpcSettings | None = None, stop_event: threading.Event | None = None) -> None:
+    """Serve as the dealer until ``stop_event`` is set (never, for the ``privface dealer`` command)."""
+    from . import worker
+
+    settings = settings or MpcSettings()
+    if settings.provider != "TTP":
+        raise ValueError("the dealer is only used with provider TTP")
+    stop = stop_event or threading.Event()
+    ctx = mp.get_context("spawn")
+    data = settings.model_dump()
+    generation = 0
+    while not stop.is_set():
+        generation += 1
+        proc = ctx.Process(target=worker.dealer_main, args=(data, generation),
+                           name=f"privface-dealer-g{generation}", daemon=True)
+        proc.start()
+        while proc.is_alive() and not stop.is_set():
+            proc.join(0.2)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(2.0)
+        log.info("dealer generation %d ended (exit code %s)", generation, proc.exitcode)
+        stop.wait(settings.retry_backoff_s)

@@ -1,0 +1,191 @@
+"""Local 3-process MPC cluster (dealer + party 0 + party 1, each a real ``python -m secure.mpc.cli`` process).
+
+Used by tests/test_mpc_*.py and bench/mpc_naive.py; not used by the service. It also holds the plaintext
+helpers (encode + split) the tests use to make shares.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def encode_trunc(x: np.ndarray) -> np.ndarray:
+    """CrypTen's encoder: x * 2^16 truncated toward zero, int64."""
+    return np.trunc(np.asarray(x, dtype=np.float64) * 65536.0).astype(np.int64)
+
+
+def split(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    s0 = rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, size=x.shape, dtype=np.int64,
+                      endpoint=True)
+    s1 = (x.view(np.uint64) - s0.view(np.uint64)).view(np.int64)
+    return s0, s1
+
+
+def reconstruct(a: int, b: int) -> int:
+    v = (int(a) + int(b)) % (1 << 64)
+    return v - (1 << 64) if v >= (1 << 63) else v
+
+
+class _Proc:
+    def __init__(self, args: list[str], env: dict, log_path: Path) -> None:
+        self.log = open(log_path, "ab")  # noqa: SIM115
+        self.p = subprocess.Popen([sys.executable, "-m", "secure.mpc.cli", *args], cwd=ROOT, env=env,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
+        self.replies: dict[str, queue.Queue] = {}
+        self.lock = threading.Lock()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            with self.lock:
+                q = self.replies.setdefault(str(msg.get("tag")), queue.Queue())
+            q.put(msg)
+
+    def send(self, req: dict) -> queue.Queue:
+        tag = req.setdefault("tag", uuid.uuid4().hex)
+        with self.lock:
+            q = self.replies.setdefault(tag, queue.Queue())
+        assert self.p.stdin is not None
+        self.p.stdin.write((json.dumps(req) + "\n").encode())
+        self.p.stdin.flush()
+        return q
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait(10)
+        self.log.close()
+
+    def close(self) -> None:
+        if self.p.poll() is None:
+            try:
+                self.send({"cmd": "exit"})
+                self.p.wait(5)
+            except Exception:  # noqa: BLE001
+                pass
+        self.kill()
+
+
+class Cluster:
+    """Dealer + two parties on loopback with a free port. ``settings`` are PRIVFACE_MPC_* overrides."""
+
+    def __init__(self, workdir: Path | None = None, **settings: Any) -> None:
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="privface-mpc-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.env = dict(os.environ)
+        self.env["PYTHONPATH"] = str(ROOT) + os.pathsep + self.env.get("PYTHONPATH", "")
+        self.env["PRIVFACE_MPC_MASTER_PORT"] = str(settings.pop("master_port", free_port()))
+        for key, val in settings.items():
+            self.env[f"PRIVFACE_MPC_{key.upper()}"] = str(val)
+        self.parties: list[_Proc | None] = [None, None]
+        self.dealer: _Proc | None = None
+        self.provider = self.env.get("PRIVFACE_MPC_PROVIDER", "TTP")
+
+    def start(self) -> Cluster:
+        if self.provider == "TTP":
+            self.dealer = _Proc(["dealer"], self.env, self.dir / "dealer.log")
+        for rank in (0, 1):
+            self.start_party(rank)
+        return self
+
+    def start_party(self, rank: int) -> None:
+        self.parties[rank] = _Proc(["party", "--rank", str(rank)], self.env, self.dir / f"party{rank}.log")
+
+    def kill_party(self, rank: int) -> None:
+        proc = self.parties[rank]
+        if proc is not None:
+            proc.kill()
+
+    def status(self, rank: int, timeout: float = 10) -> dict:
+        return self.parties[rank].send({"cmd": "status"}).get(timeout=timeout)["status"]  # type: ignore[union-attr]
+
+    def wait_connected(self, timeout: float = 60) -> None:
+        qs = [p.send({"cmd": "wait", "timeout": timeout}) for p in self.parties]  # type: ignore[union-attr]
+        for rank, q in enumerate(qs):
+            msg = q.get(timeout=timeout + 10)
+            if not msg["connected"]:
+                raise TimeoutError(f"party {rank} not connected: {msg['status']}\n{self.logs()}")
+
+    def write_job(self, query: np.ndarray, gallery: np.ndarray, labels: np.ndarray,
+                  rng: np.random.Generator) -> list[Path]:
+        """Encode + share a plaintext query/gallery; write one .npz per party; returns the paths."""
+        q0, q1 = split(encode_trunc(query), rng)
+        g0, g1 = split(encode_trunc(gallery.reshape(-1, query.shape[0])), rng)
+        paths = []
+        for rank, (q, g) in enumerate(((q0, g0), (q1, g1))):
+            path = self.dir / f"job-{uuid.uuid4().hex}-{rank}.npz"
+            np.savez(path, query_share=q, gallery_share=g, labels=np.asarray(labels, dtype=np.int64))
+            paths.append(path)
+        return paths
+
+    def submit_async(self, rank: int, job_id: str, kind: str, npz: Path, threshold: float,
+                     timeout: float = 60) -> queue.Queue:
+        return self.parties[rank].send({"cmd": "submit", "job_id": job_id, "kind": kind,  # type: ignore[union-attr]
+                                        "npz": str(npz), "threshold": threshold, "timeout": timeout})
+
+    @staticmethod
+    def result(q: queue.Queue, timeout: float = 120) -> dict:
+        while True:
+            msg = q.get(timeout=timeout)
+            if "share" in msg or "error" in msg:
+                return msg
+
+    def run(self, kind: str, query: np.ndarray, gallery: np.ndarray, labels: np.ndarray, threshold: float,
+            rng: np.random.Generator, timeout: float = 60) -> tuple[int, float]:
+        """Run one job at both parties; returns (reconstructed output, party-0 elapsed seconds)."""
+        paths = self.write_job(query, gallery, labels, rng)
+        job_id = uuid.uuid4().hex
+        qs = [self.submit_async(r, job_id, kind, paths[r], threshold, timeout) for r in (0, 1)]
+        res = [self.result(q, timeout + 30) for q in qs]
+        for p in paths:
+            p.unlink(missing_ok=True)
+        for r, msg in enumerate(res):
+            if "error" in msg:
+                raise RuntimeError(f"party {r}: {msg['error']}")
+        return reconstruct(res[0]["share"], res[1]["share"]), float(res[0]["elapsed"])
+
+    def logs(self) -> str:
+        out = []
+        for name in ("dealer.log", "party0.log", "party1.log"):
+            path = self.dir / name
+            if path.exists():
+                text = path.read_bytes().decode(errors="replace")
+                lines = [ln[:300] for ln in text.splitlines() if "privface" in ln or "Error" in ln]
+                out.append(f"--- {name}\n" + "\n".join(lines[-15:]))
+        return "\n".join(out)
+
+    def close(self) -> None:
+        for proc in (*self.parties, self.dealer):
+            if proc is not None:
+                proc.close()
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,150 @@
+"""Training data over lfw-aligned-112: identity-disjoint splits and the SDK transform applied on the fly.
+
+Split rule (shared/README.md): the 10 folds of pairs.txt are identity-disjoint. By default the evaluation uses
+folds 6–10 and training uses EVERY image of every identity that appears in none of those folds (identities of
+folds 1–5 and identities in no fold at all): 3,554 identities, 6,922 images.
+
+`TransformedFaces` returns, per sample:
+- features: `TransformSpec.apply` on the augmented face, float32 [K, 14, 14] — the SDK's exact transform
+  (clip, calibrated noise, float16 rounding), with a FRESH noise draw per sample and per epoch
+  (generator seeded by (seed, epoch, index), so runs are reproducible and no two visits share noise);
+- clean: the same augmented face, RGB uint8 [112, 112, 3], for the pixel-domain teacher;
+- label: the identity's class index.
+Augmentation acts on the image BEFORE the transform (horizontal flip, brightness/contrast jitter, small
+translation), so teacher and student see the same face.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from inference.lfw import Pair, load_rgb, read_pairs
+from inference.transform import TransformSpec, apply
+
+DEFAULT_EVAL_FOLDS = (6, 7, 8, 9, 10)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Training images (with labels) and evaluation pairs; no training identity appears in an eval fold."""
+
+    eval_folds: tuple[int, ...]
+    train_images: list[str]
+    train_labels: list[int]
+    identities: list[str]  # class index -> identity name
+    eval_pairs: list[Pair]
+    eval_identities: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.identities)
+
+
+def identity_of(path: str) -> str:
+    return path.split("/")[0]
+
+
+def make_split(lfw: Path, eval_folds: tuple[int, ...] = DEFAULT_EVAL_FOLDS, min_images: int = 1,
+               max_identities: int | None = None, max_images_per_identity: int | None = None) -> Split:
+    """Identity-disjoint split. Optional limits (for CPU-sized runs) keep the identities with the most images
+    (ties by name) and the first images of each, deterministically."""
+    pairs = read_pairs(lfw)
+    eval_pairs = [p for p in pairs if p.fold in eval_folds]
+    excluded = {identity_of(path) for p in eval_pairs for path in (p.left, p.right)}
+    by_id: dict[str, list[str]] = {}
+    for person in sorted(lfw.iterdir()):
+        if person.is_dir() and person.name not in excluded:
+            images = sorted(str(p.relative_to(lfw)) for p in person.glob("*.jpg"))
+            if len(images) >= min_images:
+                by_id[person.name] = images[:max_images_per_identity] if max_images_per_identity else images
+    names = sorted(by_id)
+    if max_identities is not None:
+        names = sorted(sorted(names, key=lambda n: (-len(by_id[n]), n))[:max_identities])
+    images, labels = [], []
+    for label, name in enumerate(names):
+        images += by_id[name]
+        labels += [label] * len(by_id[name])
+    return Split(tuple(eval_folds), images, labels, names, eval_pairs, frozenset(excluded))
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Light photometric/geometric jitter on the aligned face (uint8 RGB in, uint8 RGB out)."""
+
+    flip: float = 0.5  # probability of a horizontal flip
+    brightness: float = 0.1  # additive, fraction of 255, uniform in [-b, b]
+    contrast: float = 0.1  # multiplicative around the mean, uniform in [1-c, 1+c]
+    translate: int = 4  # pixels, uniform integer shift in [-t, t] on each axis (edges replicated)
+
+    def __call__(self, face: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        out = face
+        if self.flip and rng.random() < self.flip:
+            out = out[:, ::-1]
+        if self.translate:
+            dx, dy = rng.integers(-self.translate, self.translate + 1, size=2)
+            if dx or dy:
+                matrix = np.float32([[1, 0, dx], [0, 1, dy]])
+                out = cv2.warpAffine(np.ascontiguousarray(out), matrix, (out.shape[1], out.shape[0]),
+                                     borderMode=cv2.BORDER_REPLICATE)
+        if self.brightness or self.contrast:
+            x = out.astype(np.float32)
+            alpha = 1.0 + rng.uniform(-self.contrast, self.contrast) if self.contrast else 1.0
+            beta = 255.0 * rng.uniform(-self.brightness, self.brightness) if self.brightness else 0.0
+            x = (x - x.mean()) * alpha + x.mean() + beta
+            out = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(out)
+
+    @classmethod
+    def from_config(cls, config: dict | None) -> "Augment | None":
+        if config is None or config is False:
+            return None
+        return cls(**{k: v for k, v in dict(config).items() if k != "enabled"}) if config.get("enabled", True) \
+            else None
+
+
+class TransformedFaces(Dataset):
+    """(features float32 [K,14,14], clean RGB uint8 [112,112,3], label) with fresh transform noise per sample."""
+
+    def __init__(self, lfw: Path, images: list[str], labels: list[int], spec: TransformSpec,
+                 augment: Augment | None = None, seed: int = 0, cache: bool = True) -> None:
+        if len(images) != len(labels):
+            raise ValueError("images and labels differ in length")
+        self.lfw = Path(lfw)
+        self.images = list(images)
+        self.labels = list(labels)
+        self.spec = spec
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self._cache: dict[int, np.ndarray] | None = {} if cache else None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Call at the start of every epoch: the noise and augmentation draws depend on it."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def face(self, index: int) -> np.ndarray:
+        if self._cache is None:
+            return load_rgb(self.lfw, self.images[index])
+        if index not in self._cache:
+            self._cache[index] = load_rgb(self.lfw, self.images[index])
+        return self._cache[index]
+
+    def rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        rng = self.rng(index)
+        face = self.face(index)
+        if self.augment is not None:
+            face = self.augment(face, rng)
+        features = apply(face, self.spec, rng).astype(np.float32)
+        return torch.from_numpy(features), torch.from_numpy(np.ascontiguousarray(face)), self.labels[index]

@@ -1,0 +1,381 @@
+"""Fine-tune a frequency-domain face model: learned inverse-DCT adapter + pretrained MobileFaceNet.
+
+    python -m training_jobs.train --config training_jobs/configs/<experiment>.yaml [--resume] [--out-dir DIR]
+
+Student: InverseDctAdapter(spec, learnable=True) (a 1x1 conv initialised to the exact inverse DCT) followed by
+the pretrained MobileFaceNet; it sees the SDK's exact transform of an augmented face (fresh noise per sample).
+Teacher: a frozen pixel-domain model on the same augmented clean face (pretrained MobileFaceNet, or SFace
+through ONNX Runtime with a learned projection), or none.
+Loss: identity_weight * margin loss (CosFace/ArcFace over the training identities) + distill_weight *
+(1 - cos(student, teacher)).
+AdamW, linear warm-up then cosine decay (per step), fixed seeds, tqdm progress, a checkpoint after every
+epoch (OUT/checkpoints/last.pt, resumed with --resume), a metrics JSON per epoch (OUT/metrics/epoch_NNN.json).
+At the end: held-out evaluation (training_jobs.evaluate protocol) of the final model with the served noise,
+and, when the config has an `export` section, an ONNX model version with model.json (inference.export).
+Device: CUDA when available (config `device: auto`), else CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from inference.frequency_model import FrequencyFaceModel, InverseDctAdapter
+from inference.lfw import lfw_dir, shared_dir
+from inference.mobilefacenet import EMBEDDING_DIM, load_pretrained
+from inference.transform import PRESETS, TransformSpec
+from training_jobs.datasets import Augment, TransformedFaces, make_split
+from training_jobs.evaluate import HeldoutSet, frequency_embedder, pixel_input, plot_roc_det, torch_features_fn
+from training_jobs.losses import DistillationLoss, MarginHead
+
+DEFAULTS: dict[str, Any] = {
+    "name": "experiment",
+    "seed": 0,
+    "device": "auto",
+    "threads": None,  # torch CPU threads (None: leave torch's default)
+    "out_dir": None,  # default var/training/<name>
+    "shared_dir": None,  # default $PRIVFACE_SHARED_DIR or ../shared
+    "transform": {"preset": "dct8-v0", "epsilon": 64.0},
+    "data": {"eval_folds": [6, 7, 8, 9, 10], "min_images": 1, "max_identities": None,
+             "max_images_per_identity": None, "num_workers": 0},
+    "augment": {"flip": 0.5, "brightness": 0.1, "contrast": 0.1, "translate": 4},
+    "model": {"adapter_learnable": True, "freeze_backbone_bn": False},
+    "teacher": "mobilefacenet",  # mobilefacenet | sface | none
+    "loss": {"identity_weight": 1.0, "distill_weight": 1.0,
+             "head": {"kind": "cosface", "scale": 32.0, "margin": 0.35, "init": "teacher_means"}},
+    "optim": {"epochs": 40, "batch_size": 128, "lr": 1e-3, "adapter_lr": 1e-4, "head_lr": 1e-2,
+              "weight_decay": 5e-4, "warmup_steps": 200, "min_lr_ratio": 0.01, "max_steps_per_epoch": None,
+              "grad_clip": 5.0},
+    "eval": {"epoch_pairs_per_fold": 100, "final_pairs_per_fold": None, "plots_dir": None, "seed": 0},
+    "export": None,  # {"version": "v1", "out_dir": "var/models"}
+}
+
+
+def merge(base: dict, override: dict | None) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: Path) -> dict:
+    text = Path(path).read_text()
+    if Path(path).suffix in (".yaml", ".yml"):
+        import yaml
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    return merge(DEFAULTS, data)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_spec(config: dict) -> TransformSpec:
+    epsilon = config["transform"].get("epsilon")
+    return PRESETS[config["transform"]["preset"]](None if epsilon in (None, "none") else float(epsilon))
+
+
+class Teacher:
+    """Frozen pixel-domain embedder: clean RGB uint8 [B,112,112,3] tensor -> raw [B,128] embedding."""
+
+    def __init__(self, kind: str, shared: Path, device: torch.device) -> None:
+        self.kind = kind
+        self.device = device
+        if kind == "mobilefacenet":
+            self.model = load_pretrained(shared).to(device).eval().requires_grad_(False)
+        elif kind == "sface":
+            from training_jobs.sface import SFaceEmbedder
+            self.sface = SFaceEmbedder(threads=max(torch.get_num_threads(), 1))
+        elif kind != "none":
+            raise ValueError(f"teacher must be mobilefacenet, sface or none, not {kind!r}")
+
+    @torch.no_grad()
+    def __call__(self, clean: torch.Tensor) -> torch.Tensor | None:
+        if self.kind == "mobilefacenet":
+            return self.model(pixel_input(clean.numpy()).to(self.device))
+        if self.kind == "sface":
+            return torch.from_numpy(self.sface.raw(clean.numpy())).to(self.device)
+        return None
+
+
+def set_train_mode(student: FrequencyFaceModel, freeze_bn: bool) -> None:
+    student.train()
+    if freeze_bn:
+        for module in student.backbone.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+
+
+def student_embedding(student: FrequencyFaceModel, features: torch.Tensor) -> torch.Tensor:
+    """Raw (un-normalised) embedding of one view, as the margin head and distillation see it."""
+    return student.backbone(student.adapter(features))
+
+
+def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+class Trainer:
+    def __init__(self, config: dict, out_dir: Path | None = None) -> None:
+        self.config = config
+        self.out_dir = Path(out_dir or config["out_dir"] or Path("var/training") / config["name"])
+        if config.get("threads"):
+            torch.set_num_threads(int(config["threads"]))
+        seed_everything(config["seed"])
+        self.device = pick_device(config["device"])
+        self.shared = Path(config["shared_dir"] or shared_dir())
+        self.lfw = lfw_dir(self.shared)
+        self.spec = make_spec(config)
+        data = config["data"]
+        self.split = make_split(self.lfw, tuple(data["eval_folds"]), data["min_images"], data["max_identities"],
+                                data["max_images_per_identity"])
+        self.dataset = TransformedFaces(self.lfw, self.split.train_images, self.split.train_labels, self.spec,
+                                        Augment.from_config(config["augment"]), seed=config["seed"])
+        self.student = FrequencyFaceModel(InverseDctAdapter(self.spec, learnable=config["model"]["adapter_learnable"]),
+                                          load_pretrained(self.shared)).to(self.device)
+        self.teacher = Teacher(config["teacher"], self.shared, self.device)
+        loss = config["loss"]
+        head = loss["head"]
+        self.head = MarginHead(EMBEDDING_DIM, self.split.num_classes, head["kind"], head["scale"],
+                               head["margin"]).to(self.device)
+        self.distill = DistillationLoss(EMBEDDING_DIM if config["teacher"] == "sface" else None).to(self.device)
+        optim = config["optim"]
+        groups = [{"params": [p for p in self.student.backbone.parameters()], "lr": optim["lr"]},
+                  {"params": [p for p in self.head.parameters()] + list(self.distill.parameters()),
+                   "lr": optim["head_lr"]}]
+        adapter_params = [p for p in self.student.adapter.parameters() if p.requires_grad]
+        if adapter_params:
+            groups.append({"params": adapter_params, "lr": optim["adapter_lr"], "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=optim["weight_decay"])
+        per_epoch = math.ceil(len(self.dataset) / optim["batch_size"])
+        if optim["max_steps_per_epoch"]:
+            per_epoch = min(per_epoch, int(optim["max_steps_per_epoch"]))
+        self.steps_per_epoch = per_epoch
+        total = per_epoch * optim["epochs"]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(total, min(optim["warmup_steps"], max(1, total // 10)), optim["min_lr_ratio"]))
+        self.epoch = 0  # epochs completed
+        self.step = 0
+        self.history: list[dict] = []
+        self._heldout: dict[int | None, HeldoutSet] = {}
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / "checkpoints" / "last.pt"
+
+    def save_checkpoint(self) -> Path:
+        path = self.checkpoint_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"epoch": self.epoch, "step": self.step, "config": self.config,
+                 "student": self.student.state_dict(), "head": self.head.state_dict(),
+                 "distill": self.distill.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "history": self.history,
+                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                 "transform": self.spec.to_dict()}
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)  # atomic: a crash mid-save leaves the previous checkpoint
+        if self.config.get("keep_every_epoch"):
+            torch.save(state, path.parent / f"epoch_{self.epoch:03d}.pt")
+        return path
+
+    def load_checkpoint(self, path: Path | None = None) -> None:
+        state = torch.load(path or self.checkpoint_path, map_location=self.device, weights_only=False)
+        if state["transform"] != self.spec.to_dict():
+            raise ValueError("the checkpoint was trained with another transform")
+        self.student.load_state_dict(state["student"])
+        self.head.load_state_dict(state["head"])
+        self.distill.load_state_dict(state["distill"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+
+    # -- training ----------------------------------------------------------------------------------
+    def loader(self, epoch: int) -> DataLoader:
+        self.dataset.set_epoch(epoch)
+        generator = torch.Generator().manual_seed(self.config["seed"] * 100_003 + epoch)
+        workers = int(self.config["data"]["num_workers"])
+        return DataLoader(self.dataset, batch_size=self.config["optim"]["batch_size"], shuffle=True, drop_last=False,
+                          generator=generator, num_workers=workers, persistent_workers=False,
+                          pin_memory=self.device.type == "cuda")
+
+    @torch.no_grad()
+    def init_head(self) -> None:
+        """Class centres from the teacher's (or the initial student's) embeddings of the un-augmented faces."""
+        if self.config["loss"]["head"].get("init") != "teacher_means" or self.config["loss"]["identity_weight"] == 0:
+            return
+        plain = TransformedFaces(self.lfw, self.split.train_images, self.split.train_labels, self.spec, None,
+                                 seed=self.config["seed"] + 1)
+        loader = DataLoader(plain, batch_size=self.config["optim"]["batch_size"], shuffle=False,
+                            num_workers=int(self.config["data"]["num_workers"]))
+        self.student.eval()
+        embeddings, labels = [], []
+        for features, clean, label in loader:
+            teacher = self.teacher(clean) if self.config["teacher"] == "mobilefacenet" else None
+            embeddings.append(teacher if teacher is not None else student_embedding(self.student, features.to(self.device)))
+            labels.append(label.to(self.device))
+        self.head.init_from_embeddings(torch.cat(embeddings), torch.cat(labels))
+
+    def train_epoch(self, epoch: int) -> dict:
+        from tqdm import tqdm
+
+        loss_cfg = self.config["loss"]
+        set_train_mode(self.student, self.config["model"]["freeze_backbone_bn"])
+        sums = {"loss": 0.0, "identity": 0.0, "distill": 0.0, "train_acc": 0.0}
+        count = 0
+        start = time.perf_counter()
+        bar = tqdm(self.loader(epoch), total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.config['optim']['epochs']}",
+                   unit="step", dynamic_ncols=True)
+        for index, (features, clean, labels) in enumerate(bar):
+            if index >= self.steps_per_epoch:
+                break
+            features, labels = features.to(self.device, non_blocking=True), labels.to(self.device)
+            teacher = self.teacher(clean)
+            embedding = student_embedding(self.student, features)
+            identity, cos = self.head(embedding, labels) if loss_cfg["identity_weight"] else (embedding.new_zeros(()), None)
+            distill = self.distill(embedding, teacher) if teacher is not None and loss_cfg["distill_weight"] \
+                else embedding.new_zeros(())
+            loss = loss_cfg["identity_weight"] * identity + loss_cfg["distill_weight"] * distill
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.config["optim"]["grad_clip"]:
+                nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                         self.config["optim"]["grad_clip"])
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            n = len(labels)
+            count += n
+            sums["loss"] += loss.item() * n
+            sums["identity"] += identity.item() * n
+            sums["distill"] += distill.item() * n
+            if cos is not None:
+                sums["train_acc"] += float((cos.argmax(1) == labels).float().sum())
+            bar.set_postfix(loss=f"{loss.item():.4f}", id=f"{identity.item():.3f}", kd=f"{distill.item():.4f}")
+        bar.close()
+        metrics = {key: value / max(count, 1) for key, value in sums.items()}
+        metrics.update({"epoch": epoch + 1, "step": self.step, "samples": count,
+                        "lr": [g["lr"] for g in self.optimizer.param_groups], "seconds": time.perf_counter() - start})
+        return metrics
+
+    def heldout(self, pairs_per_fold: int | None) -> HeldoutSet:
+        if pairs_per_fold not in self._heldout:
+            self._heldout[pairs_per_fold] = HeldoutSet(self.lfw, self.split.eval_folds, pairs_per_fold)
+        return self._heldout[pairs_per_fold]
+
+    def evaluate(self, pairs_per_fold: int | None, name: str):
+        self.student.eval()
+        rng = np.random.default_rng(self.config["eval"]["seed"])
+        embed = frequency_embedder(torch_features_fn(self.student), self.spec, rng)
+        return self.heldout(pairs_per_fold).evaluate(name, self.spec.transform_id, embed)
+
+    def fit(self, resume: bool = False) -> dict:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(json.dumps(self.config, indent=1) + "\n")
+        if resume and self.checkpoint_path.exists():
+            self.load_checkpoint()
+            print(f"resumed from {self.checkpoint_path} after epoch {self.epoch} (step {self.step})", flush=True)
+        elif self.epoch == 0:
+            self.init_head()
+            quick = self.config["eval"]["epoch_pairs_per_fold"]
+            if quick:
+                before = self.evaluate(quick, "epoch 0")
+                self.history.append({"epoch": 0, "heldout": before.to_dict()})
+                self._write_metrics(self.history[-1])
+        epochs = self.config["optim"]["epochs"]
+        while self.epoch < epochs:
+            metrics = self.train_epoch(self.epoch)
+            quick = self.config["eval"]["epoch_pairs_per_fold"]
+            if quick:
+                metrics["heldout"] = self.evaluate(quick, f"epoch {self.epoch + 1}").to_dict()
+            self.epoch += 1
+            self.history.append(metrics)
+            self._write_metrics(metrics)
+            self.save_checkpoint()
+            acc = metrics.get("heldout", {}).get("verification", {}).get("accuracy")
+            print(f"epoch {self.epoch}: loss {metrics['loss']:.4f} (identity {metrics['identity']:.4f}, "
+                  f"distill {metrics['distill']:.4f})" + (f", held-out acc {100 * acc:.2f}%" if acc is not None else ""),
+                  flush=True)
+        return self.history[-1] if self.history else {}
+
+    def _write_metrics(self, metrics: dict) -> None:
+        directory = self.out_dir / "metrics"
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"epoch_{metrics['epoch']:03d}.json").write_text(json.dumps(metrics, indent=1) + "\n")
+
+    def finish(self) -> dict:
+        """Full held-out evaluation, plots, and the optional ONNX export of the final model."""
+        eval_cfg = self.config["eval"]
+        result = self.evaluate(eval_cfg["final_pairs_per_fold"], self.config["name"])
+        report = {"name": self.config["name"], "epochs": self.epoch, "steps": self.step,
+                  "train_images": len(self.split.train_images), "train_identities": self.split.num_classes,
+                  "eval_folds": list(self.split.eval_folds), "final": result.to_dict()}
+        plots_dir = Path(eval_cfg["plots_dir"]) if eval_cfg.get("plots_dir") else self.out_dir / "eval"
+        report["plots"] = [str(p) for p in plot_roc_det([result], plots_dir, f"{self.config['name']}, folds "
+                                                        f"{self.split.eval_folds[0]}-{self.split.eval_folds[-1]}")]
+        export = self.config.get("export")
+        if export:
+            from inference.export import export_model_version
+            metrics = {"protocol": "training_jobs.evaluate: LFW folds " + ",".join(map(str, self.split.eval_folds))
+                       + " (identities never trained on), served noise, leave-one-fold-out accuracy; served threshold"
+                       " = best on all those pairs", "heldout": result.to_dict(),
+                       "training": {k: report[k] for k in ("epochs", "steps", "train_images", "train_identities")}}
+            final = export_model_version(copy.deepcopy(self.student).cpu(), self.spec, export["version"],
+                                         Path(export["out_dir"]), self.shared,
+                                         result.verification["best_threshold_all_pairs"], metrics)
+            report["exported"] = str(final)
+        (self.out_dir / "final.json").write_text(json.dumps(report, indent=1) + "\n")
+        return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    parser.add_argument("--out-dir", type=Path, default=None)
+    parser.add_argument("--no-final", action="store_true", help="skip the final evaluation and export")
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    trainer = Trainer(config, args.out_dir)
+    print(f"{config['name']}: {len(trainer.dataset)} training images of {trainer.split.num_classes} identities "
+          f"(eval folds {trainer.split.eval_folds}), transform {trainer.spec.transform_id}, device {trainer.device}, "
+          f"{trainer.steps_per_epoch} steps/epoch", flush=True)
+    trainer.fit(resume=args.resume)
+    if not args.no_final:
+        report = trainer.finish()
+        print(json.dumps(report["final"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
