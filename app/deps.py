@@ -20,6 +20,8 @@ def get_context(request: Request) -> GatewayContext:
 
 
 def get_session(ctx: GatewayContext = Depends(get_context)) -> Iterator[Session]:
+    """A read session. Writes use `session_scope` in the route, so they commit before the response is sent
+    (the teardown of a yield dependency may run after it)."""
     with session_scope(ctx.sessions) as session:
         yield session
 

@@ -88,8 +88,8 @@ class LocalStack:
         self.wait_ready(timeout)
         return self
 
-    def start_process(self, name: str) -> None:
-        env = self.env()
+    def start_process(self, name: str, extra_env: dict[str, str] | None = None) -> None:
+        env = {**self.env(), **(extra_env or {})}
         if name == "dealer":
             args = ["dealer"]
         elif name.startswith("party"):

@@ -84,7 +84,7 @@ def test_party_killed_during_identify_gives_503_then_recovers(tmp_path, shared):
 
 
 @pytest.mark.parametrize("point", ["enroll-after-prepare", "enroll-after-decision", "enroll-between-acks"])
-def test_gateway_killed_mid_enrollment_loses_and_duplicates_nothing(tmp_path, shared, monkeypatch, point):
+def test_gateway_killed_mid_enrollment_loses_and_duplicates_nothing(tmp_path, shared, point):
     stack = LocalStack(tmp_path).start()
     try:
         key = stack.api_key("enroll", "verify")
@@ -92,11 +92,8 @@ def test_gateway_killed_mid_enrollment_loses_and_duplicates_nothing(tmp_path, sh
         face = aligned_face(shared, FACES[0])
         assert enroll(stack, key, spec, face).status_code == 201
         stack.kill("gateway", 15)
-        monkeypatch.setenv("PRIVFACE_FAILPOINTS", point)
-        monkeypatch.setenv("PRIVFACE_FAILPOINT_DIR", str(tmp_path))
-        stack.start_process("gateway")
+        stack.start_process("gateway", {"PRIVFACE_FAILPOINTS": point, "PRIVFACE_FAILPOINT_DIR": str(tmp_path)})
         stack.wait_ready()
-        monkeypatch.delenv("PRIVFACE_FAILPOINTS")
         result: list = []
         thread = threading.Thread(target=lambda: result.append(_enroll_quietly(stack, key, spec, face)))
         thread.start()

@@ -32,8 +32,8 @@ def test_party1_killed_mid_job_then_recovers(tmp_path) -> None:  # noqa: ANN001
         cluster.wait_connected(90)
         gen0 = cluster.status(0)["generation"]
 
-        # a job long enough to be interrupted (identify over 3000 rows: ~12 comparison rounds)
-        n = 3000
+        # a job long enough to be interrupted (identify over 8000 rows: 13 knockout rounds, ~2 s here)
+        n = 8000
         q, g = unit(rng, D), unit(rng, n, D)
         paths = cluster.write_job(q, g, np.arange(1, n + 1), rng)
         jid = uuid.uuid4().hex
@@ -41,7 +41,7 @@ def test_party1_killed_mid_job_then_recovers(tmp_path) -> None:  # noqa: ANN001
         r1 = cluster.submit_async(1, jid, "identify", paths[1], 0.0, timeout=60)
         for q_ in (r0, r1):
             assert q_.get(timeout=30).get("submitted")
-        time.sleep(0.6)  # the job is running now
+        time.sleep(0.5)  # the job is running now
         cluster.kill_party(1)  # SIGKILL
         killed_at = time.monotonic()
         res = Cluster.result(r0, timeout=OP_TIMEOUT + 30)

@@ -252,8 +252,19 @@ def resolve_model(model: str, spec: TransformSpec, shared: Path, seed: int, thre
         return "pixels", pixel_mobilefacenet_embedder(shared)
     if model == "sface":
         return "pixels", sface_embedder(threads)
+    check_model_transform(Path(model), spec)
     features_fn = onnx_features_fn(Path(model), threads)
     return spec.transform_id, frequency_embedder(features_fn, spec, np.random.default_rng(seed))
+
+
+def check_model_transform(onnx_path: Path, spec: TransformSpec) -> None:
+    """Refuse to feed a model features of a transform other than the one in its model.json (noise level aside)."""
+    meta_path = onnx_path.parent / "model.json"
+    if not meta_path.exists():
+        return
+    served = TransformSpec.from_dict(json.loads(meta_path.read_text())["transform"])
+    if served.with_epsilon(None) != spec.with_epsilon(None, spec.delta):
+        raise ValueError(f"{onnx_path} serves {served.transform_id}, not {spec.transform_id} (pick --transform)")
 
 
 def model_label(model: str) -> str:

@@ -300,7 +300,8 @@ class Trainer:
         embed = frequency_embedder(torch_features_fn(self.student), self.spec, rng)
         return self.heldout(pairs_per_fold).evaluate(name, self.spec.transform_id, embed)
 
-    def fit(self, resume: bool = False) -> dict:
+    def fit(self, resume: bool = False, stop_after: int | None = None) -> dict:
+        """Train up to the configured epochs (or only until `stop_after` epochs are done, as if interrupted)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.json").write_text(json.dumps(self.config, indent=1) + "\n")
         if resume and self.checkpoint_path.exists():
@@ -313,7 +314,7 @@ class Trainer:
                 before = self.evaluate(quick, "epoch 0")
                 self.history.append({"epoch": 0, "heldout": before.to_dict()})
                 self._write_metrics(self.history[-1])
-        epochs = self.config["optim"]["epochs"]
+        epochs = self.config["optim"]["epochs"] if stop_after is None else min(stop_after, self.config["optim"]["epochs"])
         while self.epoch < epochs:
             metrics = self.train_epoch(self.epoch)
             quick = self.config["eval"]["epoch_pairs_per_fold"]

@@ -7,6 +7,7 @@ from sqlalchemy.orm import Session
 
 from app.auth import Principal
 from app.context import GatewayContext
+from app.db import session_scope
 from app.deps import get_context, get_session, require_scope
 from app.models import Job, ModelVersion, Tenant
 from app.problems import Problem, not_found
@@ -40,9 +41,8 @@ def list_models(_: Principal = Depends(admin), session: Session = Depends(get_se
 async def activate_model(version: str, _: Principal = Depends(admin),
                          ctx: GatewayContext = Depends(get_context)) -> ModelVersionOut:
     """Make a version active. Every gateway worker swaps its ORT session without dropping requests."""
-    with ctx.sessions() as session, session.begin():
-        row = activate_version(session, version)
-        out = _model_out(row)
+    with session_scope(ctx.sessions) as session:
+        out = _model_out(activate_version(session, version))
     publish_activation(ctx.settings.redis_url, version)
     await sync_active_model(ctx.sessions, ctx.models)
     return out
@@ -70,8 +70,9 @@ def get_job(job_id: str, _: Principal = Depends(admin), session: Session = Depen
 
 
 @router.post("/tenant/rotate-key", responses=ERRORS)
-def rotate_tenant_key(principal: Principal = Depends(admin), session: Session = Depends(get_session)) -> dict:
+def rotate_tenant_key(principal: Principal = Depends(admin), ctx: GatewayContext = Depends(get_context)) -> dict:
     """Revoke every template of the caller's tenant by moving to a new template key. Re-enroll afterwards."""
-    tenant = session.get(Tenant, principal.tenant_id)
-    tenant.key_version += 1
-    return {"tenant_id": tenant.id, "key_version": tenant.key_version}
+    with session_scope(ctx.sessions) as session:  # committed before the response leaves
+        tenant = session.get(Tenant, principal.tenant_id)
+        tenant.key_version += 1
+        return {"tenant_id": tenant.id, "key_version": tenant.key_version}

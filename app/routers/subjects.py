@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 
 from app.auth import Principal
 from app.context import GatewayContext
+from app.db import session_scope
 from app.deps import get_context, get_session, require_scope
 from app.models import Subject
 from app.schemas import EnrollmentOut, EnrollRequest, SubjectCreate, SubjectOut
@@ -32,13 +33,14 @@ def _enrollment_out(enrollment) -> EnrollmentOut:
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=SubjectOut, responses=ERRORS)
 def create_subject(body: SubjectCreate, principal: Principal = Depends(require_scope("enroll")),
-                   session: Session = Depends(get_session)) -> SubjectOut:
+                   ctx: GatewayContext = Depends(get_context)) -> SubjectOut:
     """Create a subject (a person) to enroll faces for. Returns its id."""
-    subject = Subject(id="sub_" + uuid.uuid4().hex, tenant_id=principal.tenant_id, external_id=body.external_id)
-    session.add(subject)
-    session.flush()
-    session.refresh(subject)
-    return _subject_out(subject)
+    with session_scope(ctx.sessions) as session:  # committed before the response leaves
+        subject = Subject(id="sub_" + uuid.uuid4().hex, tenant_id=principal.tenant_id, external_id=body.external_id)
+        session.add(subject)
+        session.flush()
+        session.refresh(subject)
+        return _subject_out(subject)
 
 
 @router.get("/{subject_id}", response_model=SubjectOut, responses=ERRORS)

@@ -1,0 +1,228 @@
+"""training_jobs: splits, per-sample transform noise, a tiny CPU training run, checkpoints, leakage and metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from inference.lfw import lfw_dir, read_pairs, shared_dir
+from inference.mobilefacenet import WEIGHTS_SUBPATH
+from inference.transform import spec_v0
+from training_jobs.datasets import Augment, TransformedFaces, make_split
+from training_jobs.evaluate import (identification_split, leave_one_fold_out_accuracy, parse_folds, rank1,
+                                    roc_points, tar_at_far)
+from training_jobs.leakage import psnr, ssim
+from training_jobs.losses import DistillationLoss, MarginHead
+
+SHARED = shared_dir()
+LFW = lfw_dir(SHARED)
+HAVE_LFW = (LFW / "pairs.txt").exists()
+HAVE_WEIGHTS = (SHARED / WEIGHTS_SUBPATH).exists()
+needs_lfw = pytest.mark.skipif(not HAVE_LFW, reason=f"aligned LFW absent under {SHARED}")
+needs_model = pytest.mark.skipif(not (HAVE_LFW and HAVE_WEIGHTS), reason=f"LFW or MobileFaceNet absent under {SHARED}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# --- splits and dataset --------------------------------------------------------------------------
+
+@needs_lfw
+def test_split_is_identity_disjoint_from_folds_6_to_10():
+    split = make_split(LFW)
+    held = {path.split("/")[0] for p in read_pairs(LFW) if p.fold in (6, 7, 8, 9, 10) for path in (p.left, p.right)}
+    train_ids = {path.split("/")[0] for path in split.train_images}
+    assert train_ids.isdisjoint(held)
+    assert held == set(split.eval_identities)
+    assert len(split.eval_pairs) == 3000 and {p.fold for p in split.eval_pairs} == {6, 7, 8, 9, 10}
+    # every identity outside folds 6-10 is used (those of folds 1-5 included): 3,554 identities, 6,922 images
+    assert (split.num_classes, len(split.train_images)) == (3554, 6922)
+    assert len(split.train_labels) == len(split.train_images) and max(split.train_labels) == split.num_classes - 1
+    assert train_ids & {path.split("/")[0] for p in read_pairs(LFW) if p.fold == 1 for path in (p.left, p.right)}
+
+
+@needs_lfw
+def test_limited_split_is_deterministic_and_still_disjoint():
+    a = make_split(LFW, max_identities=4, max_images_per_identity=4, min_images=4)
+    b = make_split(LFW, max_identities=4, max_images_per_identity=4, min_images=4)
+    assert a.train_images == b.train_images and len(a.train_images) == 16 and a.num_classes == 4
+    assert not {p.split("/")[0] for p in a.train_images} & set(a.eval_identities)
+
+
+@needs_lfw
+def test_transform_is_applied_per_sample_with_fresh_noise():
+    split = make_split(LFW, max_identities=2, max_images_per_identity=2, min_images=2)
+    spec = spec_v0()
+    data = TransformedFaces(LFW, split.train_images, split.train_labels, spec, augment=None, seed=0)
+    features, clean, label = data[0]
+    assert features.shape == spec.shape and features.dtype == torch.float32
+    assert clean.shape == (112, 112, 3) and clean.dtype == torch.uint8 and label == split.train_labels[0]
+    # the SDK's exact transform: same clean part, float16 values, noise of the spec's scale
+    exact = spec.clean(clean.numpy()).astype(np.float32)
+    noise = features.numpy() - exact
+    assert np.array_equal(features.numpy().astype(np.float16).astype(np.float32), features.numpy())
+    scales = spec.noise_scales()[:, None, None]
+    assert 0.7 < np.mean(np.abs(noise) / scales) < 1.3  # E|Laplace(b)| = b (float16 rounding aside)
+    again, _, _ = data[0]
+    assert torch.equal(again, features)  # reproducible within an epoch (seeded by seed, epoch, index)
+    data.set_epoch(1)
+    next_epoch, clean_next, _ = data[0]
+    assert torch.equal(clean_next, clean) and not torch.equal(next_epoch, features)  # fresh noise per visit
+    # two samples never share a noise draw
+    other = TransformedFaces(LFW, [split.train_images[0]] * 2, [0, 0], spec, augment=None, seed=0)
+    assert not torch.equal(other[0][0], other[1][0])
+    assert torch.equal(other[0][1], other[1][1])
+
+
+def test_augmentation_changes_the_image_before_the_transform():
+    face = np.random.default_rng(0).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    augment = Augment(flip=1.0, brightness=0.0, contrast=0.0, translate=0)
+    assert np.array_equal(augment(face, np.random.default_rng(0)), face[:, ::-1])
+    jitter = Augment(flip=0.0, brightness=0.1, contrast=0.1, translate=4)
+    out = jitter(face, np.random.default_rng(1))
+    assert out.shape == face.shape and out.dtype == np.uint8 and not np.array_equal(out, face)
+    assert Augment.from_config(None) is None and Augment.from_config({"enabled": False}) is None
+
+
+# --- losses ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["cosface", "arcface"])
+def test_margin_head_penalises_the_target_logit(kind):
+    torch.manual_seed(0)
+    head = MarginHead(8, 3, kind, scale=10.0, margin=0.3)
+    embeddings = torch.randn(4, 8)
+    labels = torch.tensor([0, 1, 2, 0])
+    head.init_from_embeddings(embeddings, labels)
+    loss, cos = head(embeddings, labels)
+    plain = torch.nn.functional.cross_entropy(10.0 * cos, labels)
+    assert loss > plain and torch.isfinite(loss)
+
+
+def test_distillation_is_zero_for_identical_directions():
+    x = torch.randn(5, 16)
+    assert DistillationLoss()(x, 3 * x).abs() < 1e-6
+    assert DistillationLoss()(x, -x) == pytest.approx(2.0, abs=1e-5)
+
+
+# --- a tiny real training run ---------------------------------------------------------------------
+
+def tiny_config(tmp_path, epochs: int) -> dict:
+    from training_jobs.train import DEFAULTS, merge
+    return merge(DEFAULTS, {
+        "name": "tiny", "seed": 0, "device": "cpu", "threads": 1, "out_dir": str(tmp_path / "run"),
+        "data": {"max_identities": 4, "max_images_per_identity": 4, "min_images": 4},
+        "augment": None,
+        "optim": {"epochs": epochs, "batch_size": 8, "lr": 1e-3, "adapter_lr": 1e-4, "head_lr": 1e-2,
+                  "warmup_steps": 1},
+        "eval": {"epoch_pairs_per_fold": 0},
+    })
+
+
+@needs_model
+def test_tiny_cpu_training_run_lowers_the_loss(tmp_path):
+    from training_jobs.train import Trainer
+    trainer = Trainer(tiny_config(tmp_path, epochs=4))
+    assert len(trainer.dataset) == 16 and trainer.steps_per_epoch == 2
+    assert trainer.student.adapter.learnable
+    frozen = [p.requires_grad for p in trainer.teacher.model.parameters()]
+    assert not any(frozen)
+    before = trainer.student.adapter.idct.weight.detach().clone()
+    trainer.fit()
+    losses = [h["loss"] for h in trainer.history]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert not torch.equal(before, trainer.student.adapter.idct.weight)  # the adapter learns
+    metrics = json.loads((tmp_path / "run" / "metrics" / "epoch_004.json").read_text())
+    assert metrics["epoch"] == 4 and metrics["step"] == 8
+
+
+@needs_model
+def test_checkpoint_resume_round_trip(tmp_path):
+    from training_jobs.train import Trainer
+    straight = Trainer(tiny_config(tmp_path / "a", epochs=2))
+    straight.fit()
+
+    interrupted = Trainer(tiny_config(tmp_path / "b", epochs=2))
+    interrupted.fit(stop_after=1)  # as if killed after the first epoch's checkpoint
+    assert interrupted.checkpoint_path.exists() and interrupted.epoch == 1
+    resumed = Trainer(tiny_config(tmp_path / "b", epochs=2))  # a fresh process
+    resumed.fit(resume=True)
+    assert resumed.epoch == 2 and resumed.step == straight.step
+    # epoch 1 is read from the checkpoint; epoch 2 continues with the same optimizer/scheduler state and
+    # data order, so the two runs end with the same weights
+    assert resumed.history[0]["loss"] == pytest.approx(straight.history[0]["loss"], rel=1e-6)
+    assert resumed.history[1]["loss"] == pytest.approx(straight.history[1]["loss"], rel=1e-4)
+    for (name, a), b in zip(straight.student.state_dict().items(), resumed.student.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+    assert resumed.scheduler.last_epoch == straight.scheduler.last_epoch
+
+
+# --- leakage metrics ------------------------------------------------------------------------------
+
+def test_ssim_and_psnr_sanity():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (112, 112)).astype(np.float64)
+    assert ssim(image, image) == pytest.approx(1.0, abs=1e-12)
+    assert psnr(image, image) == math.inf
+    noisy = np.clip(image + rng.normal(0, 20, image.shape), 0, 255)
+    worse = np.clip(image + rng.normal(0, 60, image.shape), 0, 255)
+    assert 0 < ssim(image, worse) < ssim(image, noisy) < 1
+    assert psnr(image, noisy) > psnr(image, worse)
+    assert psnr(np.zeros((4, 4)), np.full((4, 4), 255.0)) == pytest.approx(0.0)
+    assert psnr(np.zeros((4, 4)), np.full((4, 4), 25.5)) == pytest.approx(20.0)
+    assert ssim(image, 255 - image) < 0
+
+
+# --- evaluation metrics on synthetic scores -------------------------------------------------------
+
+def test_tar_at_far_on_a_known_score_set():
+    # 1,000 impostors at 0.000..0.999, 100 genuines at 0.50..0.995 step 0.005 (scores distinct)
+    impostor = np.arange(1000) / 1000.0
+    genuine = 0.5 + np.arange(100) * 0.005 + 0.0001
+    scores = np.concatenate([genuine, impostor])
+    same = np.concatenate([np.ones(100, bool), np.zeros(1000, bool)])
+    # FAR 1e-2 -> at most 10 impostors accepted -> threshold 0.990 -> genuines >= 0.99: 0.9901, 0.9951 -> TAR 2/100
+    tar, threshold = tar_at_far(scores, same, 1e-2)
+    assert threshold == pytest.approx(0.990) and tar == pytest.approx(0.02)
+    # FAR 0.5 -> 500 impostors (>= 0.5) -> every genuine accepted
+    tar, threshold = tar_at_far(scores, same, 0.5)
+    assert threshold == pytest.approx(0.5) and tar == 1.0
+    # below the resolution: no impostor may pass -> threshold above 0.999 -> no genuine above it
+    tar, _ = tar_at_far(scores, same, 1e-4)
+    assert tar == 0.0
+    far, tar_curve, _ = roc_points(scores, same)
+    assert far[0] == 0 and far[-1] == 1 and tar_curve[-1] == 1 and np.all(np.diff(far) >= 0)
+
+
+def test_tar_at_far_with_perfect_separation_and_leave_one_fold_out():
+    scores = np.array([0.9, 0.8, 0.85, 0.1, 0.2, 0.15] * 5)
+    same = np.array([True, True, True, False, False, False] * 5)
+    folds = np.repeat(np.arange(6, 11), 6)
+    assert tar_at_far(scores, same, 1e-4)[0] == 1.0
+    result = leave_one_fold_out_accuracy(scores, same, folds)
+    assert result["accuracy"] == 1.0 and sorted(result["per_fold"]) == [6, 7, 8, 9, 10]
+    # one fold with flipped labels: its threshold comes from the others, so that fold scores 0
+    flipped = same.copy()
+    flipped[folds == 8] = ~flipped[folds == 8]
+    result = leave_one_fold_out_accuracy(scores, flipped, folds)
+    assert result["per_fold"][8]["accuracy"] == 0.0 and result["accuracy"] == pytest.approx(0.8)
+
+
+def test_rank1_and_identification_split():
+    images = ["A/A_0002.jpg", "A/A_0001.jpg", "B/B_0001.jpg", "C/C_0001.jpg", "C/C_0003.jpg", "C/C_0002.jpg"]
+    gallery, probes = identification_split(images)
+    assert gallery == ["A/A_0001.jpg", "C/C_0001.jpg"]  # B has one image: not in the 1:N set
+    assert probes == ["A/A_0002.jpg", "C/C_0002.jpg", "C/C_0003.jpg"]
+    g = np.eye(2)
+    p = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])
+    assert rank1(g, ["A", "C"], p, ["A", "C", "C"]) == pytest.approx(2 / 3)
+    assert parse_folds("6-10") == (6, 7, 8, 9, 10) and parse_folds("1,3-4") == (1, 3, 4)
