@@ -44,6 +44,7 @@ class LocalStack:
     party_timeout_s: float = 15.0
     mpc_op_timeout_s: float = 8.0
     model_dir: Path = MODEL_CACHE
+    gateway_workers: int = 1
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -98,7 +99,7 @@ class LocalStack:
             env.update({"PRIVFACE_PARTY_DATABASE_URL": self.party_dbs[rank],
                         "PRIVFACE_PARTY_PORT": str(self.party_ports[rank])})
         else:
-            args = ["gateway", "--port", str(self.port)]
+            args = ["gateway", "--port", str(self.port), "--workers", str(self.gateway_workers)]
         log = open(self.workdir / f"{name}.log", "ab")
         self.processes[name] = subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=env,
                                                 stdout=log, stderr=subprocess.STDOUT)

@@ -42,8 +42,8 @@ class GatewaySettings(BaseSettings):
     batch_wait_ms: float = Field(2.0, description="Micro-batching: longest wait for a batch to fill.")
     prefer_gpu: bool = Field(True, description="Use ONNX Runtime's CUDA provider when present.")
     model_poll_s: float = Field(5.0, description="Fallback poll of the active model version when Redis is absent.")
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field("127.0.0.1", description="Gateway listen address.")
+    port: int = Field(8000, description="Gateway listen port.")
 
     @field_validator("party_urls", mode="before")
     @classmethod

@@ -58,9 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("photo", type=Path)
     identify = commands.add_parser("identify", parents=[common], help="1:N - which subject is the photo?")
     identify.add_argument("photo", type=Path)
+    features = commands.add_parser("features", parents=[common],
+                                   help="print the feature payload of a photo (for curl); nothing is uploaded")
+    features.add_argument("photo", type=Path)
     delete = commands.add_parser("delete", parents=[common], help="delete a subject and its templates")
     delete.add_argument("subject_id")
-    for command in (enroll, verify, identify):
+    for command in (enroll, verify, identify, features):
         command.add_argument("--face-policy", choices=FACE_POLICIES, default="single",
                              help="single: refuse photos with several faces (default); largest: use the largest")
     return parser
@@ -106,6 +109,8 @@ def _run(client: PrivfaceClient, args: argparse.Namespace) -> Iterator[dict[str,
     elif args.command == "delete":
         client.delete_subject(args.subject_id)
         yield {"deleted": args.subject_id}
+    elif args.command == "features":
+        yield dict(_features(client, args.photo, args.face_policy))
     elif args.command == "verify":
         yield {"match": client.verify_features(args.subject_id, _features(client, args.photo, args.face_policy))}
     elif args.command == "identify":

@@ -1,7 +1,9 @@
-"""Print the configuration table of the README from the settings classes themselves (no drift)."""
+"""`python -m scripts.config_table`: print the configuration table of the README from the settings classes themselves (no drift)."""
 from __future__ import annotations
 
 from pydantic_settings import BaseSettings
+
+from app.settings import PROJECT_ROOT
 
 
 def rows(settings_cls: type[BaseSettings]) -> list[str]:
@@ -11,7 +13,8 @@ def rows(settings_cls: type[BaseSettings]) -> list[str]:
         default = field.default if field.default_factory is None else field.default_factory()
         if name in ("party_urls",) and isinstance(default, tuple):
             default = ",".join(default)
-        text = str(default).replace(str(__import__("app.settings").settings.PROJECT_ROOT), "<project>")
+        root = str(PROJECT_ROOT)
+        text = str(default).replace(str(PROJECT_ROOT.parent / "shared"), "../shared").replace(root, "<project>")
         out.append(f"| `{prefix}{name.upper()}` | `{text}` | {field.description or ''} |")
     return out
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,20 +27,33 @@ REDIS_URL = os.environ.get("PRIVFACE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
 @pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database (real server), dropped afterwards."""
+def postgres_db() -> Iterator[Callable[[], str]]:
+    """A factory of fresh, empty PostgreSQL databases (real server), all dropped afterwards."""
     import psycopg
 
-    name = "pf_test_" + uuid.uuid4().hex[:12]
-    try:
-        admin = psycopg.connect(POSTGRES_ADMIN, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable ({exc}); run scripts/services.sh")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    names: list[str] = []
+
+    def create() -> str:
+        name = "pf_test_" + uuid.uuid4().hex[:12]
+        try:
+            admin = psycopg.connect(POSTGRES_ADMIN, autocommit=True, connect_timeout=5)
+        except psycopg.OperationalError as exc:
+            pytest.fail(f"PostgreSQL is not reachable ({exc}); run scripts/services.sh")
+        with admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+        names.append(name)
+        return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+    yield create
     with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for name in names:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_url(postgres_db) -> str:
+    """One fresh, empty PostgreSQL database."""
+    return postgres_db()
 
 
 @pytest.fixture

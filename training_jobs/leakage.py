@@ -146,7 +146,7 @@ def run(transforms: list[str], epsilon: float | None, folds: tuple[int, ...], ou
               f"SFace rank-1 {100 * r1:.2f}% ({row['seconds']:.0f} s)", flush=True)
     tag = "none" if epsilon is None else f"{epsilon:g}"
     grid_path = save_grid(probe_faces[show], grid_rows, out / f"rebuilds_eps{tag}.png",
-                          f"held-out probes (LFW folds {folds[0]}-{folds[-1]}) and naive inverse-DCT rebuilds, ε/coef = {tag}")
+                          f"held-out probes (LFW folds {','.join(map(str, folds))}) and naive inverse-DCT rebuilds, ε/coef = {tag}")
     report = {"protocol": __doc__.split("For each transform")[1].split("A PNG grid")[0].strip(),
               "folds": list(folds), "seed": seed, "gallery": len(gallery_paths), "probes": len(probe_paths),
               "chance_rank1": 1.0 / len(gallery_paths), "sface_rank1_clean_probes": pixel_rank1, "rows": rows,
