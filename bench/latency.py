@@ -40,9 +40,9 @@ def percentiles(samples: list[float]) -> dict[str, float]:
             "n": len(samples)}
 
 
-def timed(call) -> float:
+def timed(call, *args) -> float:
     started = time.perf_counter()
-    call()
+    call(*args)
     return time.perf_counter() - started
 
 
@@ -75,15 +75,15 @@ def main(argv: list[str] | None = None) -> None:
             for face in tqdm(pool[len(subjects):size], desc=f"enroll to {size}"):
                 subject = client.create_subject()["id"]
                 payload = encode_features(spec.apply(face, fresh_rng()), spec)
-                enroll_times.append(timed(lambda: client.enroll_features(subject, payload)))
+                enroll_times.append(timed(client.enroll_features, subject, payload))
                 subjects.append(subject)
             verify_times, identify_times = [], []
             for i in tqdm(range(args.queries), desc=f"verify+identify at {size}"):
                 index = (i * 7919) % size
                 probe = encode_features(spec.apply(pool[index], fresh_rng()), spec)
-                verify_times.append(timed(lambda: client.verify_features(subjects[index], probe)))
+                verify_times.append(timed(client.verify_features, subjects[index], probe))
                 probe = encode_features(spec.apply(pool[index], fresh_rng()), spec)
-                identify_times.append(timed(lambda: client.identify_features(probe)))
+                identify_times.append(timed(client.identify_features, probe))
             plain = plaintext_search_s(size, spec_dim(stack))
             identify = percentiles(identify_times)
             results[str(size)] = {"enroll": percentiles(enroll_times), "verify": percentiles(verify_times),

@@ -52,7 +52,8 @@ def _party(rank: int) -> int:
             t0 = time.monotonic()
             try:
                 share = engine.submit(job, float(req.get("timeout", 60)))
-                say({"tag": tag, "share": share, "elapsed": time.monotonic() - t0})
+                say({"tag": tag, "share": share, "elapsed": time.monotonic() - t0,
+                     "stats": engine.job_stats(req["job_id"])})
             except MpcUnavailable as exc:
                 say({"tag": tag, "error": str(exc), "elapsed": time.monotonic() - t0})
 

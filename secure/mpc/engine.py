@@ -17,6 +17,7 @@ This module imports neither torch nor CrypTen (only the workers do).
 """
 from __future__ import annotations
 
+import collections
 import logging
 import multiprocessing as mp
 import queue
@@ -110,6 +111,7 @@ class MpcEngine:
         self._last_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._stats: collections.OrderedDict[str, dict] = collections.OrderedDict()
 
     # ------------------------------------------------------------------------------------------ public
     def start(self) -> None:
@@ -142,6 +144,11 @@ class MpcEngine:
         with self._lock:
             return {"connected": self._connected, "generation": self._generation,
                     "provider": self.settings.provider, "last_error": self._last_error}
+
+    def job_stats(self, job_id: str) -> dict | None:
+        """Traffic/timing of a finished job at this party (bytes, rounds, comm_s, mpc_s, protocol), if known."""
+        with self._lock:
+            return self._stats.get(job_id)
 
     def wait_connected(self, timeout: float) -> bool:
         """Convenience for tests and start-up scripts: block until connected (True) or ``timeout`` (False)."""
@@ -261,6 +268,11 @@ class MpcEngine:
                 pending = self._pending.pop(msg[1], None)
             if pending is not None:
                 if kind == "done":
+                    if len(msg) > 3 and isinstance(msg[3], dict):
+                        with self._lock:
+                            self._stats[msg[1]] = msg[3]
+                            while len(self._stats) > 256:
+                                self._stats.popitem(last=False)
                     pending.finish(share=int(msg[2]))
                 else:
                     pending.finish(error=str(msg[2]))

@@ -105,6 +105,7 @@ class Cluster:
         self.parties: list[_Proc | None] = [None, None]
         self.dealer: _Proc | None = None
         self.provider = self.env.get("PRIVFACE_MPC_PROVIDER", "TTP")
+        self.last_stats: list[dict | None] = [None, None]  # per party, of the last run()
 
     def start(self) -> Cluster:
         if self.provider == "TTP":
@@ -167,6 +168,7 @@ class Cluster:
         for r, msg in enumerate(res):
             if "error" in msg:
                 raise RuntimeError(f"party {r}: {msg['error']}")
+        self.last_stats = [res[0].get("stats"), res[1].get("stats")]
         return reconstruct(res[0]["share"], res[1]["share"]), float(res[0]["elapsed"])
 
     def logs(self) -> str:

@@ -30,8 +30,12 @@ def threshold_raw(threshold: float) -> int:
 
 
 def match_share(kind: str, query_share: np.ndarray, gallery_share: np.ndarray, labels: np.ndarray,
-                threshold: float, device: str = "cpu") -> int:
-    """This party's int64 share of the match output (see module docstring). Requires n >= 1."""
+                threshold: float, device: str = "cpu", score_fn=None) -> int:  # noqa: ANN001
+    """This party's int64 share of the match output (see module docstring). Requires n >= 1.
+
+    ``score_fn(q, g, labels) -> int64 tensor [n]`` (CPU tensors in, this party's share of the raw scores out)
+    replaces the Beaver matmul, e.g. the fixed-gallery protocol (``fixed_gallery.party_scores``).
+    """
     import torch
 
     from .crypten_compat import load_crypten
@@ -45,12 +49,17 @@ def match_share(kind: str, query_share: np.ndarray, gallery_share: np.ndarray, l
     n = int(g.shape[0])
     if n < 1:
         raise ValueError("match_share needs at least one gallery row")
-    if device != "cpu":
-        q, g = q.to(device), g.to(device)
-
-    qe = MPCTensor.from_shares(q, precision=0)
-    ge = MPCTensor.from_shares(g, precision=0)
-    scores = ge.matmul(qe)  # [n] shares of <g, q> * 2^32
+    if score_fn is not None:
+        lab_cpu = torch.as_tensor(np.asarray(labels, dtype=np.int64).copy())
+        s = score_fn(q, g, lab_cpu)
+        scores = MPCTensor.from_shares(s.to(device) if device != "cpu" else s, precision=0)
+        g = s  # only its device is used below
+    else:
+        if device != "cpu":
+            q, g = q.to(device), g.to(device)
+        qe = MPCTensor.from_shares(q, precision=0)
+        ge = MPCTensor.from_shares(g, precision=0)
+        scores = ge.matmul(qe)  # [n] shares of <g, q> * 2^32
     t_raw = threshold_raw(threshold)
 
     if kind == "verify":

@@ -40,6 +40,10 @@ class MpcSettings(BaseSettings):
     retry_backoff_s: float = Field(0.5, ge=0, description="Pause before a new rendezvous attempt.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description='"auto": CUDA when torch sees a GPU, else CPU. All three processes must agree.')
+    protocol: Literal["fixed-gallery", "naive"] = Field(
+        "fixed-gallery", description='1:N scores: "fixed-gallery" (each gallery row\'s Beaver mask opened once '
+                                     'and reused, O(n + d) per query) or "naive" (CrypTen Beaver matmul, O(n d) '
+                                     'per query; the baseline). Verify always uses "naive". Both parties must agree.')
     gloo_ifname: str | None = Field(None, description="GLOO_SOCKET_IFNAME for the worker (e.g. 'lo').")
 
     @model_validator(mode="after")

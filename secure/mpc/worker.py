@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
-PROTOCOL_VERSION = 1
-DEALER_FUNCTIONS = frozenset({"additive", "square", "binary", "wraps", "B2A", "ping"})
+PROTOCOL_VERSION = 2
+DEALER_FUNCTIONS = frozenset({"additive", "square", "binary", "wraps", "B2A", "ping",
+                              "fg_mask", "fg_query", "fg_reset"})
 
 
 # ----------------------------------------------------------------------------------------------- process
@@ -113,6 +114,7 @@ def init_crypten(rank: int, settings: Any):  # type: ignore[no-untyped-def]
     dist.init_process_group = init_process_group
     crypten = load_crypten()
     crypten.cfg.mpc.provider = settings.provider
+    crypten.cfg.communicator.verbose = True  # per-job traffic stats (bytes, rounds) for the benchmarks
     crypten.init()
     return crypten
 
@@ -142,6 +144,14 @@ class _Party:
         self.pair_wait = settings.effective_pair_wait_s()
         self.jobs: collections.OrderedDict[str, dict] = collections.OrderedDict()
         self.stopping = False
+        self.protocol = getattr(settings, "protocol", "naive")
+        self.fg_cache = None
+        if self.protocol == "fixed-gallery" and not self.ttp:
+            self.protocol = "naive"  # test-only TFP has no dealer to hold the masks
+        if self.protocol == "fixed-gallery":
+            from .fixed_gallery import PartyGalleryCache
+
+            self.fg_cache = PartyGalleryCache(rank)
 
     # -- group messaging (JSON over uint8 tensors, no pickle)
     def bcast(self, obj: Any = None) -> Any:
@@ -164,7 +174,7 @@ class _Party:
 
     def hello(self) -> None:
         """Check that both parties run the same protocol version on the same device type."""
-        mine = {"t": "hello", "proto": PROTOCOL_VERSION, "device": self.device}
+        mine = {"t": "hello", "proto": PROTOCOL_VERSION, "device": self.device, "scores": self.protocol}
         theirs = self.bcast(mine if self.rank == 0 else None)
         ok = theirs == mine
         if not self.agree(ok):
@@ -210,16 +220,29 @@ class _Party:
     def run_job(self, p: dict) -> None:
         from .protocol import match_share
 
+        score_fn = None
+        if self.fg_cache is not None and p["kind"] == "identify":
+            from .fixed_gallery import party_scores
+
+            def score_fn(q, g, lab):  # type: ignore[no-untyped-def]  # noqa: ANN001
+                return party_scores(self.crypten, self.fg_cache, q, g, lab)
+
+        self.comm.reset_communication_stats()
+        t0 = time.perf_counter()
         try:
             share = match_share(p["kind"], p["query_share"], p["gallery_share"], p["labels"], p["threshold"],
-                                self.device)
+                                self.device, score_fn=score_fn)
         except BaseException as exc:
             # "down" first: by the time the caller sees its job fail, status() already says disconnected
             reason = f"session failed: {type(exc).__name__}: {str(exc)[:500]}"
             self.outq.put(("down", reason))
             self.outq.put(("fail", p["job_id"], f"MPC failed, peer or dealer lost ({reason})"))
             raise
-        self.outq.put(("done", p["job_id"], share))
+        st = self.comm.get_communication_stats()
+        stats = {"bytes": int(st["bytes"]), "rounds": int(st["rounds"]), "comm_s": float(st["time"]),
+                 "mpc_s": time.perf_counter() - t0, "protocol": self.protocol if score_fn else "naive",
+                 "setup_rows": int(self.fg_cache.setup_rows) if score_fn else 0}
+        self.outq.put(("done", p["job_id"], share, stats))
 
 
 class _Leader(_Party):
@@ -347,6 +370,9 @@ def _make_dealer_class():  # type: ignore[no-untyped-def]
             self.device = "cpu"
             self.timeout = timedelta(seconds=float(settings.op_timeout_s))
             self._setup_generators()
+            from .fixed_gallery import DealerGalleryMasks
+
+            self.fg = DealerGalleryMasks()
 
         def _recv_obj(self) -> Any:
             import torch
@@ -377,6 +403,22 @@ def _make_dealer_class():  # type: ignore[no-untyped-def]
             import torch
 
             return torch.zeros(1, dtype=torch.long)
+
+        # fixed-gallery protocol (secure/mpc/fixed_gallery.py): masks kept per slot, fresh b per query
+        def fg_reset(self, d):  # type: ignore[no-untyped-def]
+            import torch
+
+            self.fg.reset(int(d))
+            return torch.zeros(1, dtype=torch.long)
+
+        def fg_mask(self, m, d):  # type: ignore[no-untyped-def]
+            import torch
+
+            self.fg.add(self._get_generators(device="cpu"), int(m), int(d))
+            return torch.zeros(1, dtype=torch.long)
+
+        def fg_query(self, ranges, d):  # type: ignore[no-untyped-def]
+            return self.fg.query(self._get_generators(device="cpu"), [[int(a), int(b)] for a, b in ranges], int(d))
 
         def additive(self, size0, size1, op, *args, **kwargs):  # type: ignore[no-untyped-def]
             import torch

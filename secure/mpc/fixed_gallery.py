@@ -1,0 +1,201 @@
+"""Fixed-gallery secure scores: the gallery's Beaver mask is opened once per row and reused by every query.
+
+Ring: Z_2^64 as int64 with wraparound (torch), integer scale, exactly the values of the naive circuit
+(gallery and query at 2^16, scores at 2^32; see ``protocol.py``). Security argument: ``docs/security.md``.
+
+Correlated randomness (dealer D = CrypTen TTP, which shares one PRG seed with each party):
+* mask setup, once per gallery row (and again for a row whose share changed, or after a reset):
+  party i draws A_i (m x d) from its PRG; D draws both and keeps A = A_0 + A_1. The parties open
+  E = G - A (each sends G_i - A_i once) and cache [E | A_i] per row.
+* per query x (shared): party i draws b_i (d) from its PRG; D computes c = A[rows] . (b_0 + b_1) and sends
+  c_0 = c - c_1 to party 0 (n elements), party 1 draws c_1 (n) from its PRG. The parties open f = x - b (d).
+  Then  share_i(G x) = [i == 0] E f + E b_i + A_i f + c_i          (sum over i: (E + A)(f + b) = G x)
+  computed as one product  [E | A_i] . [b_i + [i == 0] f ; f]  + c_i.
+Per-query traffic between the parties: 2 d ring elements (f); from the dealer: n (c_0 to party 0).
+
+Rules that keep it secure (each enforced here):
+* a mask row is never used to open anything but its own gallery row: a row whose share changes (at either
+  party) gets a fresh slot and a fresh mask; slots are never reused (a reset starts a new store);
+* b is fresh per query (drawn from the PRG stream, which never repeats within a generation);
+* A_i never leaves party i; E is opened once per (row, slot).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# multiplier folding the public label into the local row key (odd => a bijection of the ring)
+_LABEL_MIX = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
+
+
+# ----------------------------------------------------------------------------------- pure ring arithmetic
+def ring_score_share(rank: int, ea: torch.Tensor, f: torch.Tensor, b_i: torch.Tensor, c_i: torch.Tensor) -> torch.Tensor:
+    """Party ``rank``'s share of G x, from ``ea`` = [E | A_i] (n x 2d), public f = x - b, b_i, c_i (int64)."""
+    v = b_i + f if rank == 0 else b_i
+    return torch.mv(ea, torch.cat([v, f])) + c_i
+
+
+def split_rows_to_ranges(slots: torch.Tensor) -> list[list[int]]:
+    """Run-length encode a slot vector: [[start, length], ...] (the dealer needs only this, no labels)."""
+    s = slots.tolist()
+    out: list[list[int]] = []
+    for v in s:
+        if out and out[-1][0] + out[-1][1] == v:
+            out[-1][1] += 1
+        else:
+            out.append([int(v), 1])
+    return out
+
+
+def gather_ranges(store: torch.Tensor, ranges: list[list[int]]) -> torch.Tensor:
+    if len(ranges) == 1:
+        start, length = ranges[0]
+        return store.narrow(0, start, length)
+    return torch.cat([store.narrow(0, s, n) for s, n in ranges])
+
+
+# ----------------------------------------------------------------------------------- party side
+class PartyGalleryCache:
+    """One party's cached masks: rows keyed by (public label, a local checksum of this party's share row).
+
+    Lives in the worker process of one generation (the dealer's masks live in its worker of the same
+    generation), so a reconnect starts from scratch: rows are masked again with fresh masks.
+    """
+
+    def __init__(self, rank: int, max_slots_factor: float = 2.0) -> None:
+        self.rank = rank
+        self.max_slots_factor = max_slots_factor
+        self.stores: dict[int, torch.Tensor] = {}       # d -> [S, 2d] rows [E | A_i]
+        self.used: dict[int, int] = {}                  # d -> S (slots in use)
+        self.index: dict[int, dict[int, int]] = {}      # d -> row key -> slot
+        self.last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # d -> (keys, slots) of the last job
+        self.weights: dict[int, torch.Tensor] = {}
+        self.setup_rows = 0                             # rows masked by the last call (stats)
+
+    def row_keys(self, gallery: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Local, never sent: a random linear checksum of this party's share rows, mixed with the label."""
+        d = int(gallery.shape[1])
+        w = self.weights.get(d)
+        if w is None:
+            g = torch.Generator().manual_seed(int.from_bytes(__import__("os").urandom(8), "little") >> 1)
+            w = torch.randint(-(2**63), 2**63 - 1, (d,), generator=g, dtype=torch.long) | 1
+            self.weights[d] = w
+        return torch.mv(gallery, w) + labels * _LABEL_MIX
+
+    def lookup(self, d: int, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots, hit) for each row: slot -1 / hit False where this party has no mask for the row."""
+        last = self.last.get(d)
+        if last is not None and last[0].shape == keys.shape and torch.equal(last[0], keys):
+            return last[1].clone(), torch.ones(keys.shape[0], dtype=torch.bool)
+        idx = self.index.get(d, {})
+        slots = torch.tensor([idx.get(k, -1) for k in keys.tolist()], dtype=torch.long)
+        return slots, slots >= 0
+
+
+def party_scores(crypten: Any, cache: PartyGalleryCache, query: torch.Tensor, gallery: torch.Tensor,
+                 labels: torch.Tensor) -> torch.Tensor:
+    """This party's int64 share of G x (scale 2^32) by the fixed-gallery protocol. Both parties call it in lockstep."""
+    import torch.distributed as dist
+    from crypten.common.rng import generate_random_ring_element
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    comm = crypten.communicator.get()
+    rank = comm.get_rank()
+    n, d = int(gallery.shape[0]), int(gallery.shape[1])
+    gen = TTPClient.get().get_generator(device="cpu")
+    ttp = TTPClient.get()
+
+    keys = cache.row_keys(gallery, labels)
+    slots, hit = cache.lookup(d, keys)
+    # agree on which rows both parties already hold a mask for (a row is reused only if BOTH shares are unchanged)
+    all_hit = torch.tensor([1 if bool(hit.all()) else 0], dtype=torch.long)
+    dist.all_reduce(all_hit, op=dist.ReduceOp.MIN, group=comm.main_group)
+    cache.setup_rows = 0
+    if not int(all_hit.item()):
+        h = hit.to(torch.long)
+        dist.all_reduce(h, op=dist.ReduceOp.MIN, group=comm.main_group)
+        both = h.bool() & hit
+        miss = ~both
+        m = int(miss.sum().item())
+        used = cache.used.get(d, 0)
+        if used + m > max(int(cache.max_slots_factor * n), n + 4096):  # identical decision at both parties
+            if rank == 0:
+                ttp.ttp_request("fg_reset", "cpu", d)
+            cache.stores.pop(d, None)
+            cache.index[d] = {}
+            used, miss, m = 0, torch.ones(n, dtype=torch.bool), n
+            slots = torch.full((n,), -1, dtype=torch.long)
+        # fresh masks for the missing rows: A_i from this party's PRG stream; the dealer draws both and keeps A
+        a_i = generate_random_ring_element((m, d), generator=gen, device="cpu")
+        if rank == 0:
+            ttp.ttp_request("fg_mask", "cpu", m, d)
+        e_new = gallery[miss] - a_i
+        comm.all_reduce(e_new)  # E = G - A for these rows, opened once
+        new_rows = torch.cat([e_new, a_i], dim=1)
+        store = cache.stores.get(d)
+        cache.stores[d] = new_rows if store is None or used == 0 else torch.cat([store[:used], new_rows])
+        new_slots = torch.arange(used, used + m, dtype=torch.long)
+        slots[miss] = new_slots
+        idx = cache.index.setdefault(d, {})
+        for k, s in zip(keys[miss].tolist(), new_slots.tolist()):
+            idx[k] = s
+        cache.used[d] = used + m
+        cache.setup_rows = m
+    cache.last[d] = (keys, slots.clone())
+
+    ranges = split_rows_to_ranges(slots)
+    b_i = generate_random_ring_element((d,), generator=gen, device="cpu")
+    if rank == 0:
+        c_i = ttp.ttp_request("fg_query", "cpu", ranges, d)
+    else:
+        c_i = generate_random_ring_element((n,), generator=gen, device="cpu")
+    f = query - b_i
+    comm.all_reduce(f)  # f = x - b, opened (b fresh and uniform)
+    ea = gather_ranges(cache.stores[d], ranges)
+    return ring_score_share(rank, ea, f, b_i, c_i)
+
+
+# ----------------------------------------------------------------------------------- dealer side
+class DealerGalleryMasks:
+    """The dealer's half: it knows A (the sum of both parties' PRG draws) per slot; never any data."""
+
+    def __init__(self) -> None:
+        self.stores: dict[int, torch.Tensor] = {}
+        self.used: dict[int, int] = {}
+
+    def reset(self, d: int) -> None:
+        self.stores.pop(d, None)
+        self.used[d] = 0
+
+    def add(self, gens: list, m: int, d: int) -> None:
+        from crypten.common.rng import generate_random_ring_element
+
+        a = None
+        for g in gens:  # same order and sizes as the parties' draws
+            part = generate_random_ring_element((m, d), generator=g, device=g.device)
+            a = part if a is None else a + part
+        used = self.used.get(d, 0)
+        store = self.stores.get(d)
+        self.stores[d] = a if store is None or used == 0 else torch.cat([store[:used], a])
+        self.used[d] = used + m
+
+    def query(self, gens: list, ranges: list[list[int]], d: int) -> torch.Tensor:
+        from crypten.common.rng import generate_random_ring_element
+
+        b = None
+        for g in gens:
+            part = generate_random_ring_element((d,), generator=g, device=g.device)
+            b = part if b is None else b + part
+        used = self.used.get(d, 0)
+        n = 0
+        for s, ln in ranges:
+            if s < 0 or ln < 1 or s + ln > used:
+                raise RuntimeError("fixed-gallery query names a slot the dealer does not hold")
+            n += ln
+        c = torch.mv(gather_ranges(self.stores[d], ranges), b)
+        others = None
+        for g in gens[1:]:
+            part = generate_random_ring_element((n,), generator=g, device=g.device)
+            others = part if others is None else others + part
+        return c - others
