@@ -60,7 +60,10 @@ def ensure_model(settings: GatewaySettings) -> str:
         row = active_version(session)
         if row is not None:
             return row.version
-    print("exporting model v0 (first start only) ...", flush=True)
+    weights = settings.shared_dir / "models" / "mobilefacenet_foamliu" / "mobilefacenet.pt"
+    if not weights.exists():
+        raise SystemExit(f"error: no pretrained model at {weights}; set PRIVFACE_SHARED_DIR to the shared folder")
+    print("exporting model v0 (first start only, about a minute) ...", flush=True)
     version_dir = ensure_model_v0(settings.model_dir, settings.shared_dir)
     with session_scope(sessions) as session:
         row = register_model_dir(session, settings.model_dir, Path(version_dir))

@@ -37,7 +37,8 @@ log = logging.getLogger("privface.mpc")
 class MatchJob:
     job_id: str                 # same string at both parties (gateway-assigned uuid4 hex)
     kind: Literal["verify", "identify"]
-    query_share: np.ndarray     # int64 [d]: this party's additive share of the fixed-point query (16 frac bits)
+    query_share: np.ndarray     # int64 [d]: this party's additive share of the fixed-point query (16 frac bits);
+    #                             identify also takes a batch [Q, d] of queries (one MPC run; submit -> list)
     gallery_share: np.ndarray   # int64 [n, d]: this party's shares of the candidate templates, same order at both
     labels: np.ndarray          # int64 [n], public, positive, identical at both parties
     threshold: float            # public cosine threshold
@@ -52,10 +53,10 @@ class _Pending:
 
     def __init__(self) -> None:
         self.event = threading.Event()
-        self.share: int | None = None
+        self.share: Any = None
         self.error: str | None = None
 
-    def finish(self, share: int | None = None, error: str | None = None) -> None:
+    def finish(self, share: Any = None, error: str | None = None) -> None:
         self.share, self.error = share, error
         self.event.set()
 
@@ -71,10 +72,15 @@ def _validate(job: MatchJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     for name, arr in (("query_share", q), ("gallery_share", g), ("labels", lab)):
         if arr.dtype != np.int64:
             raise ValueError(f"{name} must be int64, got {arr.dtype}")
-    if q.ndim != 1 or g.ndim != 2 or lab.ndim != 1:
+    if q.ndim == 2 and job.kind == "identify":
+        if not 1 <= q.shape[0] <= 4096:
+            raise ValueError("a query batch holds 1 to 4096 queries")
+    elif q.ndim != 1:
+        raise ValueError("expected query_share [d] (identify: [d] or [Q, d])")
+    if g.ndim != 2 or lab.ndim != 1:
         raise ValueError("expected query_share [d], gallery_share [n, d], labels [n]")
-    if g.shape[0] and g.shape[1] != q.shape[0]:
-        raise ValueError(f"gallery rows have d={g.shape[1]}, query has d={q.shape[0]}")
+    if g.shape[0] and g.shape[1] != q.shape[-1]:
+        raise ValueError(f"gallery rows have d={g.shape[1]}, query has d={q.shape[-1]}")
     if lab.shape[0] != g.shape[0]:
         raise ValueError("labels and gallery rows differ in number")
     if not np.isfinite(job.threshold):
@@ -159,11 +165,12 @@ class MpcEngine:
             time.sleep(0.05)
         return self.status()["connected"]
 
-    def submit(self, job: MatchJob, timeout: float) -> int:
-        """Run ``job`` jointly with the peer party; block; return THIS party's int64 share of the output."""
+    def submit(self, job: MatchJob, timeout: float) -> Any:
+        """Run ``job`` jointly with the peer party; block; return THIS party's int64 share of the output
+        (a list of Q shares for a batch of Q queries)."""
         q, g, lab = _validate(job)
         if g.shape[0] == 0:
-            return 0
+            return 0 if q.ndim == 1 else [0] * int(q.shape[0])
         payload = {"job_id": job.job_id, "kind": job.kind, "query_share": q, "gallery_share": g,
                    "labels": lab, "threshold": float(job.threshold)}
         pending = _Pending()
@@ -188,11 +195,11 @@ class MpcEngine:
             except Exception:  # noqa: BLE001
                 pass
             if pending.event.is_set() and pending.error is None and pending.share is not None:
-                return int(pending.share)  # finished in the race window
+                return pending.share  # finished in the race window
             raise MpcUnavailable(f"job not run within {timeout:g}s")
         if pending.error is not None:
             raise MpcUnavailable(pending.error)
-        return int(pending.share)  # type: ignore[arg-type]
+        return pending.share
 
     # ------------------------------------------------------------------------------------------ supervisor
     def _supervise(self) -> None:
@@ -273,7 +280,8 @@ class MpcEngine:
                             self._stats[msg[1]] = msg[3]
                             while len(self._stats) > 256:
                                 self._stats.popitem(last=False)
-                    pending.finish(share=int(msg[2]))
+                    sh = msg[2]
+                    pending.finish(share=[int(v) for v in sh] if isinstance(sh, list) else int(sh))
                 else:
                     pending.finish(error=str(msg[2]))
         elif kind == "down":

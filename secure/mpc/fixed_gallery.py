@@ -21,6 +21,7 @@ Rules that keep it secure (each enforced here):
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -31,9 +32,14 @@ _LABEL_MIX = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
 
 # ----------------------------------------------------------------------------------- pure ring arithmetic
 def ring_score_share(rank: int, ea: torch.Tensor, f: torch.Tensor, b_i: torch.Tensor, c_i: torch.Tensor) -> torch.Tensor:
-    """Party ``rank``'s share of G x, from ``ea`` = [E | A_i] (n x 2d), public f = x - b, b_i, c_i (int64)."""
+    """Party ``rank``'s share of G x, from ``ea`` = [E | A_i] (n x 2d), public f = x - b, b_i, c_i (int64).
+
+    One query: f, b_i [d], c_i [n] -> [n].  A batch of Q queries: f, b_i [Q, d], c_i [n, Q] -> [n, Q].
+    """
     v = b_i + f if rank == 0 else b_i
-    return torch.mv(ea, torch.cat([v, f])) + c_i
+    if f.dim() == 1:
+        return torch.mv(ea, torch.cat([v, f])) + c_i
+    return torch.mm(ea, torch.cat([v, f], dim=1).t()) + c_i
 
 
 def split_rows_to_ranges(slots: torch.Tensor) -> list[list[int]]:
@@ -78,7 +84,7 @@ class PartyGalleryCache:
         d = int(gallery.shape[1])
         w = self.weights.get(d)
         if w is None:
-            g = torch.Generator().manual_seed(int.from_bytes(__import__("os").urandom(8), "little") >> 1)
+            g = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
             w = torch.randint(-(2**63), 2**63 - 1, (d,), generator=g, dtype=torch.long) | 1
             self.weights[d] = w
         return torch.mv(gallery, w) + labels * _LABEL_MIX
@@ -95,7 +101,10 @@ class PartyGalleryCache:
 
 def party_scores(crypten: Any, cache: PartyGalleryCache, query: torch.Tensor, gallery: torch.Tensor,
                  labels: torch.Tensor) -> torch.Tensor:
-    """This party's int64 share of G x (scale 2^32) by the fixed-gallery protocol. Both parties call it in lockstep."""
+    """This party's int64 share of G x (scale 2^32) by the fixed-gallery protocol. Both parties call it in lockstep.
+
+    ``query``: [d] (one query -> [n]) or [Q, d] (a batch -> [n, Q]; one dealer request and one opening for all).
+    """
     import torch.distributed as dist
     from crypten.common.rng import generate_random_ring_element
     from crypten.mpc.provider.ttp_provider import TTPClient
@@ -131,7 +140,7 @@ def party_scores(crypten: Any, cache: PartyGalleryCache, query: torch.Tensor, ga
         if rank == 0:
             ttp.ttp_request("fg_mask", "cpu", m, d)
         e_new = gallery[miss] - a_i
-        comm.all_reduce(e_new)  # E = G - A for these rows, opened once
+        e_new = comm.all_reduce(e_new)  # E = G - A for these rows, opened once
         new_rows = torch.cat([e_new, a_i], dim=1)
         store = cache.stores.get(d)
         cache.stores[d] = new_rows if store is None or used == 0 else torch.cat([store[:used], new_rows])
@@ -145,13 +154,15 @@ def party_scores(crypten: Any, cache: PartyGalleryCache, query: torch.Tensor, ga
     cache.last[d] = (keys, slots.clone())
 
     ranges = split_rows_to_ranges(slots)
-    b_i = generate_random_ring_element((d,), generator=gen, device="cpu")
+    q_shape = tuple(query.shape)  # (d,) or (Q, d)
+    b_i = generate_random_ring_element(q_shape, generator=gen, device="cpu")
+    c_shape = (n,) if len(q_shape) == 1 else (n, q_shape[0])
     if rank == 0:
-        c_i = ttp.ttp_request("fg_query", "cpu", ranges, d)
+        c_i = ttp.ttp_request("fg_query", "cpu", ranges, d, q_shape[0] if len(q_shape) == 2 else 0)
     else:
-        c_i = generate_random_ring_element((n,), generator=gen, device="cpu")
+        c_i = generate_random_ring_element(c_shape, generator=gen, device="cpu")
     f = query - b_i
-    comm.all_reduce(f)  # f = x - b, opened (b fresh and uniform)
+    f = comm.all_reduce(f)  # f = x - b, opened (b fresh and uniform)
     ea = gather_ranges(cache.stores[d], ranges)
     return ring_score_share(rank, ea, f, b_i, c_i)
 
@@ -180,12 +191,14 @@ class DealerGalleryMasks:
         self.stores[d] = a if store is None or used == 0 else torch.cat([store[:used], a])
         self.used[d] = used + m
 
-    def query(self, gens: list, ranges: list[list[int]], d: int) -> torch.Tensor:
+    def query(self, gens: list, ranges: list[list[int]], d: int, batch: int = 0) -> torch.Tensor:
+        """c0 = A[rows] b - c1 for fresh b ([d], or [batch, d] when batch > 0)."""
         from crypten.common.rng import generate_random_ring_element
 
         b = None
+        b_shape = (d,) if batch <= 0 else (batch, d)
         for g in gens:
-            part = generate_random_ring_element((d,), generator=g, device=g.device)
+            part = generate_random_ring_element(b_shape, generator=g, device=g.device)
             b = part if b is None else b + part
         used = self.used.get(d, 0)
         n = 0
@@ -193,9 +206,10 @@ class DealerGalleryMasks:
             if s < 0 or ln < 1 or s + ln > used:
                 raise RuntimeError("fixed-gallery query names a slot the dealer does not hold")
             n += ln
-        c = torch.mv(gather_ranges(self.stores[d], ranges), b)
+        rows = gather_ranges(self.stores[d], ranges)
+        c = torch.mv(rows, b) if batch <= 0 else torch.mm(rows, b.t())
         others = None
         for g in gens[1:]:
-            part = generate_random_ring_element((n,), generator=g, device=g.device)
+            part = generate_random_ring_element(tuple(c.shape), generator=g, device=g.device)
             others = part if others is None else others + part
         return c - others

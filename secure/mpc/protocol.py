@@ -30,7 +30,7 @@ def threshold_raw(threshold: float) -> int:
 
 
 def match_share(kind: str, query_share: np.ndarray, gallery_share: np.ndarray, labels: np.ndarray,
-                threshold: float, device: str = "cpu", score_fn=None) -> int:  # noqa: ANN001
+                threshold: float, device: str = "cpu", score_fn=None):  # noqa: ANN001, ANN201
     """This party's int64 share of the match output (see module docstring). Requires n >= 1.
 
     ``score_fn(q, g, labels) -> int64 tensor [n]`` (CPU tensors in, this party's share of the raw scores out)
@@ -59,7 +59,7 @@ def match_share(kind: str, query_share: np.ndarray, gallery_share: np.ndarray, l
             q, g = q.to(device), g.to(device)
         qe = MPCTensor.from_shares(q, precision=0)
         ge = MPCTensor.from_shares(g, precision=0)
-        scores = ge.matmul(qe)  # [n] shares of <g, q> * 2^32
+        scores = ge.matmul(qe.t() if q.dim() == 2 else qe)  # [n] (or [n, Q]) shares of <g, q> * 2^32
     t_raw = threshold_raw(threshold)
 
     if kind == "verify":
@@ -68,6 +68,8 @@ def match_share(kind: str, query_share: np.ndarray, gallery_share: np.ndarray, l
     elif kind == "identify":
         lab = torch.as_tensor(np.asarray(labels, dtype=np.int64).copy())
         lab = lab.to(g.device)
+        if q.dim() == 2:  # a batch: one column per query, the tournament runs along the rows for all at once
+            lab = lab.unsqueeze(1).expand(-1, int(q.shape[0])).contiguous()
         lab_share = lab if rank == 0 else torch.zeros_like(lab)
         labs = MPCTensor.from_shares(lab_share, precision=0)
         best, best_label = _tournament(crypten, scores, labs)
@@ -75,6 +77,8 @@ def match_share(kind: str, query_share: np.ndarray, gallery_share: np.ndarray, l
     else:
         raise ValueError(f"unknown job kind {kind!r}")
     share = out.share.data  # torch.Tensor (CPU) or the tensor inside a CUDALongTensor
+    if q.dim() == 2:
+        return [int(v) for v in share.reshape(-1).tolist()]
     return int(share.reshape(-1)[0].item())
 
 

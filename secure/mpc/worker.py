@@ -119,9 +119,11 @@ def init_crypten(rank: int, settings: Any):  # type: ignore[no-untyped-def]
     return crypten
 
 
-def job_digest(kind: str, n: int, d: int, threshold: float, labels: np.ndarray, device: str) -> str:
+def job_digest(kind: str, n: int, d: int, threshold: float, labels: np.ndarray, device: str, batch: int = 0) -> str:
+    """``batch``: 0 for one query, Q for a batch of Q queries (identify)."""
     h = hashlib.sha256()
-    h.update(json.dumps([kind, int(n), int(d), float(threshold).hex(), device]).encode())
+    head = [kind, int(n), int(d), float(threshold).hex(), device] + ([int(batch)] if batch else [])
+    h.update(json.dumps(head).encode())
     h.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
     return h.hexdigest()
 
@@ -214,8 +216,9 @@ class _Party:
                 return
 
     def digest(self, p: dict) -> str:
-        g = p["gallery_share"]
-        return job_digest(p["kind"], g.shape[0], g.shape[1], p["threshold"], p["labels"], self.device)
+        g, q = p["gallery_share"], p["query_share"]
+        return job_digest(p["kind"], g.shape[0], g.shape[1], p["threshold"], p["labels"], self.device,
+                          int(q.shape[0]) if q.ndim == 2 else 0)
 
     def run_job(self, p: dict) -> None:
         from .protocol import match_share
@@ -417,8 +420,11 @@ def _make_dealer_class():  # type: ignore[no-untyped-def]
             self.fg.add(self._get_generators(device="cpu"), int(m), int(d))
             return torch.zeros(1, dtype=torch.long)
 
-        def fg_query(self, ranges, d):  # type: ignore[no-untyped-def]
-            return self.fg.query(self._get_generators(device="cpu"), [[int(a), int(b)] for a, b in ranges], int(d))
+        def fg_query(self, ranges, d, batch=0):  # type: ignore[no-untyped-def]
+            if not 0 <= int(batch) <= 4096:
+                raise RuntimeError("fixed-gallery batch out of range")
+            return self.fg.query(self._get_generators(device="cpu"), [[int(a), int(b)] for a, b in ranges], int(d),
+                                 int(batch))
 
         def additive(self, size0, size1, op, *args, **kwargs):  # type: ignore[no-untyped-def]
             import torch

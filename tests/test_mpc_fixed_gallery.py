@@ -1,0 +1,194 @@
+"""Fixed-gallery score protocol: exact ring arithmetic (no processes), then the engine with real processes."""
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from secure.mpc.fixed_gallery import (
+    gather_ranges,
+    ring_score_share,
+    split_rows_to_ranges,
+)
+from secure.mpc.harness import Cluster, encode_trunc, reconstruct, split
+
+M64 = 1 << 64
+
+
+def _rand(rng: np.random.Generator, *shape: int) -> torch.Tensor:
+    return torch.from_numpy(rng.integers(-(2**63), 2**63 - 1, size=shape, dtype=np.int64, endpoint=True))
+
+
+def _exact_matvec(g: torch.Tensor, x: torch.Tensor) -> np.ndarray:
+    """G x mod 2^64 with Python integers (no wraparound shortcuts), as int64."""
+    gi = [[int(v) for v in row] for row in g.tolist()]
+    xi = [int(v) for v in x.tolist()]
+    out = []
+    for row in gi:
+        v = sum(a * b for a, b in zip(row, xi)) % M64
+        out.append(v - M64 if v >= 1 << 63 else v)
+    return np.array(out, dtype=np.int64)
+
+
+@pytest.mark.parametrize("n,d", [(1, 1), (7, 5), (33, 128)])
+def test_reconstructed_shares_equal_gx_exactly(n: int, d: int) -> None:
+    """Random full-range ring data: reconstruct(share_0 + share_1) == G x mod 2^64, bit for bit."""
+    rng = np.random.default_rng(n * 1000 + d)
+    for _ in range(3):
+        g, x = _rand(rng, n, d), _rand(rng, d)                      # secrets (any ring values)
+        a0, a1, b0, b1 = _rand(rng, n, d), _rand(rng, n, d), _rand(rng, d), _rand(rng, d)
+        a, b = a0 + a1, b0 + b1                                     # dealer's mask (wraps)
+        c = torch.mv(a, b)
+        c1 = _rand(rng, n)
+        c0 = c - c1
+        g0 = _rand(rng, n, d)
+        g1 = g - g0
+        x0 = _rand(rng, d)
+        x1 = x - x0
+        e = (g0 - a0) + (g1 - a1)                                   # opened once
+        f = (x0 - b0) + (x1 - b1)                                   # opened per query
+        s0 = ring_score_share(0, torch.cat([e, a0], 1), f, b0, c0)
+        s1 = ring_score_share(1, torch.cat([e, a1], 1), f, b1, c1)
+        assert np.array_equal((s0 + s1).numpy(), _exact_matvec(g, x))
+
+
+def test_fixed_point_scores_match_the_naive_scale() -> None:
+    """With 16-bit fixed-point inputs the reconstructed score is <Enc(g), Enc(x)> (scale 2^32), no truncation."""
+    rng = np.random.default_rng(5)
+    gf = rng.normal(size=(20, 128))
+    gf /= np.linalg.norm(gf, axis=1, keepdims=True)
+    xf = gf[3] * 0.9 + 0.1 * rng.normal(size=128)
+    ge, xe = encode_trunc(gf), encode_trunc(xf)
+    g0, g1 = split(ge, rng)
+    x0, x1 = split(xe, rng)
+    a0, a1, b0, b1 = _rand(rng, 20, 128), _rand(rng, 20, 128), _rand(rng, 128), _rand(rng, 128)
+    c1 = _rand(rng, 20)
+    c0 = torch.mv(a0 + a1, b0 + b1) - c1
+    t = torch.from_numpy
+    e = (t(g0) - a0) + (t(g1) - a1)
+    f = (t(x0) - b0) + (t(x1) - b1)
+    s = ring_score_share(0, torch.cat([e, a0], 1), f, b0, c0) + ring_score_share(1, torch.cat([e, a1], 1), f, b1, c1)
+    assert np.array_equal(s.numpy(), ge @ xe)
+    assert np.allclose(s.numpy() / 2.0**32, gf @ xf, atol=128 * 2**-15)
+
+
+def test_batched_shares_equal_gx_exactly() -> None:
+    rng = np.random.default_rng(3)
+    n, d, q = 9, 16, 4
+    g, x = _rand(rng, n, d), _rand(rng, q, d)
+    a0, a1, b0, b1 = _rand(rng, n, d), _rand(rng, n, d), _rand(rng, q, d), _rand(rng, q, d)
+    c1 = _rand(rng, n, q)
+    c0 = torch.mm(a0 + a1, (b0 + b1).t()) - c1
+    g0 = _rand(rng, n, d)
+    x0 = _rand(rng, q, d)
+    e = (g0 - a0) + ((g - g0) - a1)
+    f = (x0 - b0) + ((x - x0) - b1)
+    s = ring_score_share(0, torch.cat([e, a0], 1), f, b0, c0) + ring_score_share(1, torch.cat([e, a1], 1), f, b1, c1)
+    for j in range(q):
+        assert np.array_equal(s[:, j].numpy(), _exact_matvec(g, x[j]))
+
+
+def test_ranges_round_trip() -> None:
+    slots = torch.tensor([5, 6, 7, 0, 1, 9, 3, 4], dtype=torch.long)
+    ranges = split_rows_to_ranges(slots)
+    assert ranges == [[5, 3], [0, 2], [9, 1], [3, 2]]
+    store = torch.arange(10 * 2, dtype=torch.long).reshape(10, 2)
+    assert torch.equal(gather_ranges(store, ranges), store[slots])
+    assert gather_ranges(store, [[2, 4]]).data_ptr() == store[2].data_ptr()  # contiguous: a view, no copy
+
+
+# ------------------------------------------------------------------------------------- with real processes
+D = 128
+FAST = {"op_timeout_s": 6, "connect_timeout_s": 8, "heartbeat_s": 0.5, "pair_wait_s": 1.0,
+        "retry_backoff_s": 0.2, "protocol": "fixed-gallery"}
+
+
+def _unit(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    x = rng.normal(size=shape)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _plain(q: np.ndarray, g: np.ndarray, labels: np.ndarray, thr: float) -> int:
+    s = g @ q
+    best = int(np.argmax(s))
+    return int(labels[best]) if s[best] >= thr else 0
+
+
+def _run_shared(cluster: Cluster, q: np.ndarray, shares: tuple[np.ndarray, np.ndarray], labels: np.ndarray,
+                thr: float, rng: np.random.Generator) -> tuple[int, list]:
+    """Run identify with FIXED gallery shares (so the parties' mask cache can hit), fresh query shares."""
+    q0, q1 = split(encode_trunc(q), rng)
+    paths = []
+    for rank, (qs, gs) in enumerate(((q0, shares[0]), (q1, shares[1]))):
+        path = cluster.dir / f"fg-{uuid.uuid4().hex}-{rank}.npz"
+        np.savez(path, query_share=qs, gallery_share=gs, labels=labels)
+        paths.append(path)
+    job = uuid.uuid4().hex
+    qs_ = [cluster.submit_async(r, job, "identify", paths[r], thr, 60) for r in (0, 1)]
+    res = [cluster.result(x, 90) for x in qs_]
+    for p in paths:
+        p.unlink(missing_ok=True)
+    for r, msg in enumerate(res):
+        assert "error" not in msg, f"party {r}: {msg}"
+    if isinstance(res[0]["share"], list):
+        return [reconstruct(a, b) for a, b in zip(res[0]["share"], res[1]["share"])], [m.get("stats") for m in res]
+    return reconstruct(res[0]["share"], res[1]["share"]), [m.get("stats") for m in res]
+
+
+@pytest.mark.slow
+def test_engine_reuses_masks_and_remasks_changed_rows(tmp_path) -> None:
+    rng = np.random.default_rng(11)
+    n = 40
+    g = _unit(rng, n, D)
+    labels = np.arange(101, 101 + n, dtype=np.int64)
+    g0, g1 = split(encode_trunc(g), rng)
+    with Cluster(tmp_path, **FAST) as cluster:
+        cluster.wait_connected(90)
+        setups, traffic = [], []
+        for i in range(4):
+            plant = int(rng.integers(n))
+            q = _unit(rng, D)
+            if i % 2 == 0:  # genuine match half of the time
+                q = 0.8 * g[plant] + 0.2 * q
+                q /= np.linalg.norm(q)
+            thr = 0.5
+            out, stats = _run_shared(cluster, q, (g0, g1), labels, thr, rng)
+            assert out == _plain(q, g, labels, thr)
+            assert stats[0]["protocol"] == "fixed-gallery" and stats[1]["protocol"] == "fixed-gallery"
+            setups.append(stats[0]["setup_rows"])
+            traffic.append(stats[0]["bytes"])
+        assert setups == [n, 0, 0, 0]  # masks opened once, then reused
+        # the n*d opening of E happens in the first job only; later jobs carry O(n + d) for the scores
+        assert max(traffic[1:]) + 8 * n * D <= traffic[0]
+        # a batch of 5 queries in one MPC job: one output share per query, masks still reused
+        qb = np.stack([_unit(rng, D) for _ in range(5)])
+        qb[1] = 0.8 * g[3] + 0.2 * qb[1]
+        qb[3] = 0.8 * g[30] + 0.2 * qb[3]
+        qb /= np.linalg.norm(qb, axis=1, keepdims=True)
+        outs, stats = _run_shared(cluster, qb, (g0, g1), labels, 0.5, rng)
+        assert outs == [_plain(qb[j], g, labels, 0.5) for j in range(5)]
+        assert outs[1] == 104 and outs[3] == 131
+        assert stats[0]["setup_rows"] == 0
+        # enrol 3 rows (appended) and re-share one existing row at party 1 only: exactly those 4 get new masks
+        g_new = _unit(rng, 3, D)
+        n0, n1 = split(encode_trunc(g_new), rng)
+        g0b, g1b = np.concatenate([g0, n0]), np.concatenate([g1, n1])
+        delta = rng.integers(-(2**62), 2**62, size=D, dtype=np.int64)
+        g0b[7] = g0b[7] + delta
+        g1b[7] = g1b[7] - delta
+        g2 = np.concatenate([g, g_new])
+        lab2 = np.concatenate([labels, np.arange(500, 503, dtype=np.int64)])
+        q = 0.85 * g_new[1] + 0.15 * _unit(rng, D)
+        q /= np.linalg.norm(q)
+        out, stats = _run_shared(cluster, q, (g0b, g1b), lab2, 0.5, rng)
+        assert out == _plain(q, g2, lab2, 0.5) == 501
+        assert stats[0]["setup_rows"] == 4 and stats[1]["setup_rows"] == 4
+        # a deleted row (subset of the gallery) reuses the remaining masks
+        keep = np.r_[0:10, 11:n + 3]
+        q = 0.85 * g2[20] + 0.15 * _unit(rng, D)
+        q /= np.linalg.norm(q)
+        out, stats = _run_shared(cluster, q, (g0b[keep], g1b[keep]), lab2[keep], 0.5, rng)
+        assert out == _plain(q, g2[keep], lab2[keep], 0.5) == int(lab2[20])
+        assert stats[0]["setup_rows"] == 0
