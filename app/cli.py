@@ -93,7 +93,10 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
     settings = get_settings()
-    uvicorn.run("app.main:app", factory=True, host=args.host or settings.host, port=args.port or settings.port,
+    if args.host:
+        settings = settings.model_copy(update={"host": args.host})
+    settings.refuse_dev_secrets_off_loopback()
+    uvicorn.run("app.main:app", factory=True, host=settings.host, port=args.port or settings.port,
                 workers=args.workers, log_level="info")
     return 0
 

@@ -13,6 +13,8 @@ from typing import Annotated
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEV_SECRET_KEY = "dev-insecure-change-me"
+DEV_INTERNAL_TOKEN = "dev-internal-token"
 
 
 class GatewaySettings(BaseSettings):
@@ -28,12 +30,12 @@ class GatewaySettings(BaseSettings):
     shared_dir: Path = Field(PROJECT_ROOT.parent / "shared", description="Read-only data and pretrained models.")
     model_dir: Path = Field(PROJECT_ROOT / "var" / "models", description="Where model versions (ONNX + metadata) live.")
     secret_key: str = Field(
-        "dev-insecure-change-me", description="Master secret: derives tenant template keys and hashes API keys."
+        DEV_SECRET_KEY, description="Master secret: derives tenant template keys and hashes API keys."
     )
     party_urls: Annotated[tuple[str, str], NoDecode] = Field(
         ("http://127.0.0.1:8101", "http://127.0.0.1:8102"), description="Internal URLs of party 0 and party 1."
     )
-    internal_token: str = Field("dev-internal-token", description="Bearer token between the gateway and the parties.")
+    internal_token: str = Field(DEV_INTERNAL_TOKEN, description="Bearer token between the gateway and the parties.")
     party_timeout_s: float = Field(15.0, description="Deadline for one party call, MPC included.")
     max_body_bytes: int = Field(256 * 1024, description="Largest accepted request body.")
     default_epsilon_max: float | None = Field(None, description="Default tenant ceiling on the per-image ε (None: any).")
@@ -55,6 +57,16 @@ class GatewaySettings(BaseSettings):
     @property
     def is_test(self) -> bool:
         return self.env == "test"
+
+    def refuse_dev_secrets_off_loopback(self) -> None:
+        """The embedded defaults are for one machine: a gateway reachable from elsewhere needs real secrets."""
+        loopback = self.host in ("127.0.0.1", "localhost", "::1")
+        dev = [name for name, value in (("PRIVFACE_SECRET_KEY", self.secret_key),
+                                        ("PRIVFACE_INTERNAL_TOKEN", self.internal_token))
+               if value in (DEV_SECRET_KEY, DEV_INTERNAL_TOKEN)]
+        if dev and not loopback:
+            raise SystemExit(f"error: {', '.join(dev)} still hold development defaults; set real secrets "
+                             f"before listening on {self.host}")
 
 
 @lru_cache

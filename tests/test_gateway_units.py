@@ -1,0 +1,103 @@
+"""Fast unit tests of the gateway's pieces on real SQLite and PostgreSQL databases."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from app.auth import authenticate, create_api_key, ensure_tenant, tenant_template_key
+from app.db import make_engine, make_sessionmaker, session_scope
+from app.migrate import migrate_gateway
+from app.models import ApiKey, Operation
+from app.problems import Problem
+from app.schemas import FeaturePayload
+from app.services import operations
+from app.services.features import check_epsilon, check_freshness
+from app.settings import GatewaySettings
+from inference.transform import default_spec
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sessions(request, tmp_path, postgres_db):
+    url = f"sqlite:///{tmp_path / 'gw.db'}" if request.param == "sqlite" else postgres_db()
+    migrate_gateway(url)
+    engine = make_engine(url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def test_settings_parse_party_urls_and_refuse_dev_secrets_off_loopback(monkeypatch):
+    monkeypatch.setenv("PRIVFACE_PARTY_URLS", "https://p0:1, https://p1:2")
+    settings = GatewaySettings()
+    assert settings.party_urls == ("https://p0:1", "https://p1:2")
+    settings.refuse_dev_secrets_off_loopback()  # loopback: fine
+    with pytest.raises(SystemExit, match="PRIVFACE_SECRET_KEY"):
+        settings.model_copy(update={"host": "0.0.0.0"}).refuse_dev_secrets_off_loopback()
+    real = settings.model_copy(update={"host": "0.0.0.0", "secret_key": "s" * 32, "internal_token": "t" * 32})
+    real.refuse_dev_secrets_off_loopback()
+
+
+def test_api_keys_hashed_scoped_and_revocable(sessions):
+    with session_scope(sessions) as session:
+        ensure_tenant(session, "acme")
+        key = create_api_key(session, "acme", ["verify"], "master")
+        with pytest.raises(ValueError, match="unknown or empty scopes"):
+            create_api_key(session, "acme", ["root"], "master")
+    with session_scope(sessions) as session:
+        stored = session.query(ApiKey).one()
+        assert key.split("_")[2] not in stored.secret_hash  # only a keyed hash is stored
+        principal = authenticate(session, key, "master")
+        assert principal.tenant_id == "acme" and principal.scopes == frozenset({"verify"})
+        assert authenticate(session, key, "other-master") is None
+        assert authenticate(session, key[:-1] + ("A" if key[-1] != "A" else "B"), "master") is None
+        assert authenticate(session, "garbage", "master") is None
+        stored.revoked_at = datetime.now(timezone.utc)
+    with session_scope(sessions) as session:
+        assert authenticate(session, key, "master") is None
+
+
+def test_tenant_keys_differ_per_tenant_and_version():
+    keys = {tenant_template_key("m", t, v) for t in ("a", "b") for v in (1, 2)}
+    assert len(keys) == 4 and all(len(k) == 32 for k in keys)
+
+
+def test_snapshot_stops_before_the_oldest_undecided_operation(sessions):
+    seqs = [operations.begin(sessions, "store", "g", [], {}) for _ in range(4)]
+    operations.decide(sessions, seqs[0], commit=True)
+    operations.decide(sessions, seqs[2], commit=False)
+    operations.decide(sessions, seqs[3], commit=True)
+    with session_scope(sessions) as session:
+        assert operations.decided_through(session) == seqs[1] - 1  # seq 2 is still preparing
+        assert operations.committed_through(session, seqs[3]) == 2
+    operations.decide(sessions, seqs[1], commit=False)
+    with session_scope(sessions) as session:
+        assert operations.decided_through(session) == seqs[3]
+    assert operations.decide(sessions, seqs[1], commit=True) is False  # a decision never flips
+    with session_scope(sessions) as session:
+        assert session.get(Operation, seqs[1]).state == "aborted"
+
+
+def _payload(**override) -> FeaturePayload:
+    spec = default_spec()
+    body = {"transform_id": spec.transform_id, "params_hash": spec.params_hash, "shape": list(spec.shape),
+            "dtype": "float16", "data": "", "epsilon": spec.epsilon_per_image, "nonce": "ab" * 16,
+            "created_at": datetime.now(timezone.utc)}
+    body.update(override)
+    return FeaturePayload(**body)
+
+
+def test_epsilon_must_be_stated_honestly_and_within_policy():
+    spec = default_spec()
+    check_epsilon(_payload(), spec, None)
+    with pytest.raises(Problem, match="differs"):
+        check_epsilon(_payload(epsilon=1.0), spec, None)
+    with pytest.raises(Problem) as refused:
+        check_epsilon(_payload(), spec, epsilon_max=10.0)
+    assert refused.value.slug == "epsilon-policy"
+
+
+def test_payload_freshness_window():
+    check_freshness(_payload(), 600)
+    for when in (datetime.now(timezone.utc) - timedelta(hours=1), datetime.now(timezone.utc) + timedelta(hours=1)):
+        with pytest.raises(Problem):
+            check_freshness(_payload(created_at=when), 600)
