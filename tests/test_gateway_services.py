@@ -117,11 +117,16 @@ def test_postgresql_redis_rq_jobs_and_live_model_swap(tmp_path, shared, postgres
         stack.stop()
 
 
-def test_jobs_run_in_process_without_redis(tmp_path, shared):
+def test_jobs_in_process_and_lazy_migration_to_a_new_model(tmp_path, shared):
     models = copy_models(tmp_path)
     stack = LocalStack(tmp_path / "stack", model_dir=models).start()
     try:
-        key = stack.api_key("admin")
+        key = stack.api_key("admin", "enroll", "verify")
+        spec = served_spec(stack, key)
+        face, other = aligned_face(shared, FACES[0]), aligned_face(shared, FACES[1])
+        subject = httpx.post(stack.url + "/v1/subjects", json={}, headers=auth(key)).json()["id"]
+        assert httpx.post(f"{stack.url}/v1/subjects/{subject}/enrollments", json={"features": payload(spec, face)},
+                          headers=auth(key), timeout=60).status_code == 201
         ready = httpx.get(stack.url + "/readyz").json()
         assert ready["checks"]["jobs"]["backend"] == "in-process"
         created = httpx.post(stack.url + "/v1/admin/jobs", json={"kind": "register-model", "params": {"path": "v0b"}},
@@ -131,5 +136,26 @@ def test_jobs_run_in_process_without_redis(tmp_path, shared):
         assert unknown.status_code == 422 and unknown.json()["type"].endswith("/unknown-job-kind")
         missing = httpx.post(stack.url + "/v1/admin/models/v9/activate", headers=auth(key))
         assert missing.status_code == 404 and missing.json()["type"].endswith("/model-not-found")
+
+        # v0b takes over: old templates still match (v0 gallery), and a match migrates the subject to v0b
+        assert httpx.post(stack.url + "/v1/admin/models/v0b/activate", headers=auth(key)).status_code == 200
+        found = httpx.post(stack.url + "/v1/identify", json={"features": payload(spec, face)}, headers=auth(key),
+                           timeout=60).json()
+        assert found["match"] is True and found["subject_id"] == subject and found["model_version"] == "v0"
+        impostor = httpx.post(stack.url + "/v1/verify", json={"subject_id": subject, "features": payload(spec, other)},
+                              headers=auth(key), timeout=60).json()
+        assert impostor["match"] is False and impostor["model_version"] == "v0"
+        assert len(httpx.get(f"{stack.url}/v1/subjects/{subject}", headers=auth(key)).json()["enrollments"]) == 1
+        genuine = httpx.post(stack.url + "/v1/verify", json={"subject_id": subject, "features": payload(spec, face)},
+                             headers=auth(key), timeout=60).json()
+        assert genuine["match"] is True and genuine["model_version"] == "v0"
+        enrollments = httpx.get(f"{stack.url}/v1/subjects/{subject}", headers=auth(key)).json()["enrollments"]
+        assert sorted(e["model_version"] for e in enrollments) == ["v0", "v0b"]
+        again = httpx.post(stack.url + "/v1/verify", json={"subject_id": subject, "features": payload(spec, face)},
+                           headers=auth(key), timeout=60).json()
+        assert again["match"] is True and again["model_version"] == "v0b"
+        found = httpx.post(stack.url + "/v1/identify", json={"features": payload(spec, face)}, headers=auth(key),
+                           timeout=60).json()
+        assert found["subject_id"] == subject and found["model_version"] == "v0b"
     finally:
         stack.stop()

@@ -6,6 +6,7 @@ or one bit plus the matched subject id.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 
@@ -16,7 +17,7 @@ from app.auth import Principal
 from app.context import GatewayContext
 from app.db import session_scope
 from app.failpoints import failpoint
-from app.models import Enrollment, Subject
+from app.models import Enrollment, ModelVersion, Subject
 from app.problems import Problem, invalid_features, not_found, unavailable
 from app.schemas import FeaturePayload
 from app.services import operations
@@ -46,22 +47,45 @@ def model_for(ctx: GatewayContext, payload: FeaturePayload) -> LoadedModel:
 
 
 async def template_from_payload(ctx: GatewayContext, principal: Principal, payload: FeaturePayload):
-    """Validate everything about the payload, then compute its protected fixed-point template."""
+    """Validate everything about the payload; returns (active model, features, protected fixed-point template)."""
     model = model_for(ctx, payload)
     check_epsilon(payload, model.spec, principal.epsilon_max)
     features = decode_features(payload, model.spec, ctx.settings.nonce_ttl_s)
     ctx.nonces.claim(payload.nonce)
-    return model, await protected_template(model, features, principal, ctx.settings.secret_key)
+    return model, features, await protected_template(model, features, principal, ctx.settings.secret_key)
+
+
+async def older_models(ctx: GatewayContext, principal: Principal, active: LoadedModel) -> list[LoadedModel]:
+    """Earlier model versions that still hold this tenant's current templates and read the same features
+    (newest first). Templates cannot be re-extracted (the server has no images), so these keep matching
+    until lazy migration has moved their subjects to the active version."""
+    with session_scope(ctx.sessions) as session:
+        in_use = select(Enrollment.model_version).where(
+            Enrollment.tenant_id == principal.tenant_id, Enrollment.key_version == principal.tenant_key_version)
+        rows = session.execute(select(ModelVersion).where(
+            ModelVersion.version.in_(in_use), ModelVersion.version != active.version,
+        ).order_by(ModelVersion.activated_at.desc().nulls_last())).scalars().all()
+        for row in rows:
+            session.expunge(row)
+    loaded = [await asyncio.to_thread(ctx.models.get, row) for row in rows]
+    same_input = (active.spec.transform_id, active.spec.params_hash)
+    return [m for m in loaded if (m.spec.transform_id, m.spec.params_hash) == same_input]
 
 
 async def enroll(ctx: GatewayContext, principal: Principal, subject_id: str, payload: FeaturePayload) -> Enrollment:
     with session_scope(ctx.sessions) as session:
         load_subject(session, principal, subject_id)
-    model, template = await template_from_payload(ctx, principal, payload)
+    model, _, template = await template_from_payload(ctx, principal, payload)
+    return await store_template(ctx, principal, subject_id, model, template, payload.epsilon)
+
+
+async def store_template(ctx: GatewayContext, principal: Principal, subject_id: str, model: LoadedModel,
+                         template, epsilon: float | None) -> Enrollment:
+    """Two-phase store of one protected template at both parties, all or nothing."""
     gallery = gallery_name(model.version, principal.tenant_id, principal.tenant_key_version)
     context = {"subject_id": subject_id, "tenant_id": principal.tenant_id, "model_version": model.version,
                "key_version": principal.tenant_key_version, "transform_id": model.spec.transform_id,
-               "epsilon": payload.epsilon}
+               "epsilon": epsilon}
     seq = operations.begin(ctx.sessions, "store", gallery, [], context)
     try:
         prepared = await ctx.parties.store(seq, seq, gallery, template)
@@ -118,43 +142,72 @@ def operations_delete_metadata(ctx: GatewayContext, subject_id: str) -> None:
 
 
 async def verify(ctx: GatewayContext, principal: Principal, subject_id: str, payload: FeaturePayload) -> tuple[bool, str]:
-    """1:1: does the probe match any current template of the claimed subject? One bit."""
+    """1:1: does the probe match the claimed subject's current templates? One bit.
+
+    The subject's templates of the active model decide; a subject enrolled only under an earlier model is
+    compared there, and a match also enrolls the same features under the active model (lazy migration).
+    """
     with session_scope(ctx.sessions) as session:
         load_subject(session, principal, subject_id)
-    model, query = await template_from_payload(ctx, principal, payload)
+    active, features, query = await template_from_payload(ctx, principal, payload)
+    for model in [active, *await older_models(ctx, principal, active)]:
+        if model is not active:
+            query = await protected_template(model, features, principal, ctx.settings.secret_key)
+        match = await _verify_with(ctx, principal, subject_id, model, query)
+        if match is None:
+            continue  # no template of the subject under this model
+        if match and model is not active:
+            active_template = await protected_template(active, features, principal, ctx.settings.secret_key)
+            await store_template(ctx, principal, subject_id, active, active_template, payload.epsilon)
+            log.info("subject %s migrated to model %s", subject_id, active.version)
+        return match, model.version
+    raise Problem(409, "subject-not-enrolled", "No template to compare with",
+                  f"subject {subject_id!r} has no enrollment under a served model and the tenant's current key; "
+                  "enroll it first")
+
+
+async def _verify_with(ctx: GatewayContext, principal: Principal, subject_id: str, model: LoadedModel,
+                       query) -> bool | None:
     gallery = gallery_name(model.version, principal.tenant_id, principal.tenant_key_version)
 
-    async def run(upto: int, committed: int) -> bool:
+    async def run(upto: int, committed: int) -> bool | None:
         with session_scope(ctx.sessions) as session:
             seqs = _current_templates(session, subject_id, model.version, principal.tenant_key_version, upto)
         if not seqs:
-            raise Problem(409, "subject-not-enrolled", "No template to compare with",
-                          f"subject {subject_id!r} has no enrollment under model {model.version} and the "
-                          "tenant's current key; enroll it first")
+            return None
         return await ctx.parties.verify(uuid.uuid4().hex, gallery, upto, query, seqs, model.threshold,
                                         expected_committed=committed)
 
-    return await _with_resync(ctx, run), model.version
+    return await _with_resync(ctx, run)
 
 
 async def identify(ctx: GatewayContext, principal: Principal, payload: FeaturePayload) -> tuple[str | None, str]:
-    """1:N over the tenant's current gallery: one bit and, only on a match, the subject id."""
-    model, query = await template_from_payload(ctx, principal, payload)
-    gallery = gallery_name(model.version, principal.tenant_id, principal.tenant_key_version)
+    """1:N over the tenant's current galleries (the active model's, then earlier models' that still hold
+    templates): one bit and, only on a match, the subject id."""
+    active, features, query = await template_from_payload(ctx, principal, payload)
+    for model in [active, *await older_models(ctx, principal, active)]:
+        if model is not active:
+            query = await protected_template(model, features, principal, ctx.settings.secret_key)
+        gallery = gallery_name(model.version, principal.tenant_id, principal.tenant_key_version)
 
-    async def run(upto: int, committed: int) -> int | None:
-        return await ctx.parties.identify(uuid.uuid4().hex, gallery, upto, query, model.threshold,
-                                          expected_committed=committed)
+        async def run(upto: int, committed: int, gallery: str = gallery, model: LoadedModel = model,
+                      query=query) -> int | None:
+            return await ctx.parties.identify(uuid.uuid4().hex, gallery, upto, query, model.threshold,
+                                              expected_committed=committed)
 
-    matched = await _with_resync(ctx, run)
-    if matched is None:
-        return None, model.version
+        matched = await _with_resync(ctx, run)
+        if matched is not None:
+            return _subject_of(ctx, principal, matched), model.version
+    return None, active.version
+
+
+def _subject_of(ctx: GatewayContext, principal: Principal, template_seq: int) -> str:
     with session_scope(ctx.sessions) as session:
-        enrollment = session.get(Enrollment, matched)
+        enrollment = session.get(Enrollment, template_seq)
         if enrollment is None or enrollment.tenant_id != principal.tenant_id:
-            log.error("identify revealed template %s that the gateway cannot map", matched)
+            log.error("identify revealed template %s that the gateway cannot map", template_seq)
             raise unavailable("the match could not be resolved; retry")
-        return enrollment.subject_id, model.version
+        return enrollment.subject_id
 
 
 def _current_templates(session: Session, subject_id: str, model_version: str, key_version: int,

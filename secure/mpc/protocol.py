@@ -30,7 +30,7 @@ def threshold_raw(threshold: float) -> int:
 
 
 def match_share(kind: str, query_share: np.ndarray, gallery_share: np.ndarray, labels: np.ndarray,
-                threshold: float, device: str = "cpu", score_fn=None):  # noqa: ANN001, ANN201
+                threshold: float, device: str = "cpu", score_fn=None):
     """This party's int64 share of the match output (see module docstring). Requires n >= 1.
 
     ``score_fn(q, g, labels) -> int64 tensor [n]`` (CPU tensors in, this party's share of the raw scores out)

@@ -227,7 +227,7 @@ class _Party:
         if self.fg_cache is not None and p["kind"] == "identify":
             from .fixed_gallery import party_scores
 
-            def score_fn(q, g, lab):  # type: ignore[no-untyped-def]  # noqa: ANN001
+            def score_fn(q, g, lab):  # type: ignore[no-untyped-def]
                 return party_scores(self.crypten, self.fg_cache, q, g, lab)
 
         self.comm.reset_communication_stats()
