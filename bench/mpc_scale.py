@@ -5,8 +5,8 @@ python bench/mpc_scale.py [--sizes 1000,10000,100000] [--d 128] [--reps 3] [--ou
 Each protocol runs in its own local cluster (dealer + 2 parties, real processes, gloo on loopback, CPU).
 Per N the gallery is shared ONCE (as the party server does: shares are stored at enrollment) and every query
 is freshly shared. Reported per query:
-* time: wall time at party 0, submit -> output share (includes handing the gallery snapshot to the worker
-  process); ``mpc`` = time inside the worker's MPC circuit only;
+* time: wall time at party 0, submit -> output share (includes the engine's hand-over to its worker process:
+  an unchanged gallery snapshot is compared, not re-sent); ``mpc`` = time inside the worker's MPC circuit only;
 * bytes / rounds per party: CrypTen's communicator statistics (its convention: an all_reduce counts the
   elements sent AND received, a broadcast from the dealer counts the elements received), dealer traffic included;
 * fixed-gallery: the first query after the gallery is shared also opens the masks (setup), reported apart;

@@ -118,6 +118,10 @@ class MpcEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._stats: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        # the gallery snapshot the current worker already holds: an identical snapshot is not sent again
+        self._send_lock = threading.Lock()
+        self._last_gallery: np.ndarray | None = None
+        self._last_gallery_inq: Any = None
 
     # ------------------------------------------------------------------------------------------ public
     def start(self) -> None:
@@ -182,7 +186,16 @@ class MpcEngine:
             self._pending[job.job_id] = pending
             inq = self._inq
         try:
-            inq.put(("job", payload))
+            with self._send_lock:  # decide "same gallery" and enqueue atomically: the worker resolves in queue order
+                last = self._last_gallery
+                if (last is not None and self._last_gallery_inq is inq and last.shape == g.shape
+                        and np.array_equal(last, g)):
+                    payload["gallery_share"] = None
+                    payload["same_gallery"] = True
+                else:
+                    payload["gallery_share"] = g = np.array(g, copy=True)
+                    self._last_gallery, self._last_gallery_inq = g, inq
+                inq.put(("job", payload))
         except Exception as exc:  # noqa: BLE001 - queue closed: generation just ended
             with self._lock:
                 self._pending.pop(job.job_id, None)

@@ -146,6 +146,7 @@ class _Party:
         self.pair_wait = settings.effective_pair_wait_s()
         self.jobs: collections.OrderedDict[str, dict] = collections.OrderedDict()
         self.stopping = False
+        self.last_gallery: np.ndarray | None = None  # resident snapshot: the engine omits an unchanged gallery
         self.protocol = getattr(settings, "protocol", "naive")
         self.fg_cache = None
         if self.protocol == "fixed-gallery" and not self.ttp:
@@ -193,6 +194,13 @@ class _Party:
         kind = msg[0]
         if kind == "job":
             payload = msg[1]
+            if payload.get("same_gallery"):  # resolved in queue order, so it is the snapshot sent just before
+                if self.last_gallery is None:
+                    self.outq.put(("fail", payload["job_id"], "no resident gallery snapshot"))
+                    return
+                payload["gallery_share"] = self.last_gallery
+            else:
+                self.last_gallery = payload["gallery_share"]
             self.on_job(payload)
         elif kind == "cancel":
             self.jobs.pop(msg[1], None)
