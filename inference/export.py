@@ -95,35 +95,12 @@ def measure(embedder: OrtEmbedder, spec: TransformSpec, shared: Path, eval_pairs
 def export_version(version: str, out_dir: Path, shared: Path, eval_pairs: int = 600) -> Path:
     """Build, export, check and measure `version`; returns OUT_DIR/<version>. Replaces an existing one."""
     model, spec = build(version, shared)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=out_dir))
-    try:
-        write_version(model, spec, version, staging, shared, eval_pairs)
-        staging.chmod(0o755)  # mkdtemp makes it private; the served directory is world-readable
-        final = out_dir / version
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-        return final
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
+    def measured(embedder: OrtEmbedder) -> tuple[float, dict]:
+        metrics, threshold = measure(embedder, spec, shared, eval_pairs)
+        return threshold, metrics
 
-def write_version(model: FrequencyFaceModel, spec: TransformSpec, version: str, directory: Path,
-                  shared: Path, eval_pairs: int) -> ModelMetadata:
-    onnx_path = directory / ONNX_FILE
-    export_onnx(model, spec, onnx_path)
-    embedder = OrtEmbedder(onnx_path, prefer_gpu=False, intra_op_threads=torch.get_num_threads())
-    diff = parity(model, embedder, sample_features(shared, spec))
-    if not diff <= MAX_PARITY_DIFF:
-        raise RuntimeError(f"ONNX Runtime and PyTorch disagree by {diff:.3g} (limit {MAX_PARITY_DIFF})")
-    metrics, threshold = measure(embedder, spec, shared, eval_pairs)
-    meta = ModelMetadata(version=version, transform=spec.to_dict(), transform_id=spec.transform_id,
-                         params_hash=spec.params_hash, embedding_dim=EMBEDDING_DIM, sha256=file_sha256(onnx_path),
-                         onnx_file=ONNX_FILE, ort_vs_torch_max_abs_diff=diff, threshold=threshold, metrics=metrics)
-    meta.save(directory)
-    return meta
+    return _export_atomically(model, spec, version, Path(out_dir), shared, measured)
 
 
 def export_model_version(model: FrequencyFaceModel, spec: TransformSpec, version: str, out_dir: Path,
@@ -133,8 +110,14 @@ def export_model_version(model: FrequencyFaceModel, spec: TransformSpec, version
     Unlike export_version, the caller supplies the served threshold and the metrics (a trained model must be
     measured on identities it never saw, which only the caller knows). Same atomic directory swap.
     """
-    model = model.cpu().eval()
-    out_dir = Path(out_dir)
+    return _export_atomically(model.cpu().eval(), spec, version, Path(out_dir), shared,
+                              lambda _embedder: (float(threshold), metrics))
+
+
+def _export_atomically(model: FrequencyFaceModel, spec: TransformSpec, version: str, out_dir: Path, shared: Path,
+                       threshold_and_metrics) -> Path:
+    """ONNX export + parity check + model.json, built under a temporary name and renamed into place, so a
+    crashed export never looks complete. `threshold_and_metrics(embedder) -> (threshold, metrics)`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=out_dir))
     try:
@@ -144,11 +127,12 @@ def export_model_version(model: FrequencyFaceModel, spec: TransformSpec, version
         diff = parity(model, embedder, sample_features(shared, spec))
         if not diff <= MAX_PARITY_DIFF:
             raise RuntimeError(f"ONNX Runtime and PyTorch disagree by {diff:.3g} (limit {MAX_PARITY_DIFF})")
+        threshold, metrics = threshold_and_metrics(embedder)
         ModelMetadata(version=version, transform=spec.to_dict(), transform_id=spec.transform_id,
                       params_hash=spec.params_hash, embedding_dim=EMBEDDING_DIM, sha256=file_sha256(onnx_path),
                       onnx_file=ONNX_FILE, ort_vs_torch_max_abs_diff=diff, threshold=float(threshold),
                       metrics=metrics).save(staging)
-        staging.chmod(0o755)
+        staging.chmod(0o755)  # mkdtemp makes it private; the served directory is world-readable
         final = out_dir / version
         if final.exists():
             shutil.rmtree(final)
