@@ -28,6 +28,7 @@ import numpy as np
 from secure.sharing import reconstruct_int, split, to_b64
 
 log = logging.getLogger("privface.coordinator")
+CANCELLED = 499  # the status given to the call we stop waiting for once the other party has refused
 
 
 class PartiesError(Exception):
@@ -274,7 +275,7 @@ class PartyPair:
             slugs = ",".join(f"{r.rank}:{r.slug}" for r in sync)
             raise PartiesOutOfSync(f"parties not ready for snapshot {upto_seq} ({slugs})", status=409,
                                    pending=pending, problems=problems)
-        for r in replies:
+        for r in sorted(replies, key=lambda reply: reply.status == CANCELLED):  # a real refusal explains best
             if not r.ok:
                 raise PartiesError(f"party {r.rank} refused the match job ({r.status} {r.slug})", status=r.status,
                                    problems=problems)
@@ -296,7 +297,7 @@ class PartyPair:
                     t.cancel()
                 other = 1 - first.rank
                 replies = [first, first]
-                replies[other] = _Reply(other, 499, {"type": "cancelled"})
+                replies[other] = _Reply(other, CANCELLED, {"type": "cancelled"})
                 return replies
             await asyncio.wait(tasks)
             return [t.result() for t in tasks]
