@@ -137,7 +137,7 @@ def _enroll(client: PrivfaceClient, subject_id: str, photos: list[Path], face_po
 
 def _features(client: PrivfaceClient, photo: Path, face_policy: str) -> FeaturePayload:
     """The photo's payload; input problems are reported with the photo's name (exit status 2)."""
-    client.transform  # fetched first, so that a gateway problem is not blamed on the photo
+    _ = client.transform  # fetched first, so that a gateway problem is not blamed on the photo
     try:
         data = photo.read_bytes()
     except OSError as exc:
