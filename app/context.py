@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.services.identify_batcher import IdentifyBatcher
 from app.services.jobs import JobRunner
 from app.services.model_registry import ServedModels
 from app.services.replay import NonceStore
@@ -22,3 +23,4 @@ class GatewayContext:
     parties: PartyPair
     nonces: NonceStore
     jobs: JobRunner
+    identify_batcher: IdentifyBatcher

@@ -16,6 +16,7 @@ from app.migrate import migrate_gateway
 from app.problems import install_problem_handlers
 from app.routers import admin, matching, service, subjects
 from app.services import operations
+from app.services.identify_batcher import IdentifyBatcher
 from app.services.jobs import JobRunner
 from app.services.model_events import sync_active_model, watch_model_activations
 from app.services.model_registry import ServedModels
@@ -36,12 +37,14 @@ def build_context(settings: GatewaySettings) -> GatewayContext:
     engine = make_engine(settings.database_url)
     sessions = make_sessionmaker(engine)
     redis_client = redis.Redis.from_url(settings.redis_url) if settings.redis_url else None
+    parties = PartyPair(settings.party_urls, settings.internal_token, settings.party_timeout_s)
     return GatewayContext(
         settings=settings, engine=engine, sessions=sessions,
         models=ServedModels(settings.model_dir, settings.prefer_gpu, settings.batch_max, settings.batch_wait_ms),
-        parties=PartyPair(settings.party_urls, settings.internal_token, settings.party_timeout_s),
+        parties=parties,
         nonces=NonceStore(sessions, settings.nonce_ttl_s, redis_client),
         jobs=JobRunner(settings, sessions),
+        identify_batcher=IdentifyBatcher(parties, settings.identify_batch_wait_ms, settings.identify_batch_max),
     )
 
 

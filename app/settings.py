@@ -42,6 +42,10 @@ class GatewaySettings(BaseSettings):
     nonce_ttl_s: int = Field(600, description="Replay window: a nonce is remembered, and a payload accepted, this long.")
     batch_max: int = Field(32, description="Micro-batching: largest ORT batch.")
     batch_wait_ms: float = Field(2.0, description="Micro-batching: longest wait for a batch to fill.")
+    identify_batch_wait_ms: float = Field(
+        5.0, description="Identify batching: how long the first of concurrent identify requests (same gallery and "
+                         "snapshot) waits for others to share its MPC job; 0 disables batching.")
+    identify_batch_max: int = Field(16, description="Identify batching: most queries in one MPC job (at most 64).")
     prefer_gpu: bool = Field(True, description="Use ONNX Runtime's CUDA provider when present.")
     model_poll_s: float = Field(5.0, description="Fallback poll of the active model version when Redis is absent.")
     host: str = Field("127.0.0.1", description="Gateway listen address.")

@@ -28,6 +28,7 @@ import numpy as np
 from secure.sharing import reconstruct_int, split, to_b64
 
 log = logging.getLogger("privface.coordinator")
+MAX_QUERY_BATCH = 64  # identify_many: most queries in one job (the parties accept as many)
 CANCELLED = 499  # the status given to the call we stop waiting for once the other party has refused
 
 
@@ -244,25 +245,36 @@ class PartyPair:
         return done
 
     # -- match jobs ------------------------------------------------------------------------------------------
-    async def _match(self, kind: str, job_id: str, model_version: str, upto_seq: int, query_fixed: np.ndarray,
-                     threshold: float, template_seqs: list[int] | None, expected_committed: int | None) -> int:
+    @staticmethod
+    def _query(query_fixed: np.ndarray) -> np.ndarray:
         query = np.asarray(query_fixed)
         if query.ndim != 1 or query.size == 0 or query.dtype != np.int64:
             raise ValueError("query_fixed must be a non-empty 1-d int64 array")
+        return query
+
+    async def _match(self, kind: str, job_id: str, model_version: str, upto_seq: int, query_fixed: np.ndarray,
+                     threshold: float, template_seqs: list[int] | None, expected_committed: int | None) -> int:
+        q0, q1 = split(self._query(query_fixed))
+        b0, b1 = await self._run_job(kind, job_id, model_version, upto_seq, threshold, template_seqs,
+                                     expected_committed, [{"query_share": to_b64(q0)}, {"query_share": to_b64(q1)}])
+        return reconstruct_int(int(b0["share"]), int(b1["share"]))
+
+    async def _run_job(self, kind: str, job_id: str, model_version: str, upto_seq: int, threshold: float,
+                       template_seqs: list[int] | None, expected_committed: int | None,
+                       query_fields: list[dict]) -> tuple[dict, dict]:
+        """Precheck, then one match job at both parties; ``query_fields[rank]`` carries that party's shares."""
         if self.precheck:
             check = {"kind": kind, "model_version": model_version, "upto_seq": int(upto_seq),
                      "expected_committed": expected_committed, "template_seqs": template_seqs}
             self._check_sync(upto_seq, await self._both("POST", "/internal/match/check", check))
-        q0, q1 = split(query)
         common = {"job_id": job_id, "kind": kind, "model_version": model_version, "upto_seq": int(upto_seq),
                   "expected_committed": expected_committed, "template_seqs": template_seqs,
                   "threshold": float(threshold), "timeout_s": self.timeout_s}
-        bodies = [{**common, "query_share": to_b64(q0)}, {**common, "query_share": to_b64(q1)}]
-        del q0, q1
+        bodies = [{**common, **query_fields[0]}, {**common, **query_fields[1]}]
+        query_fields.clear()  # the caller's list held the only other reference to the shares
         replies = await self._match_both(bodies, timeout=self.timeout_s + 5.0)
         del bodies
-        b0, b1 = self._check_sync(upto_seq, replies)
-        return reconstruct_int(int(b0["share"]), int(b1["share"]))
+        return self._check_sync(upto_seq, replies)
 
     def _check_sync(self, upto_seq: int, replies: Iterable[_Reply]) -> tuple[dict, dict]:
         """Raise for unavailable / out-of-sync / refused replies; else both bodies (same gallery checked)."""
@@ -326,6 +338,32 @@ class PartyPair:
         if out < 0:
             raise PartiesError("the MPC returned an invalid identify output")
         return out or None
+
+    async def identify_many(self, job_id: str, model_version: str, upto_seq: int, queries_fixed: list[np.ndarray],
+                            threshold: float, *, expected_committed: int | None = None) -> list[int | None]:
+        """1:N for several queries in ONE match job (one MPC run): per query, the matched template_seq or None.
+
+        Concurrent identify requests on the same snapshot share the MPC's fixed costs (rounds, the knockout
+        tournament) this way. Each query is split into fresh shares; errors are those of ``identify`` and
+        concern the whole batch.
+        """
+        queries = [self._query(q) for q in queries_fixed]
+        if not queries:
+            return []
+        if len(queries) > MAX_QUERY_BATCH:
+            raise ValueError(f"at most {MAX_QUERY_BATCH} queries in one identify job")
+        pairs = [split(q) for q in queries]
+        fields = [{"query_shares": [to_b64(p[rank]) for p in pairs]} for rank in (0, 1)]
+        del pairs
+        b0, b1 = await self._run_job("identify", job_id, model_version, upto_seq, threshold, None,
+                                     expected_committed, fields)
+        s0, s1 = b0.get("shares"), b1.get("shares")
+        if not isinstance(s0, list) or not isinstance(s1, list) or not len(s0) == len(s1) == len(queries):
+            raise PartiesError("a party returned no per-query shares for the identify batch")
+        outs = [reconstruct_int(int(a), int(b)) for a, b in zip(s0, s1)]
+        if any(out < 0 for out in outs):
+            raise PartiesError("the MPC returned an invalid identify output")
+        return [out or None for out in outs]
 
     @staticmethod
     def _raise_unavailable(replies: Iterable[_Reply], what: str = "") -> None:

@@ -106,13 +106,16 @@ class LocalPlaintextEngine:
             raise RuntimeError("parties disagree on the gallery")
         query = decode(reconstruct(job.query_share, q))
         gallery = decode(reconstruct(job.gallery_share, g))
-        scores = gallery @ query
-        best = int(np.argmax(scores))
-        hit = bool(scores[best] >= job.threshold)
-        out = (1 if hit else 0) if job.kind == "verify" else (int(job.labels[best]) if hit else 0)
-        mask = int.from_bytes(hashlib.sha256(job.job_id.encode()).digest()[:8], "little")
+        outs = []
+        for i, one in enumerate(np.atleast_2d(query)):  # identify may carry a batch [Q, d]: one output each
+            scores = gallery @ one
+            best = int(np.argmax(scores))
+            hit = bool(scores[best] >= job.threshold)
+            out = (1 if hit else 0) if job.kind == "verify" else (int(job.labels[best]) if hit else 0)
+            mask = int.from_bytes(hashlib.sha256(f"{job.job_id}/{i}".encode()).digest()[:8], "little")
+            outs.append((out - mask) % (1 << 64) if self.rank == 0 else mask)
         self.jobs += 1
-        return (out - mask) % (1 << 64) if self.rank == 0 else mask
+        return outs if query.ndim == 2 else outs[0]
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ def test_api_keys_hashed_scoped_and_revocable(sessions):
             create_api_key(session, "acme", ["root"], "master")
     with session_scope(sessions) as session:
         stored = session.query(ApiKey).one()
-        assert key.split("_")[2] not in stored.secret_hash  # only a keyed hash is stored
+        assert key.split("_", 2)[2] not in stored.secret_hash  # only a keyed hash is stored
         principal = authenticate(session, key, "master")
         assert principal.tenant_id == "acme" and principal.scopes == frozenset({"verify"})
         assert authenticate(session, key, "other-master") is None

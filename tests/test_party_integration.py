@@ -425,3 +425,49 @@ def test_party_logs_hold_no_shares(sqlite_parties):
     assert "prepared op 1" in log_text  # logging is on...
     assert to_b64(share) not in log_text and query not in log_text and query[:40] not in log_text  # ...shares are not
     assert str(int(share[0])) not in log_text
+
+
+def test_identify_many_one_job_for_a_batch(sqlite_parties):
+    """identify_many: Q queries in ONE match job (jobs_run +1 per party), each answered as identify would."""
+    faces = unit_vectors(6, seed=11)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    def jobs_run() -> list[int]:
+        return [httpx.get(p.url + "/internal/state", headers=auth).json()["jobs_run"] for p in sqlite_parties]
+
+    async def scenario():
+        async with pair_for(sqlite_parties) as pair:
+            assert await pair.identify_many("e0", "v1", 0, [fp.encode(faces[1])] * 3, THRESHOLD) == [None] * 3
+            for t in range(1, 5):
+                assert await pair.store(t, 10 + t, "v1", fp.encode(faces[t]))
+                assert await pair.commit(t) == (True, True)
+            before = jobs_run()
+            queries = [fp.encode(faces[2] + 0.01), fp.encode(faces[5]), fp.encode(faces[4]), fp.encode(faces[1])]
+            got = await pair.identify_many("m1", "v1", 4, queries, 0.9, expected_committed=4)
+            assert got == [12, None, 14, 11]
+            assert jobs_run() == [b + 1 for b in before]
+            singles = [await pair.identify(f"s{i}", "v1", 4, q, 0.9) for i, q in enumerate(queries)]
+            assert singles == got
+            assert await pair.identify_many("m2", "v1", 2, queries, 0.9) == [12, None, None, 11]  # older snapshot
+            assert await pair.identify_many("m3", "v1", 4, [], 0.9) == []
+            with pytest.raises(ValueError):
+                await pair.identify_many("m4", "v1", 4, [queries[0]] * 65, 0.9)
+            with pytest.raises(PartiesOutOfSync):  # the same error semantics as identify
+                await pair.identify_many("m5", "v1", 4, queries, 0.9, expected_committed=3)
+
+    run(scenario())
+
+    # the party validates a batch itself: problem+json, no job run
+    before = jobs_run()
+    share = to_b64(random_ring(D))
+    base = {"job_id": "bad", "kind": "identify", "model_version": "v1", "upto_seq": 4, "threshold": 0.5}
+    for body in ({**base, "query_shares": [share] * 65},
+                 {**base, "query_shares": []},
+                 {**base, "query_shares": [share, to_b64(random_ring(D + 1))]},
+                 {**base, "query_share": share, "query_shares": [share]},
+                 {**base},
+                 {**base, "kind": "verify", "template_seqs": [11], "query_shares": [share]}):
+        r = httpx.post(sqlite_parties[0].url + "/internal/match", headers=auth, json=body)
+        assert r.status_code == 422, (body.keys(), r.text)
+        assert r.headers["content-type"].startswith("application/problem+json")
+    assert jobs_run() == before

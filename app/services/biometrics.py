@@ -192,6 +192,8 @@ async def identify(ctx: GatewayContext, principal: Principal, payload: FeaturePa
 
         async def run(upto: int, committed: int, gallery: str = gallery, model: LoadedModel = model,
                       query=query) -> int | None:
+            if model is active:  # the hot path: concurrent searches of the same snapshot share one MPC job
+                return await ctx.identify_batcher.identify(gallery, upto, committed, model.threshold, query)
             return await ctx.parties.identify(uuid.uuid4().hex, gallery, upto, query, model.threshold,
                                               expected_committed=committed)
 

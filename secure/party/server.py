@@ -27,6 +27,7 @@ from secure.sharing import from_b64
 
 log = logging.getLogger("privface.party")
 JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+MAX_QUERY_BATCH = 64  # identify: most queries in one job (the gateway batches concurrent requests)
 
 
 def _mpc_types() -> tuple[type, type]:
@@ -55,7 +56,9 @@ class MatchIn(BaseModel):
     model_version: str = Field(..., min_length=1, max_length=200)
     upto_seq: int = Field(..., ge=0)
     expected_committed: int | None = Field(None, ge=0, description="gateway's count of committed ops <= upto_seq")
-    query_share: str = Field(..., repr=False)
+    query_share: str | None = Field(None, repr=False)
+    query_shares: list[str] | None = Field(None, min_length=1, max_length=MAX_QUERY_BATCH, repr=False,
+                                           description="identify only: a batch of queries, one MPC job")
     template_seqs: list[int] | None = Field(None, max_length=10_000)
     threshold: float
     timeout_s: float | None = Field(None, gt=0)
@@ -76,7 +79,8 @@ class CheckOut(BaseModel):
 
 class MatchOut(BaseModel):
     job_id: str
-    share: str  # str(int): this party's additive share of the output, mod 2**64
+    share: str | None = None  # str(int): this party's additive share of the output, mod 2**64 (one query)
+    shares: list[str] | None = None  # the same per query, in order, when the job carried query_shares
     n: int  # rows in the job's gallery
     labels_digest: str  # sha256 of the gallery's labels (public), so the gateway can check both parties agree
 
@@ -110,6 +114,7 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
     app = FastAPI(title=f"privface party {settings.rank}", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.oplog = oplog
     app.state.engine = engine
+    app.state.jobs_run = 0  # MPC jobs this process ran (a batch counts once): shows the gateway's batching
     app.state.settings = settings
     install_problem_handlers(app)
 
@@ -175,7 +180,8 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
         except Exception as exc:  # noqa: BLE001 - report, never fail the state call
             mpc = {"ready": False, "error": type(exc).__name__}
         return {"rank": settings.rank, "applied_through": oplog.applied_through, "pending": oplog.pending_seqs(),
-                "committed_count": oplog.committed_count(), "versions": oplog.gallery.counts(), "mpc": mpc}
+                "committed_count": oplog.committed_count(), "versions": oplog.gallery.counts(), "mpc": mpc,
+                "jobs_run": app.state.jobs_run}
 
     @api.post("/match/check", response_model=CheckOut)
     async def match_check(body: CheckIn) -> CheckOut:
@@ -197,12 +203,19 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
             raise PartyProblem(409, "snapshot-too-old", "Snapshot too old", str(exc)) from None
         return CheckOut(n=n, labels_digest=digest)
 
-    @api.post("/match", response_model=MatchOut)
+    @api.post("/match", response_model=MatchOut, response_model_exclude_none=True)
     async def match(body: MatchIn) -> MatchOut:
+        def invalid(detail: str) -> PartyProblem:
+            return PartyProblem(422, "validation-error", "The request is not valid", detail)
+
         if not math.isfinite(body.threshold):
-            raise PartyProblem(422, "validation-error", "The request is not valid", "threshold must be finite")
+            raise invalid("threshold must be finite")
         if body.kind == "verify" and not body.template_seqs:
-            raise PartyProblem(422, "validation-error", "The request is not valid", "verify names template_seqs")
+            raise invalid("verify names template_seqs")
+        if (body.query_share is None) == (body.query_shares is None):
+            raise invalid("give exactly one of query_share and query_shares")
+        if body.query_shares is not None and body.kind != "identify":
+            raise invalid("query_shares (a batch) is for identify only")
 
         def take_rows() -> tuple[np.ndarray, np.ndarray, str]:
             shares, labels = oplog.match_rows(body.model_version, body.upto_seq, body.expected_committed,
@@ -216,12 +229,19 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
         except SnapshotTooOld as exc:
             raise PartyProblem(409, "snapshot-too-old", "Snapshot too old", str(exc)) from None
         n = int(labels.shape[0])
+        batch = body.query_shares
         if n == 0:  # nothing to match: both parties (in sync) answer 0 without running the MPC
+            if batch is not None:
+                return MatchOut(job_id=body.job_id, shares=["0"] * len(batch), n=0, labels_digest=digest)
             return MatchOut(job_id=body.job_id, share="0", n=0, labels_digest=digest)
         try:
-            query = from_b64(body.query_share, dim=shares.shape[1])
+            if batch is None:
+                query = from_b64(body.query_share, dim=shares.shape[1])
+            else:  # [Q, d]: one MPC job (one tournament) for all queries
+                query = np.stack([from_b64(text, dim=shares.shape[1]) for text in batch])
         except ValueError as exc:
-            raise PartyProblem(422, "validation-error", "The request is not valid", f"query_share: {exc}") from None
+            field = "query_share" if batch is None else "query_shares"
+            raise invalid(f"{field}: {exc}") from None
         MatchJob, MpcUnavailable = _mpc_types()
         job = MatchJob(job_id=body.job_id, kind=body.kind, query_share=query, gallery_share=shares, labels=labels,
                        threshold=float(body.threshold))
@@ -236,6 +256,14 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
         except Exception as exc:  # noqa: BLE001
             log.error("match job %s failed: %s", body.job_id, type(exc).__name__)
             raise PartyProblem(500, "mpc-failed", "Secure computation failed", type(exc).__name__) from None
+        app.state.jobs_run += 1
+        if batch is not None:
+            outs = list(out)
+            if len(outs) != len(batch):
+                log.error("match job %s returned %d shares for %d queries", body.job_id, len(outs), len(batch))
+                raise PartyProblem(500, "mpc-failed", "Secure computation failed", "wrong number of outputs")
+            return MatchOut(job_id=body.job_id, shares=[str(int(v) % (1 << 64)) for v in outs], n=n,
+                            labels_digest=digest)
         return MatchOut(job_id=body.job_id, share=str(int(out) % (1 << 64)), n=n, labels_digest=digest)
 
     app.include_router(api)
