@@ -22,14 +22,13 @@ import platform
 import statistics
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from secure.mpc.harness import Cluster, encode_trunc, reconstruct, split
+from secure.mpc.harness import Cluster, encode_trunc, split
 from secure.mpc.protocol import threshold_raw
 
 THRESHOLD = 0.5
@@ -61,28 +60,6 @@ def queries(rng: np.random.Generator, g: np.ndarray, count: int) -> list[np.ndar
             q /= np.linalg.norm(q)
         out.append(q)
     return out
-
-
-def run_query(cluster: Cluster, q: np.ndarray, g_shares: tuple[np.ndarray, np.ndarray], labels: np.ndarray,
-              rng: np.random.Generator, timeout: float) -> tuple[int, float, list[dict]]:
-    """One MPC job: q is one query [d] or a batch [Q, d]; returns (output(s), seconds at party 0, stats)."""
-    q0, q1 = split(encode_trunc(q), rng)
-    paths = []
-    for rank, (qs, gs) in enumerate(((q0, g_shares[0]), (q1, g_shares[1]))):
-        path = cluster.dir / f"bench-{uuid.uuid4().hex}-{rank}.npy.npz"
-        np.savez(path, query_share=qs, gallery_share=gs, labels=labels)
-        paths.append(path)
-    job = uuid.uuid4().hex
-    pending = [cluster.submit_async(r, job, "identify", paths[r], THRESHOLD, timeout) for r in (0, 1)]
-    res = [cluster.result(p, timeout + 60) for p in pending]
-    for p in paths:
-        p.unlink(missing_ok=True)
-    for r, msg in enumerate(res):
-        if "error" in msg:
-            raise RuntimeError(f"party {r}: {msg['error']}\n{cluster.logs()}")
-    sh0, sh1 = res[0]["share"], res[1]["share"]
-    out = [reconstruct(a, b) for a, b in zip(sh0, sh1)] if isinstance(sh0, list) else reconstruct(sh0, sh1)
-    return out, float(res[0]["elapsed"]), [m["stats"] for m in res]
 
 
 def plaintext_time(g: np.ndarray, qs: list[np.ndarray], labels: np.ndarray) -> float:
@@ -136,7 +113,7 @@ def main() -> None:
                 rows = []
                 ge = encode_trunc(galleries[n])
                 for i, q in enumerate(qsets[n][:reps + 1]):
-                    out, el, stats = run_query(cluster, q, shares[n], labels[n], rng, timeout=600)
+                    out, el, stats = cluster.run_shared("identify", q, shares[n], labels[n], THRESHOLD, rng, timeout=600)
                     want = fixed_point_decision(encode_trunc(q), ge, labels[n], THRESHOLD)
                     rows.append({"elapsed_s": el, "mpc_s": stats[0]["mpc_s"], "stats": stats, "out": out,
                                  "want_fixed_point": want,
@@ -161,7 +138,7 @@ def main() -> None:
                     brows = []
                     breps = 1 if (proto == "naive" and n >= 100_000) else args.batch_reps
                     for i, qb in enumerate(bsets[n][:breps]):
-                        outs, el, stats = run_query(cluster, qb, shares[n], labels[n], rng, timeout=600)
+                        outs, el, stats = cluster.run_shared("identify", qb, shares[n], labels[n], THRESHOLD, rng, timeout=600)
                         want = [fixed_point_decision(encode_trunc(q), ge, labels[n], THRESHOLD) for q in qb]
                         brows.append({"elapsed_s": el, "mpc_s": stats[0]["mpc_s"], "stats": stats, "out": outs,
                                       "want_fixed_point": want})

@@ -1,7 +1,6 @@
 """Fixed-gallery score protocol: exact ring arithmetic (no processes), then the engine with real processes."""
 from __future__ import annotations
 
-import uuid
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from secure.mpc.fixed_gallery import (
     ring_score_share,
     split_rows_to_ranges,
 )
-from secure.mpc.harness import Cluster, encode_trunc, reconstruct, split
+from secure.mpc.harness import Cluster, encode_trunc, split
 
 M64 = 1 << 64
 
@@ -118,23 +117,9 @@ def _plain(q: np.ndarray, g: np.ndarray, labels: np.ndarray, thr: float) -> int:
 
 def _run_shared(cluster: Cluster, q: np.ndarray, shares: tuple[np.ndarray, np.ndarray], labels: np.ndarray,
                 thr: float, rng: np.random.Generator) -> tuple[int, list]:
-    """Run identify with FIXED gallery shares (so the parties' mask cache can hit), fresh query shares."""
-    q0, q1 = split(encode_trunc(q), rng)
-    paths = []
-    for rank, (qs, gs) in enumerate(((q0, shares[0]), (q1, shares[1]))):
-        path = cluster.dir / f"fg-{uuid.uuid4().hex}-{rank}.npz"
-        np.savez(path, query_share=qs, gallery_share=gs, labels=labels)
-        paths.append(path)
-    job = uuid.uuid4().hex
-    qs_ = [cluster.submit_async(r, job, "identify", paths[r], thr, 60) for r in (0, 1)]
-    res = [cluster.result(x, 90) for x in qs_]
-    for p in paths:
-        p.unlink(missing_ok=True)
-    for r, msg in enumerate(res):
-        assert "error" not in msg, f"party {r}: {msg}"
-    if isinstance(res[0]["share"], list):
-        return [reconstruct(a, b) for a, b in zip(res[0]["share"], res[1]["share"])], [m.get("stats") for m in res]
-    return reconstruct(res[0]["share"], res[1]["share"]), [m.get("stats") for m in res]
+    """Identify with FIXED gallery shares (so the parties' mask cache can hit), fresh query shares."""
+    out, _, stats = cluster.run_shared("identify", q, shares, labels, thr, rng)
+    return out, stats
 
 
 @pytest.mark.slow

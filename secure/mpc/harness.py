@@ -157,18 +157,33 @@ class Cluster:
 
     def run(self, kind: str, query: np.ndarray, gallery: np.ndarray, labels: np.ndarray, threshold: float,
             rng: np.random.Generator, timeout: float = 60) -> tuple[int, float]:
-        """Run one job at both parties; returns (reconstructed output, party-0 elapsed seconds)."""
-        paths = self.write_job(query, gallery, labels, rng)
+        """Run one job at both parties on a freshly shared gallery; returns (output, party-0 seconds)."""
+        shares = split(encode_trunc(gallery.reshape(-1, query.shape[-1])), rng)
+        out, elapsed, self.last_stats = self.run_shared(kind, query, shares, labels, threshold, rng, timeout)
+        return out, elapsed
+
+    def run_shared(self, kind: str, query: np.ndarray, gallery_shares: tuple[np.ndarray, np.ndarray],
+                   labels: np.ndarray, threshold: float, rng: np.random.Generator,
+                   timeout: float = 60) -> tuple[int | list[int], float, list]:
+        """One job with the given (fixed) gallery shares and fresh query shares, so the parties' fixed-gallery
+        mask cache can hit across jobs. ``query`` is [d] or a batch [Q, d] (then a list of outputs)."""
+        q0, q1 = split(encode_trunc(query), rng)
+        paths = []
+        for rank, (q, g) in enumerate(((q0, gallery_shares[0]), (q1, gallery_shares[1]))):
+            path = self.dir / f"job-{uuid.uuid4().hex}-{rank}.npz"
+            np.savez(path, query_share=q, gallery_share=g, labels=np.asarray(labels, dtype=np.int64))
+            paths.append(path)
         job_id = uuid.uuid4().hex
         qs = [self.submit_async(r, job_id, kind, paths[r], threshold, timeout) for r in (0, 1)]
-        res = [self.result(q, timeout + 30) for q in qs]
+        res = [self.result(q, timeout + 60) for q in qs]
         for p in paths:
             p.unlink(missing_ok=True)
         for r, msg in enumerate(res):
             if "error" in msg:
                 raise RuntimeError(f"party {r}: {msg['error']}")
-        self.last_stats = [res[0].get("stats"), res[1].get("stats")]
-        return reconstruct(res[0]["share"], res[1]["share"]), float(res[0]["elapsed"])
+        s0, s1 = res[0]["share"], res[1]["share"]
+        out = [reconstruct(a, b) for a, b in zip(s0, s1)] if isinstance(s0, list) else reconstruct(s0, s1)
+        return out, float(res[0]["elapsed"]), [m.get("stats") for m in res]
 
     def logs(self) -> str:
         out = []

@@ -151,23 +151,22 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
         log.info("prepared op %d (%s)", body.seq, body.kind)
         return OpOut(seq=body.seq, state=state)
 
-    @api.post("/ops/{seq}/commit", response_model=OpOut)
-    def commit(seq: int = Path(..., gt=0)) -> OpOut:
+    def decide(seq: int, apply, verb: str) -> OpOut:  # noqa: ANN001
+        """Commit or abort: both idempotent at the op log; errors become problem+json."""
         try:
-            state = oplog.commit(seq)
+            state = apply(seq)
         except OpError as exc:
             raise _op_problem(exc) from None
-        log.info("committed op %d", seq)
+        log.info("%s op %d", verb, seq)
         return OpOut(seq=seq, state=state)
+
+    @api.post("/ops/{seq}/commit", response_model=OpOut)
+    def commit(seq: int = Path(..., gt=0)) -> OpOut:
+        return decide(seq, oplog.commit, "committed")
 
     @api.post("/ops/{seq}/abort", response_model=OpOut)
     def abort(seq: int = Path(..., gt=0)) -> OpOut:
-        try:
-            state = oplog.abort(seq)
-        except OpError as exc:
-            raise _op_problem(exc) from None
-        log.info("aborted op %d", seq)
-        return OpOut(seq=seq, state=state)
+        return decide(seq, oplog.abort, "aborted")
 
     @api.get("/ops/{seq}", response_model=OpOut)
     def op_state(seq: int = Path(..., gt=0)) -> OpOut:
