@@ -183,11 +183,9 @@ class Gallery:
     def snapshot(self, model_version: str, upto_seq: int) -> tuple[np.ndarray, np.ndarray]:
         """(shares [n, d] int64, labels [n] int64) of the rows visible at ``upto_seq``, in add-seq order."""
         with self._lock:
-            v = self._versions.get(model_version)
+            v = self._readable(model_version, upto_seq)
             if v is None:
                 return np.empty((0, 0), np.int64), np.empty(0, np.int64)
-            if upto_seq < v.purged_through:
-                raise SnapshotTooOld(f"snapshot {upto_seq} predates deletions erased at load ({v.purged_through})")
             if not v.ordered:
                 self._sort(v)
             n = v.size
@@ -208,6 +206,14 @@ class Gallery:
             labels.flags.writeable = False
             return shares, labels
 
+    def _readable(self, model_version: str, upto_seq: int) -> _Version | None:
+        """The gallery to read at ``upto_seq`` (None if it has no rows yet); refuses snapshots older than
+        deletions already erased from memory. Call with the lock held."""
+        v = self._versions.get(model_version)
+        if v is not None and upto_seq < v.purged_through:
+            raise SnapshotTooOld(f"snapshot {upto_seq} predates deletions erased at load ({v.purged_through})")
+        return v
+
     @staticmethod
     def _none_deleted_by(v: _Version, upto_seq: int) -> bool:
         return not bool(np.any(v.del_seq[: v.size] <= upto_seq))
@@ -215,11 +221,9 @@ class Gallery:
     def rows_for(self, model_version: str, upto_seq: int, template_seqs: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """The visible rows among ``template_seqs`` (verify), in add-seq order."""
         with self._lock:
-            v = self._versions.get(model_version)
+            v = self._readable(model_version, upto_seq)
             if v is None:
                 return np.empty((0, 0), np.int64), np.empty(0, np.int64)
-            if upto_seq < v.purged_through:
-                raise SnapshotTooOld(f"snapshot {upto_seq} predates deletions erased at load ({v.purged_through})")
             rows = []
             for t in set(int(t) for t in template_seqs):
                 r = v.index.get(t)
