@@ -1,6 +1,11 @@
-"""1:N secure search at scale: naive CrypTen vs the fixed-gallery protocol vs plaintext numpy, in one run.
+"""1:N secure search at scale: naive CrypTen vs the project's protocol vs plaintext numpy, in one run.
 
-python bench/mpc_scale.py [--sizes 1000,10000,100000] [--d 128] [--reps 3] [--out docs/results/mpc_scale]
+python bench/mpc_scale.py [--sizes 1000,10000,100000] [--d 128] [--reps 3] [--protocols naive,privface]
+                          [--out docs/results/mpc_scale]
+
+Protocols (``PROTOCOLS``): naive = CrypTen end to end (Beaver matmul + CrypTen's comparisons; the baseline);
+fixed-gallery = the fixed-gallery scores + CrypTen's comparisons (ablation); privface = fixed-gallery scores +
+the dealer-bits threshold/argmax (secure/mpc/compare.py), the service default.
 
 Each protocol runs in its own local cluster (dealer + 2 parties, real processes, gloo on loopback, CPU).
 Per N the gallery is shared ONCE (as the party server does: shares are stored at enrollment) and every query
@@ -32,6 +37,10 @@ from secure.mpc.harness import Cluster, encode_trunc, split
 from secure.mpc.protocol import threshold_raw
 
 THRESHOLD = 0.5
+PROTOCOLS = {"naive": {"protocol": "naive", "compare": "crypten"},
+             "fixed-gallery": {"protocol": "fixed-gallery", "compare": "crypten"},
+             "privface": {"protocol": "fixed-gallery", "compare": "dealer-bits"}}
+BASELINE, OURS = "naive", "privface"
 
 
 def unit(rng: np.random.Generator, *shape: int) -> np.ndarray:
@@ -79,7 +88,10 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3, help="steady-state queries per (protocol, N)")
     ap.add_argument("--naive-max-reps-100k", type=int, default=2)
-    ap.add_argument("--protocols", default="naive,fixed-gallery")
+    ap.add_argument("--protocols", default="naive,privface", help=f"comma list of {sorted(PROTOCOLS)}")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="per MPC process (3 processes share this machine; same for every protocol)")
+    ap.add_argument("--naive-max-n", type=int, default=1_000_000, help="skip the naive baseline above this N")
     ap.add_argument("--batch", type=int, default=16, help="queries per MPC job for the batched runs (0: skip)")
     ap.add_argument("--batch-reps", type=int, default=2)
     ap.add_argument("--out", default="docs/results/mpc_scale")
@@ -103,10 +115,13 @@ def main() -> None:
 
     for proto in protocols:
         t0 = time.time()
-        with Cluster(protocol=proto, op_timeout_s=300, connect_timeout_s=60) as cluster:
+        with Cluster(op_timeout_s=300, connect_timeout_s=60, torch_threads=args.torch_threads,
+                     **PROTOCOLS[proto]) as cluster:
             cluster.wait_connected(180)
             print(f"[{proto}] cluster up in {time.time() - t0:.1f}s", flush=True)
             for n in sizes:
+                if proto == "naive" and n > args.naive_max_n:
+                    continue
                 reps = args.reps
                 if proto == "naive" and n >= 100_000:
                     reps = min(reps, args.naive_max_reps_100k)
@@ -161,45 +176,51 @@ def main() -> None:
 def write(results: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
-    cfg = results["config"]
-    lines = [(f"# MPC 1:N scale benchmark (d = {cfg['d']}, batch {cfg['batch']}, {cfg['cpu_count']} CPU cores, "
-              f"{cfg['device']}, 2 parties + dealer on loopback)"), "",
+    out.with_suffix(".md").write_text("\n".join(table_lines(results)) + "\n")
+    print("\n".join(table_lines(results)))
+
+
+def table_lines(results: dict) -> list[str]:
+    """Markdown tables: one row per (N, protocol), then the privface-vs-naive ratios and the batched runs."""
+    cfg, mpc = results["config"], results["mpc"]
+    sizes = [int(n) for n in cfg["sizes"]]
+    lines = [(f"# MPC 1:N scale benchmark (d = {cfg['d']}, {cfg['cpu_count']} CPU cores, {cfg['device']}, "
+              "2 parties + dealer on loopback)"), "",
              ("Command: `python bench/mpc_scale.py` (raw data: `mpc_scale.json`). Time = wall time per query at "
-             "party 0 (submit -> output share), median of the steady-state queries; `mpc` = inside the MPC "
-             "circuit. Bytes/rounds: CrypTen communicator statistics per party (sent + received for all_reduce, "
-             "dealer traffic included). Fixed-gallery setup = the first query after the gallery is shared "
-             "(opens E = G - A once)."), "",
-             ("| N | plaintext | naive time (mpc) | fixed-gallery time (mpc) | speed-up | fixed-gallery setup | "
-             "naive MB/party | fixed-gallery MB/party | bytes ratio | naive rounds | fg rounds | naive q/s | fg q/s "
-             "| correct |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    mpc = results["mpc"]
-    for n in cfg["sizes"]:
-        nv, fg = mpc.get("naive", {}).get(n), mpc.get("fixed-gallery", {}).get(n)
-
-        def t(r):
-            return f"{r['time_per_query_s']:.3f} s ({r['mpc_time_per_query_s']:.3f})" if r else "–"
-
-        def mb(r):
-            return f"{max(r['bytes_per_party']) / 1e6:.2f}" if r else "–"
-
-        speed = f"{nv['time_per_query_s'] / fg['time_per_query_s']:.2f}x" if nv and fg else "–"
-        ratio = f"1/{max(nv['bytes_per_party']) / max(fg['bytes_per_party']):.1f}" if nv and fg else "–"
-        setup = f"{fg['first']['elapsed_s']:.3f} s" if fg else "–"
-        ok = all(r["all_correct"] for r in (nv, fg) if r)
-        cells = [f"{n:,}", f"{results['plaintext'][n] * 1e3:.2f} ms", t(nv), t(fg), speed, setup, mb(nv), mb(fg),
-                 ratio, str(int(max(nv["rounds_per_party"]))) if nv else "–",
-                 str(int(max(fg["rounds_per_party"]))) if fg else "–",
-                 f"{1 / nv['time_per_query_s']:.2f}" if nv else "–", f"{1 / fg['time_per_query_s']:.2f}" if fg else "–",
-                 "yes" if ok else "NO"]
-        lines.append("| " + " | ".join(cells) + " |")
-    if cfg["batch"]:
-        lines += ["", f"Batched: {cfg['batch']} queries in one MPC job (one tournament over [N, {cfg['batch']}]).", "",
-                  "| N | protocol | batch-1 q/s | batch-{b} q/s | gain | batch-{b} MB/party/query | rounds per job | "
-                  "correct |".format(b=cfg["batch"]), "|---|---|---|---|---|---|---|---|"]
-        for n in cfg["sizes"]:
-            for proto in ("naive", "fixed-gallery"):
-                r = mpc.get(proto, {}).get(n)
+              "party 0 (submit -> output share), median of the steady-state queries; `mpc` = inside the MPC "
+              "circuit. Bytes/rounds per party: sent + received between the parties plus what the dealer sends "
+              "(CrypTen's convention). First query = warm-up (naive) or mask setup (fixed-gallery scores)."), "",
+             "| N | protocol | time/query (mpc) | first query | MB/party/query | rounds | queries/s | correct |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n in sizes:
+        lines.append(f"| {n:,} | plaintext (numpy, float32) | {results['plaintext'][_key(results['plaintext'], n)] * 1e3:.2f} ms "
+                     "| – | – | – | – | – |")
+        for proto, by_n in mpc.items():
+            r = by_n.get(_key(by_n, n))
+            if not r:
+                continue
+            lines.append(f"| {n:,} | {proto} | {r['time_per_query_s']:.3f} s ({r['mpc_time_per_query_s']:.3f}) | "
+                         f"{r['first']['elapsed_s']:.3f} s | {max(r['bytes_per_party']) / 1e6:.2f} | "
+                         f"{int(max(r['rounds_per_party']))} | {1 / r['time_per_query_s']:.2f} | "
+                         f"{'yes' if r['all_correct'] else 'NO'} |")
+    base, ours = mpc.get(BASELINE, {}), mpc.get(OURS, {})
+    if base and ours:
+        lines += ["", f"{OURS} vs {BASELINE} (same run):", "", "| N | speed-up | bytes ratio | rounds ratio |",
+                  "|---|---|---|---|"]
+        for n in sizes:
+            b, o = base.get(_key(base, n)), ours.get(_key(ours, n))
+            if b and o:
+                lines.append(f"| {n:,} | {b['time_per_query_s'] / o['time_per_query_s']:.1f}x | "
+                             f"1/{max(b['bytes_per_party']) / max(o['bytes_per_party']):.1f} | "
+                             f"1/{max(b['rounds_per_party']) / max(o['rounds_per_party']):.1f} |")
+    if cfg.get("batch"):
+        bsz = cfg["batch"]
+        lines += ["", f"Batched: {bsz} queries in one MPC job (one knockout over [N, {bsz}]).", "",
+                  f"| N | protocol | batch-1 q/s | batch-{bsz} q/s | gain | batch-{bsz} MB/party/query | rounds per job "
+                  "| correct |", "|---|---|---|---|---|---|---|---|"]
+        for n in sizes:
+            for proto, by_n in mpc.items():
+                r = by_n.get(_key(by_n, n))
                 if not r or "batch" not in r:
                     continue
                 bt = r["batch"]
@@ -208,8 +229,12 @@ def write(results: dict, out: Path) -> None:
                              f"{bt['queries_per_s'] / q1:.1f}x | {max(bt['bytes_per_party_per_query']) / 1e6:.3f} | "
                              f"{int(max(bt['rounds_per_job']))} | {'yes' if bt['all_correct'] else 'NO'} |")
     lines += ["", "Correct = every MPC output equals the plaintext decision on the same 16-bit fixed-point inputs."]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return lines
+
+
+def _key(d: dict, n: int):  # type: ignore[no-untyped-def]
+    """JSON round trips turn int keys into strings."""
+    return n if n in d else str(n)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Regression: face-like galleries (every score high and close together, or all low) through both score
-protocols. Random unit vectors give scores near 0 and hide errors that show up with real templates."""
+protocols and both comparison circuits. Random unit vectors give scores near 0 and hide errors that show up with real templates."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -18,9 +18,11 @@ def unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-@pytest.fixture(scope="module", params=["fixed-gallery", "naive"])
+@pytest.fixture(scope="module", params=[("fixed-gallery", "dealer-bits"), ("naive", "dealer-bits"),
+                                        ("naive", "crypten")], ids=lambda p: "+".join(p))
 def cluster(request, tmp_path_factory) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp(f"mpc-{request.param}"), protocol=request.param, **FAST).start()
+    scores, compare = request.param
+    c = Cluster(tmp_path_factory.mktemp(f"mpc-{scores}-{compare}"), protocol=scores, compare=compare, **FAST).start()
     try:
         c.wait_connected(90)
         yield c

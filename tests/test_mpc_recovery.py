@@ -32,9 +32,9 @@ def test_party1_killed_mid_job_then_recovers(tmp_path) -> None:  # noqa: ANN001
         cluster.wait_connected(90)
         gen0 = cluster.status(0)["generation"]
 
-        # a job long enough to be interrupted (identify over 8000 rows: 13 knockout rounds, ~2 s here)
+        # a job long enough to be interrupted: 256 queries batched against 8000 rows (2M compared pairs, ~3 s)
         n = 8000
-        q, g = unit(rng, D), unit(rng, n, D)
+        q, g = unit(rng, 256, D), unit(rng, n, D)
         paths = cluster.write_job(q, g, np.arange(1, n + 1), rng)
         jid = uuid.uuid4().hex
         r0 = cluster.submit_async(0, jid, "identify", paths[0], 0.0, timeout=60)
@@ -51,7 +51,7 @@ def test_party1_killed_mid_job_then_recovers(tmp_path) -> None:  # noqa: ANN001
         assert cluster.status(0)["connected"] is False or cluster.status(0)["generation"] > gen0
 
         # while party 1 is down, party 0 refuses jobs promptly (503), it does not hang
-        small = cluster.write_job(q, g[:3], np.arange(1, 4), rng)
+        small = cluster.write_job(q[0], g[:3], np.arange(1, 4), rng)
         t0 = time.monotonic()
         res = Cluster.result(cluster.submit_async(0, uuid.uuid4().hex, "verify", small[0], 0.0, timeout=30))
         assert "error" in res and time.monotonic() - t0 < OP_TIMEOUT + 1.0

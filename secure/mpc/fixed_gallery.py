@@ -22,24 +22,33 @@ Rules that keep it secure (each enforced here):
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import torch
+
+from .ring_matmul import MIN_BATCH, limb_matmul, to_limbs
 
 # multiplier folding the public label into the local row key (odd => a bijection of the ring)
 _LABEL_MIX = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
 
 
 # ----------------------------------------------------------------------------------- pure ring arithmetic
-def ring_score_share(rank: int, ea: torch.Tensor, f: torch.Tensor, b_i: torch.Tensor, c_i: torch.Tensor) -> torch.Tensor:
+def ring_score_share(rank: int, ea: torch.Tensor, f: torch.Tensor, b_i: torch.Tensor, c_i: torch.Tensor,
+                     ea_limbs: torch.Tensor | None = None) -> torch.Tensor:
     """Party ``rank``'s share of G x, from ``ea`` = [E | A_i] (n x 2d), public f = x - b, b_i, c_i (int64).
 
     One query: f, b_i [d], c_i [n] -> [n].  A batch of Q queries: f, b_i [Q, d], c_i [n, Q] -> [n, Q].
+    With ``ea_limbs`` (``ring_matmul.to_limbs(ea)``) a batch is multiplied through float32 BLAS; the share is
+    then only right modulo 2^40 (enough for the dealer-bits comparison, which reads 38 bits).
     """
     v = b_i + f if rank == 0 else b_i
     if f.dim() == 1:
         return torch.mv(ea, torch.cat([v, f])) + c_i
-    return torch.mm(ea, torch.cat([v, f], dim=1).t()) + c_i
+    rhs = torch.cat([v, f], dim=1).t()
+    if ea_limbs is not None:
+        return limb_matmul(ea_limbs, rhs) + c_i
+    return torch.mm(ea, rhs) + c_i
 
 
 def split_rows_to_ranges(slots: torch.Tensor) -> list[list[int]]:
@@ -54,11 +63,11 @@ def split_rows_to_ranges(slots: torch.Tensor) -> list[list[int]]:
     return out
 
 
-def gather_ranges(store: torch.Tensor, ranges: list[list[int]]) -> torch.Tensor:
+def gather_ranges(store: torch.Tensor, ranges: list[list[int]], dim: int = 0) -> torch.Tensor:
     if len(ranges) == 1:
         start, length = ranges[0]
-        return store.narrow(0, start, length)
-    return torch.cat([store.narrow(0, s, n) for s, n in ranges])
+        return store.narrow(dim, start, length)
+    return torch.cat([store.narrow(dim, s, n) for s, n in ranges], dim=dim)
 
 
 # ----------------------------------------------------------------------------------- party side
@@ -77,7 +86,9 @@ class PartyGalleryCache:
         self.index: dict[int, dict[int, int]] = {}      # d -> row key -> slot
         self.last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # d -> (keys, slots) of the last job
         self.weights: dict[int, torch.Tensor] = {}
+        self.limbs: dict[int, torch.Tensor] = {}        # d -> uint8 [5, S, 2d] of the stores, built on demand
         self.setup_rows = 0                             # rows masked by the last call (stats)
+        self.timings: dict[str, float] = {}             # seconds per step of the last call (stats)
 
     def row_keys(self, gallery: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Local, never sent: a random linear checksum of this party's share rows, mixed with the label."""
@@ -100,10 +111,13 @@ class PartyGalleryCache:
 
 
 def party_scores(crypten: Any, cache: PartyGalleryCache, query: torch.Tensor, gallery: torch.Tensor,
-                 labels: torch.Tensor) -> torch.Tensor:
+                 labels: torch.Tensor, mod40: bool = False, after_dealer: Any = None) -> torch.Tensor:
     """This party's int64 share of G x (scale 2^32) by the fixed-gallery protocol. Both parties call it in lockstep.
 
     ``query``: [d] (one query -> [n]) or [Q, d] (a batch -> [n, Q]; one dealer request and one opening for all).
+    ``mod40``: the caller reads the scores modulo 2^40 only, so a batch may use ``ring_matmul`` (both parties
+    and the dealer must agree: it is part of the dealer request). ``after_dealer()`` runs right after this
+    job's dealer request is answered (the worker uses it to queue its next dealer request early).
     """
     import torch.distributed as dist
     from crypten.common.rng import generate_random_ring_element
@@ -115,6 +129,7 @@ def party_scores(crypten: Any, cache: PartyGalleryCache, query: torch.Tensor, ga
     gen = TTPClient.get().get_generator(device="cpu")
     ttp = TTPClient.get()
 
+    t0 = time.perf_counter()
     keys = cache.row_keys(gallery, labels)
     slots, hit = cache.lookup(d, keys)
     # agree on which rows both parties already hold a mask for (a row is reused only if BOTH shares are unchanged)
@@ -144,6 +159,7 @@ def party_scores(crypten: Any, cache: PartyGalleryCache, query: torch.Tensor, ga
         new_rows = torch.cat([e_new, a_i], dim=1)
         store = cache.stores.get(d)
         cache.stores[d] = new_rows if store is None or used == 0 else torch.cat([store[:used], new_rows])
+        cache.limbs.pop(d, None)
         new_slots = torch.arange(used, used + m, dtype=torch.long)
         slots[miss] = new_slots
         idx = cache.index.setdefault(d, {})
@@ -153,18 +169,32 @@ def party_scores(crypten: Any, cache: PartyGalleryCache, query: torch.Tensor, ga
         cache.setup_rows = m
     cache.last[d] = (keys, slots.clone())
 
+    t1 = time.perf_counter()
     ranges = split_rows_to_ranges(slots)
     q_shape = tuple(query.shape)  # (d,) or (Q, d)
+    limbs = bool(mod40 and len(q_shape) == 2 and q_shape[0] >= MIN_BATCH)
     b_i = generate_random_ring_element(q_shape, generator=gen, device="cpu")
     c_shape = (n,) if len(q_shape) == 1 else (n, q_shape[0])
     if rank == 0:
-        c_i = ttp.ttp_request("fg_query", "cpu", ranges, d, q_shape[0] if len(q_shape) == 2 else 0)
+        c_i = ttp.ttp_request("fg_query", "cpu", ranges, d, q_shape[0] if len(q_shape) == 2 else 0, limbs)
     else:
         c_i = generate_random_ring_element(c_shape, generator=gen, device="cpu")
+    if after_dealer is not None:
+        after_dealer()
+    t2 = time.perf_counter()
     f = query - b_i
     f = comm.all_reduce(f)  # f = x - b, opened (b fresh and uniform)
     ea = gather_ranges(cache.stores[d], ranges)
-    return ring_score_share(rank, ea, f, b_i, c_i)
+    ea_limbs = None
+    if limbs:
+        if d not in cache.limbs:
+            cache.limbs[d] = to_limbs(cache.stores[d])
+        ea_limbs = gather_ranges(cache.limbs[d], ranges, dim=1)
+    t3 = time.perf_counter()
+    out = ring_score_share(rank, ea, f, b_i, c_i, ea_limbs)
+    cache.timings = {"score_cache_s": t1 - t0, "score_dealer_s": t2 - t1, "score_open_s": t3 - t2,
+                     "score_local_s": time.perf_counter() - t3}
+    return out
 
 
 # ----------------------------------------------------------------------------------- dealer side
@@ -174,9 +204,11 @@ class DealerGalleryMasks:
     def __init__(self) -> None:
         self.stores: dict[int, torch.Tensor] = {}
         self.used: dict[int, int] = {}
+        self.limbs: dict[int, torch.Tensor] = {}
 
     def reset(self, d: int) -> None:
         self.stores.pop(d, None)
+        self.limbs.pop(d, None)
         self.used[d] = 0
 
     def add(self, gens: list, m: int, d: int) -> None:
@@ -189,10 +221,11 @@ class DealerGalleryMasks:
         used = self.used.get(d, 0)
         store = self.stores.get(d)
         self.stores[d] = a if store is None or used == 0 else torch.cat([store[:used], a])
+        self.limbs.pop(d, None)
         self.used[d] = used + m
 
-    def query(self, gens: list, ranges: list[list[int]], d: int, batch: int = 0) -> torch.Tensor:
-        """c0 = A[rows] b - c1 for fresh b ([d], or [batch, d] when batch > 0)."""
+    def query(self, gens: list, ranges: list[list[int]], d: int, batch: int = 0, limbs: bool = False) -> torch.Tensor:
+        """c0 = A[rows] b - c1 for fresh b ([d], or [batch, d] when batch > 0); ``limbs``: A b only mod 2^40."""
         from crypten.common.rng import generate_random_ring_element
 
         b = None
@@ -206,8 +239,13 @@ class DealerGalleryMasks:
             if s < 0 or ln < 1 or s + ln > used:
                 raise RuntimeError("fixed-gallery query names a slot the dealer does not hold")
             n += ln
-        rows = gather_ranges(self.stores[d], ranges)
-        c = torch.mv(rows, b) if batch <= 0 else torch.mm(rows, b.t())
+        if limbs and batch > 0:
+            if d not in self.limbs:
+                self.limbs[d] = to_limbs(self.stores[d])
+            c = limb_matmul(gather_ranges(self.limbs[d], ranges, dim=1), b.t())
+        else:
+            rows = gather_ranges(self.stores[d], ranges)
+            c = torch.mv(rows, b) if batch <= 0 else torch.mm(rows, b.t())
         others = None
         for g in gens[1:]:
             part = generate_random_ring_element(tuple(c.shape), generator=g, device=g.device)

@@ -135,7 +135,7 @@ class Cluster:
                   rng: np.random.Generator) -> list[Path]:
         """Encode + share a plaintext query/gallery; write one .npz per party; returns the paths."""
         q0, q1 = split(encode_trunc(query), rng)
-        g0, g1 = split(encode_trunc(gallery.reshape(-1, query.shape[0])), rng)
+        g0, g1 = split(encode_trunc(gallery.reshape(-1, query.shape[-1])), rng)
         paths = []
         for rank, (q, g) in enumerate(((q0, g0), (q1, g1))):
             path = self.dir / f"job-{uuid.uuid4().hex}-{rank}.npz"

@@ -30,11 +30,13 @@ def threshold_raw(threshold: float) -> int:
 
 
 def match_share(kind: str, query_share: np.ndarray, gallery_share: np.ndarray, labels: np.ndarray,
-                threshold: float, device: str = "cpu", score_fn=None):
+                threshold: float, device: str = "cpu", score_fn=None, compare_fn=None):
     """This party's int64 share of the match output (see module docstring). Requires n >= 1.
 
     ``score_fn(q, g, labels) -> int64 tensor [n]`` (CPU tensors in, this party's share of the raw scores out)
     replaces the Beaver matmul, e.g. the fixed-gallery protocol (``fixed_gallery.party_scores``).
+    ``compare_fn(scores [n, Q] uint64 shares, t_raw) -> uint64 [Q] output shares`` replaces CrypTen's
+    comparisons and knockout, e.g. the dealer-bits protocol (``compare.match``).
     """
     import torch
 
@@ -61,6 +63,10 @@ def match_share(kind: str, query_share: np.ndarray, gallery_share: np.ndarray, l
         ge = MPCTensor.from_shares(g, precision=0)
         scores = ge.matmul(qe.t() if q.dim() == 2 else qe)  # [n] (or [n, Q]) shares of <g, q> * 2^32
     t_raw = threshold_raw(threshold)
+    if compare_fn is not None:
+        mat = scores.share.data.cpu().numpy().view(np.uint64)  # plain tensor, or the one inside a CUDALongTensor
+        out_np = compare_fn(mat.reshape(n, -1), t_raw).view(np.int64)
+        return [int(v) for v in out_np.tolist()] if q.dim() == 2 else int(out_np[0])
 
     if kind == "verify":
         bits = scores.ge(t_raw)  # 0/1 at scale 1

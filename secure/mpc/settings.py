@@ -44,6 +44,13 @@ class MpcSettings(BaseSettings):
         "fixed-gallery", description='1:N scores: "fixed-gallery" (each gallery row\'s Beaver mask opened once '
                                      'and reused, O(n + d) per query) or "naive" (CrypTen Beaver matmul, O(n d) '
                                      'per query; the baseline). Verify always uses "naive". Both parties must agree.')
+    compare: Literal["dealer-bits", "crypten"] = Field(
+        "dealer-bits", description='Threshold and max/argmax: "dealer-bits" (8 rounds per knockout level, ~80 bytes '
+                                   'per row; secure/mpc/compare.py) or "crypten" (CrypTen\'s 64-bit circuit; the '
+                                   'baseline). Needs the dealer (TTP); TFP always uses "crypten". Both parties agree.')
+    torch_threads: int = Field(
+        0, ge=0, le=256, description="torch intra-op threads of each MPC worker (0: torch's default, all cores). "
+                                     "Set 1 when the dealer and both parties share one small machine.")
     gloo_ifname: str | None = Field(None, description="GLOO_SOCKET_IFNAME for the worker (e.g. 'lo').")
 
     @model_validator(mode="after")

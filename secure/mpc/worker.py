@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: dealer-bits comparison (PRG keys sent to the dealer at start)
 DEALER_FUNCTIONS = frozenset({"additive", "square", "binary", "wraps", "B2A", "ping",
-                              "fg_mask", "fg_query", "fg_reset"})
+                              "fg_mask", "fg_query", "fg_reset", "cmp_corrections"})
 
 
 # ----------------------------------------------------------------------------------------------- process
@@ -86,6 +86,12 @@ def resolve_device(choice: str) -> str:
 def init_crypten(rank: int, settings: Any):  # type: ignore[no-untyped-def]
     """crypten.init() for ``rank`` with our rendezvous store and gloo timeouts; returns the crypten module."""
     from .settings import tfp_allowed
+
+    threads = int(getattr(settings, "torch_threads", 0) or 0)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     if settings.provider == "TFP" and not tfp_allowed():  # defence in depth (the settings validator also checks)
         raise RuntimeError("provider TFP refused outside PRIVFACE_ENV=test")
@@ -155,6 +161,14 @@ class _Party:
             from .fixed_gallery import PartyGalleryCache
 
             self.fg_cache = PartyGalleryCache(rank)
+        self.compare = getattr(settings, "compare", "crypten") if self.ttp else "crypten"
+        self.cmp_key: bytes | None = None
+        self.cmp_jobs = 0  # stream id of the comparison PRG: one per job, same order at both parties
+        if self.ttp:  # every session: a fresh PRG key shared with the dealer only (prg.py)
+            from .prg import new_key, send_key_to_dealer
+
+            self.cmp_key = new_key()
+            send_key_to_dealer(self.cmp_key)
 
     # -- group messaging (JSON over uint8 tensors, no pickle)
     def bcast(self, obj: Any = None) -> Any:
@@ -177,7 +191,8 @@ class _Party:
 
     def hello(self) -> None:
         """Check that both parties run the same protocol version on the same device type."""
-        mine = {"t": "hello", "proto": PROTOCOL_VERSION, "device": self.device, "scores": self.protocol}
+        mine = {"t": "hello", "proto": PROTOCOL_VERSION, "device": self.device, "scores": self.protocol,
+                "compare": self.compare}
         theirs = self.bcast(mine if self.rank == 0 else None)
         ok = theirs == mine
         if not self.agree(ok):
@@ -236,13 +251,25 @@ class _Party:
             from .fixed_gallery import party_scores
 
             def score_fn(q, g, lab):  # type: ignore[no-untyped-def]
-                return party_scores(self.crypten, self.fg_cache, q, g, lab)
+                return party_scores(self.crypten, self.fg_cache, q, g, lab, mod40=self.compare == "dealer-bits",
+                                    after_dealer=request)
+
+        channel, compare_fn, request = None, None, None
+        if self.compare == "dealer-bits":
+            from .compare import PeerChannel
+
+            channel = PeerChannel(self.rank)
+            q = p["query_share"]
+            compare_fn, request = self._compare_fn(p["kind"], np.asarray(p["labels"], dtype=np.int64),
+                                                   int(p["gallery_share"].shape[0]),
+                                                   int(q.shape[0]) if q.ndim == 2 else 0, channel)
 
         self.comm.reset_communication_stats()
+        self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
         try:
             share = match_share(p["kind"], p["query_share"], p["gallery_share"], p["labels"], p["threshold"],
-                                self.device, score_fn=score_fn)
+                                self.device, score_fn=score_fn, compare_fn=compare_fn)
         except BaseException as exc:
             # "down" first: by the time the caller sees its job fail, status() already says disconnected
             reason = f"session failed: {type(exc).__name__}: {str(exc)[:500]}"
@@ -250,10 +277,76 @@ class _Party:
             self.outq.put(("fail", p["job_id"], f"MPC failed, peer or dealer lost ({reason})"))
             raise
         st = self.comm.get_communication_stats()
-        stats = {"bytes": int(st["bytes"]), "rounds": int(st["rounds"]), "comm_s": float(st["time"]),
-                 "mpc_s": time.perf_counter() - t0, "protocol": self.protocol if score_fn else "naive",
-                 "setup_rows": int(self.fg_cache.setup_rows) if score_fn else 0}
+        stats = {"bytes": int(st["bytes"]) + (channel.bytes if channel else 0),
+                 "rounds": int(st["rounds"]) + (channel.rounds if channel else 0),
+                 "comm_s": float(st["time"]), "mpc_s": time.perf_counter() - t0,
+                 "protocol": self.protocol if score_fn else "naive", "compare": self.compare,
+                 "setup_rows": int(self.fg_cache.setup_rows) if score_fn else 0, **self.timings,
+                 **(self.fg_cache.timings if score_fn else {})}
         self.outq.put(("done", p["job_id"], share, stats))
+
+
+    def _compare_fn(self, kind: str, labels: np.ndarray, rows: int, batch: int, channel: Any):  # type: ignore[no-untyped-def]
+        """The dealer-bits comparison for one job: (run, request). ``request()`` makes party 0 ask the dealer for
+        its corrections without waiting, so the dealer works while the parties compute scores; ``run`` collects
+        them (asking first if nobody did), draws this party's PRG fields and runs the online rounds."""
+        from . import compare, correlations
+        from .prg import AesCtrStream
+
+        self.cmp_jobs += 1
+        stream_id = self.cmp_jobs
+        plan = correlations.match_plan(kind, rows, batch)
+        asked = [False]
+
+        def request() -> None:
+            if self.rank == 0 and not asked[0]:
+                _dealer_send("cmp_corrections", kind, rows, batch, stream_id)
+                asked[0] = True
+
+        def run(scores: np.ndarray, t_raw: int) -> np.ndarray:
+            t0 = time.perf_counter()
+            if int(scores.shape[0]) != rows:
+                raise RuntimeError("score rows differ from the gallery rows")
+            corrections = None
+            if self.rank == 0:
+                request()
+                corrections = _dealer_receive().numpy().view(np.uint64)
+            t1 = time.perf_counter()
+            src = correlations.PartySource(self.rank, AesCtrStream(self.cmp_key, stream_id), corrections)
+            materials = correlations.party_materials(src, plan)
+            t2 = time.perf_counter()
+            out = compare.match(channel, kind, scores, labels, t_raw, materials)
+            self.timings.update(compare_dealer_s=t1 - t0, compare_draw_s=t2 - t1,
+                                compare_online_s=time.perf_counter() - t2)
+            return out
+
+        return run, request
+
+
+def _dealer_send(function: str, *args: Any) -> None:
+    """Party 0: the first half of CrypTen's TTPClient.ttp_request (send the request, do not wait)."""
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    from .crypten_compat import load_crypten
+
+    comm = load_crypten().communicator.get()
+    message = {"function": function, "device": "cpu", "args": args, "kwargs": {}}
+    comm.send_obj(message, comm.get_ttp_rank(), TTPClient.get().ttp_group)
+
+
+def _dealer_receive() -> Any:
+    """Party 0: the second half: the result of the oldest request not yet collected."""
+    import torch
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    from .crypten_compat import load_crypten
+
+    comm = load_crypten().communicator.get()
+    client = TTPClient.get()
+    size = comm.recv_obj(comm.get_ttp_rank(), client.ttp_group)
+    result = torch.empty(size, dtype=torch.long)
+    comm.broadcast(result, comm.get_ttp_rank(), client.comm_group)
+    return result
 
 
 class _Leader(_Party):
@@ -382,8 +475,11 @@ def _make_dealer_class():  # type: ignore[no-untyped-def]
             self.timeout = timedelta(seconds=float(settings.op_timeout_s))
             self._setup_generators()
             from .fixed_gallery import DealerGalleryMasks
+            from .prg import receive_party_keys
 
             self.fg = DealerGalleryMasks()
+            self.cmp_keys = receive_party_keys()  # the parties send them right after crypten.init()
+            self.cmp_last_stream = 0
 
         def _recv_obj(self) -> Any:
             import torch
@@ -428,11 +524,25 @@ def _make_dealer_class():  # type: ignore[no-untyped-def]
             self.fg.add(self._get_generators(device="cpu"), int(m), int(d))
             return torch.zeros(1, dtype=torch.long)
 
-        def fg_query(self, ranges, d, batch=0):  # type: ignore[no-untyped-def]
+        def fg_query(self, ranges, d, batch=0, limbs=False):  # type: ignore[no-untyped-def]
             if not 0 <= int(batch) <= 4096:
                 raise RuntimeError("fixed-gallery batch out of range")
             return self.fg.query(self._get_generators(device="cpu"), [[int(a), int(b)] for a, b in ranges], int(d),
-                                 int(batch))
+                                 int(batch), bool(limbs))
+
+        # dealer-bits comparison (secure/mpc/correlations.py): party 0's share of the job's correlated bits
+        def cmp_corrections(self, kind, rows, batch, stream_id):  # type: ignore[no-untyped-def]
+            import numpy as np
+            import torch
+
+            from . import correlations
+
+            if int(stream_id) <= self.cmp_last_stream:
+                raise RuntimeError("comparison PRG stream reused")
+            self.cmp_last_stream = int(stream_id)
+            plan = correlations.match_plan(str(kind), int(rows), int(batch))
+            corr = correlations.dealer_corrections(self.cmp_keys[0], self.cmp_keys[1], int(stream_id), plan)
+            return torch.from_numpy(np.ascontiguousarray(corr).view(np.int64))
 
         def additive(self, size0, size1, op, *args, **kwargs):  # type: ignore[no-untyped-def]
             import torch

@@ -1,0 +1,173 @@
+"""Correlated randomness of the comparison protocol (``compare.py``): what the dealer prepares per job.
+
+Each party shares an AES-CTR PRG with the dealer (``prg.py``). Every random field of a job is either
+* "both": each party draws its own share from its PRG (the dealer draws both and knows the sum), or
+* "p1":   party 1 draws its share from its PRG; party 0's share is computed by the dealer from everything else
+  and sent to party 0 (the only dealer -> party traffic: the ``corrections`` array).
+So the dealer never sees data, party 1 never hears from the dealer after the key exchange, and party 0
+receives one array per job. Both sides walk the same ``match_plan`` in the same order.
+
+Per comparison of E values (each |y| < 2^(N_BITS-1)), W = ceil(E / 64) words:
+  r_arith  [E]    both   additive shares of r mod 2^N_BITS (masks the opened value)
+  r_bits   [N, W] p1     XOR shares of r's bits, bit-sliced
+  per level of the borrow tree with p pairs: a, b1, b2 [3, p, W] both; c1 = a&b1, c2 = a&b2 [2, p, W] p1
+Per selection (bit -> arithmetic, times V values) of E elements:
+  rho_bits [W] both (XOR shares of a random bit rho); rho_arith [E] p1 (additive shares of rho);
+  b [V, E] both (masks of the values); rho_b [V, E] p1 (additive shares of rho * b).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bits import bitslice, n_words, tree_pairs, unbitslice
+from .prg import AesCtrStream
+
+N_BITS = 38             # compared values are differences of scores at scale 2^32: |y| < 2^37 (norms <= 4 each)
+LOW_BITS = N_BITS - 1
+MASK = np.uint64((1 << N_BITS) - 1)
+MAX_ROWS = 1 << 24      # largest gallery a dealer request may name
+MAX_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class Cmp:
+    size: int
+
+
+@dataclass(frozen=True)
+class Mux:
+    size: int
+    values: int
+
+
+def match_plan(kind: str, rows: int, batch: int) -> list[Cmp | Mux]:
+    """The comparisons and selections of one job (see ``compare.match``): a knockout over ``rows`` for each of
+    ``max(batch, 1)`` queries, then the threshold. identify carries (score, label); verify only the score."""
+    if kind not in ("verify", "identify"):
+        raise ValueError(f"unknown job kind {kind!r}")
+    if not 1 <= rows <= MAX_ROWS or not 0 <= batch <= MAX_BATCH:
+        raise ValueError("job size out of range")
+    q = max(int(batch), 1)
+    carried = 2 if kind == "identify" else 1
+    steps: list[Cmp | Mux] = []
+    m = int(rows)
+    while m > 1:
+        h = m // 2
+        steps += [Cmp(h * q), Mux(h * q, carried)]
+        m = h + m % 2
+    steps += [Cmp(q), Mux(q, 1 if kind == "identify" else 0)]
+    return steps
+
+
+# ----------------------------------------------------------------------------------------------- party side
+@dataclass
+class Triples:
+    a: np.ndarray
+    b1: np.ndarray
+    b2: np.ndarray
+    c1: np.ndarray
+    c2: np.ndarray
+
+
+@dataclass
+class CmpMaterial:
+    r_arith: np.ndarray
+    r_bits: np.ndarray
+    triples: list[Triples]
+
+
+@dataclass
+class MuxMaterial:
+    rho_bits: np.ndarray
+    rho_arith: np.ndarray
+    b: np.ndarray
+    rho_b: np.ndarray
+
+
+class PartySource:
+    """One party's fields: "both" from its own stream, "p1" from its stream (party 1) or the corrections (party 0)."""
+
+    def __init__(self, rank: int, stream: AesCtrStream, corrections: np.ndarray | None = None) -> None:
+        if rank == 0 and corrections is None:
+            raise ValueError("party 0 needs the dealer's corrections")
+        self.rank, self.stream = rank, stream
+        self.corrections = corrections
+        self.used = 0
+
+    def both(self, count: int) -> np.ndarray:
+        return self.stream.u64(count)
+
+    def p1(self, count: int) -> np.ndarray:
+        if self.rank == 1:
+            return self.stream.u64(count)
+        assert self.corrections is not None
+        if self.used + count > self.corrections.shape[0]:
+            raise RuntimeError("dealer corrections shorter than the job plan")
+        out = self.corrections[self.used:self.used + count]
+        self.used += count
+        return out
+
+    def finish(self) -> None:
+        if self.rank == 0 and self.used != self.corrections.shape[0]:  # type: ignore[union-attr]
+            raise RuntimeError("dealer corrections longer than the job plan")
+
+
+def draw_cmp(src: PartySource, size: int) -> CmpMaterial:
+    w = n_words(size)
+    r_arith = src.both(size) & MASK
+    r_bits = src.p1(N_BITS * w).reshape(N_BITS, w)
+    triples = []
+    for p in tree_pairs(LOW_BITS):
+        abb = src.both(3 * p * w).reshape(3, p, w)
+        cc = src.p1(2 * p * w).reshape(2, p, w)
+        triples.append(Triples(abb[0], abb[1], abb[2], cc[0], cc[1]))
+    return CmpMaterial(r_arith, r_bits, triples)
+
+
+def draw_mux(src: PartySource, size: int, values: int) -> MuxMaterial:
+    rho_bits = src.both(n_words(size))
+    rho_arith = src.p1(size)
+    b = src.both(values * size).reshape(values, size)
+    rho_b = src.p1(values * size).reshape(values, size)
+    return MuxMaterial(rho_bits, rho_arith, b, rho_b)
+
+
+def party_materials(src: PartySource, plan: list[Cmp | Mux]) -> list[CmpMaterial | MuxMaterial]:
+    out = [draw_cmp(src, s.size) if isinstance(s, Cmp) else draw_mux(src, s.size, s.values) for s in plan]
+    src.finish()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- dealer side
+def dealer_corrections(key0: bytes, key1: bytes, stream_id: int, plan: list[Cmp | Mux]) -> np.ndarray:
+    """Party 0's "p1" fields for the whole job, in plan order (uint64). Draws both parties' streams exactly as
+    ``party_materials`` does at each party."""
+    s0, s1 = AesCtrStream(key0, stream_id), AesCtrStream(key1, stream_id)
+    out: list[np.ndarray] = []
+    for step in plan:
+        if isinstance(step, Cmp):
+            _dealer_cmp(s0, s1, step.size, out)
+        else:
+            _dealer_mux(s0, s1, step.size, step.values, out)
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.uint64)
+
+
+def _dealer_cmp(s0: AesCtrStream, s1: AesCtrStream, size: int, out: list[np.ndarray]) -> None:
+    w = n_words(size)
+    r = (s0.u64(size) + s1.u64(size)) & MASK
+    out.append((bitslice(r, N_BITS) ^ s1.u64(N_BITS * w).reshape(N_BITS, w)).ravel())
+    for p in tree_pairs(LOW_BITS):
+        abb = (s0.u64(3 * p * w) ^ s1.u64(3 * p * w)).reshape(3, p, w)
+        cc1 = s1.u64(2 * p * w).reshape(2, p, w)
+        a, b1, b2 = abb
+        out.append((np.stack([a & b1, a & b2]) ^ cc1).ravel())
+
+
+def _dealer_mux(s0: AesCtrStream, s1: AesCtrStream, size: int, values: int, out: list[np.ndarray]) -> None:
+    w = n_words(size)
+    rho = unbitslice(s0.u64(w) ^ s1.u64(w), size)
+    out.append(rho - s1.u64(size))
+    b = (s0.u64(values * size) + s1.u64(values * size)).reshape(values, size)
+    out.append((rho * b - s1.u64(values * size).reshape(values, size)).ravel())

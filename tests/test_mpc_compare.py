@@ -1,0 +1,164 @@
+"""The dealer-bits comparison protocol (secure/mpc/compare.py, correlations.py, bits.py, prg.py).
+
+Fast tests run both parties in this process, on two threads, with the real dealer corrections and PRG
+streams; only the transport is a pair of in-memory queues (the gloo transport is covered with real
+processes by test_mpc_realistic.py, test_mpc_recovery.py and test_mpc_fixed_gallery.py).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+import pytest
+
+from secure.mpc import compare
+from secure.mpc import correlations as corr
+from secure.mpc.bits import bitslice, n_words, tree_pairs, unbitslice
+from secure.mpc.prg import AesCtrStream
+
+KEYS = (bytes(range(16)), bytes(range(16, 32)))
+LIMIT = 1 << (corr.N_BITS - 1)
+
+
+class QueueChannel(compare.PeerChannel):
+    def __init__(self, rank: int, boxes: list[queue.Queue]) -> None:
+        super().__init__(rank)
+        self.boxes = boxes
+
+    def exchange(self, mine: np.ndarray) -> np.ndarray:
+        mine = np.ascontiguousarray(mine, dtype=np.uint64)
+        self.boxes[self.peer].put(mine.copy())
+        other = self.boxes[self.rank].get(timeout=30)
+        self.bytes += 16 * mine.size
+        self.rounds += 1
+        return other.reshape(mine.shape)
+
+
+def share(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    s0 = rng.integers(0, 2**64, size=x.shape, dtype=np.uint64)
+    return s0, x.astype(np.int64).view(np.uint64) - s0
+
+
+def run_match(kind: str, scores: np.ndarray, labels: np.ndarray, t_raw: int, batch: int,
+              stream_id: int = 5) -> tuple[np.ndarray, QueueChannel]:
+    plan = corr.match_plan(kind, scores.shape[0], batch)
+    corrections = corr.dealer_corrections(KEYS[0], KEYS[1], stream_id, plan)
+    shares = share(scores, np.random.default_rng(stream_id))
+    boxes: list[queue.Queue] = [queue.Queue(), queue.Queue()]
+    chans = [QueueChannel(0, boxes), QueueChannel(1, boxes)]
+    out: list = [None, None]
+
+    def party(rank: int) -> None:
+        src = corr.PartySource(rank, AesCtrStream(KEYS[rank], stream_id), corrections if rank == 0 else None)
+        out[rank] = compare.match(chans[rank], kind, shares[rank], labels, t_raw, corr.party_materials(src, plan))
+
+    threads = [threading.Thread(target=party, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return (out[0] + out[1]).view(np.int64), chans[0]
+
+
+def plain(kind: str, scores: np.ndarray, labels: np.ndarray, t_raw: int) -> np.ndarray:
+    best = scores.argmax(0)  # first maximum: the lowest row wins ties
+    hit = scores.max(0) >= t_raw
+    return np.where(hit, labels[best], 0) if kind == "identify" else hit.astype(np.int64)
+
+
+def test_bitslice_round_trip_and_layout() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 2**64, size=131, dtype=np.uint64)
+    sl = bitslice(x, 64)
+    assert sl.shape == (64, n_words(131)) == (64, 3)
+    for j in (0, 1, 37, 63):
+        assert np.array_equal(unbitslice(sl[j], 131), (x >> np.uint64(j)) & np.uint64(1))
+    assert tree_pairs(37) == [18, 9, 5, 2, 1, 1] and tree_pairs(1) == [] and tree_pairs(2) == [1]
+
+
+def test_prg_streams_are_deterministic_and_distinct() -> None:
+    a = AesCtrStream(KEYS[0], 1).u64(1000)
+    assert np.array_equal(a, AesCtrStream(KEYS[0], 1).u64(1000))
+    assert not np.array_equal(a, AesCtrStream(KEYS[0], 2).u64(1000))
+    assert not np.array_equal(a, AesCtrStream(KEYS[1], 1).u64(1000))
+    bits = np.unpackbits(a.view(np.uint8))
+    assert abs(bits.mean() - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("kind", ["identify", "verify"])
+@pytest.mark.parametrize("rows,batch", [(1, 0), (2, 0), (3, 0), (5, 4), (64, 0), (65, 0), (1000, 3)])
+def test_match_equals_plaintext(kind: str, rows: int, batch: int) -> None:
+    rng = np.random.default_rng(rows * 10 + batch)
+    q = max(batch, 1)
+    scores = rng.integers(-(2**33), 2**33, size=(rows, q))
+    if rows > 3:
+        scores[rows - 1] = scores.max(0)  # ties: the earlier row must win
+        scores[1] = scores.max(0)
+    labels = np.arange(100, 100 + rows)
+    t_raw = int(np.median(scores))
+    got, _ = run_match(kind, scores, labels, t_raw, batch)
+    assert np.array_equal(got, plain(kind, scores, labels, t_raw))
+
+
+def test_extremes_of_the_value_range() -> None:
+    """Differences up to the documented bound |y| < 2^37 and scores exactly at the threshold."""
+    edge = LIMIT // 2 - 1
+    scores = np.array([[edge, -edge, 0, 7, 7, -edge, edge - 1, 1]]).T.repeat(3, axis=1)
+    scores[:, 1] = -scores[:, 1]
+    scores[:, 2] = 0
+    labels = np.arange(1, 9)
+    for t_raw in (edge, edge + 1, 0, 1, -edge):
+        got, _ = run_match("identify", scores, labels, t_raw, 3)
+        assert np.array_equal(got, plain("identify", scores, labels, t_raw)), t_raw
+
+
+def test_cost_is_rounds_per_level_and_bytes_per_row() -> None:
+    rows = 4096
+    scores = np.random.default_rng(1).integers(-(2**32), 2**32, size=(rows, 1))
+    _, ch = run_match("identify", scores, np.arange(1, rows + 1), 0, 0)
+    assert ch.rounds == 8 * (12 + 1)  # 12 knockout levels + the threshold, 8 rounds each
+    assert ch.bytes / rows < 100  # sent + received per gallery row (CrypTen's circuit: ~630)
+
+
+def test_party0_rejects_a_short_or_long_correction_array() -> None:
+    plan = corr.match_plan("verify", 4, 0)
+    good = corr.dealer_corrections(KEYS[0], KEYS[1], 9, plan)
+    with pytest.raises(RuntimeError, match="shorter"):
+        corr.party_materials(corr.PartySource(0, AesCtrStream(KEYS[0], 9), good[:-1]), plan)
+    with pytest.raises(RuntimeError, match="longer"):
+        corr.party_materials(corr.PartySource(0, AesCtrStream(KEYS[0], 9), np.concatenate([good, good[:1]])), plan)
+    with pytest.raises(ValueError):
+        corr.match_plan("identify", 0, 0)
+
+
+def test_opened_values_look_uniform() -> None:
+    """What party 1 receives from party 0 in the first round (c = y' + r mod 2^N) does not depend on y."""
+    got = []
+    for value in (0, LIMIT // 2 - 1):
+        scores = np.full((2048, 1), value)
+        plan = corr.match_plan("verify", 2048, 0)
+        corrections = corr.dealer_corrections(KEYS[0], KEYS[1], 3, plan)
+        mat = corr.party_materials(corr.PartySource(0, AesCtrStream(KEYS[0], 3), corrections), plan)[0]
+        s0, s1 = share(scores, np.random.default_rng(4))
+        mat1 = corr.party_materials(corr.PartySource(1, AesCtrStream(KEYS[1], 3)), plan)[0]
+        y0 = (s0[0::2] - s0[1::2]).reshape(-1)
+        y1 = (s1[0::2] - s1[1::2]).reshape(-1)
+        c = ((y0 + compare.HALF + mat.r_arith) + (y1 + mat1.r_arith)) & corr.MASK
+        got.append(c.astype(np.float64) / float(1 << corr.N_BITS))
+    for u in got:  # uniform on [0, 1): mean 1/2, std 1/sqrt(12)
+        assert abs(u.mean() - 0.5) < 0.03 and abs(u.std() - 12 ** -0.5) < 0.02
+
+
+@pytest.mark.parametrize("rows,k,q", [(1, 3, 4), (9000, 256, 16), (300, 700, 5)])
+def test_ring_matmul_is_exact_modulo_2_40(rows: int, k: int, q: int) -> None:
+    import torch
+
+    from secure.mpc.ring_matmul import MOD_BITS, limb_matmul, to_limbs
+
+    g = torch.Generator().manual_seed(rows + k)
+    m = torch.randint(-(2**63), 2**63 - 1, (rows, k), generator=g)
+    v = torch.randint(-(2**63), 2**63 - 1, (k, q), generator=g)
+    want = (m @ v) & ((1 << MOD_BITS) - 1)
+    assert torch.equal(limb_matmul(to_limbs(m), v), want)
+    assert torch.equal(limb_matmul(to_limbs(m), v[:, 0]), want[:, 0])
