@@ -110,10 +110,10 @@ def cmd_party(args: argparse.Namespace) -> int:
 
 
 def cmd_dealer(args: argparse.Namespace) -> int:
-    from secure.mpc.dealer import run_dealer
+    from secure.mpc.sharding import run_dealers
     from secure.mpc.settings import MpcSettings
 
-    run_dealer(MpcSettings())
+    run_dealers(MpcSettings())
     return 0
 
 

@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="steady-state queries per (protocol, N)")
     ap.add_argument("--naive-max-reps-100k", type=int, default=2)
     ap.add_argument("--protocols", default="naive,privface", help=f"comma list of {sorted(PROTOCOLS)}")
+    ap.add_argument("--shards", type=int, default=1, help="PRIVFACE_MPC_SHARDS for the privface protocol")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="per MPC process (3 processes share this machine; same for every protocol)")
     ap.add_argument("--naive-max-n", type=int, default=1_000_000, help="skip the naive baseline above this N")
@@ -107,7 +108,8 @@ def main() -> None:
              for n in sizes} if args.batch else {}
     results: dict = {"config": {"d": args.d, "sizes": sizes, "reps": args.reps, "threshold": THRESHOLD,
                                 "cpu_count": os.cpu_count(), "machine": platform.machine(),
-                                "python": platform.python_version(), "device": "cpu", "batch": args.batch},
+                                "python": platform.python_version(), "device": "cpu", "batch": args.batch,
+                                "shards": args.shards, "torch_threads": args.torch_threads},
                      "plaintext": {}, "mpc": {}}
     for n in sizes:
         results["plaintext"][n] = plaintext_time(galleries[n], qsets[n], labels[n])
@@ -115,8 +117,9 @@ def main() -> None:
 
     for proto in protocols:
         t0 = time.time()
+        extra = {"shards": args.shards} if proto == OURS and args.shards > 1 else {}
         with Cluster(op_timeout_s=300, connect_timeout_s=60, torch_threads=args.torch_threads,
-                     **PROTOCOLS[proto]) as cluster:
+                     **PROTOCOLS[proto], **extra) as cluster:
             cluster.wait_connected(180)
             print(f"[{proto}] cluster up in {time.time() - t0:.1f}s", flush=True)
             for n in sizes:
@@ -184,8 +187,9 @@ def table_lines(results: dict) -> list[str]:
     """Markdown tables: one row per (N, protocol), then the privface-vs-naive ratios and the batched runs."""
     cfg, mpc = results["config"], results["mpc"]
     sizes = [int(n) for n in cfg["sizes"]]
+    shards = int(cfg.get("shards", 1))
     lines = [(f"# MPC 1:N scale benchmark (d = {cfg['d']}, {cfg['cpu_count']} CPU cores, {cfg['device']}, "
-              "2 parties + dealer on loopback)"), "",
+              "2 parties + dealer on loopback" + (f"; {OURS} with {shards} shards" if shards > 1 else "") + ")"), "",
              ("Command: `python bench/mpc_scale.py` (raw data: `mpc_scale.json`). Time = wall time per query at "
               "party 0 (submit -> output share), median of the steady-state queries; `mpc` = inside the MPC "
               "circuit. Bytes/rounds per party: sent + received between the parties plus what the dealer sends "

@@ -41,17 +41,22 @@ def share(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
 
 
 def run_match(kind: str, scores: np.ndarray, labels: np.ndarray, t_raw: int, batch: int,
-              stream_id: int = 5) -> tuple[np.ndarray, QueueChannel]:
+              stream_id: int = 5, shared: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, QueueChannel]:
+    """Both parties on threads. ``shared``: the parties' shares given directly (merge), else ``scores`` is shared."""
     plan = corr.match_plan(kind, scores.shape[0], batch)
     corrections = corr.dealer_corrections(KEYS[0], KEYS[1], stream_id, plan)
-    shares = share(scores, np.random.default_rng(stream_id))
+    shares = shared or share(scores, np.random.default_rng(stream_id))
     boxes: list[queue.Queue] = [queue.Queue(), queue.Queue()]
     chans = [QueueChannel(0, boxes), QueueChannel(1, boxes)]
     out: list = [None, None]
 
     def party(rank: int) -> None:
         src = corr.PartySource(rank, AesCtrStream(KEYS[rank], stream_id), corrections if rank == 0 else None)
-        out[rank] = compare.match(chans[rank], kind, shares[rank], labels, t_raw, corr.party_materials(src, plan))
+        mats = corr.party_materials(src, plan)
+        if kind == "merge":
+            out[rank] = compare.merge(chans[rank], shares[rank], t_raw, mats)
+        else:
+            out[rank] = compare.match(chans[rank], kind, shares[rank], labels, t_raw, mats)
 
     threads = [threading.Thread(target=party, args=(r,)) for r in (0, 1)]
     for t in threads:
@@ -162,3 +167,38 @@ def test_ring_matmul_is_exact_modulo_2_40(rows: int, k: int, q: int) -> None:
     want = (m @ v) & ((1 << MOD_BITS) - 1)
     assert torch.equal(limb_matmul(to_limbs(m), v), want)
     assert torch.equal(limb_matmul(to_limbs(m), v[:, 0]), want[:, 0])
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_shard_winners_then_merge_equal_the_global_decision(shards: int) -> None:
+    """identify-best on each shard (rows with label % K == k), then merge: only the final output is opened."""
+    rng = np.random.default_rng(shards)
+    rows, q = 301, 4
+    scores = rng.permutation(rows * q).reshape(rows, q).astype(np.int64) * 4099 - 2**30  # distinct: no ties
+    labels = np.arange(1000, 1000 + rows)
+    t_raw = int(np.quantile(scores, 0.99))
+    parts = [np.flatnonzero(labels % shards == k) for k in range(shards)]
+    cand = [np.zeros((shards, 2 * q), dtype=np.uint64) for _ in (0, 1)]
+    for k, idx in enumerate(parts):
+        plan = corr.match_plan("identify-best", len(idx), q)
+        corrections = corr.dealer_corrections(KEYS[0], KEYS[1], 10 + k, plan)
+        sh = share(scores[idx], np.random.default_rng(k))
+        boxes: list[queue.Queue] = [queue.Queue(), queue.Queue()]
+        chans = [QueueChannel(0, boxes), QueueChannel(1, boxes)]
+
+        def party(rank: int, idx=idx, plan=plan, corrections=corrections, sh=sh, chans=chans, k=k) -> None:
+            src = corr.PartySource(rank, AesCtrStream(KEYS[rank], 10 + k), corrections if rank == 0 else None)
+            cand[rank][k] = compare.match(chans[rank], "identify-best", sh[rank], labels[idx], t_raw,
+                                          corr.party_materials(src, plan))
+
+        threads = [threading.Thread(target=party, args=(r,)) for r in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        winners = (cand[0][k] + cand[1][k]).view(np.int64)
+        assert np.array_equal(winners[:q], scores[idx].max(0))  # the shard's best score and label (test only)
+        assert np.array_equal(winners[q:], labels[idx][scores[idx].argmax(0)])
+    got, _ = run_match("merge", np.zeros((shards, 2 * q)), labels, t_raw, q, stream_id=50,
+                       shared=(cand[0], cand[1]))
+    assert np.array_equal(got, plain("identify", scores, labels, t_raw))

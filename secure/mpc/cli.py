@@ -23,10 +23,11 @@ import time
 def _party(rank: int) -> int:
     import numpy as np
 
-    from .engine import MatchJob, MpcEngine, MpcUnavailable
+    from .engine import MatchJob, MpcUnavailable
     from .settings import MpcSettings
+    from .sharding import make_engine
 
-    engine = MpcEngine(rank, MpcSettings())
+    engine = make_engine(rank, MpcSettings())
     engine.start()
     out_lock = threading.Lock()
 
@@ -81,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     if args.what == "party":
         return _party(args.rank)
-    from .dealer import run_dealer
+    from .settings import MpcSettings
+    from .sharding import run_dealers
 
-    run_dealer()
+    run_dealers(MpcSettings())
     return 0
 
 

@@ -131,25 +131,50 @@ def knockout(ch: PeerChannel, scores: np.ndarray, labels: np.ndarray | None,
 
 def match(ch: PeerChannel, kind: str, scores: np.ndarray, labels: np.ndarray, threshold_raw: int,
           materials: list) -> np.ndarray:
-    """This party's additive share (uint64 [Q]) of the match output for scores [n, Q] (shares, scale 2^32).
+    """This party's additive share (uint64) of the match output for scores [n, Q] (shares, scale 2^32).
 
-    verify:   [max_i score_i >= T]                      (0/1)
-    identify: [max_i score_i >= T] * label(argmax_i)    (label or 0; the lowest row wins ties)
+    verify:        [max_i score_i >= T]                      -> [Q] (0/1)
+    identify:      [max_i score_i >= T] * label(argmax_i)    -> [Q] (label or 0; the lowest row wins ties)
+    identify-best: the knockout winner only, no threshold    -> [2Q]: Q score shares, then Q label shares
+                   (one shard's candidate for ``merge``; see ``sharding.py``)
     ``labels`` [n] are public; ``materials`` follow ``correlations.match_plan(kind, n, Q)``.
     """
     mats = iter(materials)
     n, q = scores.shape
     lab = None
-    if kind == "identify":
+    if kind in ("identify", "identify-best"):
         lab = np.repeat(labels.astype(np.int64).view(np.uint64).reshape(n, 1), q, axis=1)
         if ch.rank == 1:
             lab = np.zeros_like(lab)
     best, best_label = knockout(ch, scores, lab, mats)
+    if kind == "identify-best":
+        _expect_end(mats)
+        return np.concatenate([best, best_label])  # type: ignore[list-item]
+    return _decide(ch, kind, best, best_label, threshold_raw, mats)
+
+
+def merge(ch: PeerChannel, candidates: np.ndarray, threshold_raw: int, materials: list) -> np.ndarray:
+    """Shares of the identify output over shard winners: ``candidates`` [K, 2Q] = this party's shares of each
+    shard's (best score [Q], best label [Q]). Knockout over the K rows (ties: the lower shard), then threshold."""
+    mats = iter(materials)
+    q = candidates.shape[1] // 2
+    best, best_label = knockout(ch, candidates[:, :q], candidates[:, q:], mats)
+    return _decide(ch, "identify", best, best_label, threshold_raw, mats)
+
+
+def _decide(ch: PeerChannel, kind: str, best: np.ndarray, best_label: np.ndarray | None, threshold_raw: int,
+            mats: Iterator) -> np.ndarray:
+    """[best >= T] (verify) or [best >= T] * best_label (identify), as additive shares."""
+    q = best.shape[0]
     t = np.uint64(int(threshold_raw) % (1 << 64))
     y = best - t if ch.rank == 0 else best
     bit = compare_ge_zero(ch, y, next(mats))
     carried = np.stack([best_label]) if best_label is not None else np.zeros((0, q), dtype=np.uint64)
     g, prod = select(ch, bit, carried, next(mats))
+    _expect_end(mats)
+    return prod[0] if kind == "identify" else g
+
+
+def _expect_end(mats: Iterator) -> None:
     if next(mats, None) is not None:
         raise RuntimeError("materials longer than the match plan")
-    return prod[0] if kind == "identify" else g

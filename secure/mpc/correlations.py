@@ -42,22 +42,27 @@ class Mux:
     values: int
 
 
+PLAN_KINDS = ("verify", "identify", "identify-best", "merge")
+
+
 def match_plan(kind: str, rows: int, batch: int) -> list[Cmp | Mux]:
-    """The comparisons and selections of one job (see ``compare.match``): a knockout over ``rows`` for each of
-    ``max(batch, 1)`` queries, then the threshold. identify carries (score, label); verify only the score."""
-    if kind not in ("verify", "identify"):
+    """The comparisons and selections of one job (see ``compare.match`` / ``compare.merge``): a knockout over
+    ``rows`` for each of ``max(batch, 1)`` queries, then the threshold (not for identify-best). identify,
+    identify-best and merge carry (score, label); verify only the score."""
+    if kind not in PLAN_KINDS:
         raise ValueError(f"unknown job kind {kind!r}")
     if not 1 <= rows <= MAX_ROWS or not 0 <= batch <= MAX_BATCH:
         raise ValueError("job size out of range")
     q = max(int(batch), 1)
-    carried = 2 if kind == "identify" else 1
+    carried = 1 if kind == "verify" else 2
     steps: list[Cmp | Mux] = []
     m = int(rows)
     while m > 1:
         h = m // 2
         steps += [Cmp(h * q), Mux(h * q, carried)]
         m = h + m % 2
-    steps += [Cmp(q), Mux(q, 1 if kind == "identify" else 0)]
+    if kind != "identify-best":
+        steps += [Cmp(q), Mux(q, 0 if kind == "verify" else 1)]
     return steps
 
 

@@ -36,12 +36,15 @@ log = logging.getLogger("privface.mpc")
 @dataclass(frozen=True)
 class MatchJob:
     job_id: str                 # same string at both parties (gateway-assigned uuid4 hex)
-    kind: Literal["verify", "identify"]
+    kind: Literal["verify", "identify", "identify-best", "merge"]
     query_share: np.ndarray     # int64 [d]: this party's additive share of the fixed-point query (16 frac bits);
     #                             identify also takes a batch [Q, d] of queries (one MPC run; submit -> list)
     gallery_share: np.ndarray   # int64 [n, d]: this party's shares of the candidate templates, same order at both
     labels: np.ndarray          # int64 [n], public, positive, identical at both parties
     threshold: float            # public cosine threshold
+    # Sharding (``sharding.py``; dealer-bits only): "identify-best" answers the knockout winner without the
+    # threshold, [2Q] shares (Q scores at scale 2^32, then Q labels). "merge" takes gallery_share = int64 [K, 2Q],
+    # each row one shard's winner shares, query_share = zeros [Q], labels = 1..K, and answers like identify ([Q]).
 
 
 class MpcUnavailable(Exception):
@@ -62,8 +65,10 @@ class _Pending:
 
 
 def _validate(job: MatchJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if job.kind not in ("verify", "identify"):
+    if job.kind not in ("verify", "identify", "identify-best", "merge"):
         raise ValueError(f"unknown job kind {job.kind!r}")
+    if job.kind == "merge":
+        return _validate_merge(job)
     if not isinstance(job.job_id, str) or not job.job_id or len(job.job_id) > 200:
         raise ValueError("job_id must be a non-empty string")
     q = np.ascontiguousarray(job.query_share)
@@ -72,7 +77,7 @@ def _validate(job: MatchJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     for name, arr in (("query_share", q), ("gallery_share", g), ("labels", lab)):
         if arr.dtype != np.int64:
             raise ValueError(f"{name} must be int64, got {arr.dtype}")
-    if q.ndim == 2 and job.kind == "identify":
+    if q.ndim == 2 and job.kind in ("identify", "identify-best"):
         if not 1 <= q.shape[0] <= 4096:
             raise ValueError("a query batch holds 1 to 4096 queries")
     elif q.ndim != 1:
@@ -83,6 +88,19 @@ def _validate(job: MatchJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise ValueError(f"gallery rows have d={g.shape[1]}, query has d={q.shape[-1]}")
     if lab.shape[0] != g.shape[0]:
         raise ValueError("labels and gallery rows differ in number")
+    if not np.isfinite(job.threshold):
+        raise ValueError("threshold must be finite")
+    return q, g, lab
+
+
+def _validate_merge(job: MatchJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    q = np.ascontiguousarray(job.query_share)
+    g = np.ascontiguousarray(job.gallery_share)
+    lab = np.ascontiguousarray(job.labels)
+    if q.dtype != np.int64 or g.dtype != np.int64 or lab.dtype != np.int64:
+        raise ValueError("merge arrays must be int64")
+    if q.ndim != 1 or g.ndim != 2 or g.shape[0] < 1 or g.shape[1] != 2 * q.shape[0] or lab.shape != (g.shape[0],):
+        raise ValueError("merge expects query_share [Q], gallery_share [K, 2Q] (K >= 1), labels [K]")
     if not np.isfinite(job.threshold):
         raise ValueError("threshold must be finite")
     return q, g, lab
@@ -188,7 +206,9 @@ class MpcEngine:
         try:
             with self._send_lock:  # decide "same gallery" and enqueue atomically: the worker resolves in queue order
                 last = self._last_gallery
-                if (last is not None and self._last_gallery_inq is inq and last.shape == g.shape
+                if job.kind == "merge":  # tiny and never resident: leave the resident gallery snapshot alone
+                    pass
+                elif (last is not None and self._last_gallery_inq is inq and last.shape == g.shape
                         and np.array_equal(last, g)):
                     payload["gallery_share"] = None
                     payload["same_gallery"] = True

@@ -66,7 +66,9 @@ def match_share(kind: str, query_share: np.ndarray, gallery_share: np.ndarray, l
     if compare_fn is not None:
         mat = scores.share.data.cpu().numpy().view(np.uint64)  # plain tensor, or the one inside a CUDALongTensor
         out_np = compare_fn(mat.reshape(n, -1), t_raw).view(np.int64)
-        return [int(v) for v in out_np.tolist()] if q.dim() == 2 else int(out_np[0])
+        if q.dim() == 2 or kind == "identify-best":  # identify-best: [scores..., labels...], see compare.match
+            return [int(v) for v in out_np.tolist()]
+        return int(out_np[0])
 
     if kind == "verify":
         bits = scores.ge(t_raw)  # 0/1 at scale 1

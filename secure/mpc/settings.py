@@ -48,10 +48,23 @@ class MpcSettings(BaseSettings):
         "dealer-bits", description='Threshold and max/argmax: "dealer-bits" (8 rounds per knockout level, ~80 bytes '
                                    'per row; secure/mpc/compare.py) or "crypten" (CrypTen\'s 64-bit circuit; the '
                                    'baseline). Needs the dealer (TTP); TFP always uses "crypten". Both parties agree.')
+    shards: int = Field(
+        1, ge=1, le=16, description="Gallery shards: K engine pairs (each with its own dealer), shard k on port "
+                                    "master_port + k; identify runs the K knockouts in parallel and merges the "
+                                    "winners in MPC (secure/mpc/sharding.py). Needs compare=dealer-bits if K > 1.")
+    shard_addrs: str = Field(
+        "", description="Comma-separated party-0 addresses of shards 0..K-1 (empty: master_addr for all).")
     torch_threads: int = Field(
         0, ge=0, le=256, description="torch intra-op threads of each MPC worker (0: torch's default, all cores). "
                                      "Set 1 when the dealer and both parties share one small machine.")
     gloo_ifname: str | None = Field(None, description="GLOO_SOCKET_IFNAME for the worker (e.g. 'lo').")
+
+    @model_validator(mode="after")
+    def _guard_shards(self) -> MpcSettings:
+        if self.shards > 1 and (self.compare != "dealer-bits" or self.provider != "TTP"):
+            raise ValueError("PRIVFACE_MPC_SHARDS > 1 needs PRIVFACE_MPC_COMPARE=dealer-bits and provider TTP "
+                             "(the merge runs on shares of the shard winners)")
+        return self
 
     @model_validator(mode="after")
     def _guard_provider(self) -> MpcSettings:
@@ -60,6 +73,17 @@ class MpcSettings(BaseSettings):
                 'PRIVFACE_MPC_PROVIDER="TFP" lets party 0 see every Beaver triple; it is allowed only when '
                 'PRIVFACE_ENV=test. Use "TTP" with a separate dealer (privface dealer).')
         return self
+
+    def shard_settings(self) -> list[MpcSettings]:
+        """One settings object per shard: its own rendezvous address and port, everything else shared."""
+        addrs = [a.strip() for a in self.shard_addrs.split(",") if a.strip()]
+        if addrs and len(addrs) != self.shards:
+            raise ValueError(f"PRIVFACE_MPC_SHARD_ADDRS names {len(addrs)} addresses for {self.shards} shards")
+        if self.master_port + self.shards - 1 > 65535:
+            raise ValueError("master_port + shards - 1 exceeds 65535")
+        return [self.model_copy(update={"shards": 1, "shard_addrs": "", "master_port": self.master_port + k,
+                                        "master_addr": addrs[k] if addrs else self.master_addr})
+                for k in range(self.shards)]
 
     def effective_heartbeat_s(self) -> float:
         return max(0.05, min(self.heartbeat_s, self.op_timeout_s / 4))

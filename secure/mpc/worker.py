@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from .protocol import threshold_raw
+
 PROTOCOL_VERSION = 3  # 3: dealer-bits comparison (PRG keys sent to the dealer at start)
 DEALER_FUNCTIONS = frozenset({"additive", "square", "binary", "wraps", "B2A", "ping",
                               "fg_mask", "fg_query", "fg_reset", "cmp_corrections"})
@@ -214,7 +216,7 @@ class _Party:
                     self.outq.put(("fail", payload["job_id"], "no resident gallery snapshot"))
                     return
                 payload["gallery_share"] = self.last_gallery
-            else:
+            elif payload["kind"] != "merge":
                 self.last_gallery = payload["gallery_share"]
             self.on_job(payload)
         elif kind == "cancel":
@@ -246,8 +248,11 @@ class _Party:
     def run_job(self, p: dict) -> None:
         from .protocol import match_share
 
+        if p["kind"] in ("identify-best", "merge") and self.compare != "dealer-bits":
+            self.outq.put(("fail", p["job_id"], f"{p['kind']} jobs need PRIVFACE_MPC_COMPARE=dealer-bits (and TTP)"))
+            return
         score_fn = None
-        if self.fg_cache is not None and p["kind"] == "identify":
+        if self.fg_cache is not None and p["kind"] in ("identify", "identify-best"):
             from .fixed_gallery import party_scores
 
             def score_fn(q, g, lab):  # type: ignore[no-untyped-def]
@@ -260,16 +265,22 @@ class _Party:
 
             channel = PeerChannel(self.rank)
             q = p["query_share"]
+            batch = int(q.shape[0]) if q.ndim == 2 else 0
+            if p["kind"] == "merge":
+                batch = int(p["gallery_share"].shape[1]) // 2
             compare_fn, request = self._compare_fn(p["kind"], np.asarray(p["labels"], dtype=np.int64),
-                                                   int(p["gallery_share"].shape[0]),
-                                                   int(q.shape[0]) if q.ndim == 2 else 0, channel)
+                                                   int(p["gallery_share"].shape[0]), batch, channel)
 
         self.comm.reset_communication_stats()
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
         try:
-            share = match_share(p["kind"], p["query_share"], p["gallery_share"], p["labels"], p["threshold"],
-                                self.device, score_fn=score_fn, compare_fn=compare_fn)
+            if p["kind"] == "merge":  # no scores to compute: the "gallery" rows are shard winners' shares
+                share = [int(v) for v in compare_fn(p["gallery_share"].view(np.uint64), threshold_raw(p["threshold"]))
+                         .view(np.int64).tolist()]
+            else:
+                share = match_share(p["kind"], p["query_share"], p["gallery_share"], p["labels"], p["threshold"],
+                                    self.device, score_fn=score_fn, compare_fn=compare_fn)
         except BaseException as exc:
             # "down" first: by the time the caller sees its job fail, status() already says disconnected
             reason = f"session failed: {type(exc).__name__}: {str(exc)[:500]}"
@@ -305,6 +316,8 @@ class _Party:
 
         def run(scores: np.ndarray, t_raw: int) -> np.ndarray:
             t0 = time.perf_counter()
+            if kind == "merge":
+                request()
             if int(scores.shape[0]) != rows:
                 raise RuntimeError("score rows differ from the gallery rows")
             corrections = None
@@ -315,7 +328,10 @@ class _Party:
             src = correlations.PartySource(self.rank, AesCtrStream(self.cmp_key, stream_id), corrections)
             materials = correlations.party_materials(src, plan)
             t2 = time.perf_counter()
-            out = compare.match(channel, kind, scores, labels, t_raw, materials)
+            if kind == "merge":
+                out = compare.merge(channel, scores, t_raw, materials)
+            else:
+                out = compare.match(channel, kind, scores, labels, t_raw, materials)
             self.timings.update(compare_dealer_s=t1 - t0, compare_draw_s=t2 - t1,
                                 compare_online_s=time.perf_counter() - t2)
             return out

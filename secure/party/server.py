@@ -296,10 +296,10 @@ def run_party(settings: PartySettings | None = None) -> None:
                     settings.rank, settings.host)
     url = settings.resolved_database_url()
     migrate_party_db(url)
-    from secure.mpc.engine import MpcEngine
+    from secure.mpc.sharding import make_engine
     from secure.mpc.settings import MpcSettings
 
-    engine = MpcEngine(settings.rank, MpcSettings())
+    engine = make_engine(settings.rank, MpcSettings())
     app = create_party_app(settings, engine)
     engine.start()
     try:

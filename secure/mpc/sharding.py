@@ -1,0 +1,126 @@
+"""Gallery sharding across several engine pairs, with a merge that opens only the final output.
+
+With ``PRIVFACE_MPC_SHARDS=K`` each party runs K ``MpcEngine``s (shard k rendezvous-es with the peer party's
+shard k and its own dealer on ``master_port + k``, possibly on another host: ``PRIVFACE_MPC_SHARD_ADDRS``).
+A 1:N job is split by label (row label % K, so a template stays on its shard as the gallery grows):
+
+1. every non-empty shard runs an "identify-best" job on its rows, in parallel: the knockout winner of each
+   query, kept as additive shares (score at scale 2^32, label), no threshold, nothing opened;
+2. shard 0 runs a "merge" job on those K candidates: one more knockout, then [best >= T] * label.
+
+Each party only ever moves its OWN shares between its own engines (party 0's shard engines all belong to
+party 0), so the merge reveals nothing beyond the usual output. Ties: within a shard the lower row wins, across
+shards the lower shard. Verify jobs (a handful of rows) run on shard 0 unchanged.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from .engine import MatchJob, MpcEngine, MpcUnavailable
+from .settings import MpcSettings
+
+
+def shard_of(labels: np.ndarray, shards: int) -> np.ndarray:
+    """Shard index of each row (labels are positive template sequence numbers)."""
+    return np.asarray(labels, dtype=np.int64) % shards
+
+
+class ShardedEngine:
+    """K engine pairs behind the ``MpcEngine`` interface (start, stop, status, submit, wait_connected, job_stats)."""
+
+    def __init__(self, rank: int, settings: MpcSettings) -> None:
+        self.rank = rank
+        self.settings = settings
+        self.engines = [MpcEngine(rank, s) for s in settings.shard_settings()]
+        self._pool = ThreadPoolExecutor(max_workers=len(self.engines), thread_name_prefix=f"mpc-shard-{rank}")
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        for e in self.engines:
+            e.start()
+
+    def stop(self) -> None:
+        for e in self.engines:
+            e.stop()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def status(self) -> dict:
+        shards = [e.status() for e in self.engines]
+        return {"connected": all(s["connected"] for s in shards), "generation": shards[0]["generation"],
+                "provider": self.settings.provider, "shards": shards,
+                "last_error": next((s["last_error"] for s in shards if s["last_error"]), None)}
+
+    def job_stats(self, job_id: str) -> dict | None:
+        """This party's traffic for a job: bytes summed over the shard jobs and the merge, rounds = the slowest
+        shard's plus the merge's (shards run in parallel); per-shard stats under "shards"."""
+        merge = self.engines[0].job_stats(f"{job_id}.merge")
+        if merge is None:
+            return self.engines[0].job_stats(job_id)
+        parts = [e.job_stats(f"{job_id}.s{k}") for k, e in enumerate(self.engines)]
+        parts = [p for p in parts if p]
+        out = dict(merge)
+        out.update(bytes=sum(int(p["bytes"]) for p in parts) + int(merge["bytes"]),
+                   rounds=max((int(p["rounds"]) for p in parts), default=0) + int(merge["rounds"]),
+                   setup_rows=sum(int(p.get("setup_rows", 0)) for p in parts),
+                   mpc_s=max((float(p["mpc_s"]) for p in parts), default=0.0) + float(merge["mpc_s"]),
+                   merge=merge, shards=parts)
+        return out
+
+    def wait_connected(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        return all(e.wait_connected(max(0.0, deadline - time.monotonic())) for e in self.engines)
+
+    def submit(self, job: MatchJob, timeout: float) -> Any:
+        if job.kind != "identify" or len(self.engines) == 1:
+            return self.engines[0].submit(job, timeout)
+        deadline = time.monotonic() + timeout
+        where = shard_of(job.labels, len(self.engines))
+        parts = [(k, np.flatnonzero(where == k)) for k in range(len(self.engines))]
+        parts = [(k, rows) for k, rows in parts if rows.size]
+        if not parts:
+            return self.engines[0].submit(job, timeout)  # empty gallery: the engine answers 0 without MPC
+        batch = job.query_share.ndim == 2
+        futures = [self._pool.submit(self.engines[k].submit,
+                                     MatchJob(job_id=f"{job.job_id}.s{k}", kind="identify-best",
+                                              query_share=job.query_share, gallery_share=job.gallery_share[rows],
+                                              labels=job.labels[rows], threshold=job.threshold), timeout)
+                   for k, rows in parts]
+        try:
+            winners = [np.asarray(f.result(timeout=max(0.0, deadline - time.monotonic()) + 1.0), dtype=np.int64)
+                       for f in futures]
+        except MpcUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a shard's future timed out or failed
+            raise MpcUnavailable(f"shard job failed ({type(exc).__name__})") from None
+        q = int(job.query_share.shape[0]) if batch else 1
+        merge = MatchJob(job_id=f"{job.job_id}.merge", kind="merge", query_share=np.zeros(q, dtype=np.int64),
+                         gallery_share=np.stack(winners).reshape(len(parts), 2 * q),
+                         labels=np.arange(1, len(parts) + 1, dtype=np.int64), threshold=job.threshold)
+        out = self.engines[0].submit(merge, max(0.0, deadline - time.monotonic()))
+        return list(out) if batch else int(out[0])
+
+
+def make_engine(rank: int, settings: MpcSettings) -> MpcEngine | ShardedEngine:
+    """The party's engine: one pair, or K shard pairs when ``settings.shards > 1``."""
+    return ShardedEngine(rank, settings) if settings.shards > 1 else MpcEngine(rank, settings)
+
+
+def run_dealers(settings: MpcSettings, stop_event: threading.Event | None = None) -> None:
+    """The dealer of every shard in this process (one supervisor thread each); blocks like ``run_dealer``."""
+    from .dealer import run_dealer
+
+    if settings.shards == 1:
+        run_dealer(settings, stop_event)
+        return
+    stop = stop_event or threading.Event()
+    threads = [threading.Thread(target=run_dealer, args=(s, stop), name=f"dealer-shard-{k}", daemon=True)
+               for k, s in enumerate(settings.shard_settings())]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

@@ -1,0 +1,89 @@
+"""Gallery sharding with real processes: two shards (two dealers, two engine pairs per party) on one machine.
+
+Each party process runs a ShardedEngine; identify splits the rows by label % 2, runs both shard knockouts in
+parallel and merges the winners in MPC. Decisions must equal the plaintext ones on the same fixed-point inputs.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from secure.mpc.harness import Cluster, encode_trunc, free_port, split
+from secure.mpc.protocol import threshold_raw
+from secure.mpc.settings import MpcSettings
+from secure.mpc.sharding import shard_of
+
+pytestmark = pytest.mark.slow
+FAST = {"op_timeout_s": 8, "connect_timeout_s": 20, "heartbeat_s": 0.5, "pair_wait_s": 1.0, "retry_backoff_s": 0.2}
+D = 128
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[Cluster]:
+    port = free_port()
+    while free_port() == port + 1:  # shard 1 uses port + 1
+        port = free_port()
+    c = Cluster(tmp_path_factory.mktemp("mpc-shards"), master_port=port, shards=2, **FAST).start()
+    try:
+        c.wait_connected(120)
+        yield c
+    finally:
+        c.close()
+
+
+def plain(q: np.ndarray, g: np.ndarray, labels: np.ndarray, thr: float) -> int:
+    raw = encode_trunc(g) @ encode_trunc(q)
+    best = int(np.argmax(raw))
+    return int(labels[best]) if raw[best] >= threshold_raw(thr) else 0
+
+
+def test_two_shards_are_up(cluster: Cluster) -> None:
+    st = cluster.status(0)
+    assert st["connected"] and len(st["shards"]) == 2
+
+
+@pytest.mark.parametrize("winner_label", [40, 41, 7])  # even -> shard 0, odd -> shard 1
+def test_identify_over_two_shards_equals_plaintext(cluster: Cluster, winner_label: int) -> None:
+    rng = np.random.default_rng(winner_label)
+    labels = np.arange(1, 201)
+    person = unit(rng.normal(size=D))
+    g = unit(rng.normal(size=(200, D)))
+    g[winner_label - 1] = unit(person + 0.4 * unit(rng.normal(size=D)))
+    g[(winner_label + 2) % 200] = unit(person + 0.9 * unit(rng.normal(size=D)))  # runner-up on the same shard
+    q = unit(person + 0.3 * unit(rng.normal(size=D)))
+    shares = split(encode_trunc(g), rng)
+    for thr in (0.5, 0.99):
+        out, _, stats = cluster.run_shared("identify", q, shares, labels, thr, rng)
+        assert out == plain(q, g, labels, thr)
+    assert out == 0 and plain(q, g, labels, 0.5) == winner_label
+
+
+def test_batched_identify_and_verify_with_shards(cluster: Cluster) -> None:
+    rng = np.random.default_rng(3)
+    labels = np.arange(10, 70)
+    g = unit(rng.normal(size=(60, D)))
+    qs = np.stack([unit(g[i] + 0.3 * unit(rng.normal(size=D))) for i in (0, 1, 2, 33)] + [unit(rng.normal(size=D))])
+    shares = split(encode_trunc(g), rng)
+    outs, _, _ = cluster.run_shared("identify", qs, shares, labels, 0.6, rng)
+    assert outs == [plain(q, g, labels, 0.6) for q in qs] and outs[:4] == [10, 11, 12, 43] and outs[4] == 0
+    out, _ = cluster.run("verify", qs[0], g[:3], labels[:3], 0.6, rng)  # verify runs on shard 0 alone
+    assert out == 1
+
+
+def test_shard_settings_and_guards() -> None:
+    s = MpcSettings(shards=3, master_port=30000, shard_addrs="10.0.0.1, 10.0.0.2,10.0.0.3")
+    parts = s.shard_settings()
+    assert [p.master_port for p in parts] == [30000, 30001, 30002]
+    assert [p.master_addr for p in parts] == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    assert all(p.shards == 1 for p in parts)
+    with pytest.raises(ValueError, match="names 2 addresses"):
+        MpcSettings(shards=3, shard_addrs="a,b").shard_settings()
+    with pytest.raises(ValueError, match="dealer-bits"):
+        MpcSettings(shards=2, compare="crypten")
+    assert list(shard_of(np.array([1, 2, 3, 4]), 2)) == [1, 0, 1, 0]
