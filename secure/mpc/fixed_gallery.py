@@ -29,6 +29,14 @@ import torch
 
 from .ring_matmul import MIN_BATCH, limb_matmul, to_limbs
 
+SETUP_CHUNK = 1 << 16  # gallery rows masked per step of the set-up (bounds its temporary memory)
+
+
+def setup_chunks(m: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of a set-up of m rows; parties and dealer draw their masks chunk by chunk."""
+    return [(s, min(m, s + SETUP_CHUNK)) for s in range(0, m, SETUP_CHUNK)]
+
+
 # multiplier folding the public label into the local row key (odd => a bijection of the ring)
 _LABEL_MIX = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
 
@@ -150,13 +158,16 @@ def party_scores(crypten: Any, cache: PartyGalleryCache, query: torch.Tensor, ga
             cache.index[d] = {}
             used, miss, m = 0, torch.ones(n, dtype=torch.bool), n
             slots = torch.full((n,), -1, dtype=torch.long)
-        # fresh masks for the missing rows: A_i from this party's PRG stream; the dealer draws both and keeps A
-        a_i = generate_random_ring_element((m, d), generator=gen, device="cpu")
+        # fresh masks for the missing rows: A_i from this party's PRG stream; the dealer draws both and keeps A.
+        # In chunks of SETUP_CHUNK rows (the dealer draws in the same chunks): bounded temporary memory.
         if rank == 0:
             ttp.ttp_request("fg_mask", "cpu", m, d)
-        e_new = gallery[miss] - a_i
-        e_new = comm.all_reduce(e_new)  # E = G - A for these rows, opened once
-        new_rows = torch.cat([e_new, a_i], dim=1)
+        miss_rows = torch.nonzero(miss).flatten()
+        new_rows = torch.empty(m, 2 * d, dtype=torch.long)
+        for start, stop in setup_chunks(m):
+            a_i = generate_random_ring_element((stop - start, d), generator=gen, device="cpu")
+            new_rows[start:stop, :d] = comm.all_reduce(gallery[miss_rows[start:stop]] - a_i)  # E = G - A, opened once
+            new_rows[start:stop, d:] = a_i
         store = cache.stores.get(d)
         cache.stores[d] = new_rows if store is None or used == 0 else torch.cat([store[:used], new_rows])
         cache.limbs.pop(d, None)
@@ -214,10 +225,11 @@ class DealerGalleryMasks:
     def add(self, gens: list, m: int, d: int) -> None:
         from crypten.common.rng import generate_random_ring_element
 
-        a = None
-        for g in gens:  # same order and sizes as the parties' draws
-            part = generate_random_ring_element((m, d), generator=g, device=g.device)
-            a = part if a is None else a + part
+        a = torch.empty(m, d, dtype=torch.long)
+        for start, stop in setup_chunks(m):  # same chunks, order and sizes as the parties' draws
+            a[start:stop] = 0
+            for g in gens:
+                a[start:stop] += generate_random_ring_element((stop - start, d), generator=g, device=g.device)
         used = self.used.get(d, 0)
         store = self.stores.get(d)
         self.stores[d] = a if store is None or used == 0 else torch.cat([store[:used], a])

@@ -47,7 +47,8 @@ def match_share(kind: str, query_share: np.ndarray, gallery_share: np.ndarray, l
     rank = crypten.communicator.get().get_rank()
 
     q = torch.from_numpy(np.ascontiguousarray(query_share, dtype=np.int64).copy())
-    g = torch.from_numpy(np.ascontiguousarray(gallery_share, dtype=np.int64).copy())
+    g = np.ascontiguousarray(gallery_share, dtype=np.int64)
+    g = torch.from_numpy(g if score_fn is not None else g.copy())  # the fixed-gallery path only reads it
     n = int(g.shape[0])
     if n < 1:
         raise ValueError("match_share needs at least one gallery row")
