@@ -131,7 +131,8 @@ def main() -> None:
                 rows = []
                 ge = encode_trunc(galleries[n])
                 for i, q in enumerate(qsets[n][:reps + 1]):
-                    out, el, stats = cluster.run_shared("identify", q, shares[n], labels[n], THRESHOLD, rng, timeout=600)
+                    out, el, stats = cluster.run_shared("identify", q, shares[n], labels[n], THRESHOLD, rng, timeout=600,
+                                                          gallery_id=f"bench-{n}")
                     want = fixed_point_decision(encode_trunc(q), ge, labels[n], THRESHOLD)
                     rows.append({"elapsed_s": el, "mpc_s": stats[0]["mpc_s"], "stats": stats, "out": out,
                                  "want_fixed_point": want,
@@ -156,7 +157,8 @@ def main() -> None:
                     brows = []
                     breps = 1 if (proto == "naive" and n >= 100_000) else args.batch_reps
                     for i, qb in enumerate(bsets[n][:breps]):
-                        outs, el, stats = cluster.run_shared("identify", qb, shares[n], labels[n], THRESHOLD, rng, timeout=600)
+                        outs, el, stats = cluster.run_shared("identify", qb, shares[n], labels[n], THRESHOLD, rng,
+                                                           timeout=600, gallery_id=f"bench-{n}")
                         want = [fixed_point_decision(encode_trunc(q), ge, labels[n], THRESHOLD) for q in qb]
                         brows.append({"elapsed_s": el, "mpc_s": stats[0]["mpc_s"], "stats": stats, "out": outs,
                                       "want_fixed_point": want})

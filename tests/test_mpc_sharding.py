@@ -87,3 +87,20 @@ def test_shard_settings_and_guards() -> None:
     with pytest.raises(ValueError, match="dealer-bits"):
         MpcSettings(shards=2, compare="crypten")
     assert list(shard_of(np.array([1, 2, 3, 4]), 2)) == [1, 0, 1, 0]
+
+
+def test_named_gallery_snapshots_resident_and_replaced(cluster: Cluster) -> None:
+    """gallery_id (as the party server sends it): the same id reuses the resident snapshot and its row keys;
+    a new id, or a verify job in between, sends and masks the new rows."""
+    rng = np.random.default_rng(11)
+    labels = np.arange(1, 41)
+    g1, g2 = unit(rng.normal(size=(40, D))), unit(rng.normal(size=(40, D)))
+    s1, s2 = split(encode_trunc(g1), rng), split(encode_trunc(g2), rng)
+    q1 = unit(g1[4] + 0.2 * unit(rng.normal(size=D)))
+    q2 = unit(g2[17] + 0.2 * unit(rng.normal(size=D)))
+    runs = [(q1, s1, "A", g1), (q1, s1, "A", g1), (q2, s2, "B", g2), (q1, s1, "A", g1)]
+    for i, (q, sh, gid, g) in enumerate(runs):
+        if i == 3:
+            assert cluster.run("verify", q1, g1[:2], labels[:2], 0.6, rng)[0] == 0
+        out, _, _ = cluster.run_shared("identify", q, sh, labels, 0.6, rng, gallery_id=gid)
+        assert out == plain(q, g, labels, 0.6) and out in (5, 18)

@@ -22,16 +22,31 @@ def n_words(count: int) -> int:
 def bitslice(x: np.ndarray, nbits: int) -> np.ndarray:
     """uint64 [E] -> uint64 [nbits, W]: row j holds bit j of every element (padding bits are 0).
 
-    Only the bytes holding the low ``nbits`` are unpacked, packed along the element axis, then transposed as
-    bytes (8x less data to move than transposing bits).
+    Each block of 64 elements is a 64 x 64 bit matrix; transposing it (6 rounds of masked shifts and swaps,
+    all blocks at once through reshaped views) gives the 64 bit rows of the block.
     """
     count = int(x.shape[0])
-    padded = np.zeros(n_words(count) * 64, dtype=np.uint64)
-    padded[:count] = x
-    low_bytes = padded.view(np.uint8).reshape(-1, 8)[:, :(nbits + 7) // 8]
-    bits = np.unpackbits(low_bytes, axis=1, bitorder="little")[:, :nbits]   # [E', nbits]
-    packed = np.packbits(bits, axis=0, bitorder="little")                    # [E'/8, nbits]
-    return np.ascontiguousarray(packed.T).view(np.uint64)                    # [nbits, W]
+    blocks = np.zeros((n_words(count), 64), dtype=np.uint64)
+    blocks.reshape(-1)[:count] = x
+    _transpose_blocks_inplace(blocks)
+    return np.ascontiguousarray(blocks.T[:nbits])
+
+
+def _transpose_blocks_inplace(a: np.ndarray) -> None:
+    """Transpose every 64 x 64 bit block a[w] (row k = word k, column j = bit j) in place."""
+    words = a.shape[0]
+    j = 32
+    mask = np.uint64(0x00000000FFFFFFFF)
+    while j:
+        view = a.reshape(words, 64 // (2 * j), 2, j)
+        lo, hi = view[:, :, 0, :], view[:, :, 1, :]   # rows whose bit j is 0 / 1
+        shift = np.uint64(j)
+        t = ((lo >> shift) ^ hi) & mask
+        hi ^= t
+        lo ^= t << shift
+        j //= 2
+        if j:
+            mask ^= mask << np.uint64(j)
 
 
 def unbitslice(words: np.ndarray, count: int) -> np.ndarray:

@@ -48,7 +48,7 @@ def _party(rank: int) -> int:
             with np.load(req["npz"]) as data:
                 job = MatchJob(job_id=req["job_id"], kind=req["kind"], query_share=data["query_share"],
                                gallery_share=data["gallery_share"], labels=data["labels"],
-                               threshold=float(req["threshold"]))
+                               threshold=float(req["threshold"]), gallery_id=req.get("gallery_id"))
             say({"tag": tag, "submitted": True})
             t0 = time.monotonic()
             try:

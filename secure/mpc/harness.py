@@ -144,9 +144,10 @@ class Cluster:
         return paths
 
     def submit_async(self, rank: int, job_id: str, kind: str, npz: Path, threshold: float,
-                     timeout: float = 60) -> queue.Queue:
+                     timeout: float = 60, gallery_id: str | None = None) -> queue.Queue:
         return self.parties[rank].send({"cmd": "submit", "job_id": job_id, "kind": kind,  # type: ignore[union-attr]
-                                        "npz": str(npz), "threshold": threshold, "timeout": timeout})
+                                        "npz": str(npz), "threshold": threshold, "timeout": timeout,
+                                        "gallery_id": gallery_id})
 
     @staticmethod
     def result(q: queue.Queue, timeout: float = 120) -> dict:
@@ -164,9 +165,10 @@ class Cluster:
 
     def run_shared(self, kind: str, query: np.ndarray, gallery_shares: tuple[np.ndarray, np.ndarray],
                    labels: np.ndarray, threshold: float, rng: np.random.Generator,
-                   timeout: float = 60) -> tuple[int | list[int], float, list]:
+                   timeout: float = 60, gallery_id: str | None = None) -> tuple[int | list[int], float, list]:
         """One job with the given (fixed) gallery shares and fresh query shares, so the parties' fixed-gallery
-        mask cache can hit across jobs. ``query`` is [d] or a batch [Q, d] (then a list of outputs)."""
+        mask cache can hit across jobs. ``query`` is [d] or a batch [Q, d] (then a list of outputs).
+        ``gallery_id``: as the party server does, name the snapshot so an unchanged one is not compared."""
         q0, q1 = split(encode_trunc(query), rng)
         paths = []
         for rank, (q, g) in enumerate(((q0, gallery_shares[0]), (q1, gallery_shares[1]))):
@@ -174,7 +176,7 @@ class Cluster:
             np.savez(path, query_share=q, gallery_share=g, labels=np.asarray(labels, dtype=np.int64))
             paths.append(path)
         job_id = uuid.uuid4().hex
-        qs = [self.submit_async(r, job_id, kind, paths[r], threshold, timeout) for r in (0, 1)]
+        qs = [self.submit_async(r, job_id, kind, paths[r], threshold, timeout, gallery_id) for r in (0, 1)]
         res = [self.result(q, timeout + 60) for q in qs]
         for p in paths:
             p.unlink(missing_ok=True)

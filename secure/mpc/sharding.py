@@ -88,7 +88,9 @@ class ShardedEngine:
         futures = [self._pool.submit(self.engines[k].submit,
                                      MatchJob(job_id=f"{job.job_id}.s{k}", kind="identify-best",
                                               query_share=job.query_share, gallery_share=job.gallery_share[rows],
-                                              labels=job.labels[rows], threshold=job.threshold), timeout)
+                                              labels=job.labels[rows], threshold=job.threshold,
+                                              gallery_id=f"{job.gallery_id}.s{k}" if job.gallery_id else None),
+                                     timeout)
                    for k, rows in parts]
         try:
             winners = [np.asarray(f.result(timeout=max(0.0, deadline - time.monotonic()) + 1.0), dtype=np.int64)

@@ -216,6 +216,7 @@ class _Party:
                     self.outq.put(("fail", payload["job_id"], "no resident gallery snapshot"))
                     return
                 payload["gallery_share"] = self.last_gallery
+                payload["resident"] = True
             elif payload["kind"] != "merge":
                 self.last_gallery = payload["gallery_share"]
             self.on_job(payload)
@@ -257,7 +258,7 @@ class _Party:
 
             def score_fn(q, g, lab):  # type: ignore[no-untyped-def]
                 return party_scores(self.crypten, self.fg_cache, q, g, lab, mod40=self.compare == "dealer-bits",
-                                    after_dealer=request)
+                                    after_dealer=request, same_rows=bool(p.get("resident")))
 
         channel, compare_fn, request = None, None, None
         if self.compare == "dealer-bits":

@@ -242,7 +242,10 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
             field = "query_share" if batch is None else "query_shares"
             raise invalid(f"{field}: {exc}") from None
         MatchJob, MpcUnavailable = _mpc_types()
+        # a template's share never changes under its label, so (model version, labels) names the snapshot
+        gallery_id = f"{body.model_version}:{digest}" if body.kind == "identify" else None
         job = MatchJob(job_id=body.job_id, kind=body.kind, query_share=query, gallery_share=shares, labels=labels,
+                       gallery_id=gallery_id,
                        threshold=float(body.threshold))
         timeout = min(body.timeout_s or settings.match_timeout_s, settings.match_timeout_s)
         try:
