@@ -104,3 +104,17 @@ def test_named_gallery_snapshots_resident_and_replaced(cluster: Cluster) -> None
             assert cluster.run("verify", q1, g1[:2], labels[:2], 0.6, rng)[0] == 0
         out, _, _ = cluster.run_shared("identify", q, sh, labels, 0.6, rng, gallery_id=gid)
         assert out == plain(q, g, labels, 0.6) and out in (5, 18)
+
+
+def test_verify_between_identifies_does_not_reuse_stale_row_keys(cluster: Cluster) -> None:
+    """Regression (caught by CI): a verify job made a one-row snapshot resident; the next identify on the very
+    same shares was marked "same gallery" and reused the row keys of the identify before it (another row)."""
+    rng = np.random.default_rng(12)
+    x, y = unit(rng.normal(size=(1, D))), unit(rng.normal(size=(1, D)))
+    sx, sy = split(encode_trunc(x), rng), split(encode_trunc(y), rng)
+    qx, qy = unit(x[0] + 0.1 * unit(rng.normal(size=D))), unit(y[0] + 0.1 * unit(rng.normal(size=D)))
+    label = np.array([8])  # even: shard 0, where verify jobs run too
+    assert cluster.run_shared("identify", qx, sx, label, 0.6, rng, gallery_id="X")[0] == 8
+    assert cluster.run_shared("verify", qy, sy, label, 0.6, rng)[0] == 1
+    assert cluster.run_shared("identify", qy, sy, label, 0.6, rng, gallery_id="Y")[0] == 8
+    assert cluster.run_shared("identify", qx, sy, label, 0.6, rng, gallery_id="Y")[0] == 0

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from . import dealer_client
 from .ring_matmul import MIN_BATCH, limb_matmul, to_limbs
 
 SETUP_CHUNK = 1 << 16  # gallery rows masked per step of the set-up (bounds its temporary memory)
@@ -126,7 +127,8 @@ def party_scores(crypten: Any, cache: PartyGalleryCache, query: torch.Tensor, ga
     ``query``: [d] (one query -> [n]) or [Q, d] (a batch -> [n, Q]; one dealer request and one opening for all).
     ``mod40``: the caller reads the scores modulo 2^40 only, so a batch may use ``ring_matmul`` (both parties
     and the dealer must agree: it is part of the dealer request). ``after_dealer()`` runs right after this
-    job's dealer request is answered (the worker uses it to queue its next dealer request early).
+    job's dealer answer is collected (the worker uses it to send its next dealer request early). Party 0 has at
+    most one request outstanding: gloo sends block until the peer receives, so two would deadlock.
     ``same_rows``: the gallery is the very snapshot of this worker's previous identify job (the engine's
     resident-gallery marker), so its row keys and slots are reused without recomputing the checksums.
     """
@@ -193,12 +195,11 @@ def party_scores(crypten: Any, cache: PartyGalleryCache, query: torch.Tensor, ga
     limbs = bool(mod40 and len(q_shape) == 2 and q_shape[0] >= MIN_BATCH)
     b_i = generate_random_ring_element(q_shape, generator=gen, device="cpu")
     c_shape = (n,) if len(q_shape) == 1 else (n, q_shape[0])
-    if rank == 0:
-        c_i = ttp.ttp_request("fg_query", "cpu", ranges, d, q_shape[0] if len(q_shape) == 2 else 0, limbs)
+    if rank == 0:  # the dealer computes c = A b while the parties open f and compute their own products
+        dealer_client.send_request("fg_query", ranges, d, q_shape[0] if len(q_shape) == 2 else 0, limbs)
+        c_i = None
     else:
         c_i = generate_random_ring_element(c_shape, generator=gen, device="cpu")
-    if after_dealer is not None:
-        after_dealer()
     t2 = time.perf_counter()
     f = query - b_i
     f = comm.all_reduce(f)  # f = x - b, opened (b fresh and uniform)
@@ -209,9 +210,13 @@ def party_scores(crypten: Any, cache: PartyGalleryCache, query: torch.Tensor, ga
             cache.limbs[d] = to_limbs(cache.stores[d])
         ea_limbs = gather_ranges(cache.limbs[d], ranges, dim=1)
     t3 = time.perf_counter()
-    out = ring_score_share(rank, ea, f, b_i, c_i, ea_limbs)
-    cache.timings = {"score_cache_s": t1 - t0, "score_dealer_s": t2 - t1, "score_open_s": t3 - t2,
-                     "score_local_s": time.perf_counter() - t3}
+    out = ring_score_share(rank, ea, f, b_i, torch.zeros((), dtype=torch.long), ea_limbs)
+    t4 = time.perf_counter()
+    out += c_i if c_i is not None else dealer_client.receive_result().reshape(c_shape)
+    if after_dealer is not None:  # only now: a gloo send to the dealer blocks while the dealer is sending to us
+        after_dealer()
+    cache.timings = {"score_cache_s": t1 - t0, "score_request_s": t2 - t1, "score_open_s": t3 - t2,
+                     "score_local_s": t4 - t3, "score_dealer_wait_s": time.perf_counter() - t4}
     return out
 
 

@@ -155,6 +155,9 @@ class _Party:
         self.jobs: collections.OrderedDict[str, dict] = collections.OrderedDict()
         self.stopping = False
         self.last_gallery: np.ndarray | None = None  # resident snapshot: the engine omits an unchanged gallery
+        # True once an identify job has keyed the fixed-gallery cache on the CURRENT resident snapshot (a verify
+        # job may have made another snapshot resident in between): only then may the row keys be reused
+        self.fg_rows_current = False
         self.protocol = getattr(settings, "protocol", "naive")
         self.fg_cache = None
         if self.protocol == "fixed-gallery" and not self.ttp:
@@ -219,6 +222,7 @@ class _Party:
                 payload["resident"] = True
             elif payload["kind"] != "merge":
                 self.last_gallery = payload["gallery_share"]
+                self.fg_rows_current = False  # a new resident snapshot: the cache's last rows are not its rows
             self.on_job(payload)
         elif kind == "cancel":
             self.jobs.pop(msg[1], None)
@@ -257,8 +261,10 @@ class _Party:
             from .fixed_gallery import party_scores
 
             def score_fn(q, g, lab):  # type: ignore[no-untyped-def]
-                return party_scores(self.crypten, self.fg_cache, q, g, lab, mod40=self.compare == "dealer-bits",
-                                    after_dealer=request, same_rows=bool(p.get("resident")))
+                out = party_scores(self.crypten, self.fg_cache, q, g, lab, mod40=self.compare == "dealer-bits",
+                                   after_dealer=request, same_rows=bool(p.get("resident")) and self.fg_rows_current)
+                self.fg_rows_current = True
+                return out
 
         channel, compare_fn, request = None, None, None
         if self.compare == "dealer-bits":
@@ -302,7 +308,7 @@ class _Party:
         """The dealer-bits comparison for one job: (run, request). ``request()`` makes party 0 ask the dealer for
         its corrections without waiting, so the dealer works while the parties compute scores; ``run`` collects
         them (asking first if nobody did), draws this party's PRG fields and runs the online rounds."""
-        from . import compare, correlations
+        from . import compare, correlations, dealer_client
         from .prg import AesCtrStream
 
         self.cmp_jobs += 1
@@ -312,7 +318,7 @@ class _Party:
 
         def request() -> None:
             if self.rank == 0 and not asked[0]:
-                _dealer_send("cmp_corrections", kind, rows, batch, stream_id)
+                dealer_client.send_request("cmp_corrections", kind, rows, batch, stream_id)
                 asked[0] = True
 
         def run(scores: np.ndarray, t_raw: int) -> np.ndarray:
@@ -324,7 +330,7 @@ class _Party:
             corrections = None
             if self.rank == 0:
                 request()
-                corrections = _dealer_receive().numpy().view(np.uint64)
+                corrections = dealer_client.receive_result().numpy().view(np.uint64)
             t1 = time.perf_counter()
             src = correlations.PartySource(self.rank, AesCtrStream(self.cmp_key, stream_id), corrections)
             materials = correlations.party_materials(src, plan)
@@ -338,32 +344,6 @@ class _Party:
             return out
 
         return run, request
-
-
-def _dealer_send(function: str, *args: Any) -> None:
-    """Party 0: the first half of CrypTen's TTPClient.ttp_request (send the request, do not wait)."""
-    from crypten.mpc.provider.ttp_provider import TTPClient
-
-    from .crypten_compat import load_crypten
-
-    comm = load_crypten().communicator.get()
-    message = {"function": function, "device": "cpu", "args": args, "kwargs": {}}
-    comm.send_obj(message, comm.get_ttp_rank(), TTPClient.get().ttp_group)
-
-
-def _dealer_receive() -> Any:
-    """Party 0: the second half: the result of the oldest request not yet collected."""
-    import torch
-    from crypten.mpc.provider.ttp_provider import TTPClient
-
-    from .crypten_compat import load_crypten
-
-    comm = load_crypten().communicator.get()
-    client = TTPClient.get()
-    size = comm.recv_obj(comm.get_ttp_rank(), client.ttp_group)
-    result = torch.empty(size, dtype=torch.long)
-    comm.broadcast(result, comm.get_ttp_rank(), client.comm_group)
-    return result
 
 
 class _Leader(_Party):
