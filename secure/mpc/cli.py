@@ -4,7 +4,9 @@ Settings come from the environment (PRIVFACE_MPC_*). The party driver starts an 
 JSON lines on stdin (each handled in its own thread), answering JSON lines on stdout:
   {"cmd": "status", "tag": T}                                -> {"tag": T, "status": {...}}
   {"cmd": "wait", "timeout": S, "tag": T}                    -> {"tag": T, "connected": bool, "status": {...}}
-  {"cmd": "submit", "tag": T, "job_id": J, "kind": K, "npz": PATH, "threshold": X, "timeout": S}
+  {"cmd": "load", "npz": PATH, "tag": T}                     -> {"tag": T, "loaded": true} (optional: read ahead)
+  {"cmd": "submit", "tag": T, "job_id": J, "kind": K, "npz": PATH, "threshold": X, "timeout": S,
+   "gallery_id": G (optional)}
         (PATH holds arrays query_share, gallery_share, labels) -> {"tag": T, "share": int, "elapsed": s}
                                                              or {"tag": T, "error": "...", "elapsed": s}
   {"cmd": "exit"}
@@ -30,6 +32,7 @@ def _party(rank: int) -> int:
     engine = make_engine(rank, MpcSettings())
     engine.start()
     out_lock = threading.Lock()
+    loaded: dict[str, dict] = {}  # npz path -> arrays read by a "load" command, taken by its "submit"
 
     def say(obj: dict) -> None:
         with out_lock:
@@ -44,11 +47,18 @@ def _party(rank: int) -> int:
         elif cmd == "wait":
             ok = engine.wait_connected(float(req.get("timeout", 60)))
             say({"tag": tag, "connected": ok, "status": engine.status()})
-        elif cmd == "submit":
+        elif cmd == "load":  # read a job's arrays ahead, so both parties' timers start with the data in memory
             with np.load(req["npz"]) as data:
-                job = MatchJob(job_id=req["job_id"], kind=req["kind"], query_share=data["query_share"],
-                               gallery_share=data["gallery_share"], labels=data["labels"],
-                               threshold=float(req["threshold"]), gallery_id=req.get("gallery_id"))
+                loaded[req["npz"]] = {k: data[k] for k in ("query_share", "gallery_share", "labels")}
+            say({"tag": tag, "loaded": True})
+        elif cmd == "submit":
+            data = loaded.pop(req["npz"], None)
+            if data is None:
+                with np.load(req["npz"]) as npz:
+                    data = {k: npz[k] for k in ("query_share", "gallery_share", "labels")}
+            job = MatchJob(job_id=req["job_id"], kind=req["kind"], query_share=data["query_share"],
+                           gallery_share=data["gallery_share"], labels=data["labels"],
+                           threshold=float(req["threshold"]), gallery_id=req.get("gallery_id"))
             say({"tag": tag, "submitted": True})
             t0 = time.monotonic()
             try:

@@ -176,6 +176,9 @@ class Cluster:
             np.savez(path, query_share=q, gallery_share=g, labels=np.asarray(labels, dtype=np.int64))
             paths.append(path)
         job_id = uuid.uuid4().hex
+        loads = [self.parties[r].send({"cmd": "load", "npz": str(paths[r])}) for r in (0, 1)]  # type: ignore[union-attr]
+        for q in loads:  # both parties hold the arrays before either timer starts
+            q.get(timeout=timeout + 60)
         qs = [self.submit_async(r, job_id, kind, paths[r], threshold, timeout, gallery_id) for r in (0, 1)]
         res = [self.result(q, timeout + 60) for q in qs]
         for p in paths:
