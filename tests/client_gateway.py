@@ -10,13 +10,15 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from inference.transform import TransformSpec
+from inference.transform import TransformSpec, default_spec
 from tests.conftest import free_port
 
 API_KEY = "pk_test_secret"
@@ -150,3 +152,11 @@ class ScriptedGateway:
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[ScriptedGateway]:
+    """A scripted gateway with the default transform, one per test module (import it to use it)."""
+    server = ScriptedGateway(GatewayScript(spec=default_spec())).start()
+    yield server
+    server.stop()

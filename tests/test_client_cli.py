@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,16 +10,9 @@ import cv2
 
 from app.cli import main as privface_main
 from client.cli import main
-from inference.transform import default_spec
+from tests.client_gateway import gateway  # noqa: F401  (module fixture)
 from tests.client_gateway import API_KEY, GatewayScript, ScriptedGateway
 from tests.test_client_detect import FACES
-
-
-@pytest.fixture(scope="module")
-def gateway() -> Iterator[ScriptedGateway]:
-    server = ScriptedGateway(GatewayScript(spec=default_spec())).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -14,18 +14,12 @@ from client.errors import (AuthenticationError, ConflictError, InvalidRequestErr
 from client.features import decode_features, load_photo
 from client.sdk import PrivfaceClient
 from inference.transform import default_spec
+from tests.client_gateway import gateway  # noqa: F401  (module fixture)
 from tests.client_gateway import API_KEY, GatewayScript, ScriptedGateway
 from tests.conftest import free_port
 from tests.test_client_detect import FACES
 
 PHOTO = FACES / "Bill_Maher_0001.jpg"
-
-
-@pytest.fixture(scope="module")
-def gateway() -> Iterator[ScriptedGateway]:
-    server = ScriptedGateway(GatewayScript(spec=default_spec())).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -303,11 +303,11 @@ class _Party:
                  **(self.fg_cache.timings if score_fn else {})}
         self.outq.put(("done", p["job_id"], share, stats))
 
-
     def _compare_fn(self, kind: str, labels: np.ndarray, rows: int, batch: int, channel: Any):  # type: ignore[no-untyped-def]
         """The dealer-bits comparison for one job: (run, request). ``request()`` makes party 0 ask the dealer for
-        its corrections without waiting, so the dealer works while the parties compute scores; ``run`` collects
-        them (asking first if nobody did), draws this party's PRG fields and runs the online rounds."""
+        its corrections without waiting (the fixed-gallery score step calls it as soon as its own dealer answer
+        is in); ``run`` collects them (asking first if nobody did), draws this party's PRG fields and runs the
+        online rounds."""
         from . import compare, correlations, dealer_client
         from .prg import AesCtrStream
 
