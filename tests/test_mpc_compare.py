@@ -40,9 +40,10 @@ def share(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
     return s0, x.astype(np.int64).view(np.uint64) - s0
 
 
-def run_match(kind: str, scores: np.ndarray, labels: np.ndarray, t_raw: int, batch: int,
-              stream_id: int = 5, shared: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, QueueChannel]:
-    """Both parties on threads. ``shared``: the parties' shares given directly (merge), else ``scores`` is shared."""
+def run_parties(kind: str, scores: np.ndarray, labels: np.ndarray, t_raw: int, batch: int,
+                stream_id: int = 5, shared: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[list, QueueChannel]:
+    """Both parties on threads; each party's output share. ``shared``: the parties' input shares given directly
+    (merge), else ``scores`` is shared here."""
     plan = corr.match_plan(kind, scores.shape[0], batch)
     corrections = corr.dealer_corrections(KEYS[0], KEYS[1], stream_id, plan)
     shares = shared or share(scores, np.random.default_rng(stream_id))
@@ -63,7 +64,14 @@ def run_match(kind: str, scores: np.ndarray, labels: np.ndarray, t_raw: int, bat
         t.start()
     for t in threads:
         t.join(60)
-    return (out[0] + out[1]).view(np.int64), chans[0]
+    return out, chans[0]
+
+
+def run_match(kind: str, scores: np.ndarray, labels: np.ndarray, t_raw: int, batch: int,
+              stream_id: int = 5, shared: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, QueueChannel]:
+    """The opened output of ``run_parties``."""
+    out, ch = run_parties(kind, scores, labels, t_raw, batch, stream_id, shared)
+    return (out[0] + out[1]).view(np.int64), ch
 
 
 def plain(kind: str, scores: np.ndarray, labels: np.ndarray, t_raw: int) -> np.ndarray:
@@ -180,23 +188,9 @@ def test_shard_winners_then_merge_equal_the_global_decision(shards: int) -> None
     parts = [np.flatnonzero(labels % shards == k) for k in range(shards)]
     cand = [np.zeros((shards, 2 * q), dtype=np.uint64) for _ in (0, 1)]
     for k, idx in enumerate(parts):
-        plan = corr.match_plan("identify-best", len(idx), q)
-        corrections = corr.dealer_corrections(KEYS[0], KEYS[1], 10 + k, plan)
-        sh = share(scores[idx], np.random.default_rng(k))
-        boxes: list[queue.Queue] = [queue.Queue(), queue.Queue()]
-        chans = [QueueChannel(0, boxes), QueueChannel(1, boxes)]
-
-        def party(rank: int, idx=idx, plan=plan, corrections=corrections, sh=sh, chans=chans, k=k) -> None:
-            src = corr.PartySource(rank, AesCtrStream(KEYS[rank], 10 + k), corrections if rank == 0 else None)
-            cand[rank][k] = compare.match(chans[rank], "identify-best", sh[rank], labels[idx], t_raw,
-                                          corr.party_materials(src, plan))
-
-        threads = [threading.Thread(target=party, args=(r,)) for r in (0, 1)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        winners = (cand[0][k] + cand[1][k]).view(np.int64)
+        out, _ = run_parties("identify-best", scores[idx], labels[idx], t_raw, q, stream_id=10 + k)
+        cand[0][k], cand[1][k] = out
+        winners = (out[0] + out[1]).view(np.int64)
         assert np.array_equal(winners[:q], scores[idx].max(0))  # the shard's best score and label (test only)
         assert np.array_equal(winners[q:], labels[idx][scores[idx].argmax(0)])
     got, _ = run_match("merge", np.zeros((shards, 2 * q)), labels, t_raw, q, stream_id=50,
