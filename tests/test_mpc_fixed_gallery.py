@@ -170,6 +170,12 @@ def test_engine_reuses_masks_and_remasks_changed_rows(tmp_path) -> None:
         out, stats = _run_shared(cluster, q, (g0b, g1b), lab2, 0.5, rng)
         assert out == _plain(q, g2, lab2, 0.5) == 501
         assert stats[0]["setup_rows"] == 4 and stats[1]["setup_rows"] == 4
+        # a batch after the enrolment: the float64 copy of the masks (batched products) grew with the new rows
+        qb = np.stack([0.85 * g2[j] + 0.15 * _unit(rng, D) for j in (7, 41, 42, 5)])
+        qb /= np.linalg.norm(qb, axis=1, keepdims=True)
+        outs, stats = _run_shared(cluster, qb, (g0b, g1b), lab2, 0.5, rng)
+        assert outs == [_plain(qb[j], g2, lab2, 0.5) for j in range(4)] == [108, 501, 502, 106]
+        assert stats[0]["setup_rows"] == 0
         # a deleted row (subset of the gallery) reuses the remaining masks
         keep = np.r_[0:10, 11:n + 3]
         q = 0.85 * g2[20] + 0.15 * _unit(rng, D)

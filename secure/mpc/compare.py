@@ -9,12 +9,13 @@ Comparison ``[y >= 0]`` for |y| < 2^(N-1), N = 38 (``correlations.N_BITS``):
    r is the dealer's uniform mask (1 round; c is uniform, so it says nothing about y).
 2. y' = c - r, so its top bit is c_top XOR r_top XOR borrow, borrow = [c_low < r_low] over the N-1 low bits.
    c is public and r's bits are XOR-shared, so each bit position gives (G = r bigger here, P = equal here)
-   locally, and a binary tree combines them: G = G_hi ^ (P_hi & G_lo), P = P_hi & P_lo — 6 levels of AND gates
-   (Beaver triples on bits, 3 opened bits per node), all elements bit-sliced 64 to a word.
+   locally, and a binary tree combines them: G = G_hi ^ (P_hi & G_lo), P = P_hi & P_lo. Its first level is
+   local too (the dealer shares r_hi & r_lo; ``_first_level``); the 5 levels left are AND gates on Beaver
+   triples (3 opened bits per node), all elements bit-sliced 64 to a word.
 3. Selection: with the result bit g (XOR-shared) the parties open g ^ rho and v - b for each carried value v
    in ONE round and get additive shares of g and of g * v (rho random bit, b random value, and shares of
    rho, rho * b from the dealer): g = e + (1 - 2e) rho, g v = e f + e b + (1 - 2e)(rho f + rho b).
-So one tournament level costs 8 rounds and ~40 bytes sent per compared pair, plus the dealer's ~40 bytes.
+So one tournament level costs 7 rounds and ~27-35 bytes sent per compared pair, plus the dealer's ~35 bytes.
 
 What is opened: c (uniform mod 2^N), bits masked by uniform triple bits, g ^ rho (uniform), v - b (uniform).
 Nothing else leaves a party; the output stays an additive share. Security argument: ``docs/security.md``.
@@ -25,33 +26,38 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .bits import bitslice, unbitslice
+from .bits import bitslice, unbitslice_bool
 from .correlations import LOW_BITS, MASK, N_BITS, CmpMaterial, MuxMaterial
+from .peer_link import PeerLink
 
 HALF = np.uint64(1 << (N_BITS - 1))
 ONE = np.uint64(1)
 
 
 class PeerChannel:
-    """Exchange equal-sized uint64 arrays with the other party (gloo point to point): one round each."""
+    """Exchange equal-sized uint64 arrays with the other party: one round each. Over the parties' direct link
+    (``peer_link.py``) when there is one, else gloo point to point."""
 
-    def __init__(self, rank: int) -> None:
-        self.rank, self.peer = rank, 1 - rank
+    def __init__(self, rank: int, link: PeerLink | None = None) -> None:
+        self.rank, self.peer, self.link = rank, 1 - rank, link
         self.bytes = 0   # sent + received, CrypTen's all_reduce convention
         self.rounds = 0
 
     def exchange(self, mine: np.ndarray) -> np.ndarray:
+        send = np.ascontiguousarray(mine, dtype=np.uint64)
+        self.bytes += 2 * send.nbytes
+        self.rounds += 1
+        if self.link is not None:
+            return self.link.exchange(send)
         import torch
         import torch.distributed as dist
 
-        send = torch.from_numpy(np.ascontiguousarray(mine, dtype=np.uint64).reshape(-1).view(np.int64))
-        recv = torch.empty_like(send)
-        reqs = [dist.isend(send, self.peer), dist.irecv(recv, self.peer)]
+        out = torch.from_numpy(send.reshape(-1).view(np.int64))
+        recv = torch.empty_like(out)
+        reqs = [dist.isend(out, self.peer), dist.irecv(recv, self.peer)]
         for req in reqs:
             req.wait()
-        self.bytes += 16 * int(send.numel())
-        self.rounds += 1
-        return recv.numpy().view(np.uint64).reshape(np.shape(mine))
+        return recv.numpy().view(np.uint64).reshape(send.shape)
 
 
 def compare_ge_zero(ch: PeerChannel, y: np.ndarray, mat: CmpMaterial) -> np.ndarray:
@@ -61,10 +67,7 @@ def compare_ge_zero(ch: PeerChannel, y: np.ndarray, mat: CmpMaterial) -> np.ndar
     masked &= MASK
     c = (masked + ch.exchange(masked)) & MASK
     cs = bitslice(c, N_BITS)
-    not_c = ~cs[:LOW_BITS]
-    r_low = mat.r_bits[:LOW_BITS]
-    g = not_c & r_low                               # r bigger at this position
-    p = (r_low ^ not_c) if rank == 0 else r_low     # equal at this position
+    g, p = _first_level(rank, ~cs[:LOW_BITS], mat.r_bits[:LOW_BITS], mat.pair_and)
     for t in mat.triples:
         k = g.shape[0]
         half = k // 2
@@ -86,47 +89,99 @@ def compare_ge_zero(ch: PeerChannel, y: np.ndarray, mat: CmpMaterial) -> np.ndar
     return top ^ cs[LOW_BITS] if rank == 0 else top
 
 
-def select(ch: PeerChannel, g_bits: np.ndarray, values: np.ndarray,
-           mat: MuxMaterial) -> tuple[np.ndarray, np.ndarray]:
-    """Additive shares of g [E] and of g * v for each row v of ``values`` [V, E], from XOR-shared g_bits."""
+def _first_level(rank: int, nc: np.ndarray, r: np.ndarray, pair_and: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """XOR shares of (G, P) after the borrow tree's first level, without communication.
+
+    Per position k (c public, r XOR-shared): g_k = ~c_k & r_k (r bigger here), p_k = r_k ^ ~c_k (equal here).
+    A pair (hi, lo) combines to G = g_hi ^ (p_hi & g_lo), P = p_hi & p_lo. With m = r_hi & r_lo (``pair_and``,
+    shared by the dealer) both are linear in the shares:
+      p_hi & g_lo = ~c_lo & (m ^ (~c_hi & r_lo)),   P = m ^ (r_hi & ~c_lo) ^ (~c_hi & r_lo) ^ (~c_hi & ~c_lo).
+    ``nc`` = ~c's bit rows, ``r`` = this party's shares of r's bit rows (LOW_BITS each); an odd top position
+    passes up as (g_k, p_k).
+    """
+    h = pair_and.shape[0]
+    nc_hi, nc_lo, r_hi, r_lo = nc[1:2 * h:2], nc[0:2 * h:2], r[1:2 * h:2], r[0:2 * h:2]
+    hi_c_lo_r = nc_hi & r_lo
+    g = (nc_hi & r_hi) ^ (nc_lo & (pair_and ^ hi_c_lo_r))
+    p = pair_and ^ (r_hi & nc_lo) ^ hi_c_lo_r
+    if rank == 0:
+        p ^= nc_hi & nc_lo
+    if nc.shape[0] > 2 * h:
+        top_g = nc[2 * h:] & r[2 * h:]
+        top_p = (r[2 * h:] ^ nc[2 * h:]) if rank == 0 else r[2 * h:]
+        g, p = np.concatenate([g, top_g]), np.concatenate([p, top_p])
+    return g, p
+
+
+def select(ch: PeerChannel, g_bits: np.ndarray, values: np.ndarray, mat: MuxMaterial,
+           want_g: bool = False) -> tuple[np.ndarray | None, np.ndarray]:
+    """Additive shares of g * v for each row v of ``values`` [V, E] (this party's shares), from XOR-shared g_bits;
+    with ``want_g`` also additive shares of g [E] (else None).
+
+    One round: open e = g ^ rho and f = v - b. Then g = rho (e = 0) or 1 - rho (e = 1), so g v = rho v or
+    v - rho v, and the shares of rho v are rho_i f + (rho b)_i.
+    """
     size = mat.rho_arith.shape[0]
     words = g_bits.shape[0]
-    f = values - mat.b
-    payload = np.concatenate([g_bits ^ mat.rho_bits, f.reshape(-1)])
+    payload = np.empty(words + values.size, dtype=np.uint64)
+    np.bitwise_xor(g_bits, mat.rho_bits, out=payload[:words])
+    f = payload[words:].reshape(values.shape)
+    np.subtract(values, mat.b, out=f)
     theirs = ch.exchange(payload)
-    e = unbitslice(payload[:words] ^ theirs[:words], size)
-    f = f + theirs[words:].reshape(f.shape)
-    sign = ONE - (e << ONE)                           # 1 - 2e (mod 2^64)
-    g = sign * mat.rho_arith
-    prod = sign * (mat.rho_arith * f + mat.rho_b) + e * mat.b
-    if ch.rank == 0:
-        g = g + e
-        prod = prod + e * f
-    return g, prod
+    e = unbitslice_bool(payload[:words] ^ theirs[:words], size)
+    f += theirs[words:].reshape(f.shape)         # f = v - b, opened
+    rho_v = f                                    # shares of rho * v, in place: rho_i f + (rho b)_i
+    rho_v *= mat.rho_arith
+    rho_v += mat.rho_b
+    np.subtract(values, rho_v, out=rho_v, where=e)  # where e = 1: g = 1 - rho, so g v = v - rho v
+    g = None
+    if want_g:
+        g = mat.rho_arith.copy()
+        np.subtract(ONE if ch.rank == 0 else np.uint64(0), mat.rho_arith, out=g, where=e)
+    return g, rho_v
 
 
-def knockout(ch: PeerChannel, scores: np.ndarray, labels: np.ndarray | None,
-             mats: Iterator) -> tuple[np.ndarray, np.ndarray | None]:
+def _public_share(ch: PeerChannel, x: np.ndarray) -> np.ndarray:
+    """A public value as an additive share: party 0 holds it, party 1 holds 0."""
+    return x if ch.rank == 0 else np.zeros_like(x)
+
+
+def knockout(ch: PeerChannel, scores: np.ndarray, labels: np.ndarray | None, mats: Iterator,
+             labels_public: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Shares of the best score per column of ``scores`` [n, Q] (and of its row's label, if given).
 
     Pairs rows (0,1), (2,3), ...; an odd last row passes up; ties go to the lower row (kept order).
+    ``labels_public``: ``labels`` are the same public values at both parties (not shares). Then the first level
+    needs no selection for them: the winner's label is b + g (a - b) with a, b public, local once g is shared.
     """
-    vals, labs = scores, labels
+    vals, labs, public = scores, labels, labels_public
     while vals.shape[0] > 1:
         m = vals.shape[0]
         h = m // 2
         a, b = vals[0:2 * h:2], vals[1:2 * h:2]
         diff = (a - b).reshape(-1)
-        g = compare_ge_zero(ch, diff, next(mats))
-        carried = [diff] if labs is None else [diff, (labs[0:2 * h:2] - labs[1:2 * h:2]).reshape(-1)]
-        _, prod = select(ch, g, np.stack(carried), next(mats))
+        g_bits = compare_ge_zero(ch, diff, next(mats))
+        new_labs = None
+        if labs is None:
+            _, prod = select(ch, g_bits, diff[None], next(mats))
+        elif public:
+            g, prod = select(ch, g_bits, diff[None], next(mats), want_g=True)
+            la, lb = labs[0:2 * h:2], labs[1:2 * h:2]
+            new_labs = g.reshape(lb.shape) * (la - lb) + _public_share(ch, lb)  # type: ignore[union-attr]
+        else:
+            lab_diff = (labs[0:2 * h:2] - labs[1:2 * h:2]).reshape(-1)
+            _, prod = select(ch, g_bits, np.stack([diff, lab_diff]), next(mats))
+            new_labs = labs[1:2 * h:2] + prod[1].reshape(b.shape)
         new_vals = b + prod[0].reshape(b.shape)
-        new_labs = None if labs is None else labs[1:2 * h:2] + prod[1].reshape(b.shape)
         if m % 2:
             new_vals = np.concatenate([new_vals, vals[m - 1:m]])
-            new_labs = None if labs is None else np.concatenate([new_labs, labs[m - 1:m]])
-        vals, labs = new_vals, new_labs
-    return vals[0], (None if labs is None else labs[0])
+            if labs is not None:
+                last = _public_share(ch, labs[m - 1:m]) if public else labs[m - 1:m]
+                new_labs = np.concatenate([new_labs, last])  # type: ignore[list-item]
+        vals, labs, public = new_vals, new_labs, False
+    if labs is None:
+        return vals[0], None
+    return vals[0], (_public_share(ch, labs[0]) if public else labs[0])
 
 
 def match(ch: PeerChannel, kind: str, scores: np.ndarray, labels: np.ndarray, threshold_raw: int,
@@ -143,10 +198,8 @@ def match(ch: PeerChannel, kind: str, scores: np.ndarray, labels: np.ndarray, th
     n, q = scores.shape
     lab = None
     if kind in ("identify", "identify-best"):
-        lab = np.repeat(labels.astype(np.int64).view(np.uint64).reshape(n, 1), q, axis=1)
-        if ch.rank == 1:
-            lab = np.zeros_like(lab)
-    best, best_label = knockout(ch, scores, lab, mats)
+        lab = np.broadcast_to(labels.astype(np.int64).view(np.uint64).reshape(n, 1), (n, q))
+    best, best_label = knockout(ch, scores, lab, mats, labels_public=True)
     if kind == "identify-best":
         _expect_end(mats)
         return np.concatenate([best, best_label])  # type: ignore[list-item]
@@ -170,9 +223,9 @@ def _decide(ch: PeerChannel, kind: str, best: np.ndarray, best_label: np.ndarray
     y = best - t if ch.rank == 0 else best
     bit = compare_ge_zero(ch, y, next(mats))
     carried = np.stack([best_label]) if best_label is not None else np.zeros((0, q), dtype=np.uint64)
-    g, prod = select(ch, bit, carried, next(mats))
+    g, prod = select(ch, bit, carried, next(mats), want_g=kind != "identify")
     _expect_end(mats)
-    return prod[0] if kind == "identify" else g
+    return prod[0] if kind == "identify" else g  # type: ignore[return-value]
 
 
 def _expect_end(mats: Iterator) -> None:

@@ -10,7 +10,9 @@ receives one array per job. Both sides walk the same ``match_plan`` in the same 
 Per comparison of E values (each |y| < 2^(N_BITS-1)), W = ceil(E / 64) words:
   r_arith  [E]    both   additive shares of r mod 2^N_BITS (masks the opened value)
   r_bits   [N, W] p1     XOR shares of r's bits, bit-sliced
-  per level of the borrow tree with p pairs: a, b1, b2 [3, p, W] both; c1 = a&b1, c2 = a&b2 [2, p, W] p1
+  pair_and [F, W] p1     XOR shares of r_(2i+1) & r_(2i), F = FIRST_PAIRS: the borrow tree's first level is then
+                         local (c is public, so its AND gates are linear in r's bits and these products)
+  per later level of the borrow tree with p pairs: a, b1, b2 [3, p, W] both; c1 = a&b1, c2 = a&b2 [2, p, W] p1
 Per selection (bit -> arithmetic, times V values) of E elements:
   rho_bits [W] both (XOR shares of a random bit rho); rho_arith [E] p1 (additive shares of rho);
   b [V, E] both (masks of the values); rho_b [V, E] p1 (additive shares of rho * b).
@@ -26,6 +28,8 @@ from .prg import AesCtrStream
 
 N_BITS = 38             # compared values are differences of scores at scale 2^32: |y| < 2^37 (norms <= 4 each)
 LOW_BITS = N_BITS - 1
+FIRST_PAIRS = LOW_BITS // 2   # bit pairs of the borrow tree's first level (computed locally)
+LATER_WIDTH = LOW_BITS - FIRST_PAIRS  # positions entering the second level
 MASK = np.uint64((1 << N_BITS) - 1)
 MAX_ROWS = 1 << 24      # largest gallery a dealer request may name
 MAX_BATCH = 4096
@@ -48,7 +52,8 @@ PLAN_KINDS = ("verify", "identify", "identify-best", "merge")
 def match_plan(kind: str, rows: int, batch: int) -> list[Cmp | Mux]:
     """The comparisons and selections of one job (see ``compare.match`` / ``compare.merge``): a knockout over
     ``rows`` for each of ``max(batch, 1)`` queries, then the threshold (not for identify-best). identify,
-    identify-best and merge carry (score, label); verify only the score."""
+    identify-best and merge carry (score, label), except identify's first level (public labels); verify only
+    the score."""
     if kind not in PLAN_KINDS:
         raise ValueError(f"unknown job kind {kind!r}")
     if not 1 <= rows <= MAX_ROWS or not 0 <= batch <= MAX_BATCH:
@@ -57,10 +62,13 @@ def match_plan(kind: str, rows: int, batch: int) -> list[Cmp | Mux]:
     carried = 1 if kind == "verify" else 2
     steps: list[Cmp | Mux] = []
     m = int(rows)
+    first = True
     while m > 1:
         h = m // 2
-        steps += [Cmp(h * q), Mux(h * q, carried)]
+        # identify's first level: the labels are still public, only the score is selected (compare.knockout)
+        steps += [Cmp(h * q), Mux(h * q, 1 if first and kind in ("identify", "identify-best") else carried)]
         m = h + m % 2
+        first = False
     if kind != "identify-best":
         steps += [Cmp(q), Mux(q, 0 if kind == "verify" else 1)]
     return steps
@@ -80,6 +88,7 @@ class Triples:
 class CmpMaterial:
     r_arith: np.ndarray
     r_bits: np.ndarray
+    pair_and: np.ndarray
     triples: list[Triples]
 
 
@@ -123,12 +132,13 @@ def draw_cmp(src: PartySource, size: int) -> CmpMaterial:
     w = n_words(size)
     r_arith = src.both(size) & MASK
     r_bits = src.p1(N_BITS * w).reshape(N_BITS, w)
+    pair_and = src.p1(FIRST_PAIRS * w).reshape(FIRST_PAIRS, w)
     triples = []
-    for p in tree_pairs(LOW_BITS):
+    for p in tree_pairs(LATER_WIDTH):
         abb = src.both(3 * p * w).reshape(3, p, w)
         cc = src.p1(2 * p * w).reshape(2, p, w)
         triples.append(Triples(abb[0], abb[1], abb[2], cc[0], cc[1]))
-    return CmpMaterial(r_arith, r_bits, triples)
+    return CmpMaterial(r_arith, r_bits, pair_and, triples)
 
 
 def draw_mux(src: PartySource, size: int, values: int) -> MuxMaterial:
@@ -162,8 +172,11 @@ def dealer_corrections(key0: bytes, key1: bytes, stream_id: int, plan: list[Cmp 
 def _dealer_cmp(s0: AesCtrStream, s1: AesCtrStream, size: int, out: list[np.ndarray]) -> None:
     w = n_words(size)
     r = (s0.u64(size) + s1.u64(size)) & MASK
-    out.append((bitslice(r, N_BITS) ^ s1.u64(N_BITS * w).reshape(N_BITS, w)).ravel())
-    for p in tree_pairs(LOW_BITS):
+    r_bits = bitslice(r, N_BITS)
+    out.append((r_bits ^ s1.u64(N_BITS * w).reshape(N_BITS, w)).ravel())
+    pair_and = r_bits[1:2 * FIRST_PAIRS:2] & r_bits[0:2 * FIRST_PAIRS:2]
+    out.append((pair_and ^ s1.u64(FIRST_PAIRS * w).reshape(FIRST_PAIRS, w)).ravel())
+    for p in tree_pairs(LATER_WIDTH):
         abb = (s0.u64(3 * p * w) ^ s1.u64(3 * p * w)).reshape(3, p, w)
         cc1 = s1.u64(2 * p * w).reshape(2, p, w)
         a, b1, b2 = abb

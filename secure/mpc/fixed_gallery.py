@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from . import dealer_client
-from .ring_matmul import MIN_BATCH, limb_matmul, to_limbs
+from .ring_matmul import MIN_BATCH, float_matmul, to_float_rows
 
 SETUP_CHUNK = 1 << 16  # gallery rows masked per step of the set-up (bounds its temporary memory)
 
@@ -44,32 +44,31 @@ _LABEL_MIX = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
 
 # ----------------------------------------------------------------------------------- pure ring arithmetic
 def ring_score_share(rank: int, ea: torch.Tensor, f: torch.Tensor, b_i: torch.Tensor, c_i: torch.Tensor,
-                     ea_limbs: torch.Tensor | None = None) -> torch.Tensor:
+                     ea_float: torch.Tensor | None = None) -> torch.Tensor:
     """Party ``rank``'s share of G x, from ``ea`` = [E | A_i] (n x 2d), public f = x - b, b_i, c_i (int64).
 
     One query: f, b_i [d], c_i [n] -> [n].  A batch of Q queries: f, b_i [Q, d], c_i [n, Q] -> [n, Q].
-    With ``ea_limbs`` (``ring_matmul.to_limbs(ea)``) a batch is multiplied through float32 BLAS; the share is
-    then only right modulo 2^40 (enough for the dealer-bits comparison, which reads 38 bits).
+    With ``ea_float`` (``ring_matmul.to_float_rows(ea)``) a batch is multiplied through float64 BLAS; the share
+    is then only right modulo 2^38 (enough for the dealer-bits comparison, which reads 38 bits).
     """
     v = b_i + f if rank == 0 else b_i
     if f.dim() == 1:
         return torch.mv(ea, torch.cat([v, f])) + c_i
     rhs = torch.cat([v, f], dim=1).t()
-    if ea_limbs is not None:
-        return limb_matmul(ea_limbs, rhs) + c_i
+    if ea_float is not None:
+        return float_matmul(ea_float, rhs) + c_i
     return torch.mm(ea, rhs) + c_i
 
 
 def split_rows_to_ranges(slots: torch.Tensor) -> list[list[int]]:
     """Run-length encode a slot vector: [[start, length], ...] (the dealer needs only this, no labels)."""
-    s = slots.tolist()
-    out: list[list[int]] = []
-    for v in s:
-        if out and out[-1][0] + out[-1][1] == v:
-            out[-1][1] += 1
-        else:
-            out.append([int(v), 1])
-    return out
+    n = int(slots.shape[0])
+    if n == 0:
+        return []
+    breaks = torch.nonzero(slots[1:] != slots[:-1] + 1).flatten() + 1   # a new run starts at these rows
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), breaks])
+    lengths = torch.diff(torch.cat([starts, torch.tensor([n])]))
+    return [[int(v), int(ln)] for v, ln in zip(slots[starts].tolist(), lengths.tolist())]
 
 
 def gather_ranges(store: torch.Tensor, ranges: list[list[int]], dim: int = 0) -> torch.Tensor:
@@ -77,6 +76,14 @@ def gather_ranges(store: torch.Tensor, ranges: list[list[int]], dim: int = 0) ->
         start, length = ranges[0]
         return store.narrow(dim, start, length)
     return torch.cat([store.narrow(dim, s, n) for s, n in ranges], dim=dim)
+
+
+def _extend_floats(floats: torch.Tensor | None, used: int, new_rows: torch.Tensor) -> torch.Tensor | None:
+    """The float64 copy of a store after ``new_rows`` were appended at slot ``used``: only the new rows are
+    converted (enrollments do not pay for the whole gallery); None while no batch has asked for it yet."""
+    if floats is None or used == 0:
+        return None
+    return torch.cat([floats[:used], to_float_rows(new_rows)])
 
 
 # ----------------------------------------------------------------------------------- party side
@@ -95,7 +102,7 @@ class PartyGalleryCache:
         self.index: dict[int, dict[int, int]] = {}      # d -> row key -> slot
         self.last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # d -> (keys, slots) of the last job
         self.weights: dict[int, torch.Tensor] = {}
-        self.limbs: dict[int, torch.Tensor] = {}        # d -> uint8 [5, S, 2d] of the stores, built on demand
+        self.floats: dict[int, torch.Tensor] = {}       # d -> float64 [S, 2d] of the stores (ring_matmul), on demand
         self.setup_rows = 0                             # rows masked by the last call (stats)
         self.timings: dict[str, float] = {}             # seconds per step of the last call (stats)
 
@@ -120,15 +127,16 @@ class PartyGalleryCache:
 
 
 def party_scores(crypten: Any, cache: PartyGalleryCache, query: torch.Tensor, gallery: torch.Tensor,
-                 labels: torch.Tensor, mod40: bool = False, after_dealer: Any = None,
+                 labels: torch.Tensor, mod38: bool = False, prefetch: tuple | None = None, after_dealer: Any = None,
                  same_rows: bool = False) -> torch.Tensor:
     """This party's int64 share of G x (scale 2^32) by the fixed-gallery protocol. Both parties call it in lockstep.
 
     ``query``: [d] (one query -> [n]) or [Q, d] (a batch -> [n, Q]; one dealer request and one opening for all).
-    ``mod40``: the caller reads the scores modulo 2^40 only, so a batch may use ``ring_matmul`` (both parties
-    and the dealer must agree: it is part of the dealer request). ``after_dealer()`` runs right after this
-    job's dealer answer is collected (the worker uses it to send its next dealer request early). Party 0 has at
-    most one request outstanding: gloo sends block until the peer receives, so two would deadlock.
+    ``mod38``: the caller reads the scores modulo 2^38 only, so a batch may use ``ring_matmul`` (both parties
+    and the dealer must agree: it is part of the dealer request). ``prefetch`` rides along with that request
+    (the job's comparison: the dealer prepares its corrections meanwhile). ``after_dealer()`` runs right after
+    this job's dealer answer is collected (the worker uses it to send its next dealer request early). Party 0
+    has at most one request outstanding: gloo sends block until the peer receives, so two would deadlock.
     ``same_rows``: the gallery is the very snapshot of this worker's previous identify job (the engine's
     resident-gallery marker), so its row keys and slots are reused without recomputing the checksums.
     """
@@ -179,7 +187,7 @@ def party_scores(crypten: Any, cache: PartyGalleryCache, query: torch.Tensor, ga
             new_rows[start:stop, d:] = a_i
         store = cache.stores.get(d)
         cache.stores[d] = new_rows if store is None or used == 0 else torch.cat([store[:used], new_rows])
-        cache.limbs.pop(d, None)
+        cache.floats[d] = _extend_floats(cache.floats.get(d), used, new_rows)
         new_slots = torch.arange(used, used + m, dtype=torch.long)
         slots[miss] = new_slots
         idx = cache.index.setdefault(d, {})
@@ -192,11 +200,12 @@ def party_scores(crypten: Any, cache: PartyGalleryCache, query: torch.Tensor, ga
     t1 = time.perf_counter()
     ranges = split_rows_to_ranges(slots)
     q_shape = tuple(query.shape)  # (d,) or (Q, d)
-    limbs = bool(mod40 and len(q_shape) == 2 and q_shape[0] >= MIN_BATCH)
+    use_floats = bool(mod38 and len(q_shape) == 2 and q_shape[0] >= MIN_BATCH)
     b_i = generate_random_ring_element(q_shape, generator=gen, device="cpu")
     c_shape = (n,) if len(q_shape) == 1 else (n, q_shape[0])
     if rank == 0:  # the dealer computes c = A b while the parties open f and compute their own products
-        dealer_client.send_request("fg_query", ranges, d, q_shape[0] if len(q_shape) == 2 else 0, limbs)
+        dealer_client.send_request("fg_query", ranges, d, q_shape[0] if len(q_shape) == 2 else 0,
+                                   use_floats, prefetch)
         c_i = None
     else:
         c_i = generate_random_ring_element(c_shape, generator=gen, device="cpu")
@@ -204,13 +213,13 @@ def party_scores(crypten: Any, cache: PartyGalleryCache, query: torch.Tensor, ga
     f = query - b_i
     f = comm.all_reduce(f)  # f = x - b, opened (b fresh and uniform)
     ea = gather_ranges(cache.stores[d], ranges)
-    ea_limbs = None
-    if limbs:
-        if d not in cache.limbs:
-            cache.limbs[d] = to_limbs(cache.stores[d])
-        ea_limbs = gather_ranges(cache.limbs[d], ranges, dim=1)
+    ea_float = None
+    if use_floats:
+        if cache.floats.get(d) is None:
+            cache.floats[d] = to_float_rows(cache.stores[d])
+        ea_float = gather_ranges(cache.floats[d], ranges)
     t3 = time.perf_counter()
-    out = ring_score_share(rank, ea, f, b_i, torch.zeros((), dtype=torch.long), ea_limbs)
+    out = ring_score_share(rank, ea, f, b_i, torch.zeros((), dtype=torch.long), ea_float)
     t4 = time.perf_counter()
     out += c_i if c_i is not None else dealer_client.receive_result().reshape(c_shape)
     if after_dealer is not None:  # only now: a gloo send to the dealer blocks while the dealer is sending to us
@@ -227,11 +236,11 @@ class DealerGalleryMasks:
     def __init__(self) -> None:
         self.stores: dict[int, torch.Tensor] = {}
         self.used: dict[int, int] = {}
-        self.limbs: dict[int, torch.Tensor] = {}
+        self.floats: dict[int, torch.Tensor] = {}
 
     def reset(self, d: int) -> None:
         self.stores.pop(d, None)
-        self.limbs.pop(d, None)
+        self.floats.pop(d, None)
         self.used[d] = 0
 
     def add(self, gens: list, m: int, d: int) -> None:
@@ -245,11 +254,12 @@ class DealerGalleryMasks:
         used = self.used.get(d, 0)
         store = self.stores.get(d)
         self.stores[d] = a if store is None or used == 0 else torch.cat([store[:used], a])
-        self.limbs.pop(d, None)
+        self.floats[d] = _extend_floats(self.floats.get(d), used, a)
         self.used[d] = used + m
 
-    def query(self, gens: list, ranges: list[list[int]], d: int, batch: int = 0, limbs: bool = False) -> torch.Tensor:
-        """c0 = A[rows] b - c1 for fresh b ([d], or [batch, d] when batch > 0); ``limbs``: A b only mod 2^40."""
+    def query(self, gens: list, ranges: list[list[int]], d: int, batch: int = 0,
+              use_floats: bool = False) -> torch.Tensor:
+        """c0 = A[rows] b - c1 for fresh b ([d], or [batch, d] when batch > 0); ``use_floats``: A b only mod 2^38."""
         from crypten.common.rng import generate_random_ring_element
 
         b = None
@@ -263,10 +273,10 @@ class DealerGalleryMasks:
             if s < 0 or ln < 1 or s + ln > used:
                 raise RuntimeError("fixed-gallery query names a slot the dealer does not hold")
             n += ln
-        if limbs and batch > 0:
-            if d not in self.limbs:
-                self.limbs[d] = to_limbs(self.stores[d])
-            c = limb_matmul(gather_ranges(self.limbs[d], ranges, dim=1), b.t())
+        if use_floats and batch > 0:
+            if self.floats.get(d) is None:
+                self.floats[d] = to_float_rows(self.stores[d])
+            c = float_matmul(gather_ranges(self.floats[d], ranges), b.t())
         else:
             rows = gather_ranges(self.stores[d], ranges)
             c = torch.mv(rows, b) if batch <= 0 else torch.mm(rows, b.t())

@@ -45,7 +45,7 @@ class MpcSettings(BaseSettings):
                                      'and reused, O(n + d) per query) or "naive" (CrypTen Beaver matmul, O(n d) '
                                      'per query; the baseline). Verify always uses "naive". Both parties must agree.')
     compare: Literal["dealer-bits", "crypten"] = Field(
-        "dealer-bits", description='Threshold and max/argmax: "dealer-bits" (8 rounds per knockout level, ~80 bytes '
+        "dealer-bits", description='Threshold and max/argmax: "dealer-bits" (7 rounds per knockout level, ~55 bytes '
                                    'per row; secure/mpc/compare.py) or "crypten" (CrypTen\'s 64-bit circuit; the '
                                    'baseline). Needs the dealer (TTP); TFP always uses "crypten". Both parties agree.')
     shards: int = Field(

@@ -33,9 +33,9 @@ import numpy as np
 
 from .protocol import threshold_raw
 
-PROTOCOL_VERSION = 3  # 3: dealer-bits comparison (PRG keys sent to the dealer at start)
+PROTOCOL_VERSION = 4  # 3: dealer-bits comparison (PRG keys sent to the dealer at start); 4: public labels at level 1
 DEALER_FUNCTIONS = frozenset({"additive", "square", "binary", "wraps", "B2A", "ping",
-                              "fg_mask", "fg_query", "fg_reset", "cmp_corrections"})
+                              "fg_mask", "fg_query", "fg_reset", "cmp_corrections", "cmp_collect"})
 
 
 # ----------------------------------------------------------------------------------------------- process
@@ -204,6 +204,16 @@ class _Party:
             raise RuntimeError(f"parties disagree on protocol/device: party 0 {theirs}, this party {mine}"
                                if self.rank == 1 else "party 1 runs another protocol version or device type")
 
+    def open_peer_link(self) -> None:
+        """The direct party-to-party socket of the dealer-bits comparison (``peer_link.py``); after hello(), so
+        both parties are known to want it."""
+        self.peer_link = None
+        if self.compare == "dealer-bits":
+            from .peer_link import open_link
+
+            self.peer_link = open_link(self.rank, self.settings.master_addr, self.settings.connect_timeout_s,
+                                       self.settings.op_timeout_s)
+
     def ping_dealer(self) -> None:
         from crypten.mpc.provider.ttp_provider import TTPClient
 
@@ -261,26 +271,27 @@ class _Party:
             from .fixed_gallery import party_scores
 
             def score_fn(q, g, lab):  # type: ignore[no-untyped-def]
-                out = party_scores(self.crypten, self.fg_cache, q, g, lab, mod40=self.compare == "dealer-bits",
-                                   after_dealer=request, same_rows=bool(p.get("resident")) and self.fg_rows_current)
+                out = party_scores(self.crypten, self.fg_cache, q, g, lab, mod38=self.compare == "dealer-bits",
+                                   prefetch=prefetch() if prefetch else None, after_dealer=request,
+                                   same_rows=bool(p.get("resident")) and self.fg_rows_current)
                 self.fg_rows_current = True
                 return out
 
-        channel, compare_fn, request = None, None, None
+        channel, compare_fn, request, prefetch = None, None, None, None
         if self.compare == "dealer-bits":
             from .compare import PeerChannel
 
-            channel = PeerChannel(self.rank)
+            channel = PeerChannel(self.rank, self.peer_link)
             q = p["query_share"]
             batch = int(q.shape[0]) if q.ndim == 2 else 0
             if p["kind"] == "merge":
                 batch = int(p["gallery_share"].shape[1]) // 2
-            compare_fn, request = self._compare_fn(p["kind"], np.asarray(p["labels"], dtype=np.int64),
-                                                   int(p["gallery_share"].shape[0]), batch, channel)
+            compare_fn, request, prefetch = self._compare_fn(p["kind"], np.asarray(p["labels"], dtype=np.int64),
+                                                             int(p["gallery_share"].shape[0]), batch, channel)
 
         self.comm.reset_communication_stats()
         self.timings: dict[str, float] = {}
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         try:
             if p["kind"] == "merge":  # no scores to compute: the "gallery" rows are shard winners' shares
                 share = [int(v) for v in compare_fn(p["gallery_share"].view(np.uint64), threshold_raw(p["threshold"]))
@@ -298,27 +309,38 @@ class _Party:
         stats = {"bytes": int(st["bytes"]) + (channel.bytes if channel else 0),
                  "rounds": int(st["rounds"]) + (channel.rounds if channel else 0),
                  "comm_s": float(st["time"]), "mpc_s": time.perf_counter() - t0,
+                 "cpu_s": time.process_time() - cpu0,  # this process's CPU time in the job (all its threads)
                  "protocol": self.protocol if score_fn else "naive", "compare": self.compare,
                  "setup_rows": int(self.fg_cache.setup_rows) if score_fn else 0, **self.timings,
                  **(self.fg_cache.timings if score_fn else {})}
         self.outq.put(("done", p["job_id"], share, stats))
 
     def _compare_fn(self, kind: str, labels: np.ndarray, rows: int, batch: int, channel: Any):  # type: ignore[no-untyped-def]
-        """The dealer-bits comparison for one job: (run, request). ``request()`` makes party 0 ask the dealer for
-        its corrections without waiting (the fixed-gallery score step calls it as soon as its own dealer answer
-        is in); ``run`` collects them (asking first if nobody did), draws this party's PRG fields and runs the
-        online rounds."""
+        """The dealer-bits comparison for one job: (run, request, prefetch).
+
+        ``prefetch()`` gives the arguments the fixed-gallery score request carries so that the dealer starts
+        computing this job's corrections right away, beside the score randomness. ``request()`` makes party 0
+        ask the dealer for its corrections without waiting (the score step calls it as soon as its own dealer
+        answer is in): a collect if they were prefetched, else a full request. ``run`` collects them (asking
+        first if nobody did), draws this party's PRG fields and runs the online rounds."""
         from . import compare, correlations, dealer_client
         from .prg import AesCtrStream
 
         self.cmp_jobs += 1
         stream_id = self.cmp_jobs
         plan = correlations.match_plan(kind, rows, batch)
-        asked = [False]
+        asked, prefetched = [False], [False]
+
+        def prefetch() -> tuple:
+            prefetched[0] = True
+            return (kind, rows, batch, stream_id)
 
         def request() -> None:
             if self.rank == 0 and not asked[0]:
-                dealer_client.send_request("cmp_corrections", kind, rows, batch, stream_id)
+                if prefetched[0]:
+                    dealer_client.send_request("cmp_collect", stream_id)
+                else:
+                    dealer_client.send_request("cmp_corrections", kind, rows, batch, stream_id)
                 asked[0] = True
 
         def run(scores: np.ndarray, t_raw: int) -> np.ndarray:
@@ -343,7 +365,7 @@ class _Party:
                                 compare_online_s=time.perf_counter() - t2)
             return out
 
-        return run, request
+        return run, request, prefetch
 
 
 class _Leader(_Party):
@@ -423,6 +445,7 @@ def party_main(rank: int, settings_data: dict, generation: int, inq: Any, outq: 
         stage = "session"
         party = (_Leader if rank == 0 else _Follower)(rank, settings, generation, inq, outq, device)
         party.hello()
+        party.open_peer_link()
         outq.put(("up", generation, device))
         party.run()
         outq.put(("down", "stopped"))
@@ -477,6 +500,12 @@ def _make_dealer_class():  # type: ignore[no-untyped-def]
             self.fg = DealerGalleryMasks()
             self.cmp_keys = receive_party_keys()  # the parties send them right after crypten.init()
             self.cmp_last_stream = 0
+            # corrections are computed on a helper thread (numpy and AES release the GIL) so that a job's
+            # comparison material is ready when its scores are; at most one job's is pending
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.cmp_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="privface-dealer-cmp")
+            self.cmp_pending: tuple[int, Any] | None = None
 
         def _recv_obj(self) -> Any:
             import torch
@@ -521,25 +550,38 @@ def _make_dealer_class():  # type: ignore[no-untyped-def]
             self.fg.add(self._get_generators(device="cpu"), int(m), int(d))
             return torch.zeros(1, dtype=torch.long)
 
-        def fg_query(self, ranges, d, batch=0, limbs=False):  # type: ignore[no-untyped-def]
+        def fg_query(self, ranges, d, batch=0, use_floats=False, prefetch=None):  # type: ignore[no-untyped-def]
             if not 0 <= int(batch) <= 4096:
                 raise RuntimeError("fixed-gallery batch out of range")
+            if prefetch is not None:  # the same job's comparison corrections, collected later by cmp_collect
+                self._start_corrections(*prefetch)
             return self.fg.query(self._get_generators(device="cpu"), [[int(a), int(b)] for a, b in ranges], int(d),
-                                 int(batch), bool(limbs))
+                                 int(batch), bool(use_floats))
 
         # dealer-bits comparison (secure/mpc/correlations.py): party 0's share of the job's correlated bits
         def cmp_corrections(self, kind, rows, batch, stream_id):  # type: ignore[no-untyped-def]
+            self._start_corrections(kind, rows, batch, stream_id)
+            return self.cmp_collect(stream_id)
+
+        def cmp_collect(self, stream_id):  # type: ignore[no-untyped-def]
             import numpy as np
             import torch
 
+            pending, self.cmp_pending = self.cmp_pending, None
+            if pending is None or pending[0] != int(stream_id):
+                raise RuntimeError("no comparison corrections prepared for this stream")
+            corr = pending[1].result(timeout=self.timeout.total_seconds())
+            return torch.from_numpy(np.ascontiguousarray(corr).view(np.int64))
+
+        def _start_corrections(self, kind, rows, batch, stream_id) -> None:  # type: ignore[no-untyped-def]
             from . import correlations
 
             if int(stream_id) <= self.cmp_last_stream:
                 raise RuntimeError("comparison PRG stream reused")
             self.cmp_last_stream = int(stream_id)
             plan = correlations.match_plan(str(kind), int(rows), int(batch))
-            corr = correlations.dealer_corrections(self.cmp_keys[0], self.cmp_keys[1], int(stream_id), plan)
-            return torch.from_numpy(np.ascontiguousarray(corr).view(np.int64))
+            self.cmp_pending = (int(stream_id), self.cmp_pool.submit(
+                correlations.dealer_corrections, self.cmp_keys[0], self.cmp_keys[1], int(stream_id), plan))
 
         def additive(self, size0, size1, op, *args, **kwargs):  # type: ignore[no-untyped-def]
             import torch
