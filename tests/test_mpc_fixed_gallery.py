@@ -7,10 +7,13 @@ import pytest
 import torch
 
 from secure.mpc.fixed_gallery import (
+    DealerGalleryMasks,
     gather_ranges,
     ring_score_share,
     split_rows_to_ranges,
+    uses_floats,
 )
+from secure.mpc.ring_matmul import to_float_rows
 from secure.mpc.harness import Cluster, encode_trunc, split
 
 M64 = 1 << 64
@@ -87,6 +90,38 @@ def test_batched_shares_equal_gx_exactly() -> None:
     s = ring_score_share(0, torch.cat([e, a0], 1), f, b0, c0) + ring_score_share(1, torch.cat([e, a1], 1), f, b1, c1)
     for j in range(q):
         assert np.array_equal(s[:, j].numpy(), _exact_matvec(g, x[j]))
+
+
+def test_float_products_agree_with_int64_modulo_2_38() -> None:
+    """The float64 path (batches on the CPU; every product on a GPU) equals the int64 ring product mod 2^38,
+    for one query and for a batch, at the parties (ring_score_share) and at the dealer (DealerGalleryMasks)."""
+    from secure.mpc.crypten_compat import load_crypten
+
+    load_crypten()
+    rng = np.random.default_rng(8)
+    n, d, low = 300, 128, (1 << 38) - 1
+    ea, c = _rand(rng, n, 2 * d), _rand(rng, n, 3)
+    floats = to_float_rows(ea)
+    for q_shape, cc in (((d,), c[:, 0]), ((3, d), c)):
+        f, b = _rand(rng, *q_shape), _rand(rng, *q_shape)
+        for rank in (0, 1):
+            exact = ring_score_share(rank, ea, f, b, cc)
+            assert torch.equal(ring_score_share(rank, ea, f, b, cc, floats) & low, exact & low)
+    for batch in (0, 5):
+        answers = []
+        for use_floats in (False, True):
+            gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+            dealer = DealerGalleryMasks()
+            dealer.add(gens, n, d)
+            answers.append(dealer.query(gens, [[0, 120], [200, 100]], d, batch, use_floats) & low)
+        assert torch.equal(answers[0], answers[1])
+
+
+def test_float_rule_is_every_product_on_a_gpu_and_batches_on_the_cpu() -> None:
+    assert uses_floats("cuda", True, (128,)) and uses_floats("cuda", True, (2, 128))
+    assert uses_floats("cpu", True, (16, 128)) and uses_floats("cpu", True, (4, 128))
+    assert not uses_floats("cpu", True, (128,)) and not uses_floats("cpu", True, (3, 128))
+    assert not uses_floats("cuda", False, (16, 128))  # CrypTen's comparison reads all 64 bits
 
 
 def test_ranges_round_trip() -> None:

@@ -48,16 +48,26 @@ def ring_score_share(rank: int, ea: torch.Tensor, f: torch.Tensor, b_i: torch.Te
     """Party ``rank``'s share of G x, from ``ea`` = [E | A_i] (n x 2d), public f = x - b, b_i, c_i (int64).
 
     One query: f, b_i [d], c_i [n] -> [n].  A batch of Q queries: f, b_i [Q, d], c_i [n, Q] -> [n, Q].
-    With ``ea_float`` (``ring_matmul.to_float_rows(ea)``) a batch is multiplied through float64 BLAS; the share
-    is then only right modulo 2^38 (enough for the dealer-bits comparison, which reads 38 bits).
+    With ``ea_float`` (``ring_matmul.to_float_rows(ea)``, on the CPU or a GPU) the product runs through float64
+    BLAS on that device; the share is then only right modulo 2^38 (enough for the dealer-bits comparison, which
+    reads 38 bits). The result is always a CPU tensor.
     """
     v = b_i + f if rank == 0 else b_i
-    if f.dim() == 1:
-        return torch.mv(ea, torch.cat([v, f])) + c_i
-    rhs = torch.cat([v, f], dim=1).t()
+    rhs = torch.cat([v, f]) if f.dim() == 1 else torch.cat([v, f], dim=1).t()
     if ea_float is not None:
-        return float_matmul(ea_float, rhs) + c_i
-    return torch.mm(ea, rhs) + c_i
+        return float_matmul(ea_float, rhs).cpu() + c_i
+    return (torch.mv(ea, rhs) if f.dim() == 1 else torch.mm(ea, rhs)) + c_i
+
+
+def uses_floats(device: str, mod38: bool, q_shape: tuple[int, ...]) -> bool:
+    """Whether a score product goes through ``ring_matmul`` (both parties and the dealer apply the same rule).
+
+    Only when the comparison reads 38 bits (``mod38``). On a GPU always (CUDA has no int64 matmul, and the
+    float64 GEMM is the fast path there); on the CPU for batches of at least MIN_BATCH queries (below that the
+    int64 matrix-vector product is faster)."""
+    if not mod38:
+        return False
+    return device != "cpu" or (len(q_shape) == 2 and q_shape[0] >= MIN_BATCH)
 
 
 def split_rows_to_ranges(slots: torch.Tensor) -> list[list[int]]:
@@ -80,10 +90,10 @@ def gather_ranges(store: torch.Tensor, ranges: list[list[int]], dim: int = 0) ->
 
 def _extend_floats(floats: torch.Tensor | None, used: int, new_rows: torch.Tensor) -> torch.Tensor | None:
     """The float64 copy of a store after ``new_rows`` were appended at slot ``used``: only the new rows are
-    converted (enrollments do not pay for the whole gallery); None while no batch has asked for it yet."""
+    converted (enrollments do not pay for the whole gallery); None while no product has asked for it yet."""
     if floats is None or used == 0:
         return None
-    return torch.cat([floats[:used], to_float_rows(new_rows)])
+    return torch.cat([floats[:used], to_float_rows(new_rows).to(floats.device)])
 
 
 # ----------------------------------------------------------------------------------- party side
@@ -94,15 +104,17 @@ class PartyGalleryCache:
     generation), so a reconnect starts from scratch: rows are masked again with fresh masks.
     """
 
-    def __init__(self, rank: int, max_slots_factor: float = 2.0) -> None:
+    def __init__(self, rank: int, max_slots_factor: float = 2.0, device: str = "cpu") -> None:
         self.rank = rank
         self.max_slots_factor = max_slots_factor
+        self.device = device                            # where the float64 copy lives and products run
         self.stores: dict[int, torch.Tensor] = {}       # d -> [S, 2d] rows [E | A_i]
         self.used: dict[int, int] = {}                  # d -> S (slots in use)
         self.index: dict[int, dict[int, int]] = {}      # d -> row key -> slot
         self.last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # d -> (keys, slots) of the last job
         self.weights: dict[int, torch.Tensor] = {}
-        self.floats: dict[int, torch.Tensor] = {}       # d -> float64 [S, 2d] of the stores (ring_matmul), on demand
+        self.floats: dict[int, torch.Tensor] = {}       # d -> float64 [S, 2d] of the stores (ring_matmul), on demand,
+                                                        # on ``device``
         self.setup_rows = 0                             # rows masked by the last call (stats)
         self.timings: dict[str, float] = {}             # seconds per step of the last call (stats)
 
@@ -200,7 +212,7 @@ def party_scores(crypten: Any, cache: PartyGalleryCache, query: torch.Tensor, ga
     t1 = time.perf_counter()
     ranges = split_rows_to_ranges(slots)
     q_shape = tuple(query.shape)  # (d,) or (Q, d)
-    use_floats = bool(mod38 and len(q_shape) == 2 and q_shape[0] >= MIN_BATCH)
+    use_floats = uses_floats(cache.device, mod38, q_shape)
     b_i = generate_random_ring_element(q_shape, generator=gen, device="cpu")
     c_shape = (n,) if len(q_shape) == 1 else (n, q_shape[0])
     if rank == 0:  # the dealer computes c = A b while the parties open f and compute their own products
@@ -216,7 +228,7 @@ def party_scores(crypten: Any, cache: PartyGalleryCache, query: torch.Tensor, ga
     ea_float = None
     if use_floats:
         if cache.floats.get(d) is None:
-            cache.floats[d] = to_float_rows(cache.stores[d])
+            cache.floats[d] = to_float_rows(cache.stores[d]).to(cache.device)
         ea_float = gather_ranges(cache.floats[d], ranges)
     t3 = time.perf_counter()
     out = ring_score_share(rank, ea, f, b_i, torch.zeros((), dtype=torch.long), ea_float)
@@ -233,10 +245,11 @@ def party_scores(crypten: Any, cache: PartyGalleryCache, query: torch.Tensor, ga
 class DealerGalleryMasks:
     """The dealer's half: it knows A (the sum of both parties' PRG draws) per slot; never any data."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
         self.stores: dict[int, torch.Tensor] = {}
         self.used: dict[int, int] = {}
         self.floats: dict[int, torch.Tensor] = {}
+        self.device = device  # where the float64 copy lives and products run (the parties' rule: uses_floats)
 
     def reset(self, d: int) -> None:
         self.stores.pop(d, None)
@@ -259,7 +272,8 @@ class DealerGalleryMasks:
 
     def query(self, gens: list, ranges: list[list[int]], d: int, batch: int = 0,
               use_floats: bool = False) -> torch.Tensor:
-        """c0 = A[rows] b - c1 for fresh b ([d], or [batch, d] when batch > 0); ``use_floats``: A b only mod 2^38."""
+        """c0 = A[rows] b - c1 for fresh b ([d], or [batch, d] when batch > 0); ``use_floats``: A b only mod 2^38,
+        through ``ring_matmul`` on this dealer's device."""
         from crypten.common.rng import generate_random_ring_element
 
         b = None
@@ -273,10 +287,10 @@ class DealerGalleryMasks:
             if s < 0 or ln < 1 or s + ln > used:
                 raise RuntimeError("fixed-gallery query names a slot the dealer does not hold")
             n += ln
-        if use_floats and batch > 0:
+        if use_floats:
             if self.floats.get(d) is None:
-                self.floats[d] = to_float_rows(self.stores[d])
-            c = float_matmul(gather_ranges(self.floats[d], ranges), b.t())
+                self.floats[d] = to_float_rows(self.stores[d]).to(self.device)
+            c = float_matmul(gather_ranges(self.floats[d], ranges), b if batch <= 0 else b.t()).cpu()
         else:
             rows = gather_ranges(self.stores[d], ranges)
             c = torch.mv(rows, b) if batch <= 0 else torch.mm(rows, b.t())

@@ -52,9 +52,12 @@ def match_share(kind: str, query_share: np.ndarray, gallery_share: np.ndarray, l
     n = int(g.shape[0])
     if n < 1:
         raise ValueError("match_share needs at least one gallery row")
+    t_raw = threshold_raw(threshold)
     if score_fn is not None:
         lab_cpu = torch.as_tensor(np.asarray(labels, dtype=np.int64).copy())
         s = score_fn(q, g, lab_cpu)
+        if compare_fn is not None:  # both steps are the project's: the share stays a CPU array between them
+            return _compare_output(kind, q, compare_fn(s.numpy().view(np.uint64).reshape(n, -1), t_raw))
         scores = MPCTensor.from_shares(s.to(device) if device != "cpu" else s, precision=0)
         g = s  # only its device is used below
     else:
@@ -63,13 +66,9 @@ def match_share(kind: str, query_share: np.ndarray, gallery_share: np.ndarray, l
         qe = MPCTensor.from_shares(q, precision=0)
         ge = MPCTensor.from_shares(g, precision=0)
         scores = ge.matmul(qe.t() if q.dim() == 2 else qe)  # [n] (or [n, Q]) shares of <g, q> * 2^32
-    t_raw = threshold_raw(threshold)
     if compare_fn is not None:
         mat = scores.share.data.cpu().numpy().view(np.uint64)  # plain tensor, or the one inside a CUDALongTensor
-        out_np = compare_fn(mat.reshape(n, -1), t_raw).view(np.int64)
-        if q.dim() == 2 or kind == "identify-best":  # identify-best: [scores..., labels...], see compare.match
-            return [int(v) for v in out_np.tolist()]
-        return int(out_np[0])
+        return _compare_output(kind, q, compare_fn(mat.reshape(n, -1), t_raw))
 
     if kind == "verify":
         bits = scores.ge(t_raw)  # 0/1 at scale 1
@@ -89,6 +88,14 @@ def match_share(kind: str, query_share: np.ndarray, gallery_share: np.ndarray, l
     if q.dim() == 2:
         return [int(v) for v in share.reshape(-1).tolist()]
     return int(share.reshape(-1)[0].item())
+
+
+def _compare_output(kind: str, q, out: np.ndarray):  # type: ignore[no-untyped-def]
+    """compare_fn's uint64 output shares as the int (one query) or list of ints that match_share returns."""
+    out_np = out.view(np.int64)
+    if q.dim() == 2 or kind == "identify-best":  # identify-best: [scores..., labels...], see compare.match
+        return [int(v) for v in out_np.tolist()]
+    return int(out_np[0])
 
 
 def _tournament(crypten, vals, labs):  # type: ignore[no-untyped-def]

@@ -18,7 +18,8 @@ import torch
 
 MOD_BITS = 38
 K_BLOCK = 256          # terms per GEMM (larger K is cut into blocks whose int64 results are summed)
-ROW_CHUNK = 2048       # rows per GEMM (bounds the temporary [rows, digits * Q] product)
+ROW_CHUNK = 2048       # rows per GEMM on the CPU (bounds the temporary [rows, digits * Q] product)
+GPU_ROW_CHUNK = 1 << 17  # rows per GEMM on a GPU (big kernels; ~100 MB of temporaries at Q = 16)
 MIN_BATCH = 4          # below this many columns torch's int64 matrix-vector product is faster
 
 _MOD_MASK = (1 << MOD_BITS) - 1
@@ -50,18 +51,20 @@ def signed_digits(v: torch.Tensor, bits: int) -> torch.Tensor:
 
 def float_matmul(rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """(M . v) mod 2^MOD_BITS as int64 in [0, 2^MOD_BITS), from ``rows`` = ``to_float_rows(M)`` [n, K] and int64
-    v [K] or [K, Q]. Exact."""
+    v [K] or [K, Q]. Exact. Runs on ``rows``' device (CPU or CUDA: float64 GEMMs are exact there too, TF32
+    only ever applies to float32); the result is on that device."""
     vec = v.dim() == 1
     v2 = v.reshape(-1, 1) if vec else v
     k, q = int(v2.shape[0]), int(v2.shape[1])
     n = int(rows.shape[0])
     k_block = min(k, K_BLOCK)
     bits = digit_bits(k_block)
-    digits = signed_digits(v2, bits)
+    digits = signed_digits(v2.cpu(), bits).to(rows.device)
     n_digits = digits.shape[1] // q
-    out = torch.zeros(n, q, dtype=torch.int64)
-    for start in range(0, n, ROW_CHUNK):
-        stop = min(n, start + ROW_CHUNK)
+    out = torch.zeros(n, q, dtype=torch.int64, device=rows.device)
+    chunk = ROW_CHUNK if rows.device.type == "cpu" else GPU_ROW_CHUNK
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
         acc = out[start:stop]
         for kb in range(0, k, k_block):
             prod = (rows[start:stop, kb:kb + k_block] @ digits[kb:kb + k_block]).to(torch.int64)

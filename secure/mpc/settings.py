@@ -31,8 +31,8 @@ class MpcSettings(BaseSettings):
     provider: Literal["TTP", "TFP"] = Field(
         "TTP", description='Correlated randomness: "TTP" (separate dealer). "TFP" only with PRIVFACE_ENV=test.')
     op_timeout_s: float = Field(
-        10.0, gt=0, description="gloo timeout: a dead peer makes any MPC operation fail within this time. Must "
-                                "exceed the longest single MPC step (raise it for very large galleries).")
+        10.0, gt=0, description="gloo and party-link timeout: a dead peer makes any MPC operation fail within this "
+                                "time. Must exceed the longest single MPC step (raise it for very large galleries).")
     connect_timeout_s: float = Field(30.0, gt=0, description="How long one rendezvous attempt waits for the others.")
     pair_wait_s: float = Field(
         2.0, gt=0, description="How long party 1 waits for the job party 0 announces (capped at op_timeout_s/2).")

@@ -165,7 +165,7 @@ class _Party:
         if self.protocol == "fixed-gallery":
             from .fixed_gallery import PartyGalleryCache
 
-            self.fg_cache = PartyGalleryCache(rank)
+            self.fg_cache = PartyGalleryCache(rank, device=device)
         self.compare = getattr(settings, "compare", "crypten") if self.ttp else "crypten"
         self.cmp_key: bytes | None = None
         self.cmp_jobs = 0  # stream id of the comparison PRG: one per job, same order at both parties
@@ -497,7 +497,7 @@ def _make_dealer_class():  # type: ignore[no-untyped-def]
             from .fixed_gallery import DealerGalleryMasks
             from .prg import receive_party_keys
 
-            self.fg = DealerGalleryMasks()
+            self.fg = DealerGalleryMasks(device=resolve_device(settings.device))
             self.cmp_keys = receive_party_keys()  # the parties send them right after crypten.init()
             self.cmp_last_stream = 0
             # corrections are computed on a helper thread (numpy and AES release the GIL) so that a job's
