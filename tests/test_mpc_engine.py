@@ -165,3 +165,15 @@ def test_concurrent_jobs_run_in_the_same_order(cluster: Cluster) -> None:
         ra, rb = Cluster.result(a), Cluster.result(b)
         assert "share" in ra and "share" in rb, (ra, rb)
         assert reconstruct(ra["share"], rb["share"]) == expect
+
+
+def test_same_rows_with_new_labels_use_the_new_labels(cluster: Cluster) -> None:
+    """The resident snapshot is (rows, labels): identical share rows with other labels are not 'the same'."""
+    from secure.mpc.harness import encode_trunc, split
+
+    rng = np.random.default_rng(16)
+    q, g = make_case(rng, n=12, plant=5, strength=0.9)
+    shares = split(encode_trunc(g), rng)
+    for labels in (np.arange(1, 13), np.arange(101, 113)):
+        out, _, _ = cluster.run_shared("identify", q, shares, labels, 0.5, rng)
+        assert out == plain("identify", q, g, labels, 0.5) == int(labels[5])

@@ -45,7 +45,7 @@ class MatchJob:
     # Sharding (``sharding.py``; dealer-bits only): "identify-best" answers the knockout winner without the
     # threshold, [2Q] shares (Q scores at scale 2^32, then Q labels). "merge" takes gallery_share = int64 [K, 2Q],
     # each row one shard's winner shares, query_share = zeros [Q], labels = 1..K, and answers like identify ([Q]).
-    gallery_id: str | None = None  # optional: equal ids promise equal gallery_share (skips comparing the arrays)
+    gallery_id: str | None = None  # optional: equal ids promise equal gallery_share AND labels (skips comparing)
 
 
 class MpcUnavailable(Exception):
@@ -140,6 +140,7 @@ class MpcEngine:
         # the gallery snapshot the current worker already holds: an identical snapshot is not sent again
         self._send_lock = threading.Lock()
         self._last_gallery: np.ndarray | None = None
+        self._last_labels: np.ndarray | None = None
         self._last_gallery_inq: Any = None
         self._last_gallery_id: str | None = None
 
@@ -207,17 +208,19 @@ class MpcEngine:
             inq = self._inq
         try:
             with self._send_lock:  # decide "same gallery" and enqueue atomically: the worker resolves in queue order
-                last = self._last_gallery
+                last, last_labels = self._last_gallery, self._last_labels
                 if job.kind == "merge":  # tiny and never resident: leave the resident gallery snapshot alone
                     pass
                 elif (last is not None and self._last_gallery_inq is inq and last.shape == g.shape
                         and ((job.gallery_id is not None and job.gallery_id == self._last_gallery_id)
-                             or np.array_equal(last, g))):
-                    payload["gallery_share"] = None
+                             or (np.array_equal(last, g) and np.array_equal(last_labels, lab)))):
+                    # the snapshot (rows and labels) is resident in the worker: send neither; a small message
+                    # also lets concurrent jobs reach the worker's queue at once (coalescing, worker.py)
+                    payload["gallery_share"] = payload["labels"] = None
                     payload["same_gallery"] = True
                 else:
                     payload["gallery_share"] = g = np.array(g, copy=True)
-                    self._last_gallery, self._last_gallery_inq = g, inq
+                    self._last_gallery, self._last_labels, self._last_gallery_inq = g, lab, inq
                     self._last_gallery_id = job.gallery_id
                 inq.put(("job", payload))
         except Exception as exc:  # noqa: BLE001 - queue closed: generation just ended

@@ -56,7 +56,10 @@ def ring_score_share(rank: int, ea: torch.Tensor, f: torch.Tensor, b_i: torch.Te
     rhs = torch.cat([v, f]) if f.dim() == 1 else torch.cat([v, f], dim=1).t()
     if ea_float is not None:
         return float_matmul(ea_float, rhs).cpu() + c_i
-    return (torch.mv(ea, rhs) if f.dim() == 1 else torch.mm(ea, rhs)) + c_i
+    if f.dim() == 1:
+        return torch.mv(ea, rhs) + c_i
+    # column by column: torch's int64 matmul is slower than as many int64 matrix-vector products
+    return torch.stack([torch.mv(ea, rhs[:, j]) for j in range(int(rhs.shape[1]))], dim=1) + c_i
 
 
 def uses_floats(device: str, mod38: bool, q_shape: tuple[int, ...]) -> bool:

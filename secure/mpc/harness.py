@@ -169,26 +169,40 @@ class Cluster:
         """One job with the given (fixed) gallery shares and fresh query shares, so the parties' fixed-gallery
         mask cache can hit across jobs. ``query`` is [d] or a batch [Q, d] (then a list of outputs).
         ``gallery_id``: as the party server does, name the snapshot so an unchanged one is not compared."""
-        q0, q1 = split(encode_trunc(query), rng)
-        paths = []
-        for rank, (q, g) in enumerate(((q0, gallery_shares[0]), (q1, gallery_shares[1]))):
-            path = self.dir / f"job-{uuid.uuid4().hex}-{rank}.npz"
-            np.savez(path, query_share=q, gallery_share=g, labels=np.asarray(labels, dtype=np.int64))
-            paths.append(path)
-        job_id = uuid.uuid4().hex
-        loads = [self.parties[r].send({"cmd": "load", "npz": str(paths[r])}) for r in (0, 1)]  # type: ignore[union-attr]
+        return self.run_shared_many(kind, [query], gallery_shares, labels, threshold, rng, timeout, gallery_id)[0]
+
+    def run_shared_many(self, kind: str, queries: list[np.ndarray], gallery_shares: tuple[np.ndarray, np.ndarray],
+                        labels: np.ndarray, threshold: float, rng: np.random.Generator, timeout: float = 60,
+                        gallery_id: str | None = None) -> list[tuple[int | list[int], float, list]]:
+        """Like ``run_shared`` for several jobs submitted at once (concurrent requests, in this order at both
+        parties); returns (output, party-0 seconds, stats) per job."""
+        jobs = []
+        for query in queries:
+            q0, q1 = split(encode_trunc(query), rng)
+            paths = []
+            for rank, (q, g) in enumerate(((q0, gallery_shares[0]), (q1, gallery_shares[1]))):
+                path = self.dir / f"job-{uuid.uuid4().hex}-{rank}.npz"
+                np.savez(path, query_share=q, gallery_share=g, labels=np.asarray(labels, dtype=np.int64))
+                paths.append(path)
+            jobs.append((uuid.uuid4().hex, paths))
+        loads = [self.parties[r].send({"cmd": "load", "npz": str(paths[r])})  # type: ignore[union-attr]
+                 for _, paths in jobs for r in (0, 1)]
         for q in loads:  # both parties hold the arrays before either timer starts
             q.get(timeout=timeout + 60)
-        qs = [self.submit_async(r, job_id, kind, paths[r], threshold, timeout, gallery_id) for r in (0, 1)]
-        res = [self.result(q, timeout + 60) for q in qs]
-        for p in paths:
-            p.unlink(missing_ok=True)
-        for r, msg in enumerate(res):
-            if "error" in msg:
-                raise RuntimeError(f"party {r}: {msg['error']}")
-        s0, s1 = res[0]["share"], res[1]["share"]
-        out = [reconstruct(a, b) for a, b in zip(s0, s1)] if isinstance(s0, list) else reconstruct(s0, s1)
-        return out, float(res[0]["elapsed"]), [m.get("stats") for m in res]
+        pending = [[self.submit_async(r, job_id, kind, paths[r], threshold, timeout, gallery_id) for r in (0, 1)]
+                   for job_id, paths in jobs]
+        out = []
+        for (_, paths), qs in zip(jobs, pending):
+            res = [self.result(q, timeout + 60) for q in qs]
+            for p in paths:
+                p.unlink(missing_ok=True)
+            for r, msg in enumerate(res):
+                if "error" in msg:
+                    raise RuntimeError(f"party {r}: {msg['error']}")
+            s0, s1 = res[0]["share"], res[1]["share"]
+            value = [reconstruct(a, b) for a, b in zip(s0, s1)] if isinstance(s0, list) else reconstruct(s0, s1)
+            out.append((value, float(res[0]["elapsed"]), [m.get("stats") for m in res]))
+        return out
 
     def logs(self) -> str:
         out = []

@@ -54,6 +54,10 @@ class MpcSettings(BaseSettings):
                                     "winners in MPC (secure/mpc/sharding.py). Needs compare=dealer-bits if K > 1.")
     shard_addrs: str = Field(
         "", description="Comma-separated party-0 addresses of shards 0..K-1 (empty: master_addr for all).")
+    coalesce_max: int = Field(
+        16, ge=1, le=256, description="Up to this many queued single-query identify jobs on the same gallery "
+                                      "snapshot run as one batched MPC job (concurrent requests share one "
+                                      "knockout); 1 turns coalescing off. Both parties should agree.")
     torch_threads: int = Field(
         0, ge=0, le=256, description="torch intra-op threads of each MPC worker (0: torch's default, all cores). "
                                      "Set 1 when the dealer and both parties share one small machine.")

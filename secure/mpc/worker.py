@@ -136,6 +136,28 @@ def job_digest(kind: str, n: int, d: int, threshold: float, labels: np.ndarray, 
     return h.hexdigest()
 
 
+COALESCE_WAIT_S = 0.05  # how long party 1 waits for the other members of a group party 0 announced
+
+
+def coalescible(first: dict, other: dict) -> bool:
+    """Two queued jobs may run as one batched MPC job: single-query identify jobs on the very same resident
+    gallery snapshot (the same array object, see ``handle``), threshold and labels."""
+    return (first["kind"] == other["kind"] == "identify"
+            and np.ndim(first["query_share"]) == 1 and np.ndim(other["query_share"]) == 1
+            and other["gallery_share"] is first["gallery_share"] and other["threshold"] == first["threshold"]
+            and (other["labels"] is first["labels"] or np.array_equal(other["labels"], first["labels"])))
+
+
+def combined_job(group: list[dict]) -> dict:
+    """One job for a group of coalescible jobs: their queries stacked as a batch, answered per member."""
+    if len(group) == 1:
+        return group[0]
+    job = dict(group[0])
+    job["query_share"] = np.stack([np.asarray(x["query_share"]) for x in group])
+    job["members"] = [x["job_id"] for x in group]
+    return job
+
+
 # ----------------------------------------------------------------------------------------------- parties
 class _Party:
     def __init__(self, rank: int, settings: Any, generation: int, inq: Any, outq: Any, device: str) -> None:
@@ -155,6 +177,7 @@ class _Party:
         self.jobs: collections.OrderedDict[str, dict] = collections.OrderedDict()
         self.stopping = False
         self.last_gallery: np.ndarray | None = None  # resident snapshot: the engine omits an unchanged gallery
+        self.last_labels: np.ndarray | None = None   # ... and its labels
         # True once an identify job has keyed the fixed-gallery cache on the CURRENT resident snapshot (a verify
         # job may have made another snapshot resident in between): only then may the row keys be reused
         self.fg_rows_current = False
@@ -224,14 +247,15 @@ class _Party:
         kind = msg[0]
         if kind == "job":
             payload = msg[1]
+            payload["arrived"] = time.monotonic()
             if payload.get("same_gallery"):  # resolved in queue order, so it is the snapshot sent just before
                 if self.last_gallery is None:
                     self.outq.put(("fail", payload["job_id"], "no resident gallery snapshot"))
                     return
-                payload["gallery_share"] = self.last_gallery
+                payload["gallery_share"], payload["labels"] = self.last_gallery, self.last_labels
                 payload["resident"] = True
             elif payload["kind"] != "merge":
-                self.last_gallery = payload["gallery_share"]
+                self.last_gallery, self.last_labels = payload["gallery_share"], payload["labels"]
                 self.fg_rows_current = False  # a new resident snapshot: the cache's last rows are not its rows
             self.on_job(payload)
         elif kind == "cancel":
@@ -255,6 +279,18 @@ class _Party:
             except queue.Empty:
                 return
 
+    def take_group(self, limit: int) -> list[dict]:
+        """Pop the oldest job and up to ``limit`` - 1 coalescible jobs queued right behind it (queue order is
+        kept: a job of another kind or gallery ends the group)."""
+        _, first = self.jobs.popitem(last=False)
+        group = [first]
+        while len(group) < limit and self.jobs:
+            job_id, nxt = next(iter(self.jobs.items()))
+            if not coalescible(first, nxt):
+                break
+            group.append(self.jobs.pop(job_id))
+        return group
+
     def digest(self, p: dict) -> str:
         g, q = p["gallery_share"], p["query_share"]
         return job_digest(p["kind"], g.shape[0], g.shape[1], p["threshold"], p["labels"], self.device,
@@ -264,7 +300,7 @@ class _Party:
         from .protocol import match_share
 
         if p["kind"] in ("identify-best", "merge") and self.compare != "dealer-bits":
-            self.outq.put(("fail", p["job_id"], f"{p['kind']} jobs need PRIVFACE_MPC_COMPARE=dealer-bits (and TTP)"))
+            self.fail(p, f"{p['kind']} jobs need PRIVFACE_MPC_COMPARE=dealer-bits (and TTP)")
             return
         score_fn = None
         if self.fg_cache is not None and p["kind"] in ("identify", "identify-best"):
@@ -303,17 +339,29 @@ class _Party:
             # "down" first: by the time the caller sees its job fail, status() already says disconnected
             reason = f"session failed: {type(exc).__name__}: {str(exc)[:500]}"
             self.outq.put(("down", reason))
-            self.outq.put(("fail", p["job_id"], f"MPC failed, peer or dealer lost ({reason})"))
+            self.fail(p, f"MPC failed, peer or dealer lost ({reason})")
             raise
         st = self.comm.get_communication_stats()
         stats = {"bytes": int(st["bytes"]) + (channel.bytes if channel else 0),
                  "rounds": int(st["rounds"]) + (channel.rounds if channel else 0),
                  "comm_s": float(st["time"]), "mpc_s": time.perf_counter() - t0,
                  "cpu_s": time.process_time() - cpu0,  # this process's CPU time in the job (all its threads)
+                 "queued_s": t0 - p.get("arrived", t0),  # waited in this worker's queue (the group's oldest job)
                  "protocol": self.protocol if score_fn else "naive", "compare": self.compare,
                  "setup_rows": int(self.fg_cache.setup_rows) if score_fn else 0, **self.timings,
                  **(self.fg_cache.timings if score_fn else {})}
-        self.outq.put(("done", p["job_id"], share, stats))
+        members = p.get("members")
+        if members is None:
+            self.outq.put(("done", p["job_id"], share, stats))
+            return
+        stats["coalesced"] = len(members)  # one batched job answered these queries; stats are the whole job's
+        for job_id, member_share in zip(members, share):
+            self.outq.put(("done", job_id, member_share, stats))
+
+    def fail(self, p: dict, reason: str) -> None:
+        """Report a job failed (every member of a coalesced one)."""
+        for job_id in p.get("members") or [p["job_id"]]:
+            self.outq.put(("fail", job_id, reason))
 
     def _compare_fn(self, kind: str, labels: np.ndarray, rows: int, batch: int, channel: Any):  # type: ignore[no-untyped-def]
         """The dealer-bits comparison for one job: (run, request, prefetch).
@@ -371,21 +419,29 @@ class _Party:
 class _Leader(_Party):
     def run(self) -> None:
         last_hb = time.monotonic()
+        alone_next = False  # the peer lacked a member of the last coalesced group: run its first job alone
         while not self.stopping:
             wait = 0.0 if self.jobs else max(0.0, self.hb - (time.monotonic() - last_hb))
             self.poll(wait)
             if self.stopping:
                 return
             if self.jobs:
-                _, p = self.jobs.popitem(last=False)
-                g = p["gallery_share"]
-                self.bcast({"t": "job", "id": p["job_id"], "n": int(g.shape[0]), "d": int(g.shape[1]),
-                            "digest": self.digest(p)})
+                group = self.take_group(1 if alone_next else int(self.settings.coalesce_max))
+                alone_next = False
+                job = combined_job(group)
+                g = job["gallery_share"]
+                self.bcast({"t": "job", "id": job["job_id"], "ids": [x["job_id"] for x in group],
+                            "n": int(g.shape[0]), "d": int(g.shape[1]), "digest": self.digest(job)})
                 if self.agree(True):
-                    self.run_job(p)
+                    self.run_job(job)
+                elif len(group) > 1:  # both parties keep the jobs queued; the first is announced alone next
+                    for x in reversed(group):
+                        self.jobs[x["job_id"]] = x
+                        self.jobs.move_to_end(x["job_id"], last=False)
+                    alone_next = True
                 else:
-                    self.outq.put(("fail", p["job_id"], "the peer party did not submit this job in time "
-                                                         "(or its parameters differ); skipped by both"))
+                    self.fail(job, "the peer party did not submit this job in time (or its parameters differ); "
+                                   "skipped by both")
             if time.monotonic() - last_hb >= self.hb:
                 self.bcast({"t": "hb"})
                 self.agree(True)  # a round trip: a frozen (not just dead) peer is caught by the gloo timeout
@@ -398,6 +454,21 @@ class _Follower(_Party):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.skipped: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def run_group(self, msg: dict) -> None:
+        """Party 0 announced a coalesced group: run it if every member is here (after a short wait) and forms
+        the same batch; else agree "no" and keep the jobs queued (party 0 then announces the first one alone)."""
+        ids = list(msg["ids"])
+        deadline = time.monotonic() + min(self.pair_wait, COALESCE_WAIT_S)
+        while any(i not in self.jobs for i in ids) and time.monotonic() < deadline:
+            self.poll(deadline - time.monotonic())
+        group = [self.jobs.get(i) for i in ids]
+        ok = all(x is not None and (k == 0 or coalescible(group[0], x)) for k, x in enumerate(group))
+        job = combined_job(group) if ok else None  # type: ignore[arg-type]
+        if self.agree(ok and job is not None and self.digest(job) == msg.get("digest")):
+            for i in ids:
+                self.jobs.pop(i, None)
+            self.run_job(job)  # type: ignore[arg-type]
 
     def on_job(self, payload: dict) -> None:
         if payload["job_id"] in self.skipped:
@@ -420,6 +491,9 @@ class _Follower(_Party):
             deadline = time.monotonic() + self.pair_wait
             while jid not in self.jobs and time.monotonic() < deadline:
                 self.poll(deadline - time.monotonic())
+            if len(msg.get("ids", [jid])) > 1:
+                self.run_group(msg)
+                continue
             p = self.jobs.pop(jid, None)
             ok = p is not None and self.digest(p) == msg.get("digest")
             if self.agree(ok):
