@@ -76,6 +76,19 @@ def test_batched_identify_and_verify_with_shards(cluster: Cluster) -> None:
     assert out == 1
 
 
+def test_concurrent_identify_over_two_shards(cluster: Cluster) -> None:
+    """Many queries at once: every shard job reaches its engine at once at both parties (no bounded pool whose
+    order could differ between them), so none is skipped, and every answer equals plaintext."""
+    rng = np.random.default_rng(5)
+    labels = np.arange(1, 301)
+    g = unit(rng.normal(size=(300, D)))
+    qs = [unit(g[i] + 0.3 * unit(rng.normal(size=D))) for i in range(0, 300, 30)] + [unit(rng.normal(size=D))]
+    shares = split(encode_trunc(g), rng)
+    results = cluster.run_shared_many("identify", qs, shares, labels, 0.6, rng, gallery_id="concurrent")
+    assert [r[0] for r in results] == [plain(q, g, labels, 0.6) for q in qs]
+    assert [r[0] for r in results][:10] == list(range(1, 301, 30))
+
+
 def test_shard_settings_and_guards() -> None:
     s = MpcSettings(shards=3, master_port=30000, shard_addrs="10.0.0.1, 10.0.0.2,10.0.0.3")
     parts = s.shard_settings()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -37,8 +36,6 @@ class ShardedEngine:
         self.rank = rank
         self.settings = settings
         self.engines = [MpcEngine(rank, s) for s in settings.shard_settings()]
-        self._pool = ThreadPoolExecutor(max_workers=len(self.engines), thread_name_prefix=f"mpc-shard-{rank}")
-        self._lock = threading.Lock()
 
     def start(self) -> None:
         for e in self.engines:
@@ -47,7 +44,6 @@ class ShardedEngine:
     def stop(self) -> None:
         for e in self.engines:
             e.stop()
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def status(self) -> dict:
         shards = [e.status() for e in self.engines]
@@ -85,26 +81,45 @@ class ShardedEngine:
         if not parts:
             return self.engines[0].submit(job, timeout)  # empty gallery: the engine answers 0 without MPC
         batch = job.query_share.ndim == 2
-        futures = [self._pool.submit(self.engines[k].submit,
-                                     MatchJob(job_id=f"{job.job_id}.s{k}", kind="identify-best",
-                                              query_share=job.query_share, gallery_share=job.gallery_share[rows],
-                                              labels=job.labels[rows], threshold=job.threshold,
-                                              gallery_id=f"{job.gallery_id}.s{k}" if job.gallery_id else None),
-                                     timeout)
-                   for k, rows in parts]
-        try:
-            winners = [np.asarray(f.result(timeout=max(0.0, deadline - time.monotonic()) + 1.0), dtype=np.int64)
-                       for f in futures]
-        except MpcUnavailable:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a shard's future timed out or failed
-            raise MpcUnavailable(f"shard job failed ({type(exc).__name__})") from None
+        shard_jobs = [(k, MatchJob(job_id=f"{job.job_id}.s{k}", kind="identify-best", query_share=job.query_share,
+                                   gallery_share=job.gallery_share[rows], labels=job.labels[rows],
+                                   threshold=job.threshold,
+                                   gallery_id=f"{job.gallery_id}.s{k}" if job.gallery_id else None))
+                      for k, rows in parts]
+        winners = self._run_shard_jobs(shard_jobs, deadline)
         q = int(job.query_share.shape[0]) if batch else 1
         merge = MatchJob(job_id=f"{job.job_id}.merge", kind="merge", query_share=np.zeros(q, dtype=np.int64),
                          gallery_share=np.stack(winners).reshape(len(parts), 2 * q),
                          labels=np.arange(1, len(parts) + 1, dtype=np.int64), threshold=job.threshold)
         out = self.engines[0].submit(merge, max(0.0, deadline - time.monotonic()))
         return list(out) if batch else int(out[0])
+
+
+    def _run_shard_jobs(self, shard_jobs: list[tuple[int, MatchJob]], deadline: float) -> list[np.ndarray]:
+        """Submit every shard's job at once, one thread each, and wait for all. Not a bounded pool: with
+        concurrent queries a pool would queue shard jobs in an order that differs between the parties, and a
+        party 0 announcing a job party 1 has not submitted yet ends in "skipped by both"."""
+        results: list[Any] = [None] * len(shard_jobs)
+        errors: list[BaseException] = []
+
+        def run(i: int, k: int, shard_job: MatchJob) -> None:
+            try:
+                results[i] = self.engines[k].submit(shard_job, max(0.0, deadline - time.monotonic()))
+            except BaseException as exc:  # noqa: BLE001 - reported to the caller below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(i, k, sj), daemon=True, name=f"mpc-shard-{self.rank}-{k}")
+                   for i, (k, sj) in enumerate(shard_jobs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()) + 1.0)
+        if errors:
+            err = errors[0]
+            raise err if isinstance(err, MpcUnavailable) else MpcUnavailable(f"shard job failed ({type(err).__name__})")
+        if any(t.is_alive() for t in threads) or any(r is None for r in results):
+            raise MpcUnavailable("shard job not answered in time")
+        return [np.asarray(r, dtype=np.int64) for r in results]
 
 
 def make_engine(rank: int, settings: MpcSettings) -> MpcEngine | ShardedEngine:
