@@ -64,6 +64,7 @@ class ShardedEngine:
                    rounds=max((int(p["rounds"]) for p in parts), default=0) + int(merge["rounds"]),
                    setup_rows=sum(int(p.get("setup_rows", 0)) for p in parts),
                    mpc_s=max((float(p["mpc_s"]) for p in parts), default=0.0) + float(merge["mpc_s"]),
+                   coalesced=max((int(p.get("coalesced", 1)) for p in parts), default=1),
                    merge=merge, shards=parts)
         return out
 

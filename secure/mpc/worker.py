@@ -140,9 +140,9 @@ COALESCE_WAIT_S = 0.05  # how long party 1 waits for the other members of a grou
 
 
 def coalescible(first: dict, other: dict) -> bool:
-    """Two queued jobs may run as one batched MPC job: single-query identify jobs on the very same resident
-    gallery snapshot (the same array object, see ``handle``), threshold and labels."""
-    return (first["kind"] == other["kind"] == "identify"
+    """Two queued jobs may run as one batched MPC job: single-query identify (or a shard's identify-best) jobs on
+    the very same resident gallery snapshot (the same array object, see ``handle``), threshold and labels."""
+    return (first["kind"] == other["kind"] and first["kind"] in ("identify", "identify-best")
             and np.ndim(first["query_share"]) == 1 and np.ndim(other["query_share"]) == 1
             and other["gallery_share"] is first["gallery_share"] and other["threshold"] == first["threshold"]
             and (other["labels"] is first["labels"] or np.array_equal(other["labels"], first["labels"])))
@@ -355,6 +355,9 @@ class _Party:
             self.outq.put(("done", p["job_id"], share, stats))
             return
         stats["coalesced"] = len(members)  # one batched job answered these queries; stats are the whole job's
+        q = len(members)
+        if p["kind"] == "identify-best":  # a batch answers [Q scores, Q labels]; one query answers [score, label]
+            share = [[share[i], share[q + i]] for i in range(q)]
         for job_id, member_share in zip(members, share):
             self.outq.put(("done", job_id, member_share, stats))
 
