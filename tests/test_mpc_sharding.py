@@ -89,6 +89,27 @@ def test_concurrent_identify_over_two_shards(cluster: Cluster) -> None:
     assert [r[0] for r in results][:10] == list(range(1, 301, 30))
 
 
+def test_named_snapshot_is_split_into_shards_once() -> None:
+    """A gallery_id promises the same rows and labels, so its shard split is reused; no id, no reuse."""
+    from secure.mpc.engine import MatchJob
+    from secure.mpc.sharding import ShardedEngine
+
+    engine = ShardedEngine(0, MpcSettings(shards=2))  # not started: no processes
+    g = np.arange(5 * 4, dtype=np.int64).reshape(5, 4)
+    labels = np.array([10, 11, 12, 13, 14])
+
+    def job(gid: str | None) -> MatchJob:
+        return MatchJob(job_id="j", kind="identify", query_share=np.zeros(4, dtype=np.int64),
+                        gallery_share=g.copy(), labels=labels.copy(), threshold=0.5, gallery_id=gid)
+
+    first = engine._split(job("A"))
+    assert [(k, r.tolist(), lab.tolist()) for k, r, lab in first] == [
+        (0, g[[0, 2, 4]].tolist(), [10, 12, 14]), (1, g[[1, 3]].tolist(), [11, 13])]
+    assert engine._split(job("A")) is first
+    assert engine._split(job("B")) is not first
+    assert engine._split(job(None)) is not engine._split(job(None))
+
+
 def test_shard_settings_and_guards() -> None:
     s = MpcSettings(shards=3, master_port=30000, shard_addrs="10.0.0.1, 10.0.0.2,10.0.0.3")
     parts = s.shard_settings()

@@ -15,7 +15,8 @@ Comparison ``[y >= 0]`` for |y| < 2^(N-1), N = 38 (``correlations.N_BITS``):
 3. Selection: with the result bit g (XOR-shared) the parties open g ^ rho and v - b for each carried value v
    in ONE round and get additive shares of g and of g * v (rho random bit, b random value, and shares of
    rho, rho * b from the dealer): g = e + (1 - 2e) rho, g v = e f + e b + (1 - 2e)(rho f + rho b).
-So one tournament level costs 7 rounds and ~27-35 bytes sent per compared pair, plus the dealer's ~35 bytes.
+So one tournament level costs 7 rounds and ~27-35 bytes sent per compared pair, plus ~30 bytes from the
+dealer to party 0.
 
 What is opened: c (uniform mod 2^N), bits masked by uniform triple bits, g ^ rho (uniform), v - b (uniform).
 Nothing else leaves a party; the output stays an additive share. Security argument: ``docs/security.md``.
