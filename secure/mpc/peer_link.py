@@ -81,7 +81,9 @@ def open_link(rank: int, peer_addr: str, connect_timeout_s: float, op_timeout_s:
 
     if rank == 0:
         token = os.urandom(TOKEN_BYTES)
-        with socket.create_server(("", 0)) as server:
+        dual = socket.has_dualstack_ipv6()  # then party 1 may reach us over IPv4 or IPv6
+        with socket.create_server(("", 0), family=socket.AF_INET6 if dual else socket.AF_INET,
+                                  dualstack_ipv6=dual) as server:
             port = server.getsockname()[1]
             dist.send(torch.tensor(list(port.to_bytes(2, "big") + token), dtype=torch.uint8), dst=1)
             sock = _accept_with_token(server, token, connect_timeout_s)
