@@ -12,9 +12,9 @@ Comparison ``[y >= 0]`` for |y| < 2^(N-1), N = 38 (``correlations.N_BITS``):
    locally, and a binary tree combines them: G = G_hi ^ (P_hi & G_lo), P = P_hi & P_lo. Its first level is
    local too (the dealer shares r_hi & r_lo; ``_first_level``); the 5 levels left are AND gates on Beaver
    triples (3 opened bits per node), all elements bit-sliced 64 to a word.
-3. Selection: with the result bit g (XOR-shared) the parties open g ^ rho and v - b for each carried value v
-   in ONE round and get additive shares of g and of g * v (rho random bit, b random value, and shares of
-   rho, rho * b from the dealer): g = e + (1 - 2e) rho, g v = e f + e b + (1 - 2e)(rho f + rho b).
+3. Selection: with the result bit g (XOR-shared) the parties open e = g ^ rho and f = v - b for each carried
+   value v in ONE round (rho random bit, b random value, and shares of rho, rho * b from the dealer); then
+   g = rho or 1 - rho and g v = rho v or v - rho v (as e = 0 or 1), with shares of rho v = rho_i f + (rho b)_i.
 So one tournament level costs 7 rounds and ~27-35 bytes sent per compared pair, plus ~30 bytes from the
 dealer to party 0.
 

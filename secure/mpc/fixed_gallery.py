@@ -56,10 +56,15 @@ def ring_score_share(rank: int, ea: torch.Tensor, f: torch.Tensor, b_i: torch.Te
     rhs = torch.cat([v, f]) if f.dim() == 1 else torch.cat([v, f], dim=1).t()
     if ea_float is not None:
         return float_matmul(ea_float, rhs).cpu() + c_i
-    if f.dim() == 1:
-        return torch.mv(ea, rhs) + c_i
-    # column by column: torch's int64 matmul is slower than as many int64 matrix-vector products
-    return torch.stack([torch.mv(ea, rhs[:, j]) for j in range(int(rhs.shape[1]))], dim=1) + c_i
+    return int64_product(ea, rhs) + c_i
+
+
+def int64_product(m: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """m . rhs in Z_2^64 for rhs [K] or [K, Q]; a matrix column by column (torch's int64 matmul has no BLAS
+    kernel and is slower than as many int64 matrix-vector products)."""
+    if rhs.dim() == 1:
+        return torch.mv(m, rhs)
+    return torch.stack([torch.mv(m, rhs[:, j]) for j in range(int(rhs.shape[1]))], dim=1)
 
 
 def uses_floats(device: str, mod38: bool, q_shape: tuple[int, ...]) -> bool:
@@ -296,7 +301,7 @@ class DealerGalleryMasks:
             c = float_matmul(gather_ranges(self.floats[d], ranges), b if batch <= 0 else b.t()).cpu()
         else:
             rows = gather_ranges(self.stores[d], ranges)
-            c = torch.mv(rows, b) if batch <= 0 else torch.mm(rows, b.t())
+            c = int64_product(rows, b if batch <= 0 else b.t())
         others = None
         for g in gens[1:]:
             part = generate_random_ring_element(tuple(c.shape), generator=g, device=g.device)
