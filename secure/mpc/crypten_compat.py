@@ -3,7 +3,7 @@
 CrypTen imports ``torch.onnx._internal.registration``, which moved to
 ``torch.onnx._internal.torchscript_exporter.registration``; an alias in ``sys.modules`` before the import
 fixes it. Use ``load_crypten()`` (or ``from secure.mpc.crypten_compat import crypten``) and never
-``import crypten`` directly.
+``import crypten`` directly. Loading also routes CrypTen's randomness through AES-CTR (``crypten_rng.py``).
 """
 from __future__ import annotations
 
@@ -31,10 +31,16 @@ def _install_shims() -> None:
 def load_crypten() -> ModuleType:
     """Import CrypTen with the compatibility shims installed; returns the ``crypten`` module."""
     if "crypten" in sys.modules:
+        from . import crypten_rng
+
+        crypten_rng.install()
         return sys.modules["crypten"]
     _install_shims()
     import crypten as _crypten  # noqa: PLC0415  (the one sanctioned import)
 
+    from . import crypten_rng
+
+    crypten_rng.install()  # CrypTen's correlated randomness from AES-CTR, never torch generators
     return _crypten
 
 

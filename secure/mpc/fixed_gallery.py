@@ -3,7 +3,8 @@
 Ring: Z_2^64 as int64 with wraparound (torch), integer scale, exactly the values of the naive circuit
 (gallery and query at 2^16, scores at 2^32; see ``protocol.py``). Security argument: ``docs/security.md``.
 
-Correlated randomness (dealer D = CrypTen TTP, which shares one PRG seed with each party):
+Correlated randomness (dealer D = CrypTen TTP, which shares one AES-CTR stream with each party, keyed by the
+party-dealer session key; ``crypten_rng.py``):
 * mask setup, once per gallery row (and again for a row whose share changed, or after a reset):
   party i draws A_i (m x d) from its PRG; D draws both and keeps A = A_0 + A_1. The parties open
   E = G - A (each sends G_i - A_i once) and cache [E | A_i] per row.
@@ -131,8 +132,7 @@ class PartyGalleryCache:
         d = int(gallery.shape[1])
         w = self.weights.get(d)
         if w is None:
-            g = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-            w = torch.randint(-(2**63), 2**63 - 1, (d,), generator=g, dtype=torch.long) | 1
+            w = torch.frombuffer(bytearray(os.urandom(8 * d)), dtype=torch.long) | 1  # odd, from the OS CSPRNG
             self.weights[d] = w
         return torch.mv(gallery, w) + labels * _LABEL_MIX
 

@@ -1,19 +1,34 @@
-"""A cryptographic PRG shared between one party and the dealer: AES-128 in counter mode.
+"""The cryptographic PRG shared between one party and the dealer: AES-128 in counter mode.
 
-Why not CrypTen's generators: those are torch Mersenne-Twister streams seeded with 64 bits, fine for CrypTen's
-own circuit but predictable from their output. The comparison protocol (``compare.py``) draws its masks from
-AES-CTR keyed with 128 fresh random bits that each party sends the dealer when a session starts
-(``exchange_keys``). Every job uses a new stream id, so no keystream block is ever used twice.
+Why not CrypTen's generators: those are torch Mersenne-Twister streams whose seed is cut to 32 bits, so a party
+that knows its own seed can search the dealer's generator state and replay the other party's masks
+(``tests/test_mpc_csprng.py::test_old_construction_lets_party_0_recover_party_1_stream``). Every random value
+that protects data comes from here instead:
+
+* each party and the dealer agree on a 256-bit session key per MPC session (``link_keys.py``: ephemeral X25519,
+  authenticated with the link's credential; the key itself never travels);
+* ``derive_key(session_key, purpose)`` (HKDF-SHA256) gives one AES key per purpose, so the score step, CrypTen's
+  Beaver triples and the comparison never share a keystream (``PURPOSE_*``);
+* ``RingGenerator`` serves CrypTen-shaped draws (ring elements, k-bit values) from one such stream
+  (``crypten_rng.py`` routes CrypTen's TTP provider through it); the comparison (``compare.py``) uses a new
+  ``AesCtrStream`` stream id per job, so no keystream block is ever used twice.
 """
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 KEY_BYTES = 16
 DEALER_RANK = 2
+# purposes of the keys derived from one party-dealer session key (domain separation)
+PURPOSE_TTP = "privface/mpc/ttp-stream/v1"           # fixed-gallery masks and CrypTen's triples (one stream)
+PURPOSE_TTP_CUDA = "privface/mpc/ttp-stream-cuda/v1"  # the same draws made for a CUDA device
+PURPOSE_COMPARE = "privface/mpc/compare/v1"           # dealer-bits comparison, one stream id per job
 _ZERO_BLOCK_BYTES = 1 << 20
 _ZEROS = memoryview(bytes(_ZERO_BLOCK_BYTES))
 
@@ -50,22 +65,50 @@ def new_key() -> bytes:
     return os.urandom(KEY_BYTES)
 
 
-def send_key_to_dealer(key: bytes) -> None:
-    """Party side, once per session (gloo default group, point to point)."""
-    import torch
-    import torch.distributed as dist
+def derive_key(session_key: bytes, purpose: str) -> bytes:
+    """The AES key of one ``purpose`` under a session key (HKDF-SHA256; purposes never share a key)."""
+    if len(session_key) < KEY_BYTES:
+        raise ValueError("session key too short")
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
+                info=purpose.encode()).derive(session_key)
 
-    dist.send(torch.frombuffer(bytearray(key), dtype=torch.uint8), dst=DEALER_RANK)
 
+class RingGenerator:
+    """CrypTen-shaped random draws (int64 ring elements, k-bit values) from one AES-CTR stream.
 
-def receive_party_keys() -> list[bytes]:
-    """Dealer side, once per session: the PRG key of party 0, then of party 1."""
-    import torch
-    import torch.distributed as dist
+    Stands where CrypTen keeps a ``torch.Generator``: the party and the dealer hold one each for the same key and
+    draw the same values in the same order. ``device`` is where results go (the keystream is made on the CPU).
+    """
 
-    keys = []
-    for rank in (0, 1):
-        buf = torch.empty(KEY_BYTES, dtype=torch.uint8)
-        dist.recv(buf, src=rank)
-        keys.append(bytes(buf.numpy()))
-    return keys
+    def __init__(self, key: bytes, device: Any = "cpu") -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self._stream = AesCtrStream(key, 0)
+
+    def ring(self, size: Any) -> Any:
+        """Uniform int64 (all 2^64 values) of shape ``size``."""
+        import torch
+
+        shape = torch.Size(size if isinstance(size, (tuple, list, torch.Size)) else (size,))
+        words = self._stream.u64(shape.numel()).view(np.int64)
+        return self._place(torch.from_numpy(words).reshape(shape))
+
+    def kbit(self, size: Any, bits: int) -> Any:
+        """Uniform values in [0, 2^bits) of shape ``size`` (the top ``bits`` bits of fresh words)."""
+        import torch
+
+        if not 1 <= bits <= 64:
+            raise ValueError("bit length out of range")
+        if bits == 64:
+            return self.ring(size)
+        shape = torch.Size(size if isinstance(size, (tuple, list, torch.Size)) else (size,))
+        words = (self._stream.u64(shape.numel()) >> np.uint64(64 - bits)).view(np.int64)
+        return self._place(torch.from_numpy(words).reshape(shape))
+
+    def _place(self, t: Any) -> Any:
+        if self.device.type == "cpu":
+            return t
+        from crypten.cuda import CUDALongTensor
+
+        return CUDALongTensor(t.to(self.device))

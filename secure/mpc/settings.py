@@ -7,13 +7,30 @@ worker process before CrypTen is initialised.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TEST_ENV_VALUE = "test"
+DEALER = 2            # the dealer's role number (parties are 0 and 1)
+MIN_SECRET_CHARS = 32
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` names only loopback addresses (an unresolvable name counts as not loopback)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
 
 
 def tfp_allowed() -> bool:
@@ -62,6 +79,18 @@ class MpcSettings(BaseSettings):
         0, ge=0, le=256, description="torch intra-op threads of each MPC worker (0: torch's default, all cores). "
                                      "Set 1 when the dealer and both parties share one small machine.")
     gloo_ifname: str | None = Field(None, description="GLOO_SOCKET_IFNAME for the worker (e.g. 'lo').")
+    secret_p0_dealer: str = Field(
+        "", repr=False, description="Credential of the party 0 - dealer link (>= 32 characters; party 0 and the "
+                                    "dealer only). Authenticates the per-session key agreement (link_keys.py).")
+    secret_p1_dealer: str = Field(
+        "", repr=False, description="Credential of the party 1 - dealer link (party 1 and the dealer only).")
+    secret_p0_p1: str = Field(
+        "", repr=False, description="Credential of the party 0 - party 1 link (both parties, never the dealer): "
+                                    "authenticates their session key and the direct comparison link.")
+    private_network: bool = Field(
+        False, description="Required off loopback: the operator states that the network between the parties and "
+                           "the dealer is private or an encrypted tunnel (WireGuard, IPsec). gloo cannot encrypt; "
+                           "keys never travel on it, but masked values and correlations do.")
 
     @model_validator(mode="after")
     def _guard_shards(self) -> MpcSettings:
@@ -77,6 +106,37 @@ class MpcSettings(BaseSettings):
                 'PRIVFACE_MPC_PROVIDER="TFP" lets party 0 see every Beaver triple; it is allowed only when '
                 'PRIVFACE_ENV=test. Use "TTP" with a separate dealer (privface dealer).')
         return self
+
+    def link_secret(self, me: int, peer: int) -> bytes:
+        """The credential of the link between roles ``me`` and ``peer`` (0, 1 or DEALER)."""
+        pair = {me, peer}
+        if pair == {0, DEALER}:
+            value = self.secret_p0_dealer
+        elif pair == {1, DEALER}:
+            value = self.secret_p1_dealer
+        elif pair == {0, 1}:
+            value = self.secret_p0_p1
+        else:
+            raise ValueError(f"no MPC link between {me} and {peer}")
+        return value.encode()
+
+    def check_transport(self, me: int) -> None:
+        """Refuse to run role ``me`` off loopback without its link credentials and the private-network statement.
+
+        On loopback (one machine: ``make run``, the tests) an unset credential is allowed: the key agreement then
+        still hides every key from a passive observer, and no one else is on the path.
+        """
+        if self.provider != "TTP" or is_loopback(self.master_addr):
+            return
+        peers = (0, 1) if me == DEALER else (1 - me, DEALER)
+        for peer in peers:
+            if len(self.link_secret(me, peer)) < MIN_SECRET_CHARS:
+                raise RuntimeError(f"refusing to run MPC off loopback ({self.master_addr}) without the {me}-{peer} "
+                                   f"link credential (PRIVFACE_MPC_SECRET_*, >= {MIN_SECRET_CHARS} characters)")
+        if not self.private_network:
+            raise RuntimeError(f"refusing to run MPC off loopback ({self.master_addr}): gloo traffic is not "
+                               "encrypted; put it on a private network or tunnel and set "
+                               "PRIVFACE_MPC_PRIVATE_NETWORK=true")
 
     def shard_settings(self) -> list[MpcSettings]:
         """One settings object per shard: its own rendezvous address and port, everything else shared."""

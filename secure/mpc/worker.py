@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from .protocol import threshold_raw
+from .settings import DEALER
 
 PROTOCOL_VERSION = 4  # 3: dealer-bits comparison (PRG keys sent to the dealer at start); 4: public labels at level 1
 DEALER_FUNCTIONS = frozenset({"additive", "square", "binary", "wraps", "B2A", "ping",
@@ -97,6 +98,7 @@ def init_crypten(rank: int, settings: Any):  # type: ignore[no-untyped-def]
 
     if settings.provider == "TFP" and not tfp_allowed():  # defence in depth (the settings validator also checks)
         raise RuntimeError("provider TFP refused outside PRIVFACE_ENV=test")
+    settings.check_transport(rank)
     parties = 2
     os.environ.update({"DISTRIBUTED_BACKEND": "gloo", "WORLD_SIZE": str(parties), "RANK": str(rank),
                        "RENDEZVOUS": f"tcp://{settings.master_addr}:{settings.master_port}"})
@@ -120,7 +122,11 @@ def init_crypten(rank: int, settings: Any):  # type: ignore[no-untyped-def]
         return original(backend=backend, store=store, world_size=world_size, rank=rank, timeout=op_timeout)
 
     dist.init_process_group = init_process_group
-    crypten = load_crypten()
+    crypten = load_crypten()  # with CrypTen's randomness routed through AES-CTR (crypten_rng.py)
+    if rank != DEALER:
+        from . import crypten_rng
+
+        crypten_rng.configure(settings.link_secret(rank, DEALER))
     crypten.cfg.mpc.provider = settings.provider
     crypten.cfg.communicator.verbose = True  # per-job traffic stats (bytes, rounds) for the benchmarks
     crypten.init()
@@ -192,11 +198,16 @@ class _Party:
         self.compare = getattr(settings, "compare", "crypten") if self.ttp else "crypten"
         self.cmp_key: bytes | None = None
         self.cmp_jobs = 0  # stream id of the comparison PRG: one per job, same order at both parties
-        if self.ttp:  # every session: a fresh PRG key shared with the dealer only (prg.py)
-            from .prg import new_key, send_key_to_dealer
+        if self.ttp:  # the comparison's key: derived from this session's key with the dealer (prg.py)
+            from . import crypten_rng, prg
 
-            self.cmp_key = new_key()
-            send_key_to_dealer(self.cmp_key)
+            self.cmp_key = prg.derive_key(crypten_rng.session_key(), prg.PURPOSE_COMPARE)
+        # the parties' own session key (link_keys.py): proves each holds the party link's credential, and
+        # authenticates the direct comparison link
+        from . import link_keys
+
+        self.peer_key = link_keys.agree_over_gloo(rank, 1 - rank, settings.link_secret(rank, 1 - rank),
+                                                  "party0-party1")
 
     # -- group messaging (JSON over uint8 tensors, no pickle)
     def bcast(self, obj: Any = None) -> Any:
@@ -235,7 +246,7 @@ class _Party:
             from .peer_link import open_link
 
             self.peer_link = open_link(self.rank, self.settings.master_addr, self.settings.connect_timeout_s,
-                                       self.settings.op_timeout_s)
+                                       self.settings.op_timeout_s, self.peer_key)
 
     def ping_dealer(self) -> None:
         from crypten.mpc.provider.ttp_provider import TTPClient
@@ -570,12 +581,12 @@ def _make_dealer_class():  # type: ignore[no-untyped-def]
             self.comm_group = self.comm.ttp_comm_group
             self.device = "cpu"
             self.timeout = timedelta(seconds=float(settings.op_timeout_s))
+            self.settings = settings
+            self.cmp_keys: list[bytes] = []
             self._setup_generators()
             from .fixed_gallery import DealerGalleryMasks
-            from .prg import receive_party_keys
 
             self.fg = DealerGalleryMasks(device=resolve_device(settings.device))
-            self.cmp_keys = receive_party_keys()  # the parties send them right after crypten.init()
             self.cmp_last_stream = 0
             # corrections are computed on a helper thread (numpy and AES release the GIL) so that a job's
             # comparison material is ready when its scores are; at most one job's is pending
@@ -583,6 +594,20 @@ def _make_dealer_class():  # type: ignore[no-untyped-def]
 
             self.cmp_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="privface-dealer-cmp")
             self.cmp_pending: tuple[int, Any] | None = None
+
+        def _setup_generators(self) -> None:
+            """Replaces CrypTen's (seeds from torch.randint, sent in the clear): one authenticated key agreement
+            per party (link_keys.py), AES-CTR streams derived from it (crypten_rng.py, prg.py)."""
+            from . import crypten_rng, link_keys, prg
+
+            self.generators, self.generators_cuda, self.cmp_keys = [], [], []
+            for rank in (0, 1):
+                key = link_keys.agree_over_gloo(DEALER, rank, self.settings.link_secret(DEALER, rank),
+                                                f"party{rank}-dealer")
+                cpu, cuda = crypten_rng.generators_for(key)
+                self.generators.append(cpu)
+                self.generators_cuda.append(cuda)
+                self.cmp_keys.append(prg.derive_key(key, prg.PURPOSE_COMPARE))
 
         def _recv_obj(self) -> Any:
             import torch
