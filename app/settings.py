@@ -26,7 +26,7 @@ class GatewaySettings(BaseSettings):
     database_url: str = Field(
         f"sqlite:///{PROJECT_ROOT / 'var' / 'gateway.db'}", description="Gateway database (SQLAlchemy URL)."
     )
-    redis_url: str | None = Field(None, description="Redis for jobs, model events, replay protection; unset = in-process.")
+    redis_url: str | None = Field(None, description="Redis for jobs, model events, replay protection, abuse budgets; unset = in-process.")
     shared_dir: Path = Field(PROJECT_ROOT.parent / "shared", description="Read-only data and pretrained models.")
     model_dir: Path = Field(PROJECT_ROOT / "var" / "models", description="Where model versions (ONNX + metadata) live.")
     secret_key: str = Field(
@@ -46,7 +46,7 @@ class GatewaySettings(BaseSettings):
     clock_skew_s: int = Field(300, ge=0, description="How far in the future a payload's created_at may lie.")
     rate_window_s: int = Field(60, ge=1, description="Per-API-key budgets: the window they count in.")
     rate_verify_per_key: int = Field(600, ge=0, description="Verify requests one API key may make per window (0: no limit).")
-    rate_identify_per_key: int = Field(120, ge=0, description="Identify requests one API key may make per window (0: no limit).")
+    rate_identify_per_key: int = Field(300, ge=0, description="Identify requests one API key may make per window (0: no limit).")
     rate_enroll_per_key: int = Field(300, ge=0, description="Enrollments one API key may make per window (0: no limit).")
     subject_verify_limit: int = Field(20, ge=0, description="Verify requests against one subject (per tenant) per "
                                                             "subject_verify_window_s (0: no limit).")
