@@ -92,12 +92,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.logredact import log_config
+
     settings = get_settings()
     if args.host:
         settings = settings.model_copy(update={"host": args.host})
     settings.refuse_dev_secrets_off_loopback()
     uvicorn.run("app.main:app", factory=True, host=settings.host, port=args.port or settings.port,
-                workers=args.workers, log_level="info")
+                workers=args.workers, log_level="info", log_config=log_config())
     return 0
 
 

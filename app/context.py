@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.services.abuse import AbuseControls
 from app.services.identify_batcher import IdentifyBatcher
 from app.services.jobs import JobRunner
 from app.services.model_registry import ServedModels
-from app.services.replay import NonceStore
+from app.services.replay import ReplayGuard
 from app.settings import GatewaySettings
 from secure.coordinator import PartyPair
 
@@ -21,6 +22,7 @@ class GatewayContext:
     sessions: sessionmaker[Session]
     models: ServedModels
     parties: PartyPair
-    nonces: NonceStore
+    replay: ReplayGuard
+    abuse: AbuseControls
     jobs: JobRunner
     identify_batcher: IdentifyBatcher

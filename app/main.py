@@ -16,11 +16,13 @@ from app.migrate import migrate_gateway
 from app.problems import install_problem_handlers
 from app.routers import admin, matching, service, subjects
 from app.services import operations
+from app.services.abuse import AbuseControls
+from app.services.counters import MemoryCounters, RedisCounters
 from app.services.identify_batcher import IdentifyBatcher
 from app.services.jobs import JobRunner
 from app.services.model_events import sync_active_model, watch_model_activations
 from app.services.model_registry import ServedModels
-from app.services.replay import NonceStore
+from app.services.replay import ReplayGuard
 from app.settings import GatewaySettings, get_settings
 from secure.coordinator import PartyPair
 
@@ -42,7 +44,9 @@ def build_context(settings: GatewaySettings) -> GatewayContext:
         settings=settings, engine=engine, sessions=sessions,
         models=ServedModels(settings.model_dir, settings.prefer_gpu, settings.batch_max, settings.batch_wait_ms),
         parties=parties,
-        nonces=NonceStore(sessions, settings.nonce_ttl_s, redis_client),
+        replay=ReplayGuard(sessions, settings.replay_window_s, settings.clock_skew_s, settings.nonce_ttl_s,
+                           redis_client),
+        abuse=AbuseControls(RedisCounters(redis_client) if redis_client else MemoryCounters(), settings),
         jobs=JobRunner(settings, sessions),
         identify_batcher=IdentifyBatcher(parties, settings.identify_batch_wait_ms, settings.identify_batch_max),
     )

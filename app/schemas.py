@@ -29,7 +29,8 @@ class FeaturePayload(BaseModel):
     data: str = Field(description="base64 of the little-endian float16 array, C order")
     epsilon: float | None = Field(gt=0, description="per-image privacy budget the SDK applied; null when no noise")
     nonce: str = Field(pattern=r"^[0-9a-f]{32,64}$", description="fresh per payload; a replay is refused")
-    created_at: datetime | None = None
+    created_at: datetime = Field(description="when the SDK made the payload (ISO 8601, UTC); mandatory: a payload "
+                                             "older than the replay window, or without a stamp, is refused")
 
 
 class SubjectCreate(BaseModel):
@@ -129,6 +130,15 @@ class JobOut(BaseModel):
     result: dict | None
     created_at: datetime
     updated_at: datetime
+
+
+class UnlockOut(BaseModel):
+    """The subject's verify lock-out is lifted; `was_locked` says whether it was locked."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"subject_id": "sub_5f0c3b1e9a7d4c2b8e6f1a0d9c8b7a65", "was_locked": True}]})
+    subject_id: str
+    was_locked: bool
 
 
 class HealthOut(BaseModel):

@@ -26,7 +26,7 @@ class GatewaySettings(BaseSettings):
     database_url: str = Field(
         f"sqlite:///{PROJECT_ROOT / 'var' / 'gateway.db'}", description="Gateway database (SQLAlchemy URL)."
     )
-    redis_url: str | None = Field(None, description="Redis for jobs, model events, replay protection; unset = in-process.")
+    redis_url: str | None = Field(None, description="Redis for jobs, model events, replay protection, abuse budgets; unset = in-process.")
     shared_dir: Path = Field(PROJECT_ROOT.parent / "shared", description="Read-only data and pretrained models.")
     model_dir: Path = Field(PROJECT_ROOT / "var" / "models", description="Where model versions (ONNX + metadata) live.")
     secret_key: str = Field(
@@ -39,7 +39,22 @@ class GatewaySettings(BaseSettings):
     party_timeout_s: float = Field(15.0, description="Deadline for one party call, MPC included.")
     max_body_bytes: int = Field(256 * 1024, description="Largest accepted request body.")
     default_epsilon_max: float | None = Field(None, description="Default tenant ceiling on the per-image ε (None: any).")
-    nonce_ttl_s: int = Field(600, description="Replay window: a nonce is remembered, and a payload accepted, this long.")
+    replay_window_s: int = Field(
+        600, ge=1, description="A payload is accepted while its created_at is at most this old (created_at is "
+                               "mandatory); its nonce is remembered for this window plus the clock skew, so the "
+                               "same bytes are accepted at most once, ever.")
+    clock_skew_s: int = Field(300, ge=0, description="How far in the future a payload's created_at may lie.")
+    rate_window_s: int = Field(60, ge=1, description="Per-API-key budgets: the window they count in.")
+    rate_verify_per_key: int = Field(600, ge=0, description="Verify requests one API key may make per window (0: no limit).")
+    rate_identify_per_key: int = Field(300, ge=0, description="Identify requests one API key may make per window (0: no limit).")
+    rate_enroll_per_key: int = Field(300, ge=0, description="Enrollments one API key may make per window (0: no limit).")
+    subject_verify_limit: int = Field(20, ge=0, description="Verify requests against one subject (per tenant) per "
+                                                            "subject_verify_window_s (0: no limit).")
+    subject_verify_window_s: int = Field(3600, ge=1, description="Window of the per-subject verify budget.")
+    lockout_failures: int = Field(5, ge=0, description="Consecutive failed verifies (non-matches) of one subject "
+                                                       "that lock it for verify (0: never lock).")
+    lockout_window_s: int = Field(900, ge=1, description="The failures must fall within this window (from the first).")
+    lockout_s: int = Field(900, ge=0, description="How long a lock-out lasts; 0: until an admin unlocks the subject.")
     batch_max: int = Field(32, description="Micro-batching: largest ORT batch.")
     batch_wait_ms: float = Field(2.0, description="Micro-batching: longest wait for a batch to fill.")
     identify_batch_wait_ms: float = Field(
@@ -57,6 +72,13 @@ class GatewaySettings(BaseSettings):
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @property
+    def nonce_ttl_s(self) -> int:
+        """How long a nonce is remembered: derived, never configured, so it always covers the whole window in
+        which the same payload could pass the freshness check (stamped up to clock_skew_s ahead, accepted until
+        replay_window_s after its stamp), plus one second for Redis' whole-second expiry."""
+        return self.replay_window_s + self.clock_skew_s + 1
 
     @property
     def is_test(self) -> bool:

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from app.auth import tenant_template_key
-from app.devstack import LocalStack, shared_dir
+from app.devstack import LocalStack, NO_ABUSE_LIMITS, shared_dir
 from client.detect import FaceDetector
 from client.errors import PrivfaceError
 from client.features import decode_features, extract_features, with_fresh_nonce
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     pairs = read_pairs(raw / "pairs_fold1.txt")[: args.limit_pairs]
     photos = sorted(str(p.relative_to(raw)) for p in raw.glob("*/*.jpg"))
 
-    stack = LocalStack(args.workdir / time.strftime("%Y%m%d-%H%M%S")).start()
+    stack = LocalStack(args.workdir / time.strftime("%Y%m%d-%H%M%S"), extra_env=NO_ABUSE_LIMITS).start()
     try:
         report = run(stack, raw, photos, pairs)
     finally:

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from app.devstack import LocalStack
+from app.devstack import LocalStack, NO_ABUSE_LIMITS
 from bench.latency import faces
 from client.features import encode_features, fresh_rng
 from client.sdk import PrivfaceClient
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=Path("var/bench-identify-batching"))
     args = parser.parse_args(argv)
     pool = faces(args.gallery)
-    stack = LocalStack(args.workdir / time.strftime("%Y%m%d-%H%M%S"))
+    stack = LocalStack(args.workdir / time.strftime("%Y%m%d-%H%M%S"), extra_env=NO_ABUSE_LIMITS)
     stack.cli("models", "ensure")
     for name in ("dealer", "party0", "party1"):
         stack.start_process(name)

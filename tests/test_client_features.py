@@ -114,5 +114,7 @@ def test_the_gateway_accepts_the_payload(detector: FaceDetector) -> None:
     payload = extract_features(PHOTO, spec, detector=detector)
     model = schemas.FeaturePayload.model_validate(payload)
     gateway_features.check_epsilon(model, spec, None)
-    decoded = gateway_features.decode_features(model, spec, replay_window_s=600)
+    replay = pytest.importorskip("app.services.replay")
+    replay.check_freshness(model, window_s=600, skew_s=300)  # the SDK always stamps created_at, in UTC
+    decoded = gateway_features.decode_features(model, spec)
     np.testing.assert_array_equal(decoded, decode_features(payload).astype(np.float32))

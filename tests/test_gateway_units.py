@@ -12,7 +12,8 @@ from app.models import ApiKey, Operation
 from app.problems import Problem
 from app.schemas import FeaturePayload
 from app.services import operations
-from app.services.features import check_epsilon, check_freshness
+from app.services.features import check_epsilon
+from app.services.replay import check_freshness
 from app.settings import GatewaySettings
 from inference.transform import default_spec
 
@@ -97,7 +98,7 @@ def test_epsilon_must_be_stated_honestly_and_within_policy():
 
 
 def test_payload_freshness_window():
-    check_freshness(_payload(), 600)
+    check_freshness(_payload(), 600, 300)
     for when in (datetime.now(timezone.utc) - timedelta(hours=1), datetime.now(timezone.utc) + timedelta(hours=1)):
         with pytest.raises(Problem):
-            check_freshness(_payload(created_at=when), 600)
+            check_freshness(_payload(created_at=when), 600, 300)

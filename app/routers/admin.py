@@ -9,9 +9,10 @@ from app.auth import Principal
 from app.context import GatewayContext
 from app.db import session_scope
 from app.deps import get_context, get_session, require_scope
-from app.models import Job, ModelVersion, Tenant
+from app.models import Job, ModelVersion, Subject, Tenant
 from app.problems import Problem, not_found
-from app.schemas import JobCreate, JobOut, ModelVersionOut
+from app.schemas import JobCreate, JobOut, ModelVersionOut, UnlockOut
+from app.services.audit import audit
 from app.services.jobs import JOB_KINDS
 from app.services.model_events import publish_activation, sync_active_model
 from app.services.model_registry import activate_version
@@ -76,3 +77,17 @@ def rotate_tenant_key(principal: Principal = Depends(admin), ctx: GatewayContext
         tenant = session.get(Tenant, principal.tenant_id)
         tenant.key_version += 1
         return {"tenant_id": tenant.id, "key_version": tenant.key_version}
+
+
+@router.post("/subjects/{subject_id}/unlock", response_model=UnlockOut,
+             responses={**ERRORS, 404: {"description": "Unknown subject"}})
+def unlock_subject(subject_id: str, principal: Principal = Depends(admin),
+                   ctx: GatewayContext = Depends(get_context)) -> UnlockOut:
+    """Lift a subject's verify lock-out (after repeated failed verifications) and forget its failures."""
+    with session_scope(ctx.sessions) as session:
+        subject = session.get(Subject, subject_id)
+        if subject is None or subject.tenant_id != principal.tenant_id:
+            raise not_found("subject", subject_id)
+    was_locked = ctx.abuse.unlock(principal, subject_id)
+    audit(ctx.sessions, principal, "unlock-subject", "unlocked" if was_locked else "not-locked", subject_id)
+    return UnlockOut(subject_id=subject_id, was_locked=was_locked)

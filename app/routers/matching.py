@@ -15,16 +15,23 @@ from app.services.audit import audit
 router = APIRouter(prefix="/v1", tags=["matching"])
 ERRORS = {401: {"description": "Missing or invalid API key"}, 403: {"description": "Missing scope"},
           409: {"description": "Replayed nonce, or subject without templates"},
-          422: {"description": "Invalid features"}, 503: {"description": "A party is down or timed out"}}
+          422: {"description": "Invalid features"},
+          429: {"description": "Budget of the API key (or of the subject) spent; see Retry-After"},
+          503: {"description": "A party is down or timed out"}}
 
 
-@router.post("/verify", response_model=VerifyOut, responses={**ERRORS, 404: {"description": "Unknown subject"}})
+@router.post("/verify", response_model=VerifyOut, responses={
+    **ERRORS, 404: {"description": "Unknown subject"},
+    423: {"description": "Subject locked after repeated failed verifications; see Retry-After"}})
 async def verify(body: VerifyRequest, principal: Principal = Depends(require_scope("verify")),
                  ctx: GatewayContext = Depends(get_context)) -> VerifyOut:
     """1:1: is this face the claimed subject? Reveals one bit, computed under MPC."""
     request_id = "req_" + uuid.uuid4().hex[:16]
+    ctx.abuse.admit_verify(principal, body.subject_id)
     match, version = await biometrics.verify(ctx, principal, body.subject_id, body.features)
     audit(ctx.sessions, principal, "verify", "match" if match else "no-match", body.subject_id, request_id)
+    if ctx.abuse.record_verify(principal, body.subject_id, match):
+        audit(ctx.sessions, principal, "verify-lockout", "locked", body.subject_id, request_id)
     return VerifyOut(match=match, model_version=version, request_id=request_id)
 
 
@@ -33,6 +40,7 @@ async def identify(body: IdentifyRequest, principal: Principal = Depends(require
                    ctx: GatewayContext = Depends(get_context)) -> IdentifyOut:
     """1:N: who is this among the tenant's subjects? One bit, plus the subject id only on a match."""
     request_id = "req_" + uuid.uuid4().hex[:16]
+    ctx.abuse.admit(principal, "identify")
     subject_id, version = await biometrics.identify(ctx, principal, body.features)
     audit(ctx.sessions, principal, "identify", "match" if subject_id else "no-match", subject_id, request_id)
     return IdentifyOut(match=subject_id is not None, subject_id=subject_id, model_version=version,

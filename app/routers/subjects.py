@@ -62,10 +62,12 @@ async def delete_subject(subject_id: str, principal: Principal = Depends(require
 
 @router.post("/{subject_id}/enrollments", status_code=status.HTTP_201_CREATED, response_model=EnrollmentOut,
              responses={**ERRORS, 409: {"description": "Replayed nonce"}, 413: {"description": "Body too large"},
+                        429: {"description": "The API key's enroll budget is spent; see Retry-After"},
                         422: {"description": "Invalid features"}, 503: {"description": "A party is down"}})
 async def enroll(subject_id: str, body: EnrollRequest, principal: Principal = Depends(require_scope("enroll")),
                  ctx: GatewayContext = Depends(get_context)) -> EnrollmentOut:
     """Enroll one face (as SDK features) for the subject: stored as two shares, one per party."""
+    ctx.abuse.admit(principal, "enroll")
     enrollment = await biometrics.enroll(ctx, principal, subject_id, body.features)
     audit(ctx.sessions, principal, "enroll", "stored", subject_id)
     return _enrollment_out(enrollment)

@@ -50,8 +50,8 @@ async def template_from_payload(ctx: GatewayContext, principal: Principal, paylo
     """Validate everything about the payload; returns (active model, features, protected fixed-point template)."""
     model = model_for(ctx, payload)
     check_epsilon(payload, model.spec, principal.epsilon_max)
-    features = decode_features(payload, model.spec, ctx.settings.nonce_ttl_s)
-    ctx.nonces.claim(payload.nonce)
+    features = decode_features(payload, model.spec)
+    ctx.replay.admit(payload)
     return model, features, await protected_template(model, features, principal, ctx.settings.secret_key)
 
 

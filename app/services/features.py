@@ -3,20 +3,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import datetime, timedelta, timezone
-
 import numpy as np
 
 from app.problems import Problem, invalid_features
 from app.schemas import FeaturePayload
 from inference.transform import FeatureValidationError, TransformSpec, validate_features
 
-MAX_CLOCK_SKEW = timedelta(minutes=5)
+def decode_features(payload: FeaturePayload, spec: TransformSpec) -> np.ndarray:
+    """The payload as a float32 [K,14,14] array, or a 422 problem saying exactly what is wrong.
 
-
-def decode_features(payload: FeaturePayload, spec: TransformSpec, replay_window_s: int) -> np.ndarray:
-    """The payload as a float32 [K,14,14] array, or a 422 problem saying exactly what is wrong."""
-    check_freshness(payload, replay_window_s)
+    Freshness and the nonce are checked apart, by `app.services.replay.ReplayGuard`."""
     expected = list(spec.shape)
     if payload.shape != expected:
         raise invalid_features(f"shape {payload.shape} does not match the transform's {expected}", "invalid-shape")
@@ -33,16 +29,6 @@ def decode_features(payload: FeaturePayload, spec: TransformSpec, replay_window_
     except FeatureValidationError as exc:
         raise invalid_features(exc.detail, f"invalid-{exc.code}") from None
     return array.astype(np.float32)
-
-
-def check_freshness(payload: FeaturePayload, replay_window_s: int) -> None:
-    """Refuse payloads stamped in the future or older than the replay window (nonces are kept that long)."""
-    if payload.created_at is None:
-        return
-    created = payload.created_at if payload.created_at.tzinfo else payload.created_at.replace(tzinfo=timezone.utc)
-    now = datetime.now(timezone.utc)
-    if created > now + MAX_CLOCK_SKEW or created < now - timedelta(seconds=replay_window_s):
-        raise invalid_features("created_at is outside the accepted window; make a fresh payload", "stale-payload")
 
 
 def check_epsilon(payload: FeaturePayload, spec: TransformSpec, epsilon_max: float | None) -> None:
