@@ -117,7 +117,7 @@ def test_postgresql_redis_rq_jobs_and_live_model_swap(tmp_path, shared, postgres
         stack.stop()
 
 
-def test_jobs_in_process_and_lazy_migration_to_a_new_model(tmp_path, shared):
+def test_jobs_in_process_and_reenrollment_under_a_new_model(tmp_path, shared):
     models = copy_models(tmp_path)
     stack = LocalStack(tmp_path / "stack", model_dir=models).start()
     try:
@@ -137,7 +137,8 @@ def test_jobs_in_process_and_lazy_migration_to_a_new_model(tmp_path, shared):
         missing = httpx.post(stack.url + "/v1/admin/models/v9/activate", headers=auth(key))
         assert missing.status_code == 404 and missing.json()["type"].endswith("/model-not-found")
 
-        # v0b takes over: old templates still match (v0 gallery), and a match migrates the subject to v0b
+        # v0b takes over: old templates still match (v0 gallery); a match does not migrate (that would tell the
+        # parties the bit, docs/security.md): the subject moves to v0b by re-enrollment
         assert httpx.post(stack.url + "/v1/admin/models/v0b/activate", headers=auth(key)).status_code == 200
         found = httpx.post(stack.url + "/v1/identify", json={"features": payload(spec, face)}, headers=auth(key),
                            timeout=60).json()
@@ -145,10 +146,12 @@ def test_jobs_in_process_and_lazy_migration_to_a_new_model(tmp_path, shared):
         impostor = httpx.post(stack.url + "/v1/verify", json={"subject_id": subject, "features": payload(spec, other)},
                               headers=auth(key), timeout=60).json()
         assert impostor["match"] is False and impostor["model_version"] == "v0"
-        assert len(httpx.get(f"{stack.url}/v1/subjects/{subject}", headers=auth(key)).json()["enrollments"]) == 1
         genuine = httpx.post(stack.url + "/v1/verify", json={"subject_id": subject, "features": payload(spec, face)},
                              headers=auth(key), timeout=60).json()
         assert genuine["match"] is True and genuine["model_version"] == "v0"
+        assert len(httpx.get(f"{stack.url}/v1/subjects/{subject}", headers=auth(key)).json()["enrollments"]) == 1
+        assert httpx.post(f"{stack.url}/v1/subjects/{subject}/enrollments", json={"features": payload(spec, face)},
+                          headers=auth(key), timeout=60).status_code == 201
         enrollments = httpx.get(f"{stack.url}/v1/subjects/{subject}", headers=auth(key)).json()["enrollments"]
         assert sorted(e["model_version"] for e in enrollments) == ["v0", "v0b"]
         again = httpx.post(stack.url + "/v1/verify", json={"subject_id": subject, "features": payload(spec, face)},

@@ -191,14 +191,16 @@ def test_engine_reuses_masks_and_remasks_changed_rows(tmp_path) -> None:
         assert outs == [_plain(qb[j], g, labels, 0.5) for j in range(5)]
         assert outs[1] == 104 and outs[3] == 131
         assert stats[0]["setup_rows"] == 0
-        # enrol 3 rows (appended) and re-share one existing row at party 1 only: exactly those 4 get new masks
+        # enrol 3 rows (appended) and change one existing row's share at party 1 only (party 0's share row is
+        # untouched, so only party 1's checksum misses): exactly those 4 get new masks at BOTH parties
         g_new = _unit(rng, 3, D)
         n0, n1 = split(encode_trunc(g_new), rng)
         g0b, g1b = np.concatenate([g0, n0]), np.concatenate([g1, n1])
-        delta = rng.integers(-(2**62), 2**62, size=D, dtype=np.int64)
-        g0b[7] = g0b[7] + delta
-        g1b[7] = g1b[7] - delta
+        row7 = _unit(rng, D)
+        g1b[7] = encode_trunc(row7) - g0b[7]  # wraps in the ring, like any share
+        assert np.array_equal(g0b[:n], g0) and not np.array_equal(g1b[7], g1[7])
         g2 = np.concatenate([g, g_new])
+        g2[7] = row7
         lab2 = np.concatenate([labels, np.arange(500, 503, dtype=np.int64)])
         q = 0.85 * g_new[1] + 0.15 * _unit(rng, D)
         q /= np.linalg.norm(q)
@@ -218,3 +220,42 @@ def test_engine_reuses_masks_and_remasks_changed_rows(tmp_path) -> None:
         out, stats = _run_shared(cluster, q, (g0b[keep], g1b[keep]), lab2[keep], 0.5, rng)
         assert out == _plain(q, g2[keep], lab2[keep], 0.5) == int(lab2[20])
         assert stats[0]["setup_rows"] == 0
+
+
+@pytest.mark.slow
+def test_engine_remasks_after_a_restart_and_resets_a_full_store(tmp_path) -> None:
+    """Two paths the test above does not reach: a new engine generation (party 1 restarted) masks every row
+    again with fresh masks, and a store that would outgrow max(2n, n + 4096) slots is reset at both parties
+    and the dealer, all rows re-masked (setup_rows == n although only some rows changed)."""
+    rng = np.random.default_rng(23)
+    n, thr = 1000, 0.5
+    g = _unit(rng, n, D)
+    labels = np.arange(1, n + 1, dtype=np.int64)
+    shares = split(encode_trunc(g), rng)
+
+    def identify(gallery_shares: tuple[np.ndarray, np.ndarray], row: int) -> list:
+        q = 0.85 * g[row] + 0.15 * _unit(rng, D)
+        q /= np.linalg.norm(q)
+        out, stats = _run_shared(cluster, q, gallery_shares, labels, thr, rng)
+        assert out == _plain(q, g, labels, thr) == row + 1
+        return [st["setup_rows"] for st in stats]
+
+    with Cluster(tmp_path, **FAST) as cluster:
+        cluster.wait_connected(90)
+        assert identify(shares, 5) == [n, n]
+        assert identify(shares, 6) == [0, 0]
+        generation = cluster.status(0)["generation"]
+        cluster.kill_party(1)
+        cluster.start_party(1)
+        cluster.wait_connected(90)
+        assert cluster.status(0)["generation"] > generation
+        assert identify(shares, 7) == [n, n]  # the new generation holds no mask: every row is masked again
+        assert identify(shares, 8) == [0, 0]
+        for i in range(4):  # re-shared galleries fill the store: 1000 + 4 * 1000 slots (limit 1000 + 4096)
+            shares = split(encode_trunc(g), rng)
+            assert identify(shares, 10 + i) == [n, n]
+        changed = (shares[0].copy(), shares[1].copy())
+        fresh = split(encode_trunc(g[:200]), rng)
+        changed[0][:200], changed[1][:200] = fresh
+        assert identify(changed, 300) == [n, n]  # 200 changed rows would overflow: reset, all re-masked
+        assert identify(changed, 301) == [0, 0]  # and the new store serves the next job

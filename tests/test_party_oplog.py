@@ -100,10 +100,11 @@ def test_two_phase_lifecycle_and_replay(db_url):
     log.commit(5)
     assert log.applied_through == 8 and log.pending_seqs() == []
 
-    shares_at, labels_at = log.gallery.snapshot("v1", 4)
-    assert labels_at.tolist() == [1, 3, 4]
-    assert np.array_equal(shares_at, np.stack([shares[1], shares[3], shares[4]]))
-    assert log.gallery.snapshot("v1", 8)[1].tolist() == [3, 4, 5]
+    with pytest.raises(SnapshotTooOld):  # template 1 left memory at its delete: older snapshots are refused
+        log.gallery.snapshot("v1", 4)
+    shares_at, labels_at = log.gallery.snapshot("v1", 8)
+    assert labels_at.tolist() == [3, 4, 5]
+    assert np.array_equal(shares_at, np.stack([shares[3], shares[4], shares[5]]))
 
     # the DB holds no payload after decisions, and the deleted share is erased
     with log.sessions() as s:
@@ -150,3 +151,61 @@ def test_migration_matches_models(db_url):
         diff = compare_metadata(MigrationContext.configure(conn), PartyBase.metadata)
     engine.dispose()
     assert diff == []
+
+
+def _files_hold(paths: list[Path], needle: bytes) -> bool:
+    return any(p.exists() and needle in p.read_bytes() for p in paths)
+
+
+def test_delete_overwrites_the_share_in_the_sqlite_files(tmp_path):
+    """A committed delete leaves no copy of the share bytes in the SQLite database or its WAL
+    (secure_delete zeroes the freed cells; the TRUNCATE checkpoint drops the WAL's older page images)."""
+    url = f"sqlite:///{tmp_path / 'party.db'}"
+    log, engine = new_log(url)
+    share = random_ring(128)
+    keep = random_ring(128)
+    for seq, tseq, s in ((1, 1, share), (2, 2, keep)):
+        log.prepare(store(seq, tseq, s))
+        log.commit(seq)
+    files = [tmp_path / "party.db", tmp_path / "party.db-wal"]
+    secret = to_bytes(share)
+    assert _files_hold(files, secret)
+    log.prepare(OpSpec(seq=3, kind="delete", template_seqs=(1,)))
+    log.commit(3)
+    assert not any(_files_hold(files, secret[i:i + 16]) for i in range(0, len(secret), 16))
+    assert _files_hold(files, to_bytes(keep))  # the other template is untouched
+    engine.dispose()
+    fresh, _ = new_log(url)  # and a restart serves the remaining row only
+    assert fresh.match_rows("v1", 3)[1].tolist() == [2]
+
+
+def test_delete_leaves_no_readable_row_version_in_postgresql():
+    """PostgreSQL keeps an updated row's old version in the heap until VACUUM: after a committed delete no
+    heap tuple of either table (live or dead, read with pageinspect) still carries the share bytes."""
+    import psycopg
+
+    if not harness.pg_available():
+        pytest.fail("PostgreSQL is not reachable; run scripts/services.sh")
+    name, url = harness.create_pg_database()
+    try:
+        log, engine = new_log(url)
+        share = random_ring(128)
+        log.prepare(store(1, 1, share))
+        log.commit(1)
+        log.prepare(OpSpec(seq=2, kind="delete", template_seqs=(1,)))
+        log.commit(2)
+        engine.dispose()
+        plain = url.replace("postgresql+psycopg", "postgresql")
+        with psycopg.connect(plain, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pageinspect")
+            datas = []
+            for table in ("shares", "ops"):
+                pages = conn.execute(f"SELECT pg_relation_size('{table}') / current_setting('block_size')::int").fetchone()[0]
+                for page in range(int(pages)):
+                    datas += [bytes(r[0]) for r in conn.execute(
+                        "SELECT t_data FROM heap_page_items(get_raw_page(%s, %s)) WHERE t_data IS NOT NULL",
+                        (table, page)).fetchall()]
+        secret = to_bytes(share)
+        assert datas and not any(secret[:16] in d for d in datas)
+    finally:
+        harness.drop_pg_database(name)

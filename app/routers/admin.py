@@ -1,4 +1,4 @@
-"""Admin endpoints: model versions, background jobs, tenant key rotation."""
+"""Admin endpoints: model versions, background jobs, tenant key rotation (``services/revocation.py``)."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, status
@@ -9,9 +9,10 @@ from app.auth import Principal
 from app.context import GatewayContext
 from app.db import session_scope
 from app.deps import get_context, get_session, require_scope
-from app.models import Job, ModelVersion, Subject, Tenant
+from app.models import Job, ModelVersion, Subject
 from app.problems import Problem, not_found
 from app.schemas import JobCreate, JobOut, ModelVersionOut, UnlockOut
+from app.services import revocation
 from app.services.audit import audit
 from app.services.jobs import JOB_KINDS
 from app.services.model_events import publish_activation, sync_active_model
@@ -70,13 +71,13 @@ def get_job(job_id: str, _: Principal = Depends(admin), session: Session = Depen
     return _job_out(row)
 
 
-@router.post("/tenant/rotate-key", responses=ERRORS)
-def rotate_tenant_key(principal: Principal = Depends(admin), ctx: GatewayContext = Depends(get_context)) -> dict:
-    """Revoke every template of the caller's tenant by moving to a new template key. Re-enroll afterwards."""
-    with session_scope(ctx.sessions) as session:  # committed before the response leaves
-        tenant = session.get(Tenant, principal.tenant_id)
-        tenant.key_version += 1
-        return {"tenant_id": tenant.id, "key_version": tenant.key_version}
+@router.post("/tenant/rotate-key", responses={**ERRORS, 503: {"description": "A party is down; nothing was changed"}})
+async def rotate_tenant_key(principal: Principal = Depends(admin), ctx: GatewayContext = Depends(get_context)) -> dict:
+    """Revoke every template of the caller's tenant: erase its shares at both parties (all or nothing) and
+    move to a new template key. Re-enroll afterwards."""
+    out = await revocation.rotate_tenant_key(ctx, principal)
+    audit(ctx.sessions, principal, "rotate-key", "rotated")
+    return out
 
 
 @router.post("/subjects/{subject_id}/unlock", response_model=UnlockOut,

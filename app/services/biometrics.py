@@ -58,7 +58,7 @@ async def template_from_payload(ctx: GatewayContext, principal: Principal, paylo
 async def older_models(ctx: GatewayContext, principal: Principal, active: LoadedModel) -> list[LoadedModel]:
     """Earlier model versions that still hold this tenant's current templates and read the same features
     (newest first). Templates cannot be re-extracted (the server has no images), so these keep matching
-    until lazy migration has moved their subjects to the active version."""
+    until their subjects are re-enrolled under the active version (there is no lazy migration: see verify)."""
     with session_scope(ctx.sessions) as session:
         in_use = select(Enrollment.model_version).where(
             Enrollment.tenant_id == principal.tenant_id, Enrollment.key_version == principal.tenant_key_version)
@@ -101,9 +101,13 @@ async def store_template(ctx: GatewayContext, principal: Principal, subject_id: 
     failpoint("enroll-after-prepare")
     try:
         committed = operations.decide(ctx.sessions, seq, commit=True, apply=operations.record_enrollment)
-    except LookupError:
+    except LookupError as exc:
         operations.decide(ctx.sessions, seq, commit=False)
         await _deliver_quietly(ctx, seq)
+        if isinstance(exc, operations.KeyRotated):
+            raise Problem(409, "key-rotated", "Tenant key rotated",
+                          "the tenant's template key was rotated during this enrollment; nothing was kept, "
+                          "enroll again") from None
         raise not_found("subject", subject_id) from None
     failpoint("enroll-after-decision")
     await _deliver_quietly(ctx, seq)
@@ -144,8 +148,10 @@ def operations_delete_metadata(ctx: GatewayContext, subject_id: str) -> None:
 async def verify(ctx: GatewayContext, principal: Principal, subject_id: str, payload: FeaturePayload) -> tuple[bool, str]:
     """1:1: does the probe match the claimed subject's current templates? One bit.
 
-    The subject's templates of the active model decide; a subject enrolled only under an earlier model is
-    compared there, and a match also enrolls the same features under the active model (lazy migration).
+    The newest served model under which the subject has templates decides, in ONE match job. Which model
+    that is depends only on enrollment metadata, never on an outcome, and nothing follows the job: there is
+    no lazy migration (storing the probe under the active model on a match would tell both parties the bit).
+    A subject enrolled only under an earlier model keeps matching there until it is re-enrolled.
     """
     with session_scope(ctx.sessions) as session:
         load_subject(session, principal, subject_id)
@@ -155,11 +161,7 @@ async def verify(ctx: GatewayContext, principal: Principal, subject_id: str, pay
             query = await protected_template(model, features, principal, ctx.settings.secret_key)
         match = await _verify_with(ctx, principal, subject_id, model, query)
         if match is None:
-            continue  # no template of the subject under this model
-        if match and model is not active:
-            active_template = await protected_template(active, features, principal, ctx.settings.secret_key)
-            await store_template(ctx, principal, subject_id, active, active_template, payload.epsilon)
-            log.info("subject %s migrated to model %s", subject_id, active.version)
+            continue  # no template of the subject under this model (metadata only: no party was called)
         return match, model.version
     raise Problem(409, "subject-not-enrolled", "No template to compare with",
                   f"subject {subject_id!r} has no enrollment under a served model and the tenant's current key; "
@@ -182,25 +184,37 @@ async def _verify_with(ctx: GatewayContext, principal: Principal, subject_id: st
 
 
 async def identify(ctx: GatewayContext, principal: Principal, payload: FeaturePayload) -> tuple[str | None, str]:
-    """1:N over the tenant's current galleries (the active model's, then earlier models' that still hold
-    templates): one bit and, only on a match, the subject id."""
+    """1:N over the tenant's current galleries: one bit and, only on a match, the subject id.
+
+    Every live gallery (the active model's and each earlier model's that still holds templates) is searched,
+    always, in the same order: the parties and the dealer see the same jobs whether and wherever the probe
+    matches. The active model's match wins, then the newest earlier one's.
+    """
     active, features, query = await template_from_payload(ctx, principal, payload)
+    found: tuple[int, str] | None = None
     for model in [active, *await older_models(ctx, principal, active)]:
         if model is not active:
             query = await protected_template(model, features, principal, ctx.settings.secret_key)
-        gallery = gallery_name(model.version, principal.tenant_id, principal.tenant_key_version)
+        matched = await _identify_in(ctx, principal, model, query, batched=model is active)
+        if matched is not None and found is None:
+            found = (matched, model.version)
+    if found is None:
+        return None, active.version
+    return _subject_of(ctx, principal, found[0]), found[1]
 
-        async def run(upto: int, committed: int, gallery: str = gallery, model: LoadedModel = model,
-                      query=query) -> int | None:
-            if model is active:  # the hot path: concurrent searches of the same snapshot share one MPC job
-                return await ctx.identify_batcher.identify(gallery, upto, committed, model.threshold, query)
-            return await ctx.parties.identify(uuid.uuid4().hex, gallery, upto, query, model.threshold,
-                                              expected_committed=committed)
 
-        matched = await _with_resync(ctx, run)
-        if matched is not None:
-            return _subject_of(ctx, principal, matched), model.version
-    return None, active.version
+async def _identify_in(ctx: GatewayContext, principal: Principal, model: LoadedModel, query,
+                       batched: bool) -> int | None:
+    """One identify job on one model's gallery: the matched template_seq or None."""
+    gallery = gallery_name(model.version, principal.tenant_id, principal.tenant_key_version)
+
+    async def run(upto: int, committed: int) -> int | None:
+        if batched:  # the hot path: concurrent searches of the same snapshot share one MPC job
+            return await ctx.identify_batcher.identify(gallery, upto, committed, model.threshold, query)
+        return await ctx.parties.identify(uuid.uuid4().hex, gallery, upto, query, model.threshold,
+                                          expected_committed=committed)
+
+    return await _with_resync(ctx, run)
 
 
 def _subject_of(ctx: GatewayContext, principal: Principal, template_seq: int) -> str:

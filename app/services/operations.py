@@ -18,10 +18,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import session_scope
 from app.failpoints import failpoint
-from app.models import Enrollment, Operation, Subject
+from app.models import Enrollment, Operation, Subject, Tenant
 from secure.coordinator import PartiesUnavailable, PartyPair
 
 log = logging.getLogger(__name__)
+
+
+class KeyRotated(LookupError):
+    """A store decided after its tenant's key rotation: it must not be kept (the rotation did not erase it)."""
 
 
 def stale_after(party_timeout_s: float) -> float:
@@ -116,6 +120,9 @@ def record_enrollment(session: Session, op: Operation) -> None:
     ctx = op.context
     if session.get(Subject, ctx["subject_id"]) is None:
         raise LookupError("subject was deleted while enrolling")
+    tenant = session.get(Tenant, ctx["tenant_id"])
+    if tenant is None or tenant.key_version != ctx["key_version"]:
+        raise KeyRotated("the tenant's key was rotated while enrolling")
     session.add(Enrollment(template_seq=op.seq, subject_id=ctx["subject_id"], tenant_id=ctx["tenant_id"],
                            model_version=ctx["model_version"], key_version=ctx["key_version"],
                            transform_id=ctx["transform_id"], epsilon=ctx.get("epsilon")))

@@ -1,17 +1,20 @@
 """Party database engine and migrations (Alembic environment in migrations/party/)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
 
 from secure.party.settings import PROJECT_ROOT
 
+log = logging.getLogger("privface.party.db")
 MIGRATIONS_DIR = PROJECT_ROOT / "migrations" / "party"
 
 
 def make_party_engine(url: str) -> Engine:
-    """An engine for a party database; SQLite gets WAL and synchronous=FULL (a prepare must be durable)."""
+    """An engine for a party database; SQLite gets WAL and synchronous=FULL (a prepare must be durable) and
+    secure_delete (an erased share is overwritten with zeros in the file, not just unlinked from the b-tree)."""
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     if url.startswith("sqlite"):
@@ -22,10 +25,33 @@ def make_party_engine(url: str) -> Engine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA secure_delete=ON")  # freed cells and pages are zeroed: erased shares leave the file
             cur.close()
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def scrub_erased(engine: Engine) -> None:
+    """After a committed delete: make the erased share bytes unreadable in the database's files too.
+
+    SQLite (with ``secure_delete``): the current pages are already zeroed, but the WAL still holds the older
+    page images; a TRUNCATE checkpoint writes the clean pages back and empties the WAL.
+    PostgreSQL: an UPDATE leaves the old row version (with the share) in the heap until VACUUM; a plain VACUUM
+    of both tables right away removes those dead versions so no later reader or page scan can return them
+    (``docs/security.md``, erasure). Best effort: a busy database is scrubbed by the next delete or autovacuum.
+    """
+    from sqlalchemy import text
+
+    try:
+        if engine.dialect.name == "sqlite":
+            with engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        elif engine.dialect.name == "postgresql":
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.execute(text("VACUUM shares, ops"))
+    except Exception as exc:  # noqa: BLE001 - the delete itself is durable; scrubbing is retried next time
+        log.warning("scrubbing erased shares failed: %s", type(exc).__name__)
 
 
 def alembic_config(url: str):  # type: ignore[no-untyped-def]

@@ -6,9 +6,9 @@ and not deleted at seq <= upto_seq, in add-seq order, so both parties build iden
 job. A snapshot with nothing filtered out is a read-only view (no copy); otherwise the last filtered
 snapshot per version is cached until the version changes.
 
-Rows whose share was erased before this process loaded them (deleted at startup) are not in memory; a
-snapshot older than such a delete (``upto_seq < purged_through``) would differ from the other party's and
-raises ``SnapshotTooOld``.
+A committed delete erases its rows from memory at once (``erase``), and rows erased before this process
+loaded them are never read; a snapshot older than such a delete (``upto_seq < purged_through``) would
+differ from the other party's and raises ``SnapshotTooOld`` (the gateway then retries on a newer one).
 """
 from __future__ import annotations
 
@@ -139,19 +139,49 @@ class Gallery:
             v.generation += 1
 
     def delete(self, template_seq: int, del_seq: int) -> bool:
-        """Mark a row deleted at ``del_seq`` (idempotent). False if the template is unknown here."""
+        """Erase one row at ``del_seq`` (see ``erase``). False if the template is not held here."""
+        return self.erase([template_seq], del_seq) == 1
+
+    def erase(self, template_seqs: list[int] | tuple[int, ...], del_seq: int) -> int:
+        """Remove rows from memory for good (a committed delete); returns how many were held here.
+
+        Erasure must be real: the rows are dropped from fresh buffers (copy-on-write, like ``_sort``, so a
+        snapshot view handed to a running job stays valid; the old buffer is freed when that job ends), and
+        snapshots older than ``del_seq`` are refused from now on (``SnapshotTooOld``), exactly as after a
+        restart that skipped erased rows. Costs one copy of the model version's rows per delete operation.
+        """
         with self._lock:
-            mv = self._where.get(template_seq)
-            if mv is None:
-                return False
-            v = self._versions[mv]
-            row = v.index[template_seq]
-            if v.del_seq[row] == NOT_DELETED:
-                v.del_seq[row] = del_seq
-                v.deleted += 1
-                v.max_del = max(v.max_del, del_seq)
-                v.generation += 1
-            return True
+            by_version: dict[str, list[int]] = {}
+            for t in {int(t) for t in template_seqs}:
+                mv = self._where.pop(t, None)
+                if mv is not None:
+                    by_version.setdefault(mv, []).append(t)
+            for mv, seqs in by_version.items():
+                self._compact(self._versions[mv], seqs, del_seq)
+            return sum(len(seqs) for seqs in by_version.values())
+
+    @staticmethod
+    def _compact(v: _Version, template_seqs: list[int], del_seq: int) -> None:
+        """Rebuild ``v`` without ``template_seqs`` (all present in ``v``). Call with the lock held."""
+        gone = np.asarray([v.index.pop(t) for t in template_seqs], dtype=np.int64)
+        keep = np.ones(v.size, dtype=bool)
+        keep[gone] = False
+        v.deleted -= int(np.count_nonzero(v.del_seq[gone] != NOT_DELETED))
+        m, cap = int(keep.sum()), v.capacity
+        shares = np.empty((cap, v.dim), np.int64)
+        shares[:m] = v.shares[: v.size][keep]
+        labels = np.empty(cap, np.int64)
+        labels[:m] = v.labels[: v.size][keep]
+        add = np.empty(cap, np.int64)
+        add[:m] = v.add_seq[: v.size][keep]
+        dele = np.full(cap, NOT_DELETED, np.int64)
+        dele[:m] = v.del_seq[: v.size][keep]
+        v.shares, v.labels, v.add_seq, v.del_seq, v.size = shares, labels, add, dele, m
+        v.index = {int(t): i for i, t in enumerate(labels[:m].tolist())}
+        v.purged_through = max(v.purged_through, del_seq)
+        v.max_del = max(v.max_del, del_seq)
+        v.generation += 1
+        v.cache = None
 
     def note_purged(self, model_version: str, dim: int | None, through_seq: int) -> None:
         """Record that rows deleted at seq <= through_seq were erased before loading (see SnapshotTooOld)."""
@@ -211,7 +241,7 @@ class Gallery:
         deletions already erased from memory. Call with the lock held."""
         v = self._versions.get(model_version)
         if v is not None and upto_seq < v.purged_through:
-            raise SnapshotTooOld(f"snapshot {upto_seq} predates deletions erased at load ({v.purged_through})")
+            raise SnapshotTooOld(f"snapshot {upto_seq} predates deletions already erased ({v.purged_through})")
         return v
 
     @staticmethod

@@ -23,6 +23,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from secure.party.db import scrub_erased
 from secure.party.gallery import DimensionMismatch, Gallery
 from secure.party.models import OpRow, ShareRow, utcnow
 from secure.sharing import from_bytes
@@ -220,8 +221,7 @@ class OpLog:
                 if spec.kind == "store":
                     self.gallery.add(spec.model_version or "", spec.template_seq or 0, seq, from_bytes(spec.share or b""))
                 else:
-                    for t in spec.template_seqs:
-                        self.gallery.delete(t, seq)
+                    self.gallery.erase(spec.template_seqs, seq)
             except DimensionMismatch:  # pragma: no cover - guarded above
                 log.exception("gallery refused committed op %d", seq)
                 raise
@@ -230,7 +230,9 @@ class OpLog:
                 self._pending_templates.pop(spec.template_seq, None)  # type: ignore[arg-type]
             bisect.insort(self._committed, seq)
             self._known_max = max(self._known_max, seq)
-            return "committed"
+        if spec.kind == "delete":
+            scrub_erased(self.sessions.kw["bind"])
+        return "committed"
 
     def abort(self, seq: int) -> str:
         with self._lock, self.sessions() as s:

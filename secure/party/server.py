@@ -23,6 +23,7 @@ from secure.party.gallery import Gallery, SnapshotTooOld
 from secure.party.oplog import OpError, OpLog, OpSpec
 from secure.party.problems import PartyProblem, install_problem_handlers
 from secure.party.settings import DEV_INTERNAL_TOKEN, PartySettings
+from secure.party.traffic import install_traffic_log
 from secure.sharing import from_b64
 
 log = logging.getLogger("privface.party")
@@ -117,6 +118,7 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
     app.state.jobs_run = 0  # MPC jobs this process ran (a batch counts once): shows the gateway's batching
     app.state.settings = settings
     install_problem_handlers(app)
+    install_traffic_log(app, settings.traffic_log)
 
     @app.middleware("http")
     async def _limit_body(request: Request, call_next):  # type: ignore[no-untyped-def]

@@ -30,6 +30,7 @@ class PartySettings(BaseSettings):
     match_timeout_s: float = Field(60.0, gt=0, description="Longest MPC job this party waits for.")
     max_request_bytes: int = Field(64 * 1024 * 1024, description="Largest internal request body.")
     log_level: str = "info"
+    traffic_log: str | None = Field(None, description="File to append 'METHOD PATH BYTES' per request (no content).")
 
     @model_validator(mode="after")
     def _defaults(self) -> PartySettings:
