@@ -259,3 +259,43 @@ def test_engine_remasks_after_a_restart_and_resets_a_full_store(tmp_path) -> Non
         changed[0][:200], changed[1][:200] = fresh
         assert identify(changed, 300) == [n, n]  # 200 changed rows would overflow: reset, all re-masked
         assert identify(changed, 301) == [0, 0]  # and the new store serves the next job
+
+
+@pytest.mark.slow
+def test_a_delete_zeroes_the_mask_cache_and_the_rows_are_remasked(tmp_path) -> None:
+    """Erasure (issue 9): after a committed delete a party drops every cached [E | A_i] row (E + A_i is a share
+    of the row) and its resident snapshot; the next job re-masks the remaining rows in fresh slots at BOTH
+    parties (party 1 never forgot: the per-row agreement makes it follow), with correct results."""
+    rng = np.random.default_rng(31)
+    n = 30
+    g = _unit(rng, n, D)
+    labels = np.arange(1, n + 1, dtype=np.int64)
+    g0, g1 = split(encode_trunc(g), rng)
+    with Cluster(tmp_path, **FAST) as cluster:
+        cluster.wait_connected(90)
+        q = 0.8 * g[4] + 0.2 * _unit(rng, D)
+        q /= np.linalg.norm(q)
+        for expected_setup in (n, 0):
+            out, stats = _run_shared(cluster, q, (g0, g1), labels, 0.5, rng)
+            assert out == 5 and stats[0]["setup_rows"] == expected_setup
+        keep = np.r_[0:12, 13:n]  # row 12 deleted
+        cluster.forget_rows(0)
+        out, stats = _run_shared(cluster, q, (g0[keep], g1[keep]), labels[keep], 0.5, rng)
+        assert out == 5
+        assert stats[0]["setup_rows"] == n - 1 and stats[1]["setup_rows"] == n - 1
+        out, stats = _run_shared(cluster, q, (g0[keep], g1[keep]), labels[keep], 0.5, rng)
+        assert out == 5 and stats[0]["setup_rows"] == 0 and stats[1]["setup_rows"] == 0
+
+
+def test_forget_zeroes_every_cached_row_and_keeps_the_slot_counter() -> None:
+    import torch
+
+    from secure.mpc.fixed_gallery import PartyGalleryCache
+
+    cache = PartyGalleryCache(0)
+    cache.stores[8] = torch.arange(1, 5 * 16 + 1, dtype=torch.long).reshape(5, 16)
+    cache.used[8], cache.index[8] = 5, {123: 0, 456: 4}
+    cache.last[8] = (torch.tensor([123]), torch.tensor([0]))
+    cache.forget()
+    assert int(cache.stores[8].abs().sum()) == 0 and cache.index[8] == {} and cache.last == {}
+    assert cache.used[8] == 5  # slots are never reused: the next rows go to 5, 6, ...

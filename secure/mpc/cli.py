@@ -9,6 +9,7 @@ JSON lines on stdin (each handled in its own thread), answering JSON lines on st
    "gallery_id": G (optional)}
         (PATH holds arrays query_share, gallery_share, labels) -> {"tag": T, "share": int, "elapsed": s}
                                                              or {"tag": T, "error": "...", "elapsed": s}
+  {"cmd": "forget", "tag": T}                                -> {"tag": T, "forgotten": true} (after a delete)
   {"cmd": "exit"}
 Production parties embed the engine in the party server instead (secure.party.server).
 """
@@ -47,6 +48,9 @@ def _party(rank: int) -> int:
         elif cmd == "wait":
             ok = engine.wait_connected(float(req.get("timeout", 60)))
             say({"tag": tag, "connected": ok, "status": engine.status()})
+        elif cmd == "forget":  # what the party server does after a committed delete (erasure)
+            engine.forget_rows()
+            say({"tag": tag, "forgotten": True})
         elif cmd == "load":  # read a job's arrays ahead, so both parties' timers start with the data in memory
             with np.load(req["npz"]) as data:
                 loaded[req["npz"]] = {k: data[k] for k in ("query_share", "gallery_share", "labels")}

@@ -176,6 +176,18 @@ class MpcEngine:
             return {"connected": self._connected, "generation": self._generation,
                     "provider": self.settings.provider, "last_error": self._last_error}
 
+    def forget_rows(self) -> None:
+        """Erasure after a committed delete: drop every copy of gallery rows this engine and its worker keep
+        between jobs (the resident snapshot here and in the worker, the fixed-gallery mask cache). The next
+        identify job sends its snapshot in full and re-masks its rows with fresh masks in fresh slots."""
+        with self._send_lock:
+            self._last_gallery = self._last_labels = None
+            self._last_gallery_id = None
+            with self._lock:
+                inq = self._inq if self._connected else None
+            if inq is not None:
+                inq.put(("forget",))
+
     def job_stats(self, job_id: str) -> dict | None:
         """Traffic/timing of a finished job at this party (bytes, rounds, comm_s, mpc_s, protocol), if known."""
         with self._lock:

@@ -136,6 +136,16 @@ class PartyGalleryCache:
             self.weights[d] = w
         return torch.mv(gallery, w) + labels * _LABEL_MIX
 
+    def forget(self) -> None:
+        """Zero every cached row [E | A_i] (E + A_i is another share of the row) and forget their keys, keeping the
+        slot counters: slots are never reused, and the next job re-masks its rows in fresh slots (the peer and the
+        dealer need not act: a miss here is a miss for both, agreed per job)."""
+        for d, store in self.stores.items():
+            store.zero_()
+            self.index[d] = {}
+        self.floats.clear()
+        self.last.clear()
+
     def lookup(self, d: int, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(slots, hit) for each row: slot -1 / hit False where this party has no mask for the row."""
         last = self.last.get(d)

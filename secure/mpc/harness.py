@@ -124,6 +124,10 @@ class Cluster:
     def status(self, rank: int, timeout: float = 10) -> dict:
         return self.parties[rank].send({"cmd": "status"}).get(timeout=timeout)["status"]  # type: ignore[union-attr]
 
+    def forget_rows(self, rank: int, timeout: float = 10) -> None:
+        """Party ``rank`` drops its copies of gallery rows, as after a committed delete."""
+        self.parties[rank].send({"cmd": "forget"}).get(timeout=timeout)  # type: ignore[union-attr]
+
     def wait_connected(self, timeout: float = 60) -> None:
         qs = [p.send({"cmd": "wait", "timeout": timeout}) for p in self.parties]  # type: ignore[union-attr]
         for rank, q in enumerate(qs):

@@ -53,6 +53,11 @@ class ShardedEngine:
                 "provider": self.settings.provider, "shards": shards,
                 "last_error": next((s["last_error"] for s in shards if s["last_error"]), None)}
 
+    def forget_rows(self) -> None:
+        """Erasure after a committed delete, in every shard's engine (``MpcEngine.forget_rows``)."""
+        for engine in self.engines:
+            engine.forget_rows()
+
     def job_stats(self, job_id: str) -> dict | None:
         """This party's traffic for a job: bytes summed over the shard jobs and the merge, rounds = the slowest
         shard's plus the merge's (shards run in parallel); per-shard stats under "shards"."""

@@ -269,6 +269,11 @@ class _Party:
                 self.last_gallery, self.last_labels = payload["gallery_share"], payload["labels"]
                 self.fg_rows_current = False  # a new resident snapshot: the cache's last rows are not its rows
             self.on_job(payload)
+        elif kind == "forget":  # a delete committed at this party (MpcEngine.forget_rows)
+            self.last_gallery = self.last_labels = None
+            self.fg_rows_current = False
+            if self.fg_cache is not None:
+                self.fg_cache.forget()
         elif kind == "cancel":
             self.jobs.pop(msg[1], None)
         elif kind == "stop":

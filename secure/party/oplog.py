@@ -12,6 +12,8 @@ gateway which seqs are pending here, so it can re-send its recorded decisions an
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import bisect
 import hashlib
 import json
@@ -100,9 +102,11 @@ class OpSpec:
 class OpLog:
     """The party's op log over its database and gallery. All mutations are serialised by one lock."""
 
-    def __init__(self, sessions: sessionmaker[Session], gallery: Gallery) -> None:
+    def __init__(self, sessions: sessionmaker[Session], gallery: Gallery,
+                 after_erase: Callable[[], None] | None = None) -> None:
         self.sessions = sessions
         self.gallery = gallery
+        self.after_erase = after_erase  # the MPC engine drops its copies of rows (``MpcEngine.forget_rows``)
         self._lock = threading.RLock()
         self._pending: dict[int, OpSpec] = {}  # seq -> prepared op (share included: it is this party's own)
         self._pending_templates: dict[int, int] = {}  # template_seq -> seq of its prepared store
@@ -232,6 +236,8 @@ class OpLog:
             self._known_max = max(self._known_max, seq)
         if spec.kind == "delete":
             scrub_erased(self.sessions.kw["bind"])
+            if self.after_erase is not None:
+                self.after_erase()
         return "committed"
 
     def abort(self, seq: int) -> str:

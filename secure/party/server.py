@@ -101,7 +101,8 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
         from sqlalchemy.orm import sessionmaker
 
         db = make_party_engine(settings.resolved_database_url())
-        oplog = OpLog(sessionmaker(db, expire_on_commit=False), Gallery())
+        oplog = OpLog(sessionmaker(db, expire_on_commit=False), Gallery(),
+                      after_erase=getattr(engine, "forget_rows", None))
         oplog.load()
     token = settings.internal_token.encode()
 
