@@ -291,7 +291,8 @@ def test_match_jobs_are_rate_limited_and_audited(tmp_path):
 # -- refusing unsafe deployments -----------------------------------------------------------------------------
 def test_party_refuses_plain_http_off_loopback(tmp_path):
     """Regression: a party on 0.0.0.0 with a real token but no TLS used to serve plain HTTP (a warning only)."""
-    env = _party_env(tmp_path, 0, PRIVFACE_PARTY0_TOKEN="t" * 40, PRIVFACE_PARTY_HOST="0.0.0.0",
+    env = _party_env(tmp_path, 0, PRIVFACE_PARTY0_TOKEN="t" * 40, PRIVFACE_INTERNAL_TOKEN="t" * 40,
+                     PRIVFACE_PARTY_HOST="0.0.0.0",
                      PRIVFACE_PARTY_PORT=str(harness.free_port()))
     try:
         done = subprocess.run([sys.executable, "-m", "app.cli", "party", "--rank", "0"], cwd=ROOT, env=env,
