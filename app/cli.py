@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -126,6 +128,39 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    """A CA, the gateway's client certificate, the parties' and the dealer's, and the pins to configure."""
+    from app.certs import make_all
+
+    out = Path(args.out)
+    try:
+        issued = make_all(out, days=args.days, extra_hosts=args.host, force=args.force)
+    except FileExistsError as exc:
+        return _fail(str(exc))
+    for item in issued.values():
+        print(f"{item.role:8s} {item.cert}  sha256={item.sha256}")
+    print(f"CA       {out / 'ca.pem'}  (keep {out / 'ca.key'} offline)")
+    print(f"pins     {out / 'pins.env'}")
+    print("parties: PRIVFACE_PARTY_SSL_CERTFILE=partyR.pem PRIVFACE_PARTY_SSL_KEYFILE=partyR.key "
+          f"PRIVFACE_PARTY_SSL_CA_CERTS=ca.pem PRIVFACE_PARTY_GATEWAY_CERT_SHA256={issued['gateway'].sha256}")
+    print("gateway: PRIVFACE_PARTY_CA_FILE=ca.pem PRIVFACE_PARTY_CLIENT_CERT=gateway.pem "
+          "PRIVFACE_PARTY_CLIENT_KEY=gateway.key")
+    return 0
+
+
+def _stack_env() -> dict[str, str]:
+    """The local stack's environment: a fresh token per gateway -> party link unless already configured."""
+    env = dict(os.environ)
+    for rank in (0, 1):
+        env.setdefault(f"PRIVFACE_PARTY{rank}_TOKEN", secrets.token_urlsafe(24))
+    return env
+
+
+def _party_env(env: dict[str, str], rank: int) -> dict[str, str]:
+    """A party's environment: its own link's token only, and never the gateway's master secret."""
+    return {k: v for k, v in env.items() if k not in (f"PRIVFACE_PARTY{1 - rank}_TOKEN", "PRIVFACE_SECRET_KEY")}
+
+
 def _local_key(settings: GatewaySettings) -> str:
     """The local stack's API key (all scopes), created once and kept in var/ (mode 0600)."""
     from app.auth import create_api_key, ensure_tenant
@@ -152,10 +187,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     version = ensure_model(settings)
     key = _local_key(settings)
     python = [sys.executable, "-m", "app.cli"]
-    children = [subprocess.Popen(python + ["dealer"]),
-                subprocess.Popen(python + ["party", "--rank", "0"]),
-                subprocess.Popen(python + ["party", "--rank", "1"]),
-                subprocess.Popen(python + ["gateway", "--port", str(settings.port)])]
+    env = _stack_env()
+    without_secret = {k: v for k, v in env.items() if k != "PRIVFACE_SECRET_KEY"}
+    without_tokens = {k: v for k, v in without_secret.items() if not k.endswith("_TOKEN")}
+    children = [subprocess.Popen(python + ["dealer"], env=without_tokens),
+                subprocess.Popen(python + ["party", "--rank", "0"], env=_party_env(env, 0)),
+                subprocess.Popen(python + ["party", "--rank", "1"], env=_party_env(env, 1)),
+                subprocess.Popen(python + ["gateway", "--port", str(settings.port)], env=env)]
     url = f"http://{settings.host}:{settings.port}"
     print(f"\nprivface is starting (model {version}):\n  gateway   {url}  (docs: {url}/docs, ready: {url}/readyz)\n"
           f"  party 0   {settings.party_urls[0]}\n  party 1   {settings.party_urls[1]}\n"
@@ -213,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("--tenant", required=True)
     key.add_argument("--scopes", nargs="+", required=True, help="enroll verify admin")
     key.set_defaults(func=cmd_create_api_key)
+    certs = sub.add_parser("certs", help="make a CA and per-role TLS certificates, and print the pins")
+    certs.add_argument("--out", default="certs", help="output folder (default ./certs)")
+    certs.add_argument("--host", action="append", default=[], help="extra DNS name or IP in every certificate")
+    certs.add_argument("--days", type=int, default=825)
+    certs.add_argument("--force", action="store_true", help="replace an existing CA and certificates")
+    certs.set_defaults(func=cmd_certs)
     models = sub.add_parser("models", help="list model versions, or make sure one is active")
     models.add_argument("action", choices=("list", "ensure"))
     models.set_defaults(func=cmd_models)

@@ -57,7 +57,7 @@ class LocalStack:
         self.port = free_port()
         self.party_ports = (free_port(), free_port())
         self.secret = secrets.token_hex(16)
-        self.token = secrets.token_hex(16)
+        self.tokens = (secrets.token_hex(16), secrets.token_hex(16))  # one per gateway -> party link
         self.mpc_port = free_port()
         self.gateway_db = self.gateway_db or f"sqlite:///{self.workdir / 'gateway.db'}"
         self.party_dbs = self.party_dbs or tuple(f"sqlite:///{self.workdir / f'party{r}.db'}" for r in (0, 1))
@@ -71,7 +71,8 @@ class LocalStack:
         env.update({
             "PRIVFACE_ENV": "test", "PRIVFACE_SHARED_DIR": str(shared_dir()),
             "PRIVFACE_DATABASE_URL": self.gateway_db, "PRIVFACE_MODEL_DIR": str(self.model_dir),
-            "PRIVFACE_SECRET_KEY": self.secret, "PRIVFACE_INTERNAL_TOKEN": self.token,
+            "PRIVFACE_SECRET_KEY": self.secret,
+            "PRIVFACE_PARTY0_TOKEN": self.tokens[0], "PRIVFACE_PARTY1_TOKEN": self.tokens[1],
             "PRIVFACE_PARTY_URLS": ",".join(f"http://127.0.0.1:{p}" for p in self.party_ports),
             "PRIVFACE_PORT": str(self.port), "PRIVFACE_PARTY_TIMEOUT_S": str(self.party_timeout_s),
             "PRIVFACE_MPC_PROVIDER": "TTP", "PRIVFACE_MPC_MASTER_ADDR": "127.0.0.1",
@@ -104,6 +105,7 @@ class LocalStack:
             args = ["party", "--rank", str(rank)]
             env.update({"PRIVFACE_PARTY_DATABASE_URL": self.party_dbs[rank],
                         "PRIVFACE_PARTY_PORT": str(self.party_ports[rank])})
+            env.pop(f"PRIVFACE_PARTY{1 - rank}_TOKEN", None)  # a party holds only its own link's token
         else:
             args = ["gateway", "--port", str(self.port), "--workers", str(self.gateway_workers)]
         log = open(self.workdir / f"{name}.log", "ab")

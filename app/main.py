@@ -39,7 +39,7 @@ def build_context(settings: GatewaySettings) -> GatewayContext:
     engine = make_engine(settings.database_url)
     sessions = make_sessionmaker(engine)
     redis_client = redis.Redis.from_url(settings.redis_url) if settings.redis_url else None
-    parties = PartyPair(settings.party_urls, settings.internal_token, settings.party_timeout_s)
+    parties = PartyPair(settings.party_urls, settings.party_tokens, settings.party_timeout_s, **settings.party_tls())
     return GatewayContext(
         settings=settings, engine=engine, sessions=sessions,
         models=ServedModels(settings.model_dir, settings.prefer_gpu, settings.batch_max, settings.batch_wait_ms),

@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEV_SECRET_KEY = "dev-insecure-change-me"
-DEV_INTERNAL_TOKEN = "dev-internal-token"
+DEV_PARTY_TOKENS = ("dev-party0-token", "dev-party1-token")  # one per link; secure.party.settings.dev_token
 
 
 class GatewaySettings(BaseSettings):
@@ -35,7 +35,11 @@ class GatewaySettings(BaseSettings):
     party_urls: Annotated[tuple[str, str], NoDecode] = Field(
         ("http://127.0.0.1:8101", "http://127.0.0.1:8102"), description="Internal URLs of party 0 and party 1."
     )
-    internal_token: str = Field(DEV_INTERNAL_TOKEN, description="Bearer token between the gateway and the parties.")
+    party0_token: str = Field(DEV_PARTY_TOKENS[0], description="Bearer token of the gateway -> party 0 link only.")
+    party1_token: str = Field(DEV_PARTY_TOKENS[1], description="Bearer token of the gateway -> party 1 link only.")
+    party_ca_file: str | None = Field(None, description="CA bundle that signed the parties' server certificates.")
+    party_client_cert: str | None = Field(None, description="The gateway's client certificate (PEM) for mTLS.")
+    party_client_key: str | None = Field(None, description="Its private key (PEM).")
     party_timeout_s: float = Field(15.0, description="Deadline for one party call, MPC included.")
     max_body_bytes: int = Field(256 * 1024, description="Largest accepted request body.")
     default_epsilon_max: float | None = Field(None, description="Default tenant ceiling on the per-image ε (None: any).")
@@ -84,15 +88,31 @@ class GatewaySettings(BaseSettings):
     def is_test(self) -> bool:
         return self.env == "test"
 
+    @property
+    def party_tokens(self) -> tuple[str, str]:
+        return (self.party0_token, self.party1_token)
+
+    def party_tls(self) -> dict[str, object]:
+        """PartyPair's TLS keywords: verify the parties with our CA, present our client certificate."""
+        opts: dict[str, object] = {}
+        if self.party_ca_file:
+            opts["tls_verify"] = self.party_ca_file
+        if self.party_client_cert:
+            opts["client_cert"] = (self.party_client_cert, self.party_client_key)
+        return opts
+
     def refuse_dev_secrets_off_loopback(self) -> None:
         """The embedded defaults are for one machine: a gateway reachable from elsewhere needs real secrets."""
         loopback = self.host in ("127.0.0.1", "localhost", "::1")
         dev = [name for name, value in (("PRIVFACE_SECRET_KEY", self.secret_key),
-                                        ("PRIVFACE_INTERNAL_TOKEN", self.internal_token))
-               if value in (DEV_SECRET_KEY, DEV_INTERNAL_TOKEN)]
+                                        ("PRIVFACE_PARTY0_TOKEN", self.party0_token),
+                                        ("PRIVFACE_PARTY1_TOKEN", self.party1_token))
+               if value in (DEV_SECRET_KEY, *DEV_PARTY_TOKENS, "dev-internal-token")]
         if dev and not loopback:
             raise SystemExit(f"error: {', '.join(dev)} still hold development defaults; set real secrets "
                              f"before listening on {self.host}")
+        if self.party0_token == self.party1_token and not loopback:
+            raise SystemExit("error: PRIVFACE_PARTY0_TOKEN and PRIVFACE_PARTY1_TOKEN must differ (one per link)")
 
 
 @lru_cache

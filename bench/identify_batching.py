@@ -28,7 +28,7 @@ from client.sdk import PrivfaceClient
 def jobs_run(stack: LocalStack) -> int:
     """MPC jobs party 0 has run so far (a batch counts once)."""
     port = stack.party_ports[0]
-    state = httpx.get(f"http://127.0.0.1:{port}/internal/state", headers={"Authorization": f"Bearer {stack.token}"})
+    state = httpx.get(f"http://127.0.0.1:{port}/internal/state", headers={"Authorization": f"Bearer {stack.tokens[0]}"})
     return int(state.json()["jobs_run"])
 
 

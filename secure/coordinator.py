@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from secure.ranges import check_threshold, check_unit_fixed
 from secure.sharing import reconstruct_int, split, to_b64
 
 log = logging.getLogger("privface.coordinator")
@@ -86,9 +87,15 @@ class PartyPair:
     ``client_cert``: a PEM path or (cert, key) paths for mutual TLS.
     ``precheck``: before a match job, ask both parties (no shares sent) whether they can serve the snapshot
     and on which rows, so the MPC starts only when both will join it with identical galleries.
+    ``internal_token``: one token per link, ``(token of party 0, token of party 1)``; a single string is
+    the same token on both links (tests only: production parties refuse to share one).
+    Thresholds: a match job carries none. Before a gallery's first job from this process, the gallery is
+    registered at both parties with the caller's threshold (``register_gallery``); a party that recorded
+    another threshold refuses (409), and every later job runs at the recorded one.
     """
 
-    def __init__(self, party_urls: tuple[str, str] | list[str], internal_token: str, timeout_s: float = 15.0, *,
+    def __init__(self, party_urls: tuple[str, str] | list[str], internal_token: str | tuple[str, str] | list[str],
+                 timeout_s: float = 15.0, *,
                  tls_verify: Any = True, client_cert: Any = None, transport_retries: int = 1,
                  precheck: bool = True) -> None:
         if len(party_urls) != 2:
@@ -96,7 +103,10 @@ class PartyPair:
         self.party_urls = tuple(u.rstrip("/") for u in party_urls)
         self.timeout_s = float(timeout_s)
         self.precheck = precheck
-        headers = {"Authorization": f"Bearer {internal_token}"}
+        tokens = (internal_token, internal_token) if isinstance(internal_token, str) else tuple(internal_token)
+        if len(tokens) != 2 or not all(tokens):
+            raise ValueError("one non-empty token per party")
+        self._registered: dict[str, float] = {}  # galleries both parties have recorded, with their threshold
         verify = tls_verify
         if isinstance(tls_verify, str) or client_cert is not None:
             import ssl
@@ -108,9 +118,10 @@ class PartyPair:
                 certfile, keyfile = client_cert if isinstance(client_cert, tuple) else (client_cert, None)
                 verify.load_cert_chain(certfile, keyfile)
         self._clients = [
-            httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(self.timeout_s + 5.0),
+            httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"},
+                              timeout=httpx.Timeout(self.timeout_s + 5.0),
                               transport=httpx.AsyncHTTPTransport(retries=transport_retries, verify=verify))
-            for url in self.party_urls
+            for url, token in zip(self.party_urls, tokens)
         ]
 
     async def __aenter__(self) -> PartyPair:
@@ -156,6 +167,7 @@ class PartyPair:
         template = np.asarray(template_fixed)
         if template.ndim != 1 or template.size == 0 or template.dtype != np.int64:
             raise ValueError("template_fixed must be a non-empty 1-d int64 array")
+        check_unit_fixed(template)  # scores stay within [-1, 1], where the comparison is exact
         s0, s1 = split(template)
         bodies = [{"seq": seq, "kind": "store", "model_version": model_version, "template_seq": template_seq,
                    "share": to_b64(s)} for s in (s0, s1)]
@@ -250,7 +262,24 @@ class PartyPair:
         query = np.asarray(query_fixed)
         if query.ndim != 1 or query.size == 0 or query.dtype != np.int64:
             raise ValueError("query_fixed must be a non-empty 1-d int64 array")
-        return query
+        return check_unit_fixed(query)  # a scaled query would move the fixed threshold (see secure/ranges.py)
+
+    async def register_gallery(self, model_version: str, threshold: float) -> None:
+        """Record ``threshold`` for ``model_version`` at both parties (once; idempotent for the same value).
+
+        Raises ValueError for an out-of-range threshold, PartiesError (409) if a party holds another one,
+        PartiesUnavailable like the other calls.
+        """
+        value = check_threshold(threshold)
+        if self._registered.get(model_version) == value:
+            return
+        replies = await self._both("POST", "/internal/galleries", {"model_version": model_version, "threshold": value})
+        self._raise_unavailable(replies, f"registering gallery {model_version}")
+        refused = [r for r in replies if not r.ok]
+        if refused:
+            raise PartiesError(f"party {refused[0].rank} refused gallery {model_version!r} ({refused[0].slug})",
+                               status=refused[0].status, problems=[r.body if not r.ok else None for r in replies])
+        self._registered[model_version] = value
 
     async def _match(self, kind: str, job_id: str, model_version: str, upto_seq: int, query_fixed: np.ndarray,
                      threshold: float, template_seqs: list[int] | None, expected_committed: int | None) -> int:
@@ -263,13 +292,14 @@ class PartyPair:
                        template_seqs: list[int] | None, expected_committed: int | None,
                        query_fields: list[dict]) -> tuple[dict, dict]:
         """Precheck, then one match job at both parties; ``query_fields[rank]`` carries that party's shares."""
+        await self.register_gallery(model_version, threshold)
         if self.precheck:
             check = {"kind": kind, "model_version": model_version, "upto_seq": int(upto_seq),
                      "expected_committed": expected_committed, "template_seqs": template_seqs}
             self._check_sync(upto_seq, await self._both("POST", "/internal/match/check", check))
         common = {"job_id": job_id, "kind": kind, "model_version": model_version, "upto_seq": int(upto_seq),
                   "expected_committed": expected_committed, "template_seqs": template_seqs,
-                  "threshold": float(threshold), "timeout_s": self.timeout_s}
+                  "timeout_s": self.timeout_s}  # no threshold: the parties use the gallery's recorded one
         bodies = [{**common, **query_fields[0]}, {**common, **query_fields[1]}]
         query_fields.clear()  # the caller's list held the only other reference to the shares
         replies = await self._match_both(bodies, timeout=self.timeout_s + 5.0)
@@ -282,6 +312,8 @@ class PartyPair:
         self._raise_unavailable(replies)
         problems = [r.body if not r.ok else None for r in replies]
         sync = [r for r in replies if r.status == 409]
+        if any(r.slug == "gallery-unregistered" for r in sync):
+            self._registered.clear()  # a party lost its record (fresh database): register again on the retry
         if sync:
             pending = {r.rank: list(r.body.get("pending", [])) if isinstance(r.body, dict) else [] for r in sync}
             slugs = ",".join(f"{r.rank}:{r.slug}" for r in sync)

@@ -129,6 +129,9 @@ def main() -> None:
     ap.add_argument("--certfile")
     ap.add_argument("--keyfile")
     ap.add_argument("--cafile")
+    ap.add_argument("--pin", help="SHA-256 of the gateway's client certificate (needs --cafile)")
+    ap.add_argument("--match-rate", type=float, default=1000.0)
+    ap.add_argument("--match-burst", type=int, default=1000)
     args = ap.parse_args()
     import logging
 
@@ -142,7 +145,8 @@ def main() -> None:
 
     settings = PartySettings(rank=args.rank, database_url=args.db, internal_token=args.token, port=args.port,
                              match_timeout_s=20, ssl_certfile=args.certfile, ssl_keyfile=args.keyfile,
-                             ssl_ca_certs=args.cafile)
+                             ssl_ca_certs=args.cafile, gateway_cert_sha256=args.pin,
+                             match_rate_per_s=args.match_rate, match_burst=args.match_burst)
     migrate_party_db(args.db)
     engine = LocalPlaintextEngine(args.rank, Path(args.rendezvous), keep=args.keep_jobs)
     app = create_party_app(settings, engine)

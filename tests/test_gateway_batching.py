@@ -20,8 +20,8 @@ FACES = ["Abdul_Rahman/Abdul_Rahman_0001.jpg", "Afton_Smith/Afton_Smith_0001.jpg
 
 def jobs_run(stack: LocalStack) -> list[int]:
     """MPC jobs each party has run (a batch counts once)."""
-    return [httpx.get(f"http://127.0.0.1:{port}/internal/state", headers=auth(stack.token)).json()["jobs_run"]
-            for port in stack.party_ports]
+    return [httpx.get(f"http://127.0.0.1:{port}/internal/state", headers=auth(token)).json()["jobs_run"]
+            for port, token in zip(stack.party_ports, stack.tokens)]
 
 
 def test_concurrent_identify_requests_share_mpc_jobs(tmp_path, shared):

@@ -34,7 +34,8 @@ def test_settings_parse_party_urls_and_refuse_dev_secrets_off_loopback(monkeypat
     settings.refuse_dev_secrets_off_loopback()  # loopback: fine
     with pytest.raises(SystemExit, match="PRIVFACE_SECRET_KEY"):
         settings.model_copy(update={"host": "0.0.0.0"}).refuse_dev_secrets_off_loopback()
-    real = settings.model_copy(update={"host": "0.0.0.0", "secret_key": "s" * 32, "internal_token": "t" * 32})
+    real = settings.model_copy(update={"host": "0.0.0.0", "secret_key": "s" * 32, "party0_token": "a" * 32,
+                                       "party1_token": "b" * 32})
     real.refuse_dev_secrets_off_loopback()
 
 

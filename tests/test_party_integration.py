@@ -147,13 +147,13 @@ def test_store_commit_verify_identify_delete(parties):
             assert [s["versions"]["v1"]["rows"] for s in st] == [4, 4]
             assert all(s["mpc"]["ready"] for s in st)
 
-            q = fp.encode(faces[2] + 0.01)
+            q = fp.encode((faces[2] + 0.01) / np.linalg.norm(faces[2] + 0.01))  # unit length, as the gateway's
             assert await pair.verify("j1", "v1", 5, q, [2], THRESHOLD) is True
             assert await pair.verify("j2", "v1", 5, q, [1, 3], THRESHOLD) is False
             assert await pair.identify("j3", "v1", 5, q, THRESHOLD, expected_committed=4) == 2
-            assert await pair.identify("j4", "v1", 5, fp.encode(faces[5]), 0.99) is None
+            # faces[5] is most like faces[2] (0.62) among the committed rows; the gallery's threshold is fixed
             assert await pair.identify("j5", "v1", 1, q, THRESHOLD) is None  # snapshot before template 2
-            assert await pair.identify("j6", "v1", 5, fp.encode(faces[5]), 0.95) is None  # the aborted row is absent
+            assert await pair.identify("j6", "v1", 5, fp.encode(faces[5]), THRESHOLD) == 2  # the aborted row is absent
 
             # seq 6 deletes templates 2 and 3 in one op
             assert await pair.delete_prepare(6, [2, 3])
@@ -338,7 +338,7 @@ def test_mpc_timeout_is_503_and_party_down_is_unavailable(sqlite_parties):
     async def wrong_dim():
         async with pair_for(sqlite_parties) as pair:
             with pytest.raises(PartiesError) as exc:  # refused by both (422), not a sync or availability issue
-                await pair.identify("dim", "v1", 1, fp.encode(np.ones(D + 1)), THRESHOLD)
+                await pair.identify("dim", "v1", 1, fp.encode(np.ones(D + 1) / np.sqrt(D + 1)), THRESHOLD)
             assert type(exc.value) is PartiesError and exc.value.status == 422
 
     run(wrong_dim())
@@ -438,7 +438,7 @@ def test_identify_many_one_job_for_a_batch(sqlite_parties):
 
     async def scenario():
         async with pair_for(sqlite_parties) as pair:
-            assert await pair.identify_many("e0", "v1", 0, [fp.encode(faces[1])] * 3, THRESHOLD) == [None] * 3
+            assert await pair.identify_many("e0", "v1", 0, [fp.encode(faces[1])] * 3, 0.9) == [None] * 3
             for t in range(1, 5):
                 assert await pair.store(t, 10 + t, "v1", fp.encode(faces[t]))
                 assert await pair.commit(t) == (True, True)
@@ -461,7 +461,7 @@ def test_identify_many_one_job_for_a_batch(sqlite_parties):
     # the party validates a batch itself: problem+json, no job run
     before = jobs_run()
     share = to_b64(random_ring(D))
-    base = {"job_id": "bad", "kind": "identify", "model_version": "v1", "upto_seq": 4, "threshold": 0.5}
+    base = {"job_id": "bad", "kind": "identify", "model_version": "v1", "upto_seq": 4}
     for body in ({**base, "query_shares": [share] * 65},
                  {**base, "query_shares": []},
                  {**base, "query_shares": [share, to_b64(random_ring(D + 1))]},

@@ -27,13 +27,19 @@ def test_secure_imports_no_gateway_client_or_training_code():
 
 
 def test_party_settings_defaults(monkeypatch):
-    monkeypatch.delenv("PRIVFACE_INTERNAL_TOKEN", raising=False)
-    monkeypatch.delenv("PRIVFACE_PARTY_INTERNAL_TOKEN", raising=False)
+    for name in ("PRIVFACE_INTERNAL_TOKEN", "PRIVFACE_PARTY_INTERNAL_TOKEN", "PRIVFACE_PARTY0_TOKEN",
+                 "PRIVFACE_PARTY1_TOKEN", "PRIVFACE_PARTY_RANK"):
+        monkeypatch.delenv(name, raising=False)
     s = PartySettings(rank=1)
     assert s.database_url.startswith("sqlite:///") and s.database_url.endswith("var/party1.db")
     assert s.port == 8102
-    monkeypatch.setenv("PRIVFACE_INTERNAL_TOKEN", "shared-token")
-    assert PartySettings().internal_token == "shared-token"
+    # one development token per link, never the same for both parties
+    assert PartySettings(rank=0).internal_token != s.internal_token and s.has_dev_token()
+    monkeypatch.setenv("PRIVFACE_INTERNAL_TOKEN", "shared-token")  # the old shared token is ignored
+    assert PartySettings().internal_token == "dev-party0-token"
+    monkeypatch.setenv("PRIVFACE_PARTY0_TOKEN", "link0")
+    monkeypatch.setenv("PRIVFACE_PARTY1_TOKEN", "link1")
+    assert (PartySettings(rank=0).internal_token, PartySettings(rank=1).internal_token) == ("link0", "link1")
     monkeypatch.setenv("PRIVFACE_PARTY_INTERNAL_TOKEN", "party-token")
     monkeypatch.setenv("PRIVFACE_PARTY_RANK", "1")
     s = PartySettings()

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..ranges import check_threshold
 from .settings import MpcSettings
 
 log = logging.getLogger("privface.mpc")
@@ -89,8 +90,7 @@ def _validate(job: MatchJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise ValueError(f"gallery rows have d={g.shape[1]}, query has d={q.shape[-1]}")
     if lab.shape[0] != g.shape[0]:
         raise ValueError("labels and gallery rows differ in number")
-    if not np.isfinite(job.threshold):
-        raise ValueError("threshold must be finite")
+    check_threshold(job.threshold)  # finite and in [-1, 1]: the comparison wraps beyond ~31
     return q, g, lab
 
 
@@ -102,8 +102,7 @@ def _validate_merge(job: MatchJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise ValueError("merge arrays must be int64")
     if q.ndim != 1 or g.ndim != 2 or g.shape[0] < 1 or g.shape[1] != 2 * q.shape[0] or lab.shape != (g.shape[0],):
         raise ValueError("merge expects query_share [Q], gallery_share [K, 2Q] (K >= 1), labels [K]")
-    if not np.isfinite(job.threshold):
-        raise ValueError("threshold must be finite")
+    check_threshold(job.threshold)  # finite and in [-1, 1]: the comparison wraps beyond ~31
     return q, g, lab
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, BigInteger, DateTime, Integer, LargeBinary, String
+from sqlalchemy import JSON, BigInteger, DateTime, Float, Integer, LargeBinary, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 OP_KINDS = ("store", "delete", "none")  # 'none': a tombstone for a seq aborted before this party heard of it
@@ -44,3 +44,27 @@ class OpRow(PartyBase):
     digest: Mapped[str] = mapped_column(String(64))  # sha256 of the op's content (idempotent re-prepare)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class GalleryRow(PartyBase):
+    """A gallery's fixed match threshold, recorded once when the gateway registers the gallery (immutable)."""
+
+    __tablename__ = "galleries"
+    model_version: Mapped[str] = mapped_column(String(200), primary_key=True)
+    threshold: Mapped[float] = mapped_column(Float(precision=53))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class MatchAuditRow(PartyBase):
+    """One match job as this party saw it: what, on which gallery, how many rows — never a share or a result."""
+
+    __tablename__ = "match_audit"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    job_id: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))
+    model_version: Mapped[str] = mapped_column(String(200))
+    rows: Mapped[int] = mapped_column(Integer)
+    queries: Mapped[int] = mapped_column(Integer)
+    status: Mapped[int] = mapped_column(Integer)  # the HTTP status this party answered

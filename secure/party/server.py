@@ -1,14 +1,19 @@
 """A party's internal API (FastAPI): two-phase ops from the gateway, state, and MPC match jobs.
 
-Every route but /healthz requires ``Authorization: Bearer <internal token>`` (constant-time compare).
-Shares and queries are never logged. ``run_party(settings)`` migrates the database, rebuilds the gallery,
-starts the MPC engine and serves (HTTPS when a certificate is configured; mTLS when a CA is).
+Every route but /healthz requires ``Authorization: Bearer <this link's token>`` (constant-time compare;
+each party has its own token, see ``settings.py``) and, when a pin is configured, the gateway's own client
+certificate (``tlspin.py``). A match job's threshold is the gallery's, recorded once at registration
+(``thresholds.py``), never the request's; match jobs are rate-limited (``ratelimit.py``) and audited
+(``audit.py``). Shares and queries are never logged. ``run_party(settings)`` checks the deployment
+(``check_deployment``), migrates the database, rebuilds the gallery, starts the MPC engine and serves
+(HTTPS when a certificate is configured; mTLS when a CA is).
 """
 from __future__ import annotations
 
 import base64
 import hashlib
 import hmac
+import ipaddress
 import logging
 import math
 from typing import Any, Literal
@@ -18,11 +23,15 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from secure.party.audit import MatchAudit
 from secure.party.db import make_party_engine, migrate_party_db
 from secure.party.gallery import Gallery, SnapshotTooOld
 from secure.party.oplog import OpError, OpLog, OpSpec
 from secure.party.problems import PartyProblem, install_problem_handlers
-from secure.party.settings import DEV_INTERNAL_TOKEN, PartySettings
+from secure.party.ratelimit import TokenBucket
+from secure.party.settings import PartySettings
+from secure.party.thresholds import ThresholdConflict, Thresholds
+from secure.party.tlspin import PeerCertH11Protocol, normalize_pin
 from secure.party.traffic import install_traffic_log
 from secure.sharing import from_b64
 
@@ -61,8 +70,19 @@ class MatchIn(BaseModel):
     query_shares: list[str] | None = Field(None, min_length=1, max_length=MAX_QUERY_BATCH, repr=False,
                                            description="identify only: a batch of queries, one MPC job")
     template_seqs: list[int] | None = Field(None, max_length=10_000)
-    threshold: float
+    threshold: float | None = Field(None, description="optional assertion: refused unless it equals the gallery's "
+                                                      "recorded threshold (the party never takes it from here)")
     timeout_s: float | None = Field(None, gt=0)
+
+
+class GalleryIn(BaseModel):
+    model_version: str = Field(..., min_length=1, max_length=200)
+    threshold: float
+
+
+class GalleryOut(BaseModel):
+    model_version: str
+    threshold: float
 
 
 class CheckIn(BaseModel):
@@ -105,13 +125,23 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
                       after_erase=getattr(engine, "forget_rows", None))
         oplog.load()
     token = settings.internal_token.encode()
+    pin = normalize_pin(settings.gateway_cert_sha256).encode() if settings.gateway_cert_sha256 else None
+    thresholds = Thresholds(oplog.sessions)
+    audit = MatchAudit(oplog.sessions, settings.rank)
+    bucket = TokenBucket(settings.match_rate_per_s, settings.match_burst)
 
     def require_token(request: Request) -> None:
+        """This link's bearer token, and (when pinned) the gateway's certificate on this connection."""
+        if pin is not None:
+            seen = getattr(request.state, "peer_cert_sha256", None) or ""
+            if not hmac.compare_digest(seen.encode(), pin):
+                raise PartyProblem(403, "client-not-pinned", "Client certificate not accepted",
+                                   "This party serves only the gateway's pinned client certificate.")
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token):
             raise PartyProblem(401, "unauthorized", "Missing or invalid internal token",
-                               "This route needs the internal bearer token.", headers={"WWW-Authenticate": "Bearer"})
+                               "This route needs this party's bearer token.", headers={"WWW-Authenticate": "Bearer"})
 
     app = FastAPI(title=f"privface party {settings.rank}", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.oplog = oplog
@@ -185,6 +215,38 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
                 "committed_count": oplog.committed_count(), "versions": oplog.gallery.counts(), "mpc": mpc,
                 "jobs_run": app.state.jobs_run}
 
+    @api.post("/galleries", response_model=GalleryOut)
+    async def register_gallery(body: GalleryIn) -> GalleryOut:
+        """Record a gallery's threshold once (the gateway does it before the gallery's first match job)."""
+        try:
+            value = await run_in_threadpool(thresholds.register, body.model_version, body.threshold)
+        except ValueError as exc:
+            raise PartyProblem(422, "threshold-out-of-range", "Threshold out of range", str(exc)) from None
+        except ThresholdConflict as exc:
+            raise PartyProblem(409, "threshold-fixed", "The gallery's threshold is fixed",
+                               f"{exc}; a gallery's threshold never changes (register a new gallery)") from None
+        log.info("gallery %s registered (threshold %.6f)", body.model_version, value)
+        return GalleryOut(model_version=body.model_version, threshold=value)
+
+    def gallery_threshold(body: MatchIn) -> float:
+        """The gallery's recorded threshold; a request may only repeat it, never choose it."""
+        recorded = thresholds.get(body.model_version)
+        if recorded is None:
+            raise PartyProblem(409, "gallery-unregistered", "Gallery not registered",
+                               "register the gallery (POST /internal/galleries) before matching on it")
+        if body.threshold is not None and body.threshold != recorded:
+            raise PartyProblem(409, "threshold-mismatch", "Threshold is not the gallery's",
+                               "a match job runs at the gallery's recorded threshold only")
+        return recorded
+
+    async def spend_budget(body: MatchIn) -> None:
+        wait = bucket.take()
+        if wait > 0:
+            await run_in_threadpool(audit.record, body.job_id, body.kind, body.model_version, 0, 0, 429)
+            raise PartyProblem(429, "rate-limited", "Too many match jobs",
+                               f"this link allows {settings.match_rate_per_s:g} match jobs per second",
+                               headers={"Retry-After": TokenBucket.retry_after(wait)})
+
     @api.post("/match/check", response_model=CheckOut)
     async def match_check(body: CheckIn) -> CheckOut:
         """Would a match job on this snapshot run here, and on which rows? (No share is involved.)
@@ -210,7 +272,7 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
         def invalid(detail: str) -> PartyProblem:
             return PartyProblem(422, "validation-error", "The request is not valid", detail)
 
-        if not math.isfinite(body.threshold):
+        if body.threshold is not None and not math.isfinite(body.threshold):
             raise invalid("threshold must be finite")
         if body.kind == "verify" and not body.template_seqs:
             raise invalid("verify names template_seqs")
@@ -218,6 +280,8 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
             raise invalid("give exactly one of query_share and query_shares")
         if body.query_shares is not None and body.kind != "identify":
             raise invalid("query_shares (a batch) is for identify only")
+        await spend_budget(body)
+        threshold = gallery_threshold(body)
 
         def take_rows() -> tuple[np.ndarray, np.ndarray, str]:
             shares, labels = oplog.match_rows(body.model_version, body.upto_seq, body.expected_committed,
@@ -233,6 +297,8 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
         n = int(labels.shape[0])
         batch = body.query_shares
         if n == 0:  # nothing to match: both parties (in sync) answer 0 without running the MPC
+            await run_in_threadpool(audit.record, body.job_id, body.kind, body.model_version, 0,
+                                    1 if batch is None else len(batch), 200)
             if batch is not None:
                 return MatchOut(job_id=body.job_id, shares=["0"] * len(batch), n=0, labels_digest=digest)
             return MatchOut(job_id=body.job_id, share="0", n=0, labels_digest=digest)
@@ -244,23 +310,12 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
         except ValueError as exc:
             field = "query_share" if batch is None else "query_shares"
             raise invalid(f"{field}: {exc}") from None
-        MatchJob, MpcUnavailable = _mpc_types()
-        # a template's share never changes under its label, so (model version, labels) names the snapshot
-        gallery_id = f"{body.model_version}:{digest}" if body.kind == "identify" else None
-        job = MatchJob(job_id=body.job_id, kind=body.kind, query_share=query, gallery_share=shares, labels=labels,
-                       gallery_id=gallery_id,
-                       threshold=float(body.threshold))
-        timeout = min(body.timeout_s or settings.match_timeout_s, settings.match_timeout_s)
-        try:
-            out = await run_in_threadpool(engine.submit, job, timeout)
-        except (MpcUnavailable, TimeoutError) as exc:
-            log.warning("match job %s unavailable: %s", body.job_id, type(exc).__name__)
-            raise PartyProblem(503, "mpc-unavailable", "Secure computation unavailable",
-                               f"the MPC engine could not run the job ({type(exc).__name__})",
-                               headers={"Retry-After": "2"}) from None
-        except Exception as exc:  # noqa: BLE001
-            log.error("match job %s failed: %s", body.job_id, type(exc).__name__)
-            raise PartyProblem(500, "mpc-failed", "Secure computation failed", type(exc).__name__) from None
+        queries = 1 if batch is None else len(batch)
+        status = await run_job(body, query, shares, labels, digest, threshold)
+        await run_in_threadpool(audit.record, body.job_id, body.kind, body.model_version, n, queries, status[0])
+        if isinstance(status[1], PartyProblem):
+            raise status[1]
+        out = status[1]
         app.state.jobs_run += 1
         if batch is not None:
             outs = list(out)
@@ -271,11 +326,32 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
                             labels_digest=digest)
         return MatchOut(job_id=body.job_id, share=str(int(out) % (1 << 64)), n=n, labels_digest=digest)
 
+    async def run_job(body: MatchIn, query: np.ndarray, shares: np.ndarray, labels: np.ndarray, digest: str,
+                      threshold: float) -> tuple[int, Any]:
+        """Run the MPC job: (200, output) or (status, PartyProblem) — the caller audits, then answers."""
+        MatchJob, MpcUnavailable = _mpc_types()
+        # a template's share never changes under its label, so (model version, labels) names the snapshot
+        gallery_id = f"{body.model_version}:{digest}" if body.kind == "identify" else None
+        job = MatchJob(job_id=body.job_id, kind=body.kind, query_share=query, gallery_share=shares, labels=labels,
+                       gallery_id=gallery_id, threshold=threshold)
+        timeout = min(body.timeout_s or settings.match_timeout_s, settings.match_timeout_s)
+        try:
+            return 200, await run_in_threadpool(engine.submit, job, timeout)
+        except (MpcUnavailable, TimeoutError) as exc:
+            log.warning("match job %s unavailable: %s", body.job_id, type(exc).__name__)
+            return 503, PartyProblem(503, "mpc-unavailable", "Secure computation unavailable",
+                                     f"the MPC engine could not run the job ({type(exc).__name__})",
+                                     headers={"Retry-After": "2"})
+        except Exception as exc:  # noqa: BLE001
+            log.error("match job %s failed: %s", body.job_id, type(exc).__name__)
+            return 500, PartyProblem(500, "mpc-failed", "Secure computation failed", type(exc).__name__)
+
     app.include_router(api)
     return app
 
 
 def uvicorn_ssl_options(settings: PartySettings) -> dict[str, Any]:
+    """uvicorn's TLS options; with a CA, clients need a certificate, and a pin names the one accepted."""
     if not settings.ssl_certfile:
         return {}
     import ssl
@@ -283,23 +359,61 @@ def uvicorn_ssl_options(settings: PartySettings) -> dict[str, Any]:
     opts: dict[str, Any] = {"ssl_certfile": settings.ssl_certfile, "ssl_keyfile": settings.ssl_keyfile}
     if settings.ssl_ca_certs:
         opts.update(ssl_ca_certs=settings.ssl_ca_certs, ssl_cert_reqs=ssl.CERT_REQUIRED)
+    if settings.gateway_cert_sha256:
+        opts["http"] = PeerCertH11Protocol  # exposes the client certificate's fingerprint to require_token
     return opts
 
 
 def _is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "::1", "localhost")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def deployment_problems(settings: PartySettings) -> list[str]:
+    """What makes this configuration unsafe to serve (empty: fine).
+
+    Off loopback a party needs a non-development token, HTTPS, mutual TLS and the gateway's pin: plain
+    HTTP or a token anyone can read in the source would hand the gateway's link to whoever reaches it.
+    On loopback only inconsistencies are refused (a pin needs mTLS; a pin must be well formed).
+    """
+    problems = []
+    if settings.gateway_cert_sha256:
+        try:
+            normalize_pin(settings.gateway_cert_sha256)
+        except ValueError as exc:
+            problems.append(f"PRIVFACE_PARTY_GATEWAY_CERT_SHA256: {exc}")
+        if not (settings.ssl_certfile and settings.ssl_ca_certs):
+            problems.append("a gateway pin needs TLS with a client CA (PRIVFACE_PARTY_SSL_CERTFILE, _SSL_CA_CERTS)")
+    if _is_loopback(settings.host):
+        return problems
+    if settings.has_dev_token():
+        problems.append(f"the development token is refused off loopback (set PRIVFACE_PARTY{settings.rank}_TOKEN)")
+    if not (settings.ssl_certfile and settings.ssl_keyfile):
+        problems.append("plain HTTP is refused off loopback (set PRIVFACE_PARTY_SSL_CERTFILE and _SSL_KEYFILE)")
+    if not settings.ssl_ca_certs:
+        problems.append("mutual TLS is required off loopback (set PRIVFACE_PARTY_SSL_CA_CERTS)")
+    if not settings.gateway_cert_sha256:
+        problems.append("the gateway's certificate must be pinned off loopback (PRIVFACE_PARTY_GATEWAY_CERT_SHA256)")
+    return problems
+
+
+def check_deployment(settings: PartySettings) -> None:
+    """Refuse to start (SystemExit) on any of ``deployment_problems``; nothing is touched before."""
+    problems = deployment_problems(settings)
+    if problems:
+        raise SystemExit(f"party {settings.rank} refuses to serve on {settings.host}: " + "; ".join(problems))
 
 
 def run_party(settings: PartySettings | None = None) -> None:
-    """Migrate, load, start the MPC engine and serve (blocking). Used by ``privface party --rank R``."""
+    """Check, migrate, load, start the MPC engine and serve (blocking). Used by ``privface party --rank R``."""
     import uvicorn
 
     settings = settings or PartySettings()
-    if settings.internal_token == DEV_INTERNAL_TOKEN and not _is_loopback(settings.host):
-        raise SystemExit("refusing to serve on a non-loopback address with the development internal token")
-    if not settings.ssl_certfile and not _is_loopback(settings.host):
-        log.warning("party %d serves plain HTTP on %s: use TLS between the gateway and the parties",
-                    settings.rank, settings.host)
+    check_deployment(settings)
     url = settings.resolved_database_url()
     migrate_party_db(url)
     from secure.mpc.sharding import make_engine

@@ -1,32 +1,51 @@
-"""Settings of one party process (environment variables with the PRIVFACE_PARTY_ prefix)."""
+"""Settings of one party process (environment variables with the PRIVFACE_PARTY_ prefix).
+
+Credentials are per link. The gateway -> party R link has its own bearer token, ``PRIVFACE_PARTY{R}_TOKEN``
+(the same name at the gateway, which holds both, and at party R, which holds only its own);
+``PRIVFACE_PARTY_INTERNAL_TOKEN`` overrides it for one process. There is no shared token any more:
+``PRIVFACE_INTERNAL_TOKEN`` is ignored. Without either, a loopback party uses its development token
+``dev-party{R}-token`` (refused off loopback, see ``server.check_deployment``).
+"""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DEV_INTERNAL_TOKEN = "dev-internal-token"
+
+
+def dev_token(rank: int) -> str:
+    """The development token of the gateway -> party ``rank`` link (distinct per link; loopback only)."""
+    return f"dev-party{rank}-token"
+
+
+DEV_TOKENS = frozenset(dev_token(r) for r in (0, 1)) | {"dev-internal-token"}
 
 
 class PartySettings(BaseSettings):
-    """Configuration of party ``rank`` (0 or 1): its own database, the internal token, where it listens."""
+    """Configuration of party ``rank`` (0 or 1): its own database, its link's token, TLS, limits."""
 
     model_config = SettingsConfigDict(env_prefix="PRIVFACE_PARTY_", extra="ignore", populate_by_name=True)
 
     rank: int = Field(0, ge=0, le=1, description="0 or 1.")
     database_url: str = Field("", description="SQLAlchemy URL; default (empty) sqlite:///<project>/var/party{rank}.db.")
     internal_token: str = Field(
-        DEV_INTERNAL_TOKEN,
-        validation_alias=AliasChoices("internal_token", "PRIVFACE_PARTY_INTERNAL_TOKEN", "PRIVFACE_INTERNAL_TOKEN"),
-        description="Bearer token shared by the gateway and the parties.",
+        "", validation_alias=AliasChoices("internal_token", "PRIVFACE_PARTY_INTERNAL_TOKEN"),
+        description="Bearer token of the gateway -> this party link; default PRIVFACE_PARTY{rank}_TOKEN.",
     )
     host: str = "127.0.0.1"
     port: int | None = Field(None, description="Default 8101 + rank (matches the gateway's default party_urls).")
     ssl_certfile: str | None = Field(None, description="TLS certificate (PEM): serve HTTPS when set.")
     ssl_keyfile: str | None = None
     ssl_ca_certs: str | None = Field(None, description="CA bundle: when set, clients must present a certificate (mTLS).")
+    gateway_cert_sha256: str | None = Field(
+        None, description="Pin: SHA-256 (hex, of the DER) of the gateway's client certificate; with mTLS only that "
+                          "certificate is served (`privface certs` prints it).")
+    match_rate_per_s: float = Field(20.0, gt=0, description="Budget of match jobs per second on the gateway link.")
+    match_burst: int = Field(40, ge=1, description="Match jobs allowed at once above the steady rate.")
     match_timeout_s: float = Field(60.0, gt=0, description="Longest MPC job this party waits for.")
     max_request_bytes: int = Field(64 * 1024 * 1024, description="Largest internal request body.")
     log_level: str = "info"
@@ -38,6 +57,8 @@ class PartySettings(BaseSettings):
             self.database_url = f"sqlite:///{PROJECT_ROOT / 'var' / f'party{self.rank}.db'}"
         if self.port is None:
             self.port = 8101 + self.rank
+        if not self.internal_token:
+            self.internal_token = os.environ.get(f"PRIVFACE_PARTY{self.rank}_TOKEN") or dev_token(self.rank)
         return self
 
     def resolved_database_url(self) -> str:
@@ -45,3 +66,6 @@ class PartySettings(BaseSettings):
 
     def resolved_port(self) -> int:
         return self.port if self.port is not None else 8101 + self.rank
+
+    def has_dev_token(self) -> bool:
+        return self.internal_token in DEV_TOKENS

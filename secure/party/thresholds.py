@@ -1,0 +1,66 @@
+"""Each gallery's match threshold, fixed at the party (so no caller of the party API chooses what is revealed).
+
+The gateway registers a gallery once with its model version's threshold; the first registration is
+recorded and never changes. A match job reads the threshold from here, never from the request: whoever
+holds the gateway's credential can no longer binary-search a template coordinate by moving the threshold.
+Registering a gallery again with the same value is a no-op; with another value it is refused (409), so a
+stolen credential cannot re-point a gallery's threshold, and a gateway/party disagreement shows loudly.
+"""
+from __future__ import annotations
+
+import threading
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from secure.party.models import GalleryRow
+from secure.ranges import check_threshold
+
+
+class ThresholdConflict(Exception):
+    """The gallery is already registered with another threshold."""
+
+    def __init__(self, model_version: str, recorded: float) -> None:
+        super().__init__(f"gallery {model_version!r} is registered with another threshold")
+        self.model_version, self.recorded = model_version, recorded
+
+
+class Thresholds:
+    """Registered galleries and their thresholds (database-backed, cached in memory; thread-safe)."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+        self._cache: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def get(self, model_version: str) -> float | None:
+        """The recorded threshold of ``model_version``, or None if it was never registered."""
+        with self._lock:
+            if model_version in self._cache:
+                return self._cache[model_version]
+        with self.sessions() as s:
+            row = s.get(GalleryRow, model_version)
+            value = None if row is None else float(row.threshold)
+        if value is not None:
+            with self._lock:
+                self._cache[model_version] = value
+        return value
+
+    def register(self, model_version: str, threshold: float) -> float:
+        """Record ``threshold`` for a new gallery (ValueError if out of range); idempotent for the same value.
+
+        Raises ThresholdConflict if the gallery already holds another threshold.
+        """
+        value = check_threshold(threshold)
+        recorded = self.get(model_version)
+        if recorded is None:
+            try:
+                with self.sessions() as s:
+                    s.add(GalleryRow(model_version=model_version, threshold=value))
+                    s.commit()
+            except IntegrityError:  # registered concurrently: compare with the winner below
+                pass
+            recorded = self.get(model_version)
+        if recorded != value:
+            raise ThresholdConflict(model_version, float(recorded))  # type: ignore[arg-type]
+        return value
