@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,21 +99,39 @@ def issue(out: Path, role: str, ca: x509.Certificate, ca_key: ec.EllipticCurvePr
 
 
 def pins_env(issued: dict[str, Issued]) -> str:
-    """The settings to hand out: each party pins the gateway; the other pins are for the MPC links."""
-    lines = ["# privface certs: pins (SHA-256 of each certificate's DER). Give each process only its lines.",
-             "# party0 and party1: serve only the gateway's client certificate",
-             f"PRIVFACE_PARTY_GATEWAY_CERT_SHA256={issued['gateway'].sha256}"]
-    lines += [f"# {role}: PRIVFACE_{role.upper()}_CERT_SHA256 (for pinning on the MPC links)\n"
-              f"PRIVFACE_{role.upper()}_CERT_SHA256={issued[role].sha256}" for role in ROLES if role != "gateway"]
+    """The pin to hand out: each party serves only the gateway's client certificate."""
+    return ("# privface certs: the gateway's pin (SHA-256 of its certificate's DER), for party0 and party1\n"
+            f"PRIVFACE_PARTY_GATEWAY_CERT_SHA256={issued['gateway'].sha256}\n")
+
+
+SECRETS = {  # name -> who gets it
+    "PRIVFACE_SECRET_KEY": "gateway, worker",
+    "PRIVFACE_PARTY0_TOKEN": "gateway, worker, party0",
+    "PRIVFACE_PARTY1_TOKEN": "gateway, worker, party1",
+    "PRIVFACE_MPC_SECRET_P0_DEALER": "party0, dealer",
+    "PRIVFACE_MPC_SECRET_P1_DEALER": "party1, dealer",
+    "PRIVFACE_MPC_SECRET_P0_P1": "party0, party1",
+}
+
+
+def secrets_env() -> str:
+    """Fresh random credentials, one per link (``os.urandom`` via ``secrets``); each line says who gets it."""
+    lines = ["# privface certs: one credential per link. Give each process ONLY the lines that name it."]
+    for name, holders in SECRETS.items():
+        lines += [f"# {holders}", f"{name}={secrets.token_urlsafe(32)}"]
     return "\n".join(lines) + "\n"
 
 
 def make_all(out: Path, days: int = 825, extra_hosts: list[str] | None = None, force: bool = False) -> dict[str, Issued]:
-    """CA + every role's certificate in ``out`` (refuses to overwrite a CA unless ``force``) + pins.env."""
+    """CA + every role's certificate in ``out`` (refuses to overwrite a CA unless ``force``), pins.env and
+    secrets.env (fresh per-link credentials, mode 0600)."""
     out.mkdir(parents=True, exist_ok=True)
     if (out / "ca.pem").exists() and not force:
         raise FileExistsError(f"{out / 'ca.pem'} exists (use --force to replace every certificate)")
     ca, ca_key = make_ca(out, days)
     issued = {role: issue(out, role, ca, ca_key, days, extra_hosts) for role in ROLES}
     (out / "pins.env").write_text(pins_env(issued))
+    secrets_path = out / "secrets.env"
+    secrets_path.write_text(secrets_env())
+    secrets_path.chmod(0o600)
     return issued

@@ -38,6 +38,7 @@ def cmd_create_api_key(args: argparse.Namespace) -> int:
     from app.auth import create_api_key, ensure_tenant
     from app.db import make_engine, make_sessionmaker, session_scope
     from app.migrate import migrate_gateway
+    from secure.mpc.settings import DEALER, env_for_role
 
     settings = get_settings()
     migrate_gateway(settings.database_url)
@@ -150,15 +151,22 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 def _stack_env() -> dict[str, str]:
     """The local stack's environment: a fresh token per gateway -> party link unless already configured."""
+    from secure.mpc.settings import LINK_SECRETS
+
     env = dict(os.environ)
     for rank in (0, 1):
         env.setdefault(f"PRIVFACE_PARTY{rank}_TOKEN", secrets.token_urlsafe(24))
+    for name in LINK_SECRETS:  # the MPC links' credentials (secure/mpc/link_keys.py)
+        env.setdefault(name, secrets.token_urlsafe(32))
     return env
 
 
 def _party_env(env: dict[str, str], rank: int) -> dict[str, str]:
-    """A party's environment: its own link's token only, and never the gateway's master secret."""
-    return {k: v for k, v in env.items() if k not in (f"PRIVFACE_PARTY{1 - rank}_TOKEN", "PRIVFACE_SECRET_KEY")}
+    """A party's environment: its own links' credentials only, and never the gateway's master secret."""
+    from secure.mpc.settings import env_for_role
+
+    return {k: v for k, v in env_for_role(env, rank).items()
+            if k not in (f"PRIVFACE_PARTY{1 - rank}_TOKEN", "PRIVFACE_SECRET_KEY")}
 
 
 def _local_key(settings: GatewaySettings) -> str:
@@ -190,10 +198,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     env = _stack_env()
     without_secret = {k: v for k, v in env.items() if k != "PRIVFACE_SECRET_KEY"}
     without_tokens = {k: v for k, v in without_secret.items() if not k.endswith("_TOKEN")}
-    children = [subprocess.Popen(python + ["dealer"], env=without_tokens),
+    children = [subprocess.Popen(python + ["dealer"], env=env_for_role(without_tokens, DEALER)),
                 subprocess.Popen(python + ["party", "--rank", "0"], env=_party_env(env, 0)),
                 subprocess.Popen(python + ["party", "--rank", "1"], env=_party_env(env, 1)),
-                subprocess.Popen(python + ["gateway", "--port", str(settings.port)], env=env)]
+                subprocess.Popen(python + ["gateway", "--port", str(settings.port)], env=env_for_role(env, None))]
     url = f"http://{settings.host}:{settings.port}"
     print(f"\nprivface is starting (model {version}):\n  gateway   {url}  (docs: {url}/docs, ready: {url}/readyz)\n"
           f"  party 0   {settings.party_urls[0]}\n  party 1   {settings.party_urls[1]}\n"

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from app.settings import PROJECT_ROOT as ROOT
+from secure.mpc.settings import DEALER, LINK_SECRETS, env_for_role
 
 MODEL_CACHE = ROOT / "var" / "test-models"
 # Benchmarks drive thousands of requests (and impostor verifies) through one key: no abuse budgets there.
@@ -58,6 +59,7 @@ class LocalStack:
         self.party_ports = (free_port(), free_port())
         self.secret = secrets.token_hex(16)
         self.tokens = (secrets.token_hex(16), secrets.token_hex(16))  # one per gateway -> party link
+        self.mpc_secrets = {name: secrets.token_urlsafe(32) for name in LINK_SECRETS}  # one per MPC link
         self.mpc_port = free_port()
         self.gateway_db = self.gateway_db or f"sqlite:///{self.workdir / 'gateway.db'}"
         self.party_dbs = self.party_dbs or tuple(f"sqlite:///{self.workdir / f'party{r}.db'}" for r in (0, 1))
@@ -77,7 +79,7 @@ class LocalStack:
             "PRIVFACE_PORT": str(self.port), "PRIVFACE_PARTY_TIMEOUT_S": str(self.party_timeout_s),
             "PRIVFACE_MPC_PROVIDER": "TTP", "PRIVFACE_MPC_MASTER_ADDR": "127.0.0.1",
             "PRIVFACE_MPC_MASTER_PORT": str(self.mpc_port), "PRIVFACE_MPC_OP_TIMEOUT_S": str(self.mpc_op_timeout_s),
-            "PRIVFACE_MODEL_POLL_S": "1", "PYTHONUNBUFFERED": "1",
+            "PRIVFACE_MODEL_POLL_S": "1", "PYTHONUNBUFFERED": "1", **self.mpc_secrets,
         })
         if self.redis_url:
             env["PRIVFACE_REDIS_URL"] = self.redis_url
@@ -100,14 +102,17 @@ class LocalStack:
         env = {**self.env(), **(extra_env or {})}
         if name == "dealer":
             args = ["dealer"]
+            env = env_for_role(env, DEALER)
         elif name.startswith("party"):
             rank = int(name[-1])
             args = ["party", "--rank", str(rank)]
+            env = env_for_role(env, rank)
             env.update({"PRIVFACE_PARTY_DATABASE_URL": self.party_dbs[rank],
                         "PRIVFACE_PARTY_PORT": str(self.party_ports[rank])})
             env.pop(f"PRIVFACE_PARTY{1 - rank}_TOKEN", None)  # a party holds only its own link's token
         else:
             args = ["gateway", "--port", str(self.port), "--workers", str(self.gateway_workers)]
+            env = env_for_role(env, None)
         log = open(self.workdir / f"{name}.log", "ab")
         self.processes[name] = subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=env,
                                                 stdout=log, stderr=subprocess.STDOUT)

@@ -253,3 +253,14 @@ def test_a_dealer_without_the_credential_cannot_join(tmp_path) -> None:  # type:
         assert "LinkAuthError" in c.logs()
     finally:
         c.close()
+
+
+def test_each_process_gets_only_its_own_links_credentials() -> None:
+    from secure.mpc.settings import DEALER, LINK_SECRETS, env_for_role
+
+    env = {name: f"secret-{name}" for name in LINK_SECRETS} | {"OTHER": "x"}
+    assert set(env_for_role(env, 0)) == {"OTHER", "PRIVFACE_MPC_SECRET_P0_DEALER", "PRIVFACE_MPC_SECRET_P0_P1"}
+    assert set(env_for_role(env, 1)) == {"OTHER", "PRIVFACE_MPC_SECRET_P1_DEALER", "PRIVFACE_MPC_SECRET_P0_P1"}
+    assert set(env_for_role(env, DEALER)) == {"OTHER", "PRIVFACE_MPC_SECRET_P0_DEALER",
+                                              "PRIVFACE_MPC_SECRET_P1_DEALER"}
+    assert set(env_for_role(env, None)) == {"OTHER"}  # the gateway holds none

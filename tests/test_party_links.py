@@ -343,7 +343,10 @@ def test_certs_command_then_pinned_mtls_party(tmp_path):
     pins = dict(line.split("=", 1) for line in (out / "pins.env").read_text().splitlines()
                 if line and not line.startswith("#"))
     pin = pins["PRIVFACE_PARTY_GATEWAY_CERT_SHA256"]
-    assert len(set(pins.values())) == 4  # one identity per role
+    creds = dict(line.split("=", 1) for line in (out / "secrets.env").read_text().splitlines()
+                 if line and not line.startswith("#"))
+    assert len(set(creds.values())) == 6 and all(len(v) >= 32 for v in creds.values())  # one per link
+    assert (out / "secrets.env").stat().st_mode & 0o077 == 0  # readable by its owner only
     ca = str(out / "ca.pem")
     server = ssl.create_default_context(cafile=ca)
     as_gateway = ssl.create_default_context(cafile=ca)

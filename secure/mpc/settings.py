@@ -18,6 +18,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 TEST_ENV_VALUE = "test"
 DEALER = 2            # the dealer's role number (parties are 0 and 1)
 MIN_SECRET_CHARS = 32
+# each MPC link's credential: environment variable -> the two roles that hold it
+LINK_SECRETS = {"PRIVFACE_MPC_SECRET_P0_DEALER": (0, DEALER), "PRIVFACE_MPC_SECRET_P1_DEALER": (1, DEALER),
+                "PRIVFACE_MPC_SECRET_P0_P1": (0, 1)}
+
+
+def env_for_role(env: dict[str, str], role: int | None) -> dict[str, str]:
+    """``env`` without the MPC link credentials that ``role`` (0, 1, DEALER; None: not an MPC process) must not
+    hold: a process gets only its own links' credentials."""
+    return {k: v for k, v in env.items() if k not in LINK_SECRETS or (role is not None and role in LINK_SECRETS[k])}
 
 
 def is_loopback(host: str) -> bool:
