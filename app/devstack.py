@@ -80,6 +80,9 @@ class LocalStack:
             "PRIVFACE_MPC_PROVIDER": "TTP", "PRIVFACE_MPC_MASTER_ADDR": "127.0.0.1",
             "PRIVFACE_MPC_MASTER_PORT": str(self.mpc_port), "PRIVFACE_MPC_OP_TIMEOUT_S": str(self.mpc_op_timeout_s),
             "PRIVFACE_MODEL_POLL_S": "1", "PYTHONUNBUFFERED": "1", **self.mpc_secrets,
+            # model v0 (84% on held-out pairs) cannot hold a strict per-search false-positive rate: the test
+            # stacks keep its 1:1 threshold for small galleries (the schedule never goes below it)
+            "PRIVFACE_IDENTIFY_FPIR": "0.99",
         })
         if self.redis_url:
             env["PRIVFACE_REDIS_URL"] = self.redis_url

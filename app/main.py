@@ -42,7 +42,8 @@ def build_context(settings: GatewaySettings) -> GatewayContext:
     parties = PartyPair(settings.party_urls, settings.party_tokens, settings.party_timeout_s, **settings.party_tls())
     return GatewayContext(
         settings=settings, engine=engine, sessions=sessions,
-        models=ServedModels(settings.model_dir, settings.prefer_gpu, settings.batch_max, settings.batch_wait_ms),
+        models=ServedModels(settings.model_dir, settings.prefer_gpu, settings.batch_max, settings.batch_wait_ms,
+                            settings.identify_fpir),
         parties=parties,
         replay=ReplayGuard(sessions, settings.replay_window_s, settings.clock_skew_s, settings.nonce_ttl_s,
                            redis_client),

@@ -41,6 +41,10 @@ class GatewaySettings(BaseSettings):
     party_client_cert: str | None = Field(None, description="The gateway's client certificate (PEM) for mTLS.")
     party_client_key: str | None = Field(None, description="Its private key (PEM).")
     party_timeout_s: float = Field(15.0, description="Deadline for one party call, MPC included.")
+    identify_fpir: float = Field(
+        0.01, gt=0, lt=1, description="Target false-positive identification rate per identify search (an unenrolled "
+                                      "person matched to someone): the identify threshold rises with the gallery "
+                                      "size to hold it (inference/operating_points.py, docs/security.md).")
     max_body_bytes: int = Field(256 * 1024, description="Largest accepted request body.")
     default_epsilon_max: float | None = Field(None, description="Default tenant ceiling on the per-image ε (None: any).")
     replay_window_s: int = Field(

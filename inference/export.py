@@ -22,6 +22,7 @@ import torch
 from inference.evaluation import verify_fold
 from inference.frequency_model import FrequencyFaceModel, build_model_v0
 from inference.lfw import fold_pairs, lfw_dir, load_many, shared_dir
+from inference.operating_points import calibrate
 from inference.metadata import ModelMetadata, file_sha256
 from inference.mobilefacenet import EMBEDDING_DIM
 from inference.runtime import OrtEmbedder
@@ -128,10 +129,11 @@ def _export_atomically(model: FrequencyFaceModel, spec: TransformSpec, version: 
         if not diff <= MAX_PARITY_DIFF:
             raise RuntimeError(f"ONNX Runtime and PyTorch disagree by {diff:.3g} (limit {MAX_PARITY_DIFF})")
         threshold, metrics = threshold_and_metrics(embedder)
+        curve = calibrate(embedder.embed, spec, lfw_dir(shared))  # identities in no View-2 fold
         ModelMetadata(version=version, transform=spec.to_dict(), transform_id=spec.transform_id,
                       params_hash=spec.params_hash, embedding_dim=EMBEDDING_DIM, sha256=file_sha256(onnx_path),
                       onnx_file=ONNX_FILE, ort_vs_torch_max_abs_diff=diff, threshold=float(threshold),
-                      metrics=metrics).save(staging)
+                      metrics=metrics, impostor_curve=curve.to_dict()).save(staging)
         staging.chmod(0o755)  # mkdtemp makes it private; the served directory is world-readable
         final = out_dir / version
         if final.exists():
@@ -157,9 +159,9 @@ def ensure_model_v0(model_dir: Path, shared_dir: Path, eval_pairs: int = 600) ->
 
 
 def valid_version_dir(version_dir: Path) -> bool:
+    """A complete export: checksum right, and calibrated (an export from before calibration is redone)."""
     try:
-        ModelMetadata.load(version_dir, verify=True)
-        return True
+        return bool(ModelMetadata.load(version_dir, verify=True).impostor_curve)
     except (ValueError, OSError, TypeError, KeyError):
         return False
 

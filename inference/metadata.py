@@ -38,6 +38,7 @@ class ModelMetadata:
     ort_vs_torch_max_abs_diff: float
     threshold: float  # cosine threshold served for verification (see metrics["protocol"])
     metrics: dict[str, Any] = field(default_factory=dict)
+    impostor_curve: dict[str, Any] = field(default_factory=dict)  # inference.operating_points.ImpostorCurve
 
     @property
     def spec(self) -> TransformSpec:

@@ -25,7 +25,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from secure.ranges import check_threshold, check_unit_fixed
+from secure.ranges import check_unit_fixed
+from secure.thresholds import GalleryPolicy
 from secure.sharing import reconstruct_int, split, to_b64
 
 log = logging.getLogger("privface.coordinator")
@@ -106,7 +107,7 @@ class PartyPair:
         tokens = (internal_token, internal_token) if isinstance(internal_token, str) else tuple(internal_token)
         if len(tokens) != 2 or not all(tokens):
             raise ValueError("one non-empty token per party")
-        self._registered: dict[str, float] = {}  # galleries both parties have recorded, with their threshold
+        self._registered: dict[str, GalleryPolicy] = {}  # galleries both parties have recorded, with their threshold
         verify = tls_verify
         if isinstance(tls_verify, str) or client_cert is not None:
             import ssl
@@ -264,16 +265,19 @@ class PartyPair:
             raise ValueError("query_fixed must be a non-empty 1-d int64 array")
         return check_unit_fixed(query)  # a scaled query would move the fixed threshold (see secure/ranges.py)
 
-    async def register_gallery(self, model_version: str, threshold: float) -> None:
-        """Record ``threshold`` for ``model_version`` at both parties (once; idempotent for the same value).
+    async def register_gallery(self, model_version: str, threshold: GalleryPolicy | float) -> None:
+        """Record the gallery's thresholds (a ``GalleryPolicy``, or one threshold for both kinds) at both parties
+        (once; idempotent for the same policy).
 
-        Raises ValueError for an out-of-range threshold, PartiesError (409) if a party holds another one,
+        Raises ValueError for an out-of-range threshold, PartiesError (409) if a party holds another policy,
         PartiesUnavailable like the other calls.
         """
-        value = check_threshold(threshold)
+        value = GalleryPolicy.of(threshold)
         if self._registered.get(model_version) == value:
             return
-        replies = await self._both("POST", "/internal/galleries", {"model_version": model_version, "threshold": value})
+        body = {"model_version": model_version, "threshold": value.verify,
+                "identify_thresholds": value.schedule_json() or None}
+        replies = await self._both("POST", "/internal/galleries", body)
         self._raise_unavailable(replies, f"registering gallery {model_version}")
         refused = [r for r in replies if not r.ok]
         if refused:
@@ -282,13 +286,15 @@ class PartyPair:
         self._registered[model_version] = value
 
     async def _match(self, kind: str, job_id: str, model_version: str, upto_seq: int, query_fixed: np.ndarray,
-                     threshold: float, template_seqs: list[int] | None, expected_committed: int | None) -> int:
+                     threshold: GalleryPolicy | float, template_seqs: list[int] | None,
+                     expected_committed: int | None) -> int:
         q0, q1 = split(self._query(query_fixed))
         b0, b1 = await self._run_job(kind, job_id, model_version, upto_seq, threshold, template_seqs,
                                      expected_committed, [{"query_share": to_b64(q0)}, {"query_share": to_b64(q1)}])
         return reconstruct_int(int(b0["share"]), int(b1["share"]))
 
-    async def _run_job(self, kind: str, job_id: str, model_version: str, upto_seq: int, threshold: float,
+    async def _run_job(self, kind: str, job_id: str, model_version: str, upto_seq: int,
+                       threshold: GalleryPolicy | float,
                        template_seqs: list[int] | None, expected_committed: int | None,
                        query_fields: list[dict]) -> tuple[dict, dict]:
         """Precheck, then one match job at both parties; ``query_fields[rank]`` carries that party's shares."""
@@ -351,7 +357,8 @@ class PartyPair:
                     t.cancel()
 
     async def verify(self, job_id: str, model_version: str, upto_seq: int, query_fixed: np.ndarray,
-                     template_seqs: Iterable[int], threshold: float, *, expected_committed: int | None = None) -> bool:
+                     template_seqs: Iterable[int], threshold: GalleryPolicy | float, *,
+                     expected_committed: int | None = None) -> bool:
         """1:1 — does the query match any of the claimed subject's templates (visible at upto_seq)?"""
         seqs = sorted({int(t) for t in template_seqs})
         if not seqs:
@@ -363,7 +370,7 @@ class PartyPair:
         return out == 1
 
     async def identify(self, job_id: str, model_version: str, upto_seq: int, query_fixed: np.ndarray,
-                       threshold: float, *, expected_committed: int | None = None) -> int | None:
+                       threshold: GalleryPolicy | float, *, expected_committed: int | None = None) -> int | None:
         """1:N — the matched template_seq, or None."""
         out = await self._match("identify", job_id, model_version, upto_seq, query_fixed, threshold, None,
                                 expected_committed)
@@ -372,7 +379,8 @@ class PartyPair:
         return out or None
 
     async def identify_many(self, job_id: str, model_version: str, upto_seq: int, queries_fixed: list[np.ndarray],
-                            threshold: float, *, expected_committed: int | None = None) -> list[int | None]:
+                            threshold: GalleryPolicy | float, *,
+                            expected_committed: int | None = None) -> list[int | None]:
         """1:N for several queries in ONE match job (one MPC run): per query, the matched template_seq or None.
 
         Concurrent identify requests on the same snapshot share the MPC's fixed costs (rounds, the knockout

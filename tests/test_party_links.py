@@ -184,6 +184,33 @@ def test_chosen_threshold_cannot_change_the_outcome(pair_procs):
     assert r.status_code == 409 and r.json()["type"].endswith("/gallery-unregistered")
 
 
+def test_identify_threshold_follows_the_gallery_size_at_the_party(pair_procs):
+    """The identify schedule registered with a gallery is applied by the party from its own row count: the same
+    probe matches a gallery of 2 rows (threshold 0.0) and not the same gallery grown to 3 rows (0.99)."""
+    from secure.thresholds import GalleryPolicy
+
+    (_, u0, _), (_, u1, _) = pair_procs
+    faces = unit_vectors(4, seed=9)
+    probe = faces[3]
+    policy = GalleryPolicy(0.5, ((2, -1.0), (1000, 0.99)))
+
+    async def run():
+        async with PartyPair((u0, u1), TOKENS, 10) as pair:
+            for seq in (1, 2):
+                assert await pair.store(seq, seq, "sched", fp.encode(faces[seq - 1]))
+                assert await pair.commit(seq) == (True, True)
+            small = await pair.identify("i1", "sched", 2, fp.encode(probe), policy)
+            assert await pair.store(3, 3, "sched", fp.encode(faces[2]))
+            assert await pair.commit(3) == (True, True)
+            large = await pair.identify("i2", "sched", 3, fp.encode(probe), policy)
+            with pytest.raises(PartiesError) as exc:  # the schedule is fixed with the gallery
+                await PartyPair((u0, u1), TOKENS, 10).register_gallery("sched", GalleryPolicy(0.5, ((2, 0.9),)))
+            return small, large, exc.value.status
+
+    small, large, status = asyncio.run(run())
+    assert small in (1, 2) and large is None and status == 409
+
+
 @pytest.mark.parametrize("threshold,ok", [(1.0, True), (-1.0, True), (0.999999, True), (1.0000001, False),
                                           (-1.0000001, False), (31.0, False), (40.0, False),
                                           (float("inf"), False), (float("nan"), False)])

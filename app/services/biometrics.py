@@ -177,7 +177,7 @@ async def _verify_with(ctx: GatewayContext, principal: Principal, subject_id: st
             seqs = _current_templates(session, subject_id, model.version, principal.tenant_key_version, upto)
         if not seqs:
             return None
-        return await ctx.parties.verify(uuid.uuid4().hex, gallery, upto, query, seqs, model.threshold,
+        return await ctx.parties.verify(uuid.uuid4().hex, gallery, upto, query, seqs, model.policy,
                                         expected_committed=committed)
 
     return await _with_resync(ctx, run)
@@ -210,8 +210,8 @@ async def _identify_in(ctx: GatewayContext, principal: Principal, model: LoadedM
 
     async def run(upto: int, committed: int) -> int | None:
         if batched:  # the hot path: concurrent searches of the same snapshot share one MPC job
-            return await ctx.identify_batcher.identify(gallery, upto, committed, model.threshold, query)
-        return await ctx.parties.identify(uuid.uuid4().hex, gallery, upto, query, model.threshold,
+            return await ctx.identify_batcher.identify(gallery, upto, committed, model.policy, query)
+        return await ctx.parties.identify(uuid.uuid4().hex, gallery, upto, query, model.policy,
                                           expected_committed=committed)
 
     return await _with_resync(ctx, run)

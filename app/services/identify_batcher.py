@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from secure.coordinator import MAX_QUERY_BATCH, PartyPair
+from secure.thresholds import GalleryPolicy
 
 log = logging.getLogger(__name__)
 
-BatchKey = tuple[str, int, int, float]  # (gallery, upto, committed, threshold)
+BatchKey = tuple[str, int, int, GalleryPolicy]  # (gallery, upto, committed, the gallery's thresholds)
 
 
 @dataclass
@@ -44,13 +45,13 @@ class IdentifyBatcher:
     def enabled(self) -> bool:
         return self.wait_s > 0 and self.max_batch > 1
 
-    async def identify(self, gallery: str, upto: int, committed: int, threshold: float,
+    async def identify(self, gallery: str, upto: int, committed: int, threshold: GalleryPolicy,
                        query: np.ndarray) -> int | None:
         """The matched template_seq for ``query`` on this snapshot, or None (as ``PartyPair.identify``)."""
         if not self.enabled:
             return await self.parties.identify(uuid.uuid4().hex, gallery, upto, query, threshold,
                                                expected_committed=committed)
-        key: BatchKey = (gallery, int(upto), int(committed), float(threshold))
+        key: BatchKey = (gallery, int(upto), int(committed), threshold)
         batch = self._open.get(key)
         if batch is None:
             batch = self._open[key] = _Batch()

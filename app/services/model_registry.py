@@ -19,8 +19,10 @@ from sqlalchemy.orm import Session
 from app.models import ModelVersion
 from app.problems import Problem
 from inference.metadata import ModelMetadata
+from inference.operating_points import DEFAULT_FPIR, ImpostorCurve
 from inference.runtime import MicroBatcher, OrtEmbedder
 from inference.transform import TransformSpec
+from secure.thresholds import GalleryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ def active_version(session: Session) -> ModelVersion | None:
 
 @dataclass
 class LoadedModel:
-    """One model version ready to embed: its transform, threshold and ORT micro-batcher."""
+    """One model version ready to embed: its transform, thresholds and ORT micro-batcher."""
 
     version: str
     spec: TransformSpec
@@ -72,6 +74,7 @@ class LoadedModel:
     embedding_dim: int
     embedder: OrtEmbedder
     batcher: MicroBatcher
+    policy: GalleryPolicy  # what its galleries' match jobs run at (registered once at the parties)
 
     async def embed(self, features: np.ndarray) -> np.ndarray:
         return await self.batcher.embed(features)
@@ -80,8 +83,10 @@ class LoadedModel:
 class ServedModels:
     """The model versions this gateway worker has loaded, and which one is active."""
 
-    def __init__(self, model_root: Path, prefer_gpu: bool, batch_max: int, batch_wait_ms: float) -> None:
+    def __init__(self, model_root: Path, prefer_gpu: bool, batch_max: int, batch_wait_ms: float,
+                 identify_fpir: float = DEFAULT_FPIR) -> None:
         self._root = model_root
+        self._fpir = identify_fpir
         self._prefer_gpu = prefer_gpu
         self._batch = (batch_max, batch_wait_ms)
         self._loaded: dict[str, LoadedModel] = {}
@@ -130,4 +135,18 @@ class ServedModels:
             raise RuntimeError(f"model file {path} does not match its registered checksum")
         embedder = OrtEmbedder(path, prefer_gpu=self._prefer_gpu)
         batcher = MicroBatcher(embedder, max_batch=self._batch[0], max_wait_ms=self._batch[1])
-        return LoadedModel(row.version, meta.spec, row.threshold, row.embedding_dim, embedder, batcher)
+        return LoadedModel(row.version, meta.spec, row.threshold, row.embedding_dim, embedder, batcher,
+                           gallery_policy(meta, row.threshold, self._fpir))
+
+
+def gallery_policy(meta: ModelMetadata, verify_threshold: float, fpir: float) -> GalleryPolicy:
+    """Verify at the version's served threshold; identify by the schedule that holds ``fpir`` per search (from
+    the version's impostor curve; never below the verify threshold). A version without a curve (exported
+    before calibration existed) identifies at the verify threshold: its false matches grow with N."""
+    if not meta.impostor_curve:
+        log.warning("model %s has no impostor curve: identify uses the 1:1 threshold at every gallery size",
+                    meta.version)
+        return GalleryPolicy(float(verify_threshold))
+    curve = ImpostorCurve.from_dict(meta.impostor_curve)
+    schedule = curve.identify_schedule(fpir, floor=float(verify_threshold))
+    return GalleryPolicy(float(verify_threshold), tuple((int(n), float(t)) for n, t in schedule))

@@ -31,6 +31,7 @@ from secure.party.problems import PartyProblem, install_problem_handlers
 from secure.party.ratelimit import TokenBucket
 from secure.party.settings import PartySettings
 from secure.party.thresholds import ThresholdConflict, Thresholds
+from secure.thresholds import GalleryPolicy
 from secure.party.tlspin import PeerCertH11Protocol, normalize_pin
 from secure.party.traffic import install_traffic_log
 from secure.sharing import from_b64
@@ -77,12 +78,16 @@ class MatchIn(BaseModel):
 
 class GalleryIn(BaseModel):
     model_version: str = Field(..., min_length=1, max_length=200)
-    threshold: float
+    threshold: float = Field(..., description="verify (1:1) threshold")
+    identify_thresholds: list[tuple[int, float]] | None = Field(
+        None, max_length=32, description="identify schedule [[max gallery size, threshold], ...] "
+                                         "(secure/thresholds.py); absent: identify uses the verify threshold")
 
 
 class GalleryOut(BaseModel):
     model_version: str
     threshold: float
+    identify_thresholds: list[tuple[int, float]] | None = None
 
 
 class CheckIn(BaseModel):
@@ -217,27 +222,35 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
 
     @api.post("/galleries", response_model=GalleryOut)
     async def register_gallery(body: GalleryIn) -> GalleryOut:
-        """Record a gallery's threshold once (the gateway does it before the gallery's first match job)."""
+        """Record a gallery's thresholds once (the gateway does it before the gallery's first match job)."""
         try:
-            value = await run_in_threadpool(thresholds.register, body.model_version, body.threshold)
+            policy = GalleryPolicy.from_json(body.threshold, body.identify_thresholds)
+            value = await run_in_threadpool(thresholds.register, body.model_version, policy)
         except ValueError as exc:
             raise PartyProblem(422, "threshold-out-of-range", "Threshold out of range", str(exc)) from None
         except ThresholdConflict as exc:
             raise PartyProblem(409, "threshold-fixed", "The gallery's threshold is fixed",
                                f"{exc}; a gallery's threshold never changes (register a new gallery)") from None
-        log.info("gallery %s registered (threshold %.6f)", body.model_version, value)
-        return GalleryOut(model_version=body.model_version, threshold=value)
+        log.info("gallery %s registered (verify threshold %.6f, %d identify entries)", body.model_version,
+                 value.verify, len(value.identify))
+        return GalleryOut(model_version=body.model_version, threshold=value.verify,
+                          identify_thresholds=value.schedule_json() or None)
 
-    def gallery_threshold(body: MatchIn) -> float:
-        """The gallery's recorded threshold; a request may only repeat it, never choose it."""
+    def gallery_policy(body: MatchIn) -> GalleryPolicy:
+        """The gallery's recorded thresholds (never the request's)."""
         recorded = thresholds.get(body.model_version)
         if recorded is None:
             raise PartyProblem(409, "gallery-unregistered", "Gallery not registered",
                                "register the gallery (POST /internal/galleries) before matching on it")
-        if body.threshold is not None and body.threshold != recorded:
+        return recorded
+
+    def job_threshold(body: MatchIn, policy: GalleryPolicy, n: int) -> float:
+        """The threshold for this job (identify: by the gallery's size n); a request may only repeat it."""
+        threshold = policy.threshold(body.kind, n)
+        if body.threshold is not None and body.threshold != threshold:
             raise PartyProblem(409, "threshold-mismatch", "Threshold is not the gallery's",
                                "a match job runs at the gallery's recorded threshold only")
-        return recorded
+        return threshold
 
     async def spend_budget(body: MatchIn) -> None:
         wait = bucket.take()
@@ -281,7 +294,7 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
         if body.query_shares is not None and body.kind != "identify":
             raise invalid("query_shares (a batch) is for identify only")
         await spend_budget(body)
-        threshold = gallery_threshold(body)
+        policy = gallery_policy(body)
 
         def take_rows() -> tuple[np.ndarray, np.ndarray, str]:
             shares, labels = oplog.match_rows(body.model_version, body.upto_seq, body.expected_committed,
@@ -295,6 +308,7 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
         except SnapshotTooOld as exc:
             raise PartyProblem(409, "snapshot-too-old", "Snapshot too old", str(exc)) from None
         n = int(labels.shape[0])
+        threshold = job_threshold(body, policy, n)
         batch = body.query_shares
         if n == 0:  # nothing to match: both parties (in sync) answer 0 without running the MPC
             await run_in_threadpool(audit.record, body.job_id, body.kind, body.model_version, 0,

@@ -1,6 +1,7 @@
-"""Each gallery's match threshold, fixed at the party (so no caller of the party API chooses what is revealed).
+"""Each gallery's match thresholds, fixed at the party (so no caller of the party API chooses what is revealed).
 
-The gateway registers a gallery once with its model version's threshold; the first registration is
+A gallery's policy (``secure/thresholds.py``: the verify threshold and the identify schedule by gallery size)
+is registered once by the gateway from its model version's operating points; the first registration is
 recorded and never changes. A match job reads the threshold from here, never from the request: whoever
 holds the gateway's credential can no longer binary-search a template coordinate by moving the threshold.
 Registering a gallery again with the same value is a no-op; with another value it is refused (409), so a
@@ -14,14 +15,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from secure.party.models import GalleryRow
-from secure.ranges import check_threshold
+from secure.thresholds import GalleryPolicy
 
 
 class ThresholdConflict(Exception):
-    """The gallery is already registered with another threshold."""
+    """The gallery is already registered with another policy."""
 
-    def __init__(self, model_version: str, recorded: float) -> None:
-        super().__init__(f"gallery {model_version!r} is registered with another threshold")
+    def __init__(self, model_version: str, recorded: GalleryPolicy) -> None:
+        super().__init__(f"gallery {model_version!r} is registered with other thresholds")
         self.model_version, self.recorded = model_version, recorded
 
 
@@ -30,37 +31,38 @@ class Thresholds:
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
-        self._cache: dict[str, float] = {}
+        self._cache: dict[str, GalleryPolicy] = {}
         self._lock = threading.Lock()
 
-    def get(self, model_version: str) -> float | None:
-        """The recorded threshold of ``model_version``, or None if it was never registered."""
+    def get(self, model_version: str) -> GalleryPolicy | None:
+        """The recorded policy of ``model_version``, or None if it was never registered."""
         with self._lock:
             if model_version in self._cache:
                 return self._cache[model_version]
         with self.sessions() as s:
             row = s.get(GalleryRow, model_version)
-            value = None if row is None else float(row.threshold)
+            value = None if row is None else GalleryPolicy.from_json(row.threshold, row.identify_thresholds)
         if value is not None:
             with self._lock:
                 self._cache[model_version] = value
         return value
 
-    def register(self, model_version: str, threshold: float) -> float:
-        """Record ``threshold`` for a new gallery (ValueError if out of range); idempotent for the same value.
+    def register(self, model_version: str, policy: GalleryPolicy) -> GalleryPolicy:
+        """Record ``policy`` for a new gallery; idempotent for the same policy.
 
-        Raises ThresholdConflict if the gallery already holds another threshold.
+        Raises ThresholdConflict if the gallery already holds another one.
         """
-        value = check_threshold(threshold)
+        value = policy
         recorded = self.get(model_version)
         if recorded is None:
             try:
                 with self.sessions() as s:
-                    s.add(GalleryRow(model_version=model_version, threshold=value))
+                    s.add(GalleryRow(model_version=model_version, threshold=value.verify,
+                                     identify_thresholds=value.schedule_json() or None))
                     s.commit()
             except IntegrityError:  # registered concurrently: compare with the winner below
                 pass
             recorded = self.get(model_version)
         if recorded != value:
-            raise ThresholdConflict(model_version, float(recorded))  # type: ignore[arg-type]
+            raise ThresholdConflict(model_version, recorded)  # type: ignore[arg-type]
         return value

@@ -1,4 +1,4 @@
-"""party database: fixed per-gallery thresholds and the match audit
+"""party database: fixed per-gallery thresholds (verify + identify schedule) and the match audit
 
 Revision ID: party_0002
 Revises: party_0001
@@ -18,6 +18,7 @@ def upgrade() -> None:
         "galleries",
         sa.Column("model_version", sa.String(length=200), nullable=False),
         sa.Column("threshold", sa.Float(precision=53), nullable=False),
+        sa.Column("identify_thresholds", sa.JSON(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("model_version"),
     )
