@@ -25,7 +25,7 @@ import numpy as np
 from inference.transform import TransformSpec
 
 MIN_TAIL_COUNT = 200
-SCHEDULE_SIZES = (10, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000)
+SCHEDULE_SIZES = tuple(m * 10**e for e in range(1, 7) for m in (1, 2, 5)) + (10_000_000,)  # 10 .. 10M, 1-2-5
 DEFAULT_FPIR = 1e-2
 CALIBRATION_IMAGES = 1200
 
