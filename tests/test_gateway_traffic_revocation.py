@@ -138,7 +138,7 @@ def test_rotate_key_erases_the_old_templates_at_both_parties(stack, shared):
         assert party_shares(stack, rank, seqs) == [None, None]
         assert all(s is not None for s in party_shares(stack, rank, kept_seqs))
         state = httpx.get(f"http://127.0.0.1:{stack.party_ports[rank]}/internal/state",
-                          headers=auth(stack.token)).json()
+                          headers=auth(stack.tokens[rank])).json()
         assert state["pending"] == []
     assert rotated.json() == {"tenant_id": "rotating", "key_version": 2, "revoked_templates": 2}
     for subject in subjects:  # the revoked enrollments are no longer listed; the subjects remain

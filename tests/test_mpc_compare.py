@@ -41,10 +41,12 @@ def share(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
 
 
 def run_parties(kind: str, scores: np.ndarray, labels: np.ndarray, t_raw: int, batch: int,
-                stream_id: int = 5, shared: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[list, QueueChannel]:
+                stream_id: int = 5, shared: tuple[np.ndarray, np.ndarray] | None = None,
+                query: np.ndarray | None = None) -> tuple[list, QueueChannel]:
     """Both parties on threads; each party's output share. ``shared``: the parties' input shares given directly
-    (merge), else ``scores`` is shared here."""
-    plan = corr.match_plan(kind, scores.shape[0], batch)
+    (merge), else ``scores`` is shared here. ``query`` [Q, d] (int64 fixed point): gate the output on it."""
+    plan = corr.match_plan(kind, scores.shape[0], batch, 0 if query is None else query.shape[-1])
+    q_shares = share(query, np.random.default_rng(stream_id + 1)) if query is not None else (None, None)
     corrections = corr.dealer_corrections(KEYS[0], KEYS[1], stream_id, plan)
     shares = shared or share(scores, np.random.default_rng(stream_id))
     boxes: list[queue.Queue] = [queue.Queue(), queue.Queue()]
@@ -57,7 +59,8 @@ def run_parties(kind: str, scores: np.ndarray, labels: np.ndarray, t_raw: int, b
         if kind == "merge":
             out[rank] = compare.merge(chans[rank], shares[rank], t_raw, mats)
         else:
-            out[rank] = compare.match(chans[rank], kind, shares[rank], labels, t_raw, mats)
+            out[rank] = compare.match(chans[rank], kind, shares[rank], labels, t_raw, mats,
+                                      query=q_shares[rank])
 
     threads = [threading.Thread(target=party, args=(r,)) for r in (0, 1)]
     for t in threads:
@@ -68,9 +71,10 @@ def run_parties(kind: str, scores: np.ndarray, labels: np.ndarray, t_raw: int, b
 
 
 def run_match(kind: str, scores: np.ndarray, labels: np.ndarray, t_raw: int, batch: int,
-              stream_id: int = 5, shared: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, QueueChannel]:
+              stream_id: int = 5, shared: tuple[np.ndarray, np.ndarray] | None = None,
+              query: np.ndarray | None = None) -> tuple[np.ndarray, QueueChannel]:
     """The opened output of ``run_parties``."""
-    out, ch = run_parties(kind, scores, labels, t_raw, batch, stream_id, shared)
+    out, ch = run_parties(kind, scores, labels, t_raw, batch, stream_id, shared, query)
     return (out[0] + out[1]).view(np.int64), ch
 
 
@@ -214,3 +218,58 @@ def test_shard_winners_then_merge_equal_the_global_decision(shards: int) -> None
     got, _ = run_match("merge", np.zeros((shards, 2 * q)), labels, t_raw, q, stream_id=50,
                        shared=(cand[0], cand[1]))
     assert np.array_equal(got, plain("identify", scores, labels, t_raw))
+
+
+# ------------------------------------------------------------------ the query gate (scaled-query attack, issue 9)
+UNIT = 1 << 16
+
+
+def _unit_fixed(rng: np.random.Generator, q: int, d: int) -> np.ndarray:
+    x = rng.normal(size=(q, d))
+    return np.round(x / np.linalg.norm(x, axis=1, keepdims=True) * UNIT).astype(np.int64)
+
+
+@pytest.mark.parametrize("kind", ["verify", "identify"])
+def test_query_gate_passes_unit_queries_and_zeroes_scaled_ones(kind: str) -> None:
+    """Queries: unit, unit with one coordinate exactly +-1, scaled by 1.01 (norm), scaled by 64 (the attack),
+    one coordinate 2^38 + 5 (equal to 5 modulo 2^38: the scores see 5, so it passes only if the rest is unit),
+    and a coordinate out of [-1, 1] hidden in a short vector. Every score passes the threshold: the output is
+    the plaintext one exactly where the query is at most unit, and 0 elsewhere."""
+    rng = np.random.default_rng(3)
+    d = 40
+    queries = _unit_fixed(rng, 6, d)
+    queries[1] = 0
+    queries[1, 7] = -UNIT
+    queries[2] = np.round(queries[2] * 1.01).astype(np.int64)
+    queries[3] = queries[3] * 64
+    queries[4] = 0
+    queries[4, 0] = (1 << 38) + 5
+    queries[5] = 0
+    queries[5, 3] = UNIT + 1
+    n = 9
+    scores = rng.integers(2**30, 2**31, size=(n, 6)).astype(np.int64)  # all above the threshold
+    labels = np.arange(11, 11 + n, dtype=np.int64)
+    got, _ = run_match(kind, scores, labels, 1 << 29, 6, query=queries)
+    want = plain(kind, scores, labels, 1 << 29)
+    ok = np.array([True, True, False, False, True, False])
+    assert np.array_equal(got, np.where(ok, want, 0)), (got, want)
+
+
+def test_query_gate_on_identify_best_zeroes_the_label() -> None:
+    rng = np.random.default_rng(4)
+    queries = _unit_fixed(rng, 2, 16)
+    queries[1] *= 3
+    scores = rng.integers(2**30, 2**31, size=(5, 2)).astype(np.int64)
+    labels = np.arange(1, 6, dtype=np.int64)
+    got, _ = run_match("identify-best", scores, labels, 0, 2, query=queries)
+    assert got[2] == labels[scores[:, 0].argmax()] and got[3] == 0
+
+
+def test_query_gate_costs_a_few_rounds() -> None:
+    rng = np.random.default_rng(5)
+    queries = _unit_fixed(rng, 1, 128)
+    scores = rng.integers(0, 2**31, size=(64, 1)).astype(np.int64)
+    labels = np.arange(1, 65, dtype=np.int64)
+    _, plain_ch = run_match("identify", scores, labels, 1 << 30, 0)
+    _, gated_ch = run_match("identify", scores, labels, 1 << 30, 0, query=queries[0])
+    assert gated_ch.rounds - plain_ch.rounds <= 16

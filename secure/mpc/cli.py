@@ -69,7 +69,7 @@ def _party(rank: int) -> int:
                 share = engine.submit(job, float(req.get("timeout", 60)))
                 say({"tag": tag, "share": share, "elapsed": time.monotonic() - t0,
                      "stats": engine.job_stats(req["job_id"])})
-            except MpcUnavailable as exc:
+            except (MpcUnavailable, ValueError) as exc:  # ValueError: a job the engine refuses (e.g. threshold > 1)
                 say({"tag": tag, "error": str(exc), "elapsed": time.monotonic() - t0})
 
     try:

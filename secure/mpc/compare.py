@@ -28,11 +28,13 @@ from collections.abc import Iterator
 import numpy as np
 
 from .bits import bitslice, unbitslice_bool
-from .correlations import LOW_BITS, MASK, N_BITS, CmpMaterial, MuxMaterial
+from .correlations import GATE_BLOCK, LOW_BITS, MASK, N_BITS, CmpMaterial, MuxMaterial, SqMaterial
 from .peer_link import PeerLink
 
 HALF = np.uint64(1 << (N_BITS - 1))
 ONE = np.uint64(1)
+UNIT = 1 << 16                      # a coordinate of a unit vector in fixed point is at most this (fixedpoint.SCALE)
+NORM2_MAX = int(UNIT * UNIT * 1.001)  # squared norm of a unit vector plus rounding slack (secure/ranges.MAX_NORM2)
 
 
 class PeerChannel:
@@ -185,26 +187,78 @@ def knockout(ch: PeerChannel, scores: np.ndarray, labels: np.ndarray | None, mat
     return vals[0], (_public_share(ch, labs[0]) if public else labs[0])
 
 
+def query_ok(ch: PeerChannel, query: np.ndarray, mats: Iterator) -> np.ndarray:
+    """XOR shares (bit-sliced) of [the query is at most a unit vector], one bit per query of ``query`` [Q, d].
+
+    Why: the threshold is fixed at the parties, but a query scaled by c moves the score by c, so whoever sends a
+    query could still choose the effective threshold (``bench/threshold_search.py``: the scaled-query attack).
+    The gate checks, on shares, that every coordinate lies in [-1, 1] and that the squared norm is at most
+    NORM2_MAX; the job's output is multiplied by this bit at the end (``match``), so an oversized query reveals 0.
+    Everything is read modulo 2^38 like the scores, which depend on the query only modulo 2^38 too: the bit
+    speaks for the query the comparison actually sees. Blocks of 16 squares (each < 2^36) keep every compared
+    value inside the comparison's range whenever the coordinate checks pass (otherwise the AND fails anyway).
+    Rounds: 1 (squares) + 6 (comparisons) + 1 (bits to counts) + 6 (all passed?).
+    """
+    rank = ch.rank
+    q = np.ascontiguousarray(query, dtype=np.int64).view(np.uint64)
+    n_q, d = q.shape
+    sq: SqMaterial = next(mats)
+    s = sq.s.reshape(n_q, d)
+    masked = q - s
+    e = masked + ch.exchange(masked)                     # e = q - s, opened (s fresh and uniform)
+    squares = 2 * e * s + sq.s2.reshape(n_q, d)          # shares of q^2 = e^2 + 2 e s + s^2
+    if rank == 0:
+        squares += e * e
+    blocks = -(-d // GATE_BLOCK)
+    padded = np.zeros((n_q, blocks * GATE_BLOCK), dtype=np.uint64)
+    padded[:, :d] = squares
+    block_sums = padded.reshape(n_q, blocks, GATE_BLOCK).sum(axis=2, dtype=np.uint64)
+    total = squares.sum(axis=1, dtype=np.uint64)[:, None]
+    unit, bound = (np.uint64(UNIT), np.uint64(NORM2_MAX)) if rank == 0 else (np.uint64(0), np.uint64(0))
+    y = np.concatenate([unit - q, q + unit, bound - block_sums, bound - total], axis=1)  # each >= 0 when fine
+    bits = compare_ge_zero(ch, y.reshape(-1), next(mats))
+    passed, _ = select(ch, bits, np.zeros((0, y.size), dtype=np.uint64), next(mats), want_g=True)
+    count = passed.reshape(n_q, -1).sum(axis=1, dtype=np.uint64)  # type: ignore[union-attr]
+    if rank == 0:
+        count -= np.uint64(y.shape[1])
+    return compare_ge_zero(ch, count, next(mats))       # [count - checks >= 0]: every check passed
+
+
+def _gate(ch: PeerChannel, ok_bits: np.ndarray, values: np.ndarray, mats: Iterator) -> np.ndarray:
+    """Shares of ok * v for additively shared v [Q]."""
+    _, prod = select(ch, ok_bits, values[None], next(mats))
+    return prod[0]
+
+
 def match(ch: PeerChannel, kind: str, scores: np.ndarray, labels: np.ndarray, threshold_raw: int,
-          materials: list) -> np.ndarray:
+          materials: list, query: np.ndarray | None = None) -> np.ndarray:
     """This party's additive share (uint64) of the match output for scores [n, Q] (shares, scale 2^32).
 
     verify:        [max_i score_i >= T]                      -> [Q] (0/1)
     identify:      [max_i score_i >= T] * label(argmax_i)    -> [Q] (label or 0; the lowest row wins ties)
     identify-best: the knockout winner only, no threshold    -> [2Q]: Q score shares, then Q label shares
                    (one shard's candidate for ``merge``; see ``sharding.py``)
-    ``labels`` [n] are public; ``materials`` follow ``correlations.match_plan(kind, n, Q)``.
+    ``labels`` [n] are public; ``materials`` follow ``correlations.match_plan(kind, n, Q, d)``.
+    ``query`` [Q, d] (this party's shares): gate the output on the query being at most a unit vector
+    (``query_ok``; the plan then has d > 0); identify-best gates its label (label 0 never matches).
     """
     mats = iter(materials)
     n, q = scores.shape
+    ok = query_ok(ch, query.reshape(q, -1), mats) if query is not None else None
     lab = None
     if kind in ("identify", "identify-best"):
         lab = np.broadcast_to(labels.astype(np.int64).view(np.uint64).reshape(n, 1), (n, q))
     best, best_label = knockout(ch, scores, lab, mats, labels_public=True)
     if kind == "identify-best":
+        if ok is not None:
+            best_label = _gate(ch, ok, best_label, mats)  # type: ignore[arg-type]
         _expect_end(mats)
         return np.concatenate([best, best_label])  # type: ignore[list-item]
-    return _decide(ch, kind, best, best_label, threshold_raw, mats)
+    out = _decide(ch, kind, best, best_label, threshold_raw, mats)
+    if ok is not None:
+        out = _gate(ch, ok, out, mats)
+    _expect_end(mats)
+    return out
 
 
 def merge(ch: PeerChannel, candidates: np.ndarray, threshold_raw: int, materials: list) -> np.ndarray:
@@ -213,7 +267,9 @@ def merge(ch: PeerChannel, candidates: np.ndarray, threshold_raw: int, materials
     mats = iter(materials)
     q = candidates.shape[1] // 2
     best, best_label = knockout(ch, candidates[:, :q], candidates[:, q:], mats)
-    return _decide(ch, "identify", best, best_label, threshold_raw, mats)
+    out = _decide(ch, "identify", best, best_label, threshold_raw, mats)
+    _expect_end(mats)
+    return out
 
 
 def _decide(ch: PeerChannel, kind: str, best: np.ndarray, best_label: np.ndarray | None, threshold_raw: int,
@@ -225,7 +281,6 @@ def _decide(ch: PeerChannel, kind: str, best: np.ndarray, best_label: np.ndarray
     bit = compare_ge_zero(ch, y, next(mats))
     carried = np.stack([best_label]) if best_label is not None else np.zeros((0, q), dtype=np.uint64)
     g, prod = select(ch, bit, carried, next(mats), want_g=kind != "identify")
-    _expect_end(mats)
     return prod[0] if kind == "identify" else g  # type: ignore[return-value]
 
 

@@ -16,6 +16,8 @@ Per comparison of E values (each |y| < 2^(N_BITS-1)), W = ceil(E / 64) words:
 Per selection (bit -> arithmetic, times V values) of E elements:
   rho_bits [W] both (XOR shares of a random bit rho); rho_arith [E] p1 (additive shares of rho);
   b [V, E] both (masks of the values); rho_b [V, E] p1 (additive shares of rho * b).
+Per squaring of E values (the query gate, ``compare.query_ok``): s [E] both (additive shares of a random s),
+  s2 [E] p1 (additive shares of s * s).
 """
 from __future__ import annotations
 
@@ -33,6 +35,18 @@ LATER_WIDTH = LOW_BITS - FIRST_PAIRS  # positions entering the second level
 MASK = np.uint64((1 << N_BITS) - 1)
 MAX_ROWS = 1 << 24      # largest gallery a dealer request may name
 MAX_BATCH = 4096
+MAX_DIM = 4096
+GATE_BLOCK = 16         # the query gate sums squares in blocks of 16 coordinates (each block < 2^36)
+
+
+def gate_width(dim: int) -> int:
+    """Comparisons per query in the gate: 2 per coordinate (|q_i| <= 1), one per block and one for the norm."""
+    return 2 * dim + -(-dim // GATE_BLOCK) + 1
+
+
+@dataclass(frozen=True)
+class Sq:
+    size: int
 
 
 @dataclass(frozen=True)
@@ -49,18 +63,23 @@ class Mux:
 PLAN_KINDS = ("verify", "identify", "identify-best", "merge")
 
 
-def match_plan(kind: str, rows: int, batch: int) -> list[Cmp | Mux]:
+def match_plan(kind: str, rows: int, batch: int, dim: int = 0) -> list[Cmp | Mux | Sq]:
     """The comparisons and selections of one job (see ``compare.match`` / ``compare.merge``): a knockout over
     ``rows`` for each of ``max(batch, 1)`` queries, then the threshold (not for identify-best). identify,
     identify-best and merge carry (score, label), except identify's first level (public labels); verify only
-    the score."""
+    the score. ``dim`` > 0 (not for merge): the query gate (``compare.query_ok``) first, its output gating last."""
     if kind not in PLAN_KINDS:
         raise ValueError(f"unknown job kind {kind!r}")
-    if not 1 <= rows <= MAX_ROWS or not 0 <= batch <= MAX_BATCH:
+    if not 1 <= rows <= MAX_ROWS or not 0 <= batch <= MAX_BATCH or not 0 <= dim <= MAX_DIM:
         raise ValueError("job size out of range")
+    if dim and kind == "merge":
+        raise ValueError("a merge job has no query to gate")
     q = max(int(batch), 1)
     carried = 1 if kind == "verify" else 2
-    steps: list[Cmp | Mux] = []
+    steps: list[Cmp | Mux | Sq] = []
+    if dim:
+        k = q * gate_width(dim)
+        steps += [Sq(q * dim), Cmp(k), Mux(k, 0), Cmp(q)]
     m = int(rows)
     first = True
     while m > 1:
@@ -71,6 +90,8 @@ def match_plan(kind: str, rows: int, batch: int) -> list[Cmp | Mux]:
         first = False
     if kind != "identify-best":
         steps += [Cmp(q), Mux(q, 0 if kind == "verify" else 1)]
+    if dim:
+        steps += [Mux(q, 1)]  # output (or identify-best's label) times the gate bit
     return steps
 
 
@@ -149,14 +170,31 @@ def draw_mux(src: PartySource, size: int, values: int) -> MuxMaterial:
     return MuxMaterial(rho_bits, rho_arith, b, rho_b)
 
 
-def party_materials(src: PartySource, plan: list[Cmp | Mux]) -> list[CmpMaterial | MuxMaterial]:
-    out = [draw_cmp(src, s.size) if isinstance(s, Cmp) else draw_mux(src, s.size, s.values) for s in plan]
+@dataclass
+class SqMaterial:
+    s: np.ndarray
+    s2: np.ndarray
+
+
+def draw_sq(src: PartySource, size: int) -> SqMaterial:
+    return SqMaterial(src.both(size), src.p1(size))
+
+
+def party_materials(src: PartySource, plan: list[Cmp | Mux | Sq]) -> list[CmpMaterial | MuxMaterial | SqMaterial]:
+    out: list[CmpMaterial | MuxMaterial | SqMaterial] = []
+    for step in plan:
+        if isinstance(step, Cmp):
+            out.append(draw_cmp(src, step.size))
+        elif isinstance(step, Mux):
+            out.append(draw_mux(src, step.size, step.values))
+        else:
+            out.append(draw_sq(src, step.size))
     src.finish()
     return out
 
 
 # ----------------------------------------------------------------------------------------------- dealer side
-def dealer_corrections(key0: bytes, key1: bytes, stream_id: int, plan: list[Cmp | Mux]) -> np.ndarray:
+def dealer_corrections(key0: bytes, key1: bytes, stream_id: int, plan: list[Cmp | Mux | Sq]) -> np.ndarray:
     """Party 0's "p1" fields for the whole job, in plan order (uint64). Draws both parties' streams exactly as
     ``party_materials`` does at each party."""
     s0, s1 = AesCtrStream(key0, stream_id), AesCtrStream(key1, stream_id)
@@ -164,8 +202,11 @@ def dealer_corrections(key0: bytes, key1: bytes, stream_id: int, plan: list[Cmp 
     for step in plan:
         if isinstance(step, Cmp):
             _dealer_cmp(s0, s1, step.size, out)
-        else:
+        elif isinstance(step, Mux):
             _dealer_mux(s0, s1, step.size, step.values, out)
+        else:
+            sq = s0.u64(step.size) + s1.u64(step.size)
+            out.append(sq * sq - s1.u64(step.size))
     return np.concatenate(out) if out else np.zeros(0, dtype=np.uint64)
 
 

@@ -34,7 +34,8 @@ import numpy as np
 from .protocol import threshold_raw
 from .settings import DEALER
 
-PROTOCOL_VERSION = 4  # 3: dealer-bits comparison (PRG keys sent to the dealer at start); 4: public labels at level 1
+PROTOCOL_VERSION = 5  # 3: dealer-bits comparison; 4: public labels at level 1; 5: AES-CTR TTP streams from
+# authenticated X25519 session keys, the query gate (compare.query_ok)
 DEALER_FUNCTIONS = frozenset({"additive", "square", "binary", "wraps", "B2A", "ping",
                               "fg_mask", "fg_query", "fg_reset", "cmp_corrections", "cmp_collect"})
 
@@ -338,8 +339,9 @@ class _Party:
             batch = int(q.shape[0]) if q.ndim == 2 else 0
             if p["kind"] == "merge":
                 batch = int(p["gallery_share"].shape[1]) // 2
+            gate = None if p["kind"] == "merge" else np.asarray(q, dtype=np.int64).reshape(max(batch, 1), -1)
             compare_fn, request, prefetch = self._compare_fn(p["kind"], np.asarray(p["labels"], dtype=np.int64),
-                                                             int(p["gallery_share"].shape[0]), batch, channel)
+                                                             int(p["gallery_share"].shape[0]), batch, channel, gate)
 
         self.comm.reset_communication_stats()
         self.timings: dict[str, float] = {}
@@ -382,32 +384,36 @@ class _Party:
         for job_id in p.get("members") or [p["job_id"]]:
             self.outq.put(("fail", job_id, reason))
 
-    def _compare_fn(self, kind: str, labels: np.ndarray, rows: int, batch: int, channel: Any):  # type: ignore[no-untyped-def]
+    def _compare_fn(self, kind: str, labels: np.ndarray, rows: int, batch: int, channel: Any,  # type: ignore[no-untyped-def]
+                    gate: np.ndarray | None = None):
         """The dealer-bits comparison for one job: (run, request, prefetch).
 
         ``prefetch()`` gives the arguments the fixed-gallery score request carries so that the dealer starts
         computing this job's corrections right away, beside the score randomness. ``request()`` makes party 0
         ask the dealer for its corrections without waiting (the score step calls it as soon as its own dealer
         answer is in): a collect if they were prefetched, else a full request. ``run`` collects them (asking
-        first if nobody did), draws this party's PRG fields and runs the online rounds."""
+        first if nobody did), draws this party's PRG fields and runs the online rounds. ``gate``: this party's
+        query shares [Q, d]; the output is then multiplied by [the query is at most a unit vector]
+        (``compare.query_ok``)."""
         from . import compare, correlations, dealer_client
         from .prg import AesCtrStream
 
         self.cmp_jobs += 1
         stream_id = self.cmp_jobs
-        plan = correlations.match_plan(kind, rows, batch)
+        dim = 0 if gate is None else int(gate.shape[1])
+        plan = correlations.match_plan(kind, rows, batch, dim)
         asked, prefetched = [False], [False]
 
         def prefetch() -> tuple:
             prefetched[0] = True
-            return (kind, rows, batch, stream_id)
+            return (kind, rows, batch, stream_id, dim)
 
         def request() -> None:
             if self.rank == 0 and not asked[0]:
                 if prefetched[0]:
                     dealer_client.send_request("cmp_collect", stream_id)
                 else:
-                    dealer_client.send_request("cmp_corrections", kind, rows, batch, stream_id)
+                    dealer_client.send_request("cmp_corrections", kind, rows, batch, stream_id, dim)
                 asked[0] = True
 
         def run(scores: np.ndarray, t_raw: int) -> np.ndarray:
@@ -427,7 +433,7 @@ class _Party:
             if kind == "merge":
                 out = compare.merge(channel, scores, t_raw, materials)
             else:
-                out = compare.match(channel, kind, scores, labels, t_raw, materials)
+                out = compare.match(channel, kind, scores, labels, t_raw, materials, query=gate)
             self.timings.update(compare_dealer_s=t1 - t0, compare_draw_s=t2 - t1,
                                 compare_online_s=time.perf_counter() - t2)
             return out
@@ -666,8 +672,8 @@ def _make_dealer_class():  # type: ignore[no-untyped-def]
                                  int(batch), bool(use_floats))
 
         # dealer-bits comparison (secure/mpc/correlations.py): party 0's share of the job's correlated bits
-        def cmp_corrections(self, kind, rows, batch, stream_id):  # type: ignore[no-untyped-def]
-            self._start_corrections(kind, rows, batch, stream_id)
+        def cmp_corrections(self, kind, rows, batch, stream_id, dim=0):  # type: ignore[no-untyped-def]
+            self._start_corrections(kind, rows, batch, stream_id, dim)
             return self.cmp_collect(stream_id)
 
         def cmp_collect(self, stream_id):  # type: ignore[no-untyped-def]
@@ -680,13 +686,13 @@ def _make_dealer_class():  # type: ignore[no-untyped-def]
             corr = pending[1].result(timeout=self.timeout.total_seconds())
             return torch.from_numpy(np.ascontiguousarray(corr).view(np.int64))
 
-        def _start_corrections(self, kind, rows, batch, stream_id) -> None:  # type: ignore[no-untyped-def]
+        def _start_corrections(self, kind, rows, batch, stream_id, dim=0) -> None:  # type: ignore[no-untyped-def]
             from . import correlations
 
             if int(stream_id) <= self.cmp_last_stream:
                 raise RuntimeError("comparison PRG stream reused")
             self.cmp_last_stream = int(stream_id)
-            plan = correlations.match_plan(str(kind), int(rows), int(batch))
+            plan = correlations.match_plan(str(kind), int(rows), int(batch), int(dim))
             self.cmp_pending = (int(stream_id), self.cmp_pool.submit(
                 correlations.dealer_corrections, self.cmp_keys[0], self.cmp_keys[1], int(stream_id), plan))
 
