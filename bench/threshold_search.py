@@ -84,7 +84,9 @@ class Cluster:
         self.master_port = free_port()
 
     def env(self, role: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVFACE_")}
+        # PRIVFACE_PARTY_MATCH_* pass through: lift the parties' rate limit to test the other defences alone
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("PRIVFACE_") or k.startswith("PRIVFACE_PARTY_MATCH_")}
         mpc = {"PRIVFACE_MPC_SECRET_P0_DEALER": "p0-dealer-" + "a" * 32,
                "PRIVFACE_MPC_SECRET_P1_DEALER": "p1-dealer-" + "b" * 32,
                "PRIVFACE_MPC_SECRET_P0_P1": "p0-p1-" + "c" * 32}
