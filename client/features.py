@@ -17,7 +17,7 @@ import numpy as np
 
 from client.align import align_face
 from client.detect import FaceDetector, FacePolicy, select_face
-from inference.transform import TransformSpec
+from inference.transform import OsNoise, TransformSpec
 
 Photo = Union[str, Path, bytes, bytearray, np.ndarray]
 
@@ -72,9 +72,9 @@ def extract_features(photo: Photo, spec: TransformSpec, face_policy: FacePolicy 
     return encode_features(spec.apply(face, fresh_rng()), spec)
 
 
-def fresh_rng() -> np.random.Generator:
-    """A generator seeded from the OS CSPRNG, so noise is never reused or predictable across payloads."""
-    return np.random.default_rng(secrets.randbits(128))
+def fresh_rng() -> OsNoise:
+    """Noise straight from the OS CSPRNG (``inference.transform.OsNoise``): never reused, never predictable."""
+    return OsNoise()
 
 
 def encode_features(features: np.ndarray, spec: TransformSpec) -> FeaturePayload:

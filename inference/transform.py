@@ -32,10 +32,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -190,7 +191,7 @@ class TransformSpec:
         return TransformSpec(self.name, self.luma_keep, self.chroma_keep, self.clip_sigmas, self.mechanism,
                              epsilon_per_coefficient, delta if delta is not None else self.delta, self.channel_std)
 
-    def apply(self, face_rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def apply(self, face_rgb: np.ndarray, rng: NoiseSource) -> np.ndarray:
         return apply(face_rgb, self, rng)
 
     def clean(self, face_rgb: np.ndarray) -> np.ndarray:
@@ -271,7 +272,41 @@ def clipped(face_rgb: np.ndarray, spec: TransformSpec) -> np.ndarray:
     return np.clip(features, -bounds, bounds)
 
 
-def add_noise(features: np.ndarray, spec: TransformSpec, rng: np.random.Generator) -> np.ndarray:
+class NoiseSource(Protocol):
+    """What add_noise draws from: a numpy Generator (training, studies: seeded, reproducible) or ``OsNoise``."""
+
+    def laplace(self, loc: float, scale: Any) -> np.ndarray: ...
+
+    def normal(self, loc: float, scale: Any) -> np.ndarray: ...
+
+
+class OsNoise:
+    """Laplace and Gaussian draws from ``os.urandom``: the SDK's privacy noise, which nothing may predict.
+
+    Why not a seeded numpy Generator: PCG64 is not a cryptographic generator (its state follows from its output),
+    and the noise is what protects the features. Uniforms carry 53 random bits; Laplace by the inverse CDF,
+    Gaussian by Box-Muller.
+    """
+
+    @staticmethod
+    def uniform(shape: tuple[int, ...]) -> np.ndarray:
+        """Uniform floats in (0, 1) (never exactly 0: logarithms stay finite)."""
+        n = int(np.prod(shape)) if shape else 1
+        words = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
+        return ((words.astype(np.float64) + 0.5) * 2.0**-53).reshape(shape)
+
+    def laplace(self, loc: float, scale: Any) -> np.ndarray:
+        scale = np.asarray(scale, dtype=np.float64)
+        u = self.uniform(scale.shape) - 0.5
+        return loc - scale * np.sign(u) * np.log1p(-2.0 * np.abs(u))
+
+    def normal(self, loc: float, scale: Any) -> np.ndarray:
+        scale = np.asarray(scale, dtype=np.float64)
+        u1, u2 = self.uniform(scale.shape), self.uniform(scale.shape)
+        return loc + scale * np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+
+
+def add_noise(features: np.ndarray, spec: TransformSpec, rng: NoiseSource) -> np.ndarray:
     """Clipped features [..., K, 14, 14] plus the spec's calibrated noise (float64); unchanged without noise."""
     if not spec.noisy:
         return features
@@ -286,7 +321,7 @@ def to_float16(features: np.ndarray) -> np.ndarray:
     return np.clip(features, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
 
 
-def apply(face_rgb: np.ndarray, spec: TransformSpec, rng: np.random.Generator) -> np.ndarray:
+def apply(face_rgb: np.ndarray, spec: TransformSpec, rng: NoiseSource) -> np.ndarray:
     """The client-side transform: aligned RGB uint8 face(s) [..., 112, 112, 3] -> float16 [..., K, 14, 14]."""
     return to_float16(add_noise(clipped(face_rgb, spec), spec, rng))
 

@@ -204,3 +204,21 @@ def test_transform_is_fast():
     rng = np.random.default_rng(0)
     per_face = min(timeit.repeat(lambda: T.apply(face, spec, rng), number=20, repeat=5)) / 20
     assert per_face < 0.004, f"{per_face * 1e3:.2f} ms per face"  # ~1 ms measured on a loaded 2-core box
+
+
+def test_sdk_noise_comes_from_the_os_and_has_the_right_law() -> None:
+    """The SDK's noise (OsNoise, os.urandom) is Laplace / Gaussian with the requested scale (KS test), and two
+    draws never repeat (a seeded numpy generator would be predictable from its output)."""
+    from scipy import stats
+
+    from client.features import fresh_rng
+    from inference.transform import OsNoise
+
+    noise = fresh_rng()
+    assert isinstance(noise, OsNoise)
+    lap = noise.laplace(0.0, np.full(20000, 2.0))
+    gau = noise.normal(0.0, np.full(20000, 3.0))
+    assert stats.kstest(lap, "laplace", args=(0, 2.0)).pvalue > 1e-4
+    assert stats.kstest(gau, "norm", args=(0, 3.0)).pvalue > 1e-4
+    assert not np.array_equal(noise.laplace(0.0, np.ones(64)), noise.laplace(0.0, np.ones(64)))
+    assert np.isfinite(OsNoise.uniform((100000,))).all() and 0 < OsNoise.uniform((100000,)).min()
