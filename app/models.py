@@ -74,7 +74,8 @@ class Operation(Base):
     seq: Mapped[int] = mapped_column(Seq, primary_key=True, autoincrement=True)
     kind: Mapped[str] = mapped_column(String(16))  # store | delete
     template_seqs: Mapped[list[int]] = mapped_column(JSON, default=list)
-    model_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # the parties' gallery name ({version}/{tenant}/k{n}, app/services/templates.gallery_name), not a model version
+    model_version: Mapped[str | None] = mapped_column(String(200), nullable=True)
     state: Mapped[str] = mapped_column(String(16), default="preparing", index=True)  # preparing|committed|aborted
     acked_0: Mapped[bool] = mapped_column(Boolean, default=False)
     acked_1: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -162,3 +162,20 @@ def test_jobs_in_process_and_reenrollment_under_a_new_model(tmp_path, shared):
         assert found["subject_id"] == subject and found["model_version"] == "v0b"
     finally:
         stack.stop()
+
+
+def test_operations_hold_gallery_names_of_the_longest_tenant_ids_in_postgresql(postgres_url) -> None:  # type: ignore[no-untyped-def]
+    """Regression (issue 14): the gallery name {version}/{tenant}/k{n} reached ~135 characters with a 64-character
+    tenant id, and operations.model_version was VARCHAR(64): PostgreSQL refused the enrollment."""
+    from app.db import make_engine, make_sessionmaker, session_scope
+    from app.migrate import migrate_gateway
+    from app.models import Operation
+    from app.services.templates import gallery_name
+
+    migrate_gateway(postgres_url)
+    gallery = gallery_name("v" * 64, "t" * 64, 12345)
+    assert len(gallery) > 64
+    with session_scope(make_sessionmaker(make_engine(postgres_url))) as session:
+        session.add(Operation(kind="store", model_version=gallery, template_seqs=[1], context={}))
+    with session_scope(make_sessionmaker(make_engine(postgres_url))) as session:
+        assert session.query(Operation).one().model_version == gallery
