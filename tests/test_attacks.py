@@ -128,12 +128,14 @@ def test_tiny_a1_run_learns_and_resumes(tmp_path):
 
 
 @needs_lfw
-def test_time_budget_stops_training(tmp_path):
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_time_budget_stops_training(tmp_path, clock):
     spec = spec_v0()
     faces = training_faces(LFW, spec, max_identities=2, max_images_per_identity=4)
-    progress = train(A1(spec.num_channels), faces, Budget(minutes=0.05, batch=4), tmp_path / "c.pt", {},
-                     log=lambda m: None)
+    progress = train(A1(spec.num_channels), faces, Budget(minutes=0.05, batch=4, clock=clock), tmp_path / "c.pt",
+                     {}, log=lambda m: None)
     assert 3.0 <= progress.elapsed < 10.0 and progress.step >= 1
+    assert progress.wall >= progress.elapsed - 0.5  # one thread: CPU time never runs ahead of wall time much
 
 
 # --- CLI and docs ----------------------------------------------------------------------------------

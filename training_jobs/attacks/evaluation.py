@@ -117,7 +117,7 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         clean = r.get("sface_rank1_clean_probes", r.get("pixel_rank1_clean_probes"))
         lines.append(
-            f"| {r['attack'].upper()} ({r['scorer']}) | {r['transform']} | {r['epsilon']} | {r['minutes']:g} min | "
+            f"| {r['attack'].upper()} ({r['scorer']}) | {r['transform']} | {r['epsilon']} | {r['minutes']:g} min {r.get('clock', 'wall')} | "
             f"{r['steps']} ({r['epochs']:.2f}) | **{_pct(r['rank1'])}** | {_pct(r['chance_rank1'])} | {_pct(clean)} | "
             f"{_pct(r['tar_at_far_1e-3'])} | {_num(r.get('psnr_mean_db'), 2)} | {_num(r.get('ssim_mean'), 3)} | "
             f"{r['probes']} / {r['gallery']} |")
