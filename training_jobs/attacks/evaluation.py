@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -60,7 +61,9 @@ def cached_embeddings(faces: np.ndarray, paths: list[str], embed, cache_dir: Pat
         return np.load(path)
     vectors = embed_all(faces, embed)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    np.save(path, vectors)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, vectors)
+    tmp.replace(path)  # atomic: a run in parallel never reads half a file
     return vectors
 
 
