@@ -105,8 +105,8 @@ def upsert_result(path: Path, row: dict) -> list[dict]:
     return rows
 
 
-def _pct(value) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
+def _pct(value, digits: int = 1) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.{digits}f}%"
 
 
 def _num(value, digits: int) -> str:
@@ -121,7 +121,7 @@ def markdown_table(rows: list[dict]) -> str:
         clean = r.get("sface_rank1_clean_probes", r.get("pixel_rank1_clean_probes"))
         lines.append(
             f"| {r['attack'].upper()} ({r['scorer']}) | {r['transform']} | {r['epsilon']} | {r['minutes']:g} min {r.get('clock', 'wall')} | "
-            f"{r['steps']} ({r['epochs']:.2f}) | **{_pct(r['rank1'])}** | {_pct(r['chance_rank1'])} | {_pct(clean)} | "
+            f"{r['steps']} ({r['epochs']:.2f}) | **{_pct(r['rank1'])}** | {_pct(r['chance_rank1'], 2)} | {_pct(clean)} | "
             f"{_pct(r['tar_at_far_1e-3'])} | {_num(r.get('psnr_mean_db'), 2)} | {_num(r.get('ssim_mean'), 3)} | "
             f"{r['probes']} / {r['gallery']} |")
     return "\n".join(lines)
