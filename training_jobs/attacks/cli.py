@@ -1,0 +1,163 @@
+"""Command line: train an attack for a fixed budget (resumable), score it on folds 6-10, rebuild the docs.
+
+    nice -n 5 python -m training_jobs.attacks run --attack a1 --transform dct8-v0 --epsilon 64 --minutes 8
+    python -m training_jobs.attacks table          # README table + grids from docs/attacks/results.json
+
+`run` trains in var/attacks/<run>/ (checkpoint.pt; rerunning the same command resumes an unfinished run and
+only re-scores a finished one), then writes its row into docs/attacks/results.json, the table in
+docs/attacks/README.md and the grid docs/attacks/grid_<transform>_eps<ε>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from inference.lfw import lfw_dir, shared_dir
+from inference.transform import PRESETS, TransformSpec
+from training_jobs.attacks.a1_inverter import A1
+from training_jobs.attacks.a2_identity import A2
+from training_jobs.attacks.a3_embedding import A3
+from training_jobs.attacks.data import normaliser, probe_set, to_uint8, training_faces
+from training_jobs.attacks.evaluation import (grid_indices, run_batched, score_embeddings, score_images,
+                                              upsert_result, write_grid, write_table)
+from training_jobs.attacks.training import Budget, load_checkpoint, train
+from training_jobs.evaluate import pixel_mobilefacenet_embedder
+
+ATTACKS = ("a1", "a2", "a3")
+
+
+def parse_epsilon(text: str) -> float | None:
+    return None if text.lower() in ("none", "inf") else float(text)
+
+
+def epsilon_tag(epsilon: float | None) -> str:
+    return "none" if epsilon is None else f"{epsilon:g}"
+
+
+def run_name(attack: str, transform: str, epsilon: float | None, minutes: float, clock: str = "wall") -> str:
+    return f"{attack}-{transform}-eps{epsilon_tag(epsilon)}-{minutes:g}min" + ("-cpu" if clock == "cpu" else "")
+
+
+def make_attack(name: str, spec: TransformSpec, shared: Path, ssim_weight: float, identity_weight: float):
+    if name == "a1":
+        return A1(spec.num_channels, ssim_weight)
+    if name == "a2":
+        return A2(spec.num_channels, shared, identity_weight, ssim_weight)
+    if name == "a3":
+        return A3(spec.num_channels, shared)
+    raise ValueError(f"unknown attack {name!r}; choose from {ATTACKS}")
+
+
+def evaluate(attack, name: str, spec: TransformSpec, args: argparse.Namespace, run_dir: Path, lfw: Path,
+             shared: Path) -> dict:
+    probes = probe_set(lfw, args.max_probes, args.seed, args.max_eval_identities)
+    features = probes.probe_features(spec, args.seed)
+    scale = normaliser(spec)
+    cache = args.runs_dir / "cache"
+    if name == "a3":
+        predicted = run_batched(attack.embed, features, scale).numpy()
+        return score_embeddings(predicted, probes, pixel_mobilefacenet_embedder(shared), cache) | _sizes(probes)
+    from training_jobs.sface import SFaceEmbedder
+    rebuilt = to_uint8(run_batched(attack.reconstruct, features, scale))
+    np.save(run_dir / "grid.npy", rebuilt[grid_indices(len(rebuilt))])
+    return score_images(rebuilt, probes, SFaceEmbedder(threads=args.threads).embed, cache) | _sizes(probes)
+
+
+def _sizes(probes) -> dict:
+    return {"probes": len(probes.probe_paths), "gallery": len(probes.gallery_paths),
+            "chance_rank1": 1.0 / len(probes.gallery_paths)}
+
+
+def command_run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    shared = args.shared_dir or shared_dir()
+    lfw = lfw_dir(shared)
+    spec = PRESETS[args.transform](args.epsilon)
+    name = args.name or run_name(args.attack, args.transform, args.epsilon, args.minutes, args.clock)
+    run_dir = args.runs_dir / name
+    attack = make_attack(args.attack, spec, shared, args.ssim_weight, args.identity_weight)
+    dataset = training_faces(lfw, spec, args.seed, args.max_train_identities, args.max_images_per_identity)
+    budget = Budget(args.minutes, args.batch, args.lr, args.seed, max_steps=args.max_steps, clock=args.clock)
+    meta = {"attack": args.attack, "transform": args.transform, "transform_id": spec.transform_id,
+            "epsilon": epsilon_tag(args.epsilon), "minutes": args.minutes, "clock": args.clock, "batch": args.batch}
+    started = time.perf_counter()
+    progress = train(attack, dataset, budget, run_dir / "checkpoint.pt", meta)
+    print(f"trained {progress.step} steps, {progress.epoch + progress.position / len(dataset):.2f} epochs, "
+          f"{progress.elapsed:.0f} s of training", flush=True)
+    scores = evaluate(attack, args.attack, spec, args, run_dir, lfw, shared)
+    row = {"run": name, **meta, "threads": args.threads, "train_images": len(dataset), "steps": progress.step,
+           "epochs": progress.epoch + progress.position / len(dataset), "train_seconds": round(progress.elapsed, 1),
+           "train_wall_seconds": round(progress.wall, 1),
+           "loss_first": progress.losses[0] if progress.losses else None,
+           "loss_last": progress.losses[-1] if progress.losses else None,
+           "ssim_weight": args.ssim_weight, "identity_weight": args.identity_weight if args.attack == "a2" else None,
+           "seed": args.seed, **scores, "eval_seconds": round(time.perf_counter() - started - progress.wall, 1),
+           "command": args.command_line}
+    print(json.dumps({k: v for k, v in row.items() if k != "command"}, indent=1), flush=True)
+    rows = upsert_result(args.out / "results.json", row)
+    if args.max_eval_identities is None and args.max_probes == 1000:  # only full-protocol runs go in the docs
+        write_table(args.out / "README.md", rows)
+        write_grid(args.out, args.transform, epsilon_tag(args.epsilon), probe_set(lfw, 1000, args.seed).probe_faces[
+            grid_indices(1000)], args.runs_dir, rows)
+    return row
+
+
+def command_table(args: argparse.Namespace) -> None:
+    rows = json.loads((args.out / "results.json").read_text())
+    write_table(args.out / "README.md", rows)
+    lfw = lfw_dir(args.shared_dir or shared_dir())
+    originals = probe_set(lfw, 1000, 0).probe_faces[grid_indices(1000)]
+    for transform, eps in sorted({(r["transform"], str(r["epsilon"])) for r in rows}):
+        write_grid(args.out, transform, eps, originals, args.runs_dir, rows)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training_jobs.attacks", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train (or resume) an attack for a fixed budget, then score it")
+    run.add_argument("--attack", choices=ATTACKS, required=True)
+    run.add_argument("--transform", choices=sorted(PRESETS), required=True)
+    run.add_argument("--epsilon", type=parse_epsilon, default=64.0, help="ε per coefficient, or 'none'")
+    run.add_argument("--minutes", type=float, required=True, help="wall-clock training budget")
+    run.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                     help="what --minutes counts: wall time, or this process's CPU time (fairer on a busy CPU)")
+    run.add_argument("--threads", type=int, default=1)
+    run.add_argument("--batch", type=int, default=32)
+    run.add_argument("--lr", type=float, default=1e-3)
+    run.add_argument("--ssim-weight", type=float, default=0.0)
+    run.add_argument("--identity-weight", type=float, default=0.5, help="A2 only")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--max-probes", type=int, default=1000)
+    run.add_argument("--max-steps", type=int, default=None, help="stop earlier than the budget (tests)")
+    run.add_argument("--max-train-identities", type=int, default=None, help="tests: a small training split")
+    run.add_argument("--max-images-per-identity", type=int, default=None)
+    run.add_argument("--max-eval-identities", type=int, default=None, help="tests: a small gallery")
+    run.add_argument("--name", default=None, help="run name (default: attack-transform-eps-minutes)")
+    table = sub.add_parser("table", help="rebuild the README table and grids from results.json")
+    for sp in (run, table):
+        sp.add_argument("--out", type=Path, default=Path("docs/attacks"))
+        sp.add_argument("--runs-dir", type=Path, default=Path("var/attacks"))
+        sp.add_argument("--shared-dir", type=Path, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv)
+    args.command_line = "python -m training_jobs.attacks " + " ".join(argv)
+    if args.command == "run":
+        command_run(args)
+    else:
+        command_table(args)
+
+
+if __name__ == "__main__":
+    main()
