@@ -385,9 +385,18 @@ def _check_face(face_rgb: np.ndarray) -> None:
 
 V0_LUMA_KEEP = tuple(range(1, COEFFS))  # everything but DC
 V0_CHROMA_KEEP = (1, 2, 8, 9, 16)  # five low AC frequencies: "sparse colour"
+ZIGZAG = (0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27, 20, 13, 6,
+          7, 14, 21, 28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51, 58, 59, 52, 45, 38, 31,
+          39, 46, 53, 60, 61, 54, 47, 55, 62, 63)  # JPEG order: low frequencies first
 LOW10 = (0, 1, 2, 3, 8, 9, 10, 16, 17, 24)  # the 10 lowest frequencies (zig-zag), ~95% of luma AC variance
 LOW10_LUMA_KEEP = tuple(k for k in range(COEFFS) if k not in LOW10)
 LOW10_CHROMA_KEEP = (4, 11, 18, 25, 32)  # the next five in zig-zag order, so colour stays sparse
+
+
+def _low_removed(count: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(luma keep, chroma keep) with the ``count`` lowest zig-zag frequencies removed; chroma keeps the next five."""
+    removed = set(ZIGZAG[:count])
+    return tuple(k for k in range(COEFFS) if k not in removed), tuple(sorted(ZIGZAG[count:count + 5]))
 DEFAULT_CLIP_SIGMAS = 4.0
 # Chosen by the fold-1 measurement in docs/models/v0.md: the strongest noise whose accuracy with model
 # v0 stays within ~2 points of no noise.
@@ -422,7 +431,17 @@ def spec_low10(epsilon_per_coefficient: float | None = DEFAULT_EPSILON_PER_COEFF
     return make_spec("dct8-low10", LOW10_LUMA_KEEP, LOW10_CHROMA_KEEP, epsilon_per_coefficient)
 
 
-PRESETS = {"dct8-v0": spec_v0, "dct8-low10": spec_low10}
+def spec_low15(epsilon_per_coefficient: float | None = DEFAULT_EPSILON_PER_COEFFICIENT) -> TransformSpec:
+    """The 15 lowest frequencies removed (privacy-frontier candidate, issue 10)."""
+    return make_spec("dct8-low15", *_low_removed(15), epsilon_per_coefficient)
+
+
+def spec_low21(epsilon_per_coefficient: float | None = DEFAULT_EPSILON_PER_COEFFICIENT) -> TransformSpec:
+    """The 21 lowest frequencies removed (privacy-frontier candidate, issue 10)."""
+    return make_spec("dct8-low21", *_low_removed(21), epsilon_per_coefficient)
+
+
+PRESETS = {"dct8-v0": spec_v0, "dct8-low10": spec_low10, "dct8-low15": spec_low15, "dct8-low21": spec_low21}
 
 
 def default_spec() -> TransformSpec:

@@ -222,3 +222,14 @@ def test_sdk_noise_comes_from_the_os_and_has_the_right_law() -> None:
     assert stats.kstest(gau, "norm", args=(0, 3.0)).pvalue > 1e-4
     assert not np.array_equal(noise.laplace(0.0, np.ones(64)), noise.laplace(0.0, np.ones(64)))
     assert np.isfinite(OsNoise.uniform((100000,))).all() and 0 < OsNoise.uniform((100000,)).min()
+
+
+def test_frontier_presets_remove_the_lowest_zigzag_frequencies() -> None:
+    from inference.transform import LOW10, LOW10_CHROMA_KEEP, PRESETS, ZIGZAG
+
+    assert sorted(ZIGZAG) == list(range(64)) and set(ZIGZAG[:10]) == set(LOW10)
+    assert tuple(sorted(ZIGZAG[10:15])) == LOW10_CHROMA_KEEP
+    for name, removed in (("dct8-low15", 15), ("dct8-low21", 21)):
+        spec = PRESETS[name]()
+        assert not set(spec.luma_keep) & set(ZIGZAG[:removed]) and len(spec.luma_keep) == 64 - removed
+        assert not set(spec.chroma_keep) & set(ZIGZAG[:removed]) and len(spec.chroma_keep) == 5
