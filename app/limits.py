@@ -1,4 +1,10 @@
-"""Request-size limit as ASGI middleware: a body over the limit gets a 413 problem before any parsing."""
+"""Request-size limit as ASGI middleware: a body over the limit gets a 413 problem before any parsing.
+
+A declared Content-Length is checked before the body is read (the server then enforces that length).
+A body without one (chunked transfer encoding) is read here, up to the limit, before the app sees it:
+raising from inside the app's `receive` would not work, because FastAPI turns any error while reading
+the body into a 400.
+"""
 from __future__ import annotations
 
 import json
@@ -17,24 +23,36 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        if declared is not None and declared.isdigit():
+            if int(declared) > self.max_bytes:
+                await self._reject(scope, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        try:
+            body = await self._read_within_limit(receive)
+        except _ClientGone:
+            return
+        if body is None:
             await self._reject(scope, send)
             return
-        received = 0
+        await self.app(scope, _replay(body, receive), send)
 
-        async def limited_receive() -> Message:
-            nonlocal received
+    async def _read_within_limit(self, receive: Receive) -> bytes | None:
+        """The whole body, or None as soon as it exceeds the limit."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _TooLarge()
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await self._reject(scope, send)
+            if message["type"] != "http.request":
+                raise _ClientGone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
     async def _reject(self, scope: Scope, send: Send) -> None:
         body = json.dumps({"type": PROBLEM_BASE + "payload-too-large", "title": "Request body too large",
@@ -46,5 +64,19 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
-    pass
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that hands the app the body already read, then defers to the server's."""
+    pending = True
+
+    async def replay() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its body was complete: there is no one left to answer."""

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import redis
 from fastapi import FastAPI
 
+from app.apidocs import install_docs
 from app.context import GatewayContext
 from app.db import make_engine, make_sessionmaker
 from app.limits import BodySizeLimit
@@ -85,8 +86,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             ctx.jobs.shutdown()
             ctx.engine.dispose()
 
-    app = FastAPI(title="privface", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="privface", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)  # served from local assets by install_docs
     install_problem_handlers(app)
+    install_docs(app)
     for module in (subjects, matching, admin, service):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

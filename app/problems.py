@@ -73,8 +73,10 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        slug = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-large"}.get(exc.status_code, "http-error")
-        problem = Problem(exc.status_code, slug, str(exc.detail), str(exc.detail))
+        slug = {400: "bad-request", 404: "not-found", 405: "method-not-allowed",
+                413: "payload-too-large"}.get(exc.status_code, "http-error")
+        # the exception's headers (e.g. a 405's Allow) are part of the answer
+        problem = Problem(exc.status_code, slug, str(exc.detail), str(exc.detail), headers=dict(exc.headers or {}))
         return problem_response(problem, request.url.path)
 
     @app.exception_handler(Exception)

@@ -1,18 +1,43 @@
-"""Pydantic v2 request and response schemas of the public REST API (kept apart from the ORM models)."""
+"""Pydantic v2 request and response schemas of the public REST API (kept apart from the ORM models).
+
+Requests are strict: an unknown field is refused (a typo must not be silently ignored) and numbers are
+not coerced from strings. Every timestamp in a response carries its timezone (UTC), also on SQLite,
+which hands back naive datetimes.
+"""
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt
 
-_FEATURES_EXAMPLE = {
-    "transform_id": "dct8-v0",
-    "params_hash": "0123456789abcdef",
-    "shape": [73, 14, 14],
+from app.services.jobs import JOB_KINDS
+from inference.transform import default_spec
+
+
+def _as_utc(value: datetime | None) -> datetime | None:
+    """Stored timestamps are UTC; SQLite drops the zone, so a naive one is read as UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+def _iso_string(value: Any) -> Any:
+    """created_at must be an ISO 8601 string, not a number that happens to parse as a Unix time."""
+    if not isinstance(value, (str, datetime)):
+        raise ValueError("must be an ISO 8601 date-time string")
+    return value
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+_SPEC = default_spec()
+_FEATURES_EXAMPLE = {  # the default transform's real header; `data` must hold the SDK's features
+    "transform_id": _SPEC.transform_id,
+    "params_hash": _SPEC.params_hash,
+    "shape": list(_SPEC.shape),
     "dtype": "float16",
-    "data": "<base64 of K*14*14 little-endian float16 values>",
-    "epsilon": 1.2e5,
+    "data": "<base64 of the 73*14*14 little-endian float16 features the SDK made>",
+    "epsilon": _SPEC.epsilon_per_image,
     "nonce": "9f86d081884c7d659a2feaa0c55ad015",
     "created_at": "2026-11-23T10:00:00Z",
 }
@@ -21,20 +46,22 @@ _FEATURES_EXAMPLE = {
 class FeaturePayload(BaseModel):
     """Noised block-DCT features made on the device by the SDK; the only thing a client uploads."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [_FEATURES_EXAMPLE]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_FEATURES_EXAMPLE]})
     transform_id: str = Field(max_length=100)
     params_hash: str = Field(pattern=r"^[0-9a-f]{16}$")
-    shape: list[int] = Field(min_length=3, max_length=3)
+    shape: list[StrictInt] = Field(min_length=3, max_length=3)
     dtype: Literal["float16"]
     data: str = Field(description="base64 of the little-endian float16 array, C order")
-    epsilon: float | None = Field(gt=0, description="per-image privacy budget the SDK applied; null when no noise")
+    epsilon: StrictFloat | None = Field(gt=0, description="per-image privacy budget the SDK applied; null when "
+                                                          "no noise")
     nonce: str = Field(pattern=r"^[0-9a-f]{32,64}$", description="fresh per payload; a replay is refused")
-    created_at: datetime = Field(description="when the SDK made the payload (ISO 8601, UTC); mandatory: a payload "
-                                             "older than the replay window, or without a stamp, is refused")
+    created_at: Annotated[datetime, BeforeValidator(_iso_string)] = Field(
+        description="when the SDK made the payload (ISO 8601, UTC); mandatory: a payload older than the replay "
+                    "window, or without a stamp, is refused")
 
 
 class SubjectCreate(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"external_id": "customer-4711"}]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"external_id": "customer-4711"}]})
     external_id: str | None = Field(None, max_length=200)
 
 
@@ -42,7 +69,7 @@ class EnrollmentOut(BaseModel):
     id: str
     subject_id: str
     model_version: str
-    created_at: datetime
+    created_at: UtcDatetime
     epsilon: float | None = None
 
 
@@ -52,17 +79,17 @@ class SubjectOut(BaseModel):
         "created_at": "2026-11-23T10:00:00Z", "enrollments": []}]})
     id: str
     external_id: str | None
-    created_at: datetime
+    created_at: UtcDatetime
     enrollments: list[EnrollmentOut]
 
 
 class EnrollRequest(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"features": _FEATURES_EXAMPLE}]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"features": _FEATURES_EXAMPLE}]})
     features: FeaturePayload
 
 
 class VerifyRequest(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "subject_id": "sub_5f0c3b1e9a7d4c2b8e6f1a0d9c8b7a65", "features": _FEATURES_EXAMPLE}]})
     subject_id: str = Field(max_length=64)
     features: FeaturePayload
@@ -79,7 +106,7 @@ class VerifyOut(BaseModel):
 
 
 class IdentifyRequest(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"features": _FEATURES_EXAMPLE}]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"features": _FEATURES_EXAMPLE}]})
     features: FeaturePayload
 
 
@@ -111,13 +138,15 @@ class ModelVersionOut(BaseModel):
     embedding_dim: int
     threshold: float
     metrics: dict
-    created_at: datetime
-    activated_at: datetime | None
+    created_at: UtcDatetime
+    activated_at: UtcDatetime | None
 
 
 class JobCreate(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"kind": "export-model-v0", "params": {}}]})
-    kind: str
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"kind": "export-model-v0",
+                                                                               "params": {}}]})
+    # an enum in the schema; an unknown kind still gets the route's clearer "unknown-job-kind" problem
+    kind: str = Field(json_schema_extra={"enum": sorted(JOB_KINDS)})
     params: dict = Field(default_factory=dict)
 
 
@@ -128,8 +157,8 @@ class JobOut(BaseModel):
     progress: float
     message: str | None
     result: dict | None
-    created_at: datetime
-    updated_at: datetime
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
 
 
 class UnlockOut(BaseModel):

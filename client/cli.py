@@ -16,8 +16,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from client.detect import FACE_POLICIES
-from client.errors import MultipleFacesError, NoFaceError, PrivfaceError
+from client.detect import DEFAULT_FACE_POLICY, FACE_POLICIES
+from client.errors import InvalidPhotoError, MultipleFacesError, NoFaceError, PrivfaceError
 from client.features import FeaturePayload
 from client.sdk import PrivfaceClient
 
@@ -61,11 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     features = commands.add_parser("features", parents=[common],
                                    help="print the feature payload of a photo (for curl); nothing is uploaded")
     features.add_argument("photo", type=Path)
+    features.add_argument("-o", "--output", type=Path,
+                          help="write the payload to this file, only once it is made (a shell redirection "
+                               "would leave an empty file behind on failure)")
     delete = commands.add_parser("delete", parents=[common], help="delete a subject and its templates")
     delete.add_argument("subject_id")
     for command in (enroll, verify, identify, features):
-        command.add_argument("--face-policy", choices=FACE_POLICIES, default="single",
-                             help="single: refuse photos with several faces (default); largest: use the largest")
+        command.add_argument("--face-policy", choices=FACE_POLICIES, default=DEFAULT_FACE_POLICY,
+                             help="with several faces in a photo - dominant (default): the largest if it is "
+                                  "clearly the largest, else refuse; single: refuse; largest: the largest")
     return parser
 
 
@@ -110,7 +114,11 @@ def _run(client: PrivfaceClient, args: argparse.Namespace) -> Iterator[dict[str,
         client.delete_subject(args.subject_id)
         yield {"deleted": args.subject_id}
     elif args.command == "features":
-        yield dict(_features(client, args.photo, args.face_policy))
+        payload = dict(_features(client, args.photo, args.face_policy))
+        if args.output is None:
+            yield payload
+        else:
+            _write_atomically(args.output, json.dumps(payload) + "\n")
     elif args.command == "verify":
         yield {"match": client.verify_features(args.subject_id, _features(client, args.photo, args.face_policy))}
     elif args.command == "identify":
@@ -144,8 +152,22 @@ def _features(client: PrivfaceClient, photo: Path, face_policy: str) -> FeatureP
         raise UsageError(f"{photo}: cannot read: {exc.strerror or exc}") from None
     try:
         return client.features(data, face_policy)
-    except (ValueError, NoFaceError, MultipleFacesError) as exc:
+    except MultipleFacesError as exc:
+        raise UsageError(f"{photo}: {exc.count} faces found in the photo and the face policy "
+                         f"'{face_policy}' refuses them; pass --face-policy largest to use the largest one") from None
+    except (InvalidPhotoError, NoFaceError, ValueError) as exc:  # ValueError: e.g. degenerate landmarks
         raise UsageError(f"{photo}: {exc}") from None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file beside it, so `path` is never left half-written."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise UsageError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
 if __name__ == "__main__":

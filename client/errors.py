@@ -25,11 +25,20 @@ class NoFaceError(PrivfaceError):
 
 
 class MultipleFacesError(PrivfaceError):
-    """The photo shows several faces and the face policy is "single"; `count` says how many."""
+    """The photo shows several faces and the face policy refuses them; `count` says how many."""
 
-    def __init__(self, count: int) -> None:
-        super().__init__(f"{count} faces found in the photo; pass face_policy='largest' to use the largest one")
-        self.count = count
+    def __init__(self, count: int, policy: str = "dominant") -> None:
+        why = "none clearly the largest" if policy == "dominant" else "the face policy is 'single'"
+        super().__init__(f"{count} faces found in the photo ({why}); pass face_policy='largest' to use the "
+                         "largest one")
+        self.count, self.policy = count, policy
+
+
+class InvalidPhotoError(PrivfaceError, ValueError):
+    """The photo cannot be used: not a decodable image, or an array of the wrong type or shape.
+
+    Also a ValueError, as it was before it had a class of its own.
+    """
 
 
 class PrivacyBudgetError(PrivfaceError):

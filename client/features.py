@@ -16,7 +16,8 @@ import cv2
 import numpy as np
 
 from client.align import align_face
-from client.detect import FaceDetector, FacePolicy, select_face
+from client.detect import DEFAULT_FACE_POLICY, FaceDetector, FacePolicy, select_face
+from client.errors import InvalidPhotoError
 from inference.transform import OsNoise, TransformSpec
 
 Photo = Union[str, Path, bytes, bytearray, np.ndarray]
@@ -42,30 +43,30 @@ def load_photo(photo: Photo) -> np.ndarray:
     data = bytes(photo) if isinstance(photo, (bytes, bytearray)) else Path(photo).read_bytes()
     bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)  # applies EXIF orientation
     if bgr is None:
-        raise ValueError("the photo could not be decoded as an image")
+        raise InvalidPhotoError("the photo could not be decoded as an image")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def _as_rgb(array: np.ndarray) -> np.ndarray:
     if array.dtype != np.uint8:
-        raise ValueError(f"photo arrays must be uint8, got {array.dtype}")
+        raise InvalidPhotoError(f"photo arrays must be uint8, got {array.dtype}")
     if array.ndim == 2:
         return cv2.cvtColor(array, cv2.COLOR_GRAY2RGB)
     if array.ndim == 3 and array.shape[2] == 4:
         return np.ascontiguousarray(array[:, :, :3])
     if array.ndim == 3 and array.shape[2] == 3:
         return np.ascontiguousarray(array)
-    raise ValueError(f"photo arrays must be [H, W], [H, W, 3] or [H, W, 4], got {array.shape}")
+    raise InvalidPhotoError(f"photo arrays must be [H, W], [H, W, 3] or [H, W, 4], got {array.shape}")
 
 
-def aligned_face(photo: Photo, face_policy: FacePolicy = "single", detector: FaceDetector | None = None) -> np.ndarray:
+def aligned_face(photo: Photo, face_policy: FacePolicy = DEFAULT_FACE_POLICY, detector: FaceDetector | None = None) -> np.ndarray:
     """The chosen face, aligned: RGB uint8 [112, 112, 3]; raises NoFaceError / MultipleFacesError."""
     image = load_photo(photo)
     face = select_face((detector or FaceDetector()).detect(image), face_policy)
     return align_face(image, face.landmarks)
 
 
-def extract_features(photo: Photo, spec: TransformSpec, face_policy: FacePolicy = "single",
+def extract_features(photo: Photo, spec: TransformSpec, face_policy: FacePolicy = DEFAULT_FACE_POLICY,
                      detector: FaceDetector | None = None) -> FeaturePayload:
     """The upload for one photo: aligned, transformed with fresh noise, encoded."""
     face = aligned_face(photo, face_policy, detector)

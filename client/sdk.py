@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import httpx
 
-from client.detect import FaceDetector, FacePolicy
+from client.detect import DEFAULT_FACE_POLICY, FaceDetector, FacePolicy
 from client.errors import (InvalidRequestError, PrivacyBudgetError, PrivfaceError, ServiceUnavailableError,
                            error_for)
 from client.features import FeaturePayload, Photo, extract_features, with_fresh_nonce
@@ -71,7 +71,7 @@ class PrivfaceClient:
 
     # -- biometrics from photos ----------------------------------------------------------------------
 
-    def features(self, photo: Photo, face_policy: FacePolicy = "single") -> FeaturePayload:
+    def features(self, photo: Photo, face_policy: FacePolicy = DEFAULT_FACE_POLICY) -> FeaturePayload:
         """The payload for `photo` under the served transform; raises NoFaceError / MultipleFacesError."""
         spec = self.transform
         if self._max_epsilon is not None and not spec.epsilon_per_image <= self._max_epsilon:
@@ -82,15 +82,15 @@ class PrivfaceClient:
                 self._detector = FaceDetector()
             return extract_features(photo, spec, face_policy, self._detector)
 
-    def enroll(self, subject_id: str, photo: Photo, face_policy: FacePolicy = "single") -> dict[str, Any]:
+    def enroll(self, subject_id: str, photo: Photo, face_policy: FacePolicy = DEFAULT_FACE_POLICY) -> dict[str, Any]:
         """Enroll the face in `photo` for the subject; returns the enrollment's metadata."""
         return self._with_photo(photo, face_policy, lambda features: self.enroll_features(subject_id, features))
 
-    def verify(self, subject_id: str, photo: Photo, face_policy: FacePolicy = "single") -> bool:
+    def verify(self, subject_id: str, photo: Photo, face_policy: FacePolicy = DEFAULT_FACE_POLICY) -> bool:
         """1:1: is the face in `photo` the subject?"""
         return self._with_photo(photo, face_policy, lambda features: self.verify_features(subject_id, features))
 
-    def identify(self, photo: Photo, face_policy: FacePolicy = "single") -> str | None:
+    def identify(self, photo: Photo, face_policy: FacePolicy = DEFAULT_FACE_POLICY) -> str | None:
         """1:N: the id of the matching subject, or None."""
         return self._with_photo(photo, face_policy, self.identify_features)
 

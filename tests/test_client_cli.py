@@ -97,6 +97,31 @@ def test_input_errors(env: GatewayScript, capsys: pytest.CaptureFixture[str], tm
     assert status == 2 and "no face" in error_line(err)
 
 
+def test_several_faces_name_the_cli_flag_and_leave_no_output_file(env: GatewayScript,
+                                                                   capsys: pytest.CaptureFixture[str],
+                                                                   tmp_path: Path) -> None:
+    two = tmp_path / "two.jpg"
+    photos = [cv2.imread(str(FACES / name)) for name in ("James_Caan_0001.jpg", "Mary_Jo_Myers_0001.jpg")]
+    cv2.imwrite(str(two), np.concatenate(photos, axis=1))
+    out = tmp_path / "two.features.json"
+    status, _, err = run(["features", str(two), "-o", str(out)], capsys)
+    line = error_line(err)
+    assert status == 2 and "2 faces" in line and "--face-policy largest" in line and "face_policy=" not in line
+    assert not out.exists() and list(tmp_path.iterdir()) == [two], "nothing written on failure"
+    status, printed, err = run(["features", str(two), "-o", str(out), "--face-policy", "largest"], capsys)
+    assert status == 0 and printed == [] and err == ""
+    assert json.loads(out.read_text())["shape"] == list(env.spec.shape)
+
+
+def test_an_undecodable_photo_is_one_line_exit_2(env: GatewayScript, capsys: pytest.CaptureFixture[str],
+                                                 tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"GIF89a not really")
+    status, _, err = run(["features", str(garbage), "-o", str(tmp_path / "out.json")], capsys)
+    assert status == 2 and error_line(err) == f"error: {garbage}: the photo could not be decoded as an image"
+    assert not (tmp_path / "out.json").exists()
+
+
 def test_a_bad_photo_stops_enrollment_before_any_upload(env: GatewayScript, capsys: pytest.CaptureFixture[str],
                                                          tmp_path: Path) -> None:
     two = tmp_path / "two.png"

@@ -79,11 +79,27 @@ def test_two_faces_refused_unless_largest_is_asked_for(detector: FaceDetector) -
     chosen = select_face(faces, "largest")
     assert chosen.box[0] > small.shape[1], "the larger face is in the right-hand (upscaled) photo"
     with pytest.raises(MultipleFacesError):
-        aligned_face(photo, detector=detector)
+        aligned_face(photo, "single", detector=detector)
     alone = select_face(detector.detect(large)).landmarks + [small.shape[1], 0]
     eye_distance = np.linalg.norm(alone[1] - alone[0])
     assert np.linalg.norm(chosen.landmarks - alone, axis=1).max() < 0.3 * eye_distance
     assert aligned_face(photo, "largest", detector).shape == (112, 112, 3)
+
+
+def test_default_policy_takes_a_clearly_dominant_face_and_refuses_comparable_ones(detector: FaceDetector) -> None:
+    """The default ("dominant") ignores a smaller bystander, as in a third of LFW's photo pairs, but does
+    not guess between two faces of about the same size."""
+    subject = cv2.resize(load_photo(FACES / "Bill_Maher_0001.jpg"), None, fx=1.6, fy=1.6)
+    bystander = load_photo(FACES / "James_Caan_0001.jpg")
+    photo = side_by_side(bystander, subject)
+    faces = detector.detect(photo)
+    assert len(faces) == 2
+    assert select_face(faces).box[0] > bystander.shape[1], "the subject (right-hand, larger) is chosen"
+    assert aligned_face(photo, detector=detector).shape == (112, 112, 3)
+    peers = side_by_side(bystander, load_photo(FACES / "Mary_Jo_Myers_0001.jpg"))
+    with pytest.raises(MultipleFacesError, match="none clearly the largest") as caught:
+        aligned_face(peers, detector=detector)
+    assert caught.value.count == 2
 
 
 def test_unknown_face_policy_is_refused() -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from client.detect import FaceDetector
-from client.errors import NoFaceError
+from client.errors import InvalidPhotoError, NoFaceError, PrivfaceError
 from client.features import (aligned_face, decode_features, encode_features, extract_features, load_photo,
                              with_fresh_nonce)
 from inference.transform import default_spec
@@ -37,8 +37,10 @@ def test_photo_sources_agree() -> None:
 
 @pytest.mark.parametrize("bad", [b"not an image", np.zeros((10, 10, 3), np.float32), np.zeros((4, 4, 2), np.uint8)])
 def test_unusable_photos_are_refused(bad: object) -> None:
-    with pytest.raises(ValueError):
+    """The SDK's own error class (client/errors.py), still a ValueError for callers that caught that."""
+    with pytest.raises(InvalidPhotoError) as caught:
         load_photo(bad)  # type: ignore[arg-type]
+    assert isinstance(caught.value, PrivfaceError) and isinstance(caught.value, ValueError)
 
 
 def test_payload_round_trip_is_exact() -> None:

@@ -5,6 +5,7 @@ from fastapi import APIRouter, Depends, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.apidocs import UNAVAILABLE, auth_errors, body_errors, problem_response
 from app.auth import Principal
 from app.context import GatewayContext
 from app.db import session_scope
@@ -20,7 +21,13 @@ from app.services.model_registry import activate_version
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 admin = require_scope("admin")
-ERRORS = {401: {"description": "Missing or invalid API key"}, 403: {"description": "Needs the admin scope"}}
+ERRORS = auth_errors("admin")
+UNKNOWN_JOB_KIND = Problem(422, "unknown-job-kind", "Unknown job kind",
+                           f"'train' is not one of {sorted(JOB_KINDS)}")
+
+
+def _not_found(what: str, ident: str) -> dict:
+    return problem_response(f"Unknown {what}", not_found(what, ident))
 
 
 def _model_out(row: ModelVersion) -> ModelVersionOut:
@@ -39,7 +46,8 @@ def list_models(_: Principal = Depends(admin), session: Session = Depends(get_se
 
 
 @router.post("/models/{version}/activate", response_model=ModelVersionOut,
-             responses={**ERRORS, 404: {"description": "Unknown model version"}})
+             responses={**ERRORS, 404: problem_response("Unknown model version", Problem(
+                 404, "model-not-found", "Unknown model version", "No model version 'v9'."))})
 async def activate_model(version: str, _: Principal = Depends(admin),
                          ctx: GatewayContext = Depends(get_context)) -> ModelVersionOut:
     """Make a version active. Every gateway worker swaps its ORT session without dropping requests."""
@@ -51,10 +59,10 @@ async def activate_model(version: str, _: Principal = Depends(admin),
 
 
 @router.post("/jobs", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
-             responses={**ERRORS, 422: {"description": "Unknown job kind"}})
+             responses={**ERRORS, **body_errors(UNKNOWN_JOB_KIND)})
 def create_job(body: JobCreate, _: Principal = Depends(admin), ctx: GatewayContext = Depends(get_context)) -> JobOut:
     """Start a background job; poll `GET /v1/admin/jobs/{id}` for its progress."""
-    if body.kind not in JOB_KINDS:
+    if body.kind not in JOB_KINDS:  # the schema documents the kinds as an enum; this gives the clearer error
         raise Problem(422, "unknown-job-kind", "Unknown job kind",
                       f"{body.kind!r} is not one of {sorted(JOB_KINDS)}")
     job_id = ctx.jobs.submit(body.kind, body.params)
@@ -62,7 +70,7 @@ def create_job(body: JobCreate, _: Principal = Depends(admin), ctx: GatewayConte
         return _job_out(session.get(Job, job_id))
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut, responses={**ERRORS, 404: {"description": "Unknown job"}})
+@router.get("/jobs/{job_id}", response_model=JobOut, responses={**ERRORS, 404: _not_found("job", "job_0f1e")})
 def get_job(job_id: str, _: Principal = Depends(admin), session: Session = Depends(get_session)) -> JobOut:
     """A job's status, progress (0..1), message and result."""
     row = session.get(Job, job_id)
@@ -71,7 +79,7 @@ def get_job(job_id: str, _: Principal = Depends(admin), session: Session = Depen
     return _job_out(row)
 
 
-@router.post("/tenant/rotate-key", responses={**ERRORS, 503: {"description": "A party is down; nothing was changed"}})
+@router.post("/tenant/rotate-key", responses={**ERRORS, 503: problem_response("A party is down; nothing was changed", UNAVAILABLE)})
 async def rotate_tenant_key(principal: Principal = Depends(admin), ctx: GatewayContext = Depends(get_context)) -> dict:
     """Revoke every template of the caller's tenant: erase its shares at both parties (all or nothing) and
     move to a new template key. Re-enroll afterwards."""
@@ -81,7 +89,7 @@ async def rotate_tenant_key(principal: Principal = Depends(admin), ctx: GatewayC
 
 
 @router.post("/subjects/{subject_id}/unlock", response_model=UnlockOut,
-             responses={**ERRORS, 404: {"description": "Unknown subject"}})
+             responses={**ERRORS, 404: _not_found("subject", "sub_5f0c")})
 def unlock_subject(subject_id: str, principal: Principal = Depends(admin),
                    ctx: GatewayContext = Depends(get_context)) -> UnlockOut:
     """Lift a subject's verify lock-out (after repeated failed verifications) and forget its failures."""

@@ -5,6 +5,8 @@ import uuid
 
 from fastapi import APIRouter, Depends
 
+from app.apidocs import (BAD_SHAPE, LOCKED, NOT_ENROLLED, RATE_LIMITED, REPLAYED, SUBJECT_NOT_FOUND, UNAVAILABLE,
+                         UNKNOWN_TRANSFORM, auth_errors, body_errors, problem_response)
 from app.auth import Principal
 from app.context import GatewayContext
 from app.deps import get_context, require_scope
@@ -13,16 +15,15 @@ from app.services import biometrics
 from app.services.audit import audit
 
 router = APIRouter(prefix="/v1", tags=["matching"])
-ERRORS = {401: {"description": "Missing or invalid API key"}, 403: {"description": "Missing scope"},
-          409: {"description": "Replayed nonce, or subject without templates"},
-          422: {"description": "Invalid features"},
-          429: {"description": "Budget of the API key (or of the subject) spent; see Retry-After"},
-          503: {"description": "A party is down or timed out"}}
+ERRORS = {**auth_errors("verify"), **body_errors(BAD_SHAPE, UNKNOWN_TRANSFORM),
+          409: problem_response("Replayed nonce, or subject without templates", REPLAYED, NOT_ENROLLED),
+          429: problem_response("Budget of the API key (or of the subject) spent; see Retry-After", RATE_LIMITED),
+          503: problem_response("A party is down or timed out", UNAVAILABLE)}
 
 
 @router.post("/verify", response_model=VerifyOut, responses={
-    **ERRORS, 404: {"description": "Unknown subject"},
-    423: {"description": "Subject locked after repeated failed verifications; see Retry-After"}})
+    **ERRORS, 404: problem_response("Unknown subject", SUBJECT_NOT_FOUND),
+    423: problem_response("Subject locked after repeated failed verifications; see Retry-After", LOCKED)})
 async def verify(body: VerifyRequest, principal: Principal = Depends(require_scope("verify")),
                  ctx: GatewayContext = Depends(get_context)) -> VerifyOut:
     """1:1: is this face the claimed subject? Reveals one bit, computed under MPC."""

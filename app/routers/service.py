@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from app.apidocs import auth_errors
 from app.auth import Principal
 from app.context import GatewayContext
 from app.deps import get_context, require_scope
@@ -47,7 +48,7 @@ async def readyz(ctx: GatewayContext = Depends(get_context)) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
-@router.get("/v1/transforms", response_model=list[TransformOut])
+@router.get("/v1/transforms", response_model=list[TransformOut], responses=auth_errors())
 def transforms(_: Principal = Depends(require_scope(None)), ctx: GatewayContext = Depends(get_context)) -> list[TransformOut]:
     """The frequency transform the SDK must apply (clients build their transform from `spec`)."""
     version = ctx.models.active_version

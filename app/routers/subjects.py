@@ -6,6 +6,8 @@ import uuid
 from fastapi import APIRouter, Depends, Response, status
 from sqlalchemy.orm import Session
 
+from app.apidocs import (BAD_SHAPE, RATE_LIMITED, REPLAYED, SUBJECT_NOT_FOUND, UNAVAILABLE, UNKNOWN_TRANSFORM,
+                         auth_errors, body_errors, problem_response)
 from app.auth import Principal
 from app.context import GatewayContext
 from app.db import session_scope
@@ -16,8 +18,7 @@ from app.services import biometrics
 from app.services.audit import audit
 
 router = APIRouter(prefix="/v1/subjects", tags=["subjects"])
-ERRORS = {401: {"description": "Missing or invalid API key"}, 403: {"description": "Missing scope"},
-          404: {"description": "Unknown subject"}}
+ERRORS = {**auth_errors("enroll"), 404: problem_response("Unknown subject", SUBJECT_NOT_FOUND)}
 
 
 def _subject_out(subject: Subject) -> SubjectOut:
@@ -31,7 +32,8 @@ def _enrollment_out(enrollment) -> EnrollmentOut:
                          epsilon=enrollment.epsilon)
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=SubjectOut, responses=ERRORS)
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=SubjectOut,
+             responses={**auth_errors("enroll"), **body_errors()})
 def create_subject(body: SubjectCreate, principal: Principal = Depends(require_scope("enroll")),
                    ctx: GatewayContext = Depends(get_context)) -> SubjectOut:
     """Create a subject (a person) to enroll faces for. Returns its id."""
@@ -51,7 +53,7 @@ def get_subject(subject_id: str, principal: Principal = Depends(require_scope("e
 
 
 @router.delete("/{subject_id}", status_code=status.HTTP_204_NO_CONTENT,
-               responses={**ERRORS, 503: {"description": "A party is down; nothing was deleted"}})
+               responses={**ERRORS, 503: problem_response("A party is down; nothing was deleted", UNAVAILABLE)})
 async def delete_subject(subject_id: str, principal: Principal = Depends(require_scope("enroll")),
                          ctx: GatewayContext = Depends(get_context)) -> Response:
     """Delete a subject and remove its template shares at both parties (all or nothing)."""
@@ -61,9 +63,10 @@ async def delete_subject(subject_id: str, principal: Principal = Depends(require
 
 
 @router.post("/{subject_id}/enrollments", status_code=status.HTTP_201_CREATED, response_model=EnrollmentOut,
-             responses={**ERRORS, 409: {"description": "Replayed nonce"}, 413: {"description": "Body too large"},
-                        429: {"description": "The API key's enroll budget is spent; see Retry-After"},
-                        422: {"description": "Invalid features"}, 503: {"description": "A party is down"}})
+             responses={**ERRORS, **body_errors(BAD_SHAPE, UNKNOWN_TRANSFORM),
+                        409: problem_response("Replayed nonce", REPLAYED),
+                        429: problem_response("The API key's enroll budget is spent; see Retry-After", RATE_LIMITED),
+                        503: problem_response("A party is down; nothing was kept", UNAVAILABLE)})
 async def enroll(subject_id: str, body: EnrollRequest, principal: Principal = Depends(require_scope("enroll")),
                  ctx: GatewayContext = Depends(get_context)) -> EnrollmentOut:
     """Enroll one face (as SDK features) for the subject: stored as two shares, one per party."""
