@@ -14,6 +14,11 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
       --dir /var/lib/redis --logfile /var/log/redis/ci.log || true
   fi
 fi
+# Headless Chromium for the /docs rendering test (Debian's package; best effort: that test says so if it is absent)
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (timeout 300 apt-get update -qq && timeout 600 apt-get install -y -qq chromium >/dev/null) \
+    || echo "warning: could not install chromium; the headless-browser test will skip" >&2
+fi
 for _ in $(seq 1 30); do
   pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null && redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && exit 0
   sleep 1
