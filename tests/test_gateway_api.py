@@ -54,6 +54,14 @@ def payload(spec: TransformSpec, face: np.ndarray, **override) -> dict:
     return body
 
 
+def new_subject(stack: LocalStack, key: str, spec, face) -> str:
+    subject = httpx.post(stack.url + "/v1/subjects", json={}, headers=auth(key)).json()["id"]
+    enrolled = httpx.post(f"{stack.url}/v1/subjects/{subject}/enrollments", json={"features": payload(spec, face)},
+                          headers=auth(key), timeout=60)
+    assert enrolled.status_code == 201, enrolled.text
+    return subject
+
+
 def raw_payload(spec: TransformSpec, array: np.ndarray, **override) -> dict:
     return payload(spec, np.zeros((112, 112, 3), np.uint8),
                    data=base64.b64encode(array.astype("<f2").tobytes()).decode(), **override)

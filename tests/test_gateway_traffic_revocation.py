@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from app.devstack import LocalStack
-from tests.test_gateway_api import aligned_face, auth, payload
+from tests.test_gateway_api import aligned_face, auth, new_subject, payload
 from tests.test_gateway_recovery import FACES, served_spec
 from tests.test_gateway_services import copy_models, wait_job
 
@@ -48,14 +48,6 @@ def recorded(stack: LocalStack, request) -> tuple[httpx.Response, list[list[str]
     before = [len(_calls(p)) for p in stack.traffic]
     response = request()
     return response, [_calls(p)[n:] for p, n in zip(stack.traffic, before)]
-
-
-def new_subject(stack: LocalStack, key: str, spec, face) -> str:
-    subject = httpx.post(stack.url + "/v1/subjects", json={}, headers=auth(key)).json()["id"]
-    enrolled = httpx.post(f"{stack.url}/v1/subjects/{subject}/enrollments", json={"features": payload(spec, face)},
-                          headers=auth(key), timeout=60)
-    assert enrolled.status_code == 201, enrolled.text
-    return subject
 
 
 def template_seqs(stack: LocalStack, key: str, subject: str) -> list[int]:
