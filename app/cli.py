@@ -38,7 +38,6 @@ def cmd_create_api_key(args: argparse.Namespace) -> int:
     from app.auth import create_api_key, ensure_tenant
     from app.db import make_engine, make_sessionmaker, session_scope
     from app.migrate import migrate_gateway
-    from secure.mpc.settings import DEALER, env_for_role
 
     settings = get_settings()
     migrate_gateway(settings.database_url)
@@ -189,6 +188,7 @@ def _local_key(settings: GatewaySettings) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     """The whole stack on one machine: dealer, party 0, party 1 and the gateway, embedded defaults."""
     from app.migrate import migrate_gateway
+    from secure.mpc.settings import DEALER, env_for_role
 
     settings = get_settings()
     migrate_gateway(settings.database_url)
