@@ -44,8 +44,9 @@ class FedFaceAvg(FedAvg):
         self.spreadout = {"margin": spreadout_margin, "lr": spreadout_lr, "steps": spreadout_steps}
         self.class_vectors: dict[int, np.ndarray] = {}
         self.rounds: list[dict] = []
-        self._round_start = 0.0
+        self._round_start = time.perf_counter()
         self._down_bytes = 0
+        self._sampled = 0
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -150,7 +151,7 @@ def make_server_app(settings: ServerSettings, heldout: Heldout | None, log: dict
                                 evaluate_fn=make_evaluate_fn(settings, heldout, log) if heldout else None)
         log["rounds"] = strategy.rounds
         log["seconds"] = time.perf_counter() - start
-        log["settings"] = asdict(settings)
+        log["settings"] = {**asdict(settings), "transform": TransformSpec.from_dict(settings.transform).transform_id}
         log["final_arrays"] = {name: array.numpy() for name, array in result.arrays.items()}
         log["class_vectors"] = len(strategy.class_vectors)
 
