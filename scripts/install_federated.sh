@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Creates .venv-federated: the environment of the federated worker and of the device client (docs/federated.md).
+#
+# Why a second venv: flwr 1.41 (1.42 does not install here) pins fastapi 0.138.x, starlette 1.3.x,
+# uvicorn 0.49.x, protobuf < 7 and cryptography 50.x, while the gateway (.venv) runs fastapi 0.165 and
+# protobuf 7. The federated code never imports the gateway (app/), so it gets Flower's pins here and the
+# gateway keeps its own. privface itself is installed with --no-deps; its runtime needs for the federated
+# code (torch CPU, numpy, OpenCV, ONNX, pyyaml) are listed below explicitly.
+# Flower's simulation engine runs on Ray (the `simulation` extra, ray 2.55.1).
+# Idempotent: re-running updates the venv; .venv-federated/.installed marks a finished install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${FEDERATED_VENV:-.venv-federated}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+"$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
+"$VENV/bin/python" -m pip install --quiet "flwr[simulation]==1.41.*" numpy "opencv-python-headless>=4.8,<5" \
+    "onnx>=1.16" "onnxruntime>=1.18" "pyyaml>=6" "tqdm>=4.66" "pytest>=8" "pytest-timeout>=2.3"
+"$VENV/bin/python" -m pip install --quiet --no-deps -e .
+"$VENV/bin/python" - <<'PY'
+import flwr, torch, ray
+import training_jobs.federated  # noqa: F401  (fails loudly if the package cannot be imported)
+print(f"federated venv: flwr {flwr.__version__}, ray {ray.__version__}, torch {torch.__version__}")
+PY
+touch "$VENV/.installed"

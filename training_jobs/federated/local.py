@@ -1,0 +1,116 @@
+"""One client's local training on its own photos (FedFace, supervised mode); pure torch, no Flower.
+
+The device computes the SAME features the SDK sends (`TransformSpec.apply` with the served noise, after the
+training augmentation) and trains the travelling part of the served model with:
+- a positive margin loss towards its OWN class vector w (the only class it knows; FedAwS/FedFace):
+  mean(relu(m - cos(e, w))^2) — pulls its embeddings within cosine m of w. Negatives come from the server's
+  spread-out regulariser on all class vectors (`spreadout`), not from the device;
+- distillation (1 - cos) towards the frozen pixel-domain MobileFaceNet on the same clean augmented photo,
+  which the device has: it keeps the embedding space of the base model and stops the one-class collapse.
+The class vector starts as the mean embedding of the owner's photos under the received model when the
+server has none for this client yet, and is trained with the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inference.frequency_model import FrequencyFaceModel
+from inference.mobilefacenet import MobileFaceNet
+from inference.transform import TransformSpec, apply
+from training_jobs.datasets import Augment
+from training_jobs.evaluate import pixel_input
+from training_jobs.losses import DistillationLoss
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    """Local training knobs sent by the server in the round's config."""
+
+    epochs: int = 1
+    batch_size: int = 4
+    lr: float = 5e-4
+    adapter_lr: float = 1e-4
+    class_lr: float = 1e-2
+    identity_weight: float = 1.0
+    distill_weight: float = 1.0
+    positive_margin: float = 0.8
+    grad_clip: float = 5.0
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    class_vector: np.ndarray  # [d], L2-normalised
+    num_examples: int  # photos of this client (the FedAvg weight)
+    loss: float
+    identity: float
+    distill: float
+
+
+def positive_margin_loss(embeddings: torch.Tensor, class_vector: torch.Tensor, margin: float) -> torch.Tensor:
+    """mean(relu(margin - cos(e, w))^2): the one-class margin loss of FedAwS."""
+    cos = F.linear(F.normalize(embeddings, dim=1), F.normalize(class_vector, dim=0)[None]).squeeze(1)
+    return F.relu(margin - cos).pow(2).mean()
+
+
+def raw_embedding(model: FrequencyFaceModel, features: torch.Tensor) -> torch.Tensor:
+    """One view, un-normalised: what the losses see (as in training_jobs.train)."""
+    return model.backbone(model.adapter(features))
+
+
+@torch.no_grad()
+def initial_class_vector(model: FrequencyFaceModel, faces: np.ndarray, spec: TransformSpec,
+                         rng: np.random.Generator) -> np.ndarray:
+    """Mean (normalised) embedding of the owner's photos under the received model."""
+    model.eval()
+    features = torch.from_numpy(apply(faces, spec, rng).astype(np.float32))
+    return F.normalize(F.normalize(model(features), dim=1).mean(0), dim=0).numpy()
+
+
+def batches(faces: np.ndarray, spec: TransformSpec, augment: Augment | None, batch_size: int,
+            rng: np.random.Generator):
+    """(features, clean) batches over one shuffled pass; every visit gets fresh augmentation and noise."""
+    order = rng.permutation(len(faces))
+    for start in range(0, len(order), batch_size):
+        clean = np.stack([augment(faces[i], rng) if augment else faces[i] for i in order[start:start + batch_size]])
+        yield torch.from_numpy(apply(clean, spec, rng).astype(np.float32)), clean
+
+
+def train_local(model: FrequencyFaceModel, teacher: MobileFaceNet, faces: np.ndarray, spec: TransformSpec,
+                class_vector: np.ndarray | None, config: LocalConfig, rng: np.random.Generator,
+                augment: Augment | None = Augment()) -> LocalResult:
+    """Train the model's parameters that require grad, in place, on ONE identity's photos."""
+    if class_vector is None:
+        class_vector = initial_class_vector(model, faces, spec, rng)
+    w = nn.Parameter(torch.as_tensor(class_vector, dtype=torch.float32).clone())
+    adapter = [p for p in model.adapter.parameters() if p.requires_grad]
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    groups = [{"params": backbone, "lr": config.lr}, {"params": [w], "lr": config.class_lr, "weight_decay": 0.0}]
+    if adapter:
+        groups.append({"params": adapter, "lr": config.adapter_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, weight_decay=5e-4)
+    distill = DistillationLoss()
+    model.eval()  # BatchNorm frozen: a device has far too few photos for batch statistics
+    sums, count = np.zeros(3), 0
+    for _ in range(config.epochs):
+        for features, clean in batches(faces, spec, augment, config.batch_size, rng):
+            embedding = raw_embedding(model, features)
+            identity = positive_margin_loss(embedding, w, config.positive_margin)
+            with torch.no_grad():
+                target = teacher(pixel_input(clean))
+            kd = distill(embedding, target)
+            loss = config.identity_weight * identity + config.distill_weight * kd
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], config.grad_clip)
+            optimizer.step()
+            sums += len(clean) * np.array([loss.item(), identity.item(), kd.item()])
+            count += len(clean)
+    mean = sums / max(count, 1)
+    vector = F.normalize(w.detach(), dim=0).numpy().astype(np.float32)
+    return LocalResult(vector, len(faces), float(mean[0]), float(mean[1]), float(mean[2]))
