@@ -18,7 +18,7 @@ from inference.mobilefacenet import WEIGHTS_SUBPATH
 from inference.transform import spec_low10, spec_v0
 from training_jobs.attacks.a1_inverter import A1, ssim_torch
 from training_jobs.attacks.data import attacker_split, check_disjoint, probe_set, training_faces
-from training_jobs.attacks.evaluation import identification, markdown_table, write_table
+from training_jobs.attacks.evaluation import identification, write_table
 from training_jobs.attacks.training import Budget, train
 from training_jobs.leakage import psnr, ssim
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import pool
 
 from app.db import Base, make_engine
 from app import models  # noqa: F401  (registers the tables on Base.metadata)

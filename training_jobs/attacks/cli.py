@@ -26,7 +26,7 @@ from training_jobs.attacks.a3_embedding import A3
 from training_jobs.attacks.data import normaliser, probe_set, to_uint8, training_faces
 from training_jobs.attacks.evaluation import (grid_indices, run_batched, score_embeddings, score_images,
                                               upsert_result, write_grid, write_table)
-from training_jobs.attacks.training import Budget, load_checkpoint, train
+from training_jobs.attacks.training import Budget, train
 from training_jobs.evaluate import pixel_mobilefacenet_embedder
 
 ATTACKS = ("a1", "a2", "a3")

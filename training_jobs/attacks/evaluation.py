@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from training_jobs.attacks.data import ProbeSet, to_uint8
+from training_jobs.attacks.data import ProbeSet
 from training_jobs.evaluate import embed_all, rank1, roc_points
 from training_jobs.leakage import image_quality, save_grid
 
