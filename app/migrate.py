@@ -6,9 +6,10 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-import migrations
+from app.settings import PROJECT_ROOT
 
-GATEWAY_SCRIPTS = Path(migrations.__file__).resolve().parent / "gateway"
+# found by path, not imported: migrations/ depends on app (its env.py reads the ORM metadata), not the reverse
+GATEWAY_SCRIPTS = PROJECT_ROOT / "migrations" / "gateway"
 
 
 def gateway_alembic_config(url: str) -> Config:
