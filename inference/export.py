@@ -23,6 +23,8 @@ from inference.evaluation import verify_fold
 from inference.frequency_model import FrequencyFaceModel, build_model_v0
 from inference.lfw import fold_pairs, lfw_dir, load_many, shared_dir
 from inference.operating_points import calibrate
+
+VERIFY_FAR = 1e-3  # served 1:1 threshold of a trained model: this false-match rate on the calibration impostors
 from inference.metadata import ModelMetadata, file_sha256
 from inference.mobilefacenet import EMBEDDING_DIM
 from inference.runtime import OrtEmbedder
@@ -105,14 +107,16 @@ def export_version(version: str, out_dir: Path, shared: Path, eval_pairs: int = 
 
 
 def export_model_version(model: FrequencyFaceModel, spec: TransformSpec, version: str, out_dir: Path,
-                         shared: Path, threshold: float, metrics: dict) -> Path:
+                         shared: Path, threshold: float | None, metrics: dict) -> Path:
     """Export an already-built (e.g. trained) model as OUT_DIR/<version>: ONNX, ORT-vs-PyTorch parity, model.json.
 
-    Unlike export_version, the caller supplies the served threshold and the metrics (a trained model must be
-    measured on identities it never saw, which only the caller knows). Same atomic directory swap.
+    Unlike export_version, the caller supplies the metrics (a trained model must be measured on identities it never
+    saw, which only the caller knows). ``threshold`` None: the served threshold is the one at false-match rate
+    VERIFY_FAR on the calibration impostors (people in no View-2 fold), so nothing is tuned on held-out pairs.
+    Same atomic directory swap.
     """
     return _export_atomically(model.cpu().eval(), spec, version, Path(out_dir), shared,
-                              lambda _embedder: (float(threshold), metrics))
+                              lambda _embedder: (threshold, metrics))
 
 
 def _export_atomically(model: FrequencyFaceModel, spec: TransformSpec, version: str, out_dir: Path, shared: Path,
@@ -130,6 +134,9 @@ def _export_atomically(model: FrequencyFaceModel, spec: TransformSpec, version: 
             raise RuntimeError(f"ONNX Runtime and PyTorch disagree by {diff:.3g} (limit {MAX_PARITY_DIFF})")
         threshold, metrics = threshold_and_metrics(embedder)
         curve = calibrate(embedder.embed, spec, lfw_dir(shared))  # identities in no View-2 fold
+        if threshold is None:
+            threshold = curve.threshold(VERIFY_FAR)
+            metrics = {**metrics, "served_threshold": f"false-match rate {VERIFY_FAR:g} on the calibration impostors"}
         ModelMetadata(version=version, transform=spec.to_dict(), transform_id=spec.transform_id,
                       params_hash=spec.params_hash, embedding_dim=EMBEDDING_DIM, sha256=file_sha256(onnx_path),
                       onnx_file=ONNX_FILE, ort_vs_torch_max_abs_diff=diff, threshold=float(threshold),
