@@ -1,8 +1,8 @@
 """The dealer (rank 2): CrypTen's trusted-third-party provider of Beaver triples and masks.
 
-``run_dealer(settings)`` blocks forever: each generation is a worker process (``worker.dealer_main``) that joins
-the parties' gloo group, seeds one PRG per party, and answers party 0's requests (whitelisted: additive,
-square, binary, wraps, B2A, ping). It never receives any share of data. When the group breaks (a party died,
+``run_dealer(settings)`` blocks forever: each generation is a process (``dealer_server.dealer_main``) that joins
+the parties' gloo group, agrees a session key with each party, and answers party 0's requests (whitelisted:
+``dealer_server.DEALER_FUNCTIONS``). It never receives any share of data. When the group breaks (a party died,
 timed out, or restarted) the worker exits and a new generation rendezvous-es again after retry_backoff_s.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ log = logging.getLogger("privface.dealer")
 
 def run_dealer(settings: MpcSettings | None = None, stop_event: threading.Event | None = None) -> None:
     """Serve as the dealer until ``stop_event`` is set (never, for the ``privface dealer`` command)."""
-    from . import worker
+    from . import dealer_server
 
     settings = settings or MpcSettings()
     if settings.provider != "TTP":
@@ -29,7 +29,7 @@ def run_dealer(settings: MpcSettings | None = None, stop_event: threading.Event 
     generation = 0
     while not stop.is_set():
         generation += 1
-        proc = ctx.Process(target=worker.dealer_main, args=(data, generation),
+        proc = ctx.Process(target=dealer_server.dealer_main, args=(data, generation),
                            name=f"privface-dealer-g{generation}", daemon=True)
         proc.start()
         while proc.is_alive() and not stop.is_set():
