@@ -165,3 +165,15 @@ def test_party_gallery_rows_are_labelled_by_model_only():
 
     counts = {"v1/acme/k1": {"rows": 3}, "v1/globex/k2": {"rows": 2}, "v2/acme/k1": {"rows": 1}, "plain": {"rows": 4}}
     assert rows_per_model(counts) == {"v1": 5, "v2": 1, "plain": 4}
+
+
+@pytest.mark.slow
+def test_party_down_shows_in_the_gateway_scrape(stack, keys):
+    """Runs last in this module: it stops party 1. Its health gauge drops; party 0's stays up."""
+    stack.kill("party1")
+    text = scrape_gateway(stack, keys["all"])
+    assert value(text, "privface_party_up", party="1") == 0
+    assert value(text, "privface_party_mpc_connected", party="1") == 0
+    assert value(text, "privface_party_up", party="0") == 1
+    ready = httpx.get(stack.url + "/readyz", timeout=30)
+    assert ready.status_code == 503 and "party 1" in ready.json()["checks"]["parties"]["error"]
