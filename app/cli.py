@@ -121,10 +121,19 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     if args.host:
         settings = settings.model_copy(update={"host": args.host})
     settings.refuse_dev_secrets_off_loopback()
+    own_dir = None
     if args.workers > 1:
-        prepare_multiprocess_metrics()
-    uvicorn.run("app.main:app", factory=True, host=settings.host, port=args.port or settings.port,
-                workers=args.workers, log_level="info", log_config=log_config())
+        had_dir = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        path = prepare_multiprocess_metrics()
+        own_dir = None if had_dir else path
+    try:
+        uvicorn.run("app.main:app", factory=True, host=settings.host, port=args.port or settings.port,
+                    workers=args.workers, log_level="info", log_config=log_config())
+    finally:
+        if own_dir is not None:  # the temporary directory we made: gone with the gateway
+            import shutil
+
+            shutil.rmtree(own_dir, ignore_errors=True)
     return 0
 
 
