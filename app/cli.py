@@ -91,6 +91,27 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare_multiprocess_metrics() -> str:
+    """Several workers share one port, so /metrics must aggregate them: point prometheus_client's
+    multiprocess mode at an empty directory before the workers start (they inherit the environment).
+
+    An operator's PROMETHEUS_MULTIPROC_DIR is used, with its old sample files (`*.db`, written by workers
+    of an earlier run) removed so they are not counted again; otherwise a fresh temporary directory."""
+    import tempfile
+
+    from app.metrics import MULTIPROC_ENV
+
+    path = os.environ.get(MULTIPROC_ENV)
+    if path:
+        os.makedirs(path, exist_ok=True)
+        for old in Path(path).glob("*.db"):
+            old.unlink()
+    else:
+        path = tempfile.mkdtemp(prefix="privface-metrics-")
+        os.environ[MULTIPROC_ENV] = path
+    return path
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -100,8 +121,19 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     if args.host:
         settings = settings.model_copy(update={"host": args.host})
     settings.refuse_dev_secrets_off_loopback()
-    uvicorn.run("app.main:app", factory=True, host=settings.host, port=args.port or settings.port,
-                workers=args.workers, log_level="info", log_config=log_config())
+    own_dir = None
+    if args.workers > 1:
+        had_dir = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        path = prepare_multiprocess_metrics()
+        own_dir = None if had_dir else path
+    try:
+        uvicorn.run("app.main:app", factory=True, host=settings.host, port=args.port or settings.port,
+                    workers=args.workers, log_level="info", log_config=log_config())
+    finally:
+        if own_dir is not None:  # the temporary directory we made: gone with the gateway
+            import shutil
+
+            shutil.rmtree(own_dir, ignore_errors=True)
     return 0
 
 

@@ -13,6 +13,7 @@ from app.apidocs import install_docs
 from app.context import GatewayContext
 from app.db import make_engine, make_sessionmaker
 from app.limits import BodySizeLimit
+from app.metrics import RequestMetrics
 from app.migrate import migrate_gateway
 from app.problems import install_problem_handlers
 from app.routers import admin, matching, service, subjects
@@ -93,6 +94,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     for module in (subjects, matching, admin, service):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics)  # added last: outermost, so it also counts what BodySizeLimit refuses
     return app
 
 

@@ -230,6 +230,12 @@ class PartyPair:
                 raise PartiesError(f"party {r.rank} state failed ({r.status})", status=r.status)
         return [r.body for r in replies]
 
+    async def probe(self, timeout: float | None = None) -> list[dict | None]:
+        """Each party's /internal/state, or None for a party that did not answer it (health per party:
+        readiness and the gateway's metrics; ``state`` raises as soon as either party is down)."""
+        replies = await self._both("GET", "/internal/state", timeout=timeout)
+        return [r.body if r.ok and isinstance(r.body, dict) else None for r in replies]
+
     async def resync(self, decide: Callable[[list[int]], Mapping[int, bool | None] | Awaitable[Mapping[int, bool | None]]]
                      ) -> dict[int, dict[int, str]]:
         """Re-send the gateway's recorded decisions for every op still pending at either party.

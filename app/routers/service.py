@@ -4,17 +4,19 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
+from app import metrics
 from app.apidocs import auth_errors
 from app.auth import Principal
 from app.context import GatewayContext
 from app.deps import get_context, require_scope
 from app.schemas import HealthOut, TransformOut
-from secure.coordinator import PartiesUnavailable
 
 router = APIRouter(tags=["service"])
+PROBE_TIMEOUT_S = 5.0
 
 
 @router.get("/healthz", response_model=HealthOut)
@@ -33,19 +35,41 @@ async def readyz(ctx: GatewayContext = Depends(get_context)) -> JSONResponse:
         checks["database"] = {"ok": True}
     except Exception as exc:
         checks["database"] = {"ok": False, "error": type(exc).__name__}
-    try:
-        states = await asyncio.wait_for(ctx.parties.state(), timeout=5)
-        checks["parties"] = {"ok": all(s.get("mpc", {}).get("connected", False) for s in states),
-                             "states": states}
-    except (PartiesUnavailable, asyncio.TimeoutError) as exc:
-        checks["parties"] = {"ok": False, "error": str(exc) or "timeout"}
+    checks["parties"] = await _party_check(ctx)
     version = ctx.models.active_version
+    metrics.record_model(version)
     checks["model"] = {"ok": version is not None, "version": version,
                        "providers": ctx.models.providers().get(version, []) if version else []}
     checks["jobs"] = {"ok": True, "backend": ctx.jobs.backend}
     ready = all(check["ok"] for check in checks.values())
     body = HealthOut(status="ready" if ready else "not-ready", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+async def _party_check(ctx: GatewayContext) -> dict:
+    """Both parties reachable with their MPC engine connected; per-party health goes to the metrics too."""
+    try:
+        states = await asyncio.wait_for(ctx.parties.probe(timeout=PROBE_TIMEOUT_S), timeout=PROBE_TIMEOUT_S + 1)
+    except asyncio.TimeoutError:
+        states = [None, None]
+    metrics.record_parties(states)
+    down = [rank for rank, state in enumerate(states) if state is None]
+    if down:
+        return {"ok": False, "error": "unavailable: " + ", ".join(f"party {rank}" for rank in down)}
+    return {"ok": all(s.get("mpc", {}).get("connected", False) for s in states), "states": states}
+
+
+@router.get("/metrics", response_class=PlainTextResponse, responses={
+    **auth_errors("admin"), 200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+                                  "description": "Prometheus text exposition format"}})
+async def prometheus_metrics(_: Principal = Depends(require_scope("admin")),
+                             ctx: GatewayContext = Depends(get_context)) -> Response:
+    """Prometheus metrics (admin scope: `bearer_token` in the scrape config). Party health and the served
+    model are checked at each scrape, so they are current without a readiness probe."""
+    await _party_check(ctx)
+    metrics.record_model(ctx.models.active_version)
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)
 
 
 @router.get("/v1/transforms", response_model=list[TransformOut], responses=auth_errors())

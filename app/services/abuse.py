@@ -12,6 +12,7 @@ import math
 from typing import Literal
 
 from app.auth import Principal
+from app.metrics import BUDGET_REFUSALS
 from app.problems import Problem
 from app.services.counters import Budget, Counters
 from app.settings import GatewaySettings
@@ -53,6 +54,7 @@ class AbuseControls:
         budgets = self._key_budget(principal, route)
         wait = self._counters.take(budgets) if budgets else None
         if wait is not None:
+            BUDGET_REFUSALS.labels(route=route, reason="rate-limited").inc()
             raise too_many_requests(f"this API key's {route} budget ({budgets[0].limit} per "
                                     f"{self._s.rate_window_s} s)", wait)
 
@@ -60,6 +62,7 @@ class AbuseControls:
         """Verify: refuse a locked subject (423), then spend the key's and the subject's budgets (429)."""
         locked = self._counters.flag_wait(_lock(principal, subject_id))
         if locked is not None:
+            BUDGET_REFUSALS.labels(route="verify", reason="locked").inc()
             raise subject_locked(subject_id, locked)
         budgets = self._key_budget(principal, "verify")
         if self._s.subject_verify_limit:
@@ -67,6 +70,7 @@ class AbuseControls:
                                   self._s.subject_verify_window_s))
         wait = self._counters.take(budgets) if budgets else None
         if wait is not None:
+            BUDGET_REFUSALS.labels(route="verify", reason="rate-limited").inc()
             raise too_many_requests("the verify budget of this API key or of this subject", wait)
 
     def record_verify(self, principal: Principal, subject_id: str, match: bool) -> bool:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from app.metrics import IDENTIFY_BATCH
 from secure.coordinator import MAX_QUERY_BATCH, PartyPair
 from secure.thresholds import GalleryPolicy
 
@@ -79,6 +80,7 @@ class IdentifyBatcher:
                 pass
             self._close(key, batch)
             gallery, upto, committed, threshold = key
+            IDENTIFY_BATCH.observe(len(batch.queries))
             if len(batch.queries) == 1:  # alone: the plain single-query job
                 results = [await self.parties.identify(uuid.uuid4().hex, gallery, upto, batch.queries[0],
                                                        threshold, expected_committed=committed)]

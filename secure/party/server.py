@@ -1,6 +1,6 @@
 """A party's internal API (FastAPI): two-phase ops from the gateway, state, and MPC match jobs.
 
-Every route but /healthz requires ``Authorization: Bearer <this link's token>`` (constant-time compare;
+Every route but /healthz (``/metrics`` included) requires ``Authorization: Bearer <this link's token>`` (constant-time compare;
 each party has its own token, see ``settings.py``) and, when a pin is configured, the gateway's own client
 certificate (``tlspin.py``). A match job's threshold is the gallery's, recorded once at registration
 (``thresholds.py``), never the request's; match jobs are rate-limited (``ratelimit.py``) and audited
@@ -16,16 +16,18 @@ import hmac
 import ipaddress
 import logging
 import math
+import time
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, Path, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Request, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from secure.party.audit import MatchAudit
 from secure.party.db import make_party_engine, migrate_party_db
 from secure.party.gallery import Gallery, SnapshotTooOld
+from secure.party.metrics import PartyMetrics
 from secure.party.oplog import OpError, OpLog, OpSpec
 from secure.party.problems import PartyProblem, install_problem_handlers
 from secure.party.ratelimit import TokenBucket
@@ -134,6 +136,7 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
     thresholds = Thresholds(oplog.sessions)
     audit = MatchAudit(oplog.sessions, settings.rank)
     bucket = TokenBucket(settings.match_rate_per_s, settings.match_burst)
+    metrics = PartyMetrics()
 
     def require_token(request: Request) -> None:
         """This link's bearer token, and (when pinned) the gateway's certificate on this connection."""
@@ -153,6 +156,7 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
     app.state.engine = engine
     app.state.jobs_run = 0  # MPC jobs this process ran (a batch counts once): shows the gateway's batching
     app.state.settings = settings
+    app.state.metrics = metrics
     install_problem_handlers(app)
     install_traffic_log(app, settings.traffic_log)
 
@@ -282,6 +286,19 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
 
     @api.post("/match", response_model=MatchOut, response_model_exclude_none=True)
     async def match(body: MatchIn) -> MatchOut:
+        """Answer a match job, counted and timed by kind and status (refusals included)."""
+        start, status = time.perf_counter(), 500
+        try:
+            out = await answer_match(body)
+            status = 200
+            return out
+        except PartyProblem as exc:
+            status = exc.status
+            raise
+        finally:
+            metrics.observe_job(body.kind, status, time.perf_counter() - start)
+
+    async def answer_match(body: MatchIn) -> MatchOut:
         def invalid(detail: str) -> PartyProblem:
             return PartyProblem(422, "validation-error", "The request is not valid", detail)
 
@@ -350,7 +367,9 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
                        gallery_id=gallery_id, threshold=threshold)
         timeout = min(body.timeout_s or settings.match_timeout_s, settings.match_timeout_s)
         try:
-            return 200, await run_in_threadpool(engine.submit, job, timeout)
+            out = await run_in_threadpool(engine.submit, job, timeout)
+            metrics.observe_mpc(body.kind, engine.job_stats(body.job_id) if hasattr(engine, "job_stats") else None)
+            return 200, out
         except (MpcUnavailable, TimeoutError) as exc:
             log.warning("match job %s unavailable: %s", body.job_id, type(exc).__name__)
             return 503, PartyProblem(503, "mpc-unavailable", "Secure computation unavailable",
@@ -359,6 +378,16 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
         except Exception as exc:  # noqa: BLE001
             log.error("match job %s failed: %s", body.job_id, type(exc).__name__)
             return 500, PartyProblem(500, "mpc-failed", "Secure computation failed", type(exc).__name__)
+
+    @app.get("/metrics", include_in_schema=False, dependencies=[Depends(require_token)])
+    def prometheus_metrics() -> Response:
+        """Prometheus metrics, behind this link's token like every internal route (docs/operations.md)."""
+        try:
+            mpc = engine.status()
+        except Exception:  # noqa: BLE001 - a scrape reports the engine down, never fails
+            mpc = {"connected": False}
+        body, content_type = metrics.render(oplog.gallery.counts(), mpc)
+        return Response(body, media_type=content_type)
 
     app.include_router(api)
     return app
