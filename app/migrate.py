@@ -1,7 +1,6 @@
 """Apply the gateway's Alembic migrations programmatically (used by `privface migrate` and at start-up)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
