@@ -71,6 +71,12 @@ class GatewaySettings(BaseSettings):
     identify_batch_max: int = Field(16, description="Identify batching: most queries in one MPC job (at most 64).")
     prefer_gpu: bool = Field(True, description="Use ONNX Runtime's CUDA provider when present.")
     model_poll_s: float = Field(5.0, description="Fallback poll of the active model version when Redis is absent.")
+    federated_python: Path = Field(
+        PROJECT_ROOT / ".venv-federated" / "bin" / "python",
+        description="Python of the federated environment (scripts/install_federated.sh) that runs federated jobs.")
+    federated_tolerance: float = Field(
+        0.005, ge=0, le=1, description="A federated candidate is activated only if its held-out accuracy is at most "
+                                       "this much below the active version's (same pairs); else it stays a candidate.")
     host: str = Field("127.0.0.1", description="Gateway listen address.")
     port: int = Field(8000, description="Gateway listen port.")
 

@@ -118,7 +118,7 @@ def test_documented_statuses(openapi):
         if "requestBody" in operation:
             assert {"400", "413", "422"} <= set(operation["responses"]), (method, path)
     kind = openapi["components"]["schemas"]["JobCreate"]["properties"]["kind"]
-    assert sorted(kind["enum"]) == ["export-model-v0", "register-model"]
+    assert sorted(kind["enum"]) == ["export-model-v0", "federated", "register-model"]
 
 
 def test_documented_request_examples_are_accepted_but_for_their_placeholder_features(stack, key, openapi):

@@ -15,7 +15,7 @@ from app.problems import Problem, not_found
 from app.schemas import JobCreate, JobOut, ModelVersionOut, UnlockOut
 from app.services import revocation
 from app.services.audit import audit
-from app.services.jobs import JOB_KINDS
+from app.services.jobs import JOB_KINDS, validate_job_params
 from app.services.model_events import publish_activation, sync_active_model
 from app.services.model_registry import activate_version
 
@@ -24,6 +24,8 @@ admin = require_scope("admin")
 ERRORS = auth_errors("admin")
 UNKNOWN_JOB_KIND = Problem(422, "unknown-job-kind", "Unknown job kind",
                            f"'train' is not one of {sorted(JOB_KINDS)}")
+INVALID_JOB_PARAMS = Problem(422, "invalid-job-params", "Invalid job parameters",
+                             "federated: rounds: Input should be less than or equal to 50")
 
 
 def _not_found(what: str, ident: str) -> dict:
@@ -59,13 +61,17 @@ async def activate_model(version: str, _: Principal = Depends(admin),
 
 
 @router.post("/jobs", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
-             responses={**ERRORS, **body_errors(UNKNOWN_JOB_KIND)})
+             responses={**ERRORS, **body_errors(UNKNOWN_JOB_KIND, INVALID_JOB_PARAMS)})
 def create_job(body: JobCreate, _: Principal = Depends(admin), ctx: GatewayContext = Depends(get_context)) -> JobOut:
-    """Start a background job; poll `GET /v1/admin/jobs/{id}` for its progress."""
+    """Start a background job; poll `GET /v1/admin/jobs/{id}` for its progress.
+
+    Kind `federated` (docs/federated.md): params `rounds` (1-50), `clients`, `clients_per_round`, `scope`
+    (whole|adapter-tail), `mode` (supervised), `seed`, `pairs_per_fold`, `max_images`, `epochs`,
+    `heldout_every_round`; unknown fields are refused. While it runs, `result.rounds` lists the finished rounds."""
     if body.kind not in JOB_KINDS:  # the schema documents the kinds as an enum; this gives the clearer error
         raise Problem(422, "unknown-job-kind", "Unknown job kind",
                       f"{body.kind!r} is not one of {sorted(JOB_KINDS)}")
-    job_id = ctx.jobs.submit(body.kind, body.params)
+    job_id = ctx.jobs.submit(body.kind, validate_job_params(body.kind, body.params))
     with ctx.sessions() as session:
         return _job_out(session.get(Job, job_id))
 

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import make_engine, make_sessionmaker, session_scope
 from app.models import Job
+from app.services import federated_job
 from app.settings import GatewaySettings, get_settings
 
 log = logging.getLogger(__name__)
@@ -28,12 +29,16 @@ class JobReporter:
     def __init__(self, sessions: sessionmaker[Session], job_id: str) -> None:
         self._sessions, self.job_id = sessions, job_id
 
-    def progress(self, fraction: float, message: str | None = None) -> None:
+    def progress(self, fraction: float, message: str | None = None, details: dict | None = None) -> None:
+        """`details` (e.g. a federated job's rounds) is shown as the job's result while it runs; the job's
+        return value replaces it when it ends."""
         with session_scope(self._sessions) as session:
             job = session.get(Job, self.job_id)
             job.progress = max(0.0, min(1.0, fraction))
             if message is not None:
                 job.message = message
+            if details is not None:
+                job.result = details
 
 
 def _export_model_v0(settings: GatewaySettings, sessions: sessionmaker[Session], params: dict,
@@ -67,7 +72,18 @@ JobFunction = Callable[[GatewaySettings, sessionmaker[Session], dict, JobReporte
 JOB_KINDS: dict[str, JobFunction] = {
     "export-model-v0": _export_model_v0,
     "register-model": _register_model,
+    "federated": federated_job.run_federated_job,  # runs .venv-federated as a subprocess
 }
+# Kinds whose params are checked before the job is queued: params -> params with defaults, or a 422 Problem.
+JOB_PARAM_VALIDATORS: dict[str, Callable[[dict], dict]] = {
+    "federated": federated_job.validate_params,
+}
+
+
+def validate_job_params(kind: str, params: dict) -> dict:
+    """The params to store for a new job of `kind` (unchanged for kinds without a validator)."""
+    validator = JOB_PARAM_VALIDATORS.get(kind)
+    return validator(params) if validator is not None else params
 
 
 def execute(job_id: str, settings: GatewaySettings | None = None) -> None:

@@ -7,6 +7,7 @@ the model (protocol of training_jobs.evaluate: leave-one-fold-out accuracy, TAR 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +34,14 @@ class Heldout:
     def evaluate(self, model: FrequencyFaceModel, name: str) -> dict:
         """Accuracy (leave-one-fold-out), TAR@FAR 1e-3/1e-4 and rank-1 of `model`, as a JSON-able dict."""
         model.eval()
-        embed = frequency_embedder(torch_features_fn(model), self.spec, np.random.default_rng(self.seed))
         with torch.inference_mode():
-            result = self.pairs.evaluate(name, self.spec.transform_id, embed)
-        return summary(result.to_dict())
+            return self.evaluate_features_fn(torch_features_fn(model), name)
+
+    def evaluate_features_fn(self, features_fn: Callable[[np.ndarray], np.ndarray], name: str) -> dict:
+        """The same measurement for any embedder of features (e.g. a served ONNX version: the guardrail's
+        baseline), so candidate and baseline are compared on the same pairs and noise draws."""
+        embed = frequency_embedder(features_fn, self.spec, np.random.default_rng(self.seed))
+        return summary(self.pairs.evaluate(name, self.spec.transform_id, embed).to_dict())
 
 
 def summary(result: dict) -> dict:

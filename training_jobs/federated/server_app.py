@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -116,25 +116,38 @@ def initial_arrays(settings: ServerSettings) -> ArrayRecord:
     return ArrayRecord({k: Array(v) for k, v in get_arrays(model, travelling_names(model, settings.scope)).items()})
 
 
-def make_evaluate_fn(settings: ServerSettings, heldout: Heldout, log: dict):
-    """Flower evaluate_fn: held-out metrics of the global model at the chosen rounds."""
+RoundCallback = Callable[[int, dict | None], None]
+
+
+def make_evaluate_fn(settings: ServerSettings, heldout: Heldout | None, log: dict,
+                     on_round: RoundCallback | None = None):
+    """Flower evaluate_fn (called after every round): held-out metrics of the global model at the chosen rounds,
+    then `on_round(round, held-out metrics or None)` so a caller can report progress as rounds finish."""
     spec = TransformSpec.from_dict(settings.transform)
-    model = build_base_model(spec, Path(settings.shared))
+    model = build_base_model(spec, Path(settings.shared)) if heldout is not None else None
     rounds = settings.eval_rounds if settings.eval_rounds is not None else (0, settings.rounds)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round not in rounds:
+        metrics = None
+        if heldout is not None and server_round in rounds:
+            set_arrays(model, {name: array.numpy() for name, array in arrays.items()})
+            metrics = heldout.evaluate(model, f"round {server_round}")
+            log.setdefault("heldout", {})[server_round] = metrics
+        if on_round is not None:
+            on_round(server_round, metrics)
+        if metrics is None:
             return None
-        set_arrays(model, {name: array.numpy() for name, array in arrays.items()})
-        metrics = heldout.evaluate(model, f"round {server_round}")
-        log.setdefault("heldout", {})[server_round] = metrics
         return MetricRecord({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
 
     return evaluate
 
 
-def make_server_app(settings: ServerSettings, heldout: Heldout | None, log: dict) -> ServerApp:
-    """A ServerApp that runs `settings.rounds` FedFaceAvg rounds and fills `log` (rounds, held-out, final arrays)."""
+def make_server_app(settings: ServerSettings, heldout: Heldout | None, log: dict,
+                    on_round: Callable[[int, dict | None, dict | None], None] | None = None) -> ServerApp:
+    """A ServerApp that runs `settings.rounds` FedFaceAvg rounds and fills `log` (rounds, held-out, final arrays).
+
+    `on_round(round, that round's log entry or None for round 0, held-out metrics or None)` is called as each
+    round ends (after its held-out evaluation), for live progress."""
     app = ServerApp()
 
     @app.main()
@@ -145,10 +158,15 @@ def make_server_app(settings: ServerSettings, heldout: Heldout | None, log: dict
         config = {"transform": json.dumps(TransformSpec.from_dict(settings.transform).to_dict()), **settings.local}
         if settings.seed is not None:
             config["seed"] = settings.seed
+        def round_ended(server_round: int, metrics: dict | None) -> None:
+            if on_round is not None:
+                entry = strategy.rounds[-1] if server_round > 0 and strategy.rounds else None
+                on_round(server_round, entry, metrics)
+
         start = time.perf_counter()
+        evaluate_fn = make_evaluate_fn(settings, heldout, log, round_ended) if heldout or on_round else None
         result = strategy.start(grid, initial_arrays(settings), num_rounds=settings.rounds,
-                                train_config=ConfigRecord(config),
-                                evaluate_fn=make_evaluate_fn(settings, heldout, log) if heldout else None)
+                                train_config=ConfigRecord(config), evaluate_fn=evaluate_fn)
         log["rounds"] = strategy.rounds
         log["seconds"] = time.perf_counter() - start
         log["settings"] = {**asdict(settings), "transform": TransformSpec.from_dict(settings.transform).transform_id}

@@ -21,9 +21,12 @@ from flwr.app import Context
 from flwr.simulation import run_simulation
 
 from inference.lfw import lfw_dir, load_many, shared_dir
-from inference.transform import PRESETS
+from inference.metadata import ModelMetadata
+from inference.runtime import OrtEmbedder
+from inference.transform import PRESETS, TransformSpec
 from training_jobs.federated.client_app import make_client_app
 from training_jobs.federated.heldout import Heldout
+from training_jobs.federated.params import build_base_model, set_arrays
 from training_jobs.federated.population import IsolationError, Population, make_population
 from training_jobs.federated.server_app import ServerSettings, make_server_app
 
@@ -45,20 +48,54 @@ class PopulationPhotos:
         return load_many(self.lfw, list(data.images))
 
 
-def simulate(population: Population, settings: ServerSettings, lfw: Path, heldout: Heldout | None) -> dict:
+def print_event(event: str, **fields: object) -> None:
+    """One JSON line on stdout: how a driving job (app/services/federated_job.py) follows the run."""
+    print(json.dumps({"event": event, **fields}, default=str), flush=True)
+
+
+def progress_printer(total: int):
+    """on_round callback of the ServerApp: one `round` event per finished round (round 0 = before training)."""
+    def on_round(server_round: int, entry: dict | None, heldout: dict | None) -> None:
+        entry = entry or {}
+        print_event("round", round=server_round, of=total, sampled=entry.get("sampled", 0),
+                    finished=entry.get("replied", 0), failed=entry.get("failed", 0),
+                    train_seconds=entry.get("train_seconds"), metrics=entry.get("metrics"), heldout=heldout)
+    return on_round
+
+
+def simulate(population: Population, settings: ServerSettings, lfw: Path, heldout: Heldout | None,
+             on_round=None) -> dict:
     """Run the rounds; returns the server's log (rounds, bytes, times, held-out metrics, final arrays)."""
     if heldout is not None and {c.identity for c in population.clients} & heldout.identities:
         raise IsolationError("a client is a held-out identity")
     random.seed(settings.seed)  # Flower samples clients with `random`; reproducible runs
     log: dict = {}
     client_app = make_client_app(PopulationPhotos(population, lfw), Path(settings.shared))
-    server_app = make_server_app(settings, heldout, log)
+    server_app = make_server_app(settings, heldout, log, on_round)
     start = time.perf_counter()
     run_simulation(server_app, client_app, num_supernodes=len(population.clients), backend_config=BACKEND)
     log["wall_seconds"] = time.perf_counter() - start
     if "rounds" not in log:
         raise RuntimeError("the simulation ended without finishing its rounds (see Flower's log above)")
     return log
+
+
+def baseline_metrics(version_dir: Path, heldout: Heldout) -> dict:
+    """Held-out metrics of a served model version (its ONNX file), on the same pairs and noise draws."""
+    meta = ModelMetadata.load(version_dir, verify=True)
+    features_fn = OrtEmbedder(version_dir / meta.onnx_file, prefer_gpu=True, intra_op_threads=1).embed
+    return {"version": meta.version, **heldout.evaluate_features_fn(features_fn, f"baseline {meta.version}")}
+
+
+def export_candidate(log: dict, spec: TransformSpec, shared: Path, out_dir: Path, version: str,
+                     metrics: dict) -> Path:
+    """The final global model as a served model version (ONNX + model.json); served threshold calibrated on
+    people in no View-2 fold (threshold None), never on the held-out pairs."""
+    from inference.export import export_model_version
+
+    model = build_base_model(spec, shared)
+    set_arrays(model, log["final_arrays"])
+    return export_model_version(model, spec, version, out_dir, shared, None, metrics)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,20 +111,41 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--transform", default="dct8-v0", choices=sorted(PRESETS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--progress", action="store_true",
+                        help="print one JSON line per round and the result as one JSON line (for a driving job)")
+    parser.add_argument("--heldout-every-round", action="store_true", help="held-out metrics after every round")
+    parser.add_argument("--baseline-dir", type=Path, default=None,
+                        help="a served model version directory: its transform is used and its held-out metrics "
+                             "are measured on the same pairs (the publishing guardrail's baseline)")
+    parser.add_argument("--export-dir", type=Path, default=None, help="export the candidate under this directory")
+    parser.add_argument("--version", default=None, help="the candidate's model version name (with --export-dir)")
     args = parser.parse_args(argv)
+    if (args.export_dir is None) != (args.version is None):
+        parser.error("--export-dir and --version go together")
     shared = shared_dir()
     lfw = lfw_dir(shared)
-    spec = PRESETS[args.transform](args.epsilon)
+    spec = (ModelMetadata.load(args.baseline_dir, verify=False).spec if args.baseline_dir
+            else PRESETS[args.transform](args.epsilon))
     population = make_population(lfw, args.clients, min_images=2, max_images=args.max_images)
     heldout = Heldout(lfw, spec, args.pairs_per_fold, seed=args.seed)
     settings = ServerSettings(str(shared), spec.to_dict(), args.scope, args.rounds, args.per_round, args.clients,
-                              args.seed, {"epochs": args.epochs, "batch-size": 4})
-    log = simulate(population, settings, lfw, heldout)
+                              args.seed, {"epochs": args.epochs, "batch-size": 4},
+                              tuple(range(args.rounds + 1)) if args.heldout_every_round else None)
+    baseline = baseline_metrics(args.baseline_dir, heldout) if args.baseline_dir else None
+    log = simulate(population, settings, lfw, heldout, progress_printer(args.rounds) if args.progress else None)
     report = {key: value for key, value in log.items() if key != "final_arrays"}
     report["population"] = {"clients": len(population.clients),
                             "photos": sum(len(c.images) for c in population.clients)}
+    report["baseline"] = baseline
+    if args.export_dir is not None:
+        metrics = {"federated": {"heldout": log.get("heldout"), "baseline": baseline, "settings": report["settings"],
+                                 "population": report["population"]}}
+        report["exported"] = str(export_candidate(log, spec, shared, args.export_dir, args.version, metrics))
+    if args.progress:
+        print_event("result", **report)
+    else:
+        print(json.dumps(report, indent=1, default=str))
     text = json.dumps(report, indent=1, default=str)
-    print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")

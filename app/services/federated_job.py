@@ -1,0 +1,223 @@
+"""The `federated` job: run federated retraining in `.venv-federated`, follow it, publish the candidate.
+
+Why a subprocess: Flower pins web-framework versions the gateway does not run (docs/federated.md), so the
+gateway's environment has no flwr. The job starts `training_jobs.federated.simulate` under
+`PRIVFACE_FEDERATED_PYTHON`, reads its one-JSON-line-per-round progress into the job row, and when the run has
+exported the candidate into the model directory, registers it and applies the publishing guardrail: activate
+only if its held-out accuracy is not worse than the active version's (same pairs, same noise draws) by more than
+`PRIVFACE_FEDERATED_TOLERANCE`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db import session_scope
+from app.problems import Problem
+from app.settings import PROJECT_ROOT, GatewaySettings
+
+STDERR_TAIL_BYTES = 64 * 1024
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class FederatedParams(BaseModel):
+    """What an admin may set for one federated job (strict: unknown fields and wrong types are refused)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    rounds: int = Field(3, ge=1, le=50)
+    clients: int = Field(30, ge=2, le=2000, description="simulated devices (training identities, one each)")
+    clients_per_round: int = Field(10, ge=1, le=2000)
+    scope: Literal["whole", "adapter-tail"] = "whole"
+    mode: Literal["supervised"] = "supervised"
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    pairs_per_fold: int = Field(60, ge=2, le=300, description="held-out pairs per LFW fold 6-10")
+    max_images: int = Field(4, ge=2, le=50, description="photos per device at most")
+    epochs: int = Field(1, ge=1, le=10, description="local epochs per round")
+    heldout_every_round: bool = False
+
+    @model_validator(mode="after")
+    def _per_round_fits(self) -> "FederatedParams":
+        if self.clients_per_round > self.clients:
+            raise ValueError("clients_per_round must not exceed clients")
+        return self
+
+
+def validate_params(params: dict) -> dict:
+    """The job's params with defaults filled in, or a 422 problem that names every bad field."""
+    try:
+        return FederatedParams.model_validate(params).model_dump()
+    except ValidationError as exc:
+        errors = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in exc.errors())
+        raise Problem(422, "invalid-job-params", "Invalid job parameters", f"federated: {errors}") from None
+
+
+class FederatedRunError(RuntimeError):
+    """The federated subprocess failed; the message is one line (its exit status and last error line)."""
+
+
+@dataclass
+class Guardrail:
+    """The publishing decision for a candidate and why."""
+
+    activate: bool
+    reason: str
+    candidate_accuracy: float | None
+    active_accuracy: float | None
+    tolerance: float
+
+    def to_dict(self) -> dict:
+        return {"decision": "activated" if self.activate else "kept-candidate", "reason": self.reason,
+                "candidate_accuracy": self.candidate_accuracy, "active_accuracy": self.active_accuracy,
+                "tolerance": self.tolerance}
+
+
+def guardrail(candidate: float | None, active: float | None, tolerance: float) -> Guardrail:
+    """Activate only when both accuracies are known and the candidate is not worse by more than `tolerance`."""
+    if active is None:
+        return Guardrail(False, "no active version to compare with", candidate, active, tolerance)
+    if candidate is None:
+        return Guardrail(False, "the candidate has no held-out accuracy", candidate, active, tolerance)
+    if candidate < active - tolerance:
+        return Guardrail(False, f"held-out accuracy {candidate:.4f} is below the active version's {active:.4f} "
+                                f"by more than {tolerance:g}", candidate, active, tolerance)
+    return Guardrail(True, f"held-out accuracy {candidate:.4f} vs active {active:.4f} (tolerance {tolerance:g})",
+                     candidate, active, tolerance)
+
+
+def command(settings: GatewaySettings, params: FederatedParams, version: str, baseline_dir: Path | None) -> list[str]:
+    """The simulate command line for this job."""
+    cmd = [str(settings.federated_python), "-m", "training_jobs.federated.simulate",
+           "--clients", str(params.clients), "--per-round", str(params.clients_per_round),
+           "--rounds", str(params.rounds), "--scope", params.scope, "--seed", str(params.seed),
+           "--pairs-per-fold", str(params.pairs_per_fold), "--max-images", str(params.max_images),
+           "--epochs", str(params.epochs), "--progress",
+           "--export-dir", str(settings.model_dir), "--version", version]
+    if params.heldout_every_round:
+        cmd.append("--heldout-every-round")
+    if baseline_dir is not None:
+        cmd += ["--baseline-dir", str(baseline_dir)]
+    return cmd
+
+
+def subprocess_env(settings: GatewaySettings) -> dict[str, str]:
+    """The run sees this checkout's code (PYTHONPATH first) and the gateway's shared data directory."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PRIVFACE_SHARED_DIR"] = str(settings.shared_dir)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def parse_event(line: str) -> dict | None:
+    """A progress event of the simulate run, or None for any other output line."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) and "event" in event else None
+
+
+def last_error_line(stderr_tail: str) -> str:
+    """The last non-empty line of the run's stderr (a Python traceback ends with its exception), one line."""
+    lines = [ANSI.sub("", line).strip() for line in stderr_tail.splitlines()]
+    lines = [line for line in lines if line]
+    return lines[-1][:300] if lines else "no error output"
+
+
+def round_summary(event: dict) -> dict:
+    """What the job row keeps of one round event."""
+    keep = ("round", "of", "sampled", "finished", "failed", "train_seconds", "metrics", "heldout")
+    return {key: event.get(key) for key in keep}
+
+
+def round_message(event: dict) -> str:
+    if event["round"] == 0:
+        return f"round 0 of {event['of']}: held-out evaluation of the starting model"
+    loss = (event.get("metrics") or {}).get("loss")
+    text = (f"round {event['round']} of {event['of']}: {event['finished']}/{event['sampled']} clients finished, "
+            f"{event['failed']} failed")
+    return text + (f", loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
+
+
+def run_simulation(cmd: list[str], env: dict[str, str], on_event) -> dict:
+    """Run the simulate subprocess in its own process group, feeding each event to `on_event`; returns the
+    `result` event. The group is killed if we stop following it for any reason."""
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                start_new_session=True)
+        result = None
+        try:
+            for line in proc.stdout:
+                event = parse_event(line)
+                if event is None:
+                    continue
+                if event["event"] == "result":
+                    result = event
+                else:
+                    on_event(event)
+            status = proc.wait()
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if status != 0 or result is None:
+            stderr.seek(max(0, stderr.seek(0, os.SEEK_END) - STDERR_TAIL_BYTES))
+            tail = stderr.read().decode(errors="replace")
+            raise FederatedRunError(f"federated run exited with status {status}: {last_error_line(tail)}")
+        return result
+
+
+def run_federated_job(settings: GatewaySettings, sessions: sessionmaker[Session], params: dict, report) -> dict:
+    """The `federated` job kind: train, export, register, apply the guardrail."""
+    from app.services.model_events import publish_activation
+    from app.services.model_registry import activate_version, active_version, register_model_dir
+
+    job = FederatedParams.model_validate(params)
+    if not Path(settings.federated_python).exists():
+        raise FederatedRunError(f"no federated environment at {settings.federated_python}: run "
+                                "scripts/install_federated.sh or set PRIVFACE_FEDERATED_PYTHON")
+    with session_scope(sessions) as session:
+        active = active_version(session)
+        active_name = active.version if active is not None else None
+        baseline_dir = (settings.model_dir / active.path).parent if active is not None else None
+    version = "fed-" + report.job_id.removeprefix("job_")[:16]
+    rounds: list[dict] = []
+
+    def on_event(event: dict) -> None:
+        if event.get("event") != "round":
+            return
+        rounds.append(round_summary(event))
+        fraction = 0.05 + 0.8 * event["round"] / max(1, event["of"])
+        report.progress(fraction, round_message(event), {"rounds": rounds})
+
+    report.progress(0.01, "starting the federated run")
+    result = run_simulation(command(settings, job, version, baseline_dir), subprocess_env(settings), on_event)
+    report.progress(0.9, "registering the candidate", {"rounds": rounds})
+    heldout = result.get("heldout") or {}
+    final = heldout.get(str(job.rounds)) or {}
+    baseline = result.get("baseline") or {}
+    decision = guardrail(final.get("accuracy"), baseline.get("accuracy") if active_name else None,
+                         settings.federated_tolerance)
+    with session_scope(sessions) as session:
+        row = register_model_dir(session, settings.model_dir, Path(result["exported"]))
+        if decision.activate:
+            row = activate_version(session, row.version)
+        out = {"version": row.version, "status": row.status, "sha256": row.sha256}
+    if decision.activate:
+        publish_activation(settings.redis_url, version)
+    return {**out, "guardrail": decision.to_dict(), "active_before": active_name,
+            "heldout": {"before": heldout.get("0"), "after": final, "active_version": baseline or None},
+            "rounds": rounds, "seconds": result.get("wall_seconds")}
