@@ -23,11 +23,9 @@ commit, coordinates attacked, match jobs sent (calls), HTTP requests, the max ab
 coordinates of the issue's attack (``max_abs_err``; null when refused) and of every strategy, refused statuses
 seen, seconds. All processes are killed (process groups) on exit, errors included.
 
-Run (old / new code):
-  cd /work/wt-old && PYTHONPATH=/work/wt-old /work/main/.venv/bin/python /work/main/bench/threshold_search.py \
-      --checkout /work/wt-old
-  cd /work/main && PYTHONPATH=/work/main /work/main/.venv/bin/python /work/main/bench/threshold_search.py \
-      --checkout /work/main
+Run (old / new code; OLD is a checkout of an older commit, e.g. `git worktree add ../old 5674ff1`):
+  cd OLD && PYTHONPATH=$PWD ../main/.venv/bin/python ../main/bench/threshold_search.py --checkout $PWD
+  cd main && PYTHONPATH=$PWD .venv/bin/python bench/threshold_search.py --checkout $PWD
 """
 from __future__ import annotations
 

@@ -71,3 +71,13 @@ def redis_url() -> Iterator[str]:
     yield url
     client.flushdb()
     client.close()
+
+
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread for a test module (the shared 2-core machine), restored afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -21,6 +21,7 @@ from training_jobs.attacks.data import attacker_split, check_disjoint, probe_set
 from training_jobs.attacks.evaluation import identification, write_table
 from training_jobs.attacks.training import Budget, train
 from training_jobs.leakage import psnr, ssim
+from tests.conftest import one_torch_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = shared_dir()
@@ -32,10 +33,7 @@ FOLDS_6_10 = (6, 7, 8, 9, 10)
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    yield from one_torch_thread()
 
 
 def held_out_identities() -> set[str]:

@@ -33,7 +33,7 @@ needs_flwr = pytest.mark.skipif(not HAVE_FLWR, reason="flwr is only in .venv-fed
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def one_thread():  # local, not tests.conftest's: this module also runs in .venv-federated with --noconftest
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

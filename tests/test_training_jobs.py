@@ -17,6 +17,7 @@ from training_jobs.evaluate import (identification_split, leave_one_fold_out_acc
                                     roc_points, tar_at_far)
 from training_jobs.leakage import psnr, ssim
 from training_jobs.losses import DistillationLoss, MarginHead
+from tests.conftest import one_torch_thread
 
 SHARED = shared_dir()
 LFW = lfw_dir(SHARED)
@@ -28,10 +29,7 @@ needs_model = pytest.mark.skipif(not (HAVE_LFW and HAVE_WEIGHTS), reason=f"LFW o
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    yield from one_torch_thread()
 
 
 # --- splits and dataset --------------------------------------------------------------------------
