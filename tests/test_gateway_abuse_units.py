@@ -233,3 +233,14 @@ def test_access_log_record_is_redacted_by_the_configured_filter():
     assert SECRET not in record.getMessage()
     config = log_config()
     assert all(h.get("filters") == ["redact_secrets"] for h in config["handlers"].values())
+
+
+def test_a_party_refusal_is_a_429_or_a_503_never_a_500() -> None:
+    """Regression: a party's 429 (its match-job rate limit) escaped the gateway as an unhandled error (500)."""
+    from app.services.biometrics import party_refusal
+    from secure.coordinator import PartiesError
+
+    busy = party_refusal(PartiesError("party 0 refused the match job (429 rate-limited)", status=429))
+    assert busy.status == 429 and busy.slug == "rate-limited" and busy.headers["Retry-After"] == "1"
+    other = party_refusal(PartiesError("party 1 refused the match job (422 validation-error)", status=422))
+    assert other.status == 503 and "Retry-After" in other.headers

@@ -24,7 +24,7 @@ from app.services import operations
 from app.services.features import check_epsilon, decode_features
 from app.services.model_registry import LoadedModel
 from app.services.templates import gallery_name, protected_template
-from secure.coordinator import PartiesOutOfSync, PartiesUnavailable
+from secure.coordinator import PartiesError, PartiesOutOfSync, PartiesUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +248,18 @@ async def _with_resync(ctx: GatewayContext, run):
             await operations.reconcile(ctx.sessions, ctx.parties, stale_after_s=operations.stale_after(ctx.settings.party_timeout_s))
         except PartiesUnavailable as exc:
             raise unavailable(str(exc)) from None
+        except PartiesError as exc:
+            raise party_refusal(exc) from None
+
+
+def party_refusal(exc: PartiesError) -> Problem:
+    """A match job a party refused: its rate limit becomes the client's 429 (with Retry-After), anything else a 503
+    (the gateway built the job, so a refusal is the service's fault, never the caller's input)."""
+    if exc.status == 429:
+        return Problem(429, "rate-limited", "Too many requests",
+                       "the secure-computation parties are at their match-job limit; retry shortly",
+                       headers={"Retry-After": "1"})
+    return unavailable(f"a secure-computation party refused the job ({exc})")
 
 
 async def _deliver_quietly(ctx: GatewayContext, seq: int) -> None:
