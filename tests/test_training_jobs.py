@@ -164,6 +164,66 @@ def test_checkpoint_resume_round_trip(tmp_path):
     assert resumed.scheduler.last_epoch == straight.scheduler.last_epoch
 
 
+@needs_model
+def test_deadline_compresses_the_schedule_and_the_slim_copy_resumes(tmp_path):
+    """A lent accelerator's minutes: the run shortens itself after timing an epoch and still anneals; the
+    slim checkpoint (no optimizer state, what comes back from the device) loads for --finish-only."""
+    import time as clock
+
+    from training_jobs.train import Trainer
+    trainer = Trainer(tiny_config(tmp_path, epochs=50))
+    trainer.slim_copy = tmp_path / "slim.pt"
+    trainer.deadline = clock.monotonic() + 1e9  # fits: nothing changes
+    trainer.fit_to_deadline(epoch_seconds=1.0)
+    assert trainer.config["optim"]["epochs"] == 50
+    trainer.fit(stop_after=1)
+    trainer.deadline = clock.monotonic() + 2.5  # room for two more 1-second epochs (5% margin)
+    trainer.fit_to_deadline(epoch_seconds=1.0)
+    assert trainer.config["optim"]["epochs"] == 3
+    trainer.deadline = None  # this busy test machine's real epoch times would shorten it further
+    trainer.fit()
+    assert trainer.epoch == 3
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.01, rel=1e-6), "annealed to the end"
+    slim = torch.load(tmp_path / "slim.pt", weights_only=False)
+    assert "optimizer" not in slim and slim["epoch"] == 3
+    reloaded = Trainer(tiny_config(tmp_path / "other", epochs=3))
+    reloaded.load_checkpoint(tmp_path / "slim.pt")
+    for (name, a), b in zip(trainer.student.state_dict().items(), reloaded.student.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@needs_model
+def test_sealed_student_trains_through_the_same_trainer(tmp_path):
+    from inference.sealed_student import Quad, SealedFaceModel
+    from training_jobs.train import Trainer
+    config = tiny_config(tmp_path, epochs=3)
+    config["model"].update(kind="sealed-cnn", activation="quad", width=16)
+    config["loss"]["distill_weight"] = 4.0
+    trainer = Trainer(config)
+    assert isinstance(trainer.student, SealedFaceModel)
+    assert any(isinstance(m, Quad) for m in trainer.student.modules())
+    assert not any(isinstance(m, torch.nn.ReLU) for m in trainer.student.modules())
+    assert trainer.student.backbone.activation_count() == 16 * 196 * 2 + 32 * 49 * 2
+    trainer.fit()
+    losses = [h["loss"] for h in trainer.history]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+    embedding = trainer.student.eval()(torch.zeros(2, *trainer.spec.shape))
+    assert embedding.shape == (2, 128) and torch.allclose(embedding.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+@needs_model
+def test_the_device_pack_holds_training_identities_only(tmp_path, shared):
+    from training_jobs.datasets import make_split
+    from training_jobs.pack_shared import build_pack
+    counts = build_pack(shared, tmp_path / "pack")
+    lfw = tmp_path / "pack" / "datasets" / "lfw-aligned-112"
+    split = make_split(lfw)
+    assert counts["images"] == len(split.train_images) == 6922
+    packed = {p.name for p in lfw.iterdir() if p.is_dir()}
+    assert packed and not packed & split.eval_identities
+    assert counts["bytes"] < 40 * 2**20, "must fit the device's 64 MiB transfer beside the checkout"
+
+
 # --- leakage metrics ------------------------------------------------------------------------------
 
 def test_ssim_and_psnr_sanity():

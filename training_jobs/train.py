@@ -120,7 +120,20 @@ class Teacher:
         return None
 
 
-def set_train_mode(student: FrequencyFaceModel, freeze_bn: bool) -> None:
+def build_student(model: dict, spec: TransformSpec, shared: Path) -> nn.Module:
+    """`kind: frequency-mobilefacenet` (default): learnable inverse-DCT adapter + pretrained MobileFaceNet, the
+    served architecture. `kind: sealed-cnn`: the small CNN on the DCT planes made for MPC (issue 12), trained
+    from scratch, `activation: relu | quad`, `width` channels."""
+    kind = model.get("kind", "frequency-mobilefacenet")
+    if kind == "frequency-mobilefacenet":
+        return FrequencyFaceModel(InverseDctAdapter(spec, learnable=model["adapter_learnable"]), load_pretrained(shared))
+    if kind == "sealed-cnn":
+        from inference.sealed_student import SealedCnn, SealedFaceModel
+        return SealedFaceModel(SealedCnn(spec.num_channels, model.get("activation", "quad"), int(model.get("width", 128))))
+    raise ValueError(f"model.kind must be frequency-mobilefacenet or sealed-cnn, not {kind!r}")
+
+
+def set_train_mode(student: nn.Module, freeze_bn: bool) -> None:
     student.train()
     if freeze_bn:
         for module in student.backbone.modules():
@@ -128,7 +141,7 @@ def set_train_mode(student: FrequencyFaceModel, freeze_bn: bool) -> None:
                 module.eval()
 
 
-def student_embedding(student: FrequencyFaceModel, features: torch.Tensor) -> torch.Tensor:
+def student_embedding(student: nn.Module, features: torch.Tensor) -> torch.Tensor:
     """Raw (un-normalised) embedding of one view, as the margin head and distillation see it."""
     return student.backbone(student.adapter(features))
 
@@ -158,8 +171,7 @@ class Trainer:
                                 data["max_images_per_identity"])
         self.dataset = TransformedFaces(self.lfw, self.split.train_images, self.split.train_labels, self.spec,
                                         Augment.from_config(config["augment"]), seed=config["seed"])
-        self.student = FrequencyFaceModel(InverseDctAdapter(self.spec, learnable=config["model"]["adapter_learnable"]),
-                                          load_pretrained(self.shared)).to(self.device)
+        self.student = build_student(config["model"], self.spec, self.shared).to(self.device)
         self.teacher = Teacher(config["teacher"], self.shared, self.device)
         loss = config["loss"]
         head = loss["head"]
@@ -183,6 +195,8 @@ class Trainer:
             self.optimizer, lr_lambda(total, min(optim["warmup_steps"], max(1, total // 10)), optim["min_lr_ratio"]))
         self.epoch = 0  # epochs completed
         self.step = 0
+        self.slim_copy: Path | None = None  # also write the checkpoint without optimizer state here
+        self.deadline: float | None = None  # time.monotonic() by which training must end (see fit_to_deadline)
         self.history: list[dict] = []
         self._heldout: dict[int | None, HeldoutSet] = {}
 
@@ -200,11 +214,11 @@ class Trainer:
                  "scheduler": self.scheduler.state_dict(), "history": self.history,
                  "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
                  "transform": self.spec.to_dict()}
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)  # atomic: a crash mid-save leaves the previous checkpoint
+        atomic_save(state, path)  # a crash mid-save leaves the previous checkpoint
         if self.config.get("keep_every_epoch"):
             torch.save(state, path.parent / f"epoch_{self.epoch:03d}.pt")
+        if self.slim_copy is not None:
+            atomic_save({k: v for k, v in state.items() if k != "optimizer"}, self.slim_copy)
         return path
 
     def load_checkpoint(self, path: Path | None = None) -> None:
@@ -214,7 +228,8 @@ class Trainer:
         self.student.load_state_dict(state["student"])
         self.head.load_state_dict(state["head"])
         self.distill.load_state_dict(state["distill"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # a slim checkpoint (--slim-copy) restarts AdamW's moments from zero
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
         torch.set_rng_state(state["rng"]["torch"])
@@ -314,8 +329,12 @@ class Trainer:
                 before = self.evaluate(quick, "epoch 0")
                 self.history.append({"epoch": 0, "heldout": before.to_dict()})
                 self._write_metrics(self.history[-1])
-        epochs = self.config["optim"]["epochs"] if stop_after is None else min(stop_after, self.config["optim"]["epochs"])
-        while self.epoch < epochs:
+
+        def planned() -> int:  # re-read every epoch: fit_to_deadline may lower it
+            configured = int(self.config["optim"]["epochs"])
+            return configured if stop_after is None else min(stop_after, configured)
+
+        while self.epoch < planned():
             metrics = self.train_epoch(self.epoch)
             quick = self.config["eval"]["epoch_pairs_per_fold"]
             if quick:
@@ -323,12 +342,32 @@ class Trainer:
             self.epoch += 1
             self.history.append(metrics)
             self._write_metrics(metrics)
+            self.fit_to_deadline(metrics["seconds"])
             self.save_checkpoint()
             acc = metrics.get("heldout", {}).get("verification", {}).get("accuracy")
             print(f"epoch {self.epoch}: loss {metrics['loss']:.4f} (identity {metrics['identity']:.4f}, "
                   f"distill {metrics['distill']:.4f})" + (f", held-out acc {100 * acc:.2f}%" if acc is not None else ""),
                   flush=True)
         return self.history[-1] if self.history else {}
+
+    def fit_to_deadline(self, epoch_seconds: float) -> None:
+        """Lower the epoch count so that training ends by the deadline, and compress the cosine schedule to match.
+
+        Why: a lent accelerator comes for a fixed number of minutes; a run cut off mid-schedule ends at a high
+        learning rate, while a shorter complete schedule ends annealed. Called after the first epoch is timed."""
+        if self.deadline is None or epoch_seconds <= 0:
+            return
+        optim = self.config["optim"]
+        left = max(0.0, self.deadline - time.monotonic())
+        epochs = min(int(optim["epochs"]), self.epoch + int(left // (epoch_seconds * 1.05)))
+        epochs = max(epochs, self.epoch)
+        if epochs == optim["epochs"]:
+            return
+        print(f"deadline: {epochs} epochs instead of {optim['epochs']} ({epoch_seconds:.1f} s per epoch)", flush=True)
+        optim["epochs"] = epochs
+        total = self.steps_per_epoch * max(epochs, 1)
+        factor = lr_lambda(total, min(optim["warmup_steps"], max(1, total // 10)), optim["min_lr_ratio"])
+        self.scheduler.lr_lambdas = [factor] * len(self.optimizer.param_groups)
 
     def _write_metrics(self, metrics: dict) -> None:
         directory = self.out_dir / "metrics"
@@ -360,6 +399,15 @@ class Trainer:
         return report
 
 
+def atomic_save(state: dict, path: Path) -> None:
+    """torch.save through a temporary file and a rename, so a reader never sees half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True)
@@ -368,9 +416,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-final", action="store_true", help="skip the final evaluation and export")
     parser.add_argument("--finish-only", action="store_true",
                         help="no training: load OUT/checkpoints/last.pt, then the final evaluation and export")
+    parser.add_argument("--slim-copy", type=Path, default=None,
+                        help="after every epoch also write the checkpoint without optimizer state here (~1/3 size)")
+    parser.add_argument("--deadline-minutes", type=float, default=None,
+                        help="fit the run into this many minutes: fewer epochs, the same full cosine schedule")
     args = parser.parse_args(argv)
     config = load_config(args.config)
     trainer = Trainer(config, args.out_dir)
+    trainer.slim_copy = args.slim_copy
+    if args.deadline_minutes is not None:
+        trainer.deadline = time.monotonic() + 60 * args.deadline_minutes
     print(f"{config['name']}: {len(trainer.dataset)} training images of {trainer.split.num_classes} identities "
           f"(eval folds {trainer.split.eval_folds}), transform {trainer.spec.transform_id}, device {trainer.device}, "
           f"{trainer.steps_per_epoch} steps/epoch", flush=True)

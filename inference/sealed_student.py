@@ -1,0 +1,82 @@
+"""A face model designed to be evaluated under MPC (issue 12, sealed mode): a small CNN on the 14x14 DCT planes.
+
+Why a different model: under two-party MPC with public weights, convolutions and linear layers are local
+(free of communication); only the non-linear activations cost rounds and bytes. The served network upsamples
+to 112x112 pixels and runs ~11M ReLU6 comparisons with flip test-time augmentation (15 s per image measured
+under CrypTen); this student works directly on the SDK's frequency planes at 14x14 and 7x7, with ~75k
+activations, no flip, and BatchNorm layers that fold into the preceding convolution at export.
+
+Activation: `relu` (one secure comparison per element) or `quad` = 0.125x^2 + 0.5x + 0.25 (one Beaver
+multiplication per element, ~10x cheaper under MPC). The quadratic is the tangent-matched approximation of
+softplus around 0; the BatchNorm before each activation keeps its input near unit scale so the square does not
+overflow fixed point.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = ("relu", "quad")
+
+
+class Quad(nn.Module):
+    """0.125 x^2 + 0.5 x + 0.25: a degree-2 activation, one multiplication under MPC."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.125 * x * x + 0.5 * x + 0.25
+
+
+def activation(kind: str) -> nn.Module:
+    if kind == "relu":
+        return nn.ReLU()
+    if kind == "quad":
+        return Quad()
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, not {kind!r}")
+
+
+def conv_block(cin: int, cout: int, stride: int, kind: str) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), activation(kind))
+
+
+class SealedCnn(nn.Module):
+    """[B, K, 14, 14] frequency planes -> raw 128-d embedding (not normalised: the margin head sees it)."""
+
+    def __init__(self, channels: int, kind: str = "quad", width: int = 128, embedding: int = 128) -> None:
+        super().__init__()
+        self.input_norm = nn.BatchNorm2d(channels)  # the planes' scales differ by 100x; folds into conv 1
+        self.features = nn.Sequential(
+            conv_block(channels, width, 1, kind),
+            conv_block(width, width, 1, kind),
+            conv_block(width, 2 * width, 2, kind),  # 14x14 -> 7x7
+            conv_block(2 * width, 2 * width, 1, kind),
+        )
+        self.embed = nn.Linear(2 * width * 7 * 7, embedding, bias=False)
+        self.embed_norm = nn.BatchNorm1d(embedding)
+
+    def forward(self, planes: torch.Tensor) -> torch.Tensor:
+        x = self.features(self.input_norm(planes))
+        return self.embed_norm(self.embed(torch.flatten(x, 1)))
+
+    def activation_count(self, height: int = 14, width: int = 14) -> int:
+        """Elements that pass through a non-linearity per image: what the MPC cost scales with."""
+        count, h, w = 0, height, width
+        for block in self.features:
+            conv = block[0]
+            h, w = (h + 2 - 3) // conv.stride[0] + 1, (w + 2 - 3) // conv.stride[1] + 1
+            count += conv.out_channels * h * w
+        return count
+
+
+class SealedFaceModel(nn.Module):
+    """Same interface as FrequencyFaceModel (adapter, backbone, forward -> unit embedding) so the trainer,
+    the evaluation protocol and the export treat both alike. No flip augmentation: it would double the MPC cost."""
+
+    def __init__(self, backbone: SealedCnn) -> None:
+        super().__init__()
+        self.adapter = nn.Identity()
+        self.backbone = backbone
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.backbone(self.adapter(features)), dim=1)
