@@ -23,6 +23,7 @@ class Principal:
     scopes: frozenset[str]
     tenant_key_version: int
     epsilon_max: float | None
+    preset: str | None = None  # the tenant's privacy preset; None = the gateway's default_preset
 
 
 def hash_secret(secret: str, master_secret: str) -> str:
@@ -62,7 +63,8 @@ def authenticate(session: Session, presented: str, master_secret: str) -> Princi
     if not hmac.compare_digest(row.secret_hash, hash_secret(parts[2], master_secret)):
         return None
     tenant = row.tenant
-    return Principal(tenant.id, row.prefix, frozenset(row.scopes.split()), tenant.key_version, tenant.epsilon_max)
+    return Principal(tenant.id, row.prefix, frozenset(row.scopes.split()), tenant.key_version, tenant.epsilon_max,
+                     tenant.preset)
 
 
 def tenant_template_key(master_secret: str, tenant_id: str, key_version: int) -> bytes:

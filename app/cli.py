@@ -52,16 +52,22 @@ def cmd_create_api_key(args: argparse.Namespace) -> int:
 
 
 def ensure_model(settings: GatewaySettings) -> str:
-    """Export, register and activate model v0 when no version is active yet; returns the active version."""
+    """Install the bundled trained models (first start), else export model v0 when the default preset has no
+    active version; returns the default preset's active version."""
     from app.db import make_engine, make_sessionmaker, session_scope
+    from app.services.bundled_models import install_bundled
     from app.services.model_registry import activate_version, active_version, register_model_dir
     from inference.export import ensure_model_v0
 
     sessions = make_sessionmaker(make_engine(settings.database_url))
     with session_scope(sessions) as session:
-        row = active_version(session)
+        install_bundled(session, settings.model_dir, settings.bundled_model_dir)
+        row = active_version(session, settings.default_preset)
         if row is not None:
             return row.version
+    if settings.default_preset != "accurate":
+        raise SystemExit(f"error: no model serves the default preset {settings.default_preset!r} (no bundled model in "
+                         f"{settings.bundled_model_dir}); set PRIVFACE_DEFAULT_PRESET=accurate to export the untrained v0")
     weights = settings.shared_dir / "models" / "mobilefacenet_foamliu" / "mobilefacenet.pt"
     if not weights.exists():
         raise SystemExit(f"error: no pretrained model at {weights}; set PRIVFACE_SHARED_DIR to the shared folder")

@@ -83,6 +83,9 @@ class LocalStack:
             # model v0 (84% on held-out pairs) cannot hold a strict per-search false-positive rate: the test
             # stacks keep its 1:1 threshold for small galleries (the schedule never goes below it)
             "PRIVFACE_IDENTIFY_FPIR": "0.99",
+            # the test stacks serve the untrained v0 (exported once into var/test-models) unless a test asks for
+            # the bundled trained models
+            "PRIVFACE_DEFAULT_PRESET": "accurate", "PRIVFACE_BUNDLED_MODEL_DIR": "",
         })
         if self.redis_url:
             env["PRIVFACE_REDIS_URL"] = self.redis_url

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram,
@@ -54,11 +54,13 @@ def method_label(method: str) -> str:
     return method if method in KNOWN_METHODS else "OTHER"
 
 
-def record_model(version: str | None) -> None:
-    """Mark `version` as the served model (1) and every other version this process labelled as 0."""
-    for old in _served_versions - {version}:
+def record_model(versions: Iterable[str]) -> None:
+    """Mark `versions` (one active per privacy preset) as served (1) and every other version this process
+    labelled as 0."""
+    serving = set(versions)
+    for old in _served_versions - serving:
         MODEL_INFO.labels(version=old).set(0)
-    if version is not None:
+    for version in serving:
         _served_versions.add(version)
         MODEL_INFO.labels(version=version).set(1)
 

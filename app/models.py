@@ -24,6 +24,8 @@ class Tenant(Base):
     name: Mapped[str] = mapped_column(String(200))
     key_version: Mapped[int] = mapped_column(Integer, default=1)
     epsilon_max: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # privacy preset (inference.privacy_presets); None = the gateway's default_preset setting
+    preset: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -97,6 +99,8 @@ class ModelVersion(Base):
     threshold: Mapped[float] = mapped_column(Float)
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
     status: Mapped[str] = mapped_column(String(16), default="candidate", index=True)  # candidate|active|retired
+    # the privacy preset it serves (from its transform); one active version per preset
+    preset: Mapped[str] = mapped_column(String(32), default="accurate", index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 

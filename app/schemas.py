@@ -122,10 +122,26 @@ class IdentifyOut(BaseModel):
     request_id: str
 
 
+class PresetIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"preset": "strict"}]})
+    preset: Literal["accurate", "balanced", "strict"] = Field(
+        description="Privacy preset (docs/models/presets.md); must match inference.privacy_presets.PRIVACY_PRESETS.")
+
+
+class PresetOut(BaseModel):
+    tenant_id: str
+    preset: str
+    transform_id: str
+    model_version: str
+    reenroll_needed: int = Field(description="Subjects enrolled under another transform: they match again once "
+                                             "re-enrolled with the new preset's features.")
+
+
 class TransformOut(BaseModel):
     transform_id: str
     params_hash: str
     model_version: str
+    preset: str = Field(description="The tenant's privacy preset this transform serves (docs/models/presets.md).")
     spec: dict
 
 

@@ -29,6 +29,10 @@ class GatewaySettings(BaseSettings):
     redis_url: str | None = Field(None, description="Redis for jobs, model events, replay protection, abuse budgets; unset = in-process.")
     shared_dir: Path = Field(PROJECT_ROOT.parent / "shared", description="Read-only data and pretrained models.")
     model_dir: Path = Field(PROJECT_ROOT / "var" / "models", description="Where model versions (ONNX + metadata) live.")
+    bundled_model_dir: Path | None = Field(
+        PROJECT_ROOT / "inference" / "bundled", description="Trained model versions shipped in the repository "
+        "(one per privacy preset); the first start registers them and activates each preset that has no active "
+        "version. Empty: none (the untrained v0 is exported instead).")
     secret_key: str = Field(
         DEV_SECRET_KEY, description="Master secret: derives tenant template keys and hashes API keys."
     )
@@ -71,6 +75,10 @@ class GatewaySettings(BaseSettings):
     identify_batch_max: int = Field(16, description="Identify batching: most queries in one MPC job (at most 64).")
     prefer_gpu: bool = Field(True, description="Use ONNX Runtime's CUDA provider when present.")
     model_poll_s: float = Field(5.0, description="Fallback poll of the active model version when Redis is absent.")
+    default_preset: str = Field(
+        "accurate", description="Privacy preset of tenants that chose none (accurate | balanced | strict; "
+                                "docs/models/presets.md): which transform their SDK applies and which model serves "
+                                "them. The default is the most private preset whose model reaches 98% held-out accuracy.")
     federated_python: Path = Field(
         PROJECT_ROOT / ".venv-federated" / "bin" / "python",
         description="Python of the federated environment (scripts/install_federated.sh) that runs federated jobs.")
@@ -79,6 +87,17 @@ class GatewaySettings(BaseSettings):
                                        "this much below the active version's (same pairs); else it stays a candidate.")
     host: str = Field("127.0.0.1", description="Gateway listen address.")
     port: int = Field(8000, description="Gateway listen port.")
+
+    @field_validator("bundled_model_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value in ("", None) else value
+
+    @field_validator("default_preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        from inference.privacy_presets import check_preset
+        return check_preset(value)
 
     @field_validator("party_urls", mode="before")
     @classmethod

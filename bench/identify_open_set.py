@@ -6,7 +6,7 @@ Data: LFW View-2 folds 6-10 identities only (evaluation; nothing here tunes anyt
 the model's own input (the SDK transform with its noise, one draw per image, seed 0). Per gallery size N:
 N enrolled people (one image each, the first of each identity in sorted order), probes = the other images of
 those people (genuine) and every image of people not enrolled (impostors). Decisions are the plaintext ones the
-MPC reproduces exactly (0 disagreements, bench/e2e_fold1.py): best score >= threshold.
+MPC reproduces exactly (0 disagreements, bench/e2e.py): best score >= threshold.
 Two policies side by side: the 1:1 threshold at every N (the old behaviour) and the model's identify schedule
 at the target FPIR (inference/operating_points.py, calibrated on identities in no View-2 fold).
 Prints a JSON document.

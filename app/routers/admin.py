@@ -10,9 +10,9 @@ from app.auth import Principal
 from app.context import GatewayContext
 from app.db import session_scope
 from app.deps import get_context, get_session, require_scope
-from app.models import Job, ModelVersion, Subject
+from app.models import Enrollment, Job, ModelVersion, Subject, Tenant
 from app.problems import Problem, not_found
-from app.schemas import JobCreate, JobOut, ModelVersionOut, UnlockOut
+from app.schemas import JobCreate, JobOut, ModelVersionOut, PresetIn, PresetOut, UnlockOut
 from app.services import revocation
 from app.services.audit import audit
 from app.services.jobs import JOB_KINDS, validate_job_params
@@ -106,3 +106,30 @@ def unlock_subject(subject_id: str, principal: Principal = Depends(admin),
     was_locked = ctx.abuse.unlock(principal, subject_id)
     audit(ctx.sessions, principal, "unlock-subject", "unlocked" if was_locked else "not-locked", subject_id)
     return UnlockOut(subject_id=subject_id, was_locked=was_locked)
+
+
+PRESET_NOT_SERVED = Problem(409, "preset-not-served", "Preset not served",
+                            "No model version is active for the privacy preset 'strict'; activate one first.")
+
+
+@router.put("/tenant/preset", response_model=PresetOut,
+            responses={**ERRORS, **body_errors(), 409: problem_response("Preset not served", PRESET_NOT_SERVED)})
+def set_tenant_preset(body: PresetIn, principal: Principal = Depends(admin),
+                      ctx: GatewayContext = Depends(get_context)) -> PresetOut:
+    """Choose the caller's tenant's privacy preset: which transform its SDKs apply (`GET /v1/transforms`) and
+    which model serves it. Templates enrolled under another transform stay stored but stop matching until
+    their subjects are re-enrolled (the server holds no photo to re-extract them from)."""
+    served = ctx.models.active_by_preset
+    if body.preset not in served:
+        raise Problem(409, "preset-not-served", "Preset not served",
+                      f"No model version is active for the privacy preset {body.preset!r}; activate one first.")
+    model = ctx.models.for_preset(body.preset)
+    with session_scope(ctx.sessions) as session:
+        tenant = session.get(Tenant, principal.tenant_id)
+        tenant.preset = body.preset
+        other = select(Enrollment.subject_id).join(ModelVersion, ModelVersion.version == Enrollment.model_version) \
+            .where(Enrollment.tenant_id == principal.tenant_id, ModelVersion.transform_id != model.spec.transform_id)
+        stale = len(set(session.execute(other).scalars()))
+    audit(ctx.sessions, principal, "set-preset", body.preset)
+    return PresetOut(tenant_id=principal.tenant_id, preset=body.preset, transform_id=model.spec.transform_id,
+                     model_version=model.version, reenroll_needed=stale)

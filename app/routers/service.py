@@ -37,8 +37,9 @@ async def readyz(ctx: GatewayContext = Depends(get_context)) -> JSONResponse:
         checks["database"] = {"ok": False, "error": type(exc).__name__}
     checks["parties"] = await _party_check(ctx)
     version = ctx.models.active_version
-    metrics.record_model(version)
-    checks["model"] = {"ok": version is not None, "version": version,
+    metrics.record_model(ctx.models.active_by_preset.values())
+    checks["model"] = {"ok": version is not None, "version": version, "default_preset": ctx.models.default_preset,
+                       "presets": ctx.models.active_by_preset,
                        "providers": ctx.models.providers().get(version, []) if version else []}
     checks["jobs"] = {"ok": True, "backend": ctx.jobs.backend}
     ready = all(check["ok"] for check in checks.values())
@@ -67,17 +68,19 @@ async def prometheus_metrics(_: Principal = Depends(require_scope("admin")),
     """Prometheus metrics (admin scope: `bearer_token` in the scrape config). Party health and the served
     model are checked at each scrape, so they are current without a readiness probe."""
     await _party_check(ctx)
-    metrics.record_model(ctx.models.active_version)
+    metrics.record_model(ctx.models.active_by_preset.values())
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)
 
 
 @router.get("/v1/transforms", response_model=list[TransformOut], responses=auth_errors())
-def transforms(_: Principal = Depends(require_scope(None)), ctx: GatewayContext = Depends(get_context)) -> list[TransformOut]:
-    """The frequency transform the SDK must apply (clients build their transform from `spec`)."""
-    version = ctx.models.active_version
-    if version is None:
+def transforms(principal: Principal = Depends(require_scope(None)),
+               ctx: GatewayContext = Depends(get_context)) -> list[TransformOut]:
+    """The frequency transform the caller's SDK must apply: the one of its tenant's privacy preset (clients
+    build their transform from `spec`). Empty while no model serves that preset."""
+    preset = principal.preset or ctx.models.default_preset
+    if preset not in ctx.models.active_by_preset:
         return []
-    model = ctx.models.active
+    model = ctx.models.for_preset(preset)
     return [TransformOut(transform_id=model.spec.transform_id, params_hash=model.spec.params_hash,
-                         model_version=version, spec=model.spec.to_dict())]
+                         model_version=model.version, preset=preset, spec=model.spec.to_dict())]

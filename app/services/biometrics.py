@@ -36,19 +36,20 @@ def load_subject(session: Session, principal: Principal, subject_id: str) -> Sub
     return subject
 
 
-def model_for(ctx: GatewayContext, payload: FeaturePayload) -> LoadedModel:
-    """The active model, provided the payload was made with the transform it serves."""
-    model = ctx.models.active
+def model_for(ctx: GatewayContext, principal: Principal, payload: FeaturePayload) -> LoadedModel:
+    """The active model of the tenant's privacy preset, provided the payload was made with its transform."""
+    model = ctx.models.for_preset(principal.preset)
     if (payload.transform_id, payload.params_hash) != (model.spec.transform_id, model.spec.params_hash):
         raise invalid_features(
-            f"transform {payload.transform_id}/{payload.params_hash} is not served; this gateway serves "
-            f"{model.spec.transform_id}/{model.spec.params_hash} (GET /v1/transforms)", "unknown-transform")
+            f"transform {payload.transform_id}/{payload.params_hash} is not served to this tenant; its privacy "
+            f"preset uses {model.spec.transform_id}/{model.spec.params_hash} (GET /v1/transforms)",
+            "unknown-transform")
     return model
 
 
 async def template_from_payload(ctx: GatewayContext, principal: Principal, payload: FeaturePayload):
     """Validate everything about the payload; returns (active model, features, protected fixed-point template)."""
-    model = model_for(ctx, payload)
+    model = model_for(ctx, principal, payload)
     check_epsilon(payload, model.spec, principal.epsilon_max)
     features = decode_features(payload, model.spec)
     ctx.replay.admit(payload)

@@ -190,7 +190,7 @@ def run_federated_job(settings: GatewaySettings, sessions: sessionmaker[Session]
         raise FederatedRunError(f"no federated environment at {settings.federated_python}: run "
                                 "scripts/install_federated.sh or set PRIVFACE_FEDERATED_PYTHON")
     with session_scope(sessions) as session:
-        active = active_version(session)
+        active = active_version(session, "accurate")  # federated rounds train the dct8-v0 architecture
         active_name = active.version if active is not None else None
         baseline_dir = (settings.model_dir / active.path).parent if active is not None else None
     version = "fed-" + report.job_id.removeprefix("job_")[:16]

@@ -13,7 +13,7 @@ import redis
 import redis.asyncio as aioredis
 
 from app.db import session_scope
-from app.services.model_registry import ServedModels, active_version
+from app.services.model_registry import ServedModels, active_versions
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -32,13 +32,16 @@ def publish_activation(redis_url: str | None, version: str) -> int:
 
 
 async def sync_active_model(sessions: sessionmaker[Session], models: ServedModels) -> str | None:
-    """Serve whatever the registry says is active (loading it off the event loop)."""
+    """Serve whatever the registry says is active, for every preset (loading off the event loop); returns the
+    default preset's active version."""
     with session_scope(sessions) as session:
-        row = active_version(session)
-        if row is not None:
+        rows = active_versions(session)
+        for row in rows.values():
             session.expunge(row)
-    if row is not None and row.version != models.active_version:
-        await asyncio.to_thread(models.switch_to, row)
+    served = models.active_by_preset
+    for preset, row in rows.items():
+        if served.get(preset) != row.version:
+            await asyncio.to_thread(models.switch_to, row)
     return models.active_version
 
 

@@ -20,6 +20,7 @@ from app.models import ModelVersion
 from app.problems import Problem
 from inference.metadata import ModelMetadata
 from inference.operating_points import DEFAULT_FPIR, ImpostorCurve
+from inference.privacy_presets import preset_of_transform
 from inference.runtime import MicroBatcher, OrtEmbedder
 from inference.transform import TransformSpec
 from secure.thresholds import GalleryPolicy
@@ -39,7 +40,7 @@ def register_model_dir(session: Session, model_root: Path, version_dir: Path) ->
     row = ModelVersion(
         version=meta.version, path=str(onnx_path.relative_to(model_root.resolve())), sha256=meta.sha256,
         transform_id=meta.transform_id, params_hash=meta.params_hash, embedding_dim=meta.embedding_dim,
-        threshold=meta.threshold, metrics=meta.metrics, status="candidate",
+        threshold=meta.threshold, metrics=meta.metrics, status="candidate", preset=preset_of_transform(meta.spec.name),
     )
     session.add(row)
     session.flush()
@@ -47,21 +48,33 @@ def register_model_dir(session: Session, model_root: Path, version_dir: Path) ->
 
 
 def activate_version(session: Session, version: str) -> ModelVersion:
-    """Make `version` the active model; the previously active one is retired (its templates still match)."""
+    """Make `version` the active model of its privacy preset; the version it replaces (same preset) is
+    retired, and its templates still match. Other presets' active versions are untouched."""
     row = session.get(ModelVersion, version)
     if row is None:
         raise Problem(404, "model-not-found", "Unknown model version", f"No model version {version!r}.")
     if row.status == "active":
         return row
-    session.execute(update(ModelVersion).where(ModelVersion.status == "active").values(status="retired"))
+    session.execute(update(ModelVersion).where(ModelVersion.status == "active", ModelVersion.preset == row.preset)
+                    .values(status="retired"))
     row.status = "active"
     row.activated_at = datetime.now(timezone.utc)
     session.flush()
     return row
 
 
-def active_version(session: Session) -> ModelVersion | None:
-    return session.execute(select(ModelVersion).where(ModelVersion.status == "active")).scalar_one_or_none()
+def active_version(session: Session, preset: str | None = None) -> ModelVersion | None:
+    """The active version of `preset`; without a preset, the most recently activated of any preset."""
+    query = select(ModelVersion).where(ModelVersion.status == "active")
+    if preset is not None:
+        query = query.where(ModelVersion.preset == preset)
+    return session.execute(query.order_by(ModelVersion.activated_at.desc().nulls_last()).limit(1)).scalar_one_or_none()
+
+
+def active_versions(session: Session) -> dict[str, ModelVersion]:
+    """preset -> its active version."""
+    rows = session.execute(select(ModelVersion).where(ModelVersion.status == "active")).scalars()
+    return {row.preset: row for row in rows}
 
 
 @dataclass
@@ -81,29 +94,41 @@ class LoadedModel:
 
 
 class ServedModels:
-    """The model versions this gateway worker has loaded, and which one is active."""
+    """The model versions this gateway worker has loaded, and which one is active for each privacy preset."""
 
     def __init__(self, model_root: Path, prefer_gpu: bool, batch_max: int, batch_wait_ms: float,
-                 identify_fpir: float = DEFAULT_FPIR) -> None:
+                 identify_fpir: float = DEFAULT_FPIR, default_preset: str = "accurate") -> None:
         self._root = model_root
         self._fpir = identify_fpir
         self._prefer_gpu = prefer_gpu
         self._batch = (batch_max, batch_wait_ms)
         self._loaded: dict[str, LoadedModel] = {}
-        self._active: str | None = None
+        self._active: dict[str, str] = {}  # preset -> version
         self._lock = threading.Lock()
+        self.default_preset = default_preset
 
-    @property
-    def active(self) -> LoadedModel:
-        version = self._active
+    def for_preset(self, preset: str | None = None) -> LoadedModel:
+        """The model serving `preset` (None: the gateway's default preset); 503 while none is active."""
+        version = self._active.get(preset or self.default_preset)
         if version is None:
-            raise Problem(503, "no-active-model", "No active model version", "An admin must activate a model.",
-                          headers={"Retry-After": "5"})
+            raise Problem(503, "no-active-model", "No active model version",
+                          f"No model version is active for the privacy preset {preset or self.default_preset!r}; "
+                          "an admin must activate one.", headers={"Retry-After": "5"})
         return self._loaded[version]
 
     @property
+    def active(self) -> LoadedModel:
+        """The default preset's model."""
+        return self.for_preset(None)
+
+    @property
     def active_version(self) -> str | None:
-        return self._active
+        """The default preset's active version (None when it has none)."""
+        return self._active.get(self.default_preset)
+
+    @property
+    def active_by_preset(self) -> dict[str, str]:
+        return dict(self._active)
 
     def get(self, row: ModelVersion) -> LoadedModel:
         """The loaded model for a registry row, loading (and checksumming) it on first use."""
@@ -113,11 +138,12 @@ class ServedModels:
             return self._loaded[row.version]
 
     def switch_to(self, row: ModelVersion) -> None:
-        """Load `row` if needed, then point new requests at it (in-flight ones finish where they are)."""
+        """Load `row` if needed, then point new requests of its preset at it (in-flight ones finish where they are)."""
         model = self.get(row)
-        if self._active != model.version:
-            log.info("serving model version %s (providers %s)", model.version, model.embedder.providers)
-        self._active = model.version
+        if self._active.get(row.preset) != model.version:
+            log.info("serving model version %s for preset %s (providers %s)", model.version, row.preset,
+                     model.embedder.providers)
+        self._active[row.preset] = model.version
 
     def by_transform(self, transform_id: str, params_hash: str) -> LoadedModel | None:
         for model in list(self._loaded.values()):

@@ -1,14 +1,17 @@
-"""End to end from raw photos, through the SDK, REST and MPC, on LFW fold 1 — next to plaintext.
+"""End to end through the private path — SDK, REST, MPC — next to plaintext, on people no model trained on.
 
-1. Starts the real local stack (dealer, two parties, gateway) with fresh databases.
-2. Detects, aligns and transforms every raw photo of `lfw-raw-fold1` once with the SDK (fresh noise).
-3. 1:1: for each of the 600 pairs of `pairs_fold1.txt`, enrolls the first photo as a new subject and
-   verifies the second against it (model v0's single served threshold).
+1. Starts the real local stack (dealer, two parties, gateway) with fresh databases; with `--bundled`, the
+   stack serves the trained preset models (`inference/bundled/`) and the tenant uses `--preset`.
+2. Runs every photo through the SDK once (detect, align, transform, fresh noise). Sources:
+   `heldout` (default): LFW View-2 folds 6-10 pairs, aligned photos (the SDK re-detects and re-aligns them);
+   no trained model or attacker saw these identities. `raw-fold1`: the raw photos of fold 1 (unaligned; fold 1
+   identities ARE training identities of the trained models, so only for the untrained v0).
+3. 1:1: for each pair, enrolls the first photo as a new subject and verifies the second against it.
 4. 1:N: enrolls one photo of every identity, then identifies every other photo of an enrolled identity.
 5. Recomputes every decision in plaintext from the very same feature payloads (same ONNX model, same
    tenant key, float cosine) and lists each disagreement with its score's distance to the threshold.
 
-    python -m bench.e2e_fold1 [--limit-pairs N] [--out docs/results/e2e_fold1.json]
+    python -m bench.e2e [--source heldout] [--bundled --preset balanced] [--limit-pairs N] [--out FILE]
 """
 from __future__ import annotations
 
@@ -18,11 +21,12 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import httpx
 import numpy as np
 from tqdm import tqdm
 
 from app.auth import tenant_template_key
-from app.devstack import LocalStack, NO_ABUSE_LIMITS, shared_dir
+from app.devstack import MODEL_CACHE, NO_ABUSE_LIMITS, LocalStack, shared_dir
 from client.detect import FaceDetector
 from client.errors import PrivfaceError
 from client.features import decode_features, extract_features, with_fresh_nonce
@@ -32,6 +36,22 @@ from inference.protect import protect_embedding
 from inference.runtime import OrtEmbedder
 
 RAW = "datasets/lfw-raw-fold1"
+ALIGNED = "datasets/lfw-aligned-112"
+HELDOUT_FOLDS = (6, 7, 8, 9, 10)
+BUNDLED = Path(__file__).resolve().parent.parent / "inference" / "bundled"
+
+
+def heldout_pairs(limit: int) -> list[tuple[str, str, bool]]:
+    """`limit` pairs spread evenly over folds 6-10 (the first of each fold, genuine and impostor alike)."""
+    from inference.lfw import lfw_dir, read_pairs as read_view2
+    per_fold = max(1, limit // len(HELDOUT_FOLDS))
+    chosen = []
+    for fold in HELDOUT_FOLDS:
+        pairs = [p for p in read_view2(lfw_dir()) if p.fold == fold]
+        genuine, impostor = [p for p in pairs if p.same], [p for p in pairs if not p.same]
+        half = per_fold // 2
+        chosen += [(p.left, p.right, p.same) for p in genuine[: per_fold - half] + impostor[:half]]
+    return chosen
 
 
 def read_pairs(path: Path) -> list[tuple[str, str, bool]]:
@@ -63,26 +83,45 @@ class Plaintext:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", choices=("heldout", "raw-fold1"), default="heldout")
     parser.add_argument("--limit-pairs", type=int, default=600)
+    parser.add_argument("--bundled", action="store_true", help="serve the trained preset models (inference/bundled)")
+    parser.add_argument("--preset", default=None, help="the tenant's privacy preset (with --bundled)")
     parser.add_argument("--workdir", type=Path, default=Path("var/bench-e2e"))
-    parser.add_argument("--out", type=Path, default=Path("docs/results/e2e_fold1.json"))
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    raw = shared_dir() / RAW
-    pairs = read_pairs(raw / "pairs_fold1.txt")[: args.limit_pairs]
-    photos = sorted(str(p.relative_to(raw)) for p in raw.glob("*/*.jpg"))
-
-    stack = LocalStack(args.workdir / time.strftime("%Y%m%d-%H%M%S"), extra_env=NO_ABUSE_LIMITS).start()
+    if args.source == "heldout":
+        root = shared_dir() / ALIGNED
+        pairs = heldout_pairs(args.limit_pairs)
+        photos = sorted({name for pair in pairs for name in pair[:2]})
+    else:
+        root = shared_dir() / RAW
+        pairs = read_pairs(root / "pairs_fold1.txt")[: args.limit_pairs]
+        photos = sorted(str(p.relative_to(root)) for p in root.glob("*/*.jpg"))
+    env = dict(NO_ABUSE_LIMITS)
+    workdir = args.workdir / time.strftime("%Y%m%d-%H%M%S")
+    if args.bundled:
+        env.update({"PRIVFACE_BUNDLED_MODEL_DIR": str(BUNDLED), "PRIVFACE_IDENTIFY_FPIR": "0.01"})
+    stack = LocalStack(workdir, model_dir=workdir / "models" if args.bundled else MODEL_CACHE, extra_env=env).start()
     try:
-        report = run(stack, raw, photos, pairs)
+        report = run(stack, root, photos, pairs, args.preset)
     finally:
         stack.stop()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "disagreements"}, indent=1))
+    report["source"] = args.source
+    out = args.out or Path(f"docs/results/e2e_{args.source}_{report['model_version']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if "disagreements" not in k and k != "detection_failures"},
+                     indent=1))
 
 
-def run(stack: LocalStack, raw: Path, photos: list[str], pairs: list[tuple[str, str, bool]]) -> dict:
-    keys = {tenant: stack.api_key("enroll", "verify", tenant=tenant) for tenant in ("pairs", "gallery")}
+def run(stack: LocalStack, raw: Path, photos: list[str], pairs: list[tuple[str, str, bool]],
+        preset: str | None = None) -> dict:
+    keys = {tenant: stack.api_key("enroll", "verify", "admin", tenant=tenant) for tenant in ("pairs", "gallery")}
+    if preset is not None:
+        for key in keys.values():
+            httpx.put(stack.url + "/v1/admin/tenant/preset", json={"preset": preset},
+                      headers={"Authorization": f"Bearer {key}"}).raise_for_status()
     sdk = {tenant: PrivfaceClient(stack.url, key, timeout=120) for tenant, key in keys.items()}
     spec = sdk["pairs"].transform
     detector = FaceDetector()
@@ -92,12 +131,12 @@ def run(stack: LocalStack, raw: Path, photos: list[str], pairs: list[tuple[str, 
             payloads[name] = extract_features(raw / name, spec, face_policy="largest", detector=detector)
         except PrivfaceError as exc:
             failures[name] = str(exc)
-    version = json.loads(__import__("httpx").get(stack.url + "/readyz").text)["checks"]["model"]["version"]
+    version = sdk["pairs"].transforms()[0]["model_version"]
     plain = Plaintext(stack, version)
     meta_threshold = plain.meta.threshold
     verify = verification(sdk["pairs"], plain, payloads, pairs, meta_threshold)
     ident = identification(sdk["gallery"], plain, payloads, meta_threshold)
-    return {"model_version": version, "threshold": meta_threshold, "transform_id": spec.transform_id,
+    return {"model_version": version, "preset": preset, "threshold": meta_threshold, "transform_id": spec.transform_id,
             "epsilon_per_image": spec.epsilon_per_image, "photos": len(photos), "detection_failures": failures,
             **verify, **ident}
 

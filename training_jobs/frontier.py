@@ -1,0 +1,103 @@
+"""The privacy-accuracy frontier: held-out accuracy of each trained model against the learned attackers' rank-1.
+
+    python -m training_jobs.frontier --runs var/training/gpu-v0 var/training/gpu-low10 ... \
+        --attacks docs/attacks/results.json --out docs/models/frontier
+
+Why one plot: a transform is only worth serving if its model recognises people AND the features resist a
+learned inverter; each candidate is one point (x: SFace rank-1 of the attacker's reconstructions, y: the
+model's accuracy on LFW View-2 folds 6-10). Inputs are measured elsewhere and only collected here: each run's
+`final.json` (training_jobs.train's full held-out evaluation) and the attack harness's results file. Writes
+OUT.json (the table, committed) and OUT.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from inference.transform import PRESETS
+
+
+def run_summary(run_dir: Path) -> dict:
+    """The figures of one training run's final held-out evaluation."""
+    report = json.loads((Path(run_dir) / "final.json").read_text())
+    final = report["final"]
+    config = json.loads((Path(run_dir) / "config.json").read_text())
+    tars = final["tar_at_far"]
+    return {"run": report["name"], "transform": config["transform"]["preset"],
+            "epsilon": config["transform"].get("epsilon"), "model": config["model"].get("kind", "frequency-mobilefacenet"),
+            "epochs": report["epochs"], "eval_folds": report["eval_folds"], "pairs": final["num_pairs"],
+            "accuracy": final["verification"]["accuracy"], "accuracy_std": final["verification"]["accuracy_std"],
+            "tar_at_far_1e-3": tars["0.001"]["tar"], "tar_at_far_1e-4": tars["0.0001"]["tar"],
+            "far_resolution": tars["far_resolution"], "rank1_identification": final["rank1"]}
+
+
+def attack_figures(results: list[dict], transform: str, epsilon: float | None) -> dict:
+    """Per attack (a1, a2): the strongest measured result on this transform and noise (highest rank-1)."""
+    out: dict = {}
+    for row in results:
+        if row.get("transform") != transform or row.get("rank1") is None:
+            continue
+        if epsilon is not None and float(row.get("epsilon") or 0) != float(epsilon):
+            continue
+        best = out.get(row["attack"])
+        if best is None or row["rank1"] > best["rank1"]:
+            out[row["attack"]] = {"rank1": row["rank1"], "psnr_db": row.get("psnr_mean_db"),
+                                  "ssim": row.get("ssim_mean"), "run": row["run"]}
+    return out
+
+
+def plot(points: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for attack, marker in (("a1", "o"), ("a2", "s")):
+        xs = [100 * p["attacks"][attack]["rank1"] for p in points if attack in p["attacks"]]
+        ys = [100 * p["accuracy"] for p in points if attack in p["attacks"]]
+        ax.scatter(xs, ys, marker=marker, label=f"{attack.upper()} attacker", zorder=3)
+        for p in points:
+            if attack in p["attacks"]:
+                ax.annotate(p["run"], (100 * p["attacks"][attack]["rank1"], 100 * p["accuracy"]),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("SFace rank-1 of the attacker's reconstructions, folds 6-10 (%, lower = more private)")
+    ax.set_ylabel("held-out accuracy, LFW folds 6-10 (%)")
+    ax.axhline(98.5, color="grey", lw=0.6, ls="--")
+    ax.axvline(30, color="grey", lw=0.6, ls=":")
+    ax.axvline(5, color="grey", lw=0.6, ls=":")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("privacy-accuracy frontier (targets dashed/dotted)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, nargs="+", required=True)
+    parser.add_argument("--attacks", type=Path, default=Path("docs/attacks/results.json"))
+    parser.add_argument("--out", type=Path, default=Path("docs/models/frontier"))
+    args = parser.parse_args(argv)
+    results = json.loads(args.attacks.read_text())
+    points = []
+    for run_dir in args.runs:
+        summary = run_summary(run_dir)
+        if summary["transform"] not in PRESETS:
+            raise SystemExit(f"error: {run_dir}: unknown transform {summary['transform']!r}")
+        summary["attacks"] = attack_figures(results, summary["transform"], summary["epsilon"])
+        points.append(summary)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(points, indent=1) + "\n")
+    plot(points, args.out.with_suffix(".png"))
+    for p in points:
+        attacks = ", ".join(f"{k.upper()} {100 * v['rank1']:.1f}%" for k, v in sorted(p["attacks"].items()))
+        print(f"{p['run']:>18}: accuracy {100 * p['accuracy']:.2f}% ± {100 * p['accuracy_std']:.2f}, "
+              f"TAR@1e-3 {100 * p['tar_at_far_1e-3']:.1f}%  |  {attacks or 'no attack measured'}")
+
+
+if __name__ == "__main__":
+    main()
