@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic_settings import BaseSettings
 
-from app.settings import PROJECT_ROOT
+from common.paths import PROJECT_ROOT
 
 
 def rows(settings_cls: type[BaseSettings]) -> list[str]:
