@@ -13,6 +13,12 @@ from common.settings import is_test_env
 
 FAILPOINTS_ENV = "PRIVFACE_FAILPOINTS"
 FAILPOINT_DIR_ENV = "PRIVFACE_FAILPOINT_DIR"
+# name -> (default, meaning), for the README's configuration table (scripts/config_table.py)
+VARIABLES = {
+    FAILPOINTS_ENV: ("", "Test only (PRIVFACE_ENV=test): comma-separated failpoints at which the process freezes "
+                         "so a crash test can kill it there (app/failpoints.py)."),
+    FAILPOINT_DIR_ENV: (".", "Test only: where a frozen failpoint touches a file named after it."),
+}
 
 
 def failpoint(name: str) -> None:

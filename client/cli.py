@@ -17,6 +17,7 @@ from typing import Any
 from tqdm import tqdm
 
 from client.detect import DEFAULT_FACE_POLICY, FACE_POLICIES
+from client.environment import API_KEY_ENV, URL_ENV
 from client.errors import InvalidPhotoError, MultipleFacesError, NoFaceError, PrivfaceError
 from client.features import FeaturePayload
 from client.sdk import PrivfaceClient
@@ -96,8 +97,8 @@ def _fail(message: str, status: int) -> int:
 
 
 def _client(args: argparse.Namespace) -> PrivfaceClient:
-    url = getattr(args, "url", None) or os.environ.get("PRIVFACE_URL")
-    api_key = getattr(args, "api_key", None) or os.environ.get("PRIVFACE_API_KEY")
+    url = getattr(args, "url", None) or os.environ.get(URL_ENV)
+    api_key = getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV)
     if not url:
         raise UsageError("no gateway URL: pass --url or set PRIVFACE_URL")
     if not api_key:
