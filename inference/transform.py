@@ -10,7 +10,7 @@ An aligned 112x112 RGB face becomes a stack of noisy 8x8-block DCT coefficient p
 3. Channel selection. Feature channel order is fixed: all kept luma indices (ascending), then the kept
    chroma indices for Cb (ascending), then the same indices for Cr ("sparse colour").
 4. Clip each kept channel c to +-B_c, B_c = clip_sigmas * channel_std[c] (per-channel std measured on
-   LFW identities outside every evaluation fold, see `inference.compute_stats`).
+   LFW identities outside every evaluation fold, see `training_jobs.compute_stats`).
 5. Noise per coefficient (the mechanism protects each coefficient; "neighbouring" = the coefficient is
    replaced by any other value in [-B_c, B_c], so the sensitivity is 2*B_c):
    - Laplace: scale b_c = 2*B_c / eps_coef, pure eps_coef-DP per coefficient.
@@ -405,7 +405,7 @@ DEFAULT_EPSILON_PER_COEFFICIENT = 64.0
 
 @lru_cache(maxsize=4)
 def load_stats(path: Path = STATS_PATH) -> dict[str, Any]:
-    """Per-channel DCT statistics written by `python -m inference.compute_stats`."""
+    """Per-channel DCT statistics written by `python -m training_jobs.compute_stats`."""
     return json.loads(Path(path).read_text())
 
 

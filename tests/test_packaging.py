@@ -30,3 +30,17 @@ def test_the_image_copies_every_production_package() -> None:
 def test_the_privface_script_is_the_composition_root() -> None:
     assert pyproject()["project"]["scripts"]["privface"] == "privface.cli:main"
     assert (ROOT / "privface" / "__main__.py").exists()  # `python -m privface`, what the stacks start
+
+
+def runnable_modules(package: str) -> set[str]:
+    """Modules of `package` with a `if __name__ == "__main__":` block (a command of their own)."""
+    return {str(p.relative_to(ROOT)) for p in (ROOT / package).rglob("*.py")
+            if re.search(r"^if __name__ == .__main__.:", p.read_text(), re.MULTILINE)}
+
+
+def test_product_packages_hold_no_drivers_or_research_scripts() -> None:
+    """Every process of the product starts through `privface`; the only other commands are the model export
+    (it builds a servable version) and the SDK's own CLI. Drivers live in devtools/, measurements in
+    training_jobs/."""
+    found = set().union(*(runnable_modules(p) for p in ("app", "secure", "inference", "common", "client")))
+    assert found == {"inference/export.py", "client/cli.py"}
