@@ -63,15 +63,17 @@ def local_key(settings: GatewaySettings) -> str:
     return key
 
 
-def start_roles(settings: GatewaySettings) -> list[subprocess.Popen[bytes]]:
+Children = dict[str, "subprocess.Popen[bytes]"]  # role arguments ("party --rank 0") -> its process
+
+
+def start_roles(settings: GatewaySettings) -> Children:
     """One process per role, each with only the environment its role may hold."""
     from secure.mpc.settings import env_for_role
 
     env = stack_env()
-    return [subprocess.Popen(ROLE_COMMAND + ["dealer"], env=dealer_env(env)),
-            subprocess.Popen(ROLE_COMMAND + ["party", "--rank", "0"], env=party_env(env, 0)),
-            subprocess.Popen(ROLE_COMMAND + ["party", "--rank", "1"], env=party_env(env, 1)),
-            subprocess.Popen(ROLE_COMMAND + ["gateway", "--port", str(settings.port)], env=env_for_role(env, None))]
+    roles = {"dealer": dealer_env(env), "party --rank 0": party_env(env, 0), "party --rank 1": party_env(env, 1),
+             f"gateway --port {settings.port}": env_for_role(env, None)}
+    return {role: subprocess.Popen(ROLE_COMMAND + role.split(), env=role_env) for role, role_env in roles.items()}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -91,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return supervise(children)
 
 
-def supervise(children: list[subprocess.Popen[bytes]]) -> int:
+def supervise(children: Children) -> int:
     """Wait until a signal or until any child exits (then exit 1); stop the others either way."""
     stop = {"now": False}
 
@@ -102,13 +104,12 @@ def supervise(children: list[subprocess.Popen[bytes]]) -> int:
     signal.signal(signal.SIGTERM, handler)
     code = 0
     while not stop["now"]:
-        for child in children:
+        for role, child in children.items():
             if child.poll() is not None:
-                print(f"error: a process of the stack exited ({child.args[3:]}, code {child.returncode})",
-                      file=sys.stderr)
+                print(f"error: a process of the stack exited ({role}, code {child.returncode})", file=sys.stderr)
                 stop["now"], code = True, 1
         time.sleep(0.5)
-    terminate(children)
+    terminate(list(children.values()))
     return code
 
 

@@ -22,7 +22,7 @@ def rows(settings_cls: type[BaseSettings]) -> list[str]:
     prefix = settings_cls.model_config.get("env_prefix", "")
     out = []
     for name, field in settings_cls.model_fields.items():
-        default = field.default if field.default_factory is None else field.default_factory()
+        default = field.get_default(call_default_factory=True)
         out.append(f"| `{prefix}{name.upper()}` | `{shown(default)}` | {field.description or ''} |")
     return out
 

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS=${PRIVFACE_EXTRAS:-dev}
+EXTRAS=${PRIVFACE_EXTRAS:-dev}  # dev: the test command's tools (pytest, ruff, mypy)
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
