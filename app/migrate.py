@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import command
 from alembic.config import Config
 
-from app.settings import PROJECT_ROOT
+from common.paths import PROJECT_ROOT
 
 # found by path, not imported: migrations/ depends on app (its env.py reads the ORM metadata), not the reverse
 GATEWAY_SCRIPTS = PROJECT_ROOT / "migrations" / "gateway"

@@ -7,14 +7,13 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
 from typing import Annotated
 
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEV_SECRET_KEY = "dev-insecure-change-me"
-DEV_PARTY_TOKENS = ("dev-party0-token", "dev-party1-token")  # one per link; secure.party.settings.dev_token
+from common.paths import DEFAULT_SHARED_DIR, PROJECT_ROOT, VAR_DIR
+from common.settings import DEV_PARTY_TOKENS, DEV_SECRET_KEY, DEV_TOKENS, TEST_ENV
 
 
 class GatewaySettings(BaseSettings):
@@ -24,11 +23,11 @@ class GatewaySettings(BaseSettings):
 
     env: str = Field("production", description="'production', 'development' or 'test'.")
     database_url: str = Field(
-        f"sqlite:///{PROJECT_ROOT / 'var' / 'gateway.db'}", description="Gateway database (SQLAlchemy URL)."
+        f"sqlite:///{VAR_DIR / 'gateway.db'}", description="Gateway database (SQLAlchemy URL)."
     )
     redis_url: str | None = Field(None, description="Redis for jobs, model events, replay protection, abuse budgets; unset = in-process.")
-    shared_dir: Path = Field(PROJECT_ROOT.parent / "shared", description="Read-only data and pretrained models.")
-    model_dir: Path = Field(PROJECT_ROOT / "var" / "models", description="Where model versions (ONNX + metadata) live.")
+    shared_dir: Path = Field(DEFAULT_SHARED_DIR, description="Read-only data and pretrained models.")
+    model_dir: Path = Field(VAR_DIR / "models", description="Where model versions (ONNX + metadata) live.")
     bundled_model_dir: Path | None = Field(
         PROJECT_ROOT / "inference" / "bundled", description="Trained model versions shipped in the repository "
         "(one per privacy preset); the first start registers them and activates each preset that has no active "
@@ -115,7 +114,7 @@ class GatewaySettings(BaseSettings):
 
     @property
     def is_test(self) -> bool:
-        return self.env == "test"
+        return self.env == TEST_ENV
 
     @property
     def party_tokens(self) -> tuple[str, str]:
@@ -136,7 +135,7 @@ class GatewaySettings(BaseSettings):
         dev = [name for name, value in (("PRIVFACE_SECRET_KEY", self.secret_key),
                                         ("PRIVFACE_PARTY0_TOKEN", self.party0_token),
                                         ("PRIVFACE_PARTY1_TOKEN", self.party1_token))
-               if value in (DEV_SECRET_KEY, *DEV_PARTY_TOKENS, "dev-internal-token")]
+               if value == DEV_SECRET_KEY or value in DEV_TOKENS]
         if dev and not loopback:
             raise SystemExit(f"error: {', '.join(dev)} still hold development defaults; set real secrets "
                              f"before listening on {self.host}")

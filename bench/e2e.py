@@ -26,7 +26,8 @@ import numpy as np
 from tqdm import tqdm
 
 from app.auth import tenant_template_key
-from app.devstack import MODEL_CACHE, NO_ABUSE_LIMITS, LocalStack, shared_dir
+from common.paths import shared_dir
+from devtools.localstack import MODEL_CACHE, NO_ABUSE_LIMITS, LocalStack
 from client.detect import FaceDetector
 from client.errors import PrivfaceError
 from client.features import decode_features, extract_features, with_fresh_nonce

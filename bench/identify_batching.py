@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from app.devstack import LocalStack, NO_ABUSE_LIMITS
+from devtools.localstack import LocalStack, NO_ABUSE_LIMITS
 from bench.latency import faces
 from client.features import encode_features, fresh_rng
 from client.sdk import PrivfaceClient

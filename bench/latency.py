@@ -17,7 +17,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from app.devstack import LocalStack, NO_ABUSE_LIMITS, shared_dir
+from common.paths import shared_dir
+from devtools.localstack import LocalStack, NO_ABUSE_LIMITS
 from client.features import encode_features, fresh_rng
 from client.sdk import PrivfaceClient
 

@@ -15,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from secure.mpc.harness import Cluster  # noqa: E402
+from devtools.mpc_cluster import Cluster  # noqa: E402
 
 
 def unit(rng: np.random.Generator, *shape: int) -> np.ndarray:

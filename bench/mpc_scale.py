@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from secure.mpc.harness import Cluster, encode_trunc, split
+from devtools.mpc_cluster import Cluster, encode_trunc, split
 from secure.mpc.protocol import threshold_raw
 
 THRESHOLD = 0.5

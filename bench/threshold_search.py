@@ -1,7 +1,7 @@
 """Issue 9 (High) attack: whoever holds the gateway -> party credential(s) binary-searches a stored template.
 
-Starts real processes of one checkout (``--checkout``): the dealer and parties 0 and 1 (``python -m app.cli
-dealer`` / ``party --rank R``, SQLite files, loopback, the real MPC engine), stores one random unit template
+Starts real processes of one checkout (``--checkout``): the dealer and parties 0 and 1 (``python -m privface
+dealer`` / ``party --rank R``, ``app.cli`` in checkouts older than issue 14, SQLite files, loopback, the real MPC engine), stores one random unit template
 (d = 128, 16-bit fixed point, additive shares) with a two-phase store op at both parties, registers the gallery
 at threshold 0.5 as the honest gateway does (new code; the old code has no registration route), then plays the
 attacker over the raw internal party API (httpx), sending each party its own share of a query e_j (a unit basis
@@ -104,10 +104,15 @@ class Cluster:
                         "PRIVFACE_PARTY_LOG_LEVEL": "warning"})
         return env
 
+    def command_module(self) -> str:
+        """The `privface` command's module in this checkout: privface/ since issue 14, app/cli.py before."""
+        return "privface" if (self.checkout / "privface" / "__main__.py").exists() else "app.cli"
+
     def start(self) -> None:
         for role, args in (("dealer", ["dealer"]), ("0", ["party", "--rank", "0"]), ("1", ["party", "--rank", "1"])):
             log = open(self.workdir / f"{role}.log", "ab")
-            proc = subprocess.Popen([self.python, "-m", "app.cli", *args], cwd=self.checkout, env=self.env(role),
+            proc = subprocess.Popen([self.python, "-m", self.command_module(), *args], cwd=self.checkout,
+                                    env=self.env(role),
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             self.procs.append((role, proc))
 

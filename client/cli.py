@@ -12,11 +12,12 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from tqdm import tqdm
 
-from client.detect import DEFAULT_FACE_POLICY, FACE_POLICIES
+from client.detect import DEFAULT_FACE_POLICY, FACE_POLICIES, FacePolicy
+from client.environment import API_KEY_ENV, URL_ENV
 from client.errors import InvalidPhotoError, MultipleFacesError, NoFaceError, PrivfaceError
 from client.features import FeaturePayload
 from client.sdk import PrivfaceClient
@@ -32,7 +33,7 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     """argparse that raises instead of printing a multi-line usage block and exiting."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(message)
 
 
@@ -96,8 +97,8 @@ def _fail(message: str, status: int) -> int:
 
 
 def _client(args: argparse.Namespace) -> PrivfaceClient:
-    url = getattr(args, "url", None) or os.environ.get("PRIVFACE_URL")
-    api_key = getattr(args, "api_key", None) or os.environ.get("PRIVFACE_API_KEY")
+    url = getattr(args, "url", None) or os.environ.get(URL_ENV)
+    api_key = getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV)
     if not url:
         raise UsageError("no gateway URL: pass --url or set PRIVFACE_URL")
     if not api_key:
@@ -128,7 +129,8 @@ def _run(client: PrivfaceClient, args: argparse.Namespace) -> Iterator[dict[str,
         yield from _enroll(client, args.subject_id, args.photos, args.face_policy)
 
 
-def _enroll(client: PrivfaceClient, subject_id: str, photos: list[Path], face_policy: str) -> Iterator[dict[str, Any]]:
+def _enroll(client: PrivfaceClient, subject_id: str, photos: list[Path],
+            face_policy: FacePolicy) -> Iterator[dict[str, Any]]:
     """Make every photo's features first, so a bad photo stops the command before anything is enrolled.
 
     Each enrollment is reported as soon as it is stored, so a later failure leaves a clear record.
@@ -143,7 +145,7 @@ def _enroll(client: PrivfaceClient, subject_id: str, photos: list[Path], face_po
             yield client.enroll_features(subject_id, payload)
 
 
-def _features(client: PrivfaceClient, photo: Path, face_policy: str) -> FeaturePayload:
+def _features(client: PrivfaceClient, photo: Path, face_policy: FacePolicy) -> FeaturePayload:
     """The photo's payload; input problems are reported with the photo's name (exit status 2)."""
     _ = client.transform  # fetched first, so that a gateway problem is not blamed on the photo
     try:

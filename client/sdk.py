@@ -59,11 +59,13 @@ class PrivfaceClient:
 
     def create_subject(self, external_id: str | None = None) -> dict[str, Any]:
         """Create a subject; returns it ({"id", "external_id", "created_at", "enrollments"})."""
-        return self._request("POST", "/v1/subjects", {"external_id": external_id})
+        subject: dict[str, Any] = self._request("POST", "/v1/subjects", {"external_id": external_id})
+        return subject
 
     def get_subject(self, subject_id: str) -> dict[str, Any]:
         """A subject and its enrollments' metadata."""
-        return self._request("GET", f"/v1/subjects/{quote(subject_id, safe='')}")
+        subject: dict[str, Any] = self._request("GET", f"/v1/subjects/{quote(subject_id, safe='')}")
+        return subject
 
     def delete_subject(self, subject_id: str) -> None:
         """Delete a subject and its templates at both parties."""
@@ -110,8 +112,9 @@ class PrivfaceClient:
     # -- biometrics from precomputed features --------------------------------------------------------
 
     def enroll_features(self, subject_id: str, features: FeaturePayload) -> dict[str, Any]:
-        return self._request("POST", f"/v1/subjects/{quote(subject_id, safe='')}/enrollments",
-                             {"features": features})
+        enrollment: dict[str, Any] = self._request("POST", f"/v1/subjects/{quote(subject_id, safe='')}/enrollments",
+                                                   {"features": features})
+        return enrollment
 
     def verify_features(self, subject_id: str, features: FeaturePayload) -> bool:
         return bool(self._request("POST", "/v1/verify", {"subject_id": subject_id, "features": features})["match"])
@@ -124,7 +127,8 @@ class PrivfaceClient:
 
     def transforms(self) -> list[dict[str, Any]]:
         """The transforms the gateway serves: [{"transform_id", "params_hash", "spec", ...}]."""
-        return self._request("GET", "/v1/transforms")
+        transforms: list[dict[str, Any]] = self._request("GET", "/v1/transforms")
+        return transforms
 
     @property
     def transform(self) -> TransformSpec:

@@ -54,12 +54,17 @@ def colour_weight() -> tuple[torch.Tensor, torch.Tensor]:
 class InverseDctAdapter(nn.Module):
     """[N, K, 14, 14] features -> [N, 3, 112, 112] normalised RGB for a pixel-domain backbone."""
 
+    scatter: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    colour: torch.Tensor
+    colour_bias: torch.Tensor
+
     def __init__(self, spec: TransformSpec, learnable: bool = False) -> None:
         super().__init__()
         self.register_buffer("scatter", scatter_weight(spec))
         self.idct = nn.Conv2d(PLANES, PLANES, 1, bias=True)
         with torch.no_grad():
             self.idct.weight.copy_(inverse_dct_weight())
+            assert self.idct.bias is not None  # built with bias=True
             self.idct.bias.fill_(LEVEL_SHIFT)
         colour, colour_bias = colour_weight()
         self.register_buffer("colour", colour)

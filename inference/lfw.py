@@ -5,21 +5,18 @@ Kept apart from the models so that stats, export metrics, tests and training all
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from common.paths import shared_dir
+
+__all__ = ["LFW_SUBDIR", "PAIRS_PER_FOLD", "Pair", "fold_pairs", "images_outside_pairs", "lfw_dir", "load_many",
+           "load_rgb", "pair_identities", "read_pairs", "shared_dir"]
 LFW_SUBDIR = Path("datasets") / "lfw-aligned-112"
 PAIRS_PER_FOLD = 600
-
-
-def shared_dir() -> Path:
-    """$PRIVFACE_SHARED_DIR, default ../shared relative to the project root."""
-    return Path(os.environ.get("PRIVFACE_SHARED_DIR", PROJECT_ROOT.parent / "shared"))
 
 
 def lfw_dir(shared: Path | None = None) -> Path:

@@ -40,7 +40,8 @@ class DepthwiseSeparable(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.depthwise(x)))
-        return self.relu(self.bn2(self.pointwise(x)))
+        out: torch.Tensor = self.relu(self.bn2(self.pointwise(x)))
+        return out
 
 
 class GlobalDepthwise(nn.Module):
@@ -52,7 +53,8 @@ class GlobalDepthwise(nn.Module):
         self.bn = nn.BatchNorm2d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.depthwise(x))
+        out: torch.Tensor = self.bn(self.depthwise(x))
+        return out
 
 
 class InvertedResidual(nn.Module):
@@ -68,7 +70,8 @@ class InvertedResidual(nn.Module):
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv(x) if self.residual else self.conv(x)
+        out: torch.Tensor = x + self.conv(x) if self.residual else self.conv(x)
+        return out
 
 
 class MobileFaceNet(nn.Module):

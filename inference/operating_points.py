@@ -19,6 +19,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -92,11 +93,11 @@ class ImpostorCurve:
         """[[max_n, threshold], ...] holding ``fpir`` per search; never below ``floor`` (the verify threshold)."""
         return [[int(n), max(floor, self.threshold(per_comparison_fmr(fpir, n)))] for n in sizes]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> ImpostorCurve:
+    def from_dict(cls, data: dict[str, Any]) -> ImpostorCurve:
         return cls(**{**data, "fmr": tuple(data["fmr"]), "thresholds": tuple(data["thresholds"])})
 
 

@@ -44,4 +44,5 @@ def protect_embedding(embedding: np.ndarray, tenant_secret: bytes, model_version
     if not np.all(np.isfinite(vector)) or np.any(norm == 0):
         raise ValueError("embedding must be finite and non-zero")
     matrix = protection_matrix(bytes(tenant_secret), model_version, int(key_version), vector.shape[-1])
-    return (vector / norm) @ matrix.T
+    protected: np.ndarray = (vector / norm) @ matrix.T
+    return protected

@@ -42,18 +42,20 @@ class OrtEmbedder:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.ndim != 4 or batch.shape[1:] != self.input_shape:
             raise ValueError(f"expected features [B, {', '.join(map(str, self.input_shape))}], got {batch.shape}")
-        return self.session.run(None, {self.input_name: batch})[0]
+        embeddings: np.ndarray = self.session.run(None, {self.input_name: batch})[0]
+        return embeddings
 
 
 class _Request:
     __slots__ = ("features", "future")
 
-    def __init__(self, features: np.ndarray, future: asyncio.Future) -> None:
+    def __init__(self, features: np.ndarray, future: asyncio.Future[np.ndarray]) -> None:
         self.features = features
         self.future = future
 
 
-_STOP = object()
+_STOP = None  # queued after the last request: the worker finishes what is before it, then returns
+Queue = asyncio.Queue[_Request | None]
 
 
 class MicroBatcher:
@@ -65,8 +67,8 @@ class MicroBatcher:
         self.max_wait = max_wait_ms / 1000.0
         self.batches_run = 0  # observable, for tests and metrics
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
-        self._queue: asyncio.Queue | None = None
-        self._worker: asyncio.Task | None = None
+        self._queue: Queue | None = None
+        self._worker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
@@ -76,39 +78,39 @@ class MicroBatcher:
         features = np.asarray(features, dtype=np.float32)
         if features.shape != self.embedder.input_shape:  # refuse here so one bad call cannot fail a batch
             raise ValueError(f"expected features {self.embedder.input_shape}, got {features.shape}")
-        future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self._ensure_worker().put_nowait(_Request(features, future))
         return await future
 
     async def aclose(self) -> None:
         """Finish every queued request, then stop the worker and its thread."""
         self._closed = True
-        if self._worker is not None and not self._worker.done():
+        if self._queue is not None and self._worker is not None and not self._worker.done():
             self._queue.put_nowait(_STOP)
             await self._worker
         self._executor.shutdown(wait=False)
 
-    def _ensure_worker(self) -> asyncio.Queue:
+    def _ensure_worker(self) -> Queue:
         """Start the worker on the running loop (again, if an earlier loop has gone away)."""
         loop = asyncio.get_running_loop()
-        if self._loop is not loop or self._worker is None or self._worker.done():
+        if self._queue is None or self._loop is not loop or self._worker is None or self._worker.done():
             self._loop = loop
             self._queue = asyncio.Queue()
-            self._worker = loop.create_task(self._run())
+            self._worker = loop.create_task(self._run(self._queue))
         return self._queue
 
-    async def _run(self) -> None:
+    async def _run(self, queue: Queue) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch, stop = await self._collect()
+            batch, stop = await self._collect(queue)
             if batch:
                 await self._embed_batch(loop, batch)
             if stop:
                 return
 
-    async def _collect(self) -> tuple[list[_Request], bool]:
+    async def _collect(self, queue: Queue) -> tuple[list[_Request], bool]:
         """First request (waiting as long as needed), then whatever else arrives within max_wait."""
-        first = await self._queue.get()
+        first = await queue.get()
         if first is _STOP:
             return [], True
         batch = [first]
@@ -116,7 +118,7 @@ class MicroBatcher:
         while len(batch) < self.max_batch:
             remaining = deadline - asyncio.get_running_loop().time()
             try:
-                item = self._queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(self._queue.get(), remaining)
+                item = queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(queue.get(), remaining)
             except (asyncio.QueueEmpty, asyncio.TimeoutError):
                 break
             if item is _STOP:

@@ -10,7 +10,7 @@ An aligned 112x112 RGB face becomes a stack of noisy 8x8-block DCT coefficient p
 3. Channel selection. Feature channel order is fixed: all kept luma indices (ascending), then the kept
    chroma indices for Cb (ascending), then the same indices for Cr ("sparse colour").
 4. Clip each kept channel c to +-B_c, B_c = clip_sigmas * channel_std[c] (per-channel std measured on
-   LFW identities outside every evaluation fold, see `inference.compute_stats`).
+   LFW identities outside every evaluation fold, see `training_jobs.compute_stats`).
 5. Noise per coefficient (the mechanism protects each coefficient; "neighbouring" = the coefficient is
    replaced by any other value in [-B_c, B_c], so the sensitivity is 2*B_c):
    - Laplace: scale b_c = 2*B_c / eps_coef, pure eps_coef-DP per coefficient.
@@ -65,7 +65,7 @@ def dct_matrix(n: int = BLOCK) -> np.ndarray:
     """Orthonormal DCT-II matrix D (D @ x is the DCT of x; D.T @ X inverts it)."""
     k = np.arange(n)[:, None]
     x = np.arange(n)[None, :]
-    d = np.sqrt(2.0 / n) * np.cos(np.pi * (2 * x + 1) * k / (2 * n))
+    d: np.ndarray = np.sqrt(2.0 / n) * np.cos(np.pi * (2 * x + 1) * k / (2 * n))
     d[0, :] = np.sqrt(1.0 / n)
     return d
 
@@ -164,6 +164,7 @@ class TransformSpec:
         sensitivity = 2.0 * self.clip_bounds()
         scale = sensitivity / self.epsilon_per_coefficient
         if self.mechanism == "gaussian":
+            assert self.delta is not None  # __post_init__ refuses the Gaussian mechanism without a delta
             scale = scale * math.sqrt(2.0 * math.log(1.25 / self.delta))
         return scale
 
@@ -243,7 +244,8 @@ def block_idct(coef: np.ndarray) -> np.ndarray:
     lead = coef.shape[:-3]
     coef = np.moveaxis(coef, -3, -1).reshape(*lead, GRID, GRID, BLOCK, BLOCK)  # [..., i, j, u, v]
     blocks = _D.T @ coef @ _D  # [..., i, j, x, y]
-    return blocks.swapaxes(-3, -2).reshape(*lead, FACE_SIZE, FACE_SIZE)
+    planes: np.ndarray = blocks.swapaxes(-3, -2).reshape(*lead, FACE_SIZE, FACE_SIZE)
+    return planes
 
 
 def full_coefficients(face_rgb: np.ndarray) -> np.ndarray:
@@ -269,7 +271,8 @@ def clipped(face_rgb: np.ndarray, spec: TransformSpec) -> np.ndarray:
     """Kept, clipped channels before noise, float64 [..., K, 14, 14]."""
     features = select(full_coefficients(face_rgb), spec)
     bounds = spec.clip_bounds()[:, None, None]
-    return np.clip(features, -bounds, bounds)
+    kept: np.ndarray = np.clip(features, -bounds, bounds)
+    return kept
 
 
 class NoiseSource(Protocol):
@@ -298,12 +301,14 @@ class OsNoise:
     def laplace(self, loc: float, scale: Any) -> np.ndarray:
         scale = np.asarray(scale, dtype=np.float64)
         u = self.uniform(scale.shape) - 0.5
-        return loc - scale * np.sign(u) * np.log1p(-2.0 * np.abs(u))
+        draws: np.ndarray = loc - scale * np.sign(u) * np.log1p(-2.0 * np.abs(u))
+        return draws
 
     def normal(self, loc: float, scale: Any) -> np.ndarray:
         scale = np.asarray(scale, dtype=np.float64)
         u1, u2 = self.uniform(scale.shape), self.uniform(scale.shape)
-        return loc + scale * np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+        draws: np.ndarray = loc + scale * np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+        return draws
 
 
 def add_noise(features: np.ndarray, spec: TransformSpec, rng: NoiseSource) -> np.ndarray:
@@ -311,14 +316,15 @@ def add_noise(features: np.ndarray, spec: TransformSpec, rng: NoiseSource) -> np
     if not spec.noisy:
         return features
     scales = np.broadcast_to(spec.noise_scales()[:, None, None], features.shape)
-    if spec.mechanism == "laplace":
-        return features + rng.laplace(0.0, scales)
-    return features + rng.normal(0.0, scales)
+    noise = rng.laplace(0.0, scales) if spec.mechanism == "laplace" else rng.normal(0.0, scales)
+    noisy: np.ndarray = features + noise
+    return noisy
 
 
 def to_float16(features: np.ndarray) -> np.ndarray:
     """Clamp into float16's finite range (post-processing) and cast."""
-    return np.clip(features, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
+    clamped: np.ndarray = np.clip(features, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
+    return clamped
 
 
 def apply(face_rgb: np.ndarray, spec: TransformSpec, rng: NoiseSource) -> np.ndarray:
@@ -344,7 +350,8 @@ def inverse(features: np.ndarray, spec: TransformSpec) -> np.ndarray:
     colours, freqs = kept_index(spec)
     coefficients[..., colours, freqs, :, :] = features
     rgb = ycbcr_to_rgb(block_idct(coefficients))
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    pixels: np.ndarray = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    return pixels
 
 
 def validation_bounds(spec: TransformSpec) -> np.ndarray:
@@ -405,8 +412,9 @@ DEFAULT_EPSILON_PER_COEFFICIENT = 64.0
 
 @lru_cache(maxsize=4)
 def load_stats(path: Path = STATS_PATH) -> dict[str, Any]:
-    """Per-channel DCT statistics written by `python -m inference.compute_stats`."""
-    return json.loads(Path(path).read_text())
+    """Per-channel DCT statistics written by `python -m training_jobs.compute_stats`."""
+    stats: dict[str, Any] = json.loads(Path(path).read_text())
+    return stats
 
 
 def make_spec(name: str, luma_keep: tuple[int, ...], chroma_keep: tuple[int, ...],

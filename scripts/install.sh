@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv and installs privface with its install quirks handled (see DESIGN.md, dependencies):
+# Creates .venv and installs privface with its install quirks handled (docs/design.md; the quirks are listed here):
 #  - torch: the CPU build 2.13.0 that lies on these machines' disk (a bare `torch` pulls a CUDA build);
 #  - CrypTen 0.4.1 with --no-deps (it depends on the deprecated `sklearn` package); its real runtime
 #    needs are in pyproject.toml;
@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS=${PRIVFACE_EXTRAS:-dev}
+EXTRAS=${PRIVFACE_EXTRAS:-dev}  # dev: the test command's tools (pytest, ruff, mypy)
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip

@@ -25,12 +25,12 @@ from typing import Any
 import httpx
 import numpy as np
 
+from common.settings import MAX_QUERY_BATCH
 from secure.ranges import check_unit_fixed
 from secure.thresholds import GalleryPolicy
 from secure.sharing import reconstruct_int, split, to_b64
 
 log = logging.getLogger("privface.coordinator")
-MAX_QUERY_BATCH = 64  # identify_many: most queries in one job (the parties accept as many)
 CANCELLED = 499  # the status given to the call we stop waiting for once the other party has refused
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from app.devstack import free_port, shared_dir  # noqa: F401  (re-exported for tests)
+from common.paths import shared_dir  # noqa: F401  (re-exported for tests)
+from devtools.net import free_port  # noqa: F401  (re-exported for tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("PRIVFACE_ENV", "test")

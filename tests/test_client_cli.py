@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import cv2
 
-from app.cli import main as privface_main
+from privface.cli import main as privface_main
 from client.cli import main
 from tests.client_gateway import gateway  # noqa: F401  (module fixture)
 from tests.client_gateway import API_KEY, GatewayScript, ScriptedGateway

@@ -15,7 +15,8 @@ import time
 import httpx
 import pytest
 
-from app.devstack import MODEL_CACHE, ROOT, LocalStack
+from common.paths import PROJECT_ROOT as ROOT
+from devtools.localstack import MODEL_CACHE, LocalStack
 from app.problems import Problem
 from app.services.federated_job import FederatedRunError, guardrail, run_simulation, validate_params
 from tests.test_gateway_api import auth
@@ -82,7 +83,7 @@ def test_federated_job_through_the_api_publishes_a_candidate(tmp_path, shared, p
     stack = LocalStack(tmp_path / "stack", gateway_db=postgres_db(), party_dbs=(postgres_db(), postgres_db()),
                        redis_url=redis_url, model_dir=private_models(tmp_path),
                        extra_env={"PRIVFACE_FEDERATED_TOLERANCE": "1.0"}).start()
-    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], cwd=ROOT, env=stack.env(),
+    worker = subprocess.Popen([sys.executable, "-m", "privface", "worker"], cwd=ROOT, env=stack.env(),
                               stdout=open(tmp_path / "worker.log", "wb"), stderr=subprocess.STDOUT)
     try:
         key = stack.api_key("admin")

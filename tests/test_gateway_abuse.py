@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from app.devstack import LocalStack
+from devtools.localstack import LocalStack
 from tests.test_gateway_api import aligned_face, assert_problem, auth, new_subject, payload
 from tests.test_gateway_recovery import FACES, served_spec
 

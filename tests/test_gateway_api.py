@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from inference.transform import TransformSpec
-from app.devstack import LocalStack
+from devtools.localstack import LocalStack
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import threading
 import httpx
 import pytest
 
-from app.devstack import LocalStack
+from devtools.localstack import LocalStack
 from tests.test_gateway_api import aligned_face, auth, payload
 from tests.test_gateway_recovery import served_spec
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.devstack import LocalStack
+from devtools.localstack import LocalStack
 from tests.test_client_detect import FACES
 from tests.test_gateway_api import assert_problem, auth, payload
 
@@ -231,7 +231,7 @@ def test_the_readme_walkthrough_runs_as_written(stack, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     shim = bin_dir / "privface"
-    shim.write_text(f'#!/bin/sh\nPYTHONPATH="{ROOT}" exec "{sys.executable}" -m app.cli "$@"\n')
+    shim.write_text(f'#!/bin/sh\nPYTHONPATH="{ROOT}" exec "{sys.executable}" -m privface "$@"\n')
     shim.chmod(0o755)
     for name, source in (("alice1.jpg", "James_Caan_0001.jpg"), ("alice2.jpg", "James_Caan_0002.jpg"),
                          ("probe.jpg", "James_Caan_0002.jpg")):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from app.devstack import LocalStack
+from devtools.localstack import LocalStack
 from tests.test_gateway_api import aligned_face, assert_problem, auth, new_subject, payload
 from tests.test_gateway_recovery import FACES, served_spec
 

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from app.auth import tenant_template_key
-from app.devstack import LocalStack
+from devtools.localstack import LocalStack
 from inference.metadata import ModelMetadata
 from inference.protect import protect_embedding
 from inference.runtime import OrtEmbedder

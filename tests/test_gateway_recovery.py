@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.devstack import LocalStack
+from devtools.localstack import LocalStack
 from tests.test_gateway_api import aligned_face, auth, payload
 from inference.transform import TransformSpec
 

@@ -12,7 +12,8 @@ import httpx
 import psycopg
 import pytest
 
-from app.devstack import MODEL_CACHE, ROOT, LocalStack
+from common.paths import PROJECT_ROOT as ROOT
+from devtools.localstack import MODEL_CACHE, LocalStack
 from tests.test_gateway_api import aligned_face, auth, payload
 from tests.test_gateway_recovery import FACES, served_spec
 
@@ -50,7 +51,7 @@ def test_postgresql_redis_rq_jobs_and_live_model_swap(tmp_path, shared, postgres
     models = copy_models(tmp_path)
     stack = LocalStack(tmp_path / "stack", gateway_db=postgres_db(), party_dbs=(postgres_db(), postgres_db()),
                        redis_url=redis_url, model_dir=models, gateway_workers=2).start()
-    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], cwd=ROOT, env=stack.env(),
+    worker = subprocess.Popen([sys.executable, "-m", "privface", "worker"], cwd=ROOT, env=stack.env(),
                               stdout=open(tmp_path / "worker.log", "wb"), stderr=subprocess.STDOUT)
     try:
         key = stack.api_key("enroll", "verify", "admin")

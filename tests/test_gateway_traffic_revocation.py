@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.devstack import LocalStack
+from devtools.localstack import LocalStack
 from tests.test_gateway_api import aligned_face, auth, new_subject, payload
 from tests.test_gateway_recovery import FACES, served_spec
 from tests.test_gateway_services import copy_models, wait_job

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-from app.devstack import LocalStack
+from devtools.localstack import LocalStack
 from app.metrics import KNOWN_METHODS, REQUESTS, UNMATCHED, RequestMetrics
 from tests.conftest import REDIS_URL
 from tests.test_gateway_api import aligned_face, auth, new_subject, payload

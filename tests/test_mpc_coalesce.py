@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from secure.mpc.harness import Cluster, encode_trunc, split
+from devtools.mpc_cluster import Cluster, encode_trunc, split
 from secure.mpc.protocol import threshold_raw
 
 D = 128

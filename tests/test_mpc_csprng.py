@@ -213,7 +213,7 @@ CREDS = {"secret_p0_dealer": secrets.token_hex(16), "secret_p1_dealer": secrets.
 
 @pytest.mark.slow
 def test_a_session_with_link_credentials_matches_plaintext(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from secure.mpc.harness import Cluster
+    from devtools.mpc_cluster import Cluster
 
     rng = np.random.default_rng(7)
     c = Cluster(tmp_path, **FAST, **CREDS).start()
@@ -236,7 +236,7 @@ def test_a_session_with_link_credentials_matches_plaintext(tmp_path) -> None:  #
 @pytest.mark.slow
 def test_a_dealer_without_the_credential_cannot_join(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A stranger taking the dealer's place (same rendezvous, wrong link credential) never gets a session."""
-    from secure.mpc.harness import Cluster, _Proc
+    from devtools.mpc_cluster import Cluster, _Proc
 
     c = Cluster(tmp_path, **FAST, **CREDS)
     impostor_env = {**c.env, "PRIVFACE_MPC_SECRET_P0_DEALER": secrets.token_hex(16),

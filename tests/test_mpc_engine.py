@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from secure.mpc.harness import Cluster
+from devtools.mpc_cluster import Cluster
 
 pytestmark = pytest.mark.slow
 
@@ -160,7 +160,7 @@ def test_concurrent_jobs_run_in_the_same_order(cluster: Cluster) -> None:
     # party 1 receives them in the opposite order
     q0 = [cluster.submit_async(0, jid, "identify", p[0], 0.5) for jid, p in queues]
     q1 = [cluster.submit_async(1, jid, "identify", p[1], 0.5) for jid, p in reversed(queues)][::-1]
-    from secure.mpc.harness import reconstruct
+    from devtools.mpc_cluster import reconstruct
 
     for expect, a, b in zip(cases, q0, q1):
         ra, rb = Cluster.result(a), Cluster.result(b)
@@ -170,7 +170,7 @@ def test_concurrent_jobs_run_in_the_same_order(cluster: Cluster) -> None:
 
 def test_same_rows_with_new_labels_use_the_new_labels(cluster: Cluster) -> None:
     """The resident snapshot is (rows, labels): identical share rows with other labels are not 'the same'."""
-    from secure.mpc.harness import encode_trunc, split
+    from devtools.mpc_cluster import encode_trunc, split
 
     rng = np.random.default_rng(16)
     q, g = make_case(rng, n=12, plant=5, strength=0.9)

@@ -14,7 +14,7 @@ from secure.mpc.fixed_gallery import (
     uses_floats,
 )
 from secure.mpc.ring_matmul import to_float_rows
-from secure.mpc.harness import Cluster, encode_trunc, split
+from devtools.mpc_cluster import Cluster, encode_trunc, split
 
 M64 = 1 << 64
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from secure.mpc.harness import Cluster
+from devtools.mpc_cluster import Cluster
 
 pytestmark = pytest.mark.slow
 FAST = {"op_timeout_s": 8, "connect_timeout_s": 20, "heartbeat_s": 0.5, "pair_wait_s": 1.0, "retry_backoff_s": 0.2}

@@ -11,7 +11,7 @@ import uuid
 import numpy as np
 import pytest
 
-from secure.mpc.harness import Cluster
+from devtools.mpc_cluster import Cluster
 
 pytestmark = pytest.mark.slow
 

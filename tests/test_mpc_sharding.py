@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from secure.mpc.harness import Cluster, encode_trunc, free_port, split
+from devtools.mpc_cluster import Cluster, encode_trunc, split
+from devtools.net import free_port
 from secure.mpc.protocol import threshold_raw
 from secure.mpc.settings import MpcSettings
 from secure.mpc.sharding import shard_of

@@ -104,7 +104,7 @@ def test_party1_token_refused_at_party0(tmp_path):
     env = _party_env(tmp_path, 0, PRIVFACE_PARTY0_TOKEN=TOKENS[0], PRIVFACE_PARTY1_TOKEN=TOKENS[1],
                      PRIVFACE_INTERNAL_TOKEN=TOKENS[1], PRIVFACE_PARTY_PORT=str(port))
     log = tmp_path / "real0.log"
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "party", "--rank", "0"], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "privface", "party", "--rank", "0"], cwd=ROOT, env=env,
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -322,7 +322,7 @@ def test_party_refuses_plain_http_off_loopback(tmp_path):
                      PRIVFACE_PARTY_HOST="0.0.0.0",
                      PRIVFACE_PARTY_PORT=str(harness.free_port()))
     try:
-        done = subprocess.run([sys.executable, "-m", "app.cli", "party", "--rank", "0"], cwd=ROOT, env=env,
+        done = subprocess.run([sys.executable, "-m", "privface", "party", "--rank", "0"], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
         pytest.fail("the party served plain HTTP off loopback instead of refusing to start")
@@ -364,7 +364,7 @@ def test_certs_command_then_pinned_mtls_party(tmp_path):
     """`privface certs` -> a party with TLS + mTLS + the gateway pin: the gateway's certificate is served,
     another certificate of the same CA (the dealer's, party 1's) is refused."""
     out = tmp_path / "certs"
-    done = subprocess.run([sys.executable, "-m", "app.cli", "certs", "--out", str(out)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "privface", "certs", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
     pins = dict(line.split("=", 1) for line in (out / "pins.env").read_text().splitlines()

@@ -15,7 +15,8 @@ from app.problems import Problem
 from app.schemas import PresetIn
 from app.services.bundled_models import bundled_versions, install_bundled
 from app.services.model_registry import ServedModels, activate_version, active_version, active_versions
-from app.settings import PROJECT_ROOT, GatewaySettings
+from app.settings import GatewaySettings
+from common.paths import PROJECT_ROOT
 from inference.metadata import ModelMetadata
 from inference.privacy_presets import PRIVACY_PRESETS, check_preset, preset_of_transform
 from inference.transform import PRESETS
@@ -132,7 +133,7 @@ def test_a_damaged_bundle_is_an_error_not_a_silent_skip(tmp_path):
 def preset_stack(tmp_path_factory, shared):
     if not BUNDLED.is_dir():
         pytest.skip("no bundled models in this checkout")
-    from app.devstack import LocalStack
+    from devtools.localstack import LocalStack
 
     workdir = tmp_path_factory.mktemp("preset-stack")
     stack = LocalStack(workdir, model_dir=workdir / "models", extra_env={

@@ -5,18 +5,7 @@
     python -m training_jobs.evaluate --model var/models-h5/v0/model.onnx --transform dct8-v0 --folds 6-10 \
         --epsilons none,256,64,32,16 --out docs/models/eval-eps   # accuracy-vs-ε plot
 
-Protocol (every model, same pairs, same images):
-- pairs: every pair of the chosen pairs.txt folds (600 per fold); each image embedded once. A frequency model sees
-  the SDK's exact transform (`TransformSpec.apply`, one noise draw per image, seeded); a pixel model sees the clean
-  aligned face. Score = cosine of L2-normalised embeddings (each model embeds face + flipped face).
-- accuracy: leave-one-fold-out over the chosen folds (threshold maximising accuracy on the other folds, applied
-  to the held-out fold), mean ± std over folds.
-- TAR at FAR 1e-3 / 1e-4 over all chosen pairs: threshold = the lowest score that keeps the impostor accept
-  rate at or below the target. With 1,500 impostor pairs (folds 6–10) FAR 1e-3 allows one false accept and
-  FAR 1e-4 allows none, so these are coarse; `far_resolution` is reported beside them.
-- 1:N rank-1 on the held-out identities: the images of the chosen folds' pairs; identities with at least two of
-  them; gallery = the first image (sorted by name) of each such identity; probes = the rest.
-- ROC (TAR vs FAR, log axis) and DET (FNMR vs FMR on normal-deviate axes) plots, one curve per model.
+The protocol (every model, same pairs, same images) is `PROTOCOL` below; every report carries it.
 """
 
 from __future__ import annotations
@@ -41,6 +30,19 @@ from inference.transform import PRESETS, TransformSpec, apply
 FaceEmbedFn = Callable[[np.ndarray], np.ndarray]  # RGB uint8 [B, 112, 112, 3] -> [B, d]
 DEFAULT_FOLDS = (6, 7, 8, 9, 10)
 PIXEL_MODELS = ("pixel-mobilefacenet", "sface")
+# What every report states about how it was measured (results.json "protocol"); data, not this module's docstring.
+PROTOCOL = """(every model, same pairs, same images):
+- pairs: every pair of the chosen pairs.txt folds (600 per fold); each image embedded once. A frequency model sees
+  the SDK's exact transform (`TransformSpec.apply`, one noise draw per image, seeded); a pixel model sees the clean
+  aligned face. Score = cosine of L2-normalised embeddings (each model embeds face + flipped face).
+- accuracy: leave-one-fold-out over the chosen folds (threshold maximising accuracy on the other folds, applied
+  to the held-out fold), mean ± std over folds.
+- TAR at FAR 1e-3 / 1e-4 over all chosen pairs: threshold = the lowest score that keeps the impostor accept
+  rate at or below the target. With 1,500 impostor pairs (folds 6–10) FAR 1e-3 allows one false accept and
+  FAR 1e-4 allows none, so these are coarse; `far_resolution` is reported beside them.
+- 1:N rank-1 on the held-out identities: the images of the chosen folds' pairs; identities with at least two of
+  them; gallery = the first image (sorted by name) of each such identity; probes = the rest.
+- ROC (TAR vs FAR, log axis) and DET (FNMR vs FMR on normal-deviate axes) plots, one curve per model."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -415,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
             path = args.out / f"accuracy_vs_epsilon_{Path(model).parent.name or 'model'}.png"
             plots.append(str(plot_accuracy_vs_epsilon(rows, reference, path, f"{model_label(model)} on {title}")))
     table = markdown_table(results)
-    report = {"protocol": __doc__.split("Protocol")[1].strip(), "folds": list(folds), "transform": spec.to_dict(),
+    report = {"protocol": PROTOCOL, "folds": list(folds), "transform": spec.to_dict(),
               "seed": args.seed, "command": "python -m training_jobs.evaluate " + " ".join(argv or __import__("sys").argv[1:]),
               "results": [r.to_dict() for r in results], "plots": plots, "table": table}
     (args.out / "results.json").write_text(json.dumps(report, indent=1, default=_json_default) + "\n")

@@ -1,7 +1,7 @@
 """Enroll, verify and identify: the gateway's three privacy-preserving operations.
 
 Each takes validated features, computes the protected template in memory, and talks to the parties
-only through `PartyPair`. What comes back to the caller is what DESIGN.md allows: an id, one bit,
+only through `PartyPair`. What comes back to the caller is what docs/design.md allows: an id, one bit,
 or one bit plus the matched subject id.
 """
 from __future__ import annotations

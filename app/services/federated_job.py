@@ -24,7 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import session_scope
 from app.problems import Problem
-from app.settings import PROJECT_ROOT, GatewaySettings
+from app.settings import GatewaySettings
+from common.paths import PROJECT_ROOT
 
 STDERR_TAIL_BYTES = 64 * 1024
 ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from app.metrics import IDENTIFY_BATCH
-from secure.coordinator import MAX_QUERY_BATCH, PartyPair
+from common.settings import MAX_QUERY_BATCH
+from secure.coordinator import PartyPair
 from secure.thresholds import GalleryPolicy
 
 log = logging.getLogger(__name__)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy import Connection, Engine
 
 from app.db import Base, make_engine
 from app import models  # noqa: F401  (registers the tables on Base.metadata)
@@ -24,15 +25,22 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+def _migrate(connection: Connection) -> None:
+    context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True,
+                      version_table="alembic_version_gateway")
+    with context.begin_transaction():
+        context.run_migrations()
+
+
 def run_migrations_online() -> None:
-    connectable = config.attributes.get("connection")
-    if connectable is None:
-        connectable = make_engine(_url())
-    with connectable.connect() if hasattr(connectable, "connect") else connectable as connection:
-        context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True,
-                          version_table="alembic_version_gateway")
-        with context.begin_transaction():
-            context.run_migrations()
+    """On the caller's connection or engine (config.attributes["connection"]) if it gave one, else on ours."""
+    given = config.attributes.get("connection")
+    if isinstance(given, Connection):
+        _migrate(given)
+        return
+    engine = given if isinstance(given, Engine) else make_engine(_url())
+    with engine.connect() as connection:
+        _migrate(connection)
 
 
 if context.is_offline_mode():

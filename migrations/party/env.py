@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine, pool
-
+from secure.party.db import make_party_engine
 from secure.party.models import PartyBase
 
 config = context.config
@@ -32,7 +31,7 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    engine = create_engine(_url(), poolclass=pool.NullPool)
+    engine = make_party_engine(_url())  # the same pragmas as the party's own connections
     with engine.connect() as conn:
         context.configure(connection=conn, target_metadata=target_metadata, render_as_batch=True)
         with context.begin_transaction():

@@ -1,9 +1,11 @@
-"""The only place that imports CrypTen (0.4.1) — with the shims it needs on torch >= 2.9.
+"""Loads CrypTen (0.4.1) with the shims it needs on torch >= 2.9: the only module-level import of CrypTen.
 
 CrypTen imports ``torch.onnx._internal.registration``, which moved to
 ``torch.onnx._internal.torchscript_exporter.registration``; an alias in ``sys.modules`` before the import
-fixes it. Use ``load_crypten()`` (or ``from secure.mpc.crypten_compat import crypten``) and never
-``import crypten`` directly. Loading also routes CrypTen's randomness through AES-CTR (``crypten_rng.py``).
+fixes it. A process loads CrypTen with ``load_crypten()`` (or ``from secure.mpc.crypten_compat import crypten``),
+which also routes CrypTen's randomness through AES-CTR (``crypten_rng.py``). Other modules of ``secure/mpc``
+import CrypTen's submodules (the TTP provider, the communicator, its rng) only inside functions that run after
+that load, never at module level (tests/test_docs_claims.py checks both).
 """
 from __future__ import annotations
 

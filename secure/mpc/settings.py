@@ -8,14 +8,14 @@ worker process before CrypTen is initialised.
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-TEST_ENV_VALUE = "test"
+from common.settings import is_test_env
+
 DEALER = 2            # the dealer's role number (parties are 0 and 1)
 MIN_SECRET_CHARS = 32
 # each MPC link's credential: environment variable -> the two roles that hold it
@@ -44,7 +44,7 @@ def is_loopback(host: str) -> bool:
 
 def tfp_allowed() -> bool:
     """True only in an explicit test environment (``PRIVFACE_ENV=test``)."""
-    return os.environ.get("PRIVFACE_ENV", "").strip().lower() == TEST_ENV_VALUE
+    return is_test_env()
 
 
 class MpcSettings(BaseSettings):

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine
 
-from secure.party.settings import PROJECT_ROOT
+from common.db import ensure_sqlite_folder, make_engine
+from common.paths import PROJECT_ROOT
 
 log = logging.getLogger("privface.party.db")
 MIGRATIONS_DIR = PROJECT_ROOT / "migrations" / "party"
@@ -15,21 +15,7 @@ MIGRATIONS_DIR = PROJECT_ROOT / "migrations" / "party"
 def make_party_engine(url: str) -> Engine:
     """An engine for a party database; SQLite gets WAL and synchronous=FULL (a prepare must be durable) and
     secure_delete (an erased share is overwritten with zeros in the file, not just unlinked from the b-tree)."""
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-
-        @event.listens_for(engine, "connect")
-        def _pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA secure_delete=ON")  # freed cells and pages are zeroed: erased shares leave the file
-            cur.close()
-
-        return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    return make_engine(url, pool_size=5, max_overflow=5, secure_delete=True)
 
 
 def scrub_erased(engine: Engine) -> None:
@@ -67,6 +53,5 @@ def migrate_party_db(url: str, revision: str = "head") -> None:
     """Bring the party database at ``url`` to ``revision`` (creates the SQLite file's folder if needed)."""
     from alembic import command
 
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    ensure_sqlite_folder(url)
     command.upgrade(alembic_config(url), revision)

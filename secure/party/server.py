@@ -24,12 +24,14 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Request, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from common.problems import Problem as PartyProblem
+from common.problems import install_problem_handlers, problem_response
+from common.settings import MAX_QUERY_BATCH
 from secure.party.audit import MatchAudit
 from secure.party.db import make_party_engine, migrate_party_db
 from secure.party.gallery import Gallery, SnapshotTooOld
 from secure.party.metrics import PartyMetrics
 from secure.party.oplog import OpError, OpLog, OpSpec
-from secure.party.problems import PartyProblem, install_problem_handlers
 from secure.party.ratelimit import TokenBucket
 from secure.party.settings import PartySettings
 from secure.party.thresholds import ThresholdConflict, Thresholds
@@ -40,7 +42,6 @@ from secure.sharing import from_b64
 
 log = logging.getLogger("privface.party")
 JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
-MAX_QUERY_BATCH = 64  # identify: most queries in one job (the gateway batches concurrent requests)
 
 
 def _mpc_types() -> tuple[type, type]:
@@ -157,17 +158,15 @@ def create_party_app(settings: PartySettings, engine: Any, *, oplog: OpLog | Non
     app.state.jobs_run = 0  # MPC jobs this process ran (a batch counts once): shows the gateway's batching
     app.state.settings = settings
     app.state.metrics = metrics
-    install_problem_handlers(app)
+    install_problem_handlers(app, "The party failed.", log)
     install_traffic_log(app, settings.traffic_log)
 
     @app.middleware("http")
     async def _limit_body(request: Request, call_next):  # type: ignore[no-untyped-def]
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
-            from secure.party.problems import problem_response
-
-            return problem_response(413, "payload-too-large", "Request too large",
-                                    f"limit {settings.max_request_bytes} bytes", request.url.path)
+            return problem_response(PartyProblem(413, "payload-too-large", "Request too large",
+                                                 f"limit {settings.max_request_bytes} bytes"), request.url.path)
         return await call_next(request)
 
     @app.get("/healthz")

@@ -9,20 +9,12 @@ Credentials are per link. The gateway -> party R link has its own bearer token, 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-def dev_token(rank: int) -> str:
-    """The development token of the gateway -> party ``rank`` link (distinct per link; loopback only)."""
-    return f"dev-party{rank}-token"
-
-
-DEV_TOKENS = frozenset(dev_token(r) for r in (0, 1)) | {"dev-internal-token"}
+from common.paths import VAR_DIR
+from common.settings import DEV_TOKENS, dev_party_token
 
 
 class PartySettings(BaseSettings):
@@ -54,11 +46,11 @@ class PartySettings(BaseSettings):
     @model_validator(mode="after")
     def _defaults(self) -> PartySettings:
         if not self.database_url:
-            self.database_url = f"sqlite:///{PROJECT_ROOT / 'var' / f'party{self.rank}.db'}"
+            self.database_url = f"sqlite:///{VAR_DIR / f'party{self.rank}.db'}"
         if self.port is None:
             self.port = 8101 + self.rank
         if not self.internal_token:
-            self.internal_token = os.environ.get(f"PRIVFACE_PARTY{self.rank}_TOKEN") or dev_token(self.rank)
+            self.internal_token = os.environ.get(f"PRIVFACE_PARTY{self.rank}_TOKEN") or dev_party_token(self.rank)
         return self
 
     def resolved_database_url(self) -> str:

@@ -1,4 +1,4 @@
-"""Local 3-process MPC cluster (dealer + party 0 + party 1, each a real ``python -m secure.mpc.cli`` process).
+"""Local 3-process MPC cluster (dealer + party 0 + party 1, each a real ``python -m devtools.mpc_driver`` process).
 
 Used by tests/test_mpc_*.py and bench/mpc_naive.py; not used by the service. It also holds the plaintext
 helpers (encode + split) the tests use to make shares.
@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,13 +18,9 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+from common.paths import PROJECT_ROOT as ROOT
+from devtools.net import free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def encode_trunc(x: np.ndarray) -> np.ndarray:
@@ -48,7 +43,7 @@ def reconstruct(a: int, b: int) -> int:
 class _Proc:
     def __init__(self, args: list[str], env: dict, log_path: Path) -> None:
         self.log = open(log_path, "ab")  # noqa: SIM115
-        self.p = subprocess.Popen([sys.executable, "-m", "secure.mpc.cli", *args], cwd=ROOT, env=env,
+        self.p = subprocess.Popen([sys.executable, "-m", "devtools.mpc_driver", *args], cwd=ROOT, env=env,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
         self.replies: dict[str, queue.Queue] = {}
         self.lock = threading.Lock()

@@ -1,6 +1,7 @@
 """`LocalStack`: the real privface processes (dealer, party 0, party 1, gateway) on one machine.
 
 Used by the integration tests and the benchmarks: free ports, fresh secrets, one database per process.
+(`privface run`, the local stack of a developer, is privface/stack.py: one fixed set of ports and var/ files.)
 
 Each process runs the real `privface` command with its own environment, database and log file, so tests
 can kill one with SIGKILL, restart it, and read every log and database afterwards.
@@ -10,7 +11,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,25 +19,16 @@ from pathlib import Path
 
 import httpx
 
-from app.settings import PROJECT_ROOT as ROOT
+from common.paths import PROJECT_ROOT as ROOT
+from common.paths import VAR_DIR, shared_dir
+from devtools.net import free_port
 from secure.mpc.settings import DEALER, LINK_SECRETS, env_for_role
 
-MODEL_CACHE = ROOT / "var" / "test-models"
+MODEL_CACHE = VAR_DIR / "test-models"
 # Benchmarks drive thousands of requests (and impostor verifies) through one key: no abuse budgets there.
 NO_ABUSE_LIMITS = {"PRIVFACE_RATE_VERIFY_PER_KEY": "0", "PRIVFACE_RATE_IDENTIFY_PER_KEY": "0",
                    "PRIVFACE_RATE_ENROLL_PER_KEY": "0", "PRIVFACE_SUBJECT_VERIFY_LIMIT": "0",
                    "PRIVFACE_LOCKOUT_FAILURES": "0"}
-
-
-def shared_dir() -> Path:
-    """Where the read-only data lives: PRIVFACE_SHARED_DIR, else ../shared beside the project."""
-    return Path(os.environ.get("PRIVFACE_SHARED_DIR", ROOT.parent / "shared")).resolve()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -94,7 +85,7 @@ class LocalStack:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run a `privface` subcommand against this stack's configuration."""
-        return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=self.env(),
+        return subprocess.run([sys.executable, "-m", "privface", *args], cwd=ROOT, env=self.env(),
                               capture_output=True, text=True, check=check, timeout=600)
 
     def start(self, timeout: float = 180.0) -> "LocalStack":
@@ -120,7 +111,7 @@ class LocalStack:
             args = ["gateway", "--port", str(self.port), "--workers", str(self.gateway_workers)]
             env = env_for_role(env, None)
         log = open(self.workdir / f"{name}.log", "ab")
-        self.processes[name] = subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=env,
+        self.processes[name] = subprocess.Popen([sys.executable, "-m", "privface", *args], cwd=ROOT, env=env,
                                                 stdout=log, stderr=subprocess.STDOUT)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:

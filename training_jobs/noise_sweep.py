@@ -1,6 +1,6 @@
 """Fold-1 accuracy of model v0 at several noise levels: the measurement behind the default ε.
 
-    python -m inference.noise_sweep [--preset dct8-v0] [--epsilons none,512,256,128,64,32] [--max-pairs 600] [--seed 0]
+    python -m training_jobs.noise_sweep [--preset dct8-v0] [--epsilons none,512,256,128,64,32] [--max-pairs 600] [--seed 0]
 
 Prints a markdown table (ε per coefficient, Laplace scale in units of the channel std, ε per image,
 accuracy) for docs/models/<version>.md.

