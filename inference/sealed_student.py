@@ -57,13 +57,13 @@ class SealedCnn(nn.Module):
 
     def forward(self, planes: torch.Tensor) -> torch.Tensor:
         x = self.features(self.input_norm(planes))
-        return self.embed_norm(self.embed(torch.flatten(x, 1)))
+        embedding: torch.Tensor = self.embed_norm(self.embed(torch.flatten(x, 1)))
+        return embedding
 
     def activation_count(self, height: int = 14, width: int = 14) -> int:
         """Elements that pass through a non-linearity per image: what the MPC cost scales with."""
         count, h, w = 0, height, width
-        for block in self.features:
-            conv = block[0]
+        for conv in (m for m in self.features.modules() if isinstance(m, nn.Conv2d)):
             h, w = (h + 2 - 3) // conv.stride[0] + 1, (w + 2 - 3) // conv.stride[1] + 1
             count += conv.out_channels * h * w
         return count
