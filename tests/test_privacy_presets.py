@@ -194,3 +194,19 @@ def test_tenants_choose_a_preset_and_each_is_served_by_its_own_model(preset_stac
     matched = verify(strict, subject, face).json()
     assert matched["match"] is True and matched["model_version"] == ready["presets"]["strict"]
     assert verify(strict, subject, stranger).json()["match"] is False
+
+
+CARDS = {"v1-accurate": "gpu-v0", "v1-balanced": "gpu-low10", "v1-strict": "gpu-low21"}
+
+
+@pytest.mark.skipif(not BUNDLED.is_dir(), reason="no bundled models in this checkout")
+@pytest.mark.parametrize("version", sorted(CARDS))
+def test_each_bundled_model_has_a_card_generated_from_its_measured_figures(version):
+    """The committed card is exactly what training_jobs.model_card renders from model.json, the training config
+    and the attack results: a figure changed in one place and not the other fails here."""
+    from training_jobs.model_card import render
+    from training_jobs.train import load_config
+    root = PROJECT_ROOT
+    expected = render(ModelMetadata.load(BUNDLED / version), load_config(root / "training_jobs" / "configs" /
+                      f"{CARDS[version]}.yaml"), json.loads((root / "docs" / "attacks" / "results.json").read_text()))
+    assert (root / "docs" / "models" / f"card-{version}.md").read_text() == expected

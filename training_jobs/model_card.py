@@ -67,7 +67,8 @@ def render(meta: ModelMetadata, config: dict, attacks: list[dict]) -> str:
              f"± {pct(verification.get('accuracy_std'))} (leave-one-fold-out threshold), TAR@FAR 1e-3 "
              f"{pct(tars.get('0.001', {}).get('tar'))}, TAR@FAR 1e-4 {pct(tars.get('0.0001', {}).get('tar'))} "
              f"(FAR resolution {tars.get('far_resolution', 0):.1e}: 1e-4 is below what 1,500 impostor pairs "
-             f"resolve), 1:N rank-1 {pct(heldout.get('rank1'))} ({heldout.get('num_gallery')} identities).", "",
+             f"resolve), 1:N rank-1 {pct(heldout.get('rank1'))} ({heldout.get('num_gallery')} identities)."
+             + (f" ROC/DET: `{config['eval']['plots_dir']}/`." if config["eval"].get("plots_dir") else ""), "",
              "## Operating points (impostors of people in no View-2 fold)",
              f"- Verify: served threshold {meta.threshold:.3f} = false-match rate 1e-3 on the calibration impostors."]
     if curve is not None:
