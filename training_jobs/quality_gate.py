@@ -1,16 +1,18 @@
 """Fit and measure the feature quality gate (`inference/quality_gate.py`, docs/quality_gate.md).
 
-    python -m training_jobs.quality_gate fit [--epsilon 64] [--out inference/transforms/quality_gate.json]
-    python -m training_jobs.quality_gate evaluate [--epsilon 64] [--out docs/results/quality_gate.json]
+    python -m training_jobs.quality_gate fit [--epsilon 64] [--gates inference/transforms/quality_gate.json]
+    python -m training_jobs.quality_gate evaluate [--epsilon 64] [--gates ...] [--out docs/results/quality_gate.json]
 
-Fit (per preset of `inference.transform.PRESETS`): faces = every image of LFW identities in none of View-2 folds
-6-10 (`training_jobs.datasets.make_split`), split by identity into a fit part (4/5) and a calibration part (1/5);
-non-faces = the FIT_KINDS below, drawn with seed 1. A class-balanced, L2-regularised logistic regression is fitted
-on the fit part; the threshold is set on the calibration faces (see `threshold_from`).
+Fit (per preset of `inference.transform.PRESETS`): faces = (a) the stored aligned images of every LFW identity in
+none of View-2 folds 6-10 (`training_jobs.datasets.make_split`) and (b) raw LFW fold-1 photos aligned the SDK's way
+(`realigned`), each split by identity into fit and calibration parts, half of the fit faces with a capture jitter;
+non-faces = the kinds of `fit_non_faces`, drawn with seed 1. A class-balanced, L2-regularised logistic regression is fitted on
+the fit parts; the threshold is set on the calibration parts (see `threshold_from`).
 
-Evaluate: faces = every image of every identity named in folds 6-10 (none used in fitting); non-faces = fresh draws
-(seed 2) of the issue's 83 inputs and of HELD_OUT_KINDS, kinds never used in fitting, some built from held-out
-faces. Both run the SDK's transform (`TransformSpec.apply`, Laplace noise at the served ε, numpy noise seeded).
+Evaluate: faces = every image of every identity named in folds 6-10 (none used in fitting) and the raw fold-1
+photos held out of the fit (the SDK-aligned domain check); non-faces = fresh draws (seed 2) of the issue's 83 inputs
+and of kinds never used in fitting, some built from held-out faces. Both run the SDK's transform
+(`TransformSpec.apply`, Laplace noise at the served ε, numpy noise seeded). docs/quality_gate.md has the figures.
 """
 from __future__ import annotations
 
@@ -253,7 +255,7 @@ def face_summaries(lfw: Path, images: list[str], spec: TransformSpec, seed: int,
 
 
 def fit_non_faces(spec: TransformSpec, rng: np.random.Generator, n: int = PER_KIND) -> dict[str, np.ndarray]:
-    """The FIT_KINDS: features of every synthetic non-face kind used to fit, n each.
+    """Features of every synthetic non-face kind used to fit, n each (all-zero features: one).
 
     Not among them: non-faces with a face's statistics in the wrong places (block-shuffled or rolled faces). Tried:
     the fit cannot tell those from faces with these features, and the face threshold then drops until a third
@@ -266,9 +268,6 @@ def fit_non_faces(spec: TransformSpec, rng: np.random.Generator, n: int = PER_KI
     out["noise-features"] = noise_features(rng, n, spec)
     return out
 
-
-FIT_KINDS = ("grey", "uniform-noise", "gaussian-noise", "gradient", "blurred-noise", "pink-noise", "zeros",
-             "constant", "noise-features")
 
 
 def bucket(path: str, parts: int) -> int:
