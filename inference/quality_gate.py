@@ -65,14 +65,14 @@ def noise_variance(spec: TransformSpec) -> float:
 
 def normalised(features: np.ndarray, spec: TransformSpec) -> np.ndarray:
     """Features [..., K, 14, 14] divided by each channel's face std (float64)."""
-    return np.asarray(features, dtype=np.float64) / np.asarray(spec.channel_std)[:, None, None]
+    return np.asarray(np.asarray(features, dtype=np.float64) / np.asarray(spec.channel_std)[:, None, None])
 
 
 def log_layout(z: np.ndarray, spec: TransformSpec) -> np.ndarray:
     """Log mean energy per block of the lower half of the luma bands, [..., 14, 14]: where in the face the detail
     is. The lower bands carry the face's structure; camera noise, relative to a face, lives in the upper ones."""
     lower = np.concatenate(luma_bands(spec)[:LUMA_BANDS // 2])
-    return np.log((z[..., lower, :, :] ** 2).mean(axis=-3) + ENERGY_FLOOR)
+    return np.asarray(np.log((z[..., lower, :, :] ** 2).mean(axis=-3) + ENERGY_FLOOR))
 
 
 def spectral_evidence(features: np.ndarray, spec: TransformSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +99,7 @@ def correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pearson correlation along the last axis (0 when either side is constant)."""
     a = a - a.mean(axis=-1, keepdims=True)
     b = b - b.mean(axis=-1, keepdims=True)
-    return (a * b).sum(axis=-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
+    return np.asarray((a * b).sum(axis=-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12))
 
 
 def with_layout(spectral: np.ndarray, layout: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -128,7 +128,7 @@ class QualityGate:
     def logit(self, features: np.ndarray, spec: TransformSpec) -> np.ndarray:
         """Face score (log-odds) of one array [K,14,14] (a float) or of many [N,K,14,14] ([N])."""
         evidence = face_evidence(features, spec, self.layout_reference)
-        return ((evidence - self.mean) / self.scale) @ self.weights + self.bias
+        return np.asarray(((evidence - self.mean) / self.scale) @ self.weights + self.bias)
 
     def is_face(self, features: np.ndarray, spec: TransformSpec) -> bool:
         return bool(self.logit(features, spec) >= self.threshold)
