@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.problems import (PROBLEM_BASE, PROBLEM_MEDIA_TYPE, Problem, forbidden, invalid_features, not_found,
                           unauthorized, unavailable)
 from app.services.abuse import subject_locked, too_many_requests
+from app.services.features import no_face
 
 STATIC_URL = "/static/docs"
 STATIC_DIR = Path(fastapi_offline.__file__).parent / "static"
@@ -58,6 +59,7 @@ RATE_LIMITED = too_many_requests("the API key's verify budget", 12)
 SUBJECT_NOT_FOUND = not_found("subject", SUBJECT)
 BAD_SHAPE = invalid_features("shape [3, 14, 14] does not match the transform's (73, 14, 14)", "invalid-shape")
 UNKNOWN_TRANSFORM = invalid_features("transform dct8-nope/0000000000000000 is not served", "unknown-transform")
+NO_FACE = no_face(-41.3, 2.1)  # e.g. the features of a grey frame (PRIVFACE_QUALITY_GATE, docs/quality_gate.md)
 REPLAYED = Problem(409, "replayed-nonce", "Payload already used",
                    "This feature payload's nonce was seen before; make a fresh payload.")
 NOT_ENROLLED = Problem(409, "subject-not-enrolled", "No template to compare with",

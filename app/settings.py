@@ -48,6 +48,10 @@ class GatewaySettings(BaseSettings):
         0.01, gt=0, lt=1, description="Target false-positive identification rate per identify search (an unenrolled "
                                       "person matched to someone): the identify threshold rises with the gallery "
                                       "size to hold it (inference/operating_points.py, docs/security.md).")
+    quality_gate: bool = Field(
+        True, description="Refuse features that carry no face (flat, empty, noise, blur) with a 422 "
+                          "no-face-in-features before embedding them; a quality check, not a security boundary "
+                          "(docs/quality_gate.md). false: every valid payload is embedded and matched.")
     max_body_bytes: int = Field(256 * 1024, description="Largest accepted request body.")
     default_epsilon_max: float | None = Field(None, description="Default tenant ceiling on the per-image ε (None: any).")
     replay_window_s: int = Field(

@@ -148,6 +148,30 @@ def test_non_finite_or_out_of_range_features(stack, keys, spec, subject, value, 
     assert table_counts(stack) == before
 
 
+@pytest.mark.parametrize("kind", ["all-zero features", "grey frame"])
+def test_features_without_a_face_are_refused_and_change_nothing(stack, keys, spec, subject, kind):
+    """Issue 10: non-face inputs matched someone. Enroll, verify and identify refuse them with a 422 before anything
+    is embedded or stored, and before the nonce is spent: the same body is refused the same way again (not 409)."""
+    body = raw_payload(spec, np.zeros(spec.shape, np.float32)) if kind == "all-zero features" else \
+        payload(spec, np.full((112, 112, 3), 128, np.uint8))
+    before = table_counts(stack)
+    for path, extra in ((f"/v1/subjects/{subject}/enrollments", {}), ("/v1/verify", {"subject_id": subject}),
+                        ("/v1/identify", {})):
+        for _ in range(2):
+            response = httpx.post(stack.url + path, json={"features": body, **extra}, headers=auth(keys["all"]),
+                                  timeout=60)
+            assert_problem(response, 422, "no-face-in-features")
+            assert "no face" in response.json()["detail"]
+    assert table_counts(stack) == before
+
+
+def test_openapi_documents_the_no_face_422(stack):
+    paths = httpx.get(stack.url + "/openapi.json").json()["paths"]
+    for path in ("/v1/subjects/{subject_id}/enrollments", "/v1/verify", "/v1/identify"):
+        examples = paths[path]["post"]["responses"]["422"]["content"]["application/problem+json"]["examples"]
+        assert examples["no-face-in-features"]["value"]["type"].endswith("/no-face-in-features"), path
+
+
 def test_oversized_body(stack, keys, subject):
     before = table_counts(stack)
     response = httpx.post(f"{stack.url}/v1/subjects/{subject}/enrollments", headers=auth(keys["all"]),

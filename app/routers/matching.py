@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends
 
 from app.apidocs import (BAD_SHAPE, LOCKED, NOT_ENROLLED, RATE_LIMITED, REPLAYED, SUBJECT_NOT_FOUND, UNAVAILABLE,
                          UNKNOWN_TRANSFORM, auth_errors, body_errors, problem_response)
+from app.apidocs import NO_FACE
 from app.auth import Principal
 from app.context import GatewayContext
 from app.deps import get_context, require_scope
@@ -15,7 +16,7 @@ from app.services import biometrics
 from app.services.audit import audit
 
 router = APIRouter(prefix="/v1", tags=["matching"])
-ERRORS = {**auth_errors("verify"), **body_errors(BAD_SHAPE, UNKNOWN_TRANSFORM),
+ERRORS = {**auth_errors("verify"), **body_errors(BAD_SHAPE, UNKNOWN_TRANSFORM, NO_FACE),
           409: problem_response("Replayed nonce, or subject without templates", REPLAYED, NOT_ENROLLED),
           429: problem_response("Budget of the API key (or of the subject) spent; see Retry-After", RATE_LIMITED),
           503: problem_response("A party is down or timed out", UNAVAILABLE)}

@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 
 from app.apidocs import (BAD_SHAPE, RATE_LIMITED, REPLAYED, SUBJECT_NOT_FOUND, UNAVAILABLE, UNKNOWN_TRANSFORM,
                          auth_errors, body_errors, problem_response)
+from app.apidocs import NO_FACE
 from app.auth import Principal
 from app.context import GatewayContext
 from app.db import session_scope
@@ -63,7 +64,7 @@ async def delete_subject(subject_id: str, principal: Principal = Depends(require
 
 
 @router.post("/{subject_id}/enrollments", status_code=status.HTTP_201_CREATED, response_model=EnrollmentOut,
-             responses={**ERRORS, **body_errors(BAD_SHAPE, UNKNOWN_TRANSFORM),
+             responses={**ERRORS, **body_errors(BAD_SHAPE, UNKNOWN_TRANSFORM, NO_FACE),
                         409: problem_response("Replayed nonce", REPLAYED),
                         429: problem_response("The API key's enroll budget is spent; see Retry-After", RATE_LIMITED),
                         503: problem_response("A party is down; nothing was kept", UNAVAILABLE)})

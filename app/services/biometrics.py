@@ -51,7 +51,7 @@ async def template_from_payload(ctx: GatewayContext, principal: Principal, paylo
     """Validate everything about the payload; returns (active model, features, protected fixed-point template)."""
     model = model_for(ctx, principal, payload)
     check_epsilon(payload, model.spec, principal.epsilon_max)
-    features = decode_features(payload, model.spec)
+    features = decode_features(payload, model.spec, ctx.settings.quality_gate)
     ctx.replay.admit(payload)
     return model, features, await protected_template(model, features, principal, ctx.settings.secret_key)
 
