@@ -19,11 +19,21 @@ from pathlib import Path
 from inference.transform import PRESETS
 
 
+def run_config(run_dir: Path) -> dict:
+    """The run's config: config.json when the run trained here, else the one inside its checkpoint (a run
+    trained on a lent device comes back as a checkpoint only)."""
+    if (run_dir / "config.json").exists():
+        return dict(json.loads((run_dir / "config.json").read_text()))
+    import torch
+    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    return dict(state["config"])
+
+
 def run_summary(run_dir: Path) -> dict:
     """The figures of one training run's final held-out evaluation."""
     report = json.loads((Path(run_dir) / "final.json").read_text())
     final = report["final"]
-    config = json.loads((Path(run_dir) / "config.json").read_text())
+    config = run_config(Path(run_dir))
     tars = final["tar_at_far"]
     return {"run": report["name"], "transform": config["transform"]["preset"],
             "epsilon": config["transform"].get("epsilon"), "model": config["model"].get("kind", "frequency-mobilefacenet"),
