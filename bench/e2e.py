@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from app.auth import tenant_template_key
+from app.services.model_registry import gallery_policy
 from common.paths import shared_dir
 from devtools.localstack import MODEL_CACHE, NO_ABUSE_LIMITS, LocalStack
 from client.detect import FaceDetector
@@ -75,6 +77,13 @@ class Plaintext:
         self.meta = ModelMetadata.load(stack.model_dir / version)
         self.embedder = OrtEmbedder(stack.model_dir / version / self.meta.onnx_file, prefer_gpu=False)
         self.secret, self.version = stack.secret, version
+        # identify runs at the model's schedule for the stack's FPIR, as the gateway registers it per gallery
+        fpir = float(stack.env()["PRIVFACE_IDENTIFY_FPIR"])
+        self.policy = gallery_policy(self.meta, self.meta.threshold, fpir)
+
+    @property
+    def identify_threshold(self) -> Callable[[int], float]:
+        return self.policy.identify_threshold
 
     def template(self, payload: dict, tenant: str) -> np.ndarray:
         features = decode_features(payload).astype(np.float32)[None]
@@ -136,7 +145,7 @@ def run(stack: LocalStack, raw: Path, photos: list[str], pairs: list[tuple[str, 
     plain = Plaintext(stack, version)
     meta_threshold = plain.meta.threshold
     verify = verification(sdk["pairs"], plain, payloads, pairs, meta_threshold)
-    ident = identification(sdk["gallery"], plain, payloads, meta_threshold)
+    ident = identification(sdk["gallery"], plain, payloads, plain.identify_threshold)
     return {"model_version": version, "preset": preset, "threshold": meta_threshold, "transform_id": spec.transform_id,
             "epsilon_per_image": spec.epsilon_per_image, "photos": len(photos), "detection_failures": failures,
             **verify, **ident}
@@ -164,7 +173,8 @@ def verification(client: PrivfaceClient, plain: Plaintext, payloads: dict, pairs
             "disagreements": [{"pair": r["pair"], "margin": r["margin"]} for r in disagree]}
 
 
-def identification(client: PrivfaceClient, plain: Plaintext, payloads: dict, threshold: float) -> dict:
+def identification(client: PrivfaceClient, plain: Plaintext, payloads: dict,
+                   threshold_at: Callable[[int], float]) -> dict:
     by_identity = defaultdict(list)
     for name in sorted(payloads):
         by_identity[name.split("/")[0]].append(name)
@@ -177,6 +187,7 @@ def identification(client: PrivfaceClient, plain: Plaintext, payloads: dict, thr
         templates[identity] = plain.template(payloads[name], "gallery")
     order = sorted(templates)
     matrix = np.stack([templates[i] for i in order])
+    threshold = threshold_at(len(order))
     probes = [(identity, name) for identity, names in by_identity.items() for name in names[1:]]
     rows = []
     for identity, name in tqdm(probes, desc="1:N identify (MPC)"):
@@ -189,7 +200,7 @@ def identification(client: PrivfaceClient, plain: Plaintext, payloads: dict, thr
         rows.append({"probe": name, "truth": identity, "mpc": subjects.get(found), "plain": plain_found,
                      "plain_rank1": order[best], "margin": float(scores[best] - threshold), "seconds": elapsed})
     n = len(rows)
-    return {"gallery_size": len(gallery), "identify_probes": n,
+    return {"gallery_size": len(gallery), "identify_probes": n, "identify_threshold": threshold,
             "identify_rank1_open_plain": sum(r["plain_rank1"] == r["truth"] for r in rows) / max(n, 1),
             "identify_correct_at_threshold_mpc": sum(r["mpc"] == r["truth"] for r in rows) / max(n, 1),
             "identify_correct_at_threshold_plain": sum(r["plain"] == r["truth"] for r in rows) / max(n, 1),
