@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from secure.mpc.harness import Cluster, encode_trunc, free_port, split
-from secure.mpc.protocol import threshold_raw
+from secure.mpc.protocols.base import threshold_raw
 from secure.mpc.settings import MpcSettings
 from secure.mpc.sharding import shard_of
 

@@ -26,9 +26,9 @@ import time
 def _party(rank: int) -> int:
     import numpy as np
 
-    from .engine import MatchJob, MpcUnavailable
-    from .settings import MpcSettings
-    from .sharding import make_engine
+    from secure.mpc.engine import MatchJob, MpcUnavailable
+    from secure.mpc.settings import MpcSettings
+    from secure.mpc.sharding import make_engine
 
     engine = make_engine(rank, MpcSettings())
     engine.start()
@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     if args.what == "party":
         return _party(args.rank)
-    from .settings import MpcSettings
-    from .sharding import run_dealers
+    from secure.mpc.settings import MpcSettings
+    from secure.mpc.sharding import run_dealers
 
     run_dealers(MpcSettings())
     return 0

@@ -121,15 +121,22 @@ class Cluster:
         if proc is not None:
             proc.kill()
 
-    def status(self, rank: int, timeout: float = 10) -> dict:
-        return self.parties[rank].send({"cmd": "status"}).get(timeout=timeout)["status"]  # type: ignore[union-attr]
+    def party(self, rank: int) -> _Proc:
+        proc = self.parties[rank]
+        if proc is None:
+            raise RuntimeError(f"party {rank} was never started")
+        return proc
+
+    def status(self, rank: int, timeout: float = 10) -> dict[str, Any]:
+        reply: dict[str, Any] = self.party(rank).send({"cmd": "status"}).get(timeout=timeout)["status"]
+        return reply
 
     def forget_rows(self, rank: int, timeout: float = 10) -> None:
         """Party ``rank`` drops its copies of gallery rows, as after a committed delete."""
-        self.parties[rank].send({"cmd": "forget"}).get(timeout=timeout)  # type: ignore[union-attr]
+        self.party(rank).send({"cmd": "forget"}).get(timeout=timeout)
 
     def wait_connected(self, timeout: float = 60) -> None:
-        qs = [p.send({"cmd": "wait", "timeout": timeout}) for p in self.parties]  # type: ignore[union-attr]
+        qs = [self.party(rank).send({"cmd": "wait", "timeout": timeout}) for rank in (0, 1)]
         for rank, q in enumerate(qs):
             msg = q.get(timeout=timeout + 10)
             if not msg["connected"]:
@@ -149,7 +156,7 @@ class Cluster:
 
     def submit_async(self, rank: int, job_id: str, kind: str, npz: Path, threshold: float,
                      timeout: float = 60, gallery_id: str | None = None) -> queue.Queue:
-        return self.parties[rank].send({"cmd": "submit", "job_id": job_id, "kind": kind,  # type: ignore[union-attr]
+        return self.party(rank).send({"cmd": "submit", "job_id": job_id, "kind": kind,
                                         "npz": str(npz), "threshold": threshold, "timeout": timeout,
                                         "gallery_id": gallery_id})
 
@@ -189,7 +196,7 @@ class Cluster:
                 np.savez(path, query_share=q, gallery_share=g, labels=np.asarray(labels, dtype=np.int64))
                 paths.append(path)
             jobs.append((uuid.uuid4().hex, paths))
-        loads = [self.parties[r].send({"cmd": "load", "npz": str(paths[r])})  # type: ignore[union-attr]
+        loads = [self.party(r).send({"cmd": "load", "npz": str(paths[r])})
                  for _, paths in jobs for r in (0, 1)]
         for q in loads:  # both parties hold the arrays before either timer starts
             q.get(timeout=timeout + 60)

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from .engine import MatchJob, MpcEngine, MpcUnavailable
-from .settings import MpcSettings
+from secure.mpc.engine import MatchJob, MpcEngine, MpcUnavailable
+from secure.mpc.settings import MpcSettings
 
 
 def shard_of(labels: np.ndarray, shards: int) -> np.ndarray:
@@ -150,7 +150,7 @@ def make_engine(rank: int, settings: MpcSettings) -> MpcEngine | ShardedEngine:
 
 def run_dealers(settings: MpcSettings, stop_event: threading.Event | None = None) -> None:
     """The dealer of every shard in this process (one supervisor thread each); blocks like ``run_dealer``."""
-    from .dealer import run_dealer
+    from secure.mpc.dealer.supervisor import run_dealer
 
     if settings.shards == 1:
         run_dealer(settings, stop_event)

@@ -26,10 +26,12 @@ import os
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
-from . import dealer_client
-from .ring_matmul import MIN_BATCH, float_matmul, to_float_rows
+from secure.mpc.dealer import client as dealer_client
+from secure.mpc.primitives.ring_matmul import MIN_BATCH, float_matmul, to_float_rows
+from secure.mpc.protocols.base import Comparison, JobInputs, ScoreProtocol
 
 SETUP_CHUNK = 1 << 16  # gallery rows masked per step of the set-up (bounds its temporary memory)
 
@@ -257,6 +259,42 @@ def party_scores(crypten: Any, cache: PartyGalleryCache, query: torch.Tensor, ga
     cache.timings = {"score_cache_s": t1 - t0, "score_request_s": t2 - t1, "score_open_s": t3 - t2,
                      "score_local_s": t4 - t3, "score_dealer_wait_s": time.perf_counter() - t4}
     return out
+
+
+class FixedGalleryScores(ScoreProtocol):
+    """The fixed-gallery score step of identify jobs (``PRIVFACE_MPC_PROTOCOL=fixed-gallery``, the default, with TTP).
+
+    ``mod38``: the comparison reads the scores modulo 2^38 only (dealer-bits), so batches may use ``ring_matmul``.
+    """
+
+    name = "fixed-gallery"
+
+    def __init__(self, crypten: Any, rank: int, device: str = "cpu", mod38: bool = False) -> None:
+        self.crypten, self.mod38 = crypten, mod38
+        self.cache = PartyGalleryCache(rank, device=device)
+        # True once a job has keyed the cache on the CURRENT resident snapshot (a verify job may have made another
+        # snapshot resident in between): only then may the row keys be reused
+        self.rows_current = False
+
+    def scores(self, job: JobInputs, comparison: Comparison) -> torch.Tensor:
+        query = torch.from_numpy(np.ascontiguousarray(job.query, dtype=np.int64).copy())
+        gallery = torch.from_numpy(np.ascontiguousarray(job.gallery, dtype=np.int64))  # only read
+        labels = torch.as_tensor(np.asarray(job.labels, dtype=np.int64).copy())
+        out = party_scores(self.crypten, self.cache, query, gallery, labels, mod38=self.mod38,
+                           prefetch=comparison.prefetch(), after_dealer=comparison.request,
+                           same_rows=job.resident and self.rows_current)
+        self.rows_current = True
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        return {"setup_rows": int(self.cache.setup_rows), **self.cache.timings}
+
+    def new_snapshot(self) -> None:
+        self.rows_current = False
+
+    def forget(self) -> None:
+        self.rows_current = False
+        self.cache.forget()
 
 
 # ----------------------------------------------------------------------------------- dealer side

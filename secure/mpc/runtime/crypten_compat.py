@@ -31,14 +31,14 @@ def _install_shims() -> None:
 def load_crypten() -> ModuleType:
     """Import CrypTen with the compatibility shims installed; returns the ``crypten`` module."""
     if "crypten" in sys.modules:
-        from . import crypten_rng
+        from secure.mpc.runtime import crypten_rng
 
         crypten_rng.install()
         return sys.modules["crypten"]
     _install_shims()
     import crypten as _crypten  # noqa: PLC0415  (the one sanctioned import)
 
-    from . import crypten_rng
+    from secure.mpc.runtime import crypten_rng
 
     crypten_rng.install()  # CrypTen's correlated randomness from AES-CTR, never torch generators
     return _crypten
