@@ -148,7 +148,7 @@ class MpcEngine:
         self._last_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._stats: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self._stats: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         # the gallery snapshot the current worker already holds: an identical snapshot is not sent again
         self._send_lock = threading.Lock()
         self._last_gallery: np.ndarray | None = None
@@ -183,7 +183,7 @@ class MpcEngine:
         if self._thread is not None:
             self._thread.join(5.0)
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         with self._lock:
             return {"connected": self._connected, "generation": self._generation,
                     "provider": self.settings.provider, "last_error": self._last_error}
@@ -200,7 +200,7 @@ class MpcEngine:
             if inq is not None:
                 inq.put(ForgetRows())
 
-    def job_stats(self, job_id: str) -> dict | None:
+    def job_stats(self, job_id: str) -> dict[str, Any] | None:
         """Traffic/timing of a finished job at this party (bytes, rounds, comm_s, mpc_s, protocol), if known."""
         with self._lock:
             return self._stats.get(job_id)
@@ -212,7 +212,7 @@ class MpcEngine:
             if self.status()["connected"]:
                 return True
             time.sleep(0.05)
-        return self.status()["connected"]
+        return bool(self.status()["connected"])
 
     def submit(self, job: MatchJob, timeout: float) -> Output:
         """Run ``job`` jointly with the peer party; block; return THIS party's int64 share of the output
@@ -245,8 +245,8 @@ class MpcEngine:
             if pending.event.is_set() and pending.error is None and pending.share is not None:
                 return pending.share  # finished in the race window
             raise MpcUnavailable(f"job not run within {timeout:g}s")
-        if pending.error is not None:
-            raise MpcUnavailable(pending.error)
+        if pending.error is not None or pending.share is None:
+            raise MpcUnavailable(pending.error or "the worker answered no share")
         return pending.share
 
     def _worker_job(self, job: MatchJob, q: np.ndarray, g: np.ndarray, lab: np.ndarray, inq: Any) -> WorkerJob:
@@ -260,7 +260,8 @@ class MpcEngine:
         last = self._last_gallery
         if (last is not None and self._last_gallery_inq is inq and last.shape == g.shape
                 and ((job.gallery_id is not None and job.gallery_id == self._last_gallery_id)
-                     or (np.array_equal(last, g) and np.array_equal(self._last_labels, lab)))):
+                     or (np.array_equal(last, g) and self._last_labels is not None
+                         and np.array_equal(self._last_labels, lab)))):
             return base
         g = np.array(g, copy=True)
         self._last_gallery, self._last_labels, self._last_gallery_inq = g, lab, inq

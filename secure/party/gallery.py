@@ -48,7 +48,7 @@ class _Rows:
     max_del: int = 0
     purged_through: int = 0
     generation: int = 0
-    cache: tuple | None = None  # (generation, upto_seq, shares, labels)
+    cache: tuple[int, int, np.ndarray, np.ndarray] | None = None  # (generation, upto_seq, shares, labels)
 
     def __post_init__(self) -> None:
         if self.capacity == 0:

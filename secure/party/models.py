@@ -54,7 +54,7 @@ class GalleryRow(PartyBase):
     __tablename__ = "galleries"
     gallery: Mapped[str] = mapped_column("model_version", String(200), primary_key=True)
     threshold: Mapped[float] = mapped_column(Float(precision=53))
-    identify_thresholds: Mapped[list | None] = mapped_column(JSON, nullable=True)  # [[max_n, threshold], ...]
+    identify_thresholds: Mapped[list[list[float]] | None] = mapped_column(JSON, nullable=True)  # [[max_n, threshold], ...]
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -20,6 +20,7 @@ import json
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from sqlalchemy import select
@@ -37,7 +38,7 @@ class OpError(Exception):
     status = 400
     slug = "op-error"
 
-    def __init__(self, detail: str, **extra: object) -> None:
+    def __init__(self, detail: str, **extra: Any) -> None:
         super().__init__(detail)
         self.detail = detail
         self.extra = extra
@@ -127,13 +128,13 @@ class OpLog:
                 if state == "prepared":
                     spec = OpSpec(seq, kind, mv, tseq, tuple(tseqs or ()), payload)
                     self._pending[seq] = spec
-                    if kind == "store":
+                    if kind == "store" and tseq is not None:
                         self._pending_templates[tseq] = seq
                 elif state == "committed":
                     self._committed.append(seq)
             self._committed.sort()
             purged: dict[str, tuple[int, int]] = {}
-            buf: dict[str, list] = {}
+            buf: dict[str, list[tuple[int, int, bytes]]] = {}
 
             def flush(mv: str) -> None:
                 rows = buf.pop(mv, [])

@@ -90,10 +90,15 @@ def _make_dealer_class() -> type[Any]:
             from crypten.common import serial
 
             size = torch.tensor(1, dtype=torch.int32)
-            dist.irecv(size, src=0, group=self.ttp_group).wait(self.timeout)
+            self._wait(dist.irecv(size, src=0, group=self.ttp_group))
             data = torch.empty(size=(int(size),), dtype=torch.int8)
-            dist.irecv(data, src=0, group=self.ttp_group).wait(self.timeout)
+            self._wait(dist.irecv(data, src=0, group=self.ttp_group))
             return serial.restricted_loads(data.numpy().tobytes())
+
+        def _wait(self, work: Any) -> None:
+            if work is None:  # only outside the TTP group, which the dealer is always in
+                raise RuntimeError("the dealer is not in the TTP group")
+            work.wait(self.timeout)
 
         def serve(self) -> None:
             ttp_rank = self.comm.get_ttp_rank()

@@ -58,9 +58,9 @@ class PeerChannel:
 
         out = torch.from_numpy(send.reshape(-1).view(np.int64))
         recv = torch.empty_like(out)
-        reqs = [dist.isend(out, self.peer), dist.irecv(recv, self.peer)]
-        for req in reqs:
-            req.wait()
+        for req in (dist.isend(out, self.peer), dist.irecv(recv, self.peer)):
+            if req is not None:  # None only outside the sender's or receiver's group, never between two parties
+                req.wait()
         return recv.numpy().view(np.uint64).reshape(send.shape)
 
 
@@ -90,7 +90,8 @@ def compare_ge_zero(ch: PeerChannel, y: np.ndarray, mat: CmpMaterial) -> np.ndar
             new_p = np.concatenate([new_p, p[k - 1:k]])
         g, p = new_g, new_p
     top = mat.r_bits[LOW_BITS] ^ g[0]
-    return top ^ cs[LOW_BITS] if rank == 0 else top
+    out: np.ndarray = top ^ cs[LOW_BITS] if rank == 0 else top
+    return out
 
 
 def _first_level(rank: int, nc: np.ndarray, r: np.ndarray, pair_and: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -56,7 +56,8 @@ class DealerBitsComparison(Comparison):
         if self.rank != 0:
             return None
         self.request()
-        return dealer_client.receive_result().numpy().view(np.uint64)
+        corrections: np.ndarray = dealer_client.receive_result().numpy().view(np.uint64)
+        return corrections
 
     def finish(self, scores: Any) -> Output:
         t0 = time.perf_counter()

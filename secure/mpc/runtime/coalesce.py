@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import replace
+from typing import cast
 
 import numpy as np
 
@@ -45,7 +46,9 @@ def coalescible(first: WorkerJob, other: WorkerJob) -> bool:
         return False
     if other.gallery is not first.gallery or other.threshold != first.threshold:
         return False
-    return other.labels is first.labels or bool(np.array_equal(other.labels, first.labels))
+    if other.labels is first.labels:
+        return True
+    return other.labels is not None and first.labels is not None and bool(np.array_equal(other.labels, first.labels))
 
 
 def combined_job(group: list[WorkerJob]) -> WorkerJob:
@@ -64,6 +67,7 @@ def split_output(job: WorkerJob, share: Output) -> list[tuple[str, Output]]:
     if not isinstance(share, list):
         raise RuntimeError("a coalesced job answers one share per member")
     q = len(job.members)
+    flat = cast(list[int], share)  # a batch's output is flat: Q shares, or Q scores then Q labels
     if job.kind == "identify-best":
-        return [(job_id, [share[i], share[q + i]]) for i, job_id in enumerate(job.members)]  # type: ignore[list-item]
-    return list(zip(job.members, share))
+        return [(job_id, [flat[i], flat[q + i]]) for i, job_id in enumerate(job.members)]
+    return [(job_id, value) for job_id, value in zip(job.members, flat)]

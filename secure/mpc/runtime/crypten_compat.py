@@ -1,9 +1,10 @@
-"""The only place that imports CrypTen (0.4.1) — with the shims it needs on torch >= 2.9.
+"""How every process loads CrypTen (0.4.1): with the shims it needs on torch >= 2.9 and our randomness installed.
 
 CrypTen imports ``torch.onnx._internal.registration``, which moved to
-``torch.onnx._internal.torchscript_exporter.registration``; an alias in ``sys.modules`` before the import
-fixes it. Use ``load_crypten()`` (or ``from secure.mpc.crypten_compat import crypten``) and never
-``import crypten`` directly. Loading also routes CrypTen's randomness through AES-CTR (``crypten_rng.py``).
+``torch.onnx._internal.torchscript_exporter.registration``; an alias in ``sys.modules`` before the import fixes it.
+Call ``load_crypten()`` before any other use of CrypTen: it installs the shims and routes CrypTen's randomness
+through AES-CTR (``crypten_rng.py``). Other modules (protocols, the dealer, ``crypten_rng``) import CrypTen or its
+submodules only in code that runs after it.
 """
 from __future__ import annotations
 
@@ -34,17 +35,19 @@ def load_crypten() -> ModuleType:
         from secure.mpc.runtime import crypten_rng
 
         crypten_rng.install()
-        return sys.modules["crypten"]
+        loaded: ModuleType = sys.modules["crypten"]
+        return loaded
     _install_shims()
     import crypten as _crypten  # noqa: PLC0415  (the one sanctioned import)
 
     from secure.mpc.runtime import crypten_rng
 
     crypten_rng.install()  # CrypTen's correlated randomness from AES-CTR, never torch generators
-    return _crypten
+    module: ModuleType = _crypten
+    return module
 
 
-def __getattr__(attr: str):  # lazy ``from secure.mpc.crypten_compat import crypten``
+def __getattr__(attr: str) -> ModuleType:  # lazy ``from secure.mpc.runtime.crypten_compat import crypten``
     if attr == "crypten":
         return load_crypten()
     raise AttributeError(attr)

@@ -42,7 +42,7 @@ def session_key() -> bytes:
     from crypten.mpc.provider.ttp_provider import TTPClient
 
     key = getattr(TTPClient.get(), "privface_session_key", None)
-    if key is None:
+    if not isinstance(key, bytes):
         raise RuntimeError("no dealer session key: CrypTen was initialised without the TTP provider")
     return key
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import json
+from abc import ABC, abstractmethod
 import queue
 import time
 from collections.abc import Callable
@@ -40,7 +41,7 @@ PROTOCOL_VERSION = 5  # 3: dealer-bits comparison; 4: public labels at level 1; 
 # authenticated X25519 session keys, the query gate (compare.query_ok)
 
 
-class Party:
+class Party(ABC):
     """One party's worker state: its queue of jobs, the resident gallery snapshot, its protocols and links."""
 
     def __init__(self, rank: int, settings: MpcSettings, protocol: MatchProtocol, runner: JobRunner, inq: Any,
@@ -135,6 +136,10 @@ class Party:
     def digest(self, job: WorkerJob) -> str:
         return digest_of(job, self.device)
 
+    @abstractmethod
+    def run(self, ping_dealer: Callable[[], None] | None = None) -> None:
+        """Serve jobs until stopped or until the session breaks (then raise)."""
+
     # -- running a job
     def run_job(self, job: WorkerJob) -> None:
         """Run ``job`` (both parties do, in lockstep) and report every job it answers. A failure inside the MPC ends
@@ -195,13 +200,13 @@ class Leader(Party):
                                "skipped by both")
         return True
 
-    def heartbeat(self, ping_dealer: Any) -> None:
+    def heartbeat(self, ping_dealer: Callable[[], None] | None) -> None:
         self.bcast({"t": "hb"})
         self.agree(True)  # a round trip: a frozen (not just dead) peer is caught by the gloo timeout
         if ping_dealer is not None:
             ping_dealer()
 
-    def run(self, ping_dealer: Any = None) -> None:
+    def run(self, ping_dealer: Callable[[], None] | None = None) -> None:
         last_hb = time.monotonic()
         alone_next = False  # the peer lacked a member of the last coalesced group: run its first job alone
         while not self.stopping:
@@ -262,7 +267,7 @@ class Follower(Party):
             while len(self.skipped) > 1024:
                 self.skipped.popitem(last=False)
 
-    def run(self, ping_dealer: Any = None) -> None:
+    def run(self, ping_dealer: Callable[[], None] | None = None) -> None:
         while not self.stopping:
             msg = self.bcast()  # raises after op_timeout_s without a word from party 0
             self.poll(0)

@@ -96,7 +96,9 @@ def init_crypten(rank: int, settings: MpcSettings) -> ModuleType:
 
     def init_process_group(backend: Any = None, init_method: Any = None, world_size: int = -1, rank: int = -1,
                            **kwargs: Any) -> Any:
-        store = dist.TCPStore(settings.master_addr, int(settings.master_port), world_size, rank == 0,
+        # torch's stubs do not re-export TCPStore from torch.distributed
+        store = dist.TCPStore(settings.master_addr, int(settings.master_port), world_size,  # type: ignore[attr-defined]
+                              rank == 0,
                               timeout=connect_timeout, wait_for_workers=False)
         return original(backend=backend, store=store, world_size=world_size, rank=rank, timeout=op_timeout)
 
