@@ -5,7 +5,7 @@ python bench/mpc_scale.py [--sizes 1000,10000,100000] [--d 128] [--reps 3] [--pr
 
 Protocols (``PROTOCOLS``): naive = CrypTen end to end (Beaver matmul + CrypTen's comparisons; the baseline);
 fixed-gallery = the fixed-gallery scores + CrypTen's comparisons (ablation); privface = fixed-gallery scores +
-the dealer-bits threshold/argmax (secure/mpc/compare.py), the service default.
+the dealer-bits threshold/argmax (secure/mpc/protocols/compare.py), the service default.
 
 Each protocol runs in its own local cluster (dealer + 2 parties, real processes, gloo on loopback, CPU).
 Per N the gallery is shared ONCE (as the party server does: shares are stored at enrollment) and every query
@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from devtools.mpc_cluster import Cluster, encode_trunc, split
-from secure.mpc.protocol import threshold_raw
+from secure.mpc.protocols.base import threshold_raw
 
 THRESHOLD = 0.5
 PROTOCOLS = {"naive": {"protocol": "naive", "compare": "crypten"},

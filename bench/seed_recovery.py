@@ -6,7 +6,7 @@ Old (CrypTen 0.4.1 TTP): the dealer draws each party's generator seed with ``tor
 Mersenne Twister; torch uses 32 bits of a seed, so party 0 searches dealer states for the one whose first draw is
 its own seed and reads party 1's seed as the second draw. Here the dealer's state is placed at random inside a
 reduced window of 2^window_bits states (the full attack is 2^32: hours on one core, minutes on a GPU).
-New (secure/mpc/crypten_rng.py): party 0's stream comes from its own X25519 agreement with the dealer; the same
+New (secure/mpc/runtime/crypten_rng.py): party 0's stream comes from its own X25519 agreement with the dealer; the same
 search, fed party 0's first draw, finds nothing, and party 1's masks are unrelated to party 0's view.
 Prints one JSON line per construction.
 """
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
                       "states_tried": tried, "seconds": round(elapsed, 1),
                       "full_2^32_core_hours": round(elapsed / tried * 2**32 / 3600, 1)}))
 
-    from secure.mpc import crypten_rng
+    from secure.mpc.runtime import crypten_rng
 
     k0, k1 = secrets.token_bytes(32), secrets.token_bytes(32)  # two independent X25519 session keys
     own = int(crypten_rng.generators_for(k0)[0].ring((1,))[0])

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 D = 128
-MODEL_VERSION = "attack-gallery"
+GALLERY = "attack-gallery"
 HONEST_THRESHOLD = 0.5
 SCALE_MAX = 64.0  # |c| bound of the scaled query: |c * t_j - 0.5| stays < 32 (the 2^38 comparison) for |t_j| < 0.49
 
@@ -169,7 +169,7 @@ class Attacker:
         q0, q1 = split(query_fixed)
         self.jobs += 1
         common = {"job_id": f"atk-{self.jobs}-{os.urandom(4).hex()}", "kind": "verify",
-                  "model_version": MODEL_VERSION, "upto_seq": 1, "template_seqs": [1], "timeout_s": 30}
+                  "gallery": GALLERY, "upto_seq": 1, "template_seqs": [1], "timeout_s": 30}
         if threshold is not None:
             common["threshold"] = float(threshold)
         r0, r1 = await self.both("POST", "/internal/match", [{**common, "query_share": to_b64(q0)},
@@ -184,7 +184,7 @@ class Attacker:
 
     async def register(self, threshold: float) -> list:
         return await self.both("POST", "/internal/galleries",
-                               [{"model_version": MODEL_VERSION, "threshold": float(threshold)}] * 2)
+                               [{"gallery": GALLERY, "threshold": float(threshold)}] * 2)
 
 
 async def search(decide, steps: int) -> float:  # noqa: ANN001
@@ -221,7 +221,7 @@ async def attack(cluster: Cluster, args, t_fixed, coords: list[int]) -> dict:  #
         # -- the honest gateway: store the template (prepare + commit at both), register the gallery at 0.5
         s0, s1 = split(t_fixed)
         replies = await atk.both("POST", "/internal/ops/prepare", [
-            {"seq": 1, "kind": "store", "model_version": MODEL_VERSION, "template_seq": 1, "share": to_b64(s)}
+            {"seq": 1, "kind": "store", "gallery": GALLERY, "template_seq": 1, "share": to_b64(s)}
             for s in (s0, s1)])
         assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
         replies = await atk.both("POST", "/internal/ops/1/commit", [None, None])

@@ -21,6 +21,7 @@ import numpy as np
 from common.paths import PROJECT_ROOT as ROOT
 from devtools.net import free_port
 
+Replies = queue.Queue[dict[str, Any]]  # the JSON replies to one request, by tag
 
 
 def encode_trunc(x: np.ndarray) -> np.ndarray:
@@ -41,11 +42,11 @@ def reconstruct(a: int, b: int) -> int:
 
 
 class _Proc:
-    def __init__(self, args: list[str], env: dict, log_path: Path) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
         self.log = open(log_path, "ab")  # noqa: SIM115
         self.p = subprocess.Popen([sys.executable, "-m", "devtools.mpc_driver", *args], cwd=ROOT, env=env,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
-        self.replies: dict[str, queue.Queue] = {}
+        self.replies: dict[str, Replies] = {}
         self.lock = threading.Lock()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -60,7 +61,7 @@ class _Proc:
                 q = self.replies.setdefault(str(msg.get("tag")), queue.Queue())
             q.put(msg)
 
-    def send(self, req: dict) -> queue.Queue:
+    def send(self, req: dict[str, Any]) -> Replies:
         tag = req.setdefault("tag", uuid.uuid4().hex)
         with self.lock:
             q = self.replies.setdefault(tag, queue.Queue())
@@ -99,7 +100,7 @@ class Cluster:
         self.parties: list[_Proc | None] = [None, None]
         self.dealer: _Proc | None = None
         self.provider = self.env.get("PRIVFACE_MPC_PROVIDER", "TTP")
-        self.last_stats: list[dict | None] = [None, None]  # per party, of the last run()
+        self.last_stats: list[dict[str, Any] | None] = [None, None]  # per party, of the last run()
 
     def start(self) -> Cluster:
         if self.provider == "TTP":
@@ -116,15 +117,22 @@ class Cluster:
         if proc is not None:
             proc.kill()
 
-    def status(self, rank: int, timeout: float = 10) -> dict:
-        return self.parties[rank].send({"cmd": "status"}).get(timeout=timeout)["status"]  # type: ignore[union-attr]
+    def party(self, rank: int) -> _Proc:
+        proc = self.parties[rank]
+        if proc is None:
+            raise RuntimeError(f"party {rank} was never started")
+        return proc
+
+    def status(self, rank: int, timeout: float = 10) -> dict[str, Any]:
+        reply: dict[str, Any] = self.party(rank).send({"cmd": "status"}).get(timeout=timeout)["status"]
+        return reply
 
     def forget_rows(self, rank: int, timeout: float = 10) -> None:
         """Party ``rank`` drops its copies of gallery rows, as after a committed delete."""
-        self.parties[rank].send({"cmd": "forget"}).get(timeout=timeout)  # type: ignore[union-attr]
+        self.party(rank).send({"cmd": "forget"}).get(timeout=timeout)
 
     def wait_connected(self, timeout: float = 60) -> None:
-        qs = [p.send({"cmd": "wait", "timeout": timeout}) for p in self.parties]  # type: ignore[union-attr]
+        qs = [self.party(rank).send({"cmd": "wait", "timeout": timeout}) for rank in (0, 1)]
         for rank, q in enumerate(qs):
             msg = q.get(timeout=timeout + 10)
             if not msg["connected"]:
@@ -143,20 +151,20 @@ class Cluster:
         return paths
 
     def submit_async(self, rank: int, job_id: str, kind: str, npz: Path, threshold: float,
-                     timeout: float = 60, gallery_id: str | None = None) -> queue.Queue:
-        return self.parties[rank].send({"cmd": "submit", "job_id": job_id, "kind": kind,  # type: ignore[union-attr]
+                     timeout: float = 60, gallery_id: str | None = None) -> Replies:
+        return self.party(rank).send({"cmd": "submit", "job_id": job_id, "kind": kind,
                                         "npz": str(npz), "threshold": threshold, "timeout": timeout,
                                         "gallery_id": gallery_id})
 
     @staticmethod
-    def result(q: queue.Queue, timeout: float = 120) -> dict:
+    def result(q: Replies, timeout: float = 120) -> dict[str, Any]:
         while True:
             msg = q.get(timeout=timeout)
             if "share" in msg or "error" in msg:
                 return msg
 
     def run(self, kind: str, query: np.ndarray, gallery: np.ndarray, labels: np.ndarray, threshold: float,
-            rng: np.random.Generator, timeout: float = 60) -> tuple[int, float]:
+            rng: np.random.Generator, timeout: float = 60) -> tuple[int | list[int], float]:
         """Run one job at both parties on a freshly shared gallery; returns (output, party-0 seconds)."""
         shares = split(encode_trunc(gallery.reshape(-1, query.shape[-1])), rng)
         out, elapsed, self.last_stats = self.run_shared(kind, query, shares, labels, threshold, rng, timeout)
@@ -164,7 +172,7 @@ class Cluster:
 
     def run_shared(self, kind: str, query: np.ndarray, gallery_shares: tuple[np.ndarray, np.ndarray],
                    labels: np.ndarray, threshold: float, rng: np.random.Generator,
-                   timeout: float = 60, gallery_id: str | None = None) -> tuple[int | list[int], float, list]:
+                   timeout: float = 60, gallery_id: str | None = None) -> tuple[int | list[int], float, list[Any]]:
         """One job with the given (fixed) gallery shares and fresh query shares, so the parties' fixed-gallery
         mask cache can hit across jobs. ``query`` is [d] or a batch [Q, d] (then a list of outputs).
         ``gallery_id``: as the party server does, name the snapshot so an unchanged one is not compared."""
@@ -172,7 +180,7 @@ class Cluster:
 
     def run_shared_many(self, kind: str, queries: list[np.ndarray], gallery_shares: tuple[np.ndarray, np.ndarray],
                         labels: np.ndarray, threshold: float, rng: np.random.Generator, timeout: float = 60,
-                        gallery_id: str | None = None) -> list[tuple[int | list[int], float, list]]:
+                        gallery_id: str | None = None) -> list[tuple[int | list[int], float, list[Any]]]:
         """Like ``run_shared`` for several jobs submitted at once (concurrent requests, in this order at both
         parties); returns (output, party-0 seconds, stats) per job."""
         jobs = []
@@ -184,10 +192,10 @@ class Cluster:
                 np.savez(path, query_share=q, gallery_share=g, labels=np.asarray(labels, dtype=np.int64))
                 paths.append(path)
             jobs.append((uuid.uuid4().hex, paths))
-        loads = [self.parties[r].send({"cmd": "load", "npz": str(paths[r])})  # type: ignore[union-attr]
+        loads = [self.party(r).send({"cmd": "load", "npz": str(paths[r])})
                  for _, paths in jobs for r in (0, 1)]
-        for q in loads:  # both parties hold the arrays before either timer starts
-            q.get(timeout=timeout + 60)
+        for replies in loads:  # both parties hold the arrays before either timer starts
+            replies.get(timeout=timeout + 60)
         pending = [[self.submit_async(r, job_id, kind, paths[r], threshold, timeout, gallery_id) for r in (0, 1)]
                    for job_id, paths in jobs]
         out = []

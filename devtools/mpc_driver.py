@@ -21,6 +21,7 @@ import logging
 import sys
 import threading
 import time
+from typing import Any
 
 
 def _party(rank: int) -> int:
@@ -33,14 +34,14 @@ def _party(rank: int) -> int:
     engine = make_engine(rank, MpcSettings())
     engine.start()
     out_lock = threading.Lock()
-    loaded: dict[str, dict] = {}  # npz path -> arrays read by a "load" command, taken by its "submit"
+    loaded: dict[str, dict[str, Any]] = {}  # npz path -> arrays read by a "load" command, taken by its "submit"
 
-    def say(obj: dict) -> None:
+    def say(obj: dict[str, Any]) -> None:
         with out_lock:
             sys.stdout.write(json.dumps(obj) + "\n")
             sys.stdout.flush()
 
-    def handle(req: dict) -> None:
+    def handle(req: dict[str, Any]) -> None:
         tag = req.get("tag")
         cmd = req.get("cmd")
         if cmd == "status":

@@ -25,7 +25,7 @@ def stack_env() -> dict[str, str]:
     env = dict(os.environ)
     for rank in (0, 1):
         env.setdefault(f"PRIVFACE_PARTY{rank}_TOKEN", secrets.token_urlsafe(24))
-    for name in LINK_SECRETS:  # the MPC links' credentials (secure/mpc/link_keys.py)
+    for name in LINK_SECRETS:  # the MPC links' credentials (secure/mpc/runtime/link_keys.py)
         env.setdefault(name, secrets.token_urlsafe(32))
     return env
 

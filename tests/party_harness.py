@@ -140,7 +140,8 @@ def main() -> None:
     import uvicorn
 
     from secure.party.db import migrate_party_db
-    from secure.party.server import create_party_app, uvicorn_ssl_options
+    from secure.party.deployment import uvicorn_ssl_options
+    from secure.party.server import create_party_app
     from secure.party.settings import PartySettings
 
     settings = PartySettings(rank=args.rank, database_url=args.db, internal_token=args.token, port=args.port,

@@ -28,8 +28,8 @@ def test_every_path_the_design_cites_exists() -> None:
 
 def test_the_design_shows_the_newcomers_paths() -> None:
     text = DESIGN.read_text()
-    for place in ("secure/mpc/dealer.py", "secure/mpc/compare.py", "secure/party/server.py",
-                  "app/routers/matching.py", "privface/cli.py"):
+    for place in ("secure/mpc/dealer/", "secure/mpc/protocols/compare.py", "secure/party/api.py",
+                  "secure/party/server.py", "app/routers/matching.py", "privface/cli.py"):
         assert f"`{place}`" in text
     assert "docs/security.md" in text and "## Folder map" in text and "## Data flow" in text
 

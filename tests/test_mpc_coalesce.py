@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from devtools.mpc_cluster import Cluster, encode_trunc, split
-from secure.mpc.protocol import threshold_raw
+from secure.mpc.protocols.base import threshold_raw
 
 D = 128
 FAST = {"op_timeout_s": 20, "connect_timeout_s": 30, "heartbeat_s": 0.5, "pair_wait_s": 2.0,

@@ -1,4 +1,4 @@
-"""The dealer-bits comparison protocol (secure/mpc/compare.py, correlations.py, bits.py, prg.py).
+"""The dealer-bits comparison protocol (secure/mpc/protocols/compare.py, correlations.py, bits.py, prg.py).
 
 Fast tests run both parties in this process, on two threads, with the real dealer corrections and PRG
 streams; only the transport is a pair of in-memory queues (the gloo transport is covered with real
@@ -12,10 +12,10 @@ import threading
 import numpy as np
 import pytest
 
-from secure.mpc import compare
-from secure.mpc import correlations as corr
-from secure.mpc.bits import bitslice, n_words, tree_pairs, unbitslice
-from secure.mpc.prg import AesCtrStream
+from secure.mpc.protocols import compare
+from secure.mpc.protocols import correlations as corr
+from secure.mpc.primitives.bits import bitslice, n_words, tree_pairs, unbitslice
+from secure.mpc.primitives.prg import AesCtrStream
 
 KEYS = (bytes(range(16)), bytes(range(16, 32)))
 LIMIT = 1 << (corr.N_BITS - 1)
@@ -186,7 +186,7 @@ def test_opened_values_look_uniform() -> None:
 def test_ring_matmul_is_exact_modulo_2_38(rows: int, k: int, q: int) -> None:
     import torch
 
-    from secure.mpc.ring_matmul import K_BLOCK, MOD_BITS, digit_bits, float_matmul, to_float_rows
+    from secure.mpc.primitives.ring_matmul import K_BLOCK, MOD_BITS, digit_bits, float_matmul, to_float_rows
 
     g = torch.Generator().manual_seed(rows + k)
     m = torch.randint(-(2**63), 2**63 - 1, (rows, k), generator=g)

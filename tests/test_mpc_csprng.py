@@ -3,7 +3,7 @@
 Regression for issue 9 (critical): CrypTen's TTP seeded each party's torch generator with consecutive
 ``torch.randint`` draws of the dealer's Mersenne Twister, whose seed torch cuts to 32 bits; party 0 could search
 the dealer's state from its own seed and replay party 1's masks. These tests show the attack on the old
-construction in a reduced window, and that the new construction (secure/mpc/prg.py, link_keys.py,
+construction in a reduced window, and that the new construction (secure/mpc/primitives/prg.py, link_keys.py,
 crypten_rng.py) gives independent, never-repeating, uniform masks, with credentials that an impostor lacks.
 """
 from __future__ import annotations
@@ -17,7 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from secure.mpc import crypten_rng, link_keys, prg
+from secure.mpc.runtime import crypten_rng
+
+from secure.mpc.runtime import link_keys
+
+from secure.mpc.primitives import prg
 from secure.mpc.settings import MpcSettings
 
 WINDOW_BITS = 18  # reduced search window (the full one is 2^32: ~9 core-hours at this test's speed)
@@ -178,7 +182,7 @@ def test_off_loopback_needs_credentials_and_a_private_network() -> None:
 def test_crypten_ttp_draws_come_from_aes_and_local_torch_draws_are_refused() -> None:
     """In-process: the patched CrypTen draw functions serve RingGenerators and refuse CrypTen's local generator
     (or none) under the TTP provider."""
-    from secure.mpc.crypten_compat import load_crypten
+    from secure.mpc.runtime.crypten_compat import load_crypten
 
     crypten = load_crypten()
     from crypten.common import rng

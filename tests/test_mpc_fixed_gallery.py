@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from secure.mpc.fixed_gallery import (
+from devtools.mpc_cluster import Cluster, encode_trunc, split
+from secure.mpc.protocols.fixed_gallery import (
     DealerGalleryMasks,
     gather_ranges,
     ring_score_share,
     split_rows_to_ranges,
     uses_floats,
 )
-from secure.mpc.ring_matmul import to_float_rows
-from devtools.mpc_cluster import Cluster, encode_trunc, split
+from secure.mpc.primitives.ring_matmul import to_float_rows
 
 M64 = 1 << 64
 
@@ -95,7 +95,7 @@ def test_batched_shares_equal_gx_exactly() -> None:
 def test_float_products_agree_with_int64_modulo_2_38() -> None:
     """The float64 path (batches on the CPU; every product on a GPU) equals the int64 ring product mod 2^38,
     for one query and for a batch, at the parties (ring_score_share) and at the dealer (DealerGalleryMasks)."""
-    from secure.mpc.crypten_compat import load_crypten
+    from secure.mpc.runtime.crypten_compat import load_crypten
 
     load_crypten()
     rng = np.random.default_rng(8)
@@ -290,7 +290,7 @@ def test_a_delete_zeroes_the_mask_cache_and_the_rows_are_remasked(tmp_path) -> N
 def test_forget_zeroes_every_cached_row_and_keeps_the_slot_counter() -> None:
     import torch
 
-    from secure.mpc.fixed_gallery import PartyGalleryCache
+    from secure.mpc.protocols.fixed_gallery import PartyGalleryCache
 
     cache = PartyGalleryCache(0)
     cache.stores[8] = torch.arange(1, 5 * 16 + 1, dtype=torch.long).reshape(5, 16)

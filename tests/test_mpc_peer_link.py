@@ -1,4 +1,4 @@
-"""The parties' direct link (secure/mpc/peer_link.py): key check (challenge-response), full-duplex exchange, dead peer."""
+"""The parties' direct link (secure/mpc/runtime/peer_link.py): key check (challenge-response), full-duplex exchange, dead peer."""
 from __future__ import annotations
 
 import socket
@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from secure.mpc.peer_link import PeerLink, accept_peer, connect_peer
+from secure.mpc.runtime.peer_link import PeerLink, accept_peer, connect_peer
 
 KEY = bytes(range(32))
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from secure.mpc.engine import MatchJob, MpcEngine, MpcUnavailable, _validate
-from secure.mpc.protocol import RAW_SCALE, threshold_raw
+from secure.mpc.protocols.base import RAW_SCALE, threshold_raw
 from secure.mpc.settings import MpcSettings
-from secure.mpc.worker import job_digest
+from secure.mpc.runtime.coalesce import job_digest
 
 
 def test_threshold_raw_is_exact_ceiling() -> None:

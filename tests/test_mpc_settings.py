@@ -40,7 +40,7 @@ def test_tfp_allowed_only_with_privface_env_test(prod_env: pytest.MonkeyPatch) -
 
 
 def test_worker_refuses_tfp_even_if_validation_bypassed(prod_env: pytest.MonkeyPatch) -> None:
-    from secure.mpc.worker import init_crypten
+    from secure.mpc.runtime.session import init_crypten
 
     forged = MpcSettings.model_construct(**{**MpcSettings().model_dump(), "provider": "TFP"})
     with pytest.raises(RuntimeError, match="TFP"):

@@ -12,7 +12,7 @@ import pytest
 
 from devtools.mpc_cluster import Cluster, encode_trunc, split
 from devtools.net import free_port
-from secure.mpc.protocol import threshold_raw
+from secure.mpc.protocols.base import threshold_raw
 from secure.mpc.settings import MpcSettings
 from secure.mpc.sharding import shard_of
 

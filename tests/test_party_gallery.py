@@ -48,7 +48,7 @@ def test_deleted_rows_leave_memory_and_views_stay_valid():
     g.add("v", 3, 3, np.ones(4, np.int64))
     view, _ = g.snapshot("v", 3)
     assert g.erase([2, 99], 4) == 1
-    held = g._versions["v"]
+    held = g._galleries["v"]
     assert not any(np.array_equal(row, secret) for row in held.shares[: held.capacity])
     assert 2 not in held.index and not g.has(2)
     assert g.snapshot("v", 4)[1].tolist() == [1, 3]

@@ -169,7 +169,7 @@ def test_store_commit_verify_identify_delete(parties):
     run(scenario())
 
 
-def test_behind_and_resync(sqlite_parties):
+def test_behind_until_the_decision_is_redelivered(sqlite_parties):
     faces = unit_vectors(4, seed=3)
 
     async def scenario():
@@ -181,22 +181,20 @@ def test_behind_and_resync(sqlite_parties):
             with pytest.raises(PartiesOutOfSync) as exc:
                 await pair.identify("b1", "v1", 1, fp.encode(faces[1]), THRESHOLD)
             assert exc.value.pending == {1: [1]}
-            # a seq the gateway allocated but never prepared anywhere: gateway count says 1 committed <= 2
-            gateway_log = {1: True, 2: False}
-            done = await pair.resync(lambda seqs: {q: gateway_log.get(q, False) for q in seqs})
-            assert done == {0: {}, 1: {1: "committed"}}
+            # the gateway re-sends its recorded decision to the party that lacks it (its reconcile loop does this)
+            assert await pair.decide_at(1, 1, commit=True)
+            assert await pair.decide_at(1, 1, commit=True)  # idempotent
             assert await pair.identify("b2", "v1", 1, fp.encode(faces[1]), THRESHOLD, expected_committed=1) == 1
             with pytest.raises(PartiesOutOfSync):  # gateway says 2 committed ops <= 2, the parties know 1
                 await pair.identify("b3", "v1", 2, fp.encode(faces[1]), THRESHOLD, expected_committed=2)
-            # in-flight op (decision None) is left alone by resync
+            # an op in flight stays prepared at both until the gateway decides it
             assert await pair.store(3, 3, "v1", fp.encode(faces[3]))
-            assert await pair.resync(lambda seqs: {q: None for q in seqs}) == {0: {}, 1: {}}
             assert await pair.op_states(3) == ("prepared", "prepared")
-            await pair.abort(3)
+            assert await pair.abort(3) == (True, True)
             assert await pair.identify("b4", "v1", 3, fp.encode(faces[3]), THRESHOLD) is None
             # party 1 lost a committed op (say, a restored backup): the gateway's count exposes it
             auth = {"Authorization": f"Bearer {TOKEN}"}
-            body = {"seq": 4, "kind": "store", "model_version": "v1", "template_seq": 4,
+            body = {"seq": 4, "kind": "store", "gallery": "v1", "template_seq": 4,
                     "share": to_b64(random_ring(D))}
             assert httpx.post(sqlite_parties[0].url + "/internal/ops/prepare", headers=auth, json=body).status_code == 200
             assert httpx.post(sqlite_parties[0].url + "/internal/ops/4/commit", headers=auth).status_code == 200
@@ -343,7 +341,7 @@ def test_mpc_timeout_is_503_and_party_down_is_unavailable(sqlite_parties):
 
     run(wrong_dim())
     # only party 0 gets the job: its engine waits for a peer that never comes
-    body = {"job_id": "lonely", "kind": "identify", "model_version": "v1", "upto_seq": 1,
+    body = {"job_id": "lonely", "kind": "identify", "gallery": "v1", "upto_seq": 1,
             "query_share": to_b64(random_ring(D)), "threshold": 0.5, "timeout_s": 0.5}
     r = httpx.post(sqlite_parties[0].url + "/internal/match", headers=auth, json=body, timeout=10)
     assert r.status_code == 503 and r.json()["type"].endswith("/mpc-unavailable")
@@ -413,12 +411,12 @@ def test_mutual_tls_between_gateway_and_parties(tmp_path):
 def test_party_logs_hold_no_shares(sqlite_parties):
     auth = {"Authorization": f"Bearer {TOKEN}"}
     share = random_ring(D)
-    body = {"seq": 1, "kind": "store", "model_version": "v1", "template_seq": 1, "share": to_b64(share)}
+    body = {"seq": 1, "kind": "store", "gallery": "v1", "template_seq": 1, "share": to_b64(share)}
     for p in sqlite_parties:
         assert httpx.post(p.url + "/internal/ops/prepare", headers=auth, json=body).status_code == 200
         assert httpx.post(p.url + "/internal/ops/1/commit", headers=auth).status_code == 200
     query = to_b64(random_ring(D))
-    match = {"job_id": "logs", "kind": "identify", "model_version": "v1", "upto_seq": 1, "query_share": query,
+    match = {"job_id": "logs", "kind": "identify", "gallery": "v1", "upto_seq": 1, "query_share": query,
              "threshold": 0.5, "timeout_s": 0.3}
     httpx.post(sqlite_parties[0].url + "/internal/match", headers=auth, json=match, timeout=10)
     httpx.post(sqlite_parties[0].url + "/internal/match", headers=auth, json={**match, "query_share": query[:-4]}, timeout=10)
@@ -461,7 +459,7 @@ def test_identify_many_one_job_for_a_batch(sqlite_parties):
     # the party validates a batch itself: problem+json, no job run
     before = jobs_run()
     share = to_b64(random_ring(D))
-    base = {"job_id": "bad", "kind": "identify", "model_version": "v1", "upto_seq": 4}
+    base = {"job_id": "bad", "kind": "identify", "gallery": "v1", "upto_seq": 4}
     for body in ({**base, "query_shares": [share] * 65},
                  {**base, "query_shares": []},
                  {**base, "query_shares": [share, to_b64(random_ring(D + 1))]},

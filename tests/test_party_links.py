@@ -169,7 +169,7 @@ def test_chosen_threshold_cannot_change_the_outcome(pair_procs):
             assert exc.value.status == 409
 
     asyncio.run(setup())
-    body = {"job_id": "probe", "kind": "verify", "model_version": "g", "upto_seq": 1, "template_seqs": [1],
+    body = {"job_id": "probe", "kind": "verify", "gallery": "g", "upto_seq": 1, "template_seqs": [1],
             "threshold": -1.0}
     for r in _raw_match_both([u0, u1], body, probe):
         assert r.status_code == 409 and r.json()["type"].endswith("/threshold-mismatch"), r.text
@@ -180,7 +180,7 @@ def test_chosen_threshold_cannot_change_the_outcome(pair_procs):
     assert r0.status_code == r1.status_code == 200
     assert (int(r0.json()["share"]) + int(r1.json()["share"])) % (1 << 64) == 0
     # an unregistered gallery cannot be matched on
-    r = _raw_match_both([u0, u1], {**body, "job_id": "u", "model_version": "other"}, probe)[0]
+    r = _raw_match_both([u0, u1], {**body, "job_id": "u", "gallery": "other"}, probe)[0]
     assert r.status_code == 409 and r.json()["type"].endswith("/gallery-unregistered")
 
 
@@ -216,7 +216,7 @@ def test_identify_threshold_follows_the_gallery_size_at_the_party(pair_procs):
                                           (float("inf"), False), (float("nan"), False)])
 def test_party_refuses_out_of_range_thresholds(pair_procs, threshold, ok):
     (_, u0, _), _ = pair_procs
-    body = json.dumps({"model_version": f"g{threshold}", "threshold": threshold})  # NaN/Infinity as Python writes
+    body = json.dumps({"gallery": f"g{threshold}", "threshold": threshold})  # NaN/Infinity as Python writes
     r = httpx.post(u0 + "/internal/galleries", content=body,
                    headers={"Authorization": f"Bearer {TOKENS[0]}", "Content-Type": "application/json"})
     assert (r.status_code == 200) is ok, r.text
@@ -294,7 +294,7 @@ def test_match_jobs_are_rate_limited_and_audited(tmp_path):
                 assert exc.value.status == 429
 
         asyncio.run(scenario())
-        body = {"job_id": "raw", "kind": "identify", "model_version": "g", "upto_seq": 2,
+        body = {"job_id": "raw", "kind": "identify", "gallery": "g", "upto_seq": 2,
                 "query_share": to_b64(np.zeros(D, np.int64))}
         r = httpx.post(u0 + "/internal/match", json=body, headers={"Authorization": f"Bearer {TOKENS[0]}"})
         assert r.status_code == 429 and r.json()["type"].endswith("/rate-limited")
@@ -332,7 +332,7 @@ def test_party_refuses_plain_http_off_loopback(tmp_path):
 
 
 def test_deployment_checks():
-    from secure.party.server import deployment_problems
+    from secure.party.deployment import deployment_problems
     from secure.party.settings import PartySettings
 
     pin = "ab" * 32

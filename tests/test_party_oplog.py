@@ -45,7 +45,7 @@ def new_log(url: str) -> tuple[OpLog, object]:
 
 
 def store(seq: int, tseq: int, share: np.ndarray, mv: str = "v1") -> OpSpec:
-    return OpSpec(seq=seq, kind="store", model_version=mv, template_seq=tseq, share=to_bytes(share))
+    return OpSpec(seq=seq, kind="store", gallery=mv, template_seq=tseq, share=to_bytes(share))
 
 
 def test_two_phase_lifecycle_and_replay(db_url):
@@ -59,7 +59,7 @@ def test_two_phase_lifecycle_and_replay(db_url):
     with pytest.raises(OpConflict):
         log.prepare(store(6, 1, shares[6]))  # template 1 already pending
     with pytest.raises(OpInvalid):
-        log.prepare(OpSpec(seq=9, kind="store", model_version="v1", template_seq=9, share=b"\x00" * 5))
+        log.prepare(OpSpec(seq=9, kind="store", gallery="v1", template_seq=9, share=b"\x00" * 5))
     assert log.applied_through == 0 and log.pending_seqs() == [1, 2, 3, 4, 5]
 
     # out-of-order decisions

@@ -1,4 +1,4 @@
-"""mypy (pyproject.toml [tool.mypy]: strict on privface/, common/, inference/) in the test command: a wrong type
+"""mypy (pyproject.toml [tool.mypy]: strict on privface/, common/, inference/, secure/) in the test command: a wrong type
 in a rarely run path fails here instead of in production."""
 from __future__ import annotations
 
@@ -27,5 +27,5 @@ def test_mypy_finds_nothing() -> None:
 def test_the_strict_packages_are_strict_and_checked() -> None:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
     strict = next(o["module"] for o in config["overrides"] if o.get("strict"))
-    assert {"privface.*", "common.*", "inference.*"} <= set(strict)
-    assert {"privface", "common", "inference"} <= set(config["files"])
+    assert {"privface.*", "common.*", "inference.*", "secure.*"} <= set(strict)
+    assert {"privface", "common", "inference", "secure"} <= set(config["files"])

@@ -23,13 +23,26 @@ import multiprocessing as mp
 import queue
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
-from ..ranges import check_threshold
-from .settings import MpcSettings
+from secure.mpc.protocols.base import JobKind, Output
+from secure.mpc.runtime.messages import (
+    CancelJob,
+    Down,
+    ForgetRows,
+    FromWorker,
+    JobDone,
+    JobFailed,
+    RunJob,
+    Stop,
+    Up,
+    WorkerJob,
+)
+from secure.mpc.settings import MpcSettings
+from secure.ranges import check_threshold
 
 log = logging.getLogger("privface.mpc")
 
@@ -37,7 +50,7 @@ log = logging.getLogger("privface.mpc")
 @dataclass(frozen=True)
 class MatchJob:
     job_id: str                 # same string at both parties (gateway-assigned uuid4 hex)
-    kind: Literal["verify", "identify", "identify-best", "merge"]
+    kind: JobKind
     query_share: np.ndarray     # int64 [d]: this party's additive share of the fixed-point query (16 frac bits);
     #                             identify also takes a batch [Q, d] of queries (one MPC run; submit -> list)
     gallery_share: np.ndarray   # int64 [n, d]: this party's shares of the candidate templates, same order at both
@@ -58,10 +71,10 @@ class _Pending:
 
     def __init__(self) -> None:
         self.event = threading.Event()
-        self.share: Any = None
+        self.share: Output | None = None
         self.error: str | None = None
 
-    def finish(self, share: Any = None, error: str | None = None) -> None:
+    def finish(self, share: Output | None = None, error: str | None = None) -> None:
         self.share, self.error = share, error
         self.event.set()
 
@@ -135,7 +148,7 @@ class MpcEngine:
         self._last_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._stats: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self._stats: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         # the gallery snapshot the current worker already holds: an identical snapshot is not sent again
         self._send_lock = threading.Lock()
         self._last_gallery: np.ndarray | None = None
@@ -160,7 +173,7 @@ class MpcEngine:
             inq, proc = self._inq, self._proc
         if inq is not None:
             try:
-                inq.put(("stop",))
+                inq.put(Stop())
             except Exception:  # noqa: BLE001
                 pass
         if proc is not None:
@@ -170,7 +183,7 @@ class MpcEngine:
         if self._thread is not None:
             self._thread.join(5.0)
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         with self._lock:
             return {"connected": self._connected, "generation": self._generation,
                     "provider": self.settings.provider, "last_error": self._last_error}
@@ -185,9 +198,9 @@ class MpcEngine:
             with self._lock:
                 inq = self._inq if self._connected else None
             if inq is not None:
-                inq.put(("forget",))
+                inq.put(ForgetRows())
 
-    def job_stats(self, job_id: str) -> dict | None:
+    def job_stats(self, job_id: str) -> dict[str, Any] | None:
         """Traffic/timing of a finished job at this party (bytes, rounds, comm_s, mpc_s, protocol), if known."""
         with self._lock:
             return self._stats.get(job_id)
@@ -199,16 +212,14 @@ class MpcEngine:
             if self.status()["connected"]:
                 return True
             time.sleep(0.05)
-        return self.status()["connected"]
+        return bool(self.status()["connected"])
 
-    def submit(self, job: MatchJob, timeout: float) -> Any:
+    def submit(self, job: MatchJob, timeout: float) -> Output:
         """Run ``job`` jointly with the peer party; block; return THIS party's int64 share of the output
         (a list of Q shares for a batch of Q queries)."""
         q, g, lab = _validate(job)
         if g.shape[0] == 0:
             return 0 if q.ndim == 1 else [0] * int(q.shape[0])
-        payload = {"job_id": job.job_id, "kind": job.kind, "query_share": q, "gallery_share": g,
-                   "labels": lab, "threshold": float(job.threshold)}
         pending = _Pending()
         with self._lock:
             if not self._connected or self._inq is None:
@@ -219,21 +230,7 @@ class MpcEngine:
             inq = self._inq
         try:
             with self._send_lock:  # decide "same gallery" and enqueue atomically: the worker resolves in queue order
-                last, last_labels = self._last_gallery, self._last_labels
-                if job.kind == "merge":  # tiny and never resident: leave the resident gallery snapshot alone
-                    pass
-                elif (last is not None and self._last_gallery_inq is inq and last.shape == g.shape
-                        and ((job.gallery_id is not None and job.gallery_id == self._last_gallery_id)
-                             or (np.array_equal(last, g) and np.array_equal(last_labels, lab)))):
-                    # the snapshot (rows and labels) is resident in the worker: send neither; a small message
-                    # also lets concurrent jobs reach the worker's queue at once (coalescing, worker.py)
-                    payload["gallery_share"] = payload["labels"] = None
-                    payload["same_gallery"] = True
-                else:
-                    payload["gallery_share"] = g = np.array(g, copy=True)
-                    self._last_gallery, self._last_labels, self._last_gallery_inq = g, lab, inq
-                    self._last_gallery_id = job.gallery_id
-                inq.put(("job", payload))
+                inq.put(RunJob(self._worker_job(job, q, g, lab, inq)))
         except Exception as exc:  # noqa: BLE001 - queue closed: generation just ended
             with self._lock:
                 self._pending.pop(job.job_id, None)
@@ -242,19 +239,38 @@ class MpcEngine:
             with self._lock:
                 self._pending.pop(job.job_id, None)
             try:
-                inq.put(("cancel", job.job_id))
+                inq.put(CancelJob(job.job_id))
             except Exception:  # noqa: BLE001
                 pass
             if pending.event.is_set() and pending.error is None and pending.share is not None:
                 return pending.share  # finished in the race window
             raise MpcUnavailable(f"job not run within {timeout:g}s")
-        if pending.error is not None:
-            raise MpcUnavailable(pending.error)
+        if pending.error is not None or pending.share is None:
+            raise MpcUnavailable(pending.error or "the worker answered no share")
         return pending.share
+
+    def _worker_job(self, job: MatchJob, q: np.ndarray, g: np.ndarray, lab: np.ndarray, inq: Any) -> WorkerJob:
+        """The job as queued for the worker. A snapshot (rows and labels) already resident in the worker is not
+        sent again: a small message also lets concurrent jobs reach the worker's queue at once (coalescing). A merge
+        (tiny, never resident) leaves the resident snapshot alone. Call under ``_send_lock``."""
+        base = WorkerJob(job_id=job.job_id, kind=job.kind, query=q, gallery=None, labels=None,
+                         threshold=float(job.threshold))
+        if job.kind == "merge":
+            return replace(base, gallery=g, labels=lab)
+        last = self._last_gallery
+        if (last is not None and self._last_gallery_inq is inq and last.shape == g.shape
+                and ((job.gallery_id is not None and job.gallery_id == self._last_gallery_id)
+                     or (np.array_equal(last, g) and self._last_labels is not None
+                         and np.array_equal(self._last_labels, lab)))):
+            return base
+        g = np.array(g, copy=True)
+        self._last_gallery, self._last_labels, self._last_gallery_inq = g, lab, inq
+        self._last_gallery_id = job.gallery_id
+        return replace(base, gallery=g, labels=lab)
 
     # ------------------------------------------------------------------------------------------ supervisor
     def _supervise(self) -> None:
-        from . import worker
+        from secure.mpc.runtime import worker
 
         settings_data = self.settings.model_dump()
         while not self._stop.is_set():
@@ -313,32 +329,31 @@ class MpcEngine:
                 return
             self._handle(msg)
 
-    def _handle(self, msg: tuple) -> None:
-        kind = msg[0]
-        if kind == "up":
+    def _handle(self, msg: FromWorker) -> None:
+        if isinstance(msg, Up):
             with self._lock:
                 self._connected = True
-                self._device = msg[2]
+                self._device = msg.device
                 self._last_error = None
-            log.info("mpc rank %d generation %d connected (device %s)", self.rank, msg[1], msg[2])
-        elif kind in ("done", "fail"):
+            log.info("mpc rank %d generation %d connected (device %s)", self.rank, msg.generation, msg.device)
+        elif isinstance(msg, JobDone):
             with self._lock:
-                pending = self._pending.pop(msg[1], None)
+                pending = self._pending.pop(msg.job_id, None)
+                if pending is not None:
+                    self._stats[msg.job_id] = msg.stats
+                    while len(self._stats) > 256:
+                        self._stats.popitem(last=False)
             if pending is not None:
-                if kind == "done":
-                    if len(msg) > 3 and isinstance(msg[3], dict):
-                        with self._lock:
-                            self._stats[msg[1]] = msg[3]
-                            while len(self._stats) > 256:
-                                self._stats.popitem(last=False)
-                    sh = msg[2]
-                    pending.finish(share=[int(v) for v in sh] if isinstance(sh, list) else int(sh))
-                else:
-                    pending.finish(error=str(msg[2]))
-        elif kind == "down":
+                pending.finish(share=msg.share)
+        elif isinstance(msg, JobFailed):
+            with self._lock:
+                pending = self._pending.pop(msg.job_id, None)
+            if pending is not None:
+                pending.finish(error=msg.reason)
+        elif isinstance(msg, Down):
             with self._lock:
                 self._connected = False
-            self._set_error(str(msg[1]))
+            self._set_error(msg.reason)
 
     def _set_error(self, text: str) -> None:
         with self._lock:

@@ -39,7 +39,7 @@ def is_loopback(host: str) -> bool:
         infos = socket.getaddrinfo(host, None)
     except OSError:
         return False
-    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+    return bool(infos) and all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
 
 
 def tfp_allowed() -> bool:
@@ -72,7 +72,7 @@ class MpcSettings(BaseSettings):
                                      'per query; the baseline). Verify always uses "naive". Both parties must agree.')
     compare: Literal["dealer-bits", "crypten"] = Field(
         "dealer-bits", description='Threshold and max/argmax: "dealer-bits" (7 rounds per knockout level, ~55 bytes '
-                                   'per row; secure/mpc/compare.py) or "crypten" (CrypTen\'s 64-bit circuit; the '
+                                   'per row; secure/mpc/protocols/compare.py) or "crypten" (CrypTen\'s 64-bit circuit; the '
                                    'baseline). Needs the dealer (TTP); TFP always uses "crypten". Both parties agree.')
     shards: int = Field(
         1, ge=1, le=16, description="Gallery shards: K engine pairs (each with its own dealer), shard k on port "

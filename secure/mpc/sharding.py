@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from .engine import MatchJob, MpcEngine, MpcUnavailable
-from .settings import MpcSettings
+from secure.mpc.engine import MatchJob, MpcEngine, MpcUnavailable
+from secure.mpc.protocols.base import Output
+from secure.mpc.settings import MpcSettings
+
+Shard = tuple[int, np.ndarray, np.ndarray]  # (shard index, this party's share rows, their labels)
 
 
 def shard_of(labels: np.ndarray, shards: int) -> np.ndarray:
@@ -37,7 +40,7 @@ class ShardedEngine:
         self.settings = settings
         self.engines = [MpcEngine(rank, s) for s in settings.shard_settings()]
         self._lock = threading.Lock()
-        self._last_split: tuple[str | None, list] | None = None  # (gallery_id, parts) of the last named snapshot
+        self._last_split: tuple[str | None, list[Shard]] | None = None  # (gallery_id, parts) of the last named snapshot
 
     def start(self) -> None:
         for e in self.engines:
@@ -47,7 +50,7 @@ class ShardedEngine:
         for e in self.engines:
             e.stop()
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         shards = [e.status() for e in self.engines]
         return {"connected": all(s["connected"] for s in shards), "generation": shards[0]["generation"],
                 "provider": self.settings.provider, "shards": shards,
@@ -58,14 +61,14 @@ class ShardedEngine:
         for engine in self.engines:
             engine.forget_rows()
 
-    def job_stats(self, job_id: str) -> dict | None:
+    def job_stats(self, job_id: str) -> dict[str, Any] | None:
         """This party's traffic for a job: bytes summed over the shard jobs and the merge, rounds = the slowest
         shard's plus the merge's (shards run in parallel); per-shard stats under "shards"."""
         merge = self.engines[0].job_stats(f"{job_id}.merge")
         if merge is None:
             return self.engines[0].job_stats(job_id)
-        parts = [e.job_stats(f"{job_id}.s{k}") for k, e in enumerate(self.engines)]
-        parts = [p for p in parts if p]
+        found = [e.job_stats(f"{job_id}.s{k}") for k, e in enumerate(self.engines)]
+        parts = [p for p in found if p]
         out = dict(merge)
         out.update(bytes=sum(int(p["bytes"]) for p in parts) + int(merge["bytes"]),
                    rounds=max((int(p["rounds"]) for p in parts), default=0) + int(merge["rounds"]),
@@ -79,7 +82,7 @@ class ShardedEngine:
         deadline = time.monotonic() + timeout
         return all(e.wait_connected(max(0.0, deadline - time.monotonic())) for e in self.engines)
 
-    def submit(self, job: MatchJob, timeout: float) -> Any:
+    def submit(self, job: MatchJob, timeout: float) -> Output:
         if job.kind != "identify" or len(self.engines) == 1:
             return self.engines[0].submit(job, timeout)
         deadline = time.monotonic() + timeout
@@ -97,17 +100,20 @@ class ShardedEngine:
                          gallery_share=np.stack(winners).reshape(len(parts), 2 * q),
                          labels=np.arange(1, len(parts) + 1, dtype=np.int64), threshold=job.threshold)
         out = self.engines[0].submit(merge, max(0.0, deadline - time.monotonic()))
-        return list(out) if batch else int(out[0])
+        if not isinstance(out, list):
+            raise MpcUnavailable("the merge job answered no list of shares")
+        flat = cast(list[int], out)
+        return list(flat) if batch else int(flat[0])
 
 
-    def _split(self, job: MatchJob) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    def _split(self, job: MatchJob) -> list[Shard]:
         """(shard, share rows, labels) of each non-empty shard. A named snapshot (``gallery_id``) is split once
         and reused: copying a 100k-row gallery into its shards costs ~30 ms per query."""
         cached = self._last_split
         if cached is not None and job.gallery_id is not None and cached[0] == job.gallery_id:
             return cached[1]
         where = shard_of(job.labels, len(self.engines))
-        parts = []
+        parts: list[Shard] = []
         for k in range(len(self.engines)):
             rows = np.flatnonzero(where == k)
             if rows.size:
@@ -150,7 +156,7 @@ def make_engine(rank: int, settings: MpcSettings) -> MpcEngine | ShardedEngine:
 
 def run_dealers(settings: MpcSettings, stop_event: threading.Event | None = None) -> None:
     """The dealer of every shard in this process (one supervisor thread each); blocks like ``run_dealer``."""
-    from .dealer import run_dealer
+    from secure.mpc.dealer.supervisor import run_dealer
 
     if settings.shards == 1:
         run_dealer(settings, stop_event)

@@ -19,13 +19,13 @@ class MatchAudit:
     def __init__(self, sessions: sessionmaker[Session], rank: int) -> None:
         self.sessions, self.rank = sessions, rank
 
-    def record(self, job_id: str, kind: str, model_version: str, rows: int, queries: int, status: int) -> None:
+    def record(self, job_id: str, kind: str, gallery: str, rows: int, queries: int, status: int) -> None:
         """Write the audit line and row; an audit failure is logged, never turned into a match failure."""
         log.info("match job party=%d job=%s kind=%s gallery=%s rows=%d queries=%d status=%d",
-                 self.rank, job_id, kind, model_version, rows, queries, status)
+                 self.rank, job_id, kind, gallery, rows, queries, status)
         try:
             with self.sessions() as s:
-                s.add(MatchAuditRow(job_id=job_id, kind=kind, model_version=model_version, rows=rows,
+                s.add(MatchAuditRow(job_id=job_id, kind=kind, gallery=gallery, rows=rows,
                                     queries=queries, status=status))
                 s.commit()
         except Exception as exc:  # noqa: BLE001 - the log line above already holds the record

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 
 from common.db import ensure_sqlite_folder, make_engine
 from common.paths import PROJECT_ROOT
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 log = logging.getLogger("privface.party.db")
 MIGRATIONS_DIR = PROJECT_ROOT / "migrations" / "party"
@@ -40,7 +44,7 @@ def scrub_erased(engine: Engine) -> None:
         log.warning("scrubbing erased shares failed: %s", type(exc).__name__)
 
 
-def alembic_config(url: str):  # type: ignore[no-untyped-def]
+def alembic_config(url: str) -> Config:
     from alembic.config import Config
 
     cfg = Config(str(MIGRATIONS_DIR / "alembic.ini"))

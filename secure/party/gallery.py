@@ -1,10 +1,10 @@
-"""In-memory gallery of this party's shares, one per model version, with add/delete seqs for snapshots.
+"""In-memory gallery of this party's shares, one block of rows per gallery, with add/delete seqs for snapshots.
 
 Rows are kept in growable numpy buffers (amortised O(1) append; a million 512-d rows is one
-[n, d] int64 block). ``snapshot(model_version, upto_seq)`` returns exactly the rows added at seq <= upto_seq
+[n, d] int64 block). ``snapshot(name, upto_seq)`` returns exactly the rows added at seq <= upto_seq
 and not deleted at seq <= upto_seq, in add-seq order, so both parties build identical galleries for a match
 job. A snapshot with nothing filtered out is a read-only view (no copy); otherwise the last filtered
-snapshot per version is cached until the version changes.
+snapshot per gallery is cached until the gallery changes.
 
 A committed delete erases its rows from memory at once (``erase``), and rows erased before this process
 loaded them are never read; a snapshot older than such a delete (``upto_seq < purged_through``) would
@@ -33,7 +33,7 @@ class SnapshotTooOld(GalleryError):
 
 
 @dataclass
-class _Version:
+class _Rows:
     dim: int
     capacity: int = 0
     size: int = 0
@@ -48,7 +48,7 @@ class _Version:
     max_del: int = 0
     purged_through: int = 0
     generation: int = 0
-    cache: tuple | None = None  # (generation, upto_seq, shares, labels)
+    cache: tuple[int, int, np.ndarray, np.ndarray] | None = None  # (generation, upto_seq, shares, labels)
 
     def __post_init__(self) -> None:
         if self.capacity == 0:
@@ -69,25 +69,25 @@ class _Version:
 
 
 class Gallery:
-    """Thread-safe in-memory share gallery keyed by model version."""
+    """Thread-safe in-memory share galleries, keyed by gallery name."""
 
     def __init__(self) -> None:
-        self._versions: dict[str, _Version] = {}
-        self._where: dict[int, str] = {}  # template_seq -> model_version
+        self._galleries: dict[str, _Rows] = {}
+        self._where: dict[int, str] = {}  # template_seq -> the gallery holding it
         self._lock = threading.RLock()
 
     # -- mutation -------------------------------------------------------------------------------------------
-    def dim(self, model_version: str) -> int | None:
+    def dim(self, name: str) -> int | None:
         with self._lock:
-            v = self._versions.get(model_version)
+            v = self._galleries.get(name)
             return v.dim if v else None
 
-    def add(self, model_version: str, template_seq: int, add_seq: int, share: np.ndarray) -> None:
+    def add(self, name: str, template_seq: int, add_seq: int, share: np.ndarray) -> None:
         """Append one row (idempotent for an identical template_seq/add_seq)."""
-        self.add_many(model_version, np.asarray([template_seq]), np.asarray([add_seq]),
+        self.add_many(name, np.asarray([template_seq]), np.asarray([add_seq]),
                       np.asarray(share, np.int64).reshape(1, -1))
 
-    def add_many(self, model_version: str, template_seqs: np.ndarray, add_seqs: np.ndarray, shares: np.ndarray,
+    def add_many(self, name: str, template_seqs: np.ndarray, add_seqs: np.ndarray, shares: np.ndarray,
                  del_seqs: np.ndarray | None = None) -> None:
         shares = np.asarray(shares, np.int64)
         if shares.ndim != 2:
@@ -96,16 +96,16 @@ class Gallery:
         if n == 0:
             return
         with self._lock:
-            v = self._versions.get(model_version)
+            v = self._galleries.get(name)
             if v is None:
-                v = self._versions[model_version] = _Version(dim=d)
+                v = self._galleries[name] = _Rows(dim=d)
             if d != v.dim:
-                raise DimensionMismatch(f"model version {model_version!r} holds {v.dim}-d shares, got {d}")
+                raise DimensionMismatch(f"gallery {name!r} holds {v.dim}-d shares, got {d}")
             keep = []
             for i, t in enumerate(template_seqs.tolist()):
                 if t in self._where:
-                    row = self._versions[self._where[t]].index[t]
-                    if self._versions[self._where[t]].add_seq[row] != int(add_seqs[i]):
+                    row = self._galleries[self._where[t]].index[t]
+                    if self._galleries[self._where[t]].add_seq[row] != int(add_seqs[i]):
                         raise GalleryError(f"template {t} already present with another add seq")
                     continue
                 keep.append(i)
@@ -134,7 +134,7 @@ class Gallery:
             v.max_add = max(v.max_add, int(add_seqs.max()))
             for j, t in enumerate(template_seqs.tolist()):
                 v.index[t] = s + j
-                self._where[t] = model_version
+                self._where[t] = name
             v.size = e
             v.generation += 1
 
@@ -148,20 +148,20 @@ class Gallery:
         Erasure must be real: the rows are dropped from fresh buffers (copy-on-write, like ``_sort``, so a
         snapshot view handed to a running job stays valid; the old buffer is freed when that job ends), and
         snapshots older than ``del_seq`` are refused from now on (``SnapshotTooOld``), exactly as after a
-        restart that skipped erased rows. Costs one copy of the model version's rows per delete operation.
+        restart that skipped erased rows. Costs one copy of the gallery's rows per delete operation.
         """
         with self._lock:
-            by_version: dict[str, list[int]] = {}
+            by_gallery: dict[str, list[int]] = {}
             for t in {int(t) for t in template_seqs}:
                 mv = self._where.pop(t, None)
                 if mv is not None:
-                    by_version.setdefault(mv, []).append(t)
-            for mv, seqs in by_version.items():
-                self._compact(self._versions[mv], seqs, del_seq)
-            return sum(len(seqs) for seqs in by_version.values())
+                    by_gallery.setdefault(mv, []).append(t)
+            for mv, seqs in by_gallery.items():
+                self._compact(self._galleries[mv], seqs, del_seq)
+            return sum(len(seqs) for seqs in by_gallery.values())
 
     @staticmethod
-    def _compact(v: _Version, template_seqs: list[int], del_seq: int) -> None:
+    def _compact(v: _Rows, template_seqs: list[int], del_seq: int) -> None:
         """Rebuild ``v`` without ``template_seqs`` (all present in ``v``). Call with the lock held."""
         gone = np.asarray([v.index.pop(t) for t in template_seqs], dtype=np.int64)
         keep = np.ones(v.size, dtype=bool)
@@ -183,17 +183,17 @@ class Gallery:
         v.generation += 1
         v.cache = None
 
-    def note_purged(self, model_version: str, dim: int | None, through_seq: int) -> None:
+    def note_purged(self, name: str, dim: int | None, through_seq: int) -> None:
         """Record that rows deleted at seq <= through_seq were erased before loading (see SnapshotTooOld)."""
         with self._lock:
-            v = self._versions.get(model_version)
+            v = self._galleries.get(name)
             if v is None:
                 if dim is None:
                     return
-                v = self._versions[model_version] = _Version(dim=dim)
+                v = self._galleries[name] = _Rows(dim=dim)
             v.purged_through = max(v.purged_through, through_seq)
 
-    def _sort(self, v: _Version) -> None:
+    def _sort(self, v: _Rows) -> None:
         order = np.argsort(v.add_seq[: v.size], kind="stable")
         # fresh arrays: views handed out earlier stay valid and unchanged
         cap = v.capacity
@@ -210,10 +210,10 @@ class Gallery:
         v.ordered = True
 
     # -- reads ----------------------------------------------------------------------------------------------
-    def snapshot(self, model_version: str, upto_seq: int) -> tuple[np.ndarray, np.ndarray]:
+    def snapshot(self, name: str, upto_seq: int) -> tuple[np.ndarray, np.ndarray]:
         """(shares [n, d] int64, labels [n] int64) of the rows visible at ``upto_seq``, in add-seq order."""
         with self._lock:
-            v = self._readable(model_version, upto_seq)
+            v = self._readable(name, upto_seq)
             if v is None:
                 return np.empty((0, 0), np.int64), np.empty(0, np.int64)
             if not v.ordered:
@@ -236,22 +236,22 @@ class Gallery:
             labels.flags.writeable = False
             return shares, labels
 
-    def _readable(self, model_version: str, upto_seq: int) -> _Version | None:
+    def _readable(self, name: str, upto_seq: int) -> _Rows | None:
         """The gallery to read at ``upto_seq`` (None if it has no rows yet); refuses snapshots older than
         deletions already erased from memory. Call with the lock held."""
-        v = self._versions.get(model_version)
+        v = self._galleries.get(name)
         if v is not None and upto_seq < v.purged_through:
             raise SnapshotTooOld(f"snapshot {upto_seq} predates deletions already erased ({v.purged_through})")
         return v
 
     @staticmethod
-    def _none_deleted_by(v: _Version, upto_seq: int) -> bool:
+    def _none_deleted_by(v: _Rows, upto_seq: int) -> bool:
         return not bool(np.any(v.del_seq[: v.size] <= upto_seq))
 
-    def rows_for(self, model_version: str, upto_seq: int, template_seqs: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def rows_for(self, name: str, upto_seq: int, template_seqs: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """The visible rows among ``template_seqs`` (verify), in add-seq order."""
         with self._lock:
-            v = self._readable(model_version, upto_seq)
+            v = self._readable(name, upto_seq)
             if v is None:
                 return np.empty((0, 0), np.int64), np.empty(0, np.int64)
             rows = []
@@ -266,7 +266,7 @@ class Gallery:
     def counts(self) -> dict[str, dict[str, int]]:
         with self._lock:
             return {mv: {"rows": v.size - v.deleted, "deleted": v.deleted, "dim": v.dim}
-                    for mv, v in self._versions.items()}
+                    for mv, v in self._galleries.items()}
 
     def has(self, template_seq: int) -> bool:
         with self._lock:

@@ -51,7 +51,7 @@ class PartyMetrics:
         self.job_seconds.labels(kind=kind, status=str(status)).observe(seconds)
 
     def observe_mpc(self, kind: str, stats: dict[str, Any] | None) -> None:
-        """The engine's per-job stats (secure/mpc/worker.py); absent for jobs that ran no MPC."""
+        """The engine's per-job stats (secure/mpc/runtime/worker.py); absent for jobs that ran no MPC."""
         if not stats:
             return
         for key, histogram in (("mpc_s", self.mpc_seconds), ("rounds", self.mpc_rounds),

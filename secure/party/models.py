@@ -2,6 +2,8 @@
 
 Nothing here is a template: ``shares.share`` is one additive share (uniform over Z_2^64, int64 LE bytes).
 A committed delete erases the share bytes (``share`` becomes NULL) and keeps the row as a tombstone.
+Every ``gallery`` attribute is stored in a column named ``model_version``: the name the first releases gave it
+(the migrations and existing databases keep it; only the Python name says what it holds).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ class PartyBase(DeclarativeBase):
 class ShareRow(PartyBase):
     __tablename__ = "shares"
     template_seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    model_version: Mapped[str] = mapped_column(String(200), index=True)  # the gateway's gallery name
+    gallery: Mapped[str] = mapped_column("model_version", String(200), index=True)
     dim: Mapped[int] = mapped_column(Integer)
     share: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # int64 LE; NULL once deleted
     add_seq: Mapped[int] = mapped_column(BigInteger, unique=True, index=True)
@@ -38,7 +40,7 @@ class OpRow(PartyBase):
     kind: Mapped[str] = mapped_column(String(16))  # store | delete | none
     template_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # store
     template_seqs: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)  # delete
-    model_version: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    gallery: Mapped[str | None] = mapped_column("model_version", String(200), nullable=True)
     state: Mapped[str] = mapped_column(String(16), index=True)  # prepared | committed | aborted
     payload: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # the share of a prepared store
     digest: Mapped[str] = mapped_column(String(64))  # sha256 of the op's content (idempotent re-prepare)
@@ -50,9 +52,9 @@ class GalleryRow(PartyBase):
     """A gallery's fixed match threshold, recorded once when the gateway registers the gallery (immutable)."""
 
     __tablename__ = "galleries"
-    model_version: Mapped[str] = mapped_column(String(200), primary_key=True)
+    gallery: Mapped[str] = mapped_column("model_version", String(200), primary_key=True)
     threshold: Mapped[float] = mapped_column(Float(precision=53))
-    identify_thresholds: Mapped[list | None] = mapped_column(JSON, nullable=True)  # [[max_n, threshold], ...]
+    identify_thresholds: Mapped[list[list[float]] | None] = mapped_column(JSON, nullable=True)  # [[max_n, threshold], ...]
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -65,7 +67,7 @@ class MatchAuditRow(PartyBase):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     job_id: Mapped[str] = mapped_column(String(128))
     kind: Mapped[str] = mapped_column(String(16))
-    model_version: Mapped[str] = mapped_column(String(200))
+    gallery: Mapped[str] = mapped_column("model_version", String(200))
     rows: Mapped[int] = mapped_column(Integer)
     queries: Mapped[int] = mapped_column(Integer)
     status: Mapped[int] = mapped_column(Integer)  # the HTTP status this party answered

@@ -20,6 +20,7 @@ import json
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from sqlalchemy import select
@@ -37,7 +38,7 @@ class OpError(Exception):
     status = 400
     slug = "op-error"
 
-    def __init__(self, detail: str, **extra: object) -> None:
+    def __init__(self, detail: str, **extra: Any) -> None:
         super().__init__(detail)
         self.detail = detail
         self.extra = extra
@@ -69,14 +70,15 @@ class Diverged(OpError):
 class OpSpec:
     seq: int
     kind: str  # store | delete
-    model_version: str | None = None
+    gallery: str | None = None  # store: the gallery's name
     template_seq: int | None = None  # store
     template_seqs: tuple[int, ...] = ()  # delete
     share: bytes | None = field(default=None, repr=False)  # store: this party's share, int64 LE
 
     def digest(self) -> str:
+        # "model_version": the gallery's key since the first release; digests of prepared ops are stored
         content = {
-            "kind": self.kind, "model_version": self.model_version, "template_seq": self.template_seq,
+            "kind": self.kind, "model_version": self.gallery, "template_seq": self.template_seq,
             "template_seqs": sorted(set(self.template_seqs)),
             "share": hashlib.sha256(self.share).hexdigest() if self.share is not None else None,
         }
@@ -86,8 +88,8 @@ class OpSpec:
         if self.seq <= 0:
             raise OpInvalid("seq must be positive")
         if self.kind == "store":
-            if not self.model_version:
-                raise OpInvalid("a store names its model version")
+            if not self.gallery:
+                raise OpInvalid("a store names its gallery")
             if self.template_seq is None or self.template_seq <= 0:
                 raise OpInvalid("a store names a positive template_seq")
             if not self.share or len(self.share) % 8:
@@ -119,20 +121,20 @@ class OpLog:
         """Rebuild the in-memory state (pending ops, committed seqs, gallery) from the database."""
         with self._lock, self.sessions() as s:
             for seq, state, kind, mv, tseq, tseqs, payload in s.execute(
-                select(OpRow.seq, OpRow.state, OpRow.kind, OpRow.model_version, OpRow.template_seq,
+                select(OpRow.seq, OpRow.state, OpRow.kind, OpRow.gallery, OpRow.template_seq,
                        OpRow.template_seqs, OpRow.payload).order_by(OpRow.seq)
             ):
                 self._known_max = max(self._known_max, seq)
                 if state == "prepared":
                     spec = OpSpec(seq, kind, mv, tseq, tuple(tseqs or ()), payload)
                     self._pending[seq] = spec
-                    if kind == "store":
+                    if kind == "store" and tseq is not None:
                         self._pending_templates[tseq] = seq
                 elif state == "committed":
                     self._committed.append(seq)
             self._committed.sort()
             purged: dict[str, tuple[int, int]] = {}
-            buf: dict[str, list] = {}
+            buf: dict[str, list[tuple[int, int, bytes]]] = {}
 
             def flush(mv: str) -> None:
                 rows = buf.pop(mv, [])
@@ -142,7 +144,7 @@ class OpLog:
                                           np.asarray([r[1] for r in rows], np.int64), block.reshape(len(rows), -1))
 
             result = s.execute(
-                select(ShareRow.template_seq, ShareRow.model_version, ShareRow.dim, ShareRow.share,
+                select(ShareRow.template_seq, ShareRow.gallery, ShareRow.dim, ShareRow.share,
                        ShareRow.add_seq, ShareRow.del_seq).order_by(ShareRow.add_seq).execution_options(yield_per=batch)
             )
             for tseq, mv, dim, share, add_seq, del_seq in result:
@@ -173,24 +175,24 @@ class OpLog:
                     raise OpConflict(f"seq {spec.seq} was aborted", seq=spec.seq, state="aborted")
                 return existing.state
             if spec.kind == "store":
-                assert spec.template_seq is not None and spec.model_version is not None
+                assert spec.template_seq is not None and spec.gallery is not None
                 if spec.template_seq in self._pending_templates or s.get(ShareRow, spec.template_seq) is not None:
                     raise OpConflict(f"template {spec.template_seq} already exists", seq=spec.seq)
-                dim = self.gallery.dim(spec.model_version)
+                dim = self.gallery.dim(spec.gallery)
                 if dim is not None and dim != len(spec.share or b"") // 8:
-                    raise OpInvalid(f"model version {spec.model_version!r} holds {dim}-d shares", seq=spec.seq)
+                    raise OpInvalid(f"gallery {spec.gallery!r} holds {dim}-d shares", seq=spec.seq)
             else:
                 busy = [t for t in spec.template_seqs if t in self._pending_templates]
                 if busy:
                     raise OpConflict(f"templates {busy} have a pending store", seq=spec.seq)
             s.add(OpRow(seq=spec.seq, kind=spec.kind, template_seq=spec.template_seq,
                         template_seqs=sorted(set(spec.template_seqs)) if spec.kind == "delete" else None,
-                        model_version=spec.model_version, state="prepared", payload=spec.share, digest=digest,
+                        gallery=spec.gallery, state="prepared", payload=spec.share, digest=digest,
                         created_at=utcnow()))
             s.commit()
             self._pending[spec.seq] = spec
-            if spec.kind == "store":
-                self._pending_templates[spec.template_seq] = spec.seq  # type: ignore[index]
+            if spec.kind == "store" and spec.template_seq is not None:  # validate() makes it so for a store
+                self._pending_templates[spec.template_seq] = spec.seq
             self._known_max = max(self._known_max, spec.seq)
             return "prepared"
 
@@ -203,14 +205,14 @@ class OpLog:
                 return "committed"
             if op.state == "aborted":
                 raise OpConflict(f"seq {seq} was aborted", seq=seq, state="aborted")
-            spec = self._pending.get(seq) or OpSpec(seq, op.kind, op.model_version, op.template_seq,
+            spec = self._pending.get(seq) or OpSpec(seq, op.kind, op.gallery, op.template_seq,
                                                     tuple(op.template_seqs or ()), op.payload)
             if spec.kind == "store":
                 share = from_bytes(spec.share or b"")
-                dim = self.gallery.dim(spec.model_version or "")
+                dim = self.gallery.dim(spec.gallery or "")
                 if dim is not None and dim != share.size:
-                    raise OpInvalid(f"dimension mismatch for {spec.model_version!r}", seq=seq)
-                s.add(ShareRow(template_seq=spec.template_seq, model_version=spec.model_version, dim=share.size,
+                    raise OpInvalid(f"dimension mismatch for {spec.gallery!r}", seq=seq)
+                s.add(ShareRow(template_seq=spec.template_seq, gallery=spec.gallery, dim=share.size,
                                share=spec.share, add_seq=seq, del_seq=None))
             else:
                 for t in spec.template_seqs:
@@ -223,15 +225,15 @@ class OpLog:
             # the DB is the truth; the gallery follows (a crash here is repaired by load() at restart)
             try:
                 if spec.kind == "store":
-                    self.gallery.add(spec.model_version or "", spec.template_seq or 0, seq, from_bytes(spec.share or b""))
+                    self.gallery.add(spec.gallery or "", spec.template_seq or 0, seq, from_bytes(spec.share or b""))
                 else:
                     self.gallery.erase(spec.template_seqs, seq)
             except DimensionMismatch:  # pragma: no cover - guarded above
                 log.exception("gallery refused committed op %d", seq)
                 raise
             self._pending.pop(seq, None)
-            if spec.kind == "store":
-                self._pending_templates.pop(spec.template_seq, None)  # type: ignore[arg-type]
+            if spec.kind == "store" and spec.template_seq is not None:
+                self._pending_templates.pop(spec.template_seq, None)
             bisect.insort(self._committed, seq)
             self._known_max = max(self._known_max, seq)
         if spec.kind == "delete":
@@ -256,8 +258,8 @@ class OpLog:
             op.state, op.payload, op.decided_at = "aborted", None, utcnow()
             s.commit()
             spec = self._pending.pop(seq, None)
-            if spec is not None and spec.kind == "store":
-                self._pending_templates.pop(spec.template_seq, None)  # type: ignore[arg-type]
+            if spec is not None and spec.kind == "store" and spec.template_seq is not None:
+                self._pending_templates.pop(spec.template_seq, None)
             return "aborted"
 
     def op_state(self, seq: int) -> str | None:
@@ -284,7 +286,7 @@ class OpLog:
                 return len(self._committed)
             return bisect.bisect_right(self._committed, upto_seq)
 
-    def match_rows(self, model_version: str, upto_seq: int, expected_committed: int | None = None,
+    def match_rows(self, gallery: str, upto_seq: int, expected_committed: int | None = None,
                    template_seqs: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Check readiness and take the job's gallery atomically (no commit can interleave).
 
@@ -294,8 +296,8 @@ class OpLog:
         with self._lock:
             self.check_ready(upto_seq, expected_committed)
             if template_seqs is None:
-                return self.gallery.snapshot(model_version, upto_seq)
-            return self.gallery.rows_for(model_version, upto_seq, template_seqs)
+                return self.gallery.snapshot(gallery, upto_seq)
+            return self.gallery.rows_for(gallery, upto_seq, template_seqs)
 
     def check_ready(self, upto_seq: int, expected_committed: int | None = None) -> None:
         with self._lock:

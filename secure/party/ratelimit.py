@@ -8,10 +8,11 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 
 
 class TokenBucket:
-    def __init__(self, rate_per_s: float, burst: int, clock=time.monotonic) -> None:  # noqa: ANN001
+    def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
         if rate_per_s <= 0 or burst < 1:
             raise ValueError("rate must be positive and burst at least 1")
         self.rate, self.burst, self.clock = float(rate_per_s), int(burst), clock

@@ -4,7 +4,7 @@ Credentials are per link. The gateway -> party R link has its own bearer token, 
 (the same name at the gateway, which holds both, and at party R, which holds only its own);
 ``PRIVFACE_PARTY_INTERNAL_TOKEN`` overrides it for one process. There is no shared token any more:
 ``PRIVFACE_INTERNAL_TOKEN`` is ignored. Without either, a loopback party uses its development token
-``dev-party{R}-token`` (refused off loopback, see ``server.check_deployment``).
+``dev-party{R}-token`` (refused off loopback, see ``deployment.check_deployment``).
 """
 from __future__ import annotations
 

@@ -21,9 +21,9 @@ from secure.thresholds import GalleryPolicy
 class ThresholdConflict(Exception):
     """The gallery is already registered with another policy."""
 
-    def __init__(self, model_version: str, recorded: GalleryPolicy) -> None:
-        super().__init__(f"gallery {model_version!r} is registered with other thresholds")
-        self.model_version, self.recorded = model_version, recorded
+    def __init__(self, gallery: str, recorded: GalleryPolicy | None) -> None:
+        super().__init__(f"gallery {gallery!r} is registered with other thresholds")
+        self.gallery, self.recorded = gallery, recorded
 
 
 class Thresholds:
@@ -34,35 +34,35 @@ class Thresholds:
         self._cache: dict[str, GalleryPolicy] = {}
         self._lock = threading.Lock()
 
-    def get(self, model_version: str) -> GalleryPolicy | None:
-        """The recorded policy of ``model_version``, or None if it was never registered."""
+    def get(self, gallery: str) -> GalleryPolicy | None:
+        """The recorded policy of ``gallery``, or None if it was never registered."""
         with self._lock:
-            if model_version in self._cache:
-                return self._cache[model_version]
+            if gallery in self._cache:
+                return self._cache[gallery]
         with self.sessions() as s:
-            row = s.get(GalleryRow, model_version)
+            row = s.get(GalleryRow, gallery)
             value = None if row is None else GalleryPolicy.from_json(row.threshold, row.identify_thresholds)
         if value is not None:
             with self._lock:
-                self._cache[model_version] = value
+                self._cache[gallery] = value
         return value
 
-    def register(self, model_version: str, policy: GalleryPolicy) -> GalleryPolicy:
+    def register(self, gallery: str, policy: GalleryPolicy) -> GalleryPolicy:
         """Record ``policy`` for a new gallery; idempotent for the same policy.
 
         Raises ThresholdConflict if the gallery already holds another one.
         """
         value = policy
-        recorded = self.get(model_version)
+        recorded = self.get(gallery)
         if recorded is None:
             try:
                 with self.sessions() as s:
-                    s.add(GalleryRow(model_version=model_version, threshold=value.verify,
+                    s.add(GalleryRow(gallery=gallery, threshold=value.verify,
                                      identify_thresholds=value.schedule_json() or None))
                     s.commit()
             except IntegrityError:  # registered concurrently: compare with the winner below
                 pass
-            recorded = self.get(model_version)
+            recorded = self.get(gallery)
         if recorded != value:
-            raise ThresholdConflict(model_version, recorded)  # type: ignore[arg-type]
+            raise ThresholdConflict(gallery, recorded)
         return value

@@ -8,9 +8,10 @@ Off unless ``PRIVFACE_PARTY_TRAFFIC_LOG`` names a file.
 from __future__ import annotations
 
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 
 
 def install_traffic_log(app: FastAPI, path: str | None) -> None:
@@ -21,7 +22,7 @@ def install_traffic_log(app: FastAPI, path: str | None) -> None:
     lock = threading.Lock()
 
     @app.middleware("http")
-    async def _record(request: Request, call_next):  # type: ignore[no-untyped-def]
+    async def _record(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         size = request.headers.get("content-length", "0")
         with lock, target.open("a") as out:
             out.write(f"{request.method} {request.url.path} {size}\n")

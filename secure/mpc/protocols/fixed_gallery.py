@@ -26,10 +26,12 @@ import os
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
-from . import dealer_client
-from .ring_matmul import MIN_BATCH, float_matmul, to_float_rows
+from secure.mpc.dealer import client as dealer_client
+from secure.mpc.primitives.ring_matmul import MIN_BATCH, float_matmul, to_float_rows
+from secure.mpc.protocols.base import Comparison, JobInputs, ScoreProtocol
 
 SETUP_CHUNK = 1 << 16  # gallery rows masked per step of the set-up (bounds its temporary memory)
 
@@ -122,7 +124,7 @@ class PartyGalleryCache:
         self.index: dict[int, dict[int, int]] = {}      # d -> row key -> slot
         self.last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # d -> (keys, slots) of the last job
         self.weights: dict[int, torch.Tensor] = {}
-        self.floats: dict[int, torch.Tensor] = {}       # d -> float64 [S, 2d] of the stores (ring_matmul), on demand,
+        self.floats: dict[int, torch.Tensor | None] = {}  # d -> float64 [S, 2d] of the stores (ring_matmul), on demand,
                                                         # on ``device``
         self.setup_rows = 0                             # rows masked by the last call (stats)
         self.timings: dict[str, float] = {}             # seconds per step of the last call (stats)
@@ -157,7 +159,7 @@ class PartyGalleryCache:
 
 
 def party_scores(crypten: Any, cache: PartyGalleryCache, query: torch.Tensor, gallery: torch.Tensor,
-                 labels: torch.Tensor, mod38: bool = False, prefetch: tuple | None = None, after_dealer: Any = None,
+                 labels: torch.Tensor, mod38: bool = False, prefetch: tuple[Any, ...] | None = None, after_dealer: Any = None,
                  same_rows: bool = False) -> torch.Tensor:
     """This party's int64 share of G x (scale 2^32) by the fixed-gallery protocol. Both parties call it in lockstep.
 
@@ -245,9 +247,10 @@ def party_scores(crypten: Any, cache: PartyGalleryCache, query: torch.Tensor, ga
     ea = gather_ranges(cache.stores[d], ranges)
     ea_float = None
     if use_floats:
-        if cache.floats.get(d) is None:
-            cache.floats[d] = to_float_rows(cache.stores[d]).to(cache.device)
-        ea_float = gather_ranges(cache.floats[d], ranges)
+        floats = cache.floats.get(d)
+        if floats is None:
+            floats = cache.floats[d] = to_float_rows(cache.stores[d]).to(cache.device)
+        ea_float = gather_ranges(floats, ranges)
     t3 = time.perf_counter()
     out = ring_score_share(rank, ea, f, b_i, torch.zeros((), dtype=torch.long), ea_float)
     t4 = time.perf_counter()
@@ -259,6 +262,42 @@ def party_scores(crypten: Any, cache: PartyGalleryCache, query: torch.Tensor, ga
     return out
 
 
+class FixedGalleryScores(ScoreProtocol):
+    """The fixed-gallery score step of identify jobs (``PRIVFACE_MPC_PROTOCOL=fixed-gallery``, the default, with TTP).
+
+    ``mod38``: the comparison reads the scores modulo 2^38 only (dealer-bits), so batches may use ``ring_matmul``.
+    """
+
+    name = "fixed-gallery"
+
+    def __init__(self, crypten: Any, rank: int, device: str = "cpu", mod38: bool = False) -> None:
+        self.crypten, self.mod38 = crypten, mod38
+        self.cache = PartyGalleryCache(rank, device=device)
+        # True once a job has keyed the cache on the CURRENT resident snapshot (a verify job may have made another
+        # snapshot resident in between): only then may the row keys be reused
+        self.rows_current = False
+
+    def scores(self, job: JobInputs, comparison: Comparison) -> torch.Tensor:
+        query = torch.from_numpy(np.ascontiguousarray(job.query, dtype=np.int64).copy())
+        gallery = torch.from_numpy(np.ascontiguousarray(job.gallery, dtype=np.int64))  # only read
+        labels = torch.as_tensor(np.asarray(job.labels, dtype=np.int64).copy())
+        out = party_scores(self.crypten, self.cache, query, gallery, labels, mod38=self.mod38,
+                           prefetch=comparison.prefetch(), after_dealer=comparison.request,
+                           same_rows=job.resident and self.rows_current)
+        self.rows_current = True
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        return {"setup_rows": int(self.cache.setup_rows), **self.cache.timings}
+
+    def new_snapshot(self) -> None:
+        self.rows_current = False
+
+    def forget(self) -> None:
+        self.rows_current = False
+        self.cache.forget()
+
+
 # ----------------------------------------------------------------------------------- dealer side
 class DealerGalleryMasks:
     """The dealer's half: it knows A (the sum of both parties' PRG draws) per slot; never any data."""
@@ -266,7 +305,7 @@ class DealerGalleryMasks:
     def __init__(self, device: str = "cpu") -> None:
         self.stores: dict[int, torch.Tensor] = {}
         self.used: dict[int, int] = {}
-        self.floats: dict[int, torch.Tensor] = {}
+        self.floats: dict[int, torch.Tensor | None] = {}
         self.device = device  # where the float64 copy lives and products run (the parties' rule: uses_floats)
 
     def reset(self, d: int) -> None:
@@ -274,7 +313,7 @@ class DealerGalleryMasks:
         self.floats.pop(d, None)
         self.used[d] = 0
 
-    def add(self, gens: list, m: int, d: int) -> None:
+    def add(self, gens: list[Any], m: int, d: int) -> None:
         from crypten.common.rng import generate_random_ring_element
 
         a = torch.empty(m, d, dtype=torch.long)
@@ -288,17 +327,12 @@ class DealerGalleryMasks:
         self.floats[d] = _extend_floats(self.floats.get(d), used, a)
         self.used[d] = used + m
 
-    def query(self, gens: list, ranges: list[list[int]], d: int, batch: int = 0,
+    def query(self, gens: list[Any], ranges: list[list[int]], d: int, batch: int = 0,
               use_floats: bool = False) -> torch.Tensor:
         """c0 = A[rows] b - c1 for fresh b ([d], or [batch, d] when batch > 0); ``use_floats``: A b only mod 2^38,
         through ``ring_matmul`` on this dealer's device."""
-        from crypten.common.rng import generate_random_ring_element
-
-        b = None
         b_shape = (d,) if batch <= 0 else (batch, d)
-        for g in gens:
-            part = generate_random_ring_element(b_shape, generator=g, device=g.device)
-            b = part if b is None else b + part
+        b = _summed_draws(gens, b_shape)
         used = self.used.get(d, 0)
         n = 0
         for s, ln in ranges:
@@ -306,14 +340,23 @@ class DealerGalleryMasks:
                 raise RuntimeError("fixed-gallery query names a slot the dealer does not hold")
             n += ln
         if use_floats:
-            if self.floats.get(d) is None:
-                self.floats[d] = to_float_rows(self.stores[d]).to(self.device)
-            c = float_matmul(gather_ranges(self.floats[d], ranges), b if batch <= 0 else b.t()).cpu()
+            floats = self.floats.get(d)
+            if floats is None:
+                floats = self.floats[d] = to_float_rows(self.stores[d]).to(self.device)
+            c = float_matmul(gather_ranges(floats, ranges), b if batch <= 0 else b.t()).cpu()
         else:
             rows = gather_ranges(self.stores[d], ranges)
             c = int64_product(rows, b if batch <= 0 else b.t())
-        others = None
-        for g in gens[1:]:
-            part = generate_random_ring_element(tuple(c.shape), generator=g, device=g.device)
-            others = part if others is None else others + part
-        return c - others
+        result: torch.Tensor = c - _summed_draws(gens[1:], tuple(c.shape))
+        return result
+
+
+def _summed_draws(gens: list[Any], shape: tuple[int, ...]) -> torch.Tensor:
+    """The sum of one ring element of ``shape`` drawn from each generator, in order."""
+    from crypten.common.rng import generate_random_ring_element
+
+    draws = [generate_random_ring_element(shape, generator=g, device=g.device) for g in gens]
+    total: torch.Tensor = draws[0]
+    for part in draws[1:]:
+        total = total + part
+    return total

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import link_keys, prg
+from secure.mpc.primitives import prg
+from secure.mpc.runtime import link_keys
 
 _state: dict[str, Any] = {"secret": b"", "installed": False}
 
@@ -41,7 +42,7 @@ def session_key() -> bytes:
     from crypten.mpc.provider.ttp_provider import TTPClient
 
     key = getattr(TTPClient.get(), "privface_session_key", None)
-    if key is None:
+    if not isinstance(key, bytes):
         raise RuntimeError("no dealer session key: CrypTen was initialised without the TTP provider")
     return key
 
@@ -91,14 +92,15 @@ def install() -> None:
 
     for name in _RNG_USERS:
         module = importlib.import_module(name)
+        # patches of CrypTen's modules, on purpose (setattr: the modules are untyped)
         if hasattr(module, "generate_random_ring_element"):
-            module.generate_random_ring_element = ring_element  # type: ignore[attr-defined]
+            setattr(module, "generate_random_ring_element", ring_element)  # noqa: B010
         if hasattr(module, "generate_kbit_random_tensor"):
-            module.generate_kbit_random_tensor = kbit_tensor  # type: ignore[attr-defined]
+            setattr(module, "generate_kbit_random_tensor", kbit_tensor)  # noqa: B010
 
     from crypten.mpc.provider.ttp_provider import TTPClient
 
-    TTPClient._TTPClient__TTPClient._setup_generators = _party_setup_generators  # type: ignore[attr-defined]
+    TTPClient._TTPClient__TTPClient._setup_generators = _party_setup_generators
     _state["installed"] = True
 
 

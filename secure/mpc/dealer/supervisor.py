@@ -11,14 +11,14 @@ import logging
 import multiprocessing as mp
 import threading
 
-from .settings import MpcSettings
+from secure.mpc.settings import MpcSettings
 
 log = logging.getLogger("privface.dealer")
 
 
 def run_dealer(settings: MpcSettings | None = None, stop_event: threading.Event | None = None) -> None:
     """Serve as the dealer until ``stop_event`` is set (never, for the ``privface dealer`` command)."""
-    from . import dealer_server
+    from secure.mpc.dealer import server as dealer_server
 
     settings = settings or MpcSettings()
     if settings.provider != "TTP":

@@ -24,12 +24,13 @@ Nothing else leaves a party; the output stays an additive share. Security argume
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
-from .bits import bitslice, unbitslice_bool
-from .correlations import GATE_BLOCK, LOW_BITS, MASK, N_BITS, CmpMaterial, MuxMaterial, SqMaterial
-from .peer_link import PeerLink
+from secure.mpc.primitives.bits import bitslice, unbitslice_bool
+from secure.mpc.protocols.correlations import GATE_BLOCK, LOW_BITS, MASK, N_BITS, CmpMaterial, MuxMaterial, SqMaterial
+from secure.mpc.runtime.peer_link import PeerLink
 
 HALF = np.uint64(1 << (N_BITS - 1))
 ONE = np.uint64(1)
@@ -57,9 +58,9 @@ class PeerChannel:
 
         out = torch.from_numpy(send.reshape(-1).view(np.int64))
         recv = torch.empty_like(out)
-        reqs = [dist.isend(out, self.peer), dist.irecv(recv, self.peer)]
-        for req in reqs:
-            req.wait()
+        for req in (dist.isend(out, self.peer), dist.irecv(recv, self.peer)):
+            if req is not None:  # None only outside the sender's or receiver's group, never between two parties
+                req.wait()
         return recv.numpy().view(np.uint64).reshape(send.shape)
 
 
@@ -89,7 +90,8 @@ def compare_ge_zero(ch: PeerChannel, y: np.ndarray, mat: CmpMaterial) -> np.ndar
             new_p = np.concatenate([new_p, p[k - 1:k]])
         g, p = new_g, new_p
     top = mat.r_bits[LOW_BITS] ^ g[0]
-    return top ^ cs[LOW_BITS] if rank == 0 else top
+    out: np.ndarray = top ^ cs[LOW_BITS] if rank == 0 else top
+    return out
 
 
 def _first_level(rank: int, nc: np.ndarray, r: np.ndarray, pair_and: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,10 +118,22 @@ def _first_level(rank: int, nc: np.ndarray, r: np.ndarray, pair_and: np.ndarray)
     return g, p
 
 
-def select(ch: PeerChannel, g_bits: np.ndarray, values: np.ndarray, mat: MuxMaterial,
-           want_g: bool = False) -> tuple[np.ndarray | None, np.ndarray]:
-    """Additive shares of g * v for each row v of ``values`` [V, E] (this party's shares), from XOR-shared g_bits;
-    with ``want_g`` also additive shares of g [E] (else None).
+def select(ch: PeerChannel, g_bits: np.ndarray, values: np.ndarray, mat: MuxMaterial) -> np.ndarray:
+    """Additive shares of g * v for each row v of ``values`` [V, E] (this party's shares), from XOR-shared g_bits."""
+    return _select(ch, g_bits, values, mat, want_g=False)[1]
+
+
+def select_bit(ch: PeerChannel, g_bits: np.ndarray, values: np.ndarray,
+               mat: MuxMaterial) -> tuple[np.ndarray, np.ndarray]:
+    """``select``, plus additive shares of g itself [E] (the same round)."""
+    g, products = _select(ch, g_bits, values, mat, want_g=True)
+    assert g is not None
+    return g, products
+
+
+def _select(ch: PeerChannel, g_bits: np.ndarray, values: np.ndarray, mat: MuxMaterial,
+            want_g: bool) -> tuple[np.ndarray | None, np.ndarray]:
+    """Shares of g * v (and of g with ``want_g``).
 
     One round: open e = g ^ rho and f = v - b. Then g = rho (e = 0) or 1 - rho (e = 1), so g v = rho v or
     v - rho v, and the shares of rho v are rho_i f + (rho b)_i.
@@ -149,13 +163,28 @@ def _public_share(ch: PeerChannel, x: np.ndarray) -> np.ndarray:
     return x if ch.rank == 0 else np.zeros_like(x)
 
 
-def knockout(ch: PeerChannel, scores: np.ndarray, labels: np.ndarray | None, mats: Iterator,
-             labels_public: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """Shares of the best score per column of ``scores`` [n, Q] (and of its row's label, if given).
+def knockout(ch: PeerChannel, scores: np.ndarray, mats: Iterator[Any]) -> np.ndarray:
+    """Shares of the best score per column of ``scores`` [n, Q]. Pairs rows (0,1), (2,3), ...; an odd last row
+    passes up."""
+    vals = scores
+    while vals.shape[0] > 1:
+        m = vals.shape[0]
+        h = m // 2
+        a, b = vals[0:2 * h:2], vals[1:2 * h:2]
+        diff = (a - b).reshape(-1)
+        prod = select(ch, compare_ge_zero(ch, diff, next(mats)), diff[None], next(mats))
+        vals = _carry_odd(b + prod[0].reshape(b.shape), vals, m)
+    result: np.ndarray = vals[0]
+    return result
 
-    Pairs rows (0,1), (2,3), ...; an odd last row passes up; ties go to the lower row (kept order).
-    ``labels_public``: ``labels`` are the same public values at both parties (not shares). Then the first level
-    needs no selection for them: the winner's label is b + g (a - b) with a, b public, local once g is shared.
+
+def knockout_labeled(ch: PeerChannel, scores: np.ndarray, labels: np.ndarray, mats: Iterator[Any],
+                     labels_public: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Shares of the best score per column of ``scores`` [n, Q] and of its row's label (``labels`` [n, Q]).
+
+    Ties go to the lower row (kept order). ``labels_public``: ``labels`` are the same public values at both
+    parties (not shares). Then the first level needs no selection for them: the winner's label is b + g (a - b)
+    with a, b public, local once g is shared.
     """
     vals, labs, public = scores, labels, labels_public
     while vals.shape[0] > 1:
@@ -164,30 +193,27 @@ def knockout(ch: PeerChannel, scores: np.ndarray, labels: np.ndarray | None, mat
         a, b = vals[0:2 * h:2], vals[1:2 * h:2]
         diff = (a - b).reshape(-1)
         g_bits = compare_ge_zero(ch, diff, next(mats))
-        new_labs = None
-        if labs is None:
-            _, prod = select(ch, g_bits, diff[None], next(mats))
-        elif public:
-            g, prod = select(ch, g_bits, diff[None], next(mats), want_g=True)
+        if public:
+            g, prod = select_bit(ch, g_bits, diff[None], next(mats))
             la, lb = labs[0:2 * h:2], labs[1:2 * h:2]
-            new_labs = g.reshape(lb.shape) * (la - lb) + _public_share(ch, lb)  # type: ignore[union-attr]
+            new_labs = g.reshape(lb.shape) * (la - lb) + _public_share(ch, lb)
         else:
             lab_diff = (labs[0:2 * h:2] - labs[1:2 * h:2]).reshape(-1)
-            _, prod = select(ch, g_bits, np.stack([diff, lab_diff]), next(mats))
+            prod = select(ch, g_bits, np.stack([diff, lab_diff]), next(mats))
             new_labs = labs[1:2 * h:2] + prod[1].reshape(b.shape)
-        new_vals = b + prod[0].reshape(b.shape)
         if m % 2:
-            new_vals = np.concatenate([new_vals, vals[m - 1:m]])
-            if labs is not None:
-                last = _public_share(ch, labs[m - 1:m]) if public else labs[m - 1:m]
-                new_labs = np.concatenate([new_labs, last])  # type: ignore[list-item]
-        vals, labs, public = new_vals, new_labs, False
-    if labs is None:
-        return vals[0], None
+            new_labs = np.concatenate([new_labs, _public_share(ch, labs[m - 1:m]) if public else labs[m - 1:m]])
+        labs = new_labs
+        vals, public = _carry_odd(b + prod[0].reshape(b.shape), vals, m), False
     return vals[0], (_public_share(ch, labs[0]) if public else labs[0])
 
 
-def query_ok(ch: PeerChannel, query: np.ndarray, mats: Iterator) -> np.ndarray:
+def _carry_odd(winners: np.ndarray, vals: np.ndarray, m: int) -> np.ndarray:
+    """The next level: the pairs' winners, and an odd last row passing up."""
+    return np.concatenate([winners, vals[m - 1:m]]) if m % 2 else winners
+
+
+def query_ok(ch: PeerChannel, query: np.ndarray, mats: Iterator[Any]) -> np.ndarray:
     """XOR shares (bit-sliced) of [the query is at most a unit vector], one bit per query of ``query`` [Q, d].
 
     Why: the threshold is fixed at the parties, but a query scaled by c moves the score by c, so whoever sends a
@@ -217,21 +243,21 @@ def query_ok(ch: PeerChannel, query: np.ndarray, mats: Iterator) -> np.ndarray:
     unit, bound = (np.uint64(UNIT), np.uint64(NORM2_MAX)) if rank == 0 else (np.uint64(0), np.uint64(0))
     y = np.concatenate([unit - q, q + unit, bound - block_sums, bound - total], axis=1)  # each >= 0 when fine
     bits = compare_ge_zero(ch, y.reshape(-1), next(mats))
-    passed, _ = select(ch, bits, np.zeros((0, y.size), dtype=np.uint64), next(mats), want_g=True)
-    count = passed.reshape(n_q, -1).sum(axis=1, dtype=np.uint64)  # type: ignore[union-attr]
+    passed, _ = select_bit(ch, bits, np.zeros((0, y.size), dtype=np.uint64), next(mats))
+    count = passed.reshape(n_q, -1).sum(axis=1, dtype=np.uint64)
     if rank == 0:
         count -= np.uint64(y.shape[1])
     return compare_ge_zero(ch, count, next(mats))       # [count - checks >= 0]: every check passed
 
 
-def _gate(ch: PeerChannel, ok_bits: np.ndarray, values: np.ndarray, mats: Iterator) -> np.ndarray:
+def _gate(ch: PeerChannel, ok_bits: np.ndarray, values: np.ndarray, mats: Iterator[Any]) -> np.ndarray:
     """Shares of ok * v for additively shared v [Q]."""
-    _, prod = select(ch, ok_bits, values[None], next(mats))
-    return prod[0]
+    out: np.ndarray = select(ch, ok_bits, values[None], next(mats))[0]
+    return out
 
 
 def match(ch: PeerChannel, kind: str, scores: np.ndarray, labels: np.ndarray, threshold_raw: int,
-          materials: list, query: np.ndarray | None = None) -> np.ndarray:
+          materials: list[Any], query: np.ndarray | None = None) -> np.ndarray:
     """This party's additive share (uint64) of the match output for scores [n, Q] (shares, scale 2^32).
 
     verify:        [max_i score_i >= T]                      -> [Q] (0/1)
@@ -245,45 +271,49 @@ def match(ch: PeerChannel, kind: str, scores: np.ndarray, labels: np.ndarray, th
     mats = iter(materials)
     n, q = scores.shape
     ok = query_ok(ch, query.reshape(q, -1), mats) if query is not None else None
-    lab = None
-    if kind in ("identify", "identify-best"):
+    if kind == "verify":
+        out = _decide(ch, kind, knockout(ch, scores, mats), None, threshold_raw, mats)
+    else:
         lab = np.broadcast_to(labels.astype(np.int64).view(np.uint64).reshape(n, 1), (n, q))
-    best, best_label = knockout(ch, scores, lab, mats, labels_public=True)
-    if kind == "identify-best":
-        if ok is not None:
-            best_label = _gate(ch, ok, best_label, mats)  # type: ignore[arg-type]
-        _expect_end(mats)
-        return np.concatenate([best, best_label])  # type: ignore[list-item]
-    out = _decide(ch, kind, best, best_label, threshold_raw, mats)
+        best, best_label = knockout_labeled(ch, scores, lab, mats, labels_public=True)
+        if kind == "identify-best":  # the label is gated (label 0 never matches), the score is not
+            if ok is not None:
+                best_label = _gate(ch, ok, best_label, mats)
+            _expect_end(mats)
+            return np.concatenate([best, best_label])
+        out = _decide(ch, kind, best, best_label, threshold_raw, mats)
     if ok is not None:
         out = _gate(ch, ok, out, mats)
     _expect_end(mats)
     return out
 
 
-def merge(ch: PeerChannel, candidates: np.ndarray, threshold_raw: int, materials: list) -> np.ndarray:
+def merge(ch: PeerChannel, candidates: np.ndarray, threshold_raw: int, materials: list[Any]) -> np.ndarray:
     """Shares of the identify output over shard winners: ``candidates`` [K, 2Q] = this party's shares of each
     shard's (best score [Q], best label [Q]). Knockout over the K rows (ties: the lower shard), then threshold."""
     mats = iter(materials)
     q = candidates.shape[1] // 2
-    best, best_label = knockout(ch, candidates[:, :q], candidates[:, q:], mats)
+    best, best_label = knockout_labeled(ch, candidates[:, :q], candidates[:, q:], mats)
     out = _decide(ch, "identify", best, best_label, threshold_raw, mats)
     _expect_end(mats)
     return out
 
 
 def _decide(ch: PeerChannel, kind: str, best: np.ndarray, best_label: np.ndarray | None, threshold_raw: int,
-            mats: Iterator) -> np.ndarray:
+            mats: Iterator[Any]) -> np.ndarray:
     """[best >= T] (verify) or [best >= T] * best_label (identify), as additive shares."""
     q = best.shape[0]
     t = np.uint64(int(threshold_raw) % (1 << 64))
     y = best - t if ch.rank == 0 else best
     bit = compare_ge_zero(ch, y, next(mats))
-    carried = np.stack([best_label]) if best_label is not None else np.zeros((0, q), dtype=np.uint64)
-    g, prod = select(ch, bit, carried, next(mats), want_g=kind != "identify")
-    return prod[0] if kind == "identify" else g  # type: ignore[return-value]
+    if kind == "identify":
+        assert best_label is not None
+        product: np.ndarray = select(ch, bit, np.stack([best_label]), next(mats))[0]
+        return product
+    g, _ = select_bit(ch, bit, np.zeros((0, q), dtype=np.uint64), next(mats))
+    return g
 
 
-def _expect_end(mats: Iterator) -> None:
+def _expect_end(mats: Iterator[Any]) -> None:
     if next(mats, None) is not None:
         raise RuntimeError("materials longer than the match plan")

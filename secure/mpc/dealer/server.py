@@ -9,23 +9,20 @@ masks and per-query products c = A b (``fixed_gallery.DealerGalleryMasks``), and
 """
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any
 
-from .settings import DEALER
-from .worker import _die_with_parent, _exit, init_crypten, resolve_device
+from secure.mpc.settings import DEALER, MpcSettings
+from secure.mpc.runtime.session import die_with_parent, exit_now, init_crypten, resolve_device
 
 DEALER_FUNCTIONS = frozenset({"additive", "square", "binary", "wraps", "B2A", "ping",
                               "fg_mask", "fg_query", "fg_reset", "cmp_corrections", "cmp_collect"})
 
 
-def dealer_main(settings_data: dict, generation: int) -> None:
+def dealer_main(settings_data: dict[str, Any], generation: int) -> None:
     """Entry point of a dealer worker process: CrypTen's TTP server, hardened (timeouts, whitelist, ping)."""
-    _die_with_parent()
-    import logging
-
-    from .settings import MpcSettings
-
+    die_with_parent()
     log = logging.getLogger("privface.dealer")
     code = 3
     try:
@@ -36,19 +33,20 @@ def dealer_main(settings_data: dict, generation: int) -> None:
         code = 0
     except BaseException as exc:  # noqa: BLE001
         log.warning("dealer generation %d ended: %s: %s", generation, type(exc).__name__, exc)
-    _exit(None, code)
+    exit_now(None, code)
 
 
-def _make_dealer_class():  # type: ignore[no-untyped-def]
-    from .crypten_compat import load_crypten
+def _make_dealer_class() -> type[Any]:
+    """The dealer's class, built once CrypTen is loaded (its TTPServer is the base; CrypTen has no types)."""
+    from secure.mpc.runtime.crypten_compat import load_crypten
 
     load_crypten()
     from crypten.mpc.provider.ttp_provider import TTPServer
 
-    class Dealer(TTPServer):
+    class Dealer(TTPServer):  # type: ignore[misc]  # CrypTen is untyped: the base class is Any
         """CrypTen's TTPServer without its blocking constructor; requests are whitelisted and time out."""
 
-        def __init__(self, settings: Any) -> None:  # noqa: D107 - do NOT call TTPServer.__init__ (it blocks)
+        def __init__(self, settings: MpcSettings) -> None:  # noqa: D107 - do NOT call TTPServer.__init__ (it blocks)
             import crypten.communicator as comm
 
             self.comm = comm.get()
@@ -59,7 +57,7 @@ def _make_dealer_class():  # type: ignore[no-untyped-def]
             self.settings = settings
             self.cmp_keys: list[bytes] = []
             self._setup_generators()
-            from .fixed_gallery import DealerGalleryMasks
+            from secure.mpc.protocols.fixed_gallery import DealerGalleryMasks
 
             self.fg = DealerGalleryMasks(device=resolve_device(settings.device))
             self.cmp_last_stream = 0
@@ -73,7 +71,9 @@ def _make_dealer_class():  # type: ignore[no-untyped-def]
         def _setup_generators(self) -> None:
             """Replaces CrypTen's (seeds from torch.randint, sent in the clear): one authenticated key agreement
             per party (link_keys.py), AES-CTR streams derived from it (crypten_rng.py, prg.py)."""
-            from . import crypten_rng, link_keys, prg
+            from secure.mpc.runtime import crypten_rng
+            from secure.mpc.runtime import link_keys
+            from secure.mpc.primitives import prg
 
             self.generators, self.generators_cuda, self.cmp_keys = [], [], []
             for rank in (0, 1):
@@ -90,10 +90,15 @@ def _make_dealer_class():  # type: ignore[no-untyped-def]
             from crypten.common import serial
 
             size = torch.tensor(1, dtype=torch.int32)
-            dist.irecv(size, src=0, group=self.ttp_group).wait(self.timeout)
+            self._wait(dist.irecv(size, src=0, group=self.ttp_group))
             data = torch.empty(size=(int(size),), dtype=torch.int8)
-            dist.irecv(data, src=0, group=self.ttp_group).wait(self.timeout)
+            self._wait(dist.irecv(data, src=0, group=self.ttp_group))
             return serial.restricted_loads(data.numpy().tobytes())
+
+        def _wait(self, work: Any) -> None:
+            if work is None:  # only outside the TTP group, which the dealer is always in
+                raise RuntimeError("the dealer is not in the TTP group")
+            work.wait(self.timeout)
 
         def serve(self) -> None:
             ttp_rank = self.comm.get_ttp_rank()
@@ -109,25 +114,26 @@ def _make_dealer_class():  # type: ignore[no-untyped-def]
                 self.comm.send_obj(result.size(), 0, self.ttp_group)
                 self.comm.broadcast(result, ttp_rank, self.comm_group)
 
-        def ping(self):  # type: ignore[no-untyped-def]
+        def ping(self) -> Any:
             import torch
 
             return torch.zeros(1, dtype=torch.long)
 
-        # fixed-gallery protocol (secure/mpc/fixed_gallery.py): masks kept per slot, fresh b per query
-        def fg_reset(self, d):  # type: ignore[no-untyped-def]
+        # fixed-gallery protocol (secure/mpc/protocols/fixed_gallery.py): masks kept per slot, fresh b per query
+        def fg_reset(self, d: int) -> Any:
             import torch
 
             self.fg.reset(int(d))
             return torch.zeros(1, dtype=torch.long)
 
-        def fg_mask(self, m, d):  # type: ignore[no-untyped-def]
+        def fg_mask(self, m: int, d: int) -> Any:
             import torch
 
             self.fg.add(self._get_generators(device="cpu"), int(m), int(d))
             return torch.zeros(1, dtype=torch.long)
 
-        def fg_query(self, ranges, d, batch=0, use_floats=False, prefetch=None):  # type: ignore[no-untyped-def]
+        def fg_query(self, ranges: list[list[int]], d: int, batch: int = 0, use_floats: bool = False,
+                     prefetch: tuple[Any, ...] | None = None) -> Any:
             if not 0 <= int(batch) <= 4096:
                 raise RuntimeError("fixed-gallery batch out of range")
             if prefetch is not None:  # the same job's comparison corrections, collected later by cmp_collect
@@ -135,12 +141,12 @@ def _make_dealer_class():  # type: ignore[no-untyped-def]
             return self.fg.query(self._get_generators(device="cpu"), [[int(a), int(b)] for a, b in ranges], int(d),
                                  int(batch), bool(use_floats))
 
-        # dealer-bits comparison (secure/mpc/correlations.py): party 0's share of the job's correlated bits
-        def cmp_corrections(self, kind, rows, batch, stream_id, dim=0):  # type: ignore[no-untyped-def]
+        # dealer-bits comparison (secure/mpc/protocols/correlations.py): party 0's share of the job's correlated bits
+        def cmp_corrections(self, kind: str, rows: int, batch: int, stream_id: int, dim: int = 0) -> Any:
             self._start_corrections(kind, rows, batch, stream_id, dim)
             return self.cmp_collect(stream_id)
 
-        def cmp_collect(self, stream_id):  # type: ignore[no-untyped-def]
+        def cmp_collect(self, stream_id: int) -> Any:
             import numpy as np
             import torch
 
@@ -150,8 +156,8 @@ def _make_dealer_class():  # type: ignore[no-untyped-def]
             corr = pending[1].result(timeout=self.timeout.total_seconds())
             return torch.from_numpy(np.ascontiguousarray(corr).view(np.int64))
 
-        def _start_corrections(self, kind, rows, batch, stream_id, dim=0) -> None:  # type: ignore[no-untyped-def]
-            from . import correlations
+        def _start_corrections(self, kind: str, rows: int, batch: int, stream_id: int, dim: int = 0) -> None:
+            from secure.mpc.protocols import correlations
 
             if int(stream_id) <= self.cmp_last_stream:
                 raise RuntimeError("comparison PRG stream reused")
@@ -160,7 +166,7 @@ def _make_dealer_class():  # type: ignore[no-untyped-def]
             self.cmp_pending = (int(stream_id), self.cmp_pool.submit(
                 correlations.dealer_corrections, self.cmp_keys[0], self.cmp_keys[1], int(stream_id), plan))
 
-        def additive(self, size0, size1, op, *args, **kwargs):  # type: ignore[no-untyped-def]
+        def additive(self, size0: Any, size1: Any, op: str, *args: Any, **kwargs: Any) -> Any:
             import torch
 
             a = self._get_additive_PRSS(size0)
@@ -177,5 +183,5 @@ def _make_dealer_class():  # type: ignore[no-untyped-def]
     return Dealer
 
 
-def _Dealer(settings: Any):  # type: ignore[no-untyped-def]  # noqa: N802
+def _Dealer(settings: MpcSettings) -> Any:  # noqa: N802
     return _make_dealer_class()(settings)

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bits import bitslice, n_words, tree_pairs, unbitslice
-from .prg import AesCtrStream
+from secure.mpc.primitives.bits import bitslice, n_words, tree_pairs, unbitslice
+from secure.mpc.primitives.prg import AesCtrStream
 
 N_BITS = 38             # compared values are differences of scores at scale 2^32: |y| < 2^37 (norms <= 4 each)
 LOW_BITS = N_BITS - 1
@@ -145,7 +145,7 @@ class PartySource:
         return out
 
     def finish(self) -> None:
-        if self.rank == 0 and self.used != self.corrections.shape[0]:  # type: ignore[union-attr]
+        if self.corrections is not None and self.used != self.corrections.shape[0]:  # party 0 (its constructor)
             raise RuntimeError("dealer corrections longer than the job plan")
 
 

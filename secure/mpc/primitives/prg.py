@@ -53,7 +53,7 @@ class AesCtrStream:
         if count <= 0:
             return np.zeros(0, dtype=np.uint64)
         out = np.empty(count + 2, dtype=np.uint64)  # update_into wants room for one block more than its input
-        view = memoryview(out.view(np.uint8))
+        view = out.view(np.uint8).data
         total = 8 * count
         for start in range(0, total, _ZERO_BLOCK_BYTES):
             size = min(_ZERO_BLOCK_BYTES, total - start)

@@ -16,7 +16,7 @@ def send_request(function: str, *args: Any) -> None:
     """Party 0: the first half of CrypTen's TTPClient.ttp_request (send the request, do not wait)."""
     from crypten.mpc.provider.ttp_provider import TTPClient
 
-    from .crypten_compat import load_crypten
+    from secure.mpc.runtime.crypten_compat import load_crypten
 
     comm = load_crypten().communicator.get()
     message = {"function": function, "device": "cpu", "args": args, "kwargs": {}}
@@ -28,7 +28,7 @@ def receive_result() -> Any:
     import torch
     from crypten.mpc.provider.ttp_provider import TTPClient
 
-    from .crypten_compat import load_crypten
+    from secure.mpc.runtime.crypten_compat import load_crypten
 
     comm = load_crypten().communicator.get()
     client = TTPClient.get()

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
-    raise ImportError("secure.mpc.bits assumes a little-endian machine")
+    raise ImportError("secure.mpc.primitives.bits assumes a little-endian machine")
 
 
 def n_words(count: int) -> int:

@@ -40,7 +40,7 @@ class PeerLink:
         """Both parties call this with equal-sized arrays; returns the peer's (same dtype and shape)."""
         out = np.ascontiguousarray(mine)
         theirs = np.empty_like(out)
-        self._swap(memoryview(out).cast("B"), memoryview(theirs).cast("B"))
+        self._swap(out.data.cast("B"), theirs.data.cast("B"))
         return theirs
 
     def _swap(self, out: memoryview, into: memoryview) -> None:

@@ -1,0 +1,73 @@
+"""Coalescing: single-query identify jobs queued on the same resident snapshot run as one batched MPC job.
+
+Concurrent requests then share one knockout tournament (the same rounds as one query). Party 0 takes the oldest
+job and up to ``coalesce_max`` - 1 coalescible jobs right behind it and announces the group with its digest; party 1
+forms the same group from its own queue (waiting up to ``COALESCE_WAIT_S`` for missing members) or both keep the
+jobs and party 0 announces the first one alone. ``job_digest`` is what both parties compare before running a job.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from typing import cast
+
+import numpy as np
+
+from secure.mpc.protocols.base import Output
+from secure.mpc.runtime.messages import WorkerJob
+
+COALESCE_WAIT_S = 0.05  # how long party 1 waits for the other members of a group party 0 announced
+
+
+def job_digest(kind: str, n: int, d: int, threshold: float, labels: np.ndarray, device: str, batch: int = 0) -> str:
+    """What both parties must agree on before running a job. ``batch``: 0 for one query, Q for a batch of Q."""
+    h = hashlib.sha256()
+    head = [kind, int(n), int(d), float(threshold).hex(), device] + ([int(batch)] if batch else [])
+    h.update(json.dumps(head).encode())
+    h.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
+def digest_of(job: WorkerJob, device: str) -> str:
+    g, q = job.gallery, job.query
+    if g is None or job.labels is None:
+        raise RuntimeError(f"job {job.job_id} has no gallery snapshot")
+    return job_digest(job.kind, g.shape[0], g.shape[1], job.threshold, job.labels, device,
+                      int(q.shape[0]) if q.ndim == 2 else 0)
+
+
+def coalescible(first: WorkerJob, other: WorkerJob) -> bool:
+    """Two queued jobs may run as one batched MPC job: single-query identify (or a shard's identify-best) jobs on
+    the very same resident gallery snapshot (the same array object), threshold and labels."""
+    if first.kind != other.kind or first.kind not in ("identify", "identify-best"):
+        return False
+    if np.ndim(first.query) != 1 or np.ndim(other.query) != 1:
+        return False
+    if other.gallery is not first.gallery or other.threshold != first.threshold:
+        return False
+    if other.labels is first.labels:
+        return True
+    return other.labels is not None and first.labels is not None and bool(np.array_equal(other.labels, first.labels))
+
+
+def combined_job(group: list[WorkerJob]) -> WorkerJob:
+    """One job for a group of coalescible jobs: their queries stacked as a batch, answered per member."""
+    if len(group) == 1:
+        return group[0]
+    return replace(group[0], query=np.stack([np.asarray(x.query) for x in group]),
+                   members=tuple(x.job_id for x in group))
+
+
+def split_output(job: WorkerJob, share: Output) -> list[tuple[str, Output]]:
+    """(job id, its output share) for each job a (possibly coalesced) job answers. A coalesced identify-best batch
+    answers [Q scores, Q labels]; each member gets its [score, label]."""
+    if job.members is None:
+        return [(job.job_id, share)]
+    if not isinstance(share, list):
+        raise RuntimeError("a coalesced job answers one share per member")
+    q = len(job.members)
+    flat = cast(list[int], share)  # a batch's output is flat: Q shares, or Q scores then Q labels
+    if job.kind == "identify-best":
+        return [(job_id, [flat[i], flat[q + i]]) for i, job_id in enumerate(job.members)]
+    return [(job_id, value) for job_id, value in zip(job.members, flat)]
