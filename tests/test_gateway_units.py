@@ -79,6 +79,50 @@ def test_snapshot_stops_before_the_oldest_undecided_operation(sessions):
         assert session.get(Operation, seqs[1]).state == "aborted"
 
 
+class RecordingPair:
+    """The one PartyPair call ``settle`` makes (``decide_at``), answered as a party that acknowledges."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, int, bool]] = []
+
+    async def decide_at(self, rank: int, seq: int, commit: bool) -> bool:
+        self.sent.append((rank, seq, commit))
+        return True
+
+
+def test_settled_snapshot_reaches_every_earlier_decision_and_delivers_it(sessions):
+    """Read-your-writes under concurrency (issue 13): op 2 is decided (its client got a 201) while op 1 of a
+    concurrent request is still preparing; the snapshot waits for op 1 and hands both parties every decision
+    in it that they have not acknowledged, so neither answers 'behind'."""
+    import asyncio
+
+    seqs = [operations.begin(sessions, "store", "g", [], {}) for _ in range(3)]
+    operations.decide(sessions, seqs[1], commit=True)
+    pair = RecordingPair()
+
+    async def scenario() -> tuple[int, int]:
+        async def decide_later() -> None:
+            await asyncio.sleep(0.2)
+            operations.decide(sessions, seqs[0], commit=False)
+
+        waiter = asyncio.create_task(operations.settled_snapshot(sessions, pair, wait_s=5))
+        await decide_later()
+        return await waiter
+
+    upto, committed = asyncio.run(scenario())
+    assert (upto, committed) == (seqs[1], 1)  # seq 3 is preparing: not in the snapshot
+    assert sorted(pair.sent) == [(0, seqs[0], False), (0, seqs[1], True), (1, seqs[0], False), (1, seqs[1], True)]
+    pair.sent.clear()
+    assert asyncio.run(operations.settled_snapshot(sessions, pair, wait_s=1)) == (seqs[1], 1)
+    assert pair.sent == []  # acknowledged decisions are not sent again
+    operations.decide(sessions, seqs[2], commit=True)
+    with session_scope(sessions) as session:
+        session.add(Operation(kind="store", model_version="g", template_seqs=[], context={}))  # stays preparing
+    operations.decide(sessions, operations.begin(sessions, "store", "g", [], {}), commit=True)
+    with pytest.raises(TimeoutError):
+        asyncio.run(operations.settled_snapshot(sessions, pair, wait_s=0.2))
+
+
 def _payload(**override) -> FeaturePayload:
     spec = default_spec()
     body = {"transform_id": spec.transform_id, "params_hash": spec.params_hash, "shape": list(spec.shape),

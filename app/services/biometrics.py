@@ -236,17 +236,20 @@ def _current_templates(session: Session, subject_id: str, model_version: str, ke
 
 
 async def _with_resync(ctx: GatewayContext, run):
-    """Run a match job on the snapshot of every decided operation; on 'behind', resync once and retry."""
+    """Run a match job on a settled snapshot (``operations.settled_snapshot``: read-your-writes, and both
+    parties hold every decision in it); if a party still refuses it (a delete erased rows of an older
+    snapshot, a decision could not be delivered), take a fresh settled snapshot and retry once."""
+    wait_s = operations.stale_after(ctx.settings.party_timeout_s)
     for attempt in (1, 2):
-        with session_scope(ctx.sessions) as session:
-            upto = operations.decided_through(session)
-            committed = operations.committed_through(session, upto)
+        try:
+            upto, committed = await operations.settled_snapshot(ctx.sessions, ctx.parties, wait_s)
+        except TimeoutError as exc:
+            raise unavailable(f"an earlier operation is still undecided ({exc}); retry") from None
         try:
             return await run(upto, committed)
         except PartiesOutOfSync:
             if attempt == 2:
                 raise unavailable("the parties could not be brought in sync; retry") from None
-            await operations.reconcile(ctx.sessions, ctx.parties, stale_after_s=operations.stale_after(ctx.settings.party_timeout_s))
         except PartiesUnavailable as exc:
             raise unavailable(str(exc)) from None
         except PartiesError as exc:

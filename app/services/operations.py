@@ -6,10 +6,15 @@ records the intent (state `preparing`), asks both parties to prepare, then recor
 tells the parties. A gateway that dies anywhere in between leaves a row that `reconcile` finishes:
 undecided intents are aborted, decisions a party has not acknowledged are re-sent. So an enrollment is
 all-or-nothing across both parties, and never duplicated.
+
+Match jobs read a snapshot (`settled_snapshot`): every operation up to it is decided here *and* at both
+parties, and it reaches every decision made before the job was asked for (read-your-writes).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
@@ -90,6 +95,50 @@ def committed_through(session: Session, upto: int) -> int:
     (fewer means it is behind; more, or a restored backup missing data, means it diverged)."""
     return int(session.execute(select(func.count()).select_from(Operation).where(
         Operation.state == "committed", Operation.seq <= upto)).scalar() or 0)
+
+
+def latest_decided(session: Session) -> int:
+    """The highest seq already decided. A client hears of an operation only after its decision, so a
+    snapshot that reaches this seq shows every write any client was told about."""
+    return int(session.execute(select(func.max(Operation.seq)).where(Operation.state != "preparing")).scalar() or 0)
+
+
+async def wait_decided_through(factory: sessionmaker[Session], target: int, wait_s: float) -> int:
+    """Wait until every operation <= ``target`` is decided (an earlier seq may still be preparing for a
+    concurrent request: prepare is bounded, so this is short); returns ``decided_through``, or raises
+    TimeoutError after ``wait_s``. Polls the database so that it sees every gateway worker's decisions."""
+    deadline, pause = time.monotonic() + wait_s, 0.002
+    while True:
+        with session_scope(factory) as session:
+            upto = decided_through(session)
+        if upto >= target:
+            return upto
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"operations <= {target} still undecided after {wait_s:.0f} s")
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
+async def settle(factory: sessionmaker[Session], pair: PartyPair, upto: int) -> None:
+    """Deliver every decision <= ``upto`` that a party has not acknowledged yet (idempotent, so racing the
+    request that owns the operation is harmless). Without this a party still holds a concurrent request's
+    decided operation as prepared and refuses the snapshot as 'behind'."""
+    with session_scope(factory) as session:
+        unacked = session.execute(select(Operation.seq).where(
+            Operation.seq <= upto, Operation.state != "preparing",
+            or_(Operation.acked_0.is_(False), Operation.acked_1.is_(False)))).scalars().all()
+    await asyncio.gather(*(deliver(factory, pair, seq) for seq in unacked))
+
+
+async def settled_snapshot(factory: sessionmaker[Session], pair: PartyPair, wait_s: float) -> tuple[int, int]:
+    """The snapshot of a match job, as (upto, committed count): it includes every operation decided when it
+    was asked for (read-your-writes), and both parties hold every decision up to it, so neither is behind."""
+    with session_scope(factory) as session:
+        target = latest_decided(session)
+    upto = await wait_decided_through(factory, target, wait_s)
+    await settle(factory, pair, upto)
+    with session_scope(factory) as session:
+        return upto, committed_through(session, upto)
 
 
 async def reconcile(factory: sessionmaker[Session], pair: PartyPair, stale_after_s: float) -> int:
