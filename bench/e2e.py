@@ -31,7 +31,7 @@ from app.services.model_registry import gallery_policy
 from common.paths import shared_dir
 from devtools.localstack import MODEL_CACHE, NO_ABUSE_LIMITS, LocalStack
 from client.detect import FaceDetector
-from client.errors import PrivfaceError
+from client.errors import InvalidRequestError, PrivfaceError
 from client.features import decode_features, extract_features, with_fresh_nonce
 from client.sdk import PrivfaceClient
 from inference.metadata import ModelMetadata
@@ -152,14 +152,20 @@ def run(stack: LocalStack, raw: Path, photos: list[str], pairs: list[tuple[str, 
 
 
 def verification(client: PrivfaceClient, plain: Plaintext, payloads: dict, pairs, threshold: float) -> dict:
-    rows = []
+    rows: list[dict] = []
+    refused: list[dict] = []
     for first, second, same in tqdm(pairs, desc="1:1 verify (MPC)"):
         if first not in payloads or second not in payloads:
             continue
         subject = client.create_subject()["id"]
-        client.enroll_features(subject, with_fresh_nonce(payloads[first]))
-        started = time.perf_counter()
-        match = client.verify_features(subject, with_fresh_nonce(payloads[second]))
+        try:
+            client.enroll_features(subject, with_fresh_nonce(payloads[first]))
+            started = time.perf_counter()
+            match = client.verify_features(subject, with_fresh_nonce(payloads[second]))
+        except InvalidRequestError as exc:  # e.g. the quality gate refused a real face: counted, not fatal
+            refused.append({"pair": [first, second], "same": same, "error": str(exc)[:200]})
+            client.delete_subject(subject)
+            continue
         elapsed = time.perf_counter() - started
         score = float(plain.template(payloads[first], "pairs") @ plain.template(payloads[second], "pairs"))
         rows.append({"pair": [first, second], "same": same, "mpc": match, "plain": score >= threshold,
@@ -169,7 +175,7 @@ def verification(client: PrivfaceClient, plain: Plaintext, payloads: dict, pairs
     plain_acc = np.mean([r["plain"] == r["same"] for r in rows])
     disagree = [r for r in rows if r["mpc"] != r["plain"]]
     return {"verify_pairs": len(rows), "verify_accuracy_mpc": float(mpc_acc), "verify_accuracy_plain": float(plain_acc),
-            "verify_disagreements": len(disagree),
+            "verify_disagreements": len(disagree), "verify_refused": refused,
             "disagreements": [{"pair": r["pair"], "margin": r["margin"]} for r in disagree]}
 
 
@@ -180,19 +186,28 @@ def identification(client: PrivfaceClient, plain: Plaintext, payloads: dict,
         by_identity[name.split("/")[0]].append(name)
     gallery = {identity: names[0] for identity, names in by_identity.items()}
     subjects, templates = {}, {}
+    refused: list[dict] = []
     for identity, name in tqdm(sorted(gallery.items()), desc="1:N enroll"):
         subject = client.create_subject(external_id=identity)["id"]
-        client.enroll_features(subject, with_fresh_nonce(payloads[name]))
+        try:
+            client.enroll_features(subject, with_fresh_nonce(payloads[name]))
+        except InvalidRequestError as exc:
+            refused.append({"photo": name, "error": str(exc)[:200]})
+            continue
         subjects[subject] = identity
         templates[identity] = plain.template(payloads[name], "gallery")
     order = sorted(templates)
     matrix = np.stack([templates[i] for i in order])
     threshold = threshold_at(len(order))
-    probes = [(identity, name) for identity, names in by_identity.items() for name in names[1:]]
+    probes = [(identity, name) for identity, names in by_identity.items() for name in names[1:] if identity in templates]
     rows = []
     for identity, name in tqdm(probes, desc="1:N identify (MPC)"):
         started = time.perf_counter()
-        found = client.identify_features(with_fresh_nonce(payloads[name]))
+        try:
+            found = client.identify_features(with_fresh_nonce(payloads[name]))
+        except InvalidRequestError as exc:
+            refused.append({"photo": name, "error": str(exc)[:200]})
+            continue
         elapsed = time.perf_counter() - started
         scores = matrix @ plain.template(payloads[name], "gallery")
         best = int(np.argmax(scores))
@@ -200,7 +215,8 @@ def identification(client: PrivfaceClient, plain: Plaintext, payloads: dict,
         rows.append({"probe": name, "truth": identity, "mpc": subjects.get(found), "plain": plain_found,
                      "plain_rank1": order[best], "margin": float(scores[best] - threshold), "seconds": elapsed})
     n = len(rows)
-    return {"gallery_size": len(gallery), "identify_probes": n, "identify_threshold": threshold,
+    return {"gallery_size": len(templates), "identify_probes": n, "identify_threshold": threshold,
+            "identify_refused": refused,
             "identify_rank1_open_plain": sum(r["plain_rank1"] == r["truth"] for r in rows) / max(n, 1),
             "identify_correct_at_threshold_mpc": sum(r["mpc"] == r["truth"] for r in rows) / max(n, 1),
             "identify_correct_at_threshold_plain": sum(r["plain"] == r["truth"] for r in rows) / max(n, 1),
