@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
-from app.devstack import NO_ABUSE_LIMITS, LocalStack
+from devtools.localstack import NO_ABUSE_LIMITS, LocalStack
 from tests.test_gateway_api import aligned_face, auth
 from tests.test_gateway_batching import FACES
 from tests.test_gateway_recovery import served_spec
