@@ -54,6 +54,9 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def cmd_party(args: argparse.Namespace) -> int:
+    from secure.mpc.runtime.warm import start_worker_server
+
+    start_worker_server()  # first: torch loads while the party server imports (restart time, docs/operations.md)
     from secure.party.server import run_party
     from secure.party.settings import PartySettings
 
@@ -62,6 +65,9 @@ def cmd_party(args: argparse.Namespace) -> int:
 
 
 def cmd_dealer(args: argparse.Namespace) -> int:
+    from secure.mpc.runtime.warm import start_worker_server
+
+    start_worker_server()
     from secure.mpc.settings import MpcSettings
     from secure.mpc.sharding import run_dealers
 

@@ -1,7 +1,7 @@
 """The party-side MPC engine: ``MpcEngine.submit(MatchJob, timeout) -> this party's share of the output``.
 
 Lifecycle. ``start()`` runs a supervisor thread. Each *generation* is one worker process (``worker.party_main``,
-multiprocessing "spawn") that rendezvous-es with the peer party and the dealer (torch.distributed gloo, CrypTen
+forked from a fork server with torch and CrypTen loaded: ``runtime/warm.py``) that rendezvous-es with the peer party and the dealer (torch.distributed gloo, CrypTen
 TTP), reports "up", then serves jobs until anything fails: a peer or the dealer dies (connection closed) or
 goes silent (gloo timeout = op_timeout_s; idle links carry heartbeats), or the rendezvous times out. The
 worker then exits; the supervisor fails every pending job with ``MpcUnavailable``, waits retry_backoff_s and
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import multiprocessing as mp
 import queue
 import threading
 import time
@@ -41,6 +40,7 @@ from secure.mpc.runtime.messages import (
     Up,
     WorkerJob,
 )
+from secure.mpc.runtime.warm import worker_context
 from secure.mpc.settings import MpcSettings
 from secure.ranges import check_threshold
 
@@ -137,7 +137,7 @@ class MpcEngine:
             raise ValueError("rank must be 0 or 1")
         self.rank = rank
         self.settings = settings
-        self._ctx = mp.get_context("spawn")
+        self._ctx = worker_context()
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
         self._inq: Any = None

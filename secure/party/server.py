@@ -198,7 +198,7 @@ def create_party_app(settings: PartySettings, engine: MatchEngine, *, oplog: OpL
 
 
 def run_party(settings: PartySettings | None = None) -> None:
-    """Check, migrate, load, start the MPC engine and serve (blocking). Used by ``privface party --rank R``."""
+    """Check, start the MPC engine, migrate, load and serve (blocking). Used by ``privface party --rank R``."""
     import uvicorn
 
     from secure.mpc.settings import MpcSettings
@@ -206,11 +206,11 @@ def run_party(settings: PartySettings | None = None) -> None:
 
     settings = settings or PartySettings()
     check_deployment(settings)
-    migrate_party_db(settings.resolved_database_url())
     engine = make_engine(settings.rank, MpcSettings())
-    app = create_party_app(settings, engine)
-    engine.start()
+    engine.start()  # first: its worker loads torch while this process migrates and loads the gallery (restarts)
     try:
+        migrate_party_db(settings.resolved_database_url())
+        app = create_party_app(settings, engine)
         uvicorn.run(app, host=settings.host, port=settings.resolved_port(), log_level=settings.log_level,
                     **uvicorn_ssl_options(settings))
     finally:
