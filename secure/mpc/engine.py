@@ -247,7 +247,14 @@ class MpcEngine:
             raise MpcUnavailable(f"job not run within {timeout:g}s")
         if pending.error is not None or pending.share is None:
             raise MpcUnavailable(pending.error or "the worker answered no share")
+        self._log_done(job, int(g.shape[0]))
         return pending.share
+
+    def _log_done(self, job: MatchJob, rows: int) -> None:
+        """The job's log line, in the caller's thread so that it carries the caller's request id (common/logs.py)."""
+        stats = self.job_stats(job.job_id) or {}
+        log.info("mpc job %s (%s, %d rows): %s rounds, %s bytes, %.3f s", job.job_id, job.kind, rows,
+                 stats.get("rounds", "?"), stats.get("bytes", "?"), float(stats.get("mpc_s", float("nan"))))
 
     def _worker_job(self, job: MatchJob, q: np.ndarray, g: np.ndarray, lab: np.ndarray, inq: Any) -> WorkerJob:
         """The job as queued for the worker. A snapshot (rows and labels) already resident in the worker is not

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Request, Response
 from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from common.logs import RequestIdMiddleware, logging_config
 from common.problems import Problem as PartyProblem
 from common.problems import install_problem_handlers, problem_response
 from secure.party.api import CheckIn, CheckOut, GalleryIn, GalleryOut, MatchIn, MatchOut, OpOut, PrepareIn, StateOut
@@ -194,6 +195,8 @@ def create_party_app(settings: PartySettings, engine: MatchEngine, *, oplog: OpL
         return Response(body, media_type=content_type)
 
     app.include_router(api)
+    # added last, so outermost: every line of a call, its access line too, has the gateway's X-Request-ID
+    app.add_middleware(RequestIdMiddleware, generate=False)
     return app
 
 
@@ -212,6 +215,6 @@ def run_party(settings: PartySettings | None = None) -> None:
         migrate_party_db(settings.resolved_database_url())
         app = create_party_app(settings, engine)
         uvicorn.run(app, host=settings.host, port=settings.resolved_port(), log_level=settings.log_level,
-                    **uvicorn_ssl_options(settings))
+                    log_config=logging_config(), **uvicorn_ssl_options(settings))
     finally:
         engine.stop()
