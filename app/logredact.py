@@ -3,17 +3,16 @@
 A client that puts its API key in the URL (`?api_key=...`) is refused, but uvicorn's access log would
 still write the whole request line. The filter masks the values of secret-looking query parameters and
 anything shaped like a privface API key or a bearer credential, in the message and in its arguments
-(the access log passes the path as an argument). `log_config()` is uvicorn's logging configuration with
+(the access log passes the path as an argument). `log_config()` is the gateway's logging configuration with
 this filter on every handler, so every line the gateway process writes passes through it.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import re
 from typing import Any
 
-from uvicorn.config import LOGGING_CONFIG
+from common.logs import logging_config
 
 MASK = "[REDACTED]"
 SECRET_PARAMS = ("api_key", "apikey", "api-key", "key", "token", "access_token", "refresh_token", "id_token",
@@ -47,13 +46,11 @@ class RedactSecrets(logging.Filter):
         return True
 
 
-def log_config() -> dict[str, Any]:
-    """uvicorn's logging configuration, plus the redacting filter on every handler and a root logger
-    (so the gateway's own `app.*`/`secure.*` loggers write through the same filtered handler)."""
-    config = copy.deepcopy(LOGGING_CONFIG)
-    config["filters"] = {"redact_secrets": {"()": "app.logredact.RedactSecrets"}}
+def log_config(fmt: str | None = None) -> dict[str, Any]:
+    """The gateway's logging configuration (``common.logs.logging_config``: ``fmt`` text or json, the request id
+    on every line), plus the redacting filter on every handler, so every line the gateway writes is masked."""
+    config = logging_config(fmt)
+    config["filters"]["redact_secrets"] = {"()": "app.logredact.RedactSecrets"}
     for handler in config["handlers"].values():
-        handler["filters"] = ["redact_secrets"]
-    config["root"] = {"handlers": ["default"], "level": "WARNING"}
-    config["loggers"].update({"app": {"level": "INFO"}, "secure": {"level": "INFO"}})
+        handler["filters"] = [*handler.get("filters", []), "redact_secrets"]
     return config

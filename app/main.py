@@ -26,6 +26,7 @@ from app.services.model_events import sync_active_model, watch_model_activations
 from app.services.model_registry import ServedModels
 from app.services.replay import ReplayGuard
 from app.settings import GatewaySettings, get_settings
+from common.logs import RequestIdMiddleware
 from secure.coordinator import PartyPair
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     for module in (subjects, matching, admin, service):
         app.include_router(module.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestMetrics)  # added last: outermost, so it also counts what BodySizeLimit refuses
+    app.add_middleware(RequestMetrics)  # outside BodySizeLimit, so it also counts what that refuses
+    app.add_middleware(RequestIdMiddleware)  # added last: outermost, so every log line of a request has its id
     return app
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -44,6 +44,9 @@ class GatewaySettings(BaseSettings):
     party_client_cert: str | None = Field(None, description="The gateway's client certificate (PEM) for mTLS.")
     party_client_key: str | None = Field(None, description="Its private key (PEM).")
     party_timeout_s: float = Field(15.0, description="Deadline for one party call, MPC included.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines of every privface process (gateway, parties, dealer): 'text', or 'json' "
+                            "(one object per line); each carries the request id (X-Request-ID, docs/operations.md).")
     identify_fpir: float = Field(
         0.01, gt=0, lt=1, description="Target false-positive identification rate per identify search (an unenrolled "
                                       "person matched to someone): the identify threshold rises with the gallery "

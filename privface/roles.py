@@ -46,7 +46,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         own_dir = None if had_dir else path
     try:
         uvicorn.run("app.main:app", factory=True, host=settings.host, port=args.port or settings.port,
-                    workers=args.workers, log_level="info", log_config=log_config())
+                    workers=args.workers, log_level="info", log_config=log_config(settings.log_format))
     finally:
         if own_dir is not None:  # the temporary directory we made: gone with the gateway
             shutil.rmtree(own_dir, ignore_errors=True)
@@ -54,6 +54,9 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def cmd_party(args: argparse.Namespace) -> int:
+    from secure.mpc.runtime.warm import start_worker_server
+
+    start_worker_server()  # first: torch loads while the party server imports (restart time, docs/operations.md)
     from secure.party.server import run_party
     from secure.party.settings import PartySettings
 
@@ -62,6 +65,11 @@ def cmd_party(args: argparse.Namespace) -> int:
 
 
 def cmd_dealer(args: argparse.Namespace) -> int:
+    from common.logs import configure_logging
+    from secure.mpc.runtime.warm import start_worker_server
+
+    configure_logging()
+    start_worker_server()
     from secure.mpc.settings import MpcSettings
     from secure.mpc.sharding import run_dealers
 

@@ -11,7 +11,8 @@ acknowledged it; nothing here retries on its own.
 
 Match jobs (``verify`` / ``identify`` / ``identify_many``) split the fixed-point query into two shares, send one to
 each party, and reconstruct only the revealed output (one bit; for identify, the matched template_seq when the bit
-is 1). A share pair is never kept beyond the call that split it.
+is 1). A share pair is never kept beyond the call that split it. Every call carries the id of the request being
+handled (``X-Request-ID``, ``common/logs.py``), so the parties' log lines name it.
 
 Errors: ``PartiesUnavailable`` (timeouts, connection errors, 5xx, and 401/403 — a party rejecting the internal
 token is a deployment fault: the gateway answers 503), ``PartiesOutOfSync`` (a party is behind the requested
@@ -29,6 +30,7 @@ import httpx
 import numpy as np
 from pydantic import BaseModel
 
+from common.logs import request_id_headers
 from common.settings import MAX_QUERY_BATCH
 from secure.party.api import (
     CheckIn,
@@ -121,7 +123,7 @@ class PartyPair:
     # -- transport ------------------------------------------------------------------------------------------
     async def _call(self, rank: int, method: str, path: str, json: Any = None, timeout: float | None = None) -> Reply:
         try:
-            resp = await self._clients[rank].request(method, path, json=json,
+            resp = await self._clients[rank].request(method, path, json=json, headers=request_id_headers(),
                                                      timeout=httpx.Timeout(timeout or self.timeout_s))
         except (httpx.TimeoutException, httpx.TransportError) as exc:
             log.warning("party %d %s %s: %s", rank, method, path, type(exc).__name__)

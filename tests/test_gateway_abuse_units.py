@@ -232,7 +232,7 @@ def test_access_log_record_is_redacted_by_the_configured_filter():
     assert RedactSecrets().filter(record)
     assert SECRET not in record.getMessage()
     config = log_config()
-    assert all(h.get("filters") == ["redact_secrets"] for h in config["handlers"].values())
+    assert all("redact_secrets" in h.get("filters", []) for h in config["handlers"].values())
 
 
 def test_a_party_refusal_is_a_429_or_a_503_never_a_500() -> None:

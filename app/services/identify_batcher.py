@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from app.metrics import IDENTIFY_BATCH
+from common.logs import current_request_id
 from common.settings import MAX_QUERY_BATCH
 from secure.coordinator import PartyPair
 from secure.thresholds import GalleryPolicy
@@ -30,6 +31,7 @@ BatchKey = tuple[str, int, int, GalleryPolicy]  # (gallery, upto, committed, the
 class _Batch:
     queries: list[np.ndarray] = field(default_factory=list)
     waiters: list[asyncio.Future] = field(default_factory=list)
+    request_ids: list[str] = field(default_factory=list)  # logged with the job: one job serves them all
     full: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -63,6 +65,7 @@ class IdentifyBatcher:
         waiter: asyncio.Future = asyncio.get_running_loop().create_future()
         batch.queries.append(query)
         batch.waiters.append(waiter)
+        batch.request_ids.append(current_request_id() or "-")
         if len(batch.queries) >= self.max_batch:
             self._close(key, batch)
         return await waiter
@@ -86,8 +89,10 @@ class IdentifyBatcher:
                 results = [await self.parties.identify(uuid.uuid4().hex, gallery, upto, batch.queries[0],
                                                        threshold, expected_committed=committed)]
             else:
-                log.debug("identify batch of %d queries on %s@%d", len(batch.queries), gallery, upto)
-                results = await self.parties.identify_many(uuid.uuid4().hex, gallery, upto, batch.queries,
+                job_id = uuid.uuid4().hex  # the parties log it with the first request's id (this task's)
+                log.info("identify job %s batches %d requests: %s", job_id, len(batch.queries),
+                         ",".join(batch.request_ids))
+                results = await self.parties.identify_many(job_id, gallery, upto, batch.queries,
                                                            threshold, expected_committed=committed)
         except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the batch's failure
             for waiter in batch.waiters:

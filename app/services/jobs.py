@@ -6,7 +6,6 @@ function runs in either executor, reporting progress through `JobReporter`.
 from __future__ import annotations
 
 import logging
-import traceback
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,8 @@ from app.settings import GatewaySettings, get_settings
 
 log = logging.getLogger(__name__)
 QUEUE_NAME = "privface"
+# what a job raises for bad input (a path outside the model directory, a missing or inconsistent version)
+INPUT_ERRORS = (ValueError, LookupError, FileNotFoundError)
 
 
 class JobReporter:
@@ -97,8 +98,12 @@ def execute(job_id: str, settings: GatewaySettings | None = None) -> None:
     reporter = JobReporter(sessions, job_id)
     try:
         result = JOB_KINDS[kind](settings, sessions, params, reporter)
-    except Exception as exc:  # a failed job is recorded, never lost
-        log.error("job %s (%s) failed: %s", job_id, kind, traceback.format_exc())
+    except INPUT_ERRORS as exc:  # the admin's input (a path, a model directory): one line, no traceback
+        log.warning("job %s (%s) refused: %s: %s", job_id, kind, type(exc).__name__, exc)
+        _finish(sessions, job_id, "failed", f"{type(exc).__name__}: {exc}", None)
+        return
+    except Exception as exc:  # a failed job is recorded, never lost; a fault of ours keeps its traceback
+        log.error("job %s (%s) failed", job_id, kind, exc_info=True)
         _finish(sessions, job_id, "failed", f"{type(exc).__name__}: {exc}", None)
         return
     _finish(sessions, job_id, "succeeded", "done", result)

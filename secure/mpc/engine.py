@@ -1,7 +1,7 @@
 """The party-side MPC engine: ``MpcEngine.submit(MatchJob, timeout) -> this party's share of the output``.
 
 Lifecycle. ``start()`` runs a supervisor thread. Each *generation* is one worker process (``worker.party_main``,
-multiprocessing "spawn") that rendezvous-es with the peer party and the dealer (torch.distributed gloo, CrypTen
+forked from a fork server with torch and CrypTen loaded: ``runtime/warm.py``) that rendezvous-es with the peer party and the dealer (torch.distributed gloo, CrypTen
 TTP), reports "up", then serves jobs until anything fails: a peer or the dealer dies (connection closed) or
 goes silent (gloo timeout = op_timeout_s; idle links carry heartbeats), or the rendezvous times out. The
 worker then exits; the supervisor fails every pending job with ``MpcUnavailable``, waits retry_backoff_s and
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import multiprocessing as mp
 import queue
 import threading
 import time
@@ -41,6 +40,7 @@ from secure.mpc.runtime.messages import (
     Up,
     WorkerJob,
 )
+from secure.mpc.runtime.warm import worker_context
 from secure.mpc.settings import MpcSettings
 from secure.ranges import check_threshold
 
@@ -137,7 +137,7 @@ class MpcEngine:
             raise ValueError("rank must be 0 or 1")
         self.rank = rank
         self.settings = settings
-        self._ctx = mp.get_context("spawn")
+        self._ctx = worker_context()
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
         self._inq: Any = None
@@ -247,7 +247,14 @@ class MpcEngine:
             raise MpcUnavailable(f"job not run within {timeout:g}s")
         if pending.error is not None or pending.share is None:
             raise MpcUnavailable(pending.error or "the worker answered no share")
+        self._log_done(job, int(g.shape[0]))
         return pending.share
+
+    def _log_done(self, job: MatchJob, rows: int) -> None:
+        """The job's log line, in the caller's thread so that it carries the caller's request id (common/logs.py)."""
+        stats = self.job_stats(job.job_id) or {}
+        log.info("mpc job %s (%s, %d rows): %s rounds, %s bytes, %.3f s", job.job_id, job.kind, rows,
+                 stats.get("rounds", "?"), stats.get("bytes", "?"), float(stats.get("mpc_s", float("nan"))))
 
     def _worker_job(self, job: MatchJob, q: np.ndarray, g: np.ndarray, lab: np.ndarray, inq: Any) -> WorkerJob:
         """The job as queued for the worker. A snapshot (rows and labels) already resident in the worker is not

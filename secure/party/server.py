@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Request, Response
 from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from common.logs import RequestIdMiddleware, logging_config
 from common.problems import Problem as PartyProblem
 from common.problems import install_problem_handlers, problem_response
 from secure.party.api import CheckIn, CheckOut, GalleryIn, GalleryOut, MatchIn, MatchOut, OpOut, PrepareIn, StateOut
@@ -194,11 +195,13 @@ def create_party_app(settings: PartySettings, engine: MatchEngine, *, oplog: OpL
         return Response(body, media_type=content_type)
 
     app.include_router(api)
+    # added last, so outermost: every line of a call, its access line too, has the gateway's X-Request-ID
+    app.add_middleware(RequestIdMiddleware, generate=False)
     return app
 
 
 def run_party(settings: PartySettings | None = None) -> None:
-    """Check, migrate, load, start the MPC engine and serve (blocking). Used by ``privface party --rank R``."""
+    """Check, start the MPC engine, migrate, load and serve (blocking). Used by ``privface party --rank R``."""
     import uvicorn
 
     from secure.mpc.settings import MpcSettings
@@ -206,12 +209,12 @@ def run_party(settings: PartySettings | None = None) -> None:
 
     settings = settings or PartySettings()
     check_deployment(settings)
-    migrate_party_db(settings.resolved_database_url())
     engine = make_engine(settings.rank, MpcSettings())
-    app = create_party_app(settings, engine)
-    engine.start()
+    engine.start()  # first: its worker loads torch while this process migrates and loads the gallery (restarts)
     try:
+        migrate_party_db(settings.resolved_database_url())
+        app = create_party_app(settings, engine)
         uvicorn.run(app, host=settings.host, port=settings.resolved_port(), log_level=settings.log_level,
-                    **uvicorn_ssl_options(settings))
+                    log_config=logging_config(), **uvicorn_ssl_options(settings))
     finally:
         engine.stop()

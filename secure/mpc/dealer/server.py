@@ -23,6 +23,9 @@ DEALER_FUNCTIONS = frozenset({"additive", "square", "binary", "wraps", "B2A", "p
 def dealer_main(settings_data: dict[str, Any], generation: int) -> None:
     """Entry point of a dealer worker process: CrypTen's TTP server, hardened (timeouts, whitelist, ping)."""
     die_with_parent()
+    from common.logs import configure_logging
+
+    configure_logging()  # a forked worker starts without the dealer process's logging configuration
     log = logging.getLogger("privface.dealer")
     code = 3
     try:

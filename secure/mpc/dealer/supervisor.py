@@ -8,9 +8,9 @@ timed out, or restarted) the worker exits and a new generation rendezvous-es aga
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import threading
 
+from secure.mpc.runtime.warm import worker_context
 from secure.mpc.settings import MpcSettings
 
 log = logging.getLogger("privface.dealer")
@@ -24,7 +24,7 @@ def run_dealer(settings: MpcSettings | None = None, stop_event: threading.Event 
     if settings.provider != "TTP":
         raise ValueError("the dealer is only used with provider TTP")
     stop = stop_event or threading.Event()
-    ctx = mp.get_context("spawn")
+    ctx = worker_context()  # each generation forks warm (torch and CrypTen loaded): warm.py
     data = settings.model_dump()
     generation = 0
     while not stop.is_set():

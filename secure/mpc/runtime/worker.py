@@ -102,7 +102,7 @@ def _start_party(crypten: ModuleType, rank: int, settings: MpcSettings, inq: Any
 
 
 def party_main(rank: int, settings_data: dict[str, Any], generation: int, inq: Any, outq: Any) -> None:
-    """Entry point of a party worker process (multiprocessing 'spawn' target)."""
+    """Entry point of a party worker process (multiprocessing target: forked warm, ``warm.py``)."""
     die_with_parent()
     stage = "rendezvous"
     try:
