@@ -280,7 +280,7 @@ def initial_arrays(settings: ServerSettings) -> ArrayRecord:
     return ArrayRecord({k: Array(v) for k, v in get_arrays(model, travelling_names(model, settings.scope)).items()})
 
 
-RoundCallback = Callable[[int, dict | None, dict | None], None]
+RoundCallback = Callable[..., None]  # (round, entry or None for round 0, held-out metrics or None, replayed=False)
 
 
 class HeldoutEvaluator:
@@ -331,9 +331,9 @@ def run_rounds(grid: Grid, context: Context, settings: ServerSettings, heldout: 
         strategy.class_vectors = dict(state.class_vectors)
         state.log.setdefault("resumed", []).append({"from_round": state.round})
         if on_round:  # replay the saved rounds, so whoever follows the run sees all of them
-            on_round(0, None, state.log["heldout"].get("0"))
+            on_round(0, None, state.log["heldout"].get("0"), replayed=True)
             for entry in state.log["rounds"]:
-                on_round(entry["round"], entry, state.log["heldout"].get(str(entry["round"])))
+                on_round(entry["round"], entry, state.log["heldout"].get(str(entry["round"])), replayed=True)
     status = "finished"
     for server_round in range(state.round + 1, settings.rounds + 1):
         if state_dir and checkpoint.cancel_path(state_dir).exists():

@@ -84,12 +84,12 @@ def print_event(event: str, **fields: object) -> None:
 
 def progress_printer(total: int):
     """on_round callback of the ServerApp: one `round` event per finished round (round 0 = before training)."""
-    def on_round(server_round: int, entry: dict | None, heldout: dict | None) -> None:
+    def on_round(server_round: int, entry: dict | None, heldout: dict | None, replayed: bool = False) -> None:
         entry = entry or {}
         print_event("round", round=server_round, of=total, sampled=entry.get("sampled", 0),
                     finished=entry.get("replied", 0), failed=entry.get("failed", 0),
                     train_seconds=entry.get("train_seconds"), metrics=entry.get("metrics"), heldout=heldout,
-                    aggregation=entry.get("aggregation"))
+                    aggregation=entry.get("aggregation"), replayed=replayed)
     return on_round
 
 
