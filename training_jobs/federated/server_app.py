@@ -70,11 +70,14 @@ class MeteredGrid:
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
         self.down = self.up = 0
+        self.exchanges: list[float] = []  # seconds of each send-and-receive (SecAgg+: one per protocol stage)
 
     def send_and_receive(self, messages, timeout: float | None = None):
         messages = list(messages)
         self.down += sum(payload_bytes(m.content) for m in messages)
+        start = time.perf_counter()
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.exchanges.append(round(time.perf_counter() - start, 3))
         self.up += sum(payload_bytes(r.content) for r in replies if not r.has_error())
         return replies
 
@@ -234,7 +237,8 @@ class FedFaceAvg(FedAvg):
                  "bytes_down_per_client": metered.down // max(1, len(nodes)),
                  "bytes_up_per_client": metered.up // max(1, len(outcome.results)),
                  "replied_clients": sorted(str(res.metrics["client-id"]) for _, res in outcome.results),
-                 "secagg": {"shares": outcome.shares, "threshold": outcome.threshold, "halted": outcome.mean is None},
+                 "secagg": {"shares": outcome.shares, "threshold": outcome.threshold, "halted": outcome.mean is None,
+                            "stage_seconds": metered.exchanges},
                  "train_seconds": time.perf_counter() - start, "metrics": metrics}
         return arrays, entry
 
