@@ -8,7 +8,8 @@ directory, resumes after the last saved round; creating `<state-dir>/cancel` sto
 
 Clients = LFW training identities (outside folds 6-10) with >= 2 photos, each seeing only its own photos
 (`population`); held-out evaluation on folds 6-10 pairs before and after, same pairs and noise draws.
-One Ray actor with one torch thread runs the clients one after another (2-core shared machine).
+One Ray actor with one torch thread runs the clients one after another (2-core shared machine); --actors N
+runs N in parallel.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ from training_jobs.federated.server_app import AGGREGATIONS, ServerSettings, mak
 
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
            "init_args": {"num_cpus": 1, "num_gpus": 0, "logging_level": "error", "log_to_driver": False}}
+
+
+def backend(actors: int = 1) -> dict:
+    """Ray backend with `actors` ClientApp actors (one CPU and one torch thread each) training clients in
+    parallel; one by default (tests, and a machine shared with other work)."""
+    return {**BACKEND, "init_args": {**BACKEND["init_args"], "num_cpus": actors}}
 
 
 class PopulationPhotos:
@@ -94,7 +101,7 @@ def progress_printer(total: int):
 
 
 def simulate(population: Population, settings: ServerSettings, lfw: Path, heldout: Heldout | None,
-             on_round=None) -> dict:
+             on_round=None, actors: int = 1) -> dict:
     """Run the rounds; returns the server's log (rounds, bytes, times, held-out metrics, final arrays)."""
     if heldout is not None and {c.identity for c in population.clients} & heldout.identities:
         raise IsolationError("a client is a held-out identity")
@@ -105,7 +112,7 @@ def simulate(population: Population, settings: ServerSettings, lfw: Path, heldou
     client_app = make_client_app(PopulationPhotos(population, lfw), Path(settings.shared))
     server_app = make_server_app(settings, heldout, log, on_round)
     start = time.perf_counter()
-    run_simulation(server_app, client_app, num_supernodes=len(population.clients), backend_config=BACKEND)
+    run_simulation(server_app, client_app, num_supernodes=len(population.clients), backend_config=backend(actors))
     log["wall_seconds"] = time.perf_counter() - start
     if "status" not in log:
         raise RuntimeError("the simulation ended without finishing its rounds (see Flower's log above)")
@@ -157,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epsilon", type=float, default=64.0, help="served noise, per coefficient")
     parser.add_argument("--transform", default="dct8-v0", choices=sorted(PRESETS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--actors", type=int, default=1, help="Ray actors training clients in parallel (CPUs)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--progress", action="store_true",
                         help="print one JSON line per round and the result as one JSON line (for a driving job)")
@@ -183,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
                               args.aggregation, {"clipping_range": args.secagg_clip, "max_weight": args.max_images},
                               args.drop_fraction, str(args.state_dir) if args.state_dir else None)
     baseline = baseline_metrics(args.baseline_dir, heldout, args.state_dir) if args.baseline_dir else None
-    log = simulate(population, settings, lfw, heldout, progress_printer(args.rounds) if args.progress else None)
+    log = simulate(population, settings, lfw, heldout, progress_printer(args.rounds) if args.progress else None,
+                   args.actors)
     report = {key: value for key, value in log.items() if key != "final_arrays"}
     report["population"] = {"clients": len(population.clients),
                             "photos": sum(len(c.images) for c in population.clients)}
