@@ -91,6 +91,12 @@ class GatewaySettings(BaseSettings):
     federated_tolerance: float = Field(
         0.005, ge=0, le=1, description="A federated candidate is activated only if its held-out accuracy is at most "
                                        "this much below the active version's (same pairs); else it stays a candidate.")
+    federated_state_dir: Path = Field(
+        PROJECT_ROOT / "var" / "federated", description="Per-round state of running federated jobs (resume after a "
+                                                        "worker restart); removed when a job ends.")
+    job_lease_s: float = Field(
+        60.0, gt=0, description="A running job whose heartbeat (every third of this) is older than this is "
+                                "orphaned: a federated job is resumed, any other failed.")
     host: str = Field("127.0.0.1", description="Gateway listen address.")
     port: int = Field(8000, description="Gateway listen port.")
 

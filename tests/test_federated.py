@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,10 +127,9 @@ def test_fedfaceavg_aggregates_the_weighted_mean_and_keeps_class_vectors_per_cli
         expected = sum(c * sent[n][key] for n, c in zip(sent, examples)) / sum(examples)
         np.testing.assert_allclose(arrays[key].numpy(), expected, rtol=1e-6, atol=1e-6)
     assert metrics["loss"] == pytest.approx(sum(c * c for c in examples) / sum(examples))
-    assert sorted(strategy.class_vectors) == [11, 12, 13]
+    assert sorted(strategy.class_vectors) == ["node-11", "node-12", "node-13"]  # no client id in these replies
     for node in sent:  # kept per client, spread out and normalised, not averaged
-        assert np.linalg.norm(strategy.class_vectors[node]) == pytest.approx(1.0, abs=1e-5)
-    assert strategy.rounds[-1]["replied"] == 3
+        assert np.linalg.norm(strategy.class_vectors[f"node-{node}"]) == pytest.approx(1.0, abs=1e-5)
 
 
 @needs_flwr
@@ -181,3 +182,240 @@ def test_two_round_simulation_with_three_clients_runs_and_changes_the_model():
     assert set(final) == set(initial)
     moved = max(float(np.abs(final[k] - initial[k]).max()) for k in initial)
     assert moved > 1e-6, "two rounds of FedAvg must change the global model"
+
+
+# --- SecAgg+: masks from a CSPRNG, secure sums equal plain sums, dropouts ------------------------
+
+@needs_flwr
+def test_secagg_masks_come_from_chacha20_keyed_by_the_whole_seed():
+    """Flower's own expansion folds the seed to 32 bits (XOR) for numpy's Mersenne Twister: two different seeds
+    with the same fold give the same mask. Ours is installed on both sides and keys ChaCha20 with all of it."""
+    import importlib
+
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen as flower_prg
+    from training_jobs.federated.secagg import chacha_masks
+
+    client_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+    workflow = importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow")
+    assert client_mod.pseudo_rand_gen is chacha_masks and workflow.pseudo_rand_gen is chacha_masks
+    a = bytes(range(32))
+    b = bytes([a[0] ^ 1, *a[1:4], a[4] ^ 1, *a[5:]])  # differs in two words whose XOR cancels
+    shapes = [(3, 4), (1000,), ()]
+    assert all(np.array_equal(x, y) for x, y in zip(flower_prg(a, 2**32, shapes), flower_prg(b, 2**32, shapes)))
+    ours_a, ours_b = chacha_masks(a, 2**32, shapes), chacha_masks(b, 2**32, shapes)
+    assert [m.shape for m in ours_a] == shapes and all(m.dtype == np.int64 for m in ours_a)
+    assert not np.array_equal(ours_a[1], ours_b[1])
+    assert all(np.array_equal(x, y) for x, y in zip(ours_a, chacha_masks(a, 2**32, shapes)))  # both sides agree
+    big = chacha_masks(os.urandom(32), 2**32, [(200_000,)])[0]
+    assert big.min() >= 0 and big.max() < 2**32 and abs(big.mean() / 2**32 - 0.5) < 0.01
+    with pytest.raises(ValueError, match="power of two"):
+        chacha_masks(a, 3 * 2**20, shapes)
+
+
+def _probe_vector(partition: int, size: int = 5000) -> np.ndarray:
+    return (np.random.default_rng(partition).standard_normal(size) * 0.1).astype(np.float32)
+
+
+@needs_flwr
+def test_secagg_sum_equals_the_plain_weighted_sum_when_a_tenth_of_the_clients_drop():
+    """A real Flower simulation of SecAgg+ (10 clients, 1 drops after key sharing): the server's unmasked mean
+    equals the plain weighted mean of the 9 survivors within the quantisation error, and what each client
+    uploaded looks nothing like its vector (the masks hide it)."""
+    from flwr.app import Message
+    from flwr.clientapp import ClientApp
+    from flwr.common import Code, FitIns, FitRes, Status, bytes_to_ndarray, ndarrays_to_parameters
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+    from flwr.compat.common import recorddict_compat as compat
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+    from training_jobs.federated.secagg import SecAggSettings, run_secagg, secagg_if_requested
+    from training_jobs.federated.simulate import BACKEND
+
+    num, dropped_partition = 10, 3
+    weights = {p: 1 + p % 4 for p in range(num)}
+    client_app = ClientApp(mods=[secagg_if_requested])
+
+    @client_app.train()
+    def train(message, context):
+        partition = int(context.node_config["partition-id"])
+        if partition == dropped_partition:
+            raise RuntimeError("dropped mid-round")
+        res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([_probe_vector(partition)]), weights[partition],
+                     {"partition": partition})
+        return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=message)
+
+    settings = SecAggSettings(clipping_range=1.0, max_weight=4)
+    seen: dict = {}
+
+    class Recording:  # the grid as the server uses it, keeping the masked vectors the server received
+        def __init__(self, grid):
+            self.grid = grid
+
+        def send_and_receive(self, messages, timeout=None):
+            replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+            for reply in replies:
+                if not reply.has_error() and Key.MASKED_PARAMETERS in reply.content[RECORD_KEY_CONFIGS]:
+                    seen.setdefault("masked", []).append(reply.content[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS])
+            return replies
+
+        def __getattr__(self, name):
+            return getattr(self.grid, name)
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid, context):
+        while len(list(grid.get_node_ids())) < num:  # the simulated nodes register shortly after the start
+            time.sleep(0.2)
+        zero = ndarrays_to_parameters([np.zeros(5000, np.float32)])
+        fitins = {node: FitIns(zero, {}) for node in grid.get_node_ids()}
+        seen["outcome"] = run_secagg(Recording(grid), context, 1, fitins, settings)
+
+    run_simulation(server_app, client_app, num_supernodes=num, backend_config=BACKEND)
+    outcome = seen["outcome"]
+    assert outcome.mean is not None and outcome.failures == 1 and len(outcome.results) == 9
+    survivors = sorted(int(res.metrics["partition"]) for _, res in outcome.results)
+    assert survivors == [p for p in range(num) if p != dropped_partition]
+    total = sum(weights[p] for p in survivors)
+    plain = sum(weights[p] * _probe_vector(p) for p in survivors) / total
+    step = 2 * settings.clipping_range / settings.quantization_range  # per unit of weight / max_weight
+    bound = len(survivors) * step / (total / settings.max_weight)
+    error = np.abs(outcome.mean[0] - plain).max()
+    assert error <= bound, (error, bound)
+    assert error > 0, "stochastic quantisation leaves a (tiny) error: an exact match means no SecAgg+"
+    uploads = [bytes_to_ndarray(arrays[-1]).astype(np.float64).ravel() for arrays in seen["masked"]]
+    for upload in uploads:  # uniform over [0, 2^32): no trace of the ±0.1 vectors
+        assert 0.4 < upload.mean() / 2**32 < 0.6
+        assert max(abs(np.corrcoef(upload[-5000:], _probe_vector(p))[0, 1]) for p in survivors) < 0.1
+
+
+@needs_flwr
+@needs_data
+def test_secagg_round_of_the_face_model_equals_fedavg_of_the_survivors_updates():
+    """SecAgg+ on the real model (10 clients, 10 % told to drop after key sharing): the run completes and the new
+    global model is the weighted FedAvg of the survivors' local updates (recomputed here, in this process, with
+    the same seeds) within the quantisation error."""
+    import json
+
+    from inference.lfw import load_many
+    from inference.transform import spec_v0
+    from training_jobs.federated.client_app import local_update
+    from training_jobs.federated.params import build_base_model, get_arrays, travelling_names
+    from training_jobs.federated.secagg import SecAggSettings
+    from training_jobs.federated.server_app import ServerSettings
+    from training_jobs.federated.simulate import simulate
+
+    spec = spec_v0()
+    population = make_population(LFW, 10, min_images=2, max_images=2)
+    local = {"epochs": 1, "batch-size": 2}
+    settings = ServerSettings(str(SHARED), spec.to_dict(), "adapter-tail", rounds=1, clients_per_round=10,
+                              num_clients=10, seed=0, local=local, aggregation="secagg+", drop_fraction=0.1,
+                              secagg={"max_weight": 2})
+    log = simulate(population, settings, LFW, heldout=None)
+    entry = log["rounds"][0]
+    assert (entry["sampled"], entry["replied"], entry["failed"]) == (10, 9, 1) and not entry["secagg"]["halted"]
+    assert entry["bytes_up_per_client"] > 8 * 333_888, "masked vectors are int64: 8 bytes per parameter"
+    model = build_base_model(spec, SHARED)
+    start = get_arrays(model, travelling_names(model, "adapter-tail"))
+    config = {"transform": json.dumps(spec.to_dict()), **local, "seed": 0, "server-round": 1}
+    updates = []
+    for client in entry["replied_clients"]:
+        partition = int(client.removeprefix("partition-"))
+        faces = load_many(LFW, list(population.clients[partition].images))
+        updates.append(local_update(start, config, None, faces, SHARED, partition).arrays)
+    clip = SecAggSettings().clipping_range
+    step = 2 * clip / SecAggSettings().quantization_range
+    moved = 0.0
+    for name, value in start.items():
+        expected = np.mean([np.clip(u[name] - value, -clip, clip) for u in updates], axis=0)
+        got = log["final_arrays"][name] - value
+        # quantisation error of the secure sum, plus float32 rounding of global + mean at this magnitude
+        tolerance = len(updates) * step + 2 * np.spacing(np.abs(value).astype(np.float32))
+        assert np.all(np.abs(got - expected) <= tolerance), (name, float(np.abs(got - expected).max()))
+        moved = max(moved, float(np.abs(expected).max()))
+    assert moved > 1e-4, "the updates must be far larger than the tolerance for the comparison to mean anything"
+
+
+def _simulate_cmd(state_dir: Path, rounds: int = 4) -> list[str]:
+    return [sys.executable, "-m", "training_jobs.federated.simulate", "--clients", "3", "--per-round", "2",
+            "--rounds", str(rounds), "--max-images", "2", "--pairs-per-fold", "2", "--progress",
+            "--state-dir", str(state_dir)]
+
+
+def _group_members(pgid: int) -> list[str]:
+    """Live (not zombie) processes of a process group."""
+    out = subprocess.run(["ps", "-eo", "pgid=,stat=,pid="], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line.split()[0] == str(pgid) and not line.split()[1].startswith("Z")]
+
+
+def _last_event(stdout: str) -> dict:
+    import json
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith('{"event"')][-1]
+
+
+@needs_flwr
+@needs_data
+@pytest.mark.slow
+def test_a_run_killed_mid_job_resumes_from_its_last_round_and_ends_as_an_uninterrupted_one(tmp_path):
+    """Real processes: a reference run to the end; a second run SIGKILLed (its whole process group, Ray
+    included) after round 1; started again on the same state directory it resumes after its last saved
+    round and ends with the reference's parameters (sampling is seeded per round, class vectors are restored
+    by client id)."""
+    import json
+    import signal
+
+    from training_jobs.federated import checkpoint
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    reference = subprocess.run(_simulate_cmd(tmp_path / "reference"), cwd=ROOT, env=env, capture_output=True,
+                               text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    expected = checkpoint.load(tmp_path / "reference")
+    assert expected.round == 4 and _last_event(reference.stdout)["status"] == "finished"
+
+    proc = subprocess.Popen(_simulate_cmd(tmp_path / "run"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith('{"event"') and json.loads(line).get("round") == 1:
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = checkpoint.load(tmp_path / "run").round
+    assert 1 <= killed_at < 4, killed_at
+    deadline = time.monotonic() + 20  # SIGKILLed processes take a moment to be reaped
+    while (leftovers := _group_members(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not leftovers, f"processes of the killed run survived: {leftovers}"
+
+    resumed = subprocess.run(_simulate_cmd(tmp_path / "run"), cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = _last_event(resumed.stdout)
+    assert result["status"] == "finished" and result["resumed"] == [{"from_round": killed_at}]
+    assert [r["round"] for r in result["rounds"]] == [1, 2, 3, 4]
+    rounds_seen = [json.loads(line)["round"] for line in resumed.stdout.splitlines() if line.startswith('{"event": "round"')]
+    assert rounds_seen == [0, 1, 2, 3, 4], rounds_seen  # saved rounds replayed, then the new ones
+    final = checkpoint.load(tmp_path / "run")
+    assert final.round == 4 and sorted(final.class_vectors) == sorted(expected.class_vectors)
+    for name, value in expected.arrays.items():
+        np.testing.assert_allclose(final.arrays[name], value, rtol=0, atol=1e-6, err_msg=name)
+    from inference.transform import spec_v0
+    from training_jobs.federated.params import build_base_model, get_arrays, travelling_names
+    model = build_base_model(spec_v0(), SHARED)
+    initial = get_arrays(model, travelling_names(model, "adapter-tail"))
+    assert max(float(np.abs(final.arrays[k] - initial[k]).max()) for k in initial) > 1e-4, "training moved nothing"
+
+
+@needs_flwr
+@needs_data
+def test_a_state_saved_by_other_settings_is_refused(tmp_path):
+    from training_jobs.federated import checkpoint
+
+    checkpoint.save(tmp_path, checkpoint.RoundState(1, {"w": np.zeros(2, np.float32)}, {}, {}, "other"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(_simulate_cmd(tmp_path), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "other settings" in proc.stderr
+    assert checkpoint.load(tmp_path).fingerprint == "other", "a refused state is left as it was"

@@ -7,7 +7,9 @@ guardrail's decision is in the result.
 """
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -127,3 +129,204 @@ def test_federated_job_through_the_api_publishes_a_candidate(tmp_path, shared, p
         worker.terminate()
         worker.wait(timeout=15)
         stack.stop()
+
+
+# --- lifecycle: cancel, a worker killed mid-job, orphan recovery, a failing run --------------------
+
+LIFECYCLE = {"clients": 3, "clients_per_round": 2, "pairs_per_fold": 2, "max_images": 2}
+
+
+def start_worker(stack: LocalStack, tmp_path, name: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], cwd=ROOT, env=stack.env(),
+                            stdout=open(tmp_path / f"{name}.log", "ab"), stderr=subprocess.STDOUT)
+
+
+def lifecycle_stack(tmp_path, postgres_db, redis_url) -> LocalStack:
+    """A stack whose jobs have a 6 s lease (heartbeat every 2 s) and their state under tmp_path."""
+    return LocalStack(tmp_path / "stack", gateway_db=postgres_db(), party_dbs=(postgres_db(), postgres_db()),
+                      redis_url=redis_url, model_dir=private_models(tmp_path),
+                      extra_env={"PRIVFACE_JOB_LEASE_S": "6", "PRIVFACE_FEDERATED_STATE_DIR": str(tmp_path / "fed"),
+                                 "PRIVFACE_FEDERATED_TOLERANCE": "1.0"}).start()
+
+
+def wait_job(stack: LocalStack, key: str, job_id: str, done, timeout: float = 300.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = httpx.get(f"{stack.url}/v1/admin/jobs/{job_id}", headers=auth(key)).json()
+        if done(job):
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.3)
+
+
+def rounds_done(job: dict) -> int:
+    rounds = (job.get("result") or {}).get("rounds") or []
+    return max((r["round"] for r in rounds), default=-1)
+
+
+def federated_processes(state_dir) -> list[str]:
+    """Live simulate processes working on `state_dir` (ps, not zombies)."""
+    out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines()
+            if str(state_dir) in line and "training_jobs.federated.simulate" in line and " Z" not in line[:12]]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FEDERATED_PYTHON.exists(), reason="no .venv-federated: run scripts/install_federated.sh")
+def test_cancel_stops_a_running_federated_job_between_rounds_and_a_queued_one_at_once(
+        tmp_path, shared, postgres_db, redis_url):
+    stack = lifecycle_stack(tmp_path, postgres_db, redis_url)
+    worker = start_worker(stack, tmp_path, "worker")
+    try:
+        key = stack.api_key("admin")
+        running = httpx.post(stack.url + "/v1/admin/jobs", headers=auth(key),
+                             json={"kind": "federated", "params": {**LIFECYCLE, "rounds": 20}}).json()["id"]
+        queued = httpx.post(stack.url + "/v1/admin/jobs", headers=auth(key),
+                            json={"kind": "federated", "params": {**LIFECYCLE, "rounds": 2}}).json()["id"]
+        wait_job(stack, key, running, lambda j: rounds_done(j) >= 1)
+
+        # the second job waits behind the first (one worker): cancelled at once, it never starts
+        out = httpx.post(f"{stack.url}/v1/admin/jobs/{queued}/cancel", headers=auth(key))
+        assert out.status_code == 202 and out.json()["status"] == "cancelled", out.text
+        out = httpx.post(f"{stack.url}/v1/admin/jobs/{running}/cancel", headers=auth(key))
+        assert out.status_code == 202 and out.json()["status"] == "cancelling", out.text
+        job = wait_job(stack, key, running, lambda j: j["status"] not in ("running", "cancelling"), timeout=120)
+        assert job["status"] == "cancelled", job
+        last = job["result"]["last_round"]
+        assert 1 <= last < 20 and job["message"] == f"cancelled after round {last} of 20"
+        assert [r["round"] for r in job["result"]["rounds"]] == list(range(last + 1))
+        assert not (tmp_path / "fed" / running).exists(), "the state of an ended job is removed"
+        assert not federated_processes(tmp_path / "fed" / running)
+
+        models = httpx.get(stack.url + "/v1/admin/models", headers=auth(key)).json()
+        assert [m["version"] for m in models] == ["v0"], "a cancelled run publishes nothing"
+        time.sleep(3)  # the worker has taken the queued job's rq entry by now; it must not have run it
+        job2 = httpx.get(f"{stack.url}/v1/admin/jobs/{queued}", headers=auth(key)).json()
+        assert job2["status"] == "cancelled" and job2["message"] == "cancelled before it started" and not job2["result"]
+
+        again = httpx.post(f"{stack.url}/v1/admin/jobs/{running}/cancel", headers=auth(key))
+        assert again.status_code == 409 and again.json()["type"].endswith("/job-finished")
+        assert httpx.get(f"{stack.url}/v1/admin/jobs/{running}", headers=auth(key)).json()["status"] == "cancelled"
+        missing = httpx.post(f"{stack.url}/v1/admin/jobs/job_nope/cancel", headers=auth(key))
+        assert missing.status_code == 404
+    finally:
+        worker.terminate()
+        worker.wait(timeout=15)
+        stack.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FEDERATED_PYTHON.exists(), reason="no .venv-federated: run scripts/install_federated.sh")
+def test_a_worker_killed_mid_job_is_replaced_and_the_job_resumes_from_its_last_round(
+        tmp_path, shared, postgres_db, redis_url):
+    """Kill the real rq worker and its work-horse (SIGKILL, as a crashed machine would); the federated run dies
+    with them; the job row is left `running`. A new worker finds its lease expired, requeues it, and the run
+    resumes after its last saved round; the candidate is published as if nothing had happened."""
+    stack = lifecycle_stack(tmp_path, postgres_db, redis_url)
+    worker = start_worker(stack, tmp_path, "worker1")
+    replacement = None
+    try:
+        key = stack.api_key("admin")
+        httpx.post(stack.url + "/v1/admin/models/v0/activate", headers=auth(key)).raise_for_status()
+        job_id = httpx.post(stack.url + "/v1/admin/jobs", headers=auth(key),
+                            json={"kind": "federated", "params": {**LIFECYCLE, "rounds": 6}}).json()["id"]
+        wait_job(stack, key, job_id, lambda j: rounds_done(j) >= 1)
+        state_dir = tmp_path / "fed" / job_id
+        horses = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
+        assert horses, "the worker runs the job in a forked work-horse"
+        for pid in [worker.pid, *map(int, horses)]:
+            os.kill(pid, signal.SIGKILL)
+        worker.wait()
+        deadline = time.monotonic() + 30
+        while federated_processes(state_dir) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not federated_processes(state_dir), "the federated run must die with the worker"
+        killed = httpx.get(f"{stack.url}/v1/admin/jobs/{job_id}", headers=auth(key)).json()
+        assert killed["status"] == "running" and rounds_done(killed) < 6, killed
+        assert (state_dir / "state.npz").exists()
+
+        replacement = start_worker(stack, tmp_path, "worker2")
+        job = wait_job(stack, key, job_id, lambda j: j["status"] in ("succeeded", "failed"), timeout=420)
+        assert job["status"] == "succeeded", (job, (tmp_path / "worker2.log").read_text()[-3000:])
+        result = job["result"]
+        assert result["attempts"] == 2 and len(result["resumed"]) == 1, result
+        assert 1 <= result["resumed"][0]["from_round"] < 6
+        assert [r["round"] for r in result["rounds"]] == list(range(7))
+        assert result["guardrail"]["decision"] == "activated" and result["status"] == "active"
+        assert not state_dir.exists()
+    finally:
+        for proc in (worker, replacement):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=15)
+        stack.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FEDERATED_PYTHON.exists(), reason="no .venv-federated: run scripts/install_federated.sh")
+def test_a_run_that_cannot_start_fails_with_one_clear_line_and_changes_nothing(tmp_path, shared, postgres_db,
+                                                                                  redis_url):
+    stack = lifecycle_stack(tmp_path, postgres_db, redis_url)
+    worker = start_worker(stack, tmp_path, "worker")
+    try:
+        key = stack.api_key("admin")
+        httpx.post(stack.url + "/v1/admin/models/v0/activate", headers=auth(key)).raise_for_status()
+        bad = httpx.post(stack.url + "/v1/admin/jobs", headers=auth(key),
+                         json={"kind": "federated", "params": {"aggregation": "secagg+", "clients_per_round": 1}})
+        assert bad.status_code == 422 and "secagg+" in bad.json()["detail"]
+        before = httpx.get(stack.url + "/v1/admin/models", headers=auth(key)).json()
+        job_id = httpx.post(stack.url + "/v1/admin/jobs", headers=auth(key), json={"kind": "federated", "params": {
+            "clients": 2000, "clients_per_round": 10, "pairs_per_fold": 2}}).json()["id"]
+        job = wait_job(stack, key, job_id, lambda j: j["status"] in ("succeeded", "failed"), timeout=240)
+        assert job["status"] == "failed" and "\n" not in job["message"], job
+        assert job["message"].startswith("FederatedRunError: federated run exited with status 1: ValueError: only ")
+        assert "training identities have >= 2 images" in job["message"]
+        assert httpx.get(stack.url + "/v1/admin/models", headers=auth(key)).json() == before
+        assert not (tmp_path / "fed" / job_id).exists()
+    finally:
+        worker.terminate()
+        worker.wait(timeout=15)
+        stack.stop()
+
+
+def test_orphaned_jobs_are_requeued_or_failed_once_their_lease_has_expired(postgres_db):
+    """Real PostgreSQL: rows left `running` by a dead executor. The federated one is requeued (attempt 2), an
+    export is failed with a clear reason, a job being cancelled ends cancelled, a fresh heartbeat is left alone,
+    and a second recoverer racing the first acts on nothing."""
+    from datetime import datetime, timedelta, timezone
+
+    from app.db import make_engine, make_sessionmaker, session_scope
+    from app.migrate import migrate_gateway
+    from app.models import Job
+    from app.services.jobs import MAX_ATTEMPTS, recover_orphaned_jobs
+    from app.settings import GatewaySettings
+
+    url = postgres_db()
+    migrate_gateway(url)
+    sessions = make_sessionmaker(make_engine(url))
+    old = datetime.now(timezone.utc) - timedelta(seconds=30)
+    rows = {"fed": ("federated", "running", old, {"rounds": [{"round": 1}]}),
+            "fed-worn": ("federated", "running", old, {"attempt": MAX_ATTEMPTS}),
+            "export": ("export-model-v0", "running", old, None),
+            "stopping": ("federated", "cancelling", old, None),
+            "alive": ("federated", "running", datetime.now(timezone.utc), None),
+            "done": ("federated", "succeeded", old, {"version": "x"})}
+    with session_scope(sessions) as session:
+        for job_id, (kind, status, at, result) in rows.items():
+            session.add(Job(id=job_id, kind=kind, params={}, status=status, result=result, created_at=at, updated_at=at))
+    with session_scope(sessions) as session:  # the ORM's onupdate must not have refreshed them
+        for job_id, (*_, at, _) in rows.items():
+            session.execute(Job.__table__.update().where(Job.id == job_id).values(updated_at=at))
+    settings = GatewaySettings(database_url=url, job_lease_s=10)
+    requeued: list[tuple[str, int]] = []
+    outcomes = dict(recover_orphaned_jobs(settings, sessions, lambda job_id, attempt: requeued.append((job_id, attempt))))
+    assert outcomes == {"fed": "queued", "fed-worn": "failed", "export": "failed", "stopping": "cancelled"}
+    assert requeued == [("fed", 2)]
+    assert recover_orphaned_jobs(settings, sessions, lambda *a: requeued.append(a)) == []
+    with session_scope(sessions) as session:
+        got = {job.id: job for job in session.query(Job)}
+        assert got["fed"].result == {"rounds": [{"round": 1}], "attempt": 2}
+        assert "resuming where it stopped (attempt 2 of 3)" in got["fed"].message
+        assert got["export"].message.startswith("WorkerLost: the worker running it stopped (no heartbeat for 10 s)")
+        assert "cannot resume" in got["export"].message
+        assert got["alive"].status == "running" and got["done"].status == "succeeded"

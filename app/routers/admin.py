@@ -15,7 +15,7 @@ from app.problems import Problem, not_found
 from app.schemas import JobCreate, JobOut, ModelVersionOut, PresetIn, PresetOut, UnlockOut
 from app.services import revocation
 from app.services.audit import audit
-from app.services.jobs import JOB_KINDS, validate_job_params
+from app.services.jobs import JOB_KINDS, cancel_job as cancel_job_row, validate_job_params
 from app.services.model_events import publish_activation, sync_active_model
 from app.services.model_registry import activate_version
 
@@ -67,7 +67,8 @@ def create_job(body: JobCreate, _: Principal = Depends(admin), ctx: GatewayConte
 
     Kind `federated` (docs/federated.md): params `rounds` (1-50), `clients`, `clients_per_round`, `scope`
     (whole|adapter-tail), `mode` (supervised), `seed`, `pairs_per_fold`, `max_images`, `epochs`,
-    `heldout_every_round`; unknown fields are refused. While it runs, `result.rounds` lists the finished rounds."""
+    `heldout_every_round`, `aggregation` (fedavg|secagg+); unknown fields are refused. While it runs,
+    `result.rounds` lists the finished rounds; `POST /v1/admin/jobs/{id}/cancel` stops it between rounds."""
     if body.kind not in JOB_KINDS:  # the schema documents the kinds as an enum; this gives the clearer error
         raise Problem(422, "unknown-job-kind", "Unknown job kind",
                       f"{body.kind!r} is not one of {sorted(JOB_KINDS)}")
@@ -82,6 +83,19 @@ def get_job(job_id: str, _: Principal = Depends(admin), session: Session = Depen
     row = session.get(Job, job_id)
     if row is None:
         raise not_found("job", job_id)
+    return _job_out(row)
+
+
+@router.post("/jobs/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
+             responses={**ERRORS, 404: _not_found("job", "job_0f1e"), 409: problem_response(
+                 "The job cannot be cancelled; nothing was changed",
+                 Problem(409, "job-finished", "The job has finished", "Job job_0f1e is already succeeded."))})
+def cancel_job(job_id: str, principal: Principal = Depends(admin), ctx: GatewayContext = Depends(get_context)) -> JobOut:
+    """Cancel a job. A queued job is `cancelled` at once; a running `federated` job becomes `cancelling` and
+    stops after the round in progress (then `cancelled`, no candidate published). A finished job, or a running
+    job of a kind that cannot stop half-way, answers 409 and is left as it was."""
+    row = cancel_job_row(ctx.sessions, job_id)
+    audit(ctx.sessions, principal, "cancel-job", row.status)
     return _job_out(row)
 
 

@@ -6,15 +6,23 @@ gateway's environment has no flwr. The job starts `training_jobs.federated.simul
 exported the candidate into the model directory, registers it and applies the publishing guardrail: activate
 only if its held-out accuracy is not worse than the active version's (same pairs, same noise draws) by more than
 `PRIVFACE_FEDERATED_TOLERANCE`.
+
+Lifecycle (app/services/jobs.py): the run saves its state after every round under
+`PRIVFACE_FEDERATED_STATE_DIR/<job id>`; a cancel request makes the job create `cancel` there and the run stops
+after the round in progress (the job ends `cancelled`, no candidate); when the worker dies mid-job, the run dies
+with it (it watches its parent) and the requeued job starts the same command, which resumes after the last
+saved round. The state directory is removed once the job has ended, whatever the outcome.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,6 +36,8 @@ from app.settings import GatewaySettings
 from common.paths import PROJECT_ROOT
 
 STDERR_TAIL_BYTES = 64 * 1024
+SECAGG_MAX_CLIENTS = 2**32 // 2**22 - 1  # modulus / quantisation range of training_jobs.federated.secagg
+PARENT_ENV = "PRIVFACE_FEDERATED_PARENT"  # training_jobs.federated.simulate dies when this pid is no longer its parent
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -40,6 +50,8 @@ class FederatedParams(BaseModel):
     clients_per_round: int = Field(10, ge=1, le=2000)
     scope: Literal["whole", "adapter-tail"] = "whole"
     mode: Literal["supervised"] = "supervised"
+    aggregation: Literal["fedavg", "secagg+"] = Field(
+        "fedavg", description="secagg+: Flower's SecAgg+, the server sees only the sum of the clients' updates")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     pairs_per_fold: int = Field(60, ge=2, le=300, description="held-out pairs per LFW fold 6-10")
     max_images: int = Field(4, ge=2, le=50, description="photos per device at most")
@@ -50,6 +62,9 @@ class FederatedParams(BaseModel):
     def _per_round_fits(self) -> "FederatedParams":
         if self.clients_per_round > self.clients:
             raise ValueError("clients_per_round must not exceed clients")
+        if self.aggregation == "secagg+" and not 2 <= self.clients_per_round <= SECAGG_MAX_CLIENTS:
+            raise ValueError(f"secagg+ needs 2 to {SECAGG_MAX_CLIENTS} clients_per_round (a sum of one client "
+                             "hides nothing; more overflow the 32-bit modulus)")
         return self
 
 
@@ -95,14 +110,15 @@ def guardrail(candidate: float | None, active: float | None, tolerance: float) -
                      candidate, active, tolerance)
 
 
-def command(settings: GatewaySettings, params: FederatedParams, version: str, baseline_dir: Path | None) -> list[str]:
-    """The simulate command line for this job."""
+def command(settings: GatewaySettings, params: FederatedParams, version: str, baseline_dir: Path | None,
+            state_dir: Path) -> list[str]:
+    """The simulate command line for this job (the same for every attempt: a resumed run must match)."""
     cmd = [str(settings.federated_python), "-m", "training_jobs.federated.simulate",
            "--clients", str(params.clients), "--per-round", str(params.clients_per_round),
            "--rounds", str(params.rounds), "--scope", params.scope, "--seed", str(params.seed),
            "--pairs-per-fold", str(params.pairs_per_fold), "--max-images", str(params.max_images),
-           "--epochs", str(params.epochs), "--progress",
-           "--export-dir", str(settings.model_dir), "--version", version]
+           "--epochs", str(params.epochs), "--aggregation", params.aggregation, "--progress",
+           "--state-dir", str(state_dir), "--export-dir", str(settings.model_dir), "--version", version]
     if params.heldout_every_round:
         cmd.append("--heldout-every-round")
     if baseline_dir is not None:
@@ -116,6 +132,7 @@ def subprocess_env(settings: GatewaySettings) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
     env["PRIVFACE_SHARED_DIR"] = str(settings.shared_dir)
     env["PYTHONUNBUFFERED"] = "1"
+    env[PARENT_ENV] = str(os.getpid())
     return env
 
 
@@ -140,25 +157,32 @@ def last_error_line(stderr_tail: str) -> str:
 
 def round_summary(event: dict) -> dict:
     """What the job row keeps of one round event."""
-    keep = ("round", "of", "sampled", "finished", "failed", "train_seconds", "metrics", "heldout")
+    keep = ("round", "of", "sampled", "finished", "failed", "train_seconds", "metrics", "heldout", "aggregation")
     return {key: event.get(key) for key in keep}
 
 
 def round_message(event: dict) -> str:
     if event["round"] == 0:
         return f"round 0 of {event['of']}: held-out evaluation of the starting model"
+    if event.get("replayed"):
+        return f"round {event['round']} of {event['of']} (saved before a restart; resuming after it)"
     loss = (event.get("metrics") or {}).get("loss")
     text = (f"round {event['round']} of {event['of']}: {event['finished']}/{event['sampled']} clients finished, "
             f"{event['failed']} failed")
     return text + (f", loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
 
 
-def run_simulation(cmd: list[str], env: dict[str, str], on_event) -> dict:
+def run_simulation(cmd: list[str], env: dict[str, str], on_event, cancel_file: Path | None = None,
+                   cancel: threading.Event | None = None) -> dict:
     """Run the simulate subprocess in its own process group, feeding each event to `on_event`; returns the
-    `result` event. The group is killed if we stop following it for any reason."""
+    `result` event. Once `cancel` is set, `cancel_file` is created (the run stops after its round in progress).
+    The group is killed if we stop following it for any reason."""
     with tempfile.TemporaryFile() as stderr:
         proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
                                 start_new_session=True)
+        done = threading.Event()
+        if cancel is not None and cancel_file is not None:
+            threading.Thread(target=_forward_cancel, args=(cancel, done, cancel_file), daemon=True).start()
         result = None
         try:
             for line in proc.stdout:
@@ -171,6 +195,7 @@ def run_simulation(cmd: list[str], env: dict[str, str], on_event) -> dict:
                     on_event(event)
             status = proc.wait()
         finally:
+            done.set()
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -181,8 +206,17 @@ def run_simulation(cmd: list[str], env: dict[str, str], on_event) -> dict:
         return result
 
 
+def _forward_cancel(cancel: threading.Event, done: threading.Event, cancel_file: Path) -> None:
+    while not done.is_set():
+        if cancel.wait(0.5):
+            cancel_file.parent.mkdir(parents=True, exist_ok=True)
+            cancel_file.touch()
+            return
+
+
 def run_federated_job(settings: GatewaySettings, sessions: sessionmaker[Session], params: dict, report) -> dict:
-    """The `federated` job kind: train, export, register, apply the guardrail."""
+    """The `federated` job kind: train (resuming a saved state), export, register, apply the guardrail."""
+    from app.services.jobs import JobCancelled
     from app.services.model_events import publish_activation
     from app.services.model_registry import activate_version, active_version, register_model_dir
 
@@ -190,35 +224,52 @@ def run_federated_job(settings: GatewaySettings, sessions: sessionmaker[Session]
     if not Path(settings.federated_python).exists():
         raise FederatedRunError(f"no federated environment at {settings.federated_python}: run "
                                 "scripts/install_federated.sh or set PRIVFACE_FEDERATED_PYTHON")
+    state_dir = settings.federated_state_dir / report.job_id
     with session_scope(sessions) as session:
         active = active_version(session, "accurate")  # federated rounds train the dct8-v0 architecture
         active_name = active.version if active is not None else None
         baseline_dir = (settings.model_dir / active.path).parent if active is not None else None
     version = "fed-" + report.job_id.removeprefix("job_")[:16]
     rounds: list[dict] = []
+    resuming = report.attempt > 1
 
     def on_event(event: dict) -> None:
         if event.get("event") != "round":
             return
-        rounds.append(round_summary(event))
+        rounds[:] = [r for r in rounds if r["round"] < event["round"]] + [round_summary(event)]
         fraction = 0.05 + 0.8 * event["round"] / max(1, event["of"])
         report.progress(fraction, round_message(event), {"rounds": rounds})
 
-    report.progress(0.01, "starting the federated run")
-    result = run_simulation(command(settings, job, version, baseline_dir), subprocess_env(settings), on_event)
-    report.progress(0.9, "registering the candidate", {"rounds": rounds})
-    heldout = result.get("heldout") or {}
-    final = heldout.get(str(job.rounds)) or {}
-    baseline = result.get("baseline") or {}
-    decision = guardrail(final.get("accuracy"), baseline.get("accuracy") if active_name else None,
-                         settings.federated_tolerance)
-    with session_scope(sessions) as session:
-        row = register_model_dir(session, settings.model_dir, Path(result["exported"]))
+    report.progress(0.01, f"resuming the federated run (attempt {report.attempt})" if resuming
+                    else "starting the federated run")
+    try:
+        result = run_simulation(command(settings, job, version, baseline_dir, state_dir), subprocess_env(settings),
+                                on_event, checkpoint_cancel(state_dir),
+                                report.cancel_requested)
+        if result.get("status") == "cancelled":
+            last = result.get("last_round", 0)
+            raise JobCancelled(f"cancelled after round {last} of {job.rounds}", {"rounds": rounds, "last_round": last})
+        report.progress(0.9, "registering the candidate", {"rounds": rounds})
+        heldout = result.get("heldout") or {}
+        final = heldout.get(str(job.rounds)) or {}
+        baseline = result.get("baseline") or {}
+        decision = guardrail(final.get("accuracy"), baseline.get("accuracy") if active_name else None,
+                             settings.federated_tolerance)
+        with session_scope(sessions) as session:
+            row = register_model_dir(session, settings.model_dir, Path(result["exported"]))
+            if decision.activate:
+                row = activate_version(session, row.version)
+            out = {"version": row.version, "status": row.status, "sha256": row.sha256}
         if decision.activate:
-            row = activate_version(session, row.version)
-        out = {"version": row.version, "status": row.status, "sha256": row.sha256}
-    if decision.activate:
-        publish_activation(settings.redis_url, version)
-    return {**out, "guardrail": decision.to_dict(), "active_before": active_name,
+            publish_activation(settings.redis_url, version)
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)  # reached only while this process lives: a kill keeps it
+    return {**out, "guardrail": decision.to_dict(), "active_before": active_name, "aggregation": job.aggregation,
             "heldout": {"before": heldout.get("0"), "after": final, "active_version": baseline or None},
-            "rounds": rounds, "seconds": result.get("wall_seconds")}
+            "rounds": rounds, "resumed": result.get("resumed", []), "attempts": report.attempt,
+            "seconds": result.get("wall_seconds")}
+
+
+def checkpoint_cancel(state_dir: Path) -> Path:
+    """The file the run looks for between rounds (training_jobs.federated.checkpoint.CANCEL_FILE)."""
+    return state_dir / "cancel"

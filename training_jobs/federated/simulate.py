@@ -3,16 +3,23 @@
     .venv-federated/bin/python -m training_jobs.federated.simulate --clients 60 --per-round 15 --rounds 3 \
         --scope adapter-tail --pairs-per-fold 60 --out docs/results/federated_sim.json
 
+With --state-dir the run saves its state after every round and, started again with the same arguments and
+directory, resumes after the last saved round; creating `<state-dir>/cancel` stops it between rounds.
+
 Clients = LFW training identities (outside folds 6-10) with >= 2 photos, each seeing only its own photos
 (`population`); held-out evaluation on folds 6-10 pairs before and after, same pairs and noise draws.
-One Ray actor with one torch thread runs the clients one after another (2-core shared machine).
+One Ray actor with one torch thread runs the clients one after another (2-core shared machine); --actors N
+runs N in parallel.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -24,14 +31,22 @@ from inference.lfw import lfw_dir, load_many, shared_dir
 from inference.metadata import ModelMetadata
 from inference.runtime import OrtEmbedder
 from inference.transform import PRESETS, TransformSpec
+from training_jobs.federated import checkpoint
 from training_jobs.federated.client_app import make_client_app
 from training_jobs.federated.heldout import Heldout
 from training_jobs.federated.params import build_base_model, set_arrays
 from training_jobs.federated.population import IsolationError, Population, make_population
-from training_jobs.federated.server_app import ServerSettings, make_server_app
+from training_jobs.federated.secagg import SecAggSettings
+from training_jobs.federated.server_app import AGGREGATIONS, ServerSettings, make_server_app
 
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
            "init_args": {"num_cpus": 1, "num_gpus": 0, "logging_level": "error", "log_to_driver": False}}
+
+
+def backend(actors: int = 1) -> dict:
+    """Ray backend with `actors` ClientApp actors (one CPU and one torch thread each) training clients in
+    parallel; one by default (tests, and a machine shared with other work)."""
+    return {**BACKEND, "init_args": {**BACKEND["init_args"], "num_cpus": actors}}
 
 
 class PopulationPhotos:
@@ -48,6 +63,27 @@ class PopulationPhotos:
         return load_many(self.lfw, list(data.images))
 
 
+PARENT_ENV = "PRIVFACE_FEDERATED_PARENT"
+
+
+def die_with_parent(parent: int, period: float = 1.0) -> threading.Thread:
+    """Kill this process group (this run and its Ray processes) once `parent` is no longer our parent.
+
+    Why: the driving job starts the run in its own process group, so a signal to the job's group (Ctrl+C) does
+    not tear it down half-way; but when the job's process dies (worker killed), nothing else would stop the run,
+    and a resumed attempt would then race a stale one on the same state directory."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(period)
+        if os.getpgrp() == os.getpid():  # leader of our own group: Ray's processes are in it too
+            os.killpg(0, signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="die-with-parent", daemon=True)
+    thread.start()
+    return thread
+
+
 def print_event(event: str, **fields: object) -> None:
     """One JSON line on stdout: how a driving job (app/services/federated_job.py) follows the run."""
     print(json.dumps({"event": event, **fields}, default=str), flush=True)
@@ -55,36 +91,47 @@ def print_event(event: str, **fields: object) -> None:
 
 def progress_printer(total: int):
     """on_round callback of the ServerApp: one `round` event per finished round (round 0 = before training)."""
-    def on_round(server_round: int, entry: dict | None, heldout: dict | None) -> None:
+    def on_round(server_round: int, entry: dict | None, heldout: dict | None, replayed: bool = False) -> None:
         entry = entry or {}
         print_event("round", round=server_round, of=total, sampled=entry.get("sampled", 0),
                     finished=entry.get("replied", 0), failed=entry.get("failed", 0),
-                    train_seconds=entry.get("train_seconds"), metrics=entry.get("metrics"), heldout=heldout)
+                    train_seconds=entry.get("train_seconds"), metrics=entry.get("metrics"), heldout=heldout,
+                    aggregation=entry.get("aggregation"), replayed=replayed)
     return on_round
 
 
 def simulate(population: Population, settings: ServerSettings, lfw: Path, heldout: Heldout | None,
-             on_round=None) -> dict:
+             on_round=None, actors: int = 1) -> dict:
     """Run the rounds; returns the server's log (rounds, bytes, times, held-out metrics, final arrays)."""
     if heldout is not None and {c.identity for c in population.clients} & heldout.identities:
         raise IsolationError("a client is a held-out identity")
-    random.seed(settings.seed)  # Flower samples clients with `random`; reproducible runs
+    if settings.state_dir:  # a state saved by other settings is refused before anything starts
+        checkpoint.load(Path(settings.state_dir), checkpoint.fingerprint(settings.identity()))
+    random.seed(settings.seed)  # SecAgg+ shuffles its neighbour graph with `random`; reproducible runs
     log: dict = {}
     client_app = make_client_app(PopulationPhotos(population, lfw), Path(settings.shared))
     server_app = make_server_app(settings, heldout, log, on_round)
     start = time.perf_counter()
-    run_simulation(server_app, client_app, num_supernodes=len(population.clients), backend_config=BACKEND)
+    run_simulation(server_app, client_app, num_supernodes=len(population.clients), backend_config=backend(actors))
     log["wall_seconds"] = time.perf_counter() - start
-    if "rounds" not in log:
+    if "status" not in log:
         raise RuntimeError("the simulation ended without finishing its rounds (see Flower's log above)")
     return log
 
 
-def baseline_metrics(version_dir: Path, heldout: Heldout) -> dict:
-    """Held-out metrics of a served model version (its ONNX file), on the same pairs and noise draws."""
+def baseline_metrics(version_dir: Path, heldout: Heldout, state_dir: Path | None = None) -> dict:
+    """Held-out metrics of a served model version (its ONNX file), on the same pairs and noise draws; kept in
+    the state directory so a resumed run does not measure it again."""
+    cached = state_dir / "baseline.json" if state_dir else None
+    if cached is not None and cached.exists():
+        return json.loads(cached.read_text())
     meta = ModelMetadata.load(version_dir, verify=True)
     features_fn = OrtEmbedder(version_dir / meta.onnx_file, prefer_gpu=True, intra_op_threads=1).embed
-    return {"version": meta.version, **heldout.evaluate_features_fn(features_fn, f"baseline {meta.version}")}
+    metrics = {"version": meta.version, **heldout.evaluate_features_fn(features_fn, f"baseline {meta.version}")}
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(metrics))
+    return metrics
 
 
 def export_candidate(log: dict, spec: TransformSpec, shared: Path, out_dir: Path, version: str,
@@ -104,12 +151,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-round", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--scope", default="adapter-tail", choices=("whole", "adapter-tail"))
+    parser.add_argument("--aggregation", default="fedavg", choices=AGGREGATIONS)
+    parser.add_argument("--secagg-clip", type=float, default=SecAggSettings.clipping_range,
+                        help="SecAgg+: updates are clipped to +-this before quantisation")
+    parser.add_argument("--drop-fraction", type=float, default=0.0,
+                        help="simulation: this share of each round's clients drops mid-round (after key sharing)")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="save the round state here after every round; resume from it; stop on <dir>/cancel")
     parser.add_argument("--max-images", type=int, default=4, help="photos per client at most")
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
     parser.add_argument("--pairs-per-fold", type=int, default=60)
     parser.add_argument("--epsilon", type=float, default=64.0, help="served noise, per coefficient")
     parser.add_argument("--transform", default="dct8-v0", choices=sorted(PRESETS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--actors", type=int, default=1, help="Ray actors training clients in parallel (CPUs)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--progress", action="store_true",
                         help="print one JSON line per round and the result as one JSON line (for a driving job)")
@@ -120,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--export-dir", type=Path, default=None, help="export the candidate under this directory")
     parser.add_argument("--version", default=None, help="the candidate's model version name (with --export-dir)")
     args = parser.parse_args(argv)
+    if os.environ.get(PARENT_ENV):
+        die_with_parent(int(os.environ[PARENT_ENV]))
     if (args.export_dir is None) != (args.version is None):
         parser.error("--export-dir and --version go together")
     shared = shared_dir()
@@ -130,14 +187,17 @@ def main(argv: list[str] | None = None) -> None:
     heldout = Heldout(lfw, spec, args.pairs_per_fold, seed=args.seed)
     settings = ServerSettings(str(shared), spec.to_dict(), args.scope, args.rounds, args.per_round, args.clients,
                               args.seed, {"epochs": args.epochs, "batch-size": 4},
-                              tuple(range(args.rounds + 1)) if args.heldout_every_round else None)
-    baseline = baseline_metrics(args.baseline_dir, heldout) if args.baseline_dir else None
-    log = simulate(population, settings, lfw, heldout, progress_printer(args.rounds) if args.progress else None)
+                              tuple(range(args.rounds + 1)) if args.heldout_every_round else None,
+                              args.aggregation, {"clipping_range": args.secagg_clip, "max_weight": args.max_images},
+                              args.drop_fraction, str(args.state_dir) if args.state_dir else None)
+    baseline = baseline_metrics(args.baseline_dir, heldout, args.state_dir) if args.baseline_dir else None
+    log = simulate(population, settings, lfw, heldout, progress_printer(args.rounds) if args.progress else None,
+                   args.actors)
     report = {key: value for key, value in log.items() if key != "final_arrays"}
     report["population"] = {"clients": len(population.clients),
                             "photos": sum(len(c.images) for c in population.clients)}
     report["baseline"] = baseline
-    if args.export_dir is not None:
+    if args.export_dir is not None and log["status"] == "finished":
         metrics = {"federated": {"heldout": log.get("heldout"), "baseline": baseline, "settings": report["settings"],
                                  "population": report["population"]}}
         report["exported"] = str(export_candidate(log, spec, shared, args.export_dir, args.version, metrics))

@@ -1,0 +1,87 @@
+"""Per-round state of a federated run on disk, so a run killed mid-job resumes from its last finished round.
+
+What a resumed run needs and nothing else: the global travelling parameters after the last finished round, its
+index, the clients' class vectors (keyed by client id, since node ids change when the processes restart), and
+the log so far (round entries, held-out metrics, the baseline) so the final report is whole. The file is written
+to a temporary name and renamed (os.replace is atomic on one file system): a kill during the write leaves the
+previous round's state, never a torn file. A fingerprint of the run's settings is stored with it; a run with
+other settings refuses the state rather than silently continuing someone else's training.
+
+The state directory also carries the cancel request: `cancel_path(dir)` is created by the job that drives the
+run, and the ServerApp stops after the round in progress when it sees the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+STATE_FILE = "state.npz"
+CANCEL_FILE = "cancel"
+_PARAM, _CLASS, _META = "param:", "class:", "meta"
+
+
+class CheckpointMismatch(ValueError):
+    """The state on disk belongs to a run with different settings."""
+
+
+def fingerprint(settings: dict) -> str:
+    """A stable digest of the settings that determine the training (JSON, sorted keys)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class RoundState:
+    """Everything a run needs to continue after `round` (0: only the starting evaluation is done)."""
+
+    round: int
+    arrays: dict[str, np.ndarray]
+    class_vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    log: dict = field(default_factory=dict)
+    fingerprint: str = ""
+
+
+def state_path(directory: Path) -> Path:
+    return Path(directory) / STATE_FILE
+
+
+def cancel_path(directory: Path) -> Path:
+    return Path(directory) / CANCEL_FILE
+
+
+def save(directory: Path, state: RoundState) -> Path:
+    """Write the state atomically (temporary file, fsync, rename)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"round": state.round, "log": state.log, "fingerprint": state.fingerprint}
+    payload = {_META: np.frombuffer(json.dumps(meta, default=str).encode(), dtype=np.uint8)}
+    payload.update({_PARAM + name: value for name, value in state.arrays.items()})
+    payload.update({_CLASS + client: value for client, value in state.class_vectors.items()})
+    target = state_path(directory)
+    temporary = target.with_name(target.name + ".tmp")
+    with open(temporary, "wb") as handle:
+        np.savez(handle, **payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, target)
+    return target
+
+
+def load(directory: Path, expected_fingerprint: str | None = None) -> RoundState | None:
+    """The saved state, or None when there is none; CheckpointMismatch when it belongs to other settings."""
+    path = state_path(directory)
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(data[_META].tobytes().decode())
+        arrays = {key[len(_PARAM):]: data[key] for key in data.files if key.startswith(_PARAM)}
+        classes = {key[len(_CLASS):]: data[key] for key in data.files if key.startswith(_CLASS)}
+    if expected_fingerprint is not None and meta["fingerprint"] != expected_fingerprint:
+        raise CheckpointMismatch(f"the state in {directory} was saved by a run with other settings "
+                                 f"({meta['fingerprint']} != {expected_fingerprint}); remove it or use a new directory")
+    return RoundState(int(meta["round"]), arrays, classes, meta["log"], meta["fingerprint"])
