@@ -33,6 +33,7 @@ def variable_rows(variables: dict[str, tuple[str, str]]) -> list[str]:
 
 def table() -> str:
     from app import failpoints
+    from app.services import federated_job
     from app.settings import GatewaySettings
     from client import environment
     from secure.mpc.settings import MpcSettings
@@ -41,7 +42,7 @@ def table() -> str:
     lines = [HEADER]
     for cls in (GatewaySettings, PartySettings, MpcSettings):
         lines += rows(cls)
-    for variables in (environment.VARIABLES, failpoints.VARIABLES):
+    for variables in (environment.VARIABLES, failpoints.VARIABLES, federated_job.VARIABLES):
         lines += variable_rows(variables)
     return "\n".join(lines)
 

@@ -38,6 +38,9 @@ from common.paths import PROJECT_ROOT
 STDERR_TAIL_BYTES = 64 * 1024
 SECAGG_MAX_CLIENTS = 2**32 // 2**22 - 1  # modulus / quantisation range of training_jobs.federated.secagg
 PARENT_ENV = "PRIVFACE_FEDERATED_PARENT"  # training_jobs.federated.simulate dies when this pid is no longer its parent
+# name -> (default, meaning), for the README's configuration table (scripts/config_table.py)
+VARIABLES = {PARENT_ENV: ("", "Internal, set by the gateway's job runner: the federated simulation exits when this "
+                              "pid is no longer its parent (a killed worker leaves no orphan run).")}
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
