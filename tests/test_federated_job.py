@@ -137,7 +137,7 @@ LIFECYCLE = {"clients": 3, "clients_per_round": 2, "pairs_per_fold": 2, "max_ima
 
 
 def start_worker(stack: LocalStack, tmp_path, name: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], cwd=ROOT, env=stack.env(),
+    return subprocess.Popen([sys.executable, "-m", "privface", "worker"], cwd=ROOT, env=stack.env(),
                             stdout=open(tmp_path / f"{name}.log", "ab"), stderr=subprocess.STDOUT)
 
 
