@@ -123,7 +123,7 @@ class IdentifyOut(BaseModel):
 
 
 class PresetIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"preset": "strict"}]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"preset": "accurate"}]})
     preset: Literal["accurate", "balanced", "strict"] = Field(
         description="Privacy preset (docs/models/presets.md); must match inference.privacy_presets.PRIVACY_PRESETS.")
 
