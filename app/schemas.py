@@ -148,6 +148,7 @@ class TransformOut(BaseModel):
 class ModelVersionOut(BaseModel):
     version: str
     status: str
+    preset: str = Field(description="The privacy preset this version serves (one active version per preset).")
     sha256: str
     transform_id: str
     params_hash: str
@@ -189,3 +190,57 @@ class UnlockOut(BaseModel):
 class HealthOut(BaseModel):
     status: str
     checks: dict = Field(default_factory=dict)
+
+
+# -- tenants, API keys and the audit log (app/routers/admin_tenants.py) ------------------------------------------
+
+Scope = Literal["enroll", "verify", "admin"]
+
+
+class TenantOut(BaseModel):
+    id: str
+    name: str
+    preset: str | None = Field(description="The tenant's privacy preset; null: the gateway's default.")
+    key_version: int = Field(description="Template key version; `POST /v1/admin/tenant/rotate-key` bumps it.")
+    epsilon_max: float | None
+    created_at: UtcDatetime
+
+
+class TenantCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"id": "globex", "name": "Globex"}]})
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                    description="Letters, digits, `_`, `.`, `-` (it names the parties' galleries).")
+    name: str = Field(min_length=1, max_length=200)
+
+
+class ApiKeyOut(BaseModel):
+    prefix: str = Field(description="The key's public part (`pf_<prefix>_...`); the audit log names keys by it.")
+    scopes: list[str]
+    created_at: UtcDatetime
+    revoked_at: UtcDatetime | None
+
+
+class TenantCreated(BaseModel):
+    tenant: TenantOut
+    admin_key: str = Field(description="The new tenant's first API key (admin, enroll, verify), shown only now.")
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"scopes": ["enroll", "verify"]}]})
+    scopes: list[Scope] = Field(min_length=1, max_length=3)
+
+
+class ApiKeyCreated(BaseModel):
+    key: ApiKeyOut
+    api_key: str = Field(description="The full key, shown only now: the server keeps a keyed hash of it.")
+    replaces: str | None = Field(None, description="On rotation: the prefix of the key it replaces (now revoked).")
+
+
+class AuditEntryOut(BaseModel):
+    id: int
+    at: UtcDatetime
+    key_prefix: str | None
+    action: str
+    subject_id: str | None
+    outcome: str
+    request_id: str | None

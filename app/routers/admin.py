@@ -1,7 +1,7 @@
 """Admin endpoints: model versions, background jobs, tenant key rotation (``services/revocation.py``)."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, status
+from fastapi import APIRouter, Depends, Query, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -50,19 +50,29 @@ def list_models(_: Principal = Depends(admin), session: Session = Depends(get_se
 @router.post("/models/{version}/activate", response_model=ModelVersionOut,
              responses={**ERRORS, 404: problem_response("Unknown model version", Problem(
                  404, "model-not-found", "Unknown model version", "No model version 'v9'."))})
-async def activate_model(version: str, _: Principal = Depends(admin),
+async def activate_model(version: str, principal: Principal = Depends(admin),
                          ctx: GatewayContext = Depends(get_context)) -> ModelVersionOut:
     """Make a version active. Every gateway worker swaps its ORT session without dropping requests."""
     with session_scope(ctx.sessions) as session:
         out = _model_out(activate_version(session, version))
     publish_activation(ctx.settings.redis_url, version)
     await sync_active_model(ctx.sessions, ctx.models)
+    audit(ctx.sessions, principal, "activate-model", "activated")
     return out
+
+
+@router.get("/jobs", response_model=list[JobOut], responses=ERRORS)
+def list_jobs(limit: int = Query(50, ge=1, le=200), _: Principal = Depends(admin),
+              session: Session = Depends(get_session)) -> list[JobOut]:
+    """The most recent jobs, newest first, with their status, progress and result (the admin console's list)."""
+    rows = session.execute(select(Job).order_by(Job.created_at.desc()).limit(limit)).scalars()
+    return [_job_out(row) for row in rows]
 
 
 @router.post("/jobs", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
              responses={**ERRORS, **body_errors(UNKNOWN_JOB_KIND, INVALID_JOB_PARAMS)})
-def create_job(body: JobCreate, _: Principal = Depends(admin), ctx: GatewayContext = Depends(get_context)) -> JobOut:
+def create_job(body: JobCreate, principal: Principal = Depends(admin),
+               ctx: GatewayContext = Depends(get_context)) -> JobOut:
     """Start a background job; poll `GET /v1/admin/jobs/{id}` for its progress.
 
     Kind `federated` (docs/federated.md): params `rounds` (1-50), `clients`, `clients_per_round`, `scope`
@@ -73,6 +83,7 @@ def create_job(body: JobCreate, _: Principal = Depends(admin), ctx: GatewayConte
         raise Problem(422, "unknown-job-kind", "Unknown job kind",
                       f"{body.kind!r} is not one of {sorted(JOB_KINDS)}")
     job_id = ctx.jobs.submit(body.kind, validate_job_params(body.kind, body.params))
+    audit(ctx.sessions, principal, "create-job", body.kind)
     with ctx.sessions() as session:
         return _job_out(session.get(Job, job_id))
 
