@@ -301,6 +301,13 @@ async function loadAudit(first) {
 
 function check(ok) { return el("span", { className: ok ? "ok" : "error" }, ok ? "ok" : "down"); }
 
+function partyFacts(s) {
+  const mpc = s.mpc || {};
+  return el("span", {}, `MPC generation ${mpc.generation ?? "—"} (${mpc.provider || "—"}) · applied through op ` +
+    `${s.applied_through ?? "—"} · ${(s.pending || []).length} pending · last error ${mpc.last_error || "none"}`,
+    el("details", {}, el("summary", {}, "full state"), el("pre", {}, JSON.stringify(s, null, 1))));
+}
+
 async function loadParties() {
   const response = await fetch("/readyz", { cache: "no-store" });
   const ready = await response.json();
@@ -309,7 +316,7 @@ async function loadParties() {
   const states = parties.states || [null, null];
   const rows = states.map((s, rank) => el("tr", { dataset: { party: rank } }, el("td", {}, `party ${rank}`),
     el("td", {}, check(s !== null)), el("td", {}, check(Boolean(s && s.mpc && s.mpc.connected))),
-    el("td", {}, el("pre", {}, s === null ? (parties.error || "no answer") : JSON.stringify(s, null, 1)))));
+    el("td", {}, s === null ? (parties.error || "no answer") : partyFacts(s))));
   const model = checks.model || {};
   $("parties").replaceChildren(
     el("p", {}, `Gateway: ${ready.status} · database `, check((checks.database || {}).ok),
