@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import sqlite3
-from pathlib import Path
 
 import httpx
 import pytest

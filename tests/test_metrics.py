@@ -2,8 +2,11 @@
 identify and budget refusals; the counters move with the right labels and the scrape holds no id or key."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import secrets
+from pathlib import Path
 
 import httpx
 import pytest
@@ -157,6 +160,30 @@ def test_scrapes_after_enroll_verify_identify(stack, keys, shared):
     for secret in (subject, key, identify_key, *stack.tokens, stack.secret, key.split("_")[1]):
         assert secret not in after
     assert "acme" not in after  # no tenant label
+
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "grafana" / "privface-dashboard.json"
+
+
+@pytest.mark.slow
+def test_the_grafana_dashboard_queries_only_names_and_labels_a_real_scrape_has(stack, keys):
+    """docs/grafana/privface-dashboard.json against real scrapes of the gateway and both parties. Runs after
+    test_scrapes_after_enroll_verify_identify (module order): its traffic made every labelled series exist."""
+    scraped: dict[str, set[str]] = {}  # sample name -> its label names
+    for text in (scrape_gateway(stack, keys["all"]), scrape_party(stack, 0), scrape_party(stack, 1)):
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                scraped.setdefault(sample.name, set()).update(sample.labels)
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    assert len(queries) >= 15
+    for expr in queries:
+        names = set(re.findall(r"\bprivface_\w+", expr))
+        assert names and names <= set(scraped), (expr, names - set(scraped))
+        labels = set(re.findall(r'(\w+)\s*(?:=~|!~|!=|=)\s*"', expr))
+        labels |= {label.strip() for group in re.findall(r"by \(([^)]*)\)", expr) for label in group.split(",")}
+        available = set().union(*(scraped[name] for name in names))
+        assert labels <= available, (expr, labels - available)
 
 
 def test_party_gallery_rows_are_labelled_by_model_only():
