@@ -194,10 +194,11 @@ def test_tenants_are_onboarded_with_one_admin_key_and_names_kept_verbatim(gatewa
 def test_the_audit_log_is_per_tenant_newest_first_and_pages_back(gateway):
     admin = new_key(gateway, "audit-tenant", "admin")
     other = new_key(gateway, "audit-other", "admin")
-    for _ in range(3):
-        gateway.post("/v1/admin/keys", json={"scopes": ["verify"]}, headers=auth(admin))
+    for n in range(3):
+        gateway.post("/v1/admin/keys", json={"scopes": ["verify"]}, headers={**auth(admin), "X-Request-ID": f"req-{n}"})
     entries = gateway.get("/v1/admin/audit", headers=auth(admin)).json()
     assert [e["action"] for e in entries] == ["create-api-key"] * 3
+    assert [e["request_id"] for e in entries] == ["req-2", "req-1", "req-0"]  # the entry names its request
     assert entries[0]["id"] > entries[1]["id"] > entries[2]["id"] and entries[0]["at"].endswith("Z")
     older = gateway.get(f"/v1/admin/audit?limit=1&before_id={entries[0]['id']}", headers=auth(admin)).json()
     assert [e["id"] for e in older] == [entries[1]["id"]]
