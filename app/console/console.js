@@ -241,6 +241,7 @@ async function loadTenant() {
   definitions($("tenant"), [["Id", tenant.id], ["Name", tenant.name], ["Privacy preset", tenant.preset ?? "default"],
     ["Template key version", tenant.key_version], ["ε ceiling", tenant.epsilon_max ?? "none"],
     ["Created", when(tenant.created_at)]]);
+  if (tenant.preset) $("preset").value = tenant.preset;
   const rows = keys.map((k) => el("tr", { dataset: { prefix: k.prefix } },
     el("td", {}, `pf_${k.prefix}_…`), el("td", {}, k.scopes.join(" ")), el("td", {}, when(k.created_at)),
     el("td", {}, k.revoked_at ? "revoked " + when(k.revoked_at) : "active"),
