@@ -184,6 +184,9 @@ def report(prep: dict[str, Any], work: Path) -> dict[str, Any]:
         "twin_accuracy": float(np.mean((twin_scores >= tau) == same)),
         "mpc_accuracy": float(np.mean((mpc_scores >= tau) == same)),
         "disagreements": int(np.sum((twin_scores >= tau) != (mpc_scores >= tau))),
+        # a disagreement is a fixed-point tie when the twin's score lies within the measured score error of tau
+        "disagreements_beyond_ties": int(np.sum(((twin_scores >= tau) != (mpc_scores >= tau))
+                                                & (np.abs(twin_scores - tau) > np.max(np.abs(mpc_scores - twin_scores))))),
         "max_abs_embedding_error": float(np.max(np.abs(mpc - twin))),
         "max_abs_score_error": float(np.max(np.abs(mpc_scores - twin_scores)))}
     for kind in sorted({s["kind"] for s in stats[0]}):
