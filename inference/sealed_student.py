@@ -80,3 +80,38 @@ class SealedFaceModel(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.backbone(self.adapter(features)), dim=1)
+
+
+def _bn_affine(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of an eval-mode BatchNorm: y = scale * x + shift, per channel."""
+    assert bn.running_var is not None and bn.running_mean is not None
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias.detach() - bn.running_mean * scale
+
+
+def folded_layers(model: SealedFaceModel | SealedCnn) -> list[dict[str, object]]:
+    """The student as a plain list of layers with every BatchNorm folded, for the MPC evaluator
+    (``secure/mpc/protocols/sealed_model.py``), which may not import this package.
+
+    Layers: ``affine`` (per-channel scale and shift: the input BatchNorm, which cannot fold into the first
+    convolution exactly because of its zero padding), ``conv`` (BatchNorm folded into weight and bias), ``act``
+    (``relu`` or ``quad``), ``flatten``, ``linear`` (the embedding BatchNorm folded in). Arrays are float64 numpy.
+    The plaintext twin is the PyTorch model in eval mode (tests/test_sealed_mpc.py checks both agree)."""
+    cnn = model.backbone if isinstance(model, SealedFaceModel) else model
+    layers: list[dict[str, object]] = []
+    scale, shift = _bn_affine(cnn.input_norm)
+    layers.append({"op": "affine", "scale": scale.double().numpy(), "shift": shift.double().numpy()})
+    for block in cnn.features:
+        assert isinstance(block, nn.Sequential)
+        conv, bn, act = block[0], block[1], block[2]
+        assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+        s, b = _bn_affine(bn)
+        weight = conv.weight.detach() * s.view(-1, 1, 1, 1)
+        layers.append({"op": "conv", "weight": weight.double().numpy(), "bias": b.double().numpy(),
+                       "stride": int(conv.stride[0]), "padding": int(conv.padding[0])})
+        layers.append({"op": "act", "kind": "relu" if isinstance(act, nn.ReLU) else "quad"})
+    layers.append({"op": "flatten"})
+    s, b = _bn_affine(cnn.embed_norm)
+    layers.append({"op": "linear", "weight": (cnn.embed.weight.detach() * s.view(-1, 1)).double().numpy(),
+                   "bias": b.double().numpy()})
+    return layers

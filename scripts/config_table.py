@@ -36,13 +36,14 @@ def table() -> str:
     from app.services import federated_job
     from app.settings import GatewaySettings
     from client import environment
+    from secure import sealed_box
     from secure.mpc.settings import MpcSettings
     from secure.party.settings import PartySettings
 
     lines = [HEADER]
     for cls in (GatewaySettings, PartySettings, MpcSettings):
         lines += rows(cls)
-    for variables in (environment.VARIABLES, failpoints.VARIABLES, federated_job.VARIABLES):
+    for variables in (environment.VARIABLES, failpoints.VARIABLES, federated_job.VARIABLES, sealed_box.VARIABLES):
         lines += variable_rows(variables)
     return "\n".join(lines)
 

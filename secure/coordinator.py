@@ -221,6 +221,15 @@ class PartyPair:
         replies = await self._both("GET", "/internal/state", timeout=timeout)
         return [r.body if r.ok and isinstance(r.body, dict) else None for r in replies]
 
+    async def sealed_keys(self) -> list[dict[str, Any]]:
+        """Both parties' sealed-mode public keys (``api.SealedKeyOut``), party 0's first."""
+        replies = await self._both("GET", "/internal/sealed/key")
+        raise_unavailable(replies)
+        for r in replies:
+            if not r.ok or not isinstance(r.body, dict) or r.body.get("rank") != r.rank:
+                raise PartiesError(f"party {r.rank} sealed key failed ({r.status})", status=r.status)
+        return [r.body for r in replies]
+
     # -- match jobs ------------------------------------------------------------------------------------------
     @staticmethod
     def _query(query_fixed: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Health, readiness and the transforms the gateway serves."""
+"""Health, readiness, the transforms the gateway serves and the parties' sealed-mode keys."""
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +13,10 @@ from app.apidocs import auth_errors
 from app.auth import Principal
 from app.context import GatewayContext
 from app.deps import get_context, require_scope
+from app.problems import unavailable
 from app.schemas import HealthOut, TransformOut
+from secure.coordinator import PartiesError
+from secure.party.api import SealedKeyOut
 
 router = APIRouter(tags=["service"])
 PROBE_TIMEOUT_S = 5.0
@@ -84,3 +87,16 @@ def transforms(principal: Principal = Depends(require_scope(None)),
     model = ctx.models.for_preset(preset)
     return [TransformOut(transform_id=model.spec.transform_id, params_hash=model.spec.params_hash,
                          model_version=model.version, preset=preset, spec=model.spec.to_dict())]
+
+
+@router.get("/v1/sealed/keys", response_model=list[SealedKeyOut], responses=auth_errors())
+async def sealed_keys(_: Principal = Depends(require_scope(None)),
+                      ctx: GatewayContext = Depends(get_context)) -> list[SealedKeyOut]:
+    """Sealed mode (issue 12): both parties' X25519 public keys. The SDK encrypts one additive share of its
+    features to each (`client/sealed.py`), so what it sends through the gateway is ciphertext the gateway cannot
+    read. The keys come from the parties over the authenticated gateway-party links."""
+    try:
+        keys = await ctx.parties.sealed_keys()
+    except PartiesError as exc:
+        raise unavailable(str(exc)) from None
+    return [SealedKeyOut.model_validate(key) for key in keys]

@@ -113,6 +113,16 @@ class StateOut(BaseModel):
     jobs_run: int  # MPC jobs this process ran (a batch counts once)
 
 
+class SealedKeyOut(BaseModel):
+    """``GET /internal/sealed/key``: this party's public key for sealed mode (``secure/sealed_box.py``); the gateway
+    relays both at ``GET /v1/sealed/keys`` and the SDK encrypts one feature share to each."""
+
+    rank: int
+    scheme: str
+    public_key: str  # base64 of the raw 32-byte X25519 public key
+    key_id: str
+
+
 def output_text(value: int) -> str:
     """An output share as it travels: the residue mod 2^64 in decimal."""
     return str(int(value) % OUTPUT_MODULUS)

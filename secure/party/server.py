@@ -22,7 +22,8 @@ from starlette.concurrency import run_in_threadpool
 from common.logs import RequestIdMiddleware, logging_config
 from common.problems import Problem as PartyProblem
 from common.problems import install_problem_handlers, problem_response
-from secure.party.api import CheckIn, CheckOut, GalleryIn, GalleryOut, MatchIn, MatchOut, OpOut, PrepareIn, StateOut
+from secure.party.api import (CheckIn, CheckOut, GalleryIn, GalleryOut, MatchIn, MatchOut, OpOut, PrepareIn,
+                              SealedKeyOut, StateOut)
 from secure.party.audit import MatchAudit
 from secure.party.db import make_party_engine, migrate_party_db
 from secure.party.deployment import check_deployment, uvicorn_ssl_options
@@ -33,6 +34,8 @@ from secure.party.oplog import OpError, OpLog, OpSpec
 from secure.party.settings import PartySettings
 from secure.party.thresholds import ThresholdConflict, Thresholds
 from secure.party.tlspin import normalize_pin
+from secure.sealed_box import SCHEME as SEALED_SCHEME
+from secure.sealed_box import party_key_from_env
 from secure.party.traffic import install_traffic_log
 from secure.thresholds import GalleryPolicy
 
@@ -186,6 +189,14 @@ def create_party_app(settings: PartySettings, engine: MatchEngine, *, oplog: OpL
     @api.post("/match", response_model=MatchOut, response_model_exclude_none=True)
     async def match(body: MatchIn) -> MatchOut:
         return await desk.match(body)
+
+    sealed_key = party_key_from_env()  # sealed mode (issue 12): the key the SDK seals this party's share to
+    app.state.sealed_key = sealed_key
+
+    @api.get("/sealed/key", response_model=SealedKeyOut)
+    def sealed_key_route() -> SealedKeyOut:
+        return SealedKeyOut(rank=settings.rank, scheme=SEALED_SCHEME, public_key=sealed_key.public_b64,
+                            key_id=sealed_key.key_id)
 
     @app.get("/metrics", include_in_schema=False, dependencies=[Depends(require_token)])
     def prometheus_metrics() -> Response:
