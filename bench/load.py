@@ -148,7 +148,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     stacks = {name: start_stack(args.workdir, name) for name in settings}
     try:
         for stack in stacks.values():  # one at a time: each start imports torch and CrypTen in four processes
-            stack.start()
+            stack.start(timeout=900)  # a shared machine under load takes minutes
         keys = {name: stack.api_key("enroll", "verify", "admin") for name, stack in stacks.items()}
         spec = TransformSpec.from_dict(httpx.get(stacks[settings[0]].url + "/v1/transforms", headers={
             "authorization": f"Bearer {keys[settings[0]]}"}).json()[0]["spec"])
