@@ -75,23 +75,37 @@ async def post(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> tu
     return response.status_code, time.perf_counter() - started, response.json()
 
 
-async def enroll_gallery(stack: LocalStack, key: str, enroll: list[FeaturePayload], clients: int) -> list[str]:
+async def enroll_gallery(stack: LocalStack, key: str, enroll: list[FeaturePayload],
+                         clients: int) -> tuple[list[str], int]:
+    """Create and enroll every subject (`clients` at a time); returns (subject ids, 503s retried).
+
+    A 503 (a party unavailable for a moment; nothing was kept) is retried after a second with a fresh nonce, as
+    the SDK does: the gallery must be complete before the load starts. The retries are reported."""
     subjects: list[str] = [""] * len(enroll)
     todo = iter(range(len(enroll)))
+    retried = 0
+
+    async def call(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> Any:
+        nonlocal retried
+        for _ in range(5):
+            status, _, answer = await post(client, path, body)
+            if status == 201:
+                return answer
+            if status not in (0, 503):
+                break
+            retried += 1
+            await asyncio.sleep(1.0)
+            body = {**body, "features": with_fresh_nonce(body["features"])} if "features" in body else body
+        raise RuntimeError(f"POST {path}: {status} {answer}")
 
     async def worker(client: httpx.AsyncClient) -> None:
         for i in todo:
-            status, _, body = await post(client, "/v1/subjects", {"external_id": f"load-{i}"})
-            if status != 201:
-                raise RuntimeError(f"create subject: {status} {body}")
-            subjects[i] = body["id"]
-            status, _, body = await post(client, f"/v1/subjects/{subjects[i]}/enrollments", {"features": enroll[i]})
-            if status != 201:
-                raise RuntimeError(f"enroll: {status} {body}")
+            subjects[i] = (await call(client, "/v1/subjects", {"external_id": f"load-{i}"}))["id"]
+            await call(client, f"/v1/subjects/{subjects[i]}/enrollments", {"features": enroll[i]})
 
     async with _client(stack, key, clients) as client:
         await asyncio.gather(*(worker(client) for _ in range(clients)))
-    return subjects
+    return subjects, retried
 
 
 def _client(stack: LocalStack, key: str, clients: int) -> httpx.AsyncClient:
@@ -153,11 +167,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         spec = TransformSpec.from_dict(httpx.get(stacks[settings[0]].url + "/v1/transforms", headers={
             "authorization": f"Bearer {keys[settings[0]]}"}).json()[0]["spec"])
         enroll, probes = payloads(photo_pairs(args.gallery), spec)
-        subjects = {}
+        subjects, enroll_retries = {}, {}
         for name, stack in stacks.items():
             started = time.perf_counter()
-            subjects[name] = await enroll_gallery(stack, keys[name], enroll, args.clients)
-            print(f"{name}: {args.gallery} subjects enrolled in {time.perf_counter() - started:.0f} s", flush=True)
+            subjects[name], enroll_retries[name] = await enroll_gallery(stack, keys[name], enroll, args.clients)
+            print(f"{name}: {args.gallery} subjects enrolled in {time.perf_counter() - started:.0f} s "
+                  f"({enroll_retries[name]} retried 503s)", flush=True)
         samples: dict[str, list] = {name: [] for name in settings}
         cpu = dict.fromkeys(settings, 0.0)
         window = args.duration / args.rounds
@@ -175,7 +190,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for stack in stacks.values():
             stack.stop()
-    return {"settings": {name: {"env": SETTINGS[name], **summarise(samples[name], args.duration, cpu[name])}
+    return {"settings": {name: {"env": SETTINGS[name], "enroll_503_retried": enroll_retries[name],
+                                **summarise(samples[name], args.duration, cpu[name])}
                          for name in settings},
             "clients": args.clients, "duration_s_per_setting": args.duration, "rounds": args.rounds,
             "gallery": args.gallery, "verify_share": VERIFY_SHARE, "model": "bundled v1-accurate (preset accurate)",
