@@ -97,7 +97,9 @@ def rate(run, batch: np.ndarray, seconds: float) -> tuple[float, float]:
     return done / (time.perf_counter() - wall), done / max(time.process_time() - cpu, 1e-9)
 
 
-def measure(runners: dict, features: np.ndarray, batches: list[int], seconds: float, rounds: int) -> dict:
+def measure(runners: dict, features: np.ndarray, batches: list[int], seconds: float, rounds: int,
+            after_round=lambda results, done: None) -> dict:
+    """Median rates per batch size and setting; `after_round(results so far, rounds done)` after each round."""
     names = list(runners)
     samples: dict = {b: {n: ([], []) for n in names} for b in batches}
     for round_no in range(rounds):
@@ -108,6 +110,11 @@ def measure(runners: dict, features: np.ndarray, batches: list[int], seconds: fl
                 samples[b][name][0].append(wall)
                 samples[b][name][1].append(cpu)
         print(f"round {round_no + 1}/{rounds} done, load {os.getloadavg()[0]:.1f}", flush=True)
+        after_round(summary(samples, batches), round_no + 1)
+    return summary(samples, batches)
+
+
+def summary(samples: dict, batches: list[int]) -> dict:
     out: dict = {}
     for b in batches:
         base = float(np.median(samples[b]["main"][0]))
@@ -131,16 +138,20 @@ def main(argv: list[str] | None = None) -> None:
     fp32 = args.model / ModelMetadata.load(args.model).onnx_file
     runners = {s.name: r for s in SETTINGS if (r := make_runner(s, fp32, args.int8)) is not None}
     load_start = os.getloadavg()
-    results = measure(runners, features, batches, args.seconds, args.rounds)
-    report = {"model": args.model.name, "int8_model": str(args.int8) if args.int8 else None,
-              "cpu_count": os.cpu_count(), "load_average_start": [round(x, 1) for x in load_start],
-              "load_average_end": [round(x, 1) for x in os.getloadavg()], "seconds_per_sample": args.seconds,
-              "rounds": args.rounds, "onnxruntime": ort.__version__, "batches": results,
-              "command": "python -m bench.ort_throughput " + " ".join(argv or os.sys.argv[1:])}
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+
+    def report(results: dict, rounds_done: int) -> dict:
+        return {"model": args.model.name, "int8_model": str(args.int8) if args.int8 else None,
+                "cpu_count": os.cpu_count(), "load_average_start": [round(x, 1) for x in load_start],
+                "load_average_end": [round(x, 1) for x in os.getloadavg()], "seconds_per_sample": args.seconds,
+                "rounds": rounds_done, "onnxruntime": ort.__version__, "batches": results,
+                "command": "python -m bench.ort_throughput " + " ".join(argv or os.sys.argv[1:])}
+
+    def save(results: dict, rounds_done: int) -> None:
+        if args.out:
+            args.out.write_text(json.dumps(report(results, rounds_done), indent=1) + "\n")
+
+    results = measure(runners, features, batches, args.seconds, args.rounds, save)
+    print(json.dumps(report(results, args.rounds), indent=1))
 
 
 if __name__ == "__main__":

@@ -11,13 +11,16 @@ conv, the L2 norm) stay float: quantising them too cost cosine 0.98 instead of 0
 
 Calibration uses noisy features of LFW identities in no View-2 fold only (never folds 6-10, which are for
 evaluation). The output directory gets model.onnx and a copy of the source's model.json with the int8 file's
-checksum; its accuracy must be measured on held-out pairs before it is served (docs/operations.md).
+checksum, its own served threshold and impostor curve (inference.operating_points.calibrate on the same
+calibration identities, as inference.export does); its accuracy must be measured on held-out pairs before it
+is served (docs/operations.md).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +28,10 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from inference.export import VERIFY_FAR
 from inference.lfw import images_outside_pairs, lfw_dir, load_many
 from inference.metadata import ModelMetadata, file_sha256
+from inference.operating_points import calibrate
 from inference.runtime import OrtEmbedder
 from inference.transform import TransformSpec, apply
 
@@ -50,6 +55,16 @@ def calibration_features(meta: ModelMetadata, count: int, seed: int) -> np.ndarr
     return apply(load_many(lfw, chosen), TransformSpec.from_dict(meta.transform), rng).astype(np.float32)
 
 
+def in_chunks(embed: Callable[[np.ndarray], np.ndarray], features: np.ndarray, size: int = 32) -> np.ndarray:
+    return np.concatenate([embed(features[i:i + size]) for i in range(0, len(features), size)])
+
+
+def embeddings_fn(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """One-thread ORT embedding function of an ONNX file (float or int8)."""
+    embed: Callable[[np.ndarray], np.ndarray] = OrtEmbedder(path, prefer_gpu=False, intra_op_threads=1).embed
+    return embed
+
+
 def float_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of the nodes that stay float: every node outside QUANTISED_PREFIXES."""
     return [node.name for node in model.graph.node if not node.name.startswith(QUANTISED_PREFIXES)]
@@ -68,9 +83,10 @@ def quantize(model_dir: Path, out_dir: Path, calibration: int = 256, seed: int =
         input_name = onnx.load(str(prepared)).graph.input[0].name
         quantize_static(str(prepared), str(target), _Batches(input_name, features), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=float_nodes(onnx.load(str(prepared))))
-    float_embeddings = OrtEmbedder(source, prefer_gpu=False, intra_op_threads=1).embed(features)
-    int8_embeddings = OrtEmbedder(target, prefer_gpu=False, intra_op_threads=1).embed(features)
+                        nodes_to_exclude=float_nodes(onnx.load(str(prepared))),
+                        extra_options={"CalibMaxIntermediateOutputs": 4})  # min/max per 64 photos: less memory
+    float_embeddings = in_chunks(embeddings_fn(source), features)  # chunks: a 256-batch needs GBs
+    int8_embeddings = in_chunks(embeddings_fn(target), features)
     cosines = np.sum(float_embeddings * int8_embeddings, axis=1) / (
         np.linalg.norm(float_embeddings, axis=1) * np.linalg.norm(int8_embeddings, axis=1))
     description = json.loads((model_dir / "model.json").read_text())
@@ -82,7 +98,11 @@ def quantize(model_dir: Path, out_dir: Path, calibration: int = 256, seed: int =
         "cosine_to_float_on_calibration": {"min": round(float(cosines.min()), 4),
                                            "mean": round(float(cosines.mean()), 4)},
         "heldout": "not in this file: measure with python -m training_jobs.evaluate (docs/operations.md)"}
-    description.update({"sha256": file_sha256(target), "version": f"{meta.version}-int8", "metrics": metrics})
+    # the served threshold is the int8 model's own, chosen as export does: on the calibration impostors
+    curve = calibrate(embeddings_fn(target), TransformSpec.from_dict(meta.transform), lfw_dir())
+    metrics["served_threshold"] = f"false-match rate {VERIFY_FAR:g} on the calibration impostors (int8 embeddings)"
+    description.update({"sha256": file_sha256(target), "version": f"{meta.version}-int8", "metrics": metrics,
+                        "threshold": float(curve.threshold(VERIFY_FAR)), "impostor_curve": curve.to_dict()})
     (out_dir / "model.json").write_text(json.dumps(description, indent=1, sort_keys=True) + "\n")
     return target
 
