@@ -84,7 +84,7 @@ def quantize(model_dir: Path, out_dir: Path, calibration: int = 256, seed: int =
         quantize_static(str(prepared), str(target), _Batches(input_name, features), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=float_nodes(onnx.load(str(prepared))),
-                        extra_options={"CalibMaxIntermediateOutputs": 4})  # min/max per 64 photos: less memory
+                        extra_options={"CalibMaxIntermediateOutputs": 5})  # min/max per 80 photos: less memory
     float_embeddings = in_chunks(embeddings_fn(source), features)  # chunks: a 256-batch needs GBs
     int8_embeddings = in_chunks(embeddings_fn(target), features)
     cosines = np.sum(float_embeddings * int8_embeddings, axis=1) / (
