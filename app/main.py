@@ -46,7 +46,7 @@ def build_context(settings: GatewaySettings) -> GatewayContext:
     return GatewayContext(
         settings=settings, engine=engine, sessions=sessions,
         models=ServedModels(settings.model_dir, settings.prefer_gpu, settings.batch_max, settings.batch_wait_ms,
-                            settings.identify_fpir, settings.default_preset),
+                            settings.identify_fpir, settings.default_preset, settings.ort_threads),
         parties=parties,
         replay=ReplayGuard(sessions, settings.replay_window_s, settings.clock_skew_s, settings.nonce_ttl_s,
                            redis_client),

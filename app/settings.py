@@ -75,6 +75,11 @@ class GatewaySettings(BaseSettings):
     lockout_s: int = Field(900, ge=0, description="How long a lock-out lasts; 0: until an admin unlocks the subject.")
     batch_max: int = Field(32, description="Micro-batching: largest ORT batch.")
     batch_wait_ms: float = Field(2.0, description="Micro-batching: longest wait for a batch to fill.")
+    ort_threads: int = Field(
+        1, ge=0, description="ONNX Runtime threads per model session, without spinning (0: ORT's default, one "
+                             "spinning thread per core). One costs the least CPU per embedding on a CPU shared "
+                             "with the event loop and the MPC traffic (docs/operations.md); use --workers for more "
+                             "cores.")
     identify_batch_wait_ms: float = Field(
         5.0, description="Identify batching: how long the first of concurrent identify requests (same gallery and "
                          "snapshot) waits for others to share its MPC job; 0 disables batching.")

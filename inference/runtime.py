@@ -24,10 +24,18 @@ CPU = "CPUExecutionProvider"
 class OrtEmbedder:
     """features float32 [B, K, 14, 14] -> embeddings float32 [B, d] with one ORT session."""
 
-    def __init__(self, model_path: Path | str, prefer_gpu: bool = True, intra_op_threads: int | None = None) -> None:
+    def __init__(self, model_path: Path | str, prefer_gpu: bool = True, intra_op_threads: int | None = None,
+                 spin: bool | None = None) -> None:
+        """`intra_op_threads` None/0 and `spin` None keep ORT's defaults (a thread per core, spinning workers).
+
+        On a CPU shared with the event loop, the MPC clients and other processes, one thread that does not
+        spin is faster (bench/ort_throughput.py): a spinning worker burns the core the others need.
+        """
         options = ort.SessionOptions()
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
+        if spin is not None:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         wanted = [CUDA, CPU] if prefer_gpu and CUDA in ort.get_available_providers() else [CPU]
         self.session = ort.InferenceSession(str(model_path), options, providers=wanted)
         # What really runs: onnxruntime-gpu silently falls back to CPU when CUDA libraries are missing.

@@ -97,8 +97,9 @@ class ServedModels:
     """The model versions this gateway worker has loaded, and which one is active for each privacy preset."""
 
     def __init__(self, model_root: Path, prefer_gpu: bool, batch_max: int, batch_wait_ms: float,
-                 identify_fpir: float = DEFAULT_FPIR, default_preset: str = "accurate") -> None:
+                 identify_fpir: float = DEFAULT_FPIR, default_preset: str = "accurate", ort_threads: int = 1) -> None:
         self._root = model_root
+        self._ort_threads = ort_threads
         self._fpir = identify_fpir
         self._prefer_gpu = prefer_gpu
         self._batch = (batch_max, batch_wait_ms)
@@ -159,7 +160,9 @@ class ServedModels:
         meta = ModelMetadata.load(path.parent, verify=True)
         if meta.sha256 != row.sha256:
             raise RuntimeError(f"model file {path} does not match its registered checksum")
-        embedder = OrtEmbedder(path, prefer_gpu=self._prefer_gpu)
+        threads = self._ort_threads or None  # 0: ORT's default (a spinning thread per core)
+        embedder = OrtEmbedder(path, prefer_gpu=self._prefer_gpu, intra_op_threads=threads,
+                               spin=False if threads else None)
         batcher = MicroBatcher(embedder, max_batch=self._batch[0], max_wait_ms=self._batch[1])
         return LoadedModel(row.version, meta.spec, row.threshold, row.embedding_dim, embedder, batcher,
                            gallery_policy(meta, row.threshold, self._fpir))

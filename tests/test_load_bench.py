@@ -1,0 +1,27 @@
+"""bench/load.py in miniature: a real stack, concurrent verify and identify clients, 0 errors.
+
+The full run (16 clients, 3 minutes, gallery 1,000) is in docs/operations.md; this one takes seconds of load
+so that the benchmark itself cannot rot (a broken route, a refused payload or a 5xx fails it)."""
+from __future__ import annotations
+
+import pytest
+
+from bench import load
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_short_load_run_answers_every_request(tmp_path, shared):
+    report = load.main(["--clients", "4", "--duration", "4", "--rounds", "1", "--gallery", "12",
+                        "--settings", "tuned", "--workdir", str(tmp_path)])
+    result = report["settings"]["tuned"]
+    assert result["errors"] == 0, result["error_examples"]
+    assert result["routes"]["verify"]["requests"] > 0 and result["routes"]["identify"]["requests"] > 0
+    assert result["routes"]["verify"]["p50_ms"] > 0
+    assert result["gateway_cpu_s"] > 0  # the gateway process did the work
+
+
+def test_unknown_settings_are_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        load.main(["--settings", "main,fastest"])
+    assert "unknown settings ['fastest']" in capsys.readouterr().err
