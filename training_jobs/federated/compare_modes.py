@@ -66,20 +66,37 @@ def main(argv: list[str] | None = None) -> None:
         local = {"epochs": 1, "batch-size": 4, **mode_config(mode, negatives, args.impostor_checkpoint)}
         settings = ServerSettings(str(shared), spec.to_dict(), args.scope, args.rounds, args.per_round, args.clients,
                                   args.seed, local, (args.rounds,))
-        log = simulate(population, settings, lfw, heldout)
+        log = simulate_with_retry(population, settings, lfw, heldout)
         run = summary(log)
+        run["retried_after"] = log.get("retried_after")
         run["after"] = run.pop("heldout")[str(args.rounds)]
         run["population"] = {"clients": len(population.clients),
                              "photos": sum(len(c.images) for c in population.clients),
                              "single_photo_clients": sum(len(c.images) == 1 for c in population.clients)}
         report["runs"][pair] = run
         print(json.dumps({pair: {k: run["after"][k] for k in ("accuracy", "tar_at_far_1e-3", "rank1")}}), flush=True)
+        write(report, args.out)  # after every run: a later crash keeps the runs measured so far
     report["wall_seconds"] = time.perf_counter() - start
-    text = json.dumps(report, indent=1, default=str)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    print(json.dumps(report, indent=1, default=str))
+    write(report, args.out)
+
+
+def simulate_with_retry(population, settings: ServerSettings, lfw: Path, heldout: Heldout) -> dict:
+    """One simulation, started a second time if Ray's runtime fails to start (seen here on an overloaded machine:
+    "The current node timed out during startup"); the retry is recorded in the log."""
+    try:
+        return simulate(population, settings, lfw, heldout)
+    except RuntimeError as exc:
+        print(json.dumps({"retry": str(exc)[:200]}), flush=True)
+        log = simulate(population, settings, lfw, heldout)
+        log["retried_after"] = str(exc)[:200]
+        return log
+
+
+def write(report: dict, out: Path | None) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":
