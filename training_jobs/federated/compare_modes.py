@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--impostor-checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--runs", default=",".join(f"{m}/{n}" for m, n in RUNS),
                         help="comma-separated mode/negatives pairs")
+    parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    parser.add_argument("--skip-before", action="store_true",
+                        help="do not evaluate the starting model (measured by an earlier run on the same pairs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -57,13 +60,14 @@ def main(argv: list[str] | None = None) -> None:
     heldout = Heldout(lfw, spec, args.pairs_per_fold, seed=args.seed)
     report: dict = {"settings": vars(args) | {"out": str(args.out), "impostor_checkpoint": str(args.impostor_checkpoint),
                                               "transform": spec.transform_id, "heldout_folds": [6, 7, 8, 9, 10]},
-                    "before": heldout.evaluate(build_base_model(spec, shared), "before"), "runs": {}}
+                    "before": None if args.skip_before else heldout.evaluate(build_base_model(spec, shared), "before"),
+                    "runs": {}}
     print(json.dumps({"before": report["before"]}), flush=True)
     for pair in args.runs.split(","):
         mode, negatives = pair.split("/")
         population = make_population(lfw, args.clients, min_images=args.unsup_min_images if mode == "unsupervised"
                                      else 2, max_images=args.max_images)
-        local = {"epochs": 1, "batch-size": 4, **mode_config(mode, negatives, args.impostor_checkpoint)}
+        local = {"epochs": args.epochs, "batch-size": 4, **mode_config(mode, negatives, args.impostor_checkpoint)}
         settings = ServerSettings(str(shared), spec.to_dict(), args.scope, args.rounds, args.per_round, args.clients,
                                   args.seed, local, (args.rounds,))
         log = simulate_with_retry(population, settings, lfw, heldout)
