@@ -30,7 +30,7 @@ TINY = {"rounds": 2, "clients": 3, "clients_per_round": 3, "pairs_per_fold": 4, 
 
 @pytest.mark.parametrize("params, field", [
     ({"rounds": 0}, "rounds"), ({"rounds": 51}, "rounds"), ({"rounds": "3"}, "rounds"),
-    ({"scope": "everything"}, "scope"), ({"mode": "unsupervised"}, "mode"), ({"learning_rate": 1}, "learning_rate"),
+    ({"scope": "everything"}, "scope"), ({"mode": "semi-supervised"}, "mode"), ({"learning_rate": 1}, "learning_rate"),
     ({"clients": 3, "clients_per_round": 4}, "clients_per_round"),
 ])
 def test_federated_params_are_strict(params, field):

@@ -52,7 +52,11 @@ class FederatedParams(BaseModel):
     clients: int = Field(30, ge=2, le=2000, description="simulated devices (training identities, one each)")
     clients_per_round: int = Field(10, ge=1, le=2000)
     scope: Literal["whole", "adapter-tail"] = "whole"
-    mode: Literal["supervised"] = "supervised"
+    mode: Literal["supervised", "unsupervised"] = Field(
+        "supervised", description="unsupervised: no labels on the devices (agreement of two views + distillation "
+                                  "to the round's global model); identities with one photo take part")
+    negatives: Literal["none", "gan"] = Field(
+        "none", description="gan: devices push away from generated impostor features (federated/impostors.py)")
     aggregation: Literal["fedavg", "secagg+"] = Field(
         "fedavg", description="secagg+: Flower's SecAgg+, the server sees only the sum of the clients' updates")
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -121,6 +125,7 @@ def command(settings: GatewaySettings, params: FederatedParams, version: str, ba
            "--rounds", str(params.rounds), "--scope", params.scope, "--seed", str(params.seed),
            "--pairs-per-fold", str(params.pairs_per_fold), "--max-images", str(params.max_images),
            "--epochs", str(params.epochs), "--aggregation", params.aggregation, "--progress",
+           "--mode", params.mode, "--negatives", params.negatives,
            "--state-dir", str(state_dir), "--export-dir", str(settings.model_dir), "--version", version]
     if params.heldout_every_round:
         cmd.append("--heldout-every-round")

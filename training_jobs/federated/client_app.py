@@ -34,6 +34,7 @@ from flwr.compat.common import recorddict_compat as compat
 from inference.frequency_model import FrequencyFaceModel
 from inference.mobilefacenet import MobileFaceNet, load_pretrained
 from inference.transform import TransformSpec
+from training_jobs.federated.impostors import source_from_config
 from training_jobs.federated.local import LocalConfig, train_local
 from training_jobs.federated.params import build_base_model, freeze_except, get_arrays, set_arrays
 from training_jobs.federated.secagg import FITINS_PARAMETERS, secagg_if_requested
@@ -96,7 +97,7 @@ def client_id(context: Context) -> str:
 @dataclass
 class LocalUpdate:
     arrays: dict[str, np.ndarray]  # the updated travelling parameters
-    class_vector: np.ndarray
+    class_vector: np.ndarray | None  # None in the unsupervised mode
     metrics: dict[str, float]
 
 
@@ -112,9 +113,9 @@ def local_update(received: dict[str, np.ndarray], config: Mapping, class_vector:
     set_arrays(model, received)
     freeze_except(model, list(received))
     result = train_local(model, _teacher(str(shared)), faces, spec, class_vector, local_config(config),
-                         round_rng(config, partition_id))
+                         round_rng(config, partition_id), impostors=source_from_config(config, spec))
     metrics = {"num-examples": result.num_examples, "loss": result.loss, "identity": result.identity,
-               "distill": result.distill, "train-seconds": time.perf_counter() - start}
+               "distill": result.distill, "impostor": result.impostor, "train-seconds": time.perf_counter() - start}
     return LocalUpdate(get_arrays(model, list(received)), result.class_vector, metrics)
 
 
@@ -126,7 +127,8 @@ def train_round(content: RecordDict, faces: np.ndarray, shared: Path, partition_
     class_vector = class_record[CLASS_KEY].numpy() if class_record is not None else None
     update = local_update(received, content["config"], class_vector, faces, shared, partition_id)
     arrays = {name: Array(value) for name, value in update.arrays.items()}
-    arrays[CLASS_KEY] = Array(update.class_vector)
+    if update.class_vector is not None:
+        arrays[CLASS_KEY] = Array(update.class_vector)
     return RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(update.metrics),
                        "client": ConfigRecord({"client-id": client})})
 
@@ -150,8 +152,9 @@ def train_round_secagg(content: RecordDict, faces: np.ndarray, shared: Path, par
     clip = float(config["clipping-range"])
     clipped = int(sum(int(np.count_nonzero(np.abs(d) > clip)) for d in deltas))
     weight = min(int(update.metrics["num-examples"]), int(config["max-weight"]))
-    metrics = {**update.metrics, "num-examples": weight, "clipped": clipped, "client-id": client,
-               "class-vector": update.class_vector.astype(np.float32).tobytes()}
+    metrics = {**update.metrics, "num-examples": weight, "clipped": clipped, "client-id": client}
+    if update.class_vector is not None:
+        metrics["class-vector"] = update.class_vector.astype(np.float32).tobytes()
     fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([np.clip(d, -clip, clip) for d in deltas]),
                     weight, metrics)
     return compat.fitres_to_recorddict(fitres, keep_input=True)

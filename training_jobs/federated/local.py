@@ -7,6 +7,8 @@ training augmentation) and trains the travelling part of the served model with:
   spread-out regulariser on all class vectors (`spreadout`), not from the device;
 - distillation (1 - cos) towards the frozen pixel-domain MobileFaceNet on the same clean augmented photo,
   which the device has: it keeps the embedding space of the base model and stops the one-class collapse.
+With GAN impostor features (impostors.py) the class vector is also pushed away from their embeddings, and
+the unsupervised mode (unsupervised.py, `mode` in the round's config) trains without any label.
 The class vector starts as the mean embedding of the owner's photos under the received model when the
 server has none for this client yet, and is trained with the model.
 """
@@ -25,7 +27,10 @@ from inference.mobilefacenet import MobileFaceNet
 from inference.transform import TransformSpec, apply
 from training_jobs.datasets import Augment
 from training_jobs.evaluate import pixel_input
+from training_jobs.federated.impostors import ImpostorSource, negative_margin_loss
 from training_jobs.losses import DistillationLoss
+
+MODES = ("supervised", "unsupervised")
 
 
 @dataclass(frozen=True)
@@ -41,15 +46,22 @@ class LocalConfig:
     distill_weight: float = 1.0
     positive_margin: float = 0.8
     grad_clip: float = 5.0
+    mode: str = "supervised"  # or "unsupervised" (unsupervised.py): no labels, no class vector
+    impostors_per_batch: int = 4  # GAN impostor features per batch, when the round ships a generator
+    impostor_weight: float = 1.0
+    impostor_margin: float = 0.2  # impostors are pushed below this cosine
+    agreement_weight: float = 1.0  # unsupervised: two views agree
+    global_distill_weight: float = 1.0  # unsupervised: stay near the round's starting global model
 
 
 @dataclass(frozen=True)
 class LocalResult:
-    class_vector: np.ndarray  # [d], L2-normalised
+    class_vector: np.ndarray | None  # [d], L2-normalised; None in the unsupervised mode (no identity)
     num_examples: int  # photos of this client (the FedAvg weight)
     loss: float
-    identity: float
-    distill: float
+    identity: float  # supervised: the margin loss to the class vector; unsupervised: the views' disagreement
+    distill: float  # supervised: to the pixel teacher; unsupervised: to the round's starting global model
+    impostor: float = 0.0  # the negative term against GAN impostor features (0 without them)
 
 
 def positive_margin_loss(embeddings: torch.Tensor, class_vector: torch.Tensor, margin: float) -> torch.Tensor:
@@ -83,8 +95,13 @@ def batches(faces: np.ndarray, spec: TransformSpec, augment: Augment | None, bat
 
 def train_local(model: FrequencyFaceModel, teacher: MobileFaceNet, faces: np.ndarray, spec: TransformSpec,
                 class_vector: np.ndarray | None, config: LocalConfig, rng: np.random.Generator,
-                augment: Augment | None = Augment()) -> LocalResult:
-    """Train the model's parameters that require grad, in place, on ONE identity's photos."""
+                augment: Augment | None = Augment(), impostors: ImpostorSource | None = None) -> LocalResult:
+    """Train the model's parameters that require grad, in place, on ONE identity's photos (the round's mode)."""
+    if config.mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {config.mode!r}")
+    if config.mode == "unsupervised":  # imported here: unsupervised.py builds on this module
+        from training_jobs.federated.unsupervised import train_unsupervised
+        return train_unsupervised(model, faces, spec, config, rng, impostors, augment)
     if class_vector is None:
         class_vector = initial_class_vector(model, faces, spec, rng)
     w = nn.Parameter(torch.as_tensor(class_vector, dtype=torch.float32).clone())
@@ -96,7 +113,7 @@ def train_local(model: FrequencyFaceModel, teacher: MobileFaceNet, faces: np.nda
     optimizer = torch.optim.AdamW(groups, weight_decay=5e-4)
     distill = DistillationLoss()
     model.eval()  # BatchNorm frozen: a device has far too few photos for batch statistics
-    sums, count = np.zeros(3), 0
+    sums, count = np.zeros(4), 0
     for _ in range(config.epochs):
         for features, clean in batches(faces, spec, augment, config.batch_size, rng):
             embedding = raw_embedding(model, features)
@@ -105,12 +122,17 @@ def train_local(model: FrequencyFaceModel, teacher: MobileFaceNet, faces: np.nda
                 target = teacher(pixel_input(clean))
             kd = distill(embedding, target)
             loss = config.identity_weight * identity + config.distill_weight * kd
+            impostor = torch.zeros(())
+            if impostors is not None and config.impostor_weight > 0:  # push the class vector off the impostors
+                negatives = raw_embedding(model, impostors.sample(config.impostors_per_batch, rng))
+                impostor = negative_margin_loss(w[None], negatives, config.impostor_margin)
+                loss = loss + config.impostor_weight * impostor
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], config.grad_clip)
             optimizer.step()
-            sums += len(clean) * np.array([loss.item(), identity.item(), kd.item()])
+            sums += len(clean) * np.array([loss.item(), identity.item(), kd.item(), impostor.item()])
             count += len(clean)
     mean = sums / max(count, 1)
     vector = F.normalize(w.detach(), dim=0).numpy().astype(np.float32)
-    return LocalResult(vector, len(faces), float(mean[0]), float(mean[1]), float(mean[2]))
+    return LocalResult(vector, len(faces), float(mean[0]), float(mean[1]), float(mean[2]), float(mean[3]))

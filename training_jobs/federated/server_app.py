@@ -42,7 +42,7 @@ from training_jobs.federated.secagg import SecAggSettings, run_secagg
 from training_jobs.federated.spreadout import spread_out
 
 AGGREGATIONS = ("fedavg", "secagg+")
-METRIC_KEYS = ("loss", "identity", "distill", "train-seconds", "clipped")
+METRIC_KEYS = ("loss", "identity", "distill", "impostor", "train-seconds", "clipped")
 
 
 def record_bytes(record: ArrayRecord) -> int:
@@ -180,7 +180,8 @@ class FedFaceAvg(FedAvg):
         client_record = message.content.get("client")
         client = str(client_record["client-id"]) if client_record is not None else f"node-{node}"
         self.node_clients[node] = client
-        self.class_vectors[client] = record[CLASS_KEY].numpy()
+        if CLASS_KEY in record:  # none in the unsupervised mode
+            self.class_vectors[client] = record[CLASS_KEY].numpy()
         model = ArrayRecord({key: value for key, value in record.items() if key != CLASS_KEY})
         metrics = next(iter(message.content.metric_records.values()))
         return RecordDict({self.arrayrecord_key: model, "metrics": metrics})
@@ -230,7 +231,8 @@ class FedFaceAvg(FedAvg):
             for node, res in outcome.results:
                 client = str(res.metrics["client-id"])
                 self.node_clients[node] = client
-                self.class_vectors[client] = np.frombuffer(res.metrics["class-vector"], dtype=np.float32).copy()
+                if "class-vector" in res.metrics:
+                    self.class_vectors[client] = np.frombuffer(res.metrics["class-vector"], dtype=np.float32).copy()
             self.apply_spreadout()
         entry = {"round": server_round, "aggregation": "secagg+", "sampled": len(nodes),
                  "replied": len(outcome.results), "failed": outcome.failures,
@@ -244,6 +246,8 @@ class FedFaceAvg(FedAvg):
 
     def apply_spreadout(self) -> None:
         clients = sorted(self.class_vectors)
+        if len(clients) < 2:  # unsupervised mode: no class vectors
+            return
         spread = spread_out(np.stack([self.class_vectors[c] for c in clients]), **self.spreadout)
         self.class_vectors = {client: spread[i] for i, client in enumerate(clients)}
 

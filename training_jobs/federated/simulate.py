@@ -34,6 +34,8 @@ from inference.transform import PRESETS, TransformSpec
 from training_jobs.federated import checkpoint
 from training_jobs.federated.client_app import make_client_app
 from training_jobs.federated.heldout import Heldout
+from training_jobs.federated.impostors import DEFAULT_CHECKPOINT, NEGATIVES, file_sha256
+from training_jobs.federated.local import MODES
 from training_jobs.federated.params import build_base_model, set_arrays
 from training_jobs.federated.population import IsolationError, Population, make_population
 from training_jobs.federated.secagg import SecAggSettings
@@ -145,6 +147,19 @@ def export_candidate(log: dict, spec: TransformSpec, shared: Path, out_dir: Path
     return export_model_version(model, spec, version, out_dir, shared, None, metrics)
 
 
+def mode_config(mode: str, negatives: str, checkpoint_path: Path) -> dict:
+    """The round-config entries of the learning mode and the impostor negatives (the generator file and its
+    sha256, which each device checks; on real devices the same ~0.3 MB file is downloaded once)."""
+    config: dict = {"mode": mode, "negatives": negatives}
+    if negatives == "gan":
+        if not checkpoint_path.exists():
+            raise FileNotFoundError(f"no impostor generator at {checkpoint_path}: run "
+                                    "python -m training_jobs.federated.train_impostors")
+        config.update({"impostor-path": str(checkpoint_path.resolve()),
+                       "impostor-sha256": file_sha256(checkpoint_path)})
+    return config
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=60)
@@ -158,6 +173,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="simulation: this share of each round's clients drops mid-round (after key sharing)")
     parser.add_argument("--state-dir", type=Path, default=None,
                         help="save the round state here after every round; resume from it; stop on <dir>/cancel")
+    parser.add_argument("--mode", default="supervised", choices=MODES,
+                        help="unsupervised: no labels on the device (agreement of two views + distillation to the "
+                             "round's global model); identities with a single photo take part too")
+    parser.add_argument("--negatives", default="none", choices=NEGATIVES,
+                        help="gan: devices use generated impostor features as negatives (train_impostors.py)")
+    parser.add_argument("--impostor-checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                        help="the impostor generator the round ships (with --negatives gan)")
     parser.add_argument("--max-images", type=int, default=4, help="photos per client at most")
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
     parser.add_argument("--pairs-per-fold", type=int, default=60)
@@ -183,10 +205,12 @@ def main(argv: list[str] | None = None) -> None:
     lfw = lfw_dir(shared)
     spec = (ModelMetadata.load(args.baseline_dir, verify=False).spec if args.baseline_dir
             else PRESETS[args.transform](args.epsilon))
-    population = make_population(lfw, args.clients, min_images=2, max_images=args.max_images)
+    population = make_population(lfw, args.clients, min_images=1 if args.mode == "unsupervised" else 2,
+                                 max_images=args.max_images)
     heldout = Heldout(lfw, spec, args.pairs_per_fold, seed=args.seed)
     settings = ServerSettings(str(shared), spec.to_dict(), args.scope, args.rounds, args.per_round, args.clients,
-                              args.seed, {"epochs": args.epochs, "batch-size": 4},
+                              args.seed, {"epochs": args.epochs, "batch-size": 4,
+                                          **mode_config(args.mode, args.negatives, args.impostor_checkpoint)},
                               tuple(range(args.rounds + 1)) if args.heldout_every_round else None,
                               args.aggregation, {"clipping_range": args.secagg_clip, "max_weight": args.max_images},
                               args.drop_fraction, str(args.state_dir) if args.state_dir else None)
