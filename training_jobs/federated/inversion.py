@@ -93,11 +93,13 @@ def total_variation(z: torch.Tensor) -> torch.Tensor:
 
 
 def invert_update(model: FrequencyFaceModel, update: ObservedUpdate, spec: TransformSpec, local: LocalConfig,
-                  config: InversionConfig = InversionConfig(), count: int | None = None) -> InversionResult:
+                  config: InversionConfig = InversionConfig(), count: int | None = None,
+                  prior: np.ndarray | None = None) -> InversionResult:
     """Recover `count` (default: the client's number of photos) feature maps from one observed update.
 
     `model` must hold the parameters the server sent (`update.before`); it is used in eval mode, its
-    parameters are not changed."""
+    parameters are not changed. `prior` ([K, 14, 14], e.g. the mean features of public faces) is where the
+    search starts, plus a little seeded noise; without it the start is random."""
     model.eval()
     names = list(update.before)
     for name, p in model.named_parameters():
@@ -109,7 +111,10 @@ def invert_update(model: FrequencyFaceModel, update: ObservedUpdate, spec: Trans
     n = count or update.num_examples
     generator = torch.Generator().manual_seed(config.seed)
     std = torch.tensor(spec.channel_std, dtype=torch.float32).view(1, -1, 1, 1)
-    z = (0.5 * torch.randn(n, spec.num_channels, *spec.shape[1:], generator=generator)).requires_grad_(True)
+    z = 0.5 * torch.randn(n, spec.num_channels, *spec.shape[1:], generator=generator)
+    if prior is not None:
+        z = 0.1 * z + torch.as_tensor(prior, dtype=torch.float32)[None] / std
+    z.requires_grad_(True)
     w = torch.as_tensor(update.class_before, dtype=torch.float32)
     t = (F.normalize(w, dim=0).repeat(n, 1) + 0.1 * torch.randn(n, len(w), generator=generator)).requires_grad_(True)
     optimizer = torch.optim.Adam([z, t], lr=config.lr)
@@ -129,9 +134,10 @@ def invert_update(model: FrequencyFaceModel, update: ObservedUpdate, spec: Trans
     return InversionResult((z.detach() * std).numpy(), F.normalize(t.detach(), dim=1).numpy(), losses)
 
 
-def best_cosines(recovered: np.ndarray, true: np.ndarray, spec: TransformSpec) -> np.ndarray:
-    """For every true map [m, K, 14, 14]: the best cosine with any recovered map (both in unit-std units)."""
-    std = np.asarray(spec.channel_std, dtype=np.float64).reshape(1, -1, 1, 1)
+def best_cosines(recovered: np.ndarray, true: np.ndarray, spec: TransformSpec, unit: bool = True) -> np.ndarray:
+    """For every true map [m, K, 14, 14]: the best cosine with any recovered map, in unit-std units (every
+    channel counts alike) or, unit=False, in the transform's units (low frequencies, larger, dominate)."""
+    std = np.asarray(spec.channel_std, dtype=np.float64).reshape(1, -1, 1, 1) if unit else 1.0
     a = (recovered / std).reshape(len(recovered), -1)
     b = (true / std).reshape(len(true), -1)
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
