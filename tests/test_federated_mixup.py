@@ -2,8 +2,9 @@
 
 - MixUp: shapes, weights on the floored simplex, k capped by the batch, the adaptive strategy network learns
   (gradient ascent raises the recognition loss it is trained against), a device's round with MixUp trains.
-- Attack: from one device's unprotected single-photo update (the real AdamW step of `train_local`), gradient
-  inversion recovers feature maps closer to the true ones than its own start and than random maps.
+- Attack, on one device's unprotected single-photo update (the real AdamW step of `train_local`): the observed
+  gradient signs prefer the true features over the attacker's start and the inversion descends; the class
+  vector in the update identifies its owner among 8 people from another photo.
 - Job params: `mixup: {k, adaptive}` validated (422 invalid-job-params) and passed to `simulate`.
 """
 
@@ -21,8 +22,10 @@ from app.settings import GatewaySettings
 from inference.lfw import lfw_dir, load_many, shared_dir
 from inference.mobilefacenet import WEIGHTS_SUBPATH, load_pretrained
 from inference.transform import PRESETS, apply
-from training_jobs.federated.inversion import InversionConfig, ObservedUpdate, best_cosines, invert_update
-from training_jobs.federated.local import LocalConfig, train_local
+from training_jobs.evaluate import pixel_input
+from training_jobs.federated.inversion import (CLASS, InversionConfig, ObservedUpdate, client_gradients, invert_update,
+                                              sign_mismatch)
+from training_jobs.federated.local import LocalConfig, initial_class_vector, train_local
 from training_jobs.federated.mixup import Mixer, MixupConfig, dirichlet_weights, mix, mix_indices
 from training_jobs.federated.params import build_base_model, freeze_except, get_arrays, set_arrays, travelling_names
 from training_jobs.federated.population import make_population
@@ -131,38 +134,66 @@ def test_a_device_round_with_mixup_trains_the_model(faces, adaptive):
     assert any(not np.array_equal(before[n], after[n]) for n in names)
 
 
-@needs_data
-def test_inversion_recovers_features_of_an_unprotected_single_photo_update(population, faces):
-    """The attack must get closer to the photo's true (noised) features than its start (the mean of other
-    people's features: what the attacker knows without the update) and than random maps."""
-    photo = faces[:1]
+def single_photo_update(photo: np.ndarray, class_vector: np.ndarray | None):
+    """One device round on one photo, as train_local runs it (no augmentation, so the test can replay the noise):
+    the published model (parameters restored), the observed update, the true features and the device's result."""
     model = build_base_model(SPEC, SHARED)
     names = travelling_names(model, "whole")
     freeze_except(model, names)
     published = get_arrays(model, names)
     teacher = load_pretrained(SHARED).requires_grad_(False).eval()
-    class_vector = np.random.default_rng(4).standard_normal(128).astype(np.float32)
-    class_vector /= np.linalg.norm(class_vector)
     local = LocalConfig(batch_size=1)
-    result = train_local(model, teacher, photo, SPEC, class_vector, local, np.random.default_rng(5), augment=None)
-    update = ObservedUpdate(published, get_arrays(model, names), class_vector, result.class_vector, 1)
+    sent = class_vector if class_vector is not None else initial_class_vector(model, photo, SPEC,
+                                                                               np.random.default_rng(8))
+    result = train_local(model, teacher, photo, SPEC, sent, local, np.random.default_rng(5), augment=None)
+    update = ObservedUpdate(published, get_arrays(model, names), sent, result.class_vector, 1)
     replay = np.random.default_rng(5)
     replay.permutation(1)  # train_local's batch order, then its noise draw
     true = apply(photo, SPEC, replay).astype(np.float32)
     set_arrays(model, published)
+    return model, teacher, names, local, update, true
+
+
+@needs_data
+def test_the_observed_signs_single_out_the_true_features_and_the_inversion_descends(population, faces):
+    """The attack's objective must prefer the photo's true (noised) features and teacher embedding over the
+    attacker's start (the mean of other people's features), and its optimisation must lower it. Whether the
+    optimum is reached within a CPU budget is measured, not asserted (docs/federated.md)."""
+    class_vector = np.random.default_rng(4).standard_normal(128).astype(np.float32)
+    class_vector /= np.linalg.norm(class_vector)
+    model, teacher, names, local, update, true = single_photo_update(faces[:1], class_vector)
+    observed = update.signs()
+    signs = [observed[n] for n in names] + [observed[CLASS]]
     others = load_many(LFW, [path for client in population.clients[1:] for path in client.images])
     prior = apply(others, SPEC, np.random.default_rng(7)).astype(np.float32).mean(0)
-    start = invert_update(model, update, SPEC, local, InversionConfig(steps=0, seed=0), prior=prior)
+    w = torch.as_tensor(class_vector)
+    with torch.no_grad():
+        true_teacher = teacher(pixel_input(faces[:1]))
+    at_truth = sign_mismatch(client_gradients(model, names, torch.from_numpy(true), true_teacher, w, local, False),
+                             signs).item()
+    at_start = sign_mismatch(client_gradients(model, names, torch.from_numpy(prior[None]), w[None], w, local,
+                                              False), signs).item()
+    assert at_truth < 0.5 * at_start, (at_truth, at_start)
     recovered = invert_update(model, update, SPEC, local, InversionConfig(steps=TEST_STEPS, seed=0), prior=prior)
-    random_maps = np.random.default_rng(6).standard_normal((20, *SPEC.shape)) * np.asarray(SPEC.channel_std).reshape(1, -1, 1, 1)
-    got = best_cosines(recovered.features, true, SPEC, unit=False)[0]
     assert recovered.losses[-1] < recovered.losses[0]
-    assert got > best_cosines(start.features, true, SPEC, unit=False)[0] + MARGIN
-    assert got > best_cosines(random_maps, true, SPEC, unit=False)[0] + MARGIN
+    assert recovered.features.shape == (1, *SPEC.shape)
 
 
-TEST_STEPS = 30
-MARGIN = 0.02
+@needs_data
+def test_the_class_vector_of_a_single_photo_update_identifies_its_owner(population):
+    """Model + class vector: the class vector a device sends back (in clear, FedAvg and SecAgg+ alike) is
+    closest to the published model's embedding of ANOTHER photo of its owner, among 8 people."""
+    photos = [load_many(LFW, list(client.images[:2])) for client in population.clients]
+    model, _, _, _, update, _ = single_photo_update(photos[0][:1], None)
+    gallery = np.stack([p[1] for p in photos])  # second photo of each person: never trained on
+    with torch.inference_mode():
+        embedded = model(torch.from_numpy(apply(gallery, SPEC, np.random.default_rng(9)).astype(np.float32)))
+    scores = embedded.numpy() @ update.class_after
+    assert int(np.argmax(scores)) == 0, scores
+    assert scores[0] - np.delete(scores, 0).max() > 0.05, scores
+
+
+TEST_STEPS = 10
 
 
 @pytest.mark.parametrize("mixup, detail", [

@@ -1,8 +1,8 @@
 """Update inversion with and without MixUp, and MixUp's accuracy cost, in one command (bounded for a CPU).
 
     PYTHONPATH=$PWD .venv/bin/python -m training_jobs.federated.inversion_bench --victims 3 --photos 2 \
-        --steps 100 --a1-minutes 3 --clients 12 --per-round 6 --rounds 2 --pairs-per-fold 20 --mixup-k 2 \
-        --out docs/results/federated_inversion.json --grid docs/federated_inversion_grid.png
+        --distractors 50 --steps 20 --a1-minutes 1.5 --mixup-k 2 --clients 6 --per-round 3 --rounds 1 \
+        --pairs-per-fold 10 --out docs/results/federated_inversion.json --grid docs/federated_inversion_grid.png
 
 Runs in the gateway venv (SFace, scipy, matplotlib); the accuracy half starts `training_jobs.federated.simulate`
 under `--federated-python` (.venv-federated, Flower), once per condition, with the same clients, seeds,
@@ -17,7 +17,9 @@ held-out pairs (LFW folds 6-10) and noise draws, while the attack half runs here
   for `--a1-minutes` of CPU on training identities other than the victims and distractors) turns them into
   faces; scores: best PSNR/SSIM against the victim's training photos (either flip), SFace rank-1 of every
   recovered face among the clean gallery photos, cosine to the true clean feature maps; reference rows: the
-  attacker's start (the update unused) and A1 on the true noised features (a perfect inversion).
+  attacker's start (the update unused) and A1 on the true noised features (a perfect inversion);
+- identification from the model + class vector: the class vector the update carries (in clear, also under
+  SecAgg+) is matched against the published model's embeddings of the gallery photos (rank-1).
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def start_accuracy_runs(args: argparse.Namespace, workdir: Path) -> tuple[thread
             if k:
                 cmd += ["--mixup-k", str(k)] + (["--mixup-adaptive"] if adaptive else [])
             start = time.perf_counter()
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            done = subprocess.run(cmd, capture_output=True, text=True, start_new_session=True)
             if done.returncode != 0 or not out.exists():
                 results[name] = {"error": (done.stderr or done.stdout).strip().splitlines()[-1:]}
                 continue
@@ -133,7 +135,8 @@ def start_accuracy_runs(args: argparse.Namespace, workdir: Path) -> tuple[thread
 
 
 def attack_condition(name: str, k: int, adaptive: bool, people: list[dict], faces: list[np.ndarray],
-                     spec: TransformSpec, shared: Path, attack: A1, gallery: np.ndarray, gallery_ids: list[str],
+                     spec: TransformSpec, shared: Path, attack: A1, gallery: np.ndarray, gallery_faces: np.ndarray,
+                     gallery_ids: list[str],
                      sface, prior: np.ndarray, args: argparse.Namespace) -> tuple[dict, list[np.ndarray]]:
     """Every victim's round under one condition, inverted and scored."""
     model = build_base_model(spec, shared)
@@ -142,12 +145,16 @@ def attack_condition(name: str, k: int, adaptive: bool, people: list[dict], face
     teacher = load_pretrained(shared).requires_grad_(False).eval()
     published = get_arrays(model, names)
     local = LocalConfig(batch_size=args.photos, mixup_k=k, mixup_adaptive=adaptive)
-    rows, rebuilt_all = [], []
+    with torch.inference_mode():
+        model_gallery = model(torch.from_numpy(apply(gallery_faces, spec, np.random.default_rng(args.seed))
+                                               .astype(np.float32))).numpy().astype(np.float64)
+    rows, rebuilt_all, class_vectors = [], [], []
     for index, (person, photos) in enumerate(zip(people, faces)):
         set_arrays(model, published)
         held = initial_class_vector(model, photos, spec, np.random.default_rng([args.seed, 1, index]))
         result = train_local(model, teacher, photos, spec, held, local, np.random.default_rng([args.seed, 2, index]))
         update = ObservedUpdate(published, get_arrays(model, names), held, result.class_vector, result.num_examples)
+        class_vectors.append(result.class_vector.astype(np.float64))
         set_arrays(model, published)
         start = time.perf_counter()
         recovered = invert_update(model, update, spec, local, InversionConfig(steps=args.steps, seed=index),
@@ -164,6 +171,8 @@ def attack_condition(name: str, k: int, adaptive: bool, people: list[dict], face
     embedded = embed_all(np.concatenate(rebuilt_all), sface.embed)
     summary = {"condition": name, "mixup_k": k, "adaptive": adaptive, "victims": rows,
                "sface_rank1": rank1(gallery, gallery_ids, embedded, ids),
+               "class_vector_rank1": rank1(model_gallery, gallery_ids, np.stack(class_vectors),
+                                           [p["identity"] for p in people]),
                "psnr_db": float(np.mean([r["psnr_db"] for r in rows])),
                "ssim": float(np.mean([r["ssim"] for r in rows])),
                "feature_cosine": float(np.mean([r["feature_cosine"] for r in rows])),
@@ -230,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     sface = SFaceEmbedder(threads=1)
     gallery_paths = [p["gallery"] for p in people] + distractors
     gallery_ids = [identity_of(p) for p in gallery_paths]
-    gallery = embed_all(load_many(lfw, gallery_paths), sface.embed)
+    gallery_faces = load_many(lfw, gallery_paths)
+    gallery = embed_all(gallery_faces, sface.embed)
     prior = public_prior(lfw, spec, exclude)
     report: dict = {"settings": {**vars(args), "transform": spec.transform_id, "gallery": len(gallery_paths),
                                  "chance_rank1": 1.0 / len(gallery_paths), "inversion": asdict(InversionConfig())},
@@ -239,11 +249,11 @@ def main(argv: list[str] | None = None) -> None:
     grid_rows = {}
     for name, k, adaptive in conditions(args.mixup_k):
         summary, rebuilt = attack_condition(name, k, adaptive, people, faces, spec, shared, attack, gallery,
-                                            gallery_ids, sface, prior, args)
+                                            gallery_faces, gallery_ids, sface, prior, args)
         report["attack"].append(summary)
         grid_rows[f"recovered\n{name}"] = np.concatenate(rebuilt)
-        print(json.dumps({key: summary[key] for key in ("condition", "sface_rank1", "psnr_db", "ssim",
-                                                        "feature_cosine")}), flush=True)
+        print(json.dumps({key: summary[key] for key in ("condition", "sface_rank1", "class_vector_rank1", "psnr_db",
+                                                        "ssim", "feature_cosine", "feature_cosine_raw")}), flush=True)
     if accuracy_thread is not None:
         accuracy_thread.join()
     report["accuracy"] = accuracy
