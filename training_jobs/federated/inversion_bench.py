@@ -120,14 +120,20 @@ def start_accuracy_runs(args: argparse.Namespace, workdir: Path) -> tuple[thread
                    "--seed", str(args.seed), "--out", str(out)]
             if k:
                 cmd += ["--mixup-k", str(k)] + (["--mixup-adaptive"] if adaptive else [])
-            start = time.perf_counter()
-            done = subprocess.run(cmd, capture_output=True, text=True, start_new_session=True)
-            if done.returncode != 0 or not out.exists():
-                results[name] = {"error": (done.stderr or done.stdout).strip().splitlines()[-1:]}
-                continue
-            log = json.loads(out.read_text())
-            results[name] = {"heldout": log.get("heldout"), "seconds": time.perf_counter() - start,
-                             "round_train_seconds": [r.get("train_seconds") for r in log.get("rounds", [])]}
+            for attempt in (1, 2):  # on an overloaded machine a round can sample no client (see below): once more
+                start = time.perf_counter()
+                done = subprocess.run(cmd, capture_output=True, text=True, start_new_session=True)
+                if done.returncode != 0 or not out.exists():
+                    results[name] = {"error": (done.stderr or done.stdout).strip().splitlines()[-1:]}
+                    break
+                log = json.loads(out.read_text())
+                rounds = log.get("rounds", [])
+                results[name] = {"heldout": log.get("heldout"), "seconds": time.perf_counter() - start,
+                                 "attempt": attempt, "sampled": [r.get("sampled") for r in rounds],
+                                 "replied": [r.get("replied") for r in rounds],
+                                 "round_train_seconds": [r.get("train_seconds") for r in rounds]}
+                if all(r.get("replied") for r in rounds):
+                    break
 
     thread = threading.Thread(target=run, name="accuracy-runs", daemon=True)
     thread.start()
