@@ -44,6 +44,14 @@ VARIABLES = {PARENT_ENV: ("", "Internal, set by the gateway's job runner: the fe
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+class MixupParams(BaseModel):
+    """Training-time MixUp on the devices (training_jobs/federated/mixup.py): each sample mixes k photos."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    k: int = Field(ge=2, le=8, description="photos per mix (capped by the photos a device has)")
+    adaptive: bool = Field(False, description="weights from the adversarial strategy network, else Dirichlet")
+
+
 class FederatedParams(BaseModel):
     """What an admin may set for one federated job (strict: unknown fields and wrong types are refused)."""
 
@@ -64,11 +72,14 @@ class FederatedParams(BaseModel):
     max_images: int = Field(4, ge=2, le=50, description="photos per device at most")
     epochs: int = Field(1, ge=1, le=10, description="local epochs per round")
     heldout_every_round: bool = False
+    mixup: MixupParams | None = Field(None, description="defence against update inversion; none = off")
 
     @model_validator(mode="after")
     def _per_round_fits(self) -> "FederatedParams":
         if self.clients_per_round > self.clients:
             raise ValueError("clients_per_round must not exceed clients")
+        if self.mixup is not None and self.mixup.k > self.max_images:
+            raise ValueError(f"mixup.k ({self.mixup.k}) must not exceed max_images ({self.max_images})")
         if self.aggregation == "secagg+" and not 2 <= self.clients_per_round <= SECAGG_MAX_CLIENTS:
             raise ValueError(f"secagg+ needs 2 to {SECAGG_MAX_CLIENTS} clients_per_round (a sum of one client "
                              "hides nothing; more overflow the 32-bit modulus)")
@@ -129,6 +140,8 @@ def command(settings: GatewaySettings, params: FederatedParams, version: str, ba
            "--state-dir", str(state_dir), "--export-dir", str(settings.model_dir), "--version", version]
     if params.heldout_every_round:
         cmd.append("--heldout-every-round")
+    if params.mixup is not None:
+        cmd += ["--mixup-k", str(params.mixup.k)] + (["--mixup-adaptive"] if params.mixup.adaptive else [])
     if baseline_dir is not None:
         cmd += ["--baseline-dir", str(baseline_dir)]
     return cmd

@@ -28,6 +28,7 @@ from inference.transform import TransformSpec, apply
 from training_jobs.datasets import Augment
 from training_jobs.evaluate import pixel_input
 from training_jobs.federated.impostors import ImpostorSource, negative_margin_loss
+from training_jobs.federated.mixup import Mixer, MixupConfig
 from training_jobs.losses import DistillationLoss
 
 MODES = ("supervised", "unsupervised")
@@ -52,6 +53,8 @@ class LocalConfig:
     impostor_margin: float = 0.2  # impostors are pushed below this cosine
     agreement_weight: float = 1.0  # unsupervised: two views agree
     global_distill_weight: float = 1.0  # unsupervised: stay near the round's starting global model
+    mixup_k: int = 0  # >= 2: train on mixes of k of the owner's feature maps (mixup.py); 0: off
+    mixup_adaptive: bool = False  # weights from the adversarial strategy network, else floored Dirichlet
 
 
 @dataclass(frozen=True)
@@ -113,15 +116,23 @@ def train_local(model: FrequencyFaceModel, teacher: MobileFaceNet, faces: np.nda
     optimizer = torch.optim.AdamW(groups, weight_decay=5e-4)
     distill = DistillationLoss()
     model.eval()  # BatchNorm frozen: a device has far too few photos for batch statistics
+    mixer = (Mixer(MixupConfig(config.mixup_k, config.mixup_adaptive), spec.num_channels,
+                   int(rng.integers(2**62))) if config.mixup_k >= 2 else None)
+
+    def losses(features: torch.Tensor, clean: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        embedding = raw_embedding(model, features)
+        identity = positive_margin_loss(embedding, w, config.positive_margin)
+        with torch.no_grad():
+            target = teacher(pixel_input(clean))
+        kd = distill(embedding, target)
+        return config.identity_weight * identity + config.distill_weight * kd, identity, kd
+
     sums, count = np.zeros(4), 0
     for _ in range(config.epochs):
         for features, clean in batches(faces, spec, augment, config.batch_size, rng):
-            embedding = raw_embedding(model, features)
-            identity = positive_margin_loss(embedding, w, config.positive_margin)
-            with torch.no_grad():
-                target = teacher(pixel_input(clean))
-            kd = distill(embedding, target)
-            loss = config.identity_weight * identity + config.distill_weight * kd
+            if mixer is not None:  # the update only ever sees mixes of k photos
+                features, clean = mixer(features, clean, lambda f, c: losses(f, c)[0])
+            loss, identity, kd = losses(features, clean)
             impostor = torch.zeros(())
             if impostors is not None and config.impostor_weight > 0:  # push the class vector off the impostors
                 negatives = raw_embedding(model, impostors.sample(config.impostors_per_batch, rng))

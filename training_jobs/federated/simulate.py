@@ -160,6 +160,16 @@ def mode_config(mode: str, negatives: str, checkpoint_path: Path) -> dict:
     return config
 
 
+def mixup_config(args: argparse.Namespace) -> dict:
+    """The MixUp keys of the clients' local config (none when off, so runs without MixUp keep their
+    settings fingerprint and resume their saved states)."""
+    if not args.mixup_k:
+        return {}
+    if args.mixup_k < 2:
+        raise SystemExit("--mixup-k must be 0 (off) or >= 2")
+    return {"mixup-k": args.mixup_k, "mixup-adaptive": bool(args.mixup_adaptive)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=60)
@@ -186,6 +196,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epsilon", type=float, default=64.0, help="served noise, per coefficient")
     parser.add_argument("--transform", default="dct8-v0", choices=sorted(PRESETS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mixup-k", type=int, default=0,
+                        help=">= 2: devices train on mixes of k of their feature maps (mixup.py); 0: off")
+    parser.add_argument("--mixup-adaptive", action="store_true",
+                        help="MixUp weights from the adversarial strategy network (else floored Dirichlet)")
     parser.add_argument("--actors", type=int, default=1, help="Ray actors training clients in parallel (CPUs)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--progress", action="store_true",
@@ -210,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     heldout = Heldout(lfw, spec, args.pairs_per_fold, seed=args.seed)
     settings = ServerSettings(str(shared), spec.to_dict(), args.scope, args.rounds, args.per_round, args.clients,
                               args.seed, {"epochs": args.epochs, "batch-size": 4,
-                                          **mode_config(args.mode, args.negatives, args.impostor_checkpoint)},
+                                          **mode_config(args.mode, args.negatives, args.impostor_checkpoint),
+                                          **mixup_config(args)},
                               tuple(range(args.rounds + 1)) if args.heldout_every_round else None,
                               args.aggregation, {"clipping_range": args.secagg_clip, "max_weight": args.max_images},
                               args.drop_fraction, str(args.state_dir) if args.state_dir else None)
