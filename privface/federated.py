@@ -29,7 +29,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="privface client federated", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="privface client federated",
+                     description="this device joins federated retraining (Flower SuperNode on the owner's photos)")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     join_ = commands.add_parser("join", help="run this device's SuperNode on the owner's photos until stopped")
     join_.add_argument("--superlink", required=True, help="the SuperLink's Fleet API, HOST:PORT")
@@ -57,6 +58,8 @@ def owner_faces(photos: list[Path], policy: str) -> np.ndarray:
                           "(scripts/install_federated.sh does) or set PRIVFACE_YUNET_PATH") from None
     faces = []
     for photo in photos:
+        if not photo.is_file():
+            raise DeviceError(f"{photo}: no such file")
         try:
             faces.append(aligned_face(photo, policy, detector))  # type: ignore[arg-type]
         except (PrivfaceError, OSError) as error:
