@@ -354,3 +354,27 @@ def test_over_tls_only_a_registered_device_is_admitted(tmp_path: Path):
         assert "Failed to activate SuperNode" in devices["stranger"][1].read_text()
     finally:
         processes.stop()
+
+
+@pytest.mark.skipif(not HAVE_FLWR, reason="needs flwr (.venv-federated)")
+def test_a_device_drops_the_servers_seed_so_its_noise_comes_from_the_os():
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from training_jobs.federated.client_app import round_rng
+    from training_jobs.federated.deploy import ignore_server_seed
+
+    content = RecordDict({"config": ConfigRecord({"seed": 0, "server-round": 1, "epochs": 1}),
+                          "fitins.config": ConfigRecord({"seed": 0, "server-round": 1})})
+    message = SimpleNamespace(content=content)  # the mod reads only the content (a Message needs a live run)
+    seen = {}
+
+    def app(msg, context: Context):
+        seen.update({name: dict(record) for name, record in msg.content.config_records.items()})
+        return msg
+
+    ignore_server_seed(message, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}), app)
+    assert seen == {"config": {"server-round": 1, "epochs": 1}, "fitins.config": {"server-round": 1}}
+    draws = {tuple(round_rng(seen["config"], 0).integers(0, 2**62, 4)) for _ in range(3)}
+    assert len(draws) == 3  # unseeded: every draw differs (seeded, all three would be equal)
