@@ -43,7 +43,7 @@ PHOTOS_PER_DEVICE = 2
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(2500)  # minutes when the machine is busy: Flower starts a process per message (docs)
 @pytest.mark.skipif(HAVE_FLWR, reason="flwr importable here: the deployment test runs directly")
 def test_deploy_suite_in_federated_venv():
     if not FEDERATED_PYTHON.exists():
@@ -55,7 +55,7 @@ def test_deploy_suite_in_federated_venv():
         env.setdefault("PRIVFACE_YUNET_PATH", str(yunet_model_path()))
     proc = subprocess.run([str(FEDERATED_PYTHON), "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider",
                            "-k", "not suite_in_federated_venv and not without_flower", str(Path(__file__))], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=880)
+                          capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-3000:]
     summary = proc.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, proc.stdout[-2000:]
@@ -118,6 +118,9 @@ class Processes:
         return proc, log
 
     def stop(self) -> None:
+        # Flower starts its SuperExec in a new session (outside our process groups): collect every descendant
+        # while the tree is intact, so none outlives the test
+        family = descendants([proc.pid for proc in self.started])
         for proc in reversed(self.started):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGINT)
@@ -127,10 +130,27 @@ class Processes:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
+        for pid in [proc.pid for proc in self.started] + family:
             try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the group: SuperExec, ServerApp, ClientApp children
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        for proc in self.started:
+            proc.wait()
+
+
+def descendants(roots: list[int]) -> list[int]:
+    """Every process below `roots` (children, grandchildren, ...), from `ps`."""
+    children: dict[int, list[int]] = {}
+    for line in subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.splitlines():
+        pid, ppid = map(int, line.split())
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def wait_for_report(path: Path, seconds: float, watched: list[tuple[subprocess.Popen, Path]]) -> dict:
@@ -147,7 +167,7 @@ def wait_for_report(path: Path, seconds: float, watched: list[tuple[subprocess.P
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(850)
+@pytest.mark.timeout(2000)
 @pytest.mark.skipif(not HAVE_FLWR or not HAVE_DATA, reason="needs flwr (.venv-federated) and the LFW data")
 def test_two_devices_train_rounds_through_a_real_superlink(tmp_path: Path):
     from training_jobs.federated import checkpoint
@@ -223,7 +243,7 @@ def run_app(tmp: Path, env: dict[str, str], name: str, config: str, watched) -> 
                           f'{config} report="{report}" state-dir="{tmp / name}"'], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and "Successfully started run" in run.stdout, run.stdout + run.stderr
-    return wait_for_report(report, 360, watched)
+    return wait_for_report(report, 900, watched)
 
 
 def join_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
