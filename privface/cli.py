@@ -1,20 +1,22 @@
 """The `privface` command: run the local stack or one of its processes, migrate, manage keys, and the client.
 
 This parser is the composition root: each subcommand is handed to the module of its role (privface/roles.py,
-privface/admin.py, privface/stack.py) or, for `privface client ...`, to the SDK's own command line.
+privface/admin.py, privface/stack.py) or, for `privface client ...`, to the SDK's own command line
+(`privface client federated ...`: privface/federated.py, the device side of federated retraining).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from privface.admin import cmd_certs, cmd_create_api_key, cmd_migrate, cmd_models
-from privface.roles import cmd_dealer, cmd_gateway, cmd_party, cmd_worker
-from privface.stack import cmd_run
-
 
 def add_role_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The long-running processes: the local stack, and one role each."""
+    # imported here, not at the top: `privface client federated join` runs in .venv-federated, without the
+    # gateway's packages (pydantic-settings, SQLAlchemy, ...) that these modules need
+    from privface.roles import cmd_dealer, cmd_gateway, cmd_party, cmd_worker
+    from privface.stack import cmd_run
+
     sub.add_parser("run", help="the whole local stack with embedded defaults").set_defaults(func=cmd_run)
     gateway = sub.add_parser("gateway", help="the REST gateway (uvicorn)")
     gateway.add_argument("--host")
@@ -31,6 +33,8 @@ def add_role_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The one-shot operator commands."""
+    from privface.admin import cmd_certs, cmd_create_api_key, cmd_migrate, cmd_models
+
     migrate = sub.add_parser("migrate", help="apply database migrations")
     migrate.add_argument("--party", type=int, choices=(0, 1), help="migrate this party's database instead")
     migrate.set_defaults(func=cmd_migrate)
@@ -54,12 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_role_commands(sub)
     add_admin_commands(sub)
-    sub.add_parser("client", help="the SDK's command line (enroll, verify, identify, delete)", add_help=False)
+    sub.add_parser("client", help="the SDK's command line (enroll, verify, identify, delete; federated join)",
+                   add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["client", "federated"]:  # a device joining federated retraining (.venv-federated)
+        from privface.federated import main as federated_main
+
+        return federated_main(argv[2:])
     if argv[:1] == ["client"]:  # the SDK parses its own arguments (and keeps its own exit codes)
         from client.cli import main as client_main
 

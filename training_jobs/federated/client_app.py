@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
@@ -160,10 +161,12 @@ def train_round_secagg(content: RecordDict, faces: np.ndarray, shared: Path, par
     return compat.fitres_to_recorddict(fitres, keep_input=True)
 
 
-def make_client_app(load_photos: PhotoLoader, shared: Path, threads: int = 1) -> ClientApp:
+def make_client_app(load_photos: PhotoLoader, shared: Path, threads: int = 1, mods: Sequence[Mod] = (),
+                    client_id_fn: Callable[[Context], str] = client_id) -> ClientApp:
     """A ClientApp whose every train call sees only what `load_photos` returns for its node (one identity).
-    SecAgg+ messages go through Flower's secaggplus_mod (with privface's CSPRNG masks); FedAvg ones do not."""
-    app = ClientApp(mods=[secagg_if_requested])
+    SecAgg+ messages go through Flower's secaggplus_mod (with privface's CSPRNG masks); FedAvg ones do not.
+    `mods` run first (a real device drops the server's seed: deploy.py); `client_id_fn` names the client."""
+    app = ClientApp(mods=[*mods, secagg_if_requested])
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
@@ -171,11 +174,11 @@ def make_client_app(load_photos: PhotoLoader, shared: Path, threads: int = 1) ->
         partition_id = int(context.node_config.get("partition-id", 0))
         faces = load_photos(context)
         run = train_round_secagg if FITINS_PARAMETERS in message.content.array_records else train_round
-        return Message(run(message.content, faces, shared, partition_id, client_id(context)), reply_to=message)
+        return Message(run(message.content, faces, shared, partition_id, client_id_fn(context)), reply_to=message)
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
         """The client id, asked by a restarted server to give each client its own class vector back."""
-        return Message(RecordDict({"client": ConfigRecord({"client-id": client_id(context)})}), reply_to=message)
+        return Message(RecordDict({"client": ConfigRecord({"client-id": client_id_fn(context)})}), reply_to=message)
 
     return app

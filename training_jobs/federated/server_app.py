@@ -269,6 +269,7 @@ class ServerSettings:
     secagg: dict = field(default_factory=dict)  # SecAggSettings fields
     drop_fraction: float = 0.0  # simulation: this share of each round's clients drops after key sharing
     state_dir: str | None = None  # round state (resume) and cancel request; None: neither
+    round_timeout: float = 3600.0  # seconds to wait for a round's replies (deployment: devices that vanish)
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -277,7 +278,7 @@ class ServerSettings:
     def identity(self) -> dict:
         """What determines the training (a saved state is only resumed by a run with the same identity)."""
         out = asdict(self)
-        for key in ("state_dir", "eval_rounds"):
+        for key in ("state_dir", "eval_rounds", "round_timeout"):
             out.pop(key)
         return out
 
@@ -314,7 +315,7 @@ def run_rounds(grid: Grid, context: Context, settings: ServerSettings, heldout: 
     strategy = FedFaceAvg(fraction_train=settings.clients_per_round / settings.num_clients,
                           min_train_nodes=settings.clients_per_round, min_available_nodes=settings.num_clients,
                           seed=settings.seed, drop_fraction=settings.drop_fraction,
-                          secagg=SecAggSettings(**settings.secagg))
+                          secagg=SecAggSettings(**settings.secagg), round_timeout=settings.round_timeout)
     config = {"transform": json.dumps(TransformSpec.from_dict(settings.transform).to_dict()), **settings.local}
     if settings.seed is not None:
         config["seed"] = settings.seed
