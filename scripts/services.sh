@@ -19,6 +19,13 @@ if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get 
   (timeout 300 apt-get update -qq && timeout 600 apt-get install -y -qq chromium >/dev/null) \
     || echo "warning: could not install chromium; the headless-browser test will skip" >&2
 fi
+# The Docker engine for tests/test_compose_stack.py, when it is installed but not running (best effort; that test
+# says why it skips otherwise). Installing it is left to the operator: docs/docker.md.
+if command -v dockerd >/dev/null && ! docker info >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  mkdir -p /var/log/privface 2>/dev/null || true
+  (nohup dockerd >/var/log/privface/dockerd.log 2>&1 &) || true
+  for _ in $(seq 1 20); do docker info >/dev/null 2>&1 && break; sleep 1; done
+fi
 for _ in $(seq 1 30); do
   pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null && redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && exit 0
   sleep 1

@@ -45,3 +45,14 @@ def test_worker_refuses_tfp_even_if_validation_bypassed(prod_env: pytest.MonkeyP
     forged = MpcSettings.model_construct(**{**MpcSettings().model_dump(), "provider": "TFP"})
     with pytest.raises(RuntimeError, match="TFP"):
         init_crypten(0, forged)
+
+
+def test_the_gloo_interface_is_a_name_or_the_one_interface_in_a_subnet():
+    """compose.yaml names the MPC network by its subnet: the parties sit on two networks whose interface names
+    depend on attach order (secure/mpc/runtime/interfaces.py)."""
+    from secure.mpc.runtime.interfaces import gloo_interface
+
+    assert gloo_interface("eth7") == "eth7"  # a name is taken as given
+    assert gloo_interface("127.0.0.0/8") == "lo"
+    with pytest.raises(RuntimeError, match="expected one interface"):
+        gloo_interface("198.51.100.0/24")  # TEST-NET-2: no interface here

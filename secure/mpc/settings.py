@@ -87,7 +87,9 @@ class MpcSettings(BaseSettings):
     torch_threads: int = Field(
         0, ge=0, le=256, description="torch intra-op threads of each MPC worker (0: torch's default, all cores). "
                                      "Set 1 when the dealer and both parties share one small machine.")
-    gloo_ifname: str | None = Field(None, description="GLOO_SOCKET_IFNAME for the worker (e.g. 'lo').")
+    gloo_ifname: str | None = Field(
+        None, description="Interface gloo binds (GLOO_SOCKET_IFNAME), e.g. 'lo', or a subnet such as "
+                          "'172.30.29.0/24' whose one interface is taken (compose.yaml: the internal mpc network).")
     secret_p0_dealer: str = Field(
         "", repr=False, description="Credential of the party 0 - dealer link (>= 32 characters; party 0 and the "
                                     "dealer only). Authenticates the per-session key agreement (link_keys.py).")

@@ -14,8 +14,11 @@ from secure.mpc.dealer import server as dealer_server  # noqa: F401
 from secure.mpc.runtime import worker  # noqa: F401
 from secure.mpc.runtime.crypten_compat import load_crypten
 from secure.mpc.runtime.session import die_with_parent_thread
+from secure.mpc.runtime.warm import OWNER_PID_VARIABLE
 
 die_with_parent_thread()
-if os.getppid() == 1:  # the party died before the line above: do not serve
+# The party died before the line above (this server was re-parented): do not serve. Compared with the pid the
+# party recorded, not with 1: in a container the party itself is pid 1 (tests/test_compose_stack.py).
+if str(os.getppid()) != os.environ.get(OWNER_PID_VARIABLE, str(os.getppid())):
     os._exit(70)
 load_crypten()

@@ -109,7 +109,9 @@ def init_crypten(rank: int, settings: MpcSettings) -> ModuleType:
     os.environ.update({"DISTRIBUTED_BACKEND": "gloo", "WORLD_SIZE": str(parties), "RANK": str(rank),
                        "RENDEZVOUS": f"tcp://{settings.master_addr}:{settings.master_port}"})
     if settings.gloo_ifname:
-        os.environ["GLOO_SOCKET_IFNAME"] = settings.gloo_ifname
+        from secure.mpc.runtime.interfaces import gloo_interface
+
+        os.environ["GLOO_SOCKET_IFNAME"] = gloo_interface(settings.gloo_ifname)
 
     import torch.distributed as dist
     import torch.distributed.distributed_c10d as c10d

@@ -13,9 +13,13 @@ in each worker anyway, and finding it already imported there only makes runpy wa
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from multiprocessing.context import ForkServerContext, SpawnContext
 
 PRELOAD = "secure.mpc.runtime.preloaded"  # imports torch and CrypTen (with the project's shims) once, in the server
+# The pid of the process that owns the fork server, inherited by the server: preloaded.py refuses to serve once
+# re-parented. Internal (set here, read there), not configuration.
+OWNER_PID_VARIABLE = "_PRIVFACE_MPC_FORKSERVER_OWNER"
 
 
 def start_worker_server() -> None:
@@ -35,4 +39,5 @@ def worker_context() -> ForkServerContext | SpawnContext:
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload([PRELOAD])
+    os.environ[OWNER_PID_VARIABLE] = str(os.getpid())  # the server starts at the first fork, from this process
     return ctx
