@@ -60,6 +60,9 @@ class FederatedParams(BaseModel):
     max_images: int = Field(4, ge=2, le=50, description="photos per device at most")
     epochs: int = Field(1, ge=1, le=10, description="local epochs per round")
     heldout_every_round: bool = False
+    base_version: str | None = Field(
+        None, max_length=128, description="the model version to start from (it needs saved PyTorch weights); "
+                                          "default: the active version of the admin's tenant's preset")
 
     @model_validator(mode="after")
     def _per_round_fits(self) -> "FederatedParams":
@@ -78,6 +81,31 @@ def validate_params(params: dict) -> dict:
     except ValidationError as exc:
         errors = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in exc.errors())
         raise Problem(422, "invalid-job-params", "Invalid job parameters", f"federated: {errors}") from None
+
+
+def resolve_base(settings: GatewaySettings, session: Session, params: dict, preset: str) -> dict:
+    """The params with `base_version` fixed to a concrete version (default: `preset`'s active one; none when
+    the preset has no active version: the served v0), checked to have PyTorch weights the rounds can start
+    from; a 422/409 problem otherwise (nothing is created). Fixed at creation so every attempt of the job (a
+    resume) starts from the same model."""
+    from app.models import ModelVersion
+    from app.services.model_registry import active_version
+    from inference.export import WeightsError, saved_weights
+
+    name = params.get("base_version")
+    row = session.get(ModelVersion, name) if name else active_version(session, preset)
+    if row is None and name:
+        raise Problem(422, "invalid-job-params", "Invalid job parameters",
+                      f"federated: base_version: no model version {name!r}")
+    if row is None:  # nothing active: the rounds start from the served v0 and the candidate is not activated
+        return params
+    try:
+        saved_weights((settings.model_dir / row.path).parent)
+    except (WeightsError, OSError, ValueError) as exc:
+        raise Problem(409, "base-model-not-trainable", "The base model cannot be trained",
+                      f"federated: base_version {row.version}: {exc}; start from a version exported with its "
+                      "weights (a federated candidate, a training_jobs.train export, or v0)") from None
+    return {**params, "base_version": row.version}
 
 
 class FederatedRunError(RuntimeError):
@@ -114,7 +142,7 @@ def guardrail(candidate: float | None, active: float | None, tolerance: float) -
 
 
 def command(settings: GatewaySettings, params: FederatedParams, version: str, baseline_dir: Path | None,
-            state_dir: Path) -> list[str]:
+            state_dir: Path, base_dir: Path | None = None) -> list[str]:
     """The simulate command line for this job (the same for every attempt: a resumed run must match)."""
     cmd = [str(settings.federated_python), "-m", "training_jobs.federated.simulate",
            "--clients", str(params.clients), "--per-round", str(params.clients_per_round),
@@ -126,6 +154,8 @@ def command(settings: GatewaySettings, params: FederatedParams, version: str, ba
         cmd.append("--heldout-every-round")
     if baseline_dir is not None:
         cmd += ["--baseline-dir", str(baseline_dir)]
+    if base_dir is not None:
+        cmd += ["--base-dir", str(base_dir)]
     return cmd
 
 
@@ -219,6 +249,7 @@ def _forward_cancel(cancel: threading.Event, done: threading.Event, cancel_file:
 
 def run_federated_job(settings: GatewaySettings, sessions: sessionmaker[Session], params: dict, report) -> dict:
     """The `federated` job kind: train (resuming a saved state), export, register, apply the guardrail."""
+    from app.models import ModelVersion
     from app.services.jobs import JobCancelled
     from app.services.model_events import publish_activation
     from app.services.model_registry import activate_version, active_version, register_model_dir
@@ -229,7 +260,11 @@ def run_federated_job(settings: GatewaySettings, sessions: sessionmaker[Session]
                                 "scripts/install_federated.sh or set PRIVFACE_FEDERATED_PYTHON")
     state_dir = settings.federated_state_dir / report.job_id
     with session_scope(sessions) as session:
-        active = active_version(session, "accurate")  # federated rounds train the dct8-v0 architecture
+        # the base (fixed when the job was created; none: the served v0, dct8-v0 = the accurate preset) and the
+        # active version of its preset, which the guardrail compares the candidate with
+        base = session.get(ModelVersion, job.base_version) if job.base_version else None
+        base_dir = (settings.model_dir / base.path).parent if base is not None else None
+        active = active_version(session, base.preset if base is not None else "accurate")
         active_name = active.version if active is not None else None
         baseline_dir = (settings.model_dir / active.path).parent if active is not None else None
     version = "fed-" + report.job_id.removeprefix("job_")[:16]
@@ -246,7 +281,8 @@ def run_federated_job(settings: GatewaySettings, sessions: sessionmaker[Session]
     report.progress(0.01, f"resuming the federated run (attempt {report.attempt})" if resuming
                     else "starting the federated run")
     try:
-        result = run_simulation(command(settings, job, version, baseline_dir, state_dir), subprocess_env(settings),
+        result = run_simulation(command(settings, job, version, baseline_dir, state_dir, base_dir),
+                                subprocess_env(settings),
                                 on_event, checkpoint_cancel(state_dir),
                                 report.cancel_requested)
         if result.get("status") == "cancelled":
@@ -268,6 +304,7 @@ def run_federated_job(settings: GatewaySettings, sessions: sessionmaker[Session]
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)  # reached only while this process lives: a kill keeps it
     return {**out, "guardrail": decision.to_dict(), "active_before": active_name, "aggregation": job.aggregation,
+            "base_version": base.version if base is not None else None,
             "heldout": {"before": heldout.get("0"), "after": final, "active_version": baseline or None},
             "rounds": rounds, "resumed": result.get("resumed", []), "attempts": report.attempt,
             "seconds": result.get("wall_seconds")}

@@ -47,19 +47,22 @@ class SimulatedDropout(RuntimeError):
 
 
 @lru_cache(maxsize=2)
-def _base(spec_json: str, shared: str) -> tuple[FrequencyFaceModel, dict[str, torch.Tensor]]:
-    """The published model, built once per process, with a pristine copy of its parameters."""
-    model = build_base_model(TransformSpec.from_dict(json.loads(spec_json)), Path(shared))
+def _base(spec_json: str, shared: str, weights: str | None = None,
+          sha256: str | None = None) -> tuple[FrequencyFaceModel, dict[str, torch.Tensor]]:
+    """The published model (the job's base version), built once per process, with a pristine copy of its
+    parameters."""
+    model = build_base_model(TransformSpec.from_dict(json.loads(spec_json)), Path(shared), weights, sha256 or None)
     return model, {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def fresh_model(spec_json: str, shared: str) -> FrequencyFaceModel:
+def fresh_model(spec_json: str, shared: str, weights: str | None = None, sha256: str | None = None
+                ) -> FrequencyFaceModel:
     """The published model with every parameter back at its published value.
 
     Why not a deepcopy per client: copying the ~1M-parameter module object by object took a quarter of a
     simulated client's round; copying the parameter tensors back in place costs about a millisecond. BatchNorm
     statistics never change (clients train in eval mode), so the parameters are all there is to restore."""
-    model, pristine = _base(spec_json, shared)
+    model, pristine = _base(spec_json, shared, weights, sha256)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             parameter.copy_(pristine[name])
@@ -108,7 +111,8 @@ def local_update(received: dict[str, np.ndarray], config: Mapping, class_vector:
     start = time.perf_counter()
     spec_json = str(config["transform"])
     spec = TransformSpec.from_dict(json.loads(spec_json))
-    model = fresh_model(spec_json, str(shared))
+    weights = str(config["base-weights"]) if config.get("base-weights") else None
+    model = fresh_model(spec_json, str(shared), weights, str(config.get("base-sha256") or "") or None)
     set_arrays(model, received)
     freeze_except(model, list(received))
     result = train_local(model, _teacher(str(shared)), faces, spec, class_vector, local_config(config),

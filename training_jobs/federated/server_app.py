@@ -265,6 +265,8 @@ class ServerSettings:
     secagg: dict = field(default_factory=dict)  # SecAggSettings fields
     drop_fraction: float = 0.0  # simulation: this share of each round's clients drops after key sharing
     state_dir: str | None = None  # round state (resume) and cancel request; None: neither
+    base_weights: str | None = None  # the starting model's state dict (params.base_weights_of); None: served v0
+    base_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -278,9 +280,14 @@ class ServerSettings:
         return out
 
 
+def base_model(settings: ServerSettings):
+    """The model the rounds start from (the base version's weights, or the served v0)."""
+    return build_base_model(TransformSpec.from_dict(settings.transform), Path(settings.shared),
+                            settings.base_weights, settings.base_sha256)
+
+
 def initial_arrays(settings: ServerSettings) -> ArrayRecord:
-    spec = TransformSpec.from_dict(settings.transform)
-    model = build_base_model(spec, Path(settings.shared))
+    model = base_model(settings)
     return ArrayRecord({k: Array(v) for k, v in get_arrays(model, travelling_names(model, settings.scope)).items()})
 
 
@@ -293,8 +300,7 @@ class HeldoutEvaluator:
     def __init__(self, settings: ServerSettings, heldout: Heldout | None) -> None:
         self.heldout = heldout
         self.rounds = settings.eval_rounds if settings.eval_rounds is not None else (0, settings.rounds)
-        spec = TransformSpec.from_dict(settings.transform)
-        self.model = build_base_model(spec, Path(settings.shared)) if heldout is not None else None
+        self.model = base_model(settings) if heldout is not None else None
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> dict | None:
         if self.heldout is None or server_round not in self.rounds:
@@ -314,6 +320,8 @@ def run_rounds(grid: Grid, context: Context, settings: ServerSettings, heldout: 
     config = {"transform": json.dumps(TransformSpec.from_dict(settings.transform).to_dict()), **settings.local}
     if settings.seed is not None:
         config["seed"] = settings.seed
+    if settings.base_weights:  # clients start from the same model: frozen parameters and BatchNorm statistics
+        config.update({"base-weights": settings.base_weights, "base-sha256": settings.base_sha256 or ""})
     train_config = ConfigRecord(config)
     evaluate = HeldoutEvaluator(settings, heldout)
     state_dir = Path(settings.state_dir) if settings.state_dir else None
