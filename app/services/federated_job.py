@@ -44,6 +44,15 @@ VARIABLES = {PARENT_ENV: ("", "Internal, set by the gateway's job runner: the fe
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+class DpParams(BaseModel):
+    """Client-side clipping + server-side Gaussian noise (training_jobs/federated/dp.py)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    clip: float = Field(gt=0, le=100, description="L2 bound of one client's update per round")
+    noise_multiplier: float = Field(ge=0, le=100, description="noise std on the sum of updates / clip (0: clip only)")
+    delta: float = Field(1e-5, gt=0, lt=0.1, description="the delta at which epsilon is reported")
+
+
 class FederatedParams(BaseModel):
     """What an admin may set for one federated job (strict: unknown fields and wrong types are refused)."""
 
@@ -60,6 +69,8 @@ class FederatedParams(BaseModel):
     max_images: int = Field(4, ge=2, le=50, description="photos per device at most")
     epochs: int = Field(1, ge=1, le=10, description="local epochs per round")
     heldout_every_round: bool = False
+    dp: DpParams | None = Field(None, description="differential privacy (fedavg only): (epsilon, delta) per round "
+                                                  "in the progress and the result")
     base_version: str | None = Field(
         None, max_length=128, description="the model version to start from (it needs saved PyTorch weights); "
                                           "default: the active version of the admin's tenant's preset")
@@ -68,6 +79,8 @@ class FederatedParams(BaseModel):
     def _per_round_fits(self) -> "FederatedParams":
         if self.clients_per_round > self.clients:
             raise ValueError("clients_per_round must not exceed clients")
+        if self.dp is not None and self.aggregation != "fedavg":
+            raise ValueError("dp works with aggregation fedavg only")
         if self.aggregation == "secagg+" and not 2 <= self.clients_per_round <= SECAGG_MAX_CLIENTS:
             raise ValueError(f"secagg+ needs 2 to {SECAGG_MAX_CLIENTS} clients_per_round (a sum of one client "
                              "hides nothing; more overflow the 32-bit modulus)")
@@ -156,6 +169,9 @@ def command(settings: GatewaySettings, params: FederatedParams, version: str, ba
         cmd += ["--baseline-dir", str(baseline_dir)]
     if base_dir is not None:
         cmd += ["--base-dir", str(base_dir)]
+    if params.dp is not None:
+        cmd += ["--dp-clip", repr(params.dp.clip), "--dp-noise", repr(params.dp.noise_multiplier),
+                "--dp-delta", repr(params.dp.delta)]
     return cmd
 
 
@@ -190,7 +206,8 @@ def last_error_line(stderr_tail: str) -> str:
 
 def round_summary(event: dict) -> dict:
     """What the job row keeps of one round event."""
-    keep = ("round", "of", "sampled", "finished", "failed", "train_seconds", "metrics", "heldout", "aggregation")
+    keep = ("round", "of", "sampled", "finished", "failed", "train_seconds", "metrics", "heldout", "aggregation",
+            "dp")
     return {key: event.get(key) for key in keep}
 
 
@@ -202,7 +219,9 @@ def round_message(event: dict) -> str:
     loss = (event.get("metrics") or {}).get("loss")
     text = (f"round {event['round']} of {event['of']}: {event['finished']}/{event['sampled']} clients finished, "
             f"{event['failed']} failed")
-    return text + (f", loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
+    text += f", loss {loss:.4f}" if isinstance(loss, (int, float)) else ""
+    epsilon = (event.get("dp") or {}).get("epsilon")
+    return text + (f", (ε {epsilon:.3g}, δ {event['dp']['delta']:g})" if isinstance(epsilon, (int, float)) else "")
 
 
 def run_simulation(cmd: list[str], env: dict[str, str], on_event, cancel_file: Path | None = None,
@@ -304,7 +323,7 @@ def run_federated_job(settings: GatewaySettings, sessions: sessionmaker[Session]
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)  # reached only while this process lives: a kill keeps it
     return {**out, "guardrail": decision.to_dict(), "active_before": active_name, "aggregation": job.aggregation,
-            "base_version": base.version if base is not None else None,
+            "base_version": base.version if base is not None else None, "dp": result.get("dp"),
             "heldout": {"before": heldout.get("0"), "after": final, "active_version": baseline or None},
             "rounds": rounds, "resumed": result.get("resumed", []), "attempts": report.attempt,
             "seconds": result.get("wall_seconds")}

@@ -34,6 +34,7 @@ from flwr.compat.common import recorddict_compat as compat
 from inference.frequency_model import FrequencyFaceModel
 from inference.mobilefacenet import MobileFaceNet, load_pretrained
 from inference.transform import TransformSpec
+from training_jobs.federated.dp import clip_update
 from training_jobs.federated.local import LocalConfig, train_local
 from training_jobs.federated.params import build_base_model, freeze_except, get_arrays, set_arrays
 from training_jobs.federated.secagg import FITINS_PARAMETERS, secagg_if_requested
@@ -129,6 +130,9 @@ def train_round(content: RecordDict, faces: np.ndarray, shared: Path, partition_
     class_record = content.get("class")
     class_vector = class_record[CLASS_KEY].numpy() if class_record is not None else None
     update = local_update(received, content["config"], class_vector, faces, shared, partition_id)
+    if "dp-clip" in content["config"]:  # DP round: the update clipped in L2, every client weighs 1 (dp.py)
+        clipped, norm = clip_update(update.arrays, received, float(content["config"]["dp-clip"]))
+        update = LocalUpdate(clipped, update.class_vector, {**update.metrics, "num-examples": 1, "update-norm": norm})
     arrays = {name: Array(value) for name, value in update.arrays.items()}
     arrays[CLASS_KEY] = Array(update.class_vector)
     return RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(update.metrics),

@@ -267,6 +267,7 @@ class ServerSettings:
     state_dir: str | None = None  # round state (resume) and cancel request; None: neither
     base_weights: str | None = None  # the starting model's state dict (params.base_weights_of); None: served v0
     base_sha256: str | None = None
+    dp: dict = field(default_factory=dict)  # dp.DpSettings fields; empty: no DP
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -313,11 +314,18 @@ def run_rounds(grid: Grid, context: Context, settings: ServerSettings, heldout: 
                on_round: RoundCallback | None = None) -> None:
     """The whole run: start (or resume from the state directory), rounds, held-out evaluation, checkpoints,
     cancellation between rounds. Fills `log` (rounds, held-out, final arrays, class vectors, status)."""
-    strategy = FedFaceAvg(fraction_train=settings.clients_per_round / settings.num_clients,
-                          min_train_nodes=settings.clients_per_round, min_available_nodes=settings.num_clients,
-                          seed=settings.seed, drop_fraction=settings.drop_fraction,
-                          secagg=SecAggSettings(**settings.secagg))
+    options = dict(fraction_train=settings.clients_per_round / settings.num_clients,
+                   min_train_nodes=settings.clients_per_round, min_available_nodes=settings.num_clients,
+                   seed=settings.seed, drop_fraction=settings.drop_fraction, secagg=SecAggSettings(**settings.secagg))
     config = {"transform": json.dumps(TransformSpec.from_dict(settings.transform).to_dict()), **settings.local}
+    if settings.dp:  # clipped updates + CSPRNG Gaussian noise (dp.py, dp_strategy.py)
+        from training_jobs.federated.dp import DpSettings
+        from training_jobs.federated.dp_strategy import DpFedFaceAvg
+        strategy: FedFaceAvg = DpFedFaceAvg(DpSettings(**settings.dp), settings.clients_per_round /
+                                            settings.num_clients, **options)
+        config["dp-clip"] = float(settings.dp["clip"])
+    else:
+        strategy = FedFaceAvg(**options)  # type: ignore[arg-type]
     if settings.seed is not None:
         config["seed"] = settings.seed
     if settings.base_weights:  # clients start from the same model: frozen parameters and BatchNorm statistics

@@ -96,7 +96,7 @@ def progress_printer(total: int):
         print_event("round", round=server_round, of=total, sampled=entry.get("sampled", 0),
                     finished=entry.get("replied", 0), failed=entry.get("failed", 0),
                     train_seconds=entry.get("train_seconds"), metrics=entry.get("metrics"), heldout=heldout,
-                    aggregation=entry.get("aggregation"), replayed=replayed)
+                    aggregation=entry.get("aggregation"), dp=entry.get("dp"), replayed=replayed)
     return on_round
 
 
@@ -157,6 +157,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="SecAgg+: updates are clipped to +-this before quantisation")
     parser.add_argument("--drop-fraction", type=float, default=0.0,
                         help="simulation: this share of each round's clients drops mid-round (after key sharing)")
+    parser.add_argument("--dp-clip", type=float, default=None,
+                        help="DP (fedavg): clip each client's update to this L2 norm; server adds Gaussian noise")
+    parser.add_argument("--dp-noise", type=float, default=0.0, help="DP: noise multiplier (std / clip on the sum)")
+    parser.add_argument("--dp-delta", type=float, default=1e-5, help="DP: the delta (epsilon, delta) is reported at")
     parser.add_argument("--state-dir", type=Path, default=None,
                         help="save the round state here after every round; resume from it; stop on <dir>/cancel")
     parser.add_argument("--max-images", type=int, default=4, help="photos per client at most")
@@ -181,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if os.environ.get(PARENT_ENV):
         die_with_parent(int(os.environ[PARENT_ENV]))
+    if args.dp_clip is not None and args.aggregation != "fedavg":
+        parser.error("--dp-clip works with --aggregation fedavg only")
     if (args.export_dir is None) != (args.version is None):
         parser.error("--export-dir and --version go together")
     shared = shared_dir()
@@ -197,7 +203,9 @@ def main(argv: list[str] | None = None) -> None:
                               tuple(range(args.rounds + 1)) if args.heldout_every_round else None,
                               args.aggregation, {"clipping_range": args.secagg_clip, "max_weight": args.max_images},
                               args.drop_fraction, str(args.state_dir) if args.state_dir else None,
-                              str(base[0]) if base else None, base[1] if base else None)
+                              str(base[0]) if base else None, base[1] if base else None,
+                              dp={"clip": args.dp_clip, "noise_multiplier": args.dp_noise, "delta": args.dp_delta}
+                              if args.dp_clip is not None else {})
     baseline = baseline_metrics(args.baseline_dir, heldout, args.state_dir) if args.baseline_dir else None
     log = simulate(population, settings, lfw, heldout, progress_printer(args.rounds) if args.progress else None,
                    args.actors)
@@ -205,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     report["population"] = {"clients": len(population.clients),
                             "photos": sum(len(c.images) for c in population.clients)}
     report["baseline"] = baseline
+    report["dp"] = (log["rounds"][-1].get("dp") if log.get("rounds") else None) if settings.dp else None
     report["base"] = ModelMetadata.load(args.base_dir, verify=False).version if args.base_dir else "v0"
     if args.export_dir is not None and log["status"] == "finished":
         metrics = {"federated": {"heldout": log.get("heldout"), "baseline": baseline, "settings": report["settings"],
