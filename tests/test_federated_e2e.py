@@ -116,6 +116,7 @@ def verify(stack: LocalStack, key: str, spec, subject: str, face) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # two jobs: the first alone took ~10 min here at load average 50-80
 @pytest.mark.skipif(not FEDERATED_PYTHON.exists(), reason="no .venv-federated: run scripts/install_federated.sh")
 def test_admin_job_publishes_a_model_that_answers_the_next_verify_and_old_templates_still_match(
         tmp_path, shared, postgres_db, redis_url):
