@@ -116,6 +116,9 @@ def simulate(population: Population, settings: ServerSettings, lfw: Path, heldou
     log["wall_seconds"] = time.perf_counter() - start
     if "status" not in log:
         raise RuntimeError("the simulation ended without finishing its rounds (see Flower's log above)")
+    empty = [r["round"] for r in log.get("rounds", []) if not r.get("replied")]
+    if empty:  # e.g. Ray killed every ClientApp actor (its memory monitor): the model did not train
+        raise RuntimeError(f"no client replied in round(s) {empty} (see Flower's log above)")
     return log
 
 
