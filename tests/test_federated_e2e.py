@@ -6,7 +6,9 @@ held-out pairs (LFW folds 6-10, 4 per fold), which proves the plumbing, not accu
 """
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -81,6 +83,20 @@ def wait_job(stack: LocalStack, key: str, job_id: str, done, timeout: float) -> 
             return job
         assert time.monotonic() < deadline, job
         time.sleep(0.5)
+
+
+def stop_worker(worker: subprocess.Popen) -> None:
+    """SIGTERM (rq waits for the job in progress), then SIGKILL to the work-horse and the worker: a job still
+    running must not outlive the test (its federated run dies with its parent)."""
+    worker.terminate()
+    try:
+        worker.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        horses = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
+        for pid in map(int, horses):
+            os.kill(pid, signal.SIGKILL)
+        worker.kill()
+        worker.wait()
 
 
 def run_job(stack: LocalStack, key: str, params: dict) -> dict:
@@ -189,6 +205,5 @@ def test_admin_job_publishes_a_model_that_answers_the_next_verify_and_old_templa
         assert still["match"] is True and still["model_version"] == "v0", still
         assert verify(stack, key, spec, bob, bob_face)["model_version"] == fed  # its template is under fed
     finally:
-        worker.terminate()
-        worker.wait(timeout=15)
+        stop_worker(worker)
         stack.stop()
