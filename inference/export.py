@@ -31,6 +31,7 @@ from inference.runtime import OrtEmbedder
 from inference.transform import TransformSpec, apply, default_spec
 
 ONNX_FILE = "model.onnx"
+WEIGHTS_FILE = "weights.pt"  # the PyTorch state dict (parameters and BatchNorm statistics), ~4 MB
 OPSET = 17
 MAX_PARITY_DIFF = 1e-3
 # The served threshold is chosen on fold 2; fold 1 stays unseen for the end-to-end test from raw photos.
@@ -128,6 +129,7 @@ def _export_atomically(model: FrequencyFaceModel, spec: TransformSpec, version: 
     try:
         onnx_path = staging / ONNX_FILE
         export_onnx(model, spec, onnx_path)
+        weights = save_weights(model, staging / WEIGHTS_FILE)
         embedder = OrtEmbedder(onnx_path, prefer_gpu=False, intra_op_threads=torch.get_num_threads())
         diff = parity(model, embedder, sample_features(shared, spec))
         if not diff <= MAX_PARITY_DIFF:
@@ -140,7 +142,7 @@ def _export_atomically(model: FrequencyFaceModel, spec: TransformSpec, version: 
         ModelMetadata(version=version, transform=spec.to_dict(), transform_id=spec.transform_id,
                       params_hash=spec.params_hash, embedding_dim=EMBEDDING_DIM, sha256=file_sha256(onnx_path),
                       onnx_file=ONNX_FILE, ort_vs_torch_max_abs_diff=diff, threshold=float(threshold),
-                      metrics=metrics, impostor_curve=curve.to_dict()).save(staging)
+                      metrics=metrics, impostor_curve=curve.to_dict(), weights=weights).save(staging)
         staging.chmod(0o755)  # mkdtemp makes it private; the served directory is world-readable
         final = out_dir / version
         if final.exists():
@@ -149,6 +151,45 @@ def _export_atomically(model: FrequencyFaceModel, spec: TransformSpec, version: 
         return final
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def architecture(model: torch.nn.Module) -> str:
+    """What a state dict fits: the model class and, for a FrequencyFaceModel, its adapter and backbone classes."""
+    parts = [type(model).__name__] + [type(getattr(model, name)).__name__ for name in ("adapter", "backbone")
+                                      if isinstance(getattr(model, name, None), torch.nn.Module)]
+    return "/".join(parts)
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> dict:
+    """Write the model's state dict beside its ONNX file; returns model.json's `weights` entry.
+
+    Why: ONNX is what serves, but training (a federated job that continues from the active version) needs the
+    PyTorch parameters and BatchNorm statistics, which the ONNX graph holds only folded and renamed."""
+    torch.save({name: value.detach().cpu() for name, value in model.state_dict().items()}, path)
+    return {"file": path.name, "sha256": file_sha256(path), "architecture": architecture(model)}
+
+
+# The architecture federated rounds and training_jobs.train fine-tune (learnable inverse DCT + MobileFaceNet).
+FREQUENCY_ARCHITECTURE = "FrequencyFaceModel/InverseDctAdapter/MobileFaceNet"
+
+
+class WeightsError(ValueError):
+    """A model version's PyTorch weights cannot be trained from (absent, damaged or another architecture)."""
+
+
+def saved_weights(version_dir: Path) -> tuple[Path, str] | None:
+    """(weights file, sha256) of a model version that training can start from; None for the served v0, whose
+    weights are the pretrained network behind the exact inverse DCT (rebuilt, not stored). Raises WeightsError
+    for a version shipped as ONNX only or trained with another architecture."""
+    meta = ModelMetadata.load(version_dir, verify=False)
+    if meta.weights:
+        if meta.weights.get("architecture") != FREQUENCY_ARCHITECTURE:
+            raise WeightsError(f"model version {meta.version} is a {meta.weights.get('architecture')}, "
+                               f"not a {FREQUENCY_ARCHITECTURE}")
+        return Path(version_dir) / str(meta.weights["file"]), str(meta.weights["sha256"])
+    if meta.version == "v0":
+        return None
+    raise WeightsError(f"model version {meta.version} has no PyTorch weights (it was shipped as ONNX only)")
 
 
 def ensure_model_v0(model_dir: Path, shared_dir: Path, eval_pairs: int = 600) -> Path:

@@ -39,6 +39,9 @@ class ModelMetadata:
     threshold: float  # cosine threshold served for verification (see metrics["protocol"])
     metrics: dict[str, Any] = field(default_factory=dict)
     impostor_curve: dict[str, Any] = field(default_factory=dict)  # inference.operating_points.ImpostorCurve
+    # The PyTorch parameters beside the ONNX file ({"file", "sha256", "architecture"}), so that training (e.g. a
+    # federated job) can start from this version; empty for a version shipped as ONNX only.
+    weights: dict[str, Any] = field(default_factory=dict)
 
     @property
     def spec(self) -> TransformSpec:

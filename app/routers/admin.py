@@ -13,7 +13,7 @@ from app.deps import get_context, get_session, require_scope
 from app.models import Enrollment, Job, ModelVersion, Subject, Tenant
 from app.problems import Problem, not_found
 from app.schemas import JobCreate, JobOut, ModelVersionOut, PresetIn, PresetOut, UnlockOut
-from app.services import revocation
+from app.services import federated_job, revocation
 from app.services.audit import audit
 from app.services.jobs import JOB_KINDS, cancel_job as cancel_job_row, validate_job_params
 from app.services.model_events import publish_activation, sync_active_model
@@ -70,19 +70,31 @@ def list_jobs(limit: int = Query(50, ge=1, le=200), _: Principal = Depends(admin
 
 
 @router.post("/jobs", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
-             responses={**ERRORS, **body_errors(UNKNOWN_JOB_KIND, INVALID_JOB_PARAMS)})
+             responses={**ERRORS, **body_errors(UNKNOWN_JOB_KIND, INVALID_JOB_PARAMS), 409: problem_response(
+                 "A federated job's base model cannot be trained from; nothing was created", Problem(
+                     409, "base-model-not-trainable", "The base model cannot be trained",
+                     "federated: base_version v1-accurate: model version v1-accurate has no PyTorch weights "
+                     "(it was shipped as ONNX only)"))})
 def create_job(body: JobCreate, principal: Principal = Depends(admin),
                ctx: GatewayContext = Depends(get_context)) -> JobOut:
     """Start a background job; poll `GET /v1/admin/jobs/{id}` for its progress.
 
     Kind `federated` (docs/federated.md): params `rounds` (1-50), `clients`, `clients_per_round`, `scope`
     (whole|adapter-tail), `mode` (supervised), `seed`, `pairs_per_fold`, `max_images`, `epochs`,
-    `heldout_every_round`, `aggregation` (fedavg|secagg+); unknown fields are refused. While it runs,
-    `result.rounds` lists the finished rounds; `POST /v1/admin/jobs/{id}/cancel` stops it between rounds."""
+    `heldout_every_round`, `aggregation` (fedavg|secagg+), `base_version` (default: the active version of
+    the caller's tenant's preset; 409 `base-model-not-trainable` when it has no saved PyTorch weights);
+    unknown fields are refused. While it runs, `result.rounds` lists the finished rounds;
+    `POST /v1/admin/jobs/{id}/cancel` stops it between rounds."""
     if body.kind not in JOB_KINDS:  # the schema documents the kinds as an enum; this gives the clearer error
         raise Problem(422, "unknown-job-kind", "Unknown job kind",
                       f"{body.kind!r} is not one of {sorted(JOB_KINDS)}")
-    job_id = ctx.jobs.submit(body.kind, validate_job_params(body.kind, body.params))
+    params = validate_job_params(body.kind, body.params)
+    if body.kind == "federated":  # fix the starting model now: a resumed attempt must start from the same one
+        with session_scope(ctx.sessions) as session:
+            tenant = session.get(Tenant, principal.tenant_id)
+            preset = (tenant.preset if tenant is not None else None) or ctx.settings.default_preset
+            params = federated_job.resolve_base(ctx.settings, session, params, preset)
+    job_id = ctx.jobs.submit(body.kind, params)
     audit(ctx.sessions, principal, "create-job", body.kind)
     with ctx.sessions() as session:
         return _job_out(session.get(Job, job_id))

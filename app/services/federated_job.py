@@ -52,6 +52,15 @@ class MixupParams(BaseModel):
     adaptive: bool = Field(False, description="weights from the adversarial strategy network, else Dirichlet")
 
 
+class DpParams(BaseModel):
+    """Client-side clipping + server-side Gaussian noise (training_jobs/federated/dp.py)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    clip: float = Field(gt=0, le=100, description="L2 bound of one client's update per round")
+    noise_multiplier: float = Field(ge=0, le=100, description="noise std on the sum of updates / clip (0: clip only)")
+    delta: float = Field(1e-5, gt=0, lt=0.1, description="the delta at which epsilon is reported")
+
+
 class FederatedParams(BaseModel):
     """What an admin may set for one federated job (strict: unknown fields and wrong types are refused)."""
 
@@ -73,6 +82,11 @@ class FederatedParams(BaseModel):
     epochs: int = Field(1, ge=1, le=10, description="local epochs per round")
     heldout_every_round: bool = False
     mixup: MixupParams | None = Field(None, description="defence against update inversion; none = off")
+    dp: DpParams | None = Field(None, description="differential privacy (fedavg only): (epsilon, delta) per round "
+                                                  "in the progress and the result")
+    base_version: str | None = Field(
+        None, max_length=128, description="the model version to start from (it needs saved PyTorch weights); "
+                                          "default: the active version of the admin's tenant's preset")
 
     @model_validator(mode="after")
     def _per_round_fits(self) -> "FederatedParams":
@@ -80,6 +94,8 @@ class FederatedParams(BaseModel):
             raise ValueError("clients_per_round must not exceed clients")
         if self.mixup is not None and self.mixup.k > self.max_images:
             raise ValueError(f"mixup.k ({self.mixup.k}) must not exceed max_images ({self.max_images})")
+        if self.dp is not None and self.aggregation != "fedavg":
+            raise ValueError("dp works with aggregation fedavg only")
         if self.aggregation == "secagg+" and not 2 <= self.clients_per_round <= SECAGG_MAX_CLIENTS:
             raise ValueError(f"secagg+ needs 2 to {SECAGG_MAX_CLIENTS} clients_per_round (a sum of one client "
                              "hides nothing; more overflow the 32-bit modulus)")
@@ -93,6 +109,31 @@ def validate_params(params: dict) -> dict:
     except ValidationError as exc:
         errors = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in exc.errors())
         raise Problem(422, "invalid-job-params", "Invalid job parameters", f"federated: {errors}") from None
+
+
+def resolve_base(settings: GatewaySettings, session: Session, params: dict, preset: str) -> dict:
+    """The params with `base_version` fixed to a concrete version (default: `preset`'s active one; none when
+    the preset has no active version: the served v0), checked to have PyTorch weights the rounds can start
+    from; a 422/409 problem otherwise (nothing is created). Fixed at creation so every attempt of the job (a
+    resume) starts from the same model."""
+    from app.models import ModelVersion
+    from app.services.model_registry import active_version
+    from inference.export import WeightsError, saved_weights
+
+    name = params.get("base_version")
+    row = session.get(ModelVersion, name) if name else active_version(session, preset)
+    if row is None and name:
+        raise Problem(422, "invalid-job-params", "Invalid job parameters",
+                      f"federated: base_version: no model version {name!r}")
+    if row is None:  # nothing active: the rounds start from the served v0 and the candidate is not activated
+        return params
+    try:
+        saved_weights((settings.model_dir / row.path).parent)
+    except (WeightsError, OSError, ValueError) as exc:
+        raise Problem(409, "base-model-not-trainable", "The base model cannot be trained",
+                      f"federated: base_version {row.version}: {exc}; start from a version exported with its "
+                      "weights (a federated candidate, a training_jobs.train export, or v0)") from None
+    return {**params, "base_version": row.version}
 
 
 class FederatedRunError(RuntimeError):
@@ -129,7 +170,7 @@ def guardrail(candidate: float | None, active: float | None, tolerance: float) -
 
 
 def command(settings: GatewaySettings, params: FederatedParams, version: str, baseline_dir: Path | None,
-            state_dir: Path) -> list[str]:
+            state_dir: Path, base_dir: Path | None = None) -> list[str]:
     """The simulate command line for this job (the same for every attempt: a resumed run must match)."""
     cmd = [str(settings.federated_python), "-m", "training_jobs.federated.simulate",
            "--clients", str(params.clients), "--per-round", str(params.clients_per_round),
@@ -144,6 +185,11 @@ def command(settings: GatewaySettings, params: FederatedParams, version: str, ba
         cmd += ["--mixup-k", str(params.mixup.k)] + (["--mixup-adaptive"] if params.mixup.adaptive else [])
     if baseline_dir is not None:
         cmd += ["--baseline-dir", str(baseline_dir)]
+    if base_dir is not None:
+        cmd += ["--base-dir", str(base_dir)]
+    if params.dp is not None:
+        cmd += ["--dp-clip", repr(params.dp.clip), "--dp-noise", repr(params.dp.noise_multiplier),
+                "--dp-delta", repr(params.dp.delta)]
     return cmd
 
 
@@ -178,7 +224,8 @@ def last_error_line(stderr_tail: str) -> str:
 
 def round_summary(event: dict) -> dict:
     """What the job row keeps of one round event."""
-    keep = ("round", "of", "sampled", "finished", "failed", "train_seconds", "metrics", "heldout", "aggregation")
+    keep = ("round", "of", "sampled", "finished", "failed", "train_seconds", "metrics", "heldout", "aggregation",
+            "dp")
     return {key: event.get(key) for key in keep}
 
 
@@ -190,7 +237,9 @@ def round_message(event: dict) -> str:
     loss = (event.get("metrics") or {}).get("loss")
     text = (f"round {event['round']} of {event['of']}: {event['finished']}/{event['sampled']} clients finished, "
             f"{event['failed']} failed")
-    return text + (f", loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
+    text += f", loss {loss:.4f}" if isinstance(loss, (int, float)) else ""
+    epsilon = (event.get("dp") or {}).get("epsilon")
+    return text + (f", (ε {epsilon:.3g}, δ {event['dp']['delta']:g})" if isinstance(epsilon, (int, float)) else "")
 
 
 def run_simulation(cmd: list[str], env: dict[str, str], on_event, cancel_file: Path | None = None,
@@ -237,6 +286,7 @@ def _forward_cancel(cancel: threading.Event, done: threading.Event, cancel_file:
 
 def run_federated_job(settings: GatewaySettings, sessions: sessionmaker[Session], params: dict, report) -> dict:
     """The `federated` job kind: train (resuming a saved state), export, register, apply the guardrail."""
+    from app.models import ModelVersion
     from app.services.jobs import JobCancelled
     from app.services.model_events import publish_activation
     from app.services.model_registry import activate_version, active_version, register_model_dir
@@ -247,7 +297,11 @@ def run_federated_job(settings: GatewaySettings, sessions: sessionmaker[Session]
                                 "scripts/install_federated.sh or set PRIVFACE_FEDERATED_PYTHON")
     state_dir = settings.federated_state_dir / report.job_id
     with session_scope(sessions) as session:
-        active = active_version(session, "accurate")  # federated rounds train the dct8-v0 architecture
+        # the base (fixed when the job was created; none: the served v0, dct8-v0 = the accurate preset) and the
+        # active version of its preset, which the guardrail compares the candidate with
+        base = session.get(ModelVersion, job.base_version) if job.base_version else None
+        base_dir = (settings.model_dir / base.path).parent if base is not None else None
+        active = active_version(session, base.preset if base is not None else "accurate")
         active_name = active.version if active is not None else None
         baseline_dir = (settings.model_dir / active.path).parent if active is not None else None
     version = "fed-" + report.job_id.removeprefix("job_")[:16]
@@ -264,7 +318,8 @@ def run_federated_job(settings: GatewaySettings, sessions: sessionmaker[Session]
     report.progress(0.01, f"resuming the federated run (attempt {report.attempt})" if resuming
                     else "starting the federated run")
     try:
-        result = run_simulation(command(settings, job, version, baseline_dir, state_dir), subprocess_env(settings),
+        result = run_simulation(command(settings, job, version, baseline_dir, state_dir, base_dir),
+                                subprocess_env(settings),
                                 on_event, checkpoint_cancel(state_dir),
                                 report.cancel_requested)
         if result.get("status") == "cancelled":
@@ -286,6 +341,7 @@ def run_federated_job(settings: GatewaySettings, sessions: sessionmaker[Session]
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)  # reached only while this process lives: a kill keeps it
     return {**out, "guardrail": decision.to_dict(), "active_before": active_name, "aggregation": job.aggregation,
+            "base_version": base.version if base is not None else None, "dp": result.get("dp"),
             "heldout": {"before": heldout.get("0"), "after": final, "active_version": baseline or None},
             "rounds": rounds, "resumed": result.get("resumed", []), "attempts": report.attempt,
             "seconds": result.get("wall_seconds")}

@@ -36,6 +36,7 @@ from inference.frequency_model import FrequencyFaceModel
 from inference.mobilefacenet import MobileFaceNet, load_pretrained
 from inference.transform import TransformSpec
 from training_jobs.federated.impostors import source_from_config
+from training_jobs.federated.dp import clip_update
 from training_jobs.federated.local import LocalConfig, train_local
 from training_jobs.federated.params import build_base_model, freeze_except, get_arrays, set_arrays
 from training_jobs.federated.secagg import FITINS_PARAMETERS, secagg_if_requested
@@ -49,19 +50,22 @@ class SimulatedDropout(RuntimeError):
 
 
 @lru_cache(maxsize=2)
-def _base(spec_json: str, shared: str) -> tuple[FrequencyFaceModel, dict[str, torch.Tensor]]:
-    """The published model, built once per process, with a pristine copy of its parameters."""
-    model = build_base_model(TransformSpec.from_dict(json.loads(spec_json)), Path(shared))
+def _base(spec_json: str, shared: str, weights: str | None = None,
+          sha256: str | None = None) -> tuple[FrequencyFaceModel, dict[str, torch.Tensor]]:
+    """The published model (the job's base version), built once per process, with a pristine copy of its
+    parameters."""
+    model = build_base_model(TransformSpec.from_dict(json.loads(spec_json)), Path(shared), weights, sha256 or None)
     return model, {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def fresh_model(spec_json: str, shared: str) -> FrequencyFaceModel:
+def fresh_model(spec_json: str, shared: str, weights: str | None = None, sha256: str | None = None
+                ) -> FrequencyFaceModel:
     """The published model with every parameter back at its published value.
 
     Why not a deepcopy per client: copying the ~1M-parameter module object by object took a quarter of a
     simulated client's round; copying the parameter tensors back in place costs about a millisecond. BatchNorm
     statistics never change (clients train in eval mode), so the parameters are all there is to restore."""
-    model, pristine = _base(spec_json, shared)
+    model, pristine = _base(spec_json, shared, weights, sha256)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             parameter.copy_(pristine[name])
@@ -110,7 +114,8 @@ def local_update(received: dict[str, np.ndarray], config: Mapping, class_vector:
     start = time.perf_counter()
     spec_json = str(config["transform"])
     spec = TransformSpec.from_dict(json.loads(spec_json))
-    model = fresh_model(spec_json, str(shared))
+    weights = str(config["base-weights"]) if config.get("base-weights") else None
+    model = fresh_model(spec_json, str(shared), weights, str(config.get("base-sha256") or "") or None)
     set_arrays(model, received)
     freeze_except(model, list(received))
     result = train_local(model, _teacher(str(shared)), faces, spec, class_vector, local_config(config),
@@ -127,6 +132,9 @@ def train_round(content: RecordDict, faces: np.ndarray, shared: Path, partition_
     class_record = content.get("class")
     class_vector = class_record[CLASS_KEY].numpy() if class_record is not None else None
     update = local_update(received, content["config"], class_vector, faces, shared, partition_id)
+    if "dp-clip" in content["config"]:  # DP round: the update clipped in L2, every client weighs 1 (dp.py)
+        clipped, norm = clip_update(update.arrays, received, float(content["config"]["dp-clip"]))
+        update = LocalUpdate(clipped, update.class_vector, {**update.metrics, "num-examples": 1, "update-norm": norm})
     arrays = {name: Array(value) for name, value in update.arrays.items()}
     if update.class_vector is not None:
         arrays[CLASS_KEY] = Array(update.class_vector)

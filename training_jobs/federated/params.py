@@ -15,18 +15,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from inference.export import WeightsError, saved_weights
 from inference.frequency_model import FrequencyFaceModel, InverseDctAdapter
+from inference.metadata import file_sha256
 from inference.mobilefacenet import load_pretrained
 from inference.transform import TransformSpec
 
+__all__ = ["WeightsError", "saved_weights"]  # where a job's base version is checked (re-exported)
 SCOPES = ("whole", "adapter-tail")
 TAIL_PREFIXES = ("adapter.", "backbone.features.13.", "backbone.features.14.", "backbone.conv2.",
                  "backbone.gdconv.", "backbone.conv3.", "backbone.bn.")
 
 
-def build_base_model(spec: TransformSpec, shared: Path) -> FrequencyFaceModel:
-    """The served v0 model (exact inverse-DCT adapter + pretrained MobileFaceNet) with a learnable adapter."""
-    return FrequencyFaceModel(InverseDctAdapter(spec, learnable=True), load_pretrained(shared))
+def build_base_model(spec: TransformSpec, shared: Path, weights: str | Path | None = None,
+                     sha256: str | None = None) -> FrequencyFaceModel:
+    """The model federated rounds start from, with a learnable adapter: the served v0 (exact inverse-DCT adapter
+    + pretrained MobileFaceNet) without `weights`, else that architecture loaded with a model version's saved
+    state dict (inference.export.save_weights), checked against `sha256` when given."""
+    model = FrequencyFaceModel(InverseDctAdapter(spec, learnable=True), load_pretrained(shared))
+    if weights is not None:
+        model.load_state_dict(load_weights(Path(weights), sha256))
+    return model
+
+
+def load_weights(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """A saved state dict, tensors only (weights_only: a weights file cannot run code), checksum verified."""
+    if not path.is_file():
+        raise WeightsError(f"no PyTorch weights at {path}")
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise WeightsError(f"{path} does not match its recorded sha256")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def travelling_names(model: torch.nn.Module, scope: str) -> list[str]:

@@ -1,9 +1,8 @@
 """The Flower ServerApp: FedFace rounds with FedAvg or SecAgg+ aggregation, resumable and cancellable (needs flwr).
 
 `FedFaceAvg` is Flower's FedAvg with FedFace's additions:
-- each sampled client also receives its own class vector (once the server has one for it) and returns it
-  updated; class vectors are kept per client id (not node id: node ids change when processes restart) and
-  never averaged;
+- each sampled client also receives its own class vector (once the server has one) and returns it updated;
+  class vectors are kept per client id (node ids change when processes restart), never averaged;
 - after each round's aggregation the server applies the spread-out regulariser to all class vectors it holds;
 - aggregation is either Flower's weighted mean of the replied parameters (`fedavg`), or SecAgg+ (`secagg+`,
   secagg.py): clients reply masked updates, the server only ever sees their weighted mean.
@@ -270,6 +269,9 @@ class ServerSettings:
     drop_fraction: float = 0.0  # simulation: this share of each round's clients drops after key sharing
     state_dir: str | None = None  # round state (resume) and cancel request; None: neither
     round_timeout: float = 3600.0  # seconds to wait for a round's replies (deployment: devices that vanish)
+    base_weights: str | None = None  # the starting model's state dict (params.base_weights_of); None: served v0
+    base_sha256: str | None = None
+    dp: dict = field(default_factory=dict)  # dp.DpSettings fields; empty: no DP
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -283,10 +285,15 @@ class ServerSettings:
         return out
 
 
+def base_model(settings: ServerSettings):
+    """The model the rounds start from (the base version's weights, or the served v0)."""
+    return build_base_model(TransformSpec.from_dict(settings.transform), Path(settings.shared),
+                            settings.base_weights, settings.base_sha256)
+
+
 def initial_arrays(settings: ServerSettings) -> ArrayRecord:
-    spec = TransformSpec.from_dict(settings.transform)
-    model = build_base_model(spec, Path(settings.shared))
-    return ArrayRecord({k: Array(v) for k, v in get_arrays(model, travelling_names(model, settings.scope)).items()})
+    arrays = get_arrays(model := base_model(settings), travelling_names(model, settings.scope))
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
 
 
 RoundCallback = Callable[..., None]  # (round, entry or None for round 0, held-out metrics or None, replayed=False)
@@ -298,8 +305,7 @@ class HeldoutEvaluator:
     def __init__(self, settings: ServerSettings, heldout: Heldout | None) -> None:
         self.heldout = heldout
         self.rounds = settings.eval_rounds if settings.eval_rounds is not None else (0, settings.rounds)
-        spec = TransformSpec.from_dict(settings.transform)
-        self.model = build_base_model(spec, Path(settings.shared)) if heldout is not None else None
+        self.model = base_model(settings) if heldout is not None else None
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> dict | None:
         if self.heldout is None or server_round not in self.rounds:
@@ -312,13 +318,23 @@ def run_rounds(grid: Grid, context: Context, settings: ServerSettings, heldout: 
                on_round: RoundCallback | None = None) -> None:
     """The whole run: start (or resume from the state directory), rounds, held-out evaluation, checkpoints,
     cancellation between rounds. Fills `log` (rounds, held-out, final arrays, class vectors, status)."""
-    strategy = FedFaceAvg(fraction_train=settings.clients_per_round / settings.num_clients,
-                          min_train_nodes=settings.clients_per_round, min_available_nodes=settings.num_clients,
-                          seed=settings.seed, drop_fraction=settings.drop_fraction,
-                          secagg=SecAggSettings(**settings.secagg), round_timeout=settings.round_timeout)
+    options = dict(fraction_train=settings.clients_per_round / settings.num_clients,
+                   min_train_nodes=settings.clients_per_round, min_available_nodes=settings.num_clients,
+                   seed=settings.seed, drop_fraction=settings.drop_fraction, secagg=SecAggSettings(**settings.secagg),
+                   round_timeout=settings.round_timeout)
     config = {"transform": json.dumps(TransformSpec.from_dict(settings.transform).to_dict()), **settings.local}
+    if settings.dp:  # clipped updates + CSPRNG Gaussian noise (dp.py, dp_strategy.py)
+        from training_jobs.federated.dp import DpSettings
+        from training_jobs.federated.dp_strategy import DpFedFaceAvg
+        strategy: FedFaceAvg = DpFedFaceAvg(DpSettings(**settings.dp), settings.clients_per_round /
+                                            settings.num_clients, **options)
+        config["dp-clip"] = float(settings.dp["clip"])
+    else:
+        strategy = FedFaceAvg(**options)  # type: ignore[arg-type]
     if settings.seed is not None:
         config["seed"] = settings.seed
+    if settings.base_weights:  # clients start from the same model: frozen parameters and BatchNorm statistics
+        config.update({"base-weights": settings.base_weights, "base-sha256": settings.base_sha256 or ""})
     train_config = ConfigRecord(config)
     evaluate = HeldoutEvaluator(settings, heldout)
     state_dir = Path(settings.state_dir) if settings.state_dir else None

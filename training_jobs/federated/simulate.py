@@ -36,10 +36,10 @@ from training_jobs.federated.client_app import make_client_app
 from training_jobs.federated.heldout import Heldout
 from training_jobs.federated.impostors import DEFAULT_CHECKPOINT, NEGATIVES, file_sha256
 from training_jobs.federated.local import MODES
-from training_jobs.federated.params import build_base_model, set_arrays
+from training_jobs.federated.params import saved_weights, set_arrays
 from training_jobs.federated.population import IsolationError, Population, make_population
 from training_jobs.federated.secagg import SecAggSettings
-from training_jobs.federated.server_app import AGGREGATIONS, ServerSettings, make_server_app
+from training_jobs.federated.server_app import AGGREGATIONS, ServerSettings, base_model, make_server_app
 
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
            "init_args": {"num_cpus": 1, "num_gpus": 0, "logging_level": "error", "log_to_driver": False}}
@@ -98,7 +98,7 @@ def progress_printer(total: int):
         print_event("round", round=server_round, of=total, sampled=entry.get("sampled", 0),
                     finished=entry.get("replied", 0), failed=entry.get("failed", 0),
                     train_seconds=entry.get("train_seconds"), metrics=entry.get("metrics"), heldout=heldout,
-                    aggregation=entry.get("aggregation"), replayed=replayed)
+                    aggregation=entry.get("aggregation"), dp=entry.get("dp"), replayed=replayed)
     return on_round
 
 
@@ -118,6 +118,9 @@ def simulate(population: Population, settings: ServerSettings, lfw: Path, heldou
     log["wall_seconds"] = time.perf_counter() - start
     if "status" not in log:
         raise RuntimeError("the simulation ended without finishing its rounds (see Flower's log above)")
+    empty = [r["round"] for r in log.get("rounds", []) if not r.get("replied")]
+    if empty:  # e.g. Ray killed every ClientApp actor (its memory monitor): the model did not train
+        raise RuntimeError(f"no client replied in round(s) {empty} (see Flower's log above)")
     return log
 
 
@@ -136,15 +139,16 @@ def baseline_metrics(version_dir: Path, heldout: Heldout, state_dir: Path | None
     return metrics
 
 
-def export_candidate(log: dict, spec: TransformSpec, shared: Path, out_dir: Path, version: str,
-                     metrics: dict) -> Path:
-    """The final global model as a served model version (ONNX + model.json); served threshold calibrated on
-    people in no View-2 fold (threshold None), never on the held-out pairs."""
+def export_candidate(log: dict, settings: ServerSettings, out_dir: Path, version: str, metrics: dict) -> Path:
+    """The final global model as a served model version (ONNX + model.json + its PyTorch weights, so a later
+    job can start from it); served threshold calibrated on people in no View-2 fold (threshold None), never on
+    the held-out pairs."""
     from inference.export import export_model_version
 
-    model = build_base_model(spec, shared)
+    spec = TransformSpec.from_dict(settings.transform)
+    model = base_model(settings)
     set_arrays(model, log["final_arrays"])
-    return export_model_version(model, spec, version, out_dir, shared, None, metrics)
+    return export_model_version(model, spec, version, out_dir, Path(settings.shared), None, metrics)
 
 
 def mode_config(mode: str, negatives: str, checkpoint_path: Path) -> dict:
@@ -181,6 +185,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="SecAgg+: updates are clipped to +-this before quantisation")
     parser.add_argument("--drop-fraction", type=float, default=0.0,
                         help="simulation: this share of each round's clients drops mid-round (after key sharing)")
+    parser.add_argument("--dp-clip", type=float, default=None,
+                        help="DP (fedavg): clip each client's update to this L2 norm; server adds Gaussian noise")
+    parser.add_argument("--dp-noise", type=float, default=0.0, help="DP: noise multiplier (std / clip on the sum)")
+    parser.add_argument("--dp-delta", type=float, default=1e-5, help="DP: the delta (epsilon, delta) is reported at")
     parser.add_argument("--state-dir", type=Path, default=None,
                         help="save the round state here after every round; resume from it; stop on <dir>/cancel")
     parser.add_argument("--mode", default="supervised", choices=MODES,
@@ -208,17 +216,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline-dir", type=Path, default=None,
                         help="a served model version directory: its transform is used and its held-out metrics "
                              "are measured on the same pairs (the publishing guardrail's baseline)")
+    parser.add_argument("--base-dir", type=Path, default=None,
+                        help="a model version directory to start from (its transform and saved PyTorch weights); "
+                             "default: the served v0 (or the baseline's transform)")
     parser.add_argument("--export-dir", type=Path, default=None, help="export the candidate under this directory")
     parser.add_argument("--version", default=None, help="the candidate's model version name (with --export-dir)")
     args = parser.parse_args(argv)
     if os.environ.get(PARENT_ENV):
         die_with_parent(int(os.environ[PARENT_ENV]))
+    if args.dp_clip is not None and args.aggregation != "fedavg":
+        parser.error("--dp-clip works with --aggregation fedavg only")
     if (args.export_dir is None) != (args.version is None):
         parser.error("--export-dir and --version go together")
     shared = shared_dir()
     lfw = lfw_dir(shared)
-    spec = (ModelMetadata.load(args.baseline_dir, verify=False).spec if args.baseline_dir
-            else PRESETS[args.transform](args.epsilon))
+    spec_dir = args.base_dir or args.baseline_dir
+    spec = (ModelMetadata.load(spec_dir, verify=False).spec if spec_dir else PRESETS[args.transform](args.epsilon))
+    if args.base_dir and args.baseline_dir and ModelMetadata.load(args.baseline_dir, verify=False).spec != spec:
+        parser.error("--base-dir and --baseline-dir serve different transforms")
+    base = saved_weights(args.base_dir) if args.base_dir else None
     population = make_population(lfw, args.clients, min_images=1 if args.mode == "unsupervised" else 2,
                                  max_images=args.max_images)
     heldout = Heldout(lfw, spec, args.pairs_per_fold, seed=args.seed)
@@ -228,7 +244,10 @@ def main(argv: list[str] | None = None) -> None:
                                           **mixup_config(args)},
                               tuple(range(args.rounds + 1)) if args.heldout_every_round else None,
                               args.aggregation, {"clipping_range": args.secagg_clip, "max_weight": args.max_images},
-                              args.drop_fraction, str(args.state_dir) if args.state_dir else None)
+                              args.drop_fraction, str(args.state_dir) if args.state_dir else None,
+                              str(base[0]) if base else None, base[1] if base else None,
+                              dp={"clip": args.dp_clip, "noise_multiplier": args.dp_noise, "delta": args.dp_delta}
+                              if args.dp_clip is not None else {})
     baseline = baseline_metrics(args.baseline_dir, heldout, args.state_dir) if args.baseline_dir else None
     log = simulate(population, settings, lfw, heldout, progress_printer(args.rounds) if args.progress else None,
                    args.actors)
@@ -236,10 +255,12 @@ def main(argv: list[str] | None = None) -> None:
     report["population"] = {"clients": len(population.clients),
                             "photos": sum(len(c.images) for c in population.clients)}
     report["baseline"] = baseline
+    report["dp"] = (log["rounds"][-1].get("dp") if log.get("rounds") else None) if settings.dp else None
+    report["base"] = ModelMetadata.load(args.base_dir, verify=False).version if args.base_dir else "v0"
     if args.export_dir is not None and log["status"] == "finished":
         metrics = {"federated": {"heldout": log.get("heldout"), "baseline": baseline, "settings": report["settings"],
                                  "population": report["population"]}}
-        report["exported"] = str(export_candidate(log, spec, shared, args.export_dir, args.version, metrics))
+        report["exported"] = str(export_candidate(log, settings, args.export_dir, args.version, metrics))
     if args.progress:
         print_event("result", **report)
     else:
