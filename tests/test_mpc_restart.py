@@ -87,7 +87,7 @@ def test_party_restart_joins_the_waiting_survivors_and_leaves_no_orphan(tmp_path
     try:
         cluster.wait_connected(180)
         gen0 = cluster.status(0)["generation"]
-        family = descendants(cluster.parties[1].p.pid)  # type: ignore[union-attr]
+        family = descendants(cluster.party(1).p.pid)
         assert family, "party 1 runs its MPC worker in child processes"
 
         cluster.kill_party(1)  # SIGKILL
