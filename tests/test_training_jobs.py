@@ -114,7 +114,7 @@ def test_distillation_is_zero_for_identical_directions():
 # --- a tiny real training run ---------------------------------------------------------------------
 
 def tiny_config(tmp_path, epochs: int) -> dict:
-    from training_jobs.train import DEFAULTS, merge
+    from training_jobs.train_config import DEFAULTS, merge
     return merge(DEFAULTS, {
         "name": "tiny", "seed": 0, "device": "cpu", "threads": 1, "out_dir": str(tmp_path / "run"),
         "data": {"max_identities": 4, "max_images_per_identity": 4, "min_images": 4},
