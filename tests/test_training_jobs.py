@@ -13,8 +13,8 @@ from inference.lfw import lfw_dir, read_pairs, shared_dir
 from inference.mobilefacenet import WEIGHTS_SUBPATH
 from inference.transform import spec_v0
 from training_jobs.datasets import Augment, TransformedFaces, make_split
-from training_jobs.evaluate import (identification_split, leave_one_fold_out_accuracy, parse_folds, rank1,
-                                    roc_points, tar_at_far)
+from training_jobs.eval_metrics import leave_one_fold_out_accuracy, rank1, roc_points, tar_at_far
+from training_jobs.evaluate import identification_split, parse_folds
 from training_jobs.leakage import psnr, ssim
 from training_jobs.losses import DistillationLoss, MarginHead
 from tests.conftest import one_torch_thread

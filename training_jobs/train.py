@@ -35,7 +35,8 @@ from inference.lfw import lfw_dir, shared_dir
 from inference.mobilefacenet import EMBEDDING_DIM, load_pretrained
 from inference.transform import TransformSpec
 from training_jobs.datasets import Augment, TransformedFaces, make_split
-from training_jobs.evaluate import HeldoutSet, frequency_embedder, pixel_input, plot_roc_det, torch_features_fn
+from training_jobs.eval_report import plot_roc_det
+from training_jobs.evaluate import HeldoutSet, frequency_embedder, pixel_input, torch_features_fn
 from training_jobs.losses import DistillationLoss, MarginHead
 from training_jobs.train_config import load_config, make_spec, pick_device, seed_everything
 
