@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from inference.lfw import load_rgb
 from inference.transform import FACE_SIZE, TransformSpec, validation_bounds
 
 Images = np.ndarray  # uint8 [n, 112, 112, 3]
@@ -124,7 +125,7 @@ def background_crops(raw_dir: Path, rng: np.random.Generator, n: int) -> Images:
     photos = sorted(raw_dir.glob("*/*.jpg"))
     out = []
     for i in rng.choice(len(photos), size=min(n, len(photos)), replace=False):
-        img = cv2.cvtColor(cv2.imread(str(photos[i])), cv2.COLOR_BGR2RGB)
+        img = load_rgb(raw_dir, photos[i].relative_to(raw_dir).as_posix())  # any LFW photo, not only aligned ones
         y, x = [(0, 0), (0, img.shape[1] - 64), (img.shape[0] - 64, 0), (img.shape[0] - 64, img.shape[1] - 64)][
             rng.integers(4)]
         out.append(cv2.resize(img[y:y + 64, x:x + 64], (FACE_SIZE, FACE_SIZE), interpolation=cv2.INTER_CUBIC))
