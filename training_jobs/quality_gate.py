@@ -27,7 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from inference.lfw import lfw_dir, load_many, read_pairs, shared_dir
+from inference.lfw import lfw_dir, load_many, load_rgb, read_pairs, shared_dir
 from inference.quality_gate import FEATURE_NAMES, GATE_PATH, QualityGate, spectral_evidence, with_layout
 from inference.transform import FACE_SIZE, PRESETS, TransformSpec, apply
 from training_jobs.non_faces import (Images, grey, uniform_noise, gaussian_noise, gradient, blurred_noise, pink_noise,
@@ -120,7 +120,7 @@ def realigned(lfw: Path, raw_dir: Path, photos: list[str]) -> Images:
     marks = landmarks(lfw)
     out = []
     for photo in photos:
-        image = cv2.cvtColor(cv2.imread(str(raw_dir / photo)), cv2.COLOR_BGR2RGB)
+        image = load_rgb(raw_dir, photo)
         matrix, _ = cv2.estimateAffinePartial2D(marks[photo], SDK_TEMPLATE, method=cv2.LMEDS)
         out.append(cv2.warpAffine(image, matrix, (FACE_SIZE, FACE_SIZE), flags=cv2.INTER_LINEAR))
     return np.stack(out)
