@@ -68,15 +68,15 @@ NOT_ENROLLED = Problem(409, "subject-not-enrolled", "No template to compare with
 LOCKED = subject_locked(SUBJECT, 600)
 
 
-def auth_errors(scope: str | None = None) -> dict[int, dict[str, Any]]:
+def auth_errors(scope: str | None = None) -> dict[int | str, dict[str, Any]]:
     """401 for every authenticated route, 403 when it needs a scope."""
-    errors = {401: problem_response("Missing or invalid API key (`Authorization: Bearer <key>`)", UNAUTHORIZED)}
+    errors: dict[int | str, dict[str, Any]] = {401: problem_response("Missing or invalid API key (`Authorization: Bearer <key>`)", UNAUTHORIZED)}
     if scope is not None:
         errors[403] = problem_response(f"The API key lacks the '{scope}' scope", FORBIDDEN)
     return errors
 
 
-def body_errors(*semantic: Problem) -> dict[int, dict[str, Any]]:
+def body_errors(*semantic: Problem) -> dict[int | str, dict[str, Any]]:
     """The errors of any route with a JSON body: unparseable (400), too large (413), invalid (422)."""
     return {400: problem_response("The body is not UTF-8 or could not be read", BAD_BODY),
             413: problem_response("The body exceeds PRIVFACE_MAX_BODY_BYTES", TOO_LARGE),

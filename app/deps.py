@@ -16,7 +16,8 @@ _bearer = HTTPBearer(auto_error=False, description="An API key: `pf_<prefix>_<se
 
 
 def get_context(request: Request) -> GatewayContext:
-    return request.app.state.ctx
+    ctx: GatewayContext = request.app.state.ctx  # set by app/main.py's lifespan
+    return ctx
 
 
 def get_session(ctx: GatewayContext = Depends(get_context)) -> Iterator[Session]:

@@ -65,7 +65,7 @@ def record_model(versions: Iterable[str]) -> None:
         MODEL_INFO.labels(version=version).set(1)
 
 
-def record_parties(states: list[dict | None]) -> None:
+def record_parties(states: list[dict[str, Any] | None]) -> None:
     """Per-party health from a readiness probe: reachable (up) and MPC engine connected."""
     for rank, state in enumerate(states):
         PARTY_UP.labels(party=str(rank)).set(1 if state is not None else 0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -81,7 +82,7 @@ class Operation(Base):
     state: Mapped[str] = mapped_column(String(16), default="preparing", index=True)  # preparing|committed|aborted
     acked_0: Mapped[bool] = mapped_column(Boolean, default=False)
     acked_1: Mapped[bool] = mapped_column(Boolean, default=False)
-    context: Mapped[dict] = mapped_column(JSON, default=dict)  # what to record when committed (subject, tenant...)
+    context: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # what to record when committed (subject, tenant...)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
@@ -97,7 +98,7 @@ class ModelVersion(Base):
     params_hash: Mapped[str] = mapped_column(String(32))
     embedding_dim: Mapped[int] = mapped_column(Integer)
     threshold: Mapped[float] = mapped_column(Float)
-    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     status: Mapped[str] = mapped_column(String(16), default="candidate", index=True)  # candidate|active|retired
     # the privacy preset it serves (from its transform); one active version per preset
     preset: Mapped[str] = mapped_column(String(32), default="accurate", index=True)
@@ -111,11 +112,11 @@ class Job(Base):
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     kind: Mapped[str] = mapped_column(String(64))
-    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     status: Mapped[str] = mapped_column(String(16), default="queued")  # queued|running|succeeded|failed
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     message: Mapped[str | None] = mapped_column(Text, nullable=True)
-    result: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic.config import JsonDict, JsonValue
 
 from app.services.jobs import JOB_KINDS
 from inference.transform import default_spec
@@ -31,10 +32,10 @@ def _iso_string(value: Any) -> Any:
 
 UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
 _SPEC = default_spec()
-_FEATURES_EXAMPLE = {  # the default transform's real header; `data` must hold the SDK's features
+_FEATURES_EXAMPLE: JsonDict = {  # the default transform's real header; `data` must hold the SDK's features
     "transform_id": _SPEC.transform_id,
     "params_hash": _SPEC.params_hash,
-    "shape": list(_SPEC.shape),
+    "shape": list[JsonValue](_SPEC.shape),
     "dtype": "float16",
     "data": "<base64 of the 73*14*14 little-endian float16 features the SDK made>",
     "epsilon": _SPEC.epsilon_per_image,
@@ -142,7 +143,7 @@ class TransformOut(BaseModel):
     params_hash: str
     model_version: str
     preset: str = Field(description="The tenant's privacy preset this transform serves (docs/models/presets.md).")
-    spec: dict
+    spec: dict[str, Any]
 
 
 class ModelVersionOut(BaseModel):
@@ -154,7 +155,7 @@ class ModelVersionOut(BaseModel):
     params_hash: str
     embedding_dim: int
     threshold: float
-    metrics: dict
+    metrics: dict[str, Any]
     created_at: UtcDatetime
     activated_at: UtcDatetime | None
 
@@ -163,8 +164,8 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"kind": "export-model-v0",
                                                                                "params": {}}]})
     # an enum in the schema; an unknown kind still gets the route's clearer "unknown-job-kind" problem
-    kind: str = Field(json_schema_extra={"enum": sorted(JOB_KINDS)})
-    params: dict = Field(default_factory=dict)
+    kind: str = Field(json_schema_extra={"enum": list[JsonValue](sorted(JOB_KINDS))})
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
 class JobOut(BaseModel):
@@ -174,7 +175,7 @@ class JobOut(BaseModel):
     status: str
     progress: float
     message: str | None
-    result: dict | None
+    result: dict[str, Any] | None
     created_at: UtcDatetime
     updated_at: UtcDatetime
 
@@ -190,7 +191,7 @@ class UnlockOut(BaseModel):
 
 class HealthOut(BaseModel):
     status: str
-    checks: dict = Field(default_factory=dict)
+    checks: dict[str, Any] = Field(default_factory=dict)
 
 
 # -- tenants, API keys and the audit log (app/routers/admin_tenants.py) ------------------------------------------

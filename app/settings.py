@@ -7,13 +7,20 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypedDict
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from common.paths import DEFAULT_SHARED_DIR, PROJECT_ROOT, VAR_DIR
 from common.settings import DEV_PARTY_TOKENS, DEV_SECRET_KEY, DEV_TOKENS, TEST_ENV
+
+
+class PartyTLS(TypedDict, total=False):
+    """PartyPair's TLS keywords, as the settings give them."""
+
+    tls_verify: str
+    client_cert: tuple[str, str | None]
 
 
 class GatewaySettings(BaseSettings):
@@ -138,9 +145,9 @@ class GatewaySettings(BaseSettings):
     def party_tokens(self) -> tuple[str, str]:
         return (self.party0_token, self.party1_token)
 
-    def party_tls(self) -> dict[str, object]:
+    def party_tls(self) -> PartyTLS:
         """PartyPair's TLS keywords: verify the parties with our CA, present our client certificate."""
-        opts: dict[str, object] = {}
+        opts: PartyTLS = {}
         if self.party_ca_file:
             opts["tls_verify"] = self.party_ca_file
         if self.party_client_cert:

@@ -75,8 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     curve = ImpostorCurve.from_dict(meta.impostor_curve) if meta.impostor_curve else None
     schedule = curve.identify_schedule(args.fpir, floor=meta.threshold) if curve else None
 
+    steps = schedule or []  # by_schedule is used only when there is a schedule
+
     def by_schedule(n: int) -> float:
-        return next((t for max_n, t in schedule if n <= max_n), schedule[-1][1])  # type: ignore[union-attr]
+        return next((t for max_n, t in steps if n <= max_n), steps[-1][1])
 
     out = {"model": meta.version, "transform": meta.spec.transform_id, "folds": list(EVAL_FOLDS),
            "people": len(people), "images": len(images), "verify_threshold": meta.threshold,

@@ -13,11 +13,11 @@ import json
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
 from common.paths import shared_dir
+from inference.lfw import load_rgb
 from devtools.localstack import LocalStack, NO_ABUSE_LIMITS
 from client.features import encode_features, fresh_rng
 from client.sdk import PrivfaceClient
@@ -29,7 +29,7 @@ def faces(count: int) -> list[np.ndarray]:
     for person in sorted(p for p in root.iterdir() if p.is_dir()):
         image = next(iter(sorted(person.glob("*.jpg"))), None)
         if image is not None:
-            out.append(cv2.cvtColor(cv2.imread(str(image)), cv2.COLOR_BGR2RGB))
+            out.append(load_rgb(root, image.relative_to(root).as_posix()))
         if len(out) == count:
             return out
     raise SystemExit(f"only {len(out)} identities available")

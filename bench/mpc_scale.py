@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -265,7 +266,7 @@ def table_lines(results: dict) -> list[str]:
     return lines
 
 
-def _key(d: dict, n: int):  # type: ignore[no-untyped-def]
+def _key(d: dict[Any, Any], n: int) -> int | str:
     """JSON round trips turn int keys into strings."""
     return n if n in d else str(n)
 

@@ -22,7 +22,8 @@ import torch
 
 def _draw_seed_pair(state: int) -> tuple[int, int]:
     g = torch.Generator().manual_seed(state)
-    return tuple(int(torch.randint(-(2**63), 2**63 - 1, size=(), generator=g)) for _ in range(2))  # type: ignore[return-value]
+    first, second = (int(torch.randint(-(2**63), 2**63 - 1, size=(), generator=g)) for _ in range(2))
+    return first, second
 
 
 def search(own_seed: int, window_bits: int) -> tuple[int | None, int]:

@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -34,15 +35,15 @@ NO_ABUSE_LIMITS = {"PRIVFACE_RATE_VERIFY_PER_KEY": "0", "PRIVFACE_RATE_IDENTIFY_
 @dataclass
 class LocalStack:
     workdir: Path
-    gateway_db: str | None = None
-    party_dbs: tuple[str, str] | None = None
+    gateway_db: str = ""  # SQLAlchemy URLs; "" = a SQLite file in workdir
+    party_dbs: tuple[str, str] = ("", "")
     redis_url: str | None = None
     party_timeout_s: float = 15.0
     mpc_op_timeout_s: float = 8.0
     model_dir: Path = MODEL_CACHE
     gateway_workers: int = 1
     extra_env: dict[str, str] = field(default_factory=dict)  # more PRIVFACE_* settings for every process
-    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -53,7 +54,8 @@ class LocalStack:
         self.mpc_secrets = {name: secrets.token_urlsafe(32) for name in LINK_SECRETS}  # one per MPC link
         self.mpc_port = free_port()
         self.gateway_db = self.gateway_db or f"sqlite:///{self.workdir / 'gateway.db'}"
-        self.party_dbs = self.party_dbs or tuple(f"sqlite:///{self.workdir / f'party{r}.db'}" for r in (0, 1))
+        self.party_dbs = (self.party_dbs[0] or f"sqlite:///{self.workdir / 'party0.db'}",
+                          self.party_dbs[1] or f"sqlite:///{self.workdir / 'party1.db'}")
 
     @property
     def url(self) -> str:
@@ -83,7 +85,7 @@ class LocalStack:
         env.update(self.extra_env)
         return env
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a `privface` subcommand against this stack's configuration."""
         return subprocess.run([sys.executable, "-m", "privface", *args], cwd=ROOT, env=self.env(),
                               capture_output=True, text=True, check=check, timeout=600)
@@ -119,7 +121,7 @@ class LocalStack:
         proc.send_signal(sig)
         proc.wait(timeout=30)
 
-    def wait_ready(self, timeout: float = 180.0) -> dict:
+    def wait_ready(self, timeout: float = 180.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         last: object = None
         while time.monotonic() < deadline:
@@ -128,9 +130,10 @@ class LocalStack:
                     raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log(name)[-3000:]}")
             try:
                 response = httpx.get(self.url + "/readyz", timeout=5)
-                last = response.json()
+                body: dict[str, Any] = response.json()
+                last = body
                 if response.status_code == 200:
-                    return last
+                    return body
             except httpx.HTTPError as exc:
                 last = exc
             time.sleep(0.5)

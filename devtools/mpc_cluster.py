@@ -229,5 +229,7 @@ class Cluster:
     def __enter__(self) -> Cluster:
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is not None:  # the processes' last lines beside the failure (pytest shows what was printed)
+            print(self.logs())
         self.close()

@@ -40,37 +40,18 @@ from typing import Any, Protocol
 
 import numpy as np
 
-BLOCK = 8
-FACE_SIZE = 112
-GRID = FACE_SIZE // BLOCK  # 14 blocks per side
-COEFFS = BLOCK * BLOCK  # 64 frequencies per block
-POSITIONS = GRID * GRID  # 196 blocks per image
+# re-exported: the SDK, training and the server import the block DCT from here
+from inference.dct import BLOCK as BLOCK, COEFFS as COEFFS, FACE_SIZE as FACE_SIZE, GRID as GRID, POSITIONS as POSITIONS
+from inference.dct import LEVEL_SHIFT as LEVEL_SHIFT, YCBCR_OFFSET as YCBCR_OFFSET, YCBCR_TO_RGB as YCBCR_TO_RGB
+from inference.dct import ZIGZAG as ZIGZAG, block_dct as block_dct, block_idct as block_idct, dct_matrix as dct_matrix
+from inference.dct import check_face, rgb_to_ycbcr as rgb_to_ycbcr, ycbcr_to_rgb as ycbcr_to_rgb
+
 FLOAT16_MAX = 65504.0
 # Laplace noise is unbounded; validation accepts |x| up to clip bound + this many noise scales.
 # P(|Laplace| > 50 b) = e^-50, so an honest client never trips it, while garbage is still refused.
 NOISE_TOLERANCE_SCALES = 50.0
 MECHANISMS = ("laplace", "gaussian")
 STATS_PATH = Path(__file__).parent / "transforms" / "dct8_stats.json"
-
-# JPEG (ITU-T T.871) full-range RGB -> YCbCr; offset added after the matrix.
-RGB_TO_YCBCR = np.array([[0.299, 0.587, 0.114],
-                          [-0.168735892, -0.331264108, 0.5],
-                          [0.5, -0.418687589, -0.081312411]])
-YCBCR_OFFSET = np.array([0.0, 128.0, 128.0])
-YCBCR_TO_RGB = np.linalg.inv(RGB_TO_YCBCR)
-LEVEL_SHIFT = 128.0
-
-
-def dct_matrix(n: int = BLOCK) -> np.ndarray:
-    """Orthonormal DCT-II matrix D (D @ x is the DCT of x; D.T @ X inverts it)."""
-    k = np.arange(n)[:, None]
-    x = np.arange(n)[None, :]
-    d: np.ndarray = np.sqrt(2.0 / n) * np.cos(np.pi * (2 * x + 1) * k / (2 * n))
-    d[0, :] = np.sqrt(1.0 / n)
-    return d
-
-
-_D = dct_matrix()
 
 
 class FeatureValidationError(ValueError):
@@ -216,41 +197,9 @@ def _noise_tag(spec: TransformSpec) -> str:
     return f"gau{spec.epsilon_per_coefficient:g}d{spec.delta:g}"
 
 
-# ---------------------------------------------------------------------------------------------------
-# Pixel <-> frequency maps (all accept an optional leading batch dimension).
-
-def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
-    """[..., H, W, 3] RGB (any numeric dtype, 0..255) -> float64 [..., 3, H, W] YCbCr, level-shifted by -128."""
-    ycc = rgb.astype(np.float64) @ RGB_TO_YCBCR.T + YCBCR_OFFSET - LEVEL_SHIFT
-    return np.moveaxis(ycc, -1, -3)
-
-
-def ycbcr_to_rgb(ycc: np.ndarray) -> np.ndarray:
-    """Inverse of rgb_to_ycbcr: float64 [..., 3, H, W] -> float64 [..., H, W, 3] (unclipped)."""
-    ycc = np.moveaxis(ycc, -3, -1) + LEVEL_SHIFT - YCBCR_OFFSET
-    return ycc @ YCBCR_TO_RGB.T
-
-
-def block_dct(planes: np.ndarray) -> np.ndarray:
-    """[..., 112, 112] -> [..., 64, 14, 14]: orthonormal 8x8 DCT-II per block, frequency k = 8u + v."""
-    lead = planes.shape[:-2]
-    blocks = planes.reshape(*lead, GRID, BLOCK, GRID, BLOCK).swapaxes(-3, -2)  # [..., i, j, x, y]
-    coef = _D @ blocks @ _D.T  # [..., i, j, u, v]
-    return np.moveaxis(coef.reshape(*lead, GRID, GRID, COEFFS), -1, -3)
-
-
-def block_idct(coef: np.ndarray) -> np.ndarray:
-    """Inverse of block_dct: [..., 64, 14, 14] -> [..., 112, 112]."""
-    lead = coef.shape[:-3]
-    coef = np.moveaxis(coef, -3, -1).reshape(*lead, GRID, GRID, BLOCK, BLOCK)  # [..., i, j, u, v]
-    blocks = _D.T @ coef @ _D  # [..., i, j, x, y]
-    planes: np.ndarray = blocks.swapaxes(-3, -2).reshape(*lead, FACE_SIZE, FACE_SIZE)
-    return planes
-
-
 def full_coefficients(face_rgb: np.ndarray) -> np.ndarray:
     """All frequency planes, float64 [..., 3, 64, 14, 14] (Y, Cb, Cr); used for stats and studies."""
-    _check_face(face_rgb)
+    check_face(face_rgb)
     return block_dct(rgb_to_ycbcr(face_rgb))
 
 
@@ -382,19 +331,11 @@ def validate_features(arr: np.ndarray, spec: TransformSpec) -> None:
             "out-of-range", f"{int(excess.sum())} values exceed the transform's bounds (first in channel {channel})")
 
 
-def _check_face(face_rgb: np.ndarray) -> None:
-    if face_rgb.shape[-3:] != (FACE_SIZE, FACE_SIZE, 3):
-        raise ValueError(f"expected aligned faces [..., 112, 112, 3], got {face_rgb.shape}")
-
-
 # ---------------------------------------------------------------------------------------------------
 # Presets built from the committed per-channel stats.
 
 V0_LUMA_KEEP = tuple(range(1, COEFFS))  # everything but DC
 V0_CHROMA_KEEP = (1, 2, 8, 9, 16)  # five low AC frequencies: "sparse colour"
-ZIGZAG = (0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27, 20, 13, 6,
-          7, 14, 21, 28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51, 58, 59, 52, 45, 38, 31,
-          39, 46, 53, 60, 61, 54, 47, 55, 62, 63)  # JPEG order: low frequencies first
 LOW10 = (0, 1, 2, 3, 8, 9, 10, 16, 17, 24)  # the 10 lowest frequencies (zig-zag), ~95% of luma AC variance
 LOW10_LUMA_KEEP = tuple(k for k in range(COEFFS) if k not in LOW10)
 LOW10_CHROMA_KEEP = (4, 11, 18, 25, 32)  # the next five in zig-zag order, so colour stays sparse

@@ -13,18 +13,22 @@ import hashlib
 import os
 import sys
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from secure.mpc.engine import MatchJob
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def _mpc_engine_module():  # type: ignore[no-untyped-def]
+def _mpc_engine_module() -> types.ModuleType:
     """secure.mpc.engine when it exists; otherwise a minimal test stand-in with the same two types."""
     try:
         import secure.mpc.engine as mod  # noqa: F401
@@ -33,8 +37,6 @@ def _mpc_engine_module():  # type: ignore[no-untyped-def]
     except ModuleNotFoundError as exc:  # only while secure/mpc/ does not exist yet; a broken one must fail
         if exc.name not in ("secure.mpc", "secure.mpc.engine"):
             raise
-        import types
-
         mod = types.ModuleType("secure.mpc.engine")
 
         @dataclass(frozen=True)
@@ -72,7 +74,7 @@ class LocalPlaintextEngine:
     def status(self) -> dict:
         return {"engine": "local-plaintext-TEST-ONLY", "ready": True, "rank": self.rank, "jobs": self.jobs}
 
-    def submit(self, job, timeout: float) -> int:  # type: ignore[no-untyped-def]
+    def submit(self, job: MatchJob, timeout: float) -> int:
         from secure.fixedpoint import decode
         from secure.sharing import reconstruct
 

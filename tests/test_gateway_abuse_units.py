@@ -12,6 +12,7 @@ from datetime import datetime, timedelta, timezone
 import pydantic
 import pytest
 import redis
+from sqlalchemy.orm import sessionmaker
 
 from app.auth import Principal
 from app.db import make_engine, make_sessionmaker
@@ -54,7 +55,7 @@ def test_nonce_ttl_is_bound_to_the_freshness_window():
     settings = GatewaySettings(replay_window_s=30, clock_skew_s=7)
     assert settings.nonce_ttl_s >= settings.replay_window_s + settings.clock_skew_s
     with pytest.raises(ValueError, match="shorter than the freshness window"):
-        ReplayGuard(None, window_s=30, skew_s=7, nonce_ttl_s=36, redis_client=None)  # type: ignore[arg-type]
+        ReplayGuard(sessionmaker(), window_s=30, skew_s=7, nonce_ttl_s=36, redis_client=None)
 
 
 @pytest.fixture(params=["redis", "sqlite", "postgresql"])

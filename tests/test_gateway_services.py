@@ -165,7 +165,7 @@ def test_jobs_in_process_and_reenrollment_under_a_new_model(tmp_path, shared):
         stack.stop()
 
 
-def test_operations_hold_gallery_names_of_the_longest_tenant_ids_in_postgresql(postgres_url) -> None:  # type: ignore[no-untyped-def]
+def test_operations_hold_gallery_names_of_the_longest_tenant_ids_in_postgresql(postgres_url: str) -> None:
     """Regression (issue 14): the gallery name {version}/{tenant}/k{n} reached ~135 characters with a 64-character
     tenant id, and operations.model_version was VARCHAR(64): PostgreSQL refused the enrollment."""
     from app.db import make_engine, make_sessionmaker, session_scope

@@ -12,6 +12,8 @@ import queue
 import secrets
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +25,8 @@ from secure.mpc.runtime import link_keys
 
 from secure.mpc.primitives import prg
 from secure.mpc.settings import MpcSettings
+
+Handshake = Callable[[link_keys.Sender, link_keys.Receiver, bytes, str], bytes]  # link_keys.initiate / respond
 
 WINDOW_BITS = 18  # reduced search window (the full one is 2^32: ~9 core-hours at this test's speed)
 
@@ -70,7 +74,7 @@ def _agree_pair(secret_a: bytes, secret_b: bytes, label: str = "party0-dealer") 
     b_to_a: queue.Queue[bytes] = queue.Queue()
     out: dict[str, bytes | Exception] = {}
 
-    def side(name: str, fn, inbox: queue.Queue, outbox: queue.Queue, secret: bytes) -> None:  # type: ignore[no-untyped-def]
+    def side(name: str, fn: Handshake, inbox: queue.Queue[bytes], outbox: queue.Queue[bytes], secret: bytes) -> None:
         def recv(n: int) -> bytes:
             data = inbox.get(timeout=5)
             assert len(data) == n
@@ -216,7 +220,7 @@ CREDS = {"secret_p0_dealer": secrets.token_hex(16), "secret_p1_dealer": secrets.
 
 
 @pytest.mark.slow
-def test_a_session_with_link_credentials_matches_plaintext(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_session_with_link_credentials_matches_plaintext(tmp_path: Path) -> None:
     from devtools.mpc_cluster import Cluster
 
     rng = np.random.default_rng(7)
@@ -238,7 +242,7 @@ def test_a_session_with_link_credentials_matches_plaintext(tmp_path) -> None:  #
 
 
 @pytest.mark.slow
-def test_a_dealer_without_the_credential_cannot_join(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_dealer_without_the_credential_cannot_join(tmp_path: Path) -> None:
     """A stranger taking the dealer's place (same rendezvous, wrong link credential) never gets a session."""
     from devtools.mpc_cluster import Cluster, _Proc
 

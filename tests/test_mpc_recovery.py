@@ -26,9 +26,8 @@ def unit(rng: np.random.Generator, *shape: int) -> np.ndarray:
 
 def test_party1_killed_mid_job_then_recovers(tmp_path) -> None:  # noqa: ANN001
     rng = np.random.default_rng(99)
-    cluster = Cluster(tmp_path, op_timeout_s=OP_TIMEOUT, connect_timeout_s=8, heartbeat_s=0.5,
-                      pair_wait_s=1.0, retry_backoff_s=0.2).start()
-    try:
+    with Cluster(tmp_path, op_timeout_s=OP_TIMEOUT, connect_timeout_s=8, heartbeat_s=0.5, pair_wait_s=1.0,
+                 retry_backoff_s=0.2) as cluster:
         cluster.wait_connected(90)
         gen0 = cluster.status(0)["generation"]
 
@@ -69,8 +68,3 @@ def test_party1_killed_mid_job_then_recovers(tmp_path) -> None:  # noqa: ANN001
         assert out == 513
         out, _ = cluster.run("verify", q2, g2, labels, thr, rng)
         assert out == 1
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.close()

@@ -82,12 +82,11 @@ def test_forked_generations_draw_fresh_keys() -> None:
 
 def test_party_restart_joins_the_waiting_survivors_and_leaves_no_orphan(tmp_path) -> None:  # noqa: ANN001
     rng = np.random.default_rng(7)
-    cluster = Cluster(tmp_path, op_timeout_s=OP_TIMEOUT, connect_timeout_s=120, heartbeat_s=0.5,
-                      pair_wait_s=1.0, retry_backoff_s=0.2).start()
-    try:
+    with Cluster(tmp_path, op_timeout_s=OP_TIMEOUT, connect_timeout_s=120, heartbeat_s=0.5, pair_wait_s=1.0,
+                 retry_backoff_s=0.2) as cluster:
         cluster.wait_connected(180)
         gen0 = cluster.status(0)["generation"]
-        family = descendants(cluster.parties[1].p.pid)  # type: ignore[union-attr]
+        family = descendants(cluster.party(1).p.pid)
         assert family, "party 1 runs its MPC worker in child processes"
 
         cluster.kill_party(1)  # SIGKILL
@@ -104,8 +103,3 @@ def test_party_restart_joins_the_waiting_survivors_and_leaves_no_orphan(tmp_path
         gallery[2] = query
         out, _ = cluster.run("identify", query, gallery, np.arange(11, 16), 0.9, rng)
         assert out == 13
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.close()

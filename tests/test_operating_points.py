@@ -6,6 +6,7 @@ secure/thresholds.py turns it into the per-gallery-size schedule the parties app
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,7 +79,7 @@ def test_policy_round_trip_and_validation() -> None:
         GalleryPolicy(40.0)
 
 
-def test_calibration_never_uses_a_held_out_identity(shared) -> None:  # type: ignore[no-untyped-def]
+def test_calibration_never_uses_a_held_out_identity(shared: Path) -> None:
     from inference.lfw import lfw_dir, read_pairs
 
     lfw = lfw_dir(shared)

@@ -205,7 +205,7 @@ def test_each_bundled_model_has_a_card_generated_from_its_measured_figures(versi
     """The committed card is exactly what training_jobs.model_card renders from model.json, the training config
     and the attack results: a figure changed in one place and not the other fails here."""
     from training_jobs.model_card import render
-    from training_jobs.train import load_config
+    from training_jobs.train_config import load_config
     root = PROJECT_ROOT
     expected = render(ModelMetadata.load(BUNDLED / version), load_config(root / "training_jobs" / "configs" /
                       f"{CARDS[version]}.yaml"), json.loads((root / "docs" / "attacks" / "results.json").read_text()))

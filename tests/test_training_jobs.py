@@ -13,8 +13,8 @@ from inference.lfw import lfw_dir, read_pairs, shared_dir
 from inference.mobilefacenet import WEIGHTS_SUBPATH
 from inference.transform import spec_v0
 from training_jobs.datasets import Augment, TransformedFaces, make_split
-from training_jobs.evaluate import (identification_split, leave_one_fold_out_accuracy, parse_folds, rank1,
-                                    roc_points, tar_at_far)
+from training_jobs.eval_metrics import leave_one_fold_out_accuracy, rank1, roc_points, tar_at_far
+from training_jobs.evaluate import identification_split, parse_folds
 from training_jobs.leakage import psnr, ssim
 from training_jobs.losses import DistillationLoss, MarginHead
 from tests.conftest import one_torch_thread
@@ -114,7 +114,7 @@ def test_distillation_is_zero_for_identical_directions():
 # --- a tiny real training run ---------------------------------------------------------------------
 
 def tiny_config(tmp_path, epochs: int) -> dict:
-    from training_jobs.train import DEFAULTS, merge
+    from training_jobs.train_config import DEFAULTS, merge
     return merge(DEFAULTS, {
         "name": "tiny", "seed": 0, "device": "cpu", "threads": 1, "out_dir": str(tmp_path / "run"),
         "data": {"max_identities": 4, "max_images_per_identity": 4, "min_images": 4},

@@ -26,6 +26,8 @@ from inference.evaluation import best_threshold
 from inference.lfw import Pair, lfw_dir, load_many, read_pairs, shared_dir
 from inference.mobilefacenet import IMAGENET_MEAN, IMAGENET_STD, load_pretrained
 from inference.transform import PRESETS, TransformSpec, apply
+from training_jobs.eval_metrics import leave_one_fold_out_accuracy, rank1, tar_at_far
+from training_jobs.eval_report import markdown_table, plot_accuracy_vs_epsilon, plot_roc_det
 
 FaceEmbedFn = Callable[[np.ndarray], np.ndarray]  # RGB uint8 [B, 112, 112, 3] -> [B, d]
 DEFAULT_FOLDS = (6, 7, 8, 9, 10)
@@ -43,49 +45,6 @@ PROTOCOL = """(every model, same pairs, same images):
 - 1:N rank-1 on the held-out identities: the images of the chosen folds' pairs; identities with at least two of
   them; gallery = the first image (sorted by name) of each such identity; probes = the rest.
 - ROC (TAR vs FAR, log axis) and DET (FNMR vs FMR on normal-deviate axes) plots, one curve per model."""
-
-
-# ------------------------------------------------------------------------------------------------
-# Metrics on a score set (pure numpy; tested on synthetic scores)
-
-def roc_points(scores: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(far, tar, threshold) for every distinct threshold, accept = score >= threshold, far ascending."""
-    scores = np.asarray(scores, dtype=np.float64)
-    same = np.asarray(same, dtype=bool)
-    thresholds = np.concatenate([[np.inf], np.unique(scores)[::-1]])
-    genuine = np.sort(scores[same])
-    impostor = np.sort(scores[~same])
-    tar = 1.0 - np.searchsorted(genuine, thresholds, side="left") / max(len(genuine), 1)
-    far = 1.0 - np.searchsorted(impostor, thresholds, side="left") / max(len(impostor), 1)
-    return far, tar, thresholds
-
-
-def tar_at_far(scores: np.ndarray, same: np.ndarray, target_far: float) -> tuple[float, float]:
-    """(TAR, threshold) at the lowest threshold whose FAR is <= target_far."""
-    far, tar, thresholds = roc_points(scores, same)
-    ok = np.flatnonzero(far <= target_far + 1e-12)
-    best = ok[-1]  # far is non-decreasing as the threshold falls
-    return float(tar[best]), float(thresholds[best])
-
-
-def leave_one_fold_out_accuracy(scores: np.ndarray, same: np.ndarray, folds: np.ndarray) -> dict:
-    """Accuracy per fold with the threshold chosen on the other folds; mean, std and per-fold values."""
-    per_fold = {}
-    for fold in np.unique(folds):
-        test = folds == fold
-        threshold = best_threshold(scores[~test], same[~test])
-        per_fold[int(fold)] = {"accuracy": float(np.mean((scores[test] >= threshold) == same[test])),
-                               "threshold": threshold}
-    values = [v["accuracy"] for v in per_fold.values()]
-    return {"accuracy": float(np.mean(values)), "accuracy_std": float(np.std(values)), "per_fold": per_fold}
-
-
-def rank1(gallery: np.ndarray, gallery_labels: list[str], probes: np.ndarray, probe_labels: list[str]) -> float:
-    """Fraction of probes whose most similar gallery embedding (cosine) has the probe's identity."""
-    if len(probes) == 0:
-        return float("nan")
-    best = np.argmax(probes @ gallery.T, axis=1)
-    return float(np.mean([gallery_labels[b] == label for b, label in zip(best, probe_labels)]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,94 +233,6 @@ def model_label(model: str) -> str:
         return model
     path = Path(model)
     return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
-
-
-# ------------------------------------------------------------------------------------------------
-# Plots and tables
-
-def plot_roc_det(results: list[ModelResult], out_dir: Path, title: str) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from scipy.stats import norm
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fig_roc, ax_roc = plt.subplots(figsize=(6, 4.5))
-    fig_det, ax_det = plt.subplots(figsize=(6, 4.5))
-    for result in results:
-        far, tar, _ = roc_points(result.scores, result.same)
-        label = f"{result.name} [{result.input}]"
-        ax_roc.plot(np.maximum(far, 1e-5), tar, label=label)
-        fnmr = np.clip(1 - tar, 1e-5, 1 - 1e-5)
-        fmr = np.clip(far, 1e-5, 1 - 1e-5)
-        ax_det.plot(norm.ppf(fmr), norm.ppf(fnmr), label=label)
-    ax_roc.set_xscale("log")
-    ax_roc.set_xlim(1e-4, 1)
-    ax_roc.set_xlabel("false accept rate")
-    ax_roc.set_ylabel("true accept rate")
-    ax_roc.set_title(f"ROC — {title}")
-    ax_roc.grid(True, which="both", alpha=0.3)
-    ax_roc.legend(fontsize=7, loc="lower right")
-    ticks = np.array([1e-4, 1e-3, 1e-2, 0.05, 0.2, 0.5])
-    ax_det.set_xticks(norm.ppf(ticks), [f"{t:g}" for t in ticks])
-    ax_det.set_yticks(norm.ppf(ticks), [f"{t:g}" for t in ticks])
-    ax_det.set_xlim(norm.ppf(1e-4), norm.ppf(0.6))
-    ax_det.set_ylim(norm.ppf(1e-4), norm.ppf(0.6))
-    ax_det.set_xlabel("false match rate")
-    ax_det.set_ylabel("false non-match rate")
-    ax_det.set_title(f"DET — {title}")
-    ax_det.grid(True, alpha=0.3)
-    ax_det.legend(fontsize=7, loc="upper right")
-    paths = [out_dir / "roc.png", out_dir / "det.png"]
-    fig_roc.tight_layout()
-    fig_roc.savefig(paths[0], dpi=110)
-    fig_det.tight_layout()
-    fig_det.savefig(paths[1], dpi=110)
-    plt.close(fig_roc)
-    plt.close(fig_det)
-    return paths
-
-
-def plot_accuracy_vs_epsilon(rows: list[tuple[float | None, float, float]], reference: dict[str, float],
-                             path: Path, title: str) -> Path:
-    """rows: (ε per coefficient or None, accuracy, std); reference: horizontal lines (e.g. pixel teachers)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    finite = [(e, a, s) for e, a, s in rows if e is not None]
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    if finite:
-        finite.sort()
-        ax.errorbar([e for e, _, _ in finite], [100 * a for _, a, _ in finite],
-                    yerr=[100 * s for _, _, s in finite], marker="o", capsize=3, label="noisy features")
-    for e, a, _ in rows:
-        if e is None:
-            ax.axhline(100 * a, color="grey", linestyle="--", label="no noise (ε = ∞)")
-    for name, value in reference.items():
-        ax.axhline(100 * value, linestyle=":", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("ε per coefficient (Laplace; smaller = more noise)")
-    ax.set_ylabel("accuracy, %")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def markdown_table(results: list[ModelResult]) -> str:
-    lines = ["| model | input | accuracy (leave-one-fold-out) | TAR@FAR=1e-3 | TAR@FAR=1e-4 | rank-1 (1:N) |",
-             "|---|---|---|---|---|---|"]
-    for r in results:
-        v = r.verification
-        acc = f"{100 * v['accuracy']:.2f}% ± {100 * v['accuracy_std']:.2f}" if "accuracy" in v else "–"
-        lines.append(f"| {r.name} | {r.input} | {acc} | {100 * r.tar_at_far['0.001']['tar']:.2f}% | "
-                     f"{100 * r.tar_at_far['0.0001']['tar']:.2f}% | {100 * r.rank1:.2f}% |")
-    return "\n".join(lines)
 
 
 def parse_epsilon(text: str | None) -> float | None:

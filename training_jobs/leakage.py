@@ -28,7 +28,8 @@ from scipy.ndimage import gaussian_filter
 
 from inference.lfw import lfw_dir, load_many, shared_dir
 from inference.transform import COEFFS, PRESETS, TransformSpec, apply, inverse, make_spec
-from training_jobs.evaluate import heldout_pairs, identification_split, identity, parse_folds, rank1
+from training_jobs.eval_metrics import rank1
+from training_jobs.evaluate import heldout_pairs, identification_split, identity, parse_folds
 
 LUMA = np.array([0.299, 0.587, 0.114])
 

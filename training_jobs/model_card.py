@@ -18,7 +18,7 @@ from inference.metadata import ModelMetadata
 from inference.operating_points import ImpostorCurve
 from inference.privacy_presets import preset_of_transform
 from training_jobs.frontier import attack_figures
-from training_jobs.train import load_config
+from training_jobs.train_config import load_config
 
 ATTACK_NAMES = {"a1": "A1 CNN inverter", "a2": "A2 inverter + identity loss + refiner"}
 IDENTIFY_SIZES = (200, 2_000, 100_000)

@@ -60,9 +60,10 @@ def float_sface_model(path: Path | None = None) -> onnx.ModelProto:
     for node in graph.node:
         if node.op_type == "DequantizeLinear" and all(name in inits for name in node.input if name):
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            arrays = [numpy_helper.to_array(inits[name]) if name else None for name in node.input]
-            zero = arrays[2] if len(arrays) > 2 else None
-            value = _dequantise(arrays[0], arrays[1], zero, attrs.get("axis", 1), attrs.get("block_size", 0))
+            data, scale = (numpy_helper.to_array(inits[name]) for name in node.input[:2])  # required inputs
+            zero_name = node.input[2] if len(node.input) > 2 else ""  # optional: "" or absent
+            zero = numpy_helper.to_array(inits[zero_name]) if zero_name else None
+            value = _dequantise(data, scale, zero, attrs.get("axis", 1), attrs.get("block_size", 0))
             folded.append(numpy_helper.from_array(value.astype(np.float32), node.output[0]))
         else:
             nodes.append(node)

@@ -24,7 +24,6 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -34,68 +33,12 @@ from torch.utils.data import DataLoader
 from inference.frequency_model import FrequencyFaceModel, InverseDctAdapter
 from inference.lfw import lfw_dir, shared_dir
 from inference.mobilefacenet import EMBEDDING_DIM, load_pretrained
-from inference.transform import PRESETS, TransformSpec
+from inference.transform import TransformSpec
 from training_jobs.datasets import Augment, TransformedFaces, make_split
-from training_jobs.evaluate import HeldoutSet, frequency_embedder, pixel_input, plot_roc_det, torch_features_fn
+from training_jobs.eval_report import plot_roc_det
+from training_jobs.evaluate import HeldoutSet, frequency_embedder, pixel_input, torch_features_fn
 from training_jobs.losses import DistillationLoss, MarginHead
-
-DEFAULTS: dict[str, Any] = {
-    "name": "experiment",
-    "seed": 0,
-    "device": "auto",
-    "threads": None,  # torch CPU threads (None: leave torch's default)
-    "out_dir": None,  # default var/training/<name>
-    "shared_dir": None,  # default $PRIVFACE_SHARED_DIR or ../shared
-    "transform": {"preset": "dct8-v0", "epsilon": 64.0},
-    "data": {"eval_folds": [6, 7, 8, 9, 10], "min_images": 1, "max_identities": None,
-             "max_images_per_identity": None, "num_workers": 0},
-    "augment": {"flip": 0.5, "brightness": 0.1, "contrast": 0.1, "translate": 4},
-    "model": {"adapter_learnable": True, "freeze_backbone_bn": False},
-    "teacher": "mobilefacenet",  # mobilefacenet | sface | none
-    "loss": {"identity_weight": 1.0, "distill_weight": 1.0,
-             "head": {"kind": "cosface", "scale": 32.0, "margin": 0.35, "init": "teacher_means"}},
-    "optim": {"epochs": 40, "batch_size": 128, "lr": 1e-3, "adapter_lr": 1e-4, "head_lr": 1e-2,
-              "weight_decay": 5e-4, "warmup_steps": 200, "min_lr_ratio": 0.01, "max_steps_per_epoch": None,
-              "grad_clip": 5.0},
-    "eval": {"epoch_pairs_per_fold": 100, "final_pairs_per_fold": None, "plots_dir": None, "seed": 0},
-    "export": None,  # {"version": "v1", "out_dir": "var/models"}
-}
-
-
-def merge(base: dict, override: dict | None) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in (override or {}).items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def load_config(path: Path) -> dict:
-    text = Path(path).read_text()
-    if Path(path).suffix in (".yaml", ".yml"):
-        import yaml
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
-    return merge(DEFAULTS, data)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def make_spec(config: dict) -> TransformSpec:
-    epsilon = config["transform"].get("epsilon")
-    return PRESETS[config["transform"]["preset"]](None if epsilon in (None, "none") else float(epsilon))
-
+from training_jobs.train_config import load_config, make_spec, pick_device, seed_everything
 
 class Teacher:
     """Frozen pixel-domain embedder: clean RGB uint8 [B,112,112,3] tensor -> raw [B,128] embedding."""

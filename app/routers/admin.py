@@ -1,6 +1,8 @@
 """Admin endpoints: model versions, background jobs, tenant key rotation (``services/revocation.py``)."""
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, Query, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -28,7 +30,7 @@ INVALID_JOB_PARAMS = Problem(422, "invalid-job-params", "Invalid job parameters"
                              "federated: rounds: Input should be less than or equal to 50")
 
 
-def _not_found(what: str, ident: str) -> dict:
+def _not_found(what: str, ident: str) -> dict[str, Any]:
     return problem_response(f"Unknown {what}", not_found(what, ident))
 
 
@@ -97,7 +99,7 @@ def create_job(body: JobCreate, principal: Principal = Depends(admin),
     job_id = ctx.jobs.submit(body.kind, params)
     audit(ctx.sessions, principal, "create-job", body.kind)
     with ctx.sessions() as session:
-        return _job_out(session.get(Job, job_id))
+        return _job_out(session.get_one(Job, job_id))
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses={**ERRORS, 404: _not_found("job", "job_0f1e")})
@@ -123,7 +125,7 @@ def cancel_job(job_id: str, principal: Principal = Depends(admin), ctx: GatewayC
 
 
 @router.post("/tenant/rotate-key", responses={**ERRORS, 503: problem_response("A party is down; nothing was changed", UNAVAILABLE)})
-async def rotate_tenant_key(principal: Principal = Depends(admin), ctx: GatewayContext = Depends(get_context)) -> dict:
+async def rotate_tenant_key(principal: Principal = Depends(admin), ctx: GatewayContext = Depends(get_context)) -> dict[str, Any]:
     """Revoke every template of the caller's tenant: erase its shares at both parties (all or nothing) and
     move to a new template key. Re-enroll afterwards."""
     out = await revocation.rotate_tenant_key(ctx, principal)
@@ -162,7 +164,7 @@ def set_tenant_preset(body: PresetIn, principal: Principal = Depends(admin),
                       f"No model version is active for the privacy preset {body.preset!r}; activate one first.")
     model = ctx.models.for_preset(body.preset)
     with session_scope(ctx.sessions) as session:
-        tenant = session.get(Tenant, principal.tenant_id)
+        tenant = session.get_one(Tenant, principal.tenant_id)
         tenant.preset = body.preset
         other = select(Enrollment.subject_id).join(ModelVersion, ModelVersion.version == Enrollment.model_version) \
             .where(Enrollment.tenant_id == principal.tenant_id, ModelVersion.transform_id != model.spec.transform_id)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -31,7 +32,7 @@ def healthz() -> HealthOut:
 @router.get("/readyz", response_model=HealthOut, responses={503: {"model": HealthOut}})
 async def readyz(ctx: GatewayContext = Depends(get_context)) -> JSONResponse:
     """Readiness: database, both parties (and their MPC link), the active model and its execution provider."""
-    checks: dict = {}
+    checks: dict[str, Any] = {}
     try:
         with ctx.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -50,7 +51,7 @@ async def readyz(ctx: GatewayContext = Depends(get_context)) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
-async def _party_check(ctx: GatewayContext) -> dict:
+async def _party_check(ctx: GatewayContext) -> dict[str, Any]:
     """Both parties reachable with their MPC engine connected; per-party health goes to the metrics too."""
     try:
         states = await asyncio.wait_for(ctx.parties.probe(timeout=PROBE_TIMEOUT_S), timeout=PROBE_TIMEOUT_S + 1)
@@ -60,7 +61,8 @@ async def _party_check(ctx: GatewayContext) -> dict:
     down = [rank for rank, state in enumerate(states) if state is None]
     if down:
         return {"ok": False, "error": "unavailable: " + ", ".join(f"party {rank}" for rank in down)}
-    return {"ok": all(s.get("mpc", {}).get("connected", False) for s in states), "states": states}
+    up = [state for state in states if state is not None]  # all of them, by now
+    return {"ok": all(s.get("mpc", {}).get("connected", False) for s in up), "states": states}
 
 
 @router.get("/metrics", response_class=PlainTextResponse, responses={

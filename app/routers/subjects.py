@@ -13,7 +13,7 @@ from app.auth import Principal
 from app.context import GatewayContext
 from app.db import session_scope
 from app.deps import get_context, get_session, require_scope
-from app.models import Subject
+from app.models import Enrollment, Subject
 from app.schemas import EnrollmentOut, EnrollRequest, SubjectCreate, SubjectOut
 from app.services import biometrics
 from app.services.audit import audit
@@ -27,7 +27,7 @@ def _subject_out(subject: Subject) -> SubjectOut:
                       enrollments=[_enrollment_out(e) for e in subject.enrollments])
 
 
-def _enrollment_out(enrollment) -> EnrollmentOut:
+def _enrollment_out(enrollment: Enrollment) -> EnrollmentOut:
     return EnrollmentOut(id=f"enr_{enrollment.template_seq}", subject_id=enrollment.subject_id,
                          model_version=enrollment.model_version, created_at=enrollment.created_at,
                          epsilon=enrollment.epsilon)

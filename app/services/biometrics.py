@@ -9,6 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import numpy as np
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -27,6 +31,7 @@ from app.services.templates import gallery_name, protected_template
 from secure.coordinator import PartiesError, PartiesOutOfSync, PartiesUnavailable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")  # what a match job returns: a bit (verify) or a template_seq (identify)
 
 
 def load_subject(session: Session, principal: Principal, subject_id: str) -> Subject:
@@ -47,7 +52,8 @@ def model_for(ctx: GatewayContext, principal: Principal, payload: FeaturePayload
     return model
 
 
-async def template_from_payload(ctx: GatewayContext, principal: Principal, payload: FeaturePayload):
+async def template_from_payload(ctx: GatewayContext, principal: Principal,
+                                payload: FeaturePayload) -> tuple[LoadedModel, np.ndarray, np.ndarray]:
     """Validate everything about the payload; returns (active model, features, protected fixed-point template)."""
     model = model_for(ctx, principal, payload)
     check_epsilon(payload, model.spec, principal.epsilon_max)
@@ -81,7 +87,7 @@ async def enroll(ctx: GatewayContext, principal: Principal, subject_id: str, pay
 
 
 async def store_template(ctx: GatewayContext, principal: Principal, subject_id: str, model: LoadedModel,
-                         template, epsilon: float | None) -> Enrollment:
+                         template: np.ndarray, epsilon: float | None) -> Enrollment:
     """Two-phase store of one protected template at both parties, all or nothing."""
     gallery = gallery_name(model.version, principal.tenant_id, principal.tenant_key_version)
     context = {"subject_id": subject_id, "tenant_id": principal.tenant_id, "model_version": model.version,
@@ -115,7 +121,7 @@ async def store_template(ctx: GatewayContext, principal: Principal, subject_id: 
     if not committed:  # the reconcile loop judged this operation stale and aborted it
         raise unavailable("enrollment timed out and was rolled back; nothing was kept")
     with session_scope(ctx.sessions) as session:
-        return session.get(Enrollment, seq)
+        return session.get_one(Enrollment, seq)
 
 
 async def delete_subject(ctx: GatewayContext, principal: Principal, subject_id: str) -> None:
@@ -170,7 +176,7 @@ async def verify(ctx: GatewayContext, principal: Principal, subject_id: str, pay
 
 
 async def _verify_with(ctx: GatewayContext, principal: Principal, subject_id: str, model: LoadedModel,
-                       query) -> bool | None:
+                       query: np.ndarray) -> bool | None:
     gallery = gallery_name(model.version, principal.tenant_id, principal.tenant_key_version)
 
     async def run(upto: int, committed: int) -> bool | None:
@@ -204,7 +210,7 @@ async def identify(ctx: GatewayContext, principal: Principal, payload: FeaturePa
     return _subject_of(ctx, principal, found[0]), found[1]
 
 
-async def _identify_in(ctx: GatewayContext, principal: Principal, model: LoadedModel, query,
+async def _identify_in(ctx: GatewayContext, principal: Principal, model: LoadedModel, query: np.ndarray,
                        batched: bool) -> int | None:
     """One identify job on one model's gallery: the matched template_seq or None."""
     gallery = gallery_name(model.version, principal.tenant_id, principal.tenant_key_version)
@@ -235,12 +241,12 @@ def _current_templates(session: Session, subject_id: str, model_version: str, ke
     ).order_by(Enrollment.template_seq)).scalars())
 
 
-async def _with_resync(ctx: GatewayContext, run):
+async def _with_resync(ctx: GatewayContext, run: Callable[[int, int], Awaitable[T]]) -> T:
     """Run a match job on a settled snapshot (``operations.settled_snapshot``: read-your-writes, and both
     parties hold every decision in it); if a party still refuses it (a delete erased rows of an older
     snapshot, a decision could not be delivered), take a fresh settled snapshot and retry once."""
     wait_s = operations.stale_after(ctx.settings.party_timeout_s)
-    for attempt in (1, 2):
+    for _attempt in (1, 2):
         try:
             upto, committed = await operations.settled_snapshot(ctx.sessions, ctx.parties, wait_s)
         except TimeoutError as exc:
@@ -248,12 +254,12 @@ async def _with_resync(ctx: GatewayContext, run):
         try:
             return await run(upto, committed)
         except PartiesOutOfSync:
-            if attempt == 2:
-                raise unavailable("the parties could not be brought in sync; retry") from None
+            continue  # once more, on a fresh settled snapshot
         except PartiesUnavailable as exc:
             raise unavailable(str(exc)) from None
         except PartiesError as exc:
             raise party_refusal(exc) from None
+    raise unavailable("the parties could not be brought in sync; retry")
 
 
 def party_refusal(exc: PartiesError) -> Problem:

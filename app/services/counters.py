@@ -120,8 +120,8 @@ class MemoryCounters:
         with self._lock:
             self._prune(now)
             entries = {b.key: self._get(b.key, now) for b in budgets}
-            waits = [entries[b.key][1] - now for b in budgets
-                     if entries[b.key] is not None and entries[b.key][0] >= b.limit]
+            waits = [entry[1] - now for b in budgets
+                     if (entry := entries[b.key]) is not None and entry[0] >= b.limit]
             if waits:
                 return max(waits)
             for b in budgets:

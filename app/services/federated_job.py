@@ -23,9 +23,10 @@ import signal
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sqlalchemy.orm import Session, sessionmaker
@@ -34,6 +35,9 @@ from app.db import session_scope
 from app.problems import Problem
 from app.settings import GatewaySettings
 from common.paths import PROJECT_ROOT
+
+if TYPE_CHECKING:  # app/services/jobs.py imports this module
+    from app.services.jobs import JobReporter
 
 STDERR_TAIL_BYTES = 64 * 1024
 SECAGG_MAX_CLIENTS = 2**32 // 2**22 - 1  # modulus / quantisation range of training_jobs.federated.secagg
@@ -102,7 +106,7 @@ class FederatedParams(BaseModel):
         return self
 
 
-def validate_params(params: dict) -> dict:
+def validate_params(params: dict[str, Any]) -> dict[str, Any]:
     """The job's params with defaults filled in, or a 422 problem that names every bad field."""
     try:
         return FederatedParams.model_validate(params).model_dump()
@@ -150,7 +154,7 @@ class Guardrail:
     active_accuracy: float | None
     tolerance: float
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"decision": "activated" if self.activate else "kept-candidate", "reason": self.reason,
                 "candidate_accuracy": self.candidate_accuracy, "active_accuracy": self.active_accuracy,
                 "tolerance": self.tolerance}
@@ -203,7 +207,7 @@ def subprocess_env(settings: GatewaySettings) -> dict[str, str]:
     return env
 
 
-def parse_event(line: str) -> dict | None:
+def parse_event(line: str) -> dict[str, Any] | None:
     """A progress event of the simulate run, or None for any other output line."""
     line = line.strip()
     if not line.startswith("{"):
@@ -222,14 +226,14 @@ def last_error_line(stderr_tail: str) -> str:
     return lines[-1][:300] if lines else "no error output"
 
 
-def round_summary(event: dict) -> dict:
+def round_summary(event: dict[str, Any]) -> dict[str, Any]:
     """What the job row keeps of one round event."""
     keep = ("round", "of", "sampled", "finished", "failed", "train_seconds", "metrics", "heldout", "aggregation",
             "dp")
     return {key: event.get(key) for key in keep}
 
 
-def round_message(event: dict) -> str:
+def round_message(event: dict[str, Any]) -> str:
     if event["round"] == 0:
         return f"round 0 of {event['of']}: held-out evaluation of the starting model"
     if event.get("replayed"):
@@ -242,8 +246,8 @@ def round_message(event: dict) -> str:
     return text + (f", (ε {epsilon:.3g}, δ {event['dp']['delta']:g})" if isinstance(epsilon, (int, float)) else "")
 
 
-def run_simulation(cmd: list[str], env: dict[str, str], on_event, cancel_file: Path | None = None,
-                   cancel: threading.Event | None = None) -> dict:
+def run_simulation(cmd: list[str], env: dict[str, str], on_event: Callable[[dict[str, Any]], None], cancel_file: Path | None = None,
+                   cancel: threading.Event | None = None) -> dict[str, Any]:
     """Run the simulate subprocess in its own process group, feeding each event to `on_event`; returns the
     `result` event. Once `cancel` is set, `cancel_file` is created (the run stops after its round in progress).
     The group is killed if we stop following it for any reason."""
@@ -255,6 +259,7 @@ def run_simulation(cmd: list[str], env: dict[str, str], on_event, cancel_file: P
             threading.Thread(target=_forward_cancel, args=(cancel, done, cancel_file), daemon=True).start()
         result = None
         try:
+            assert proc.stdout is not None  # stdout=PIPE above
             for line in proc.stdout:
                 event = parse_event(line)
                 if event is None:
@@ -284,7 +289,8 @@ def _forward_cancel(cancel: threading.Event, done: threading.Event, cancel_file:
             return
 
 
-def run_federated_job(settings: GatewaySettings, sessions: sessionmaker[Session], params: dict, report) -> dict:
+def run_federated_job(settings: GatewaySettings, sessions: sessionmaker[Session], params: dict[str, Any],
+                      report: JobReporter) -> dict[str, Any]:
     """The `federated` job kind: train (resuming a saved state), export, register, apply the guardrail."""
     from app.models import ModelVersion
     from app.services.jobs import JobCancelled
@@ -305,10 +311,10 @@ def run_federated_job(settings: GatewaySettings, sessions: sessionmaker[Session]
         active_name = active.version if active is not None else None
         baseline_dir = (settings.model_dir / active.path).parent if active is not None else None
     version = "fed-" + report.job_id.removeprefix("job_")[:16]
-    rounds: list[dict] = []
+    rounds: list[dict[str, Any]] = []
     resuming = report.attempt > 1
 
-    def on_event(event: dict) -> None:
+    def on_event(event: dict[str, Any]) -> None:
         if event.get("event") != "round":
             return
         rounds[:] = [r for r in rounds if r["round"] < event["round"]] + [round_summary(event)]

@@ -30,7 +30,7 @@ BatchKey = tuple[str, int, int, GalleryPolicy]  # (gallery, upto, committed, the
 @dataclass
 class _Batch:
     queries: list[np.ndarray] = field(default_factory=list)
-    waiters: list[asyncio.Future] = field(default_factory=list)
+    waiters: list[asyncio.Future[int | None]] = field(default_factory=list)
     request_ids: list[str] = field(default_factory=list)  # logged with the job: one job serves them all
     full: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -43,7 +43,7 @@ class IdentifyBatcher:
         self.wait_s = max(0.0, float(wait_ms)) / 1000.0
         self.max_batch = max(1, min(int(max_batch), MAX_QUERY_BATCH))
         self._open: dict[BatchKey, _Batch] = {}
-        self._tasks: set[asyncio.Task] = set()  # keep running batches referenced until they finish
+        self._tasks: set[asyncio.Task[None]] = set()  # keep running batches referenced until they finish
 
     @property
     def enabled(self) -> bool:
@@ -62,7 +62,7 @@ class IdentifyBatcher:
             task = asyncio.create_task(self._run(key, batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        waiter: asyncio.Future = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         batch.queries.append(query)
         batch.waiters.append(waiter)
         batch.request_ids.append(current_request_id() or "-")

@@ -21,8 +21,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import make_engine, make_sessionmaker, session_scope
@@ -44,7 +45,7 @@ MAX_ATTEMPTS = 3  # a resumable job is restarted at most this many times in all 
 class JobCancelled(Exception):
     """Raised by a job function that stopped because it was asked to; `details` become the job's result."""
 
-    def __init__(self, message: str, details: dict | None = None) -> None:
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.details = details
 
@@ -57,11 +58,11 @@ class JobReporter:
         self._sessions, self.job_id, self.attempt = sessions, job_id, attempt
         self.cancel_requested = threading.Event()
 
-    def progress(self, fraction: float, message: str | None = None, details: dict | None = None) -> None:
+    def progress(self, fraction: float, message: str | None = None, details: dict[str, Any] | None = None) -> None:
         """`details` (e.g. a federated job's rounds) is shown as the job's result while it runs; the job's
         return value replaces it when it ends."""
         with session_scope(self._sessions) as session:
-            job = session.get(Job, self.job_id)
+            job = session.get_one(Job, self.job_id)
             job.progress = max(0.0, min(1.0, fraction))
             if message is not None:
                 job.message = message
@@ -69,8 +70,8 @@ class JobReporter:
                 job.result = {**details, "attempt": self.attempt}
 
 
-def _export_model_v0(settings: GatewaySettings, sessions: sessionmaker[Session], params: dict,
-                     report: JobReporter) -> dict:
+def _export_model_v0(settings: GatewaySettings, sessions: sessionmaker[Session], params: dict[str, Any],
+                     report: JobReporter) -> dict[str, Any]:
     from app.services.model_registry import register_model_dir
     from inference.export import ensure_model_v0
 
@@ -82,8 +83,8 @@ def _export_model_v0(settings: GatewaySettings, sessions: sessionmaker[Session],
         return {"version": row.version, "status": row.status, "sha256": row.sha256}
 
 
-def _register_model(settings: GatewaySettings, sessions: sessionmaker[Session], params: dict,
-                    report: JobReporter) -> dict:
+def _register_model(settings: GatewaySettings, sessions: sessionmaker[Session], params: dict[str, Any],
+                    report: JobReporter) -> dict[str, Any]:
     from app.services.model_registry import register_model_dir
 
     if "path" not in params:
@@ -96,7 +97,7 @@ def _register_model(settings: GatewaySettings, sessions: sessionmaker[Session], 
         return {"version": row.version, "status": row.status, "sha256": row.sha256}
 
 
-JobFunction = Callable[[GatewaySettings, sessionmaker[Session], dict, JobReporter], dict]
+JobFunction = Callable[[GatewaySettings, sessionmaker[Session], dict[str, Any], JobReporter], dict[str, Any]]
 JOB_KINDS: dict[str, JobFunction] = {
     "export-model-v0": _export_model_v0,
     "register-model": _register_model,
@@ -105,12 +106,12 @@ JOB_KINDS: dict[str, JobFunction] = {
 CANCELLABLE_KINDS = frozenset({"federated"})  # stop between rounds
 RESUMABLE_KINDS = frozenset({"federated"})  # continue after the last finished round
 # Kinds whose params are checked before the job is queued: params -> params with defaults, or a 422 Problem.
-JOB_PARAM_VALIDATORS: dict[str, Callable[[dict], dict]] = {
+JOB_PARAM_VALIDATORS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "federated": federated_job.validate_params,
 }
 
 
-def validate_job_params(kind: str, params: dict) -> dict:
+def validate_job_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
     """The params to store for a new job of `kind` (unchanged for kinds without a validator)."""
     validator = JOB_PARAM_VALIDATORS.get(kind)
     return validator(params) if validator is not None else params
@@ -169,9 +170,9 @@ def _heartbeat(sessions: sessionmaker[Session], job_id: str, reporter: JobReport
             log.warning("heartbeat of job %s failed: %s", job_id, traceback.format_exc(limit=1))
 
 
-def _finish(sessions: sessionmaker[Session], job_id: str, status: str, message: str, result: dict | None) -> None:
+def _finish(sessions: sessionmaker[Session], job_id: str, status: str, message: str, result: dict[str, Any] | None) -> None:
     with session_scope(sessions) as session:
-        job = session.get(Job, job_id)
+        job = session.get_one(Job, job_id)
         job.status, job.message, job.result = status, message, result
         if status == "succeeded":
             job.progress = 1.0
@@ -230,8 +231,8 @@ def recover_orphaned_jobs(settings: GatewaySettings, sessions: sessionmaker[Sess
         else:
             new, message = "failed", f"WorkerLost: {lost}; a {kind!r} job cannot resume, start it again"
         with session_scope(sessions) as session:
-            claimed = session.execute(update(Job).where(Job.id == job_id, Job.status == status, Job.updated_at == seen)
-                                      .values(status=new, message=message, result=details, updated_at=utcnow()))
+            claimed = cast("CursorResult[Any]", session.execute(update(Job).where(Job.id == job_id, Job.status == status, Job.updated_at == seen)
+                                      .values(status=new, message=message, result=details, updated_at=utcnow())))
         if claimed.rowcount != 1:
             continue  # another recoverer (or the job itself) got there first
         log.warning("job %s (%s): %s", job_id, kind, message)
@@ -264,7 +265,7 @@ class JobRunner:
     def backend(self) -> str:
         return "rq" if self._queue is not None else "in-process"
 
-    def submit(self, kind: str, params: dict) -> str:
+    def submit(self, kind: str, params: dict[str, Any]) -> str:
         if kind not in JOB_KINDS:
             raise KeyError(kind)
         job_id = "job_" + uuid.uuid4().hex
@@ -277,7 +278,7 @@ class JobRunner:
         if self._queue is not None:  # rq job ids are unique: the dead attempt's may still be in a registry
             rq_id = job_id if attempt == 1 else f"{job_id}-attempt{attempt}"
             self._queue.enqueue(execute, job_id, job_id=rq_id, job_timeout=6 * 3600)
-        else:
+        elif self._pool is not None:  # the constructor set one of the two
             self._pool.submit(execute, job_id, self._settings)
 
     def recover(self) -> list[tuple[str, str]]:

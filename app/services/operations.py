@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -39,7 +40,7 @@ def stale_after(party_timeout_s: float) -> float:
 
 
 def begin(factory: sessionmaker[Session], kind: str, gallery: str, template_seqs: list[int],
-          context: dict) -> int:
+          context: dict[str, Any]) -> int:
     """Record the intent of an operation and return its sequence number."""
     with session_scope(factory) as session:
         op = Operation(kind=kind, model_version=gallery, template_seqs=template_seqs, context=context)
@@ -64,7 +65,7 @@ def decide(factory: sessionmaker[Session], seq: int, commit: bool,
 async def deliver(factory: sessionmaker[Session], pair: PartyPair, seq: int) -> bool:
     """Send a recorded decision to each party that has not acknowledged it; True when both have."""
     with session_scope(factory) as session:
-        op = session.get(Operation, seq)
+        op = session.get_one(Operation, seq)
         state, acked = op.state, [op.acked_0, op.acked_1]
     if state == "preparing":
         return False

@@ -8,6 +8,7 @@ enrollment rows and bumps the key version. Either all of it happens or nothing d
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -51,18 +52,18 @@ def record_rotation(session: Session, op: Operation) -> None:
 def _bump_if_empty(ctx: GatewayContext, tenant_id: str) -> int | None:
     """Nothing to erase: bump the key version at once (None if templates exist after all)."""
     with session_scope(ctx.sessions) as session:
-        tenant = session.get(Tenant, tenant_id, with_for_update=True)
+        tenant = session.get_one(Tenant, tenant_id, with_for_update=True)
         if _tenant_templates(session, tenant_id):
             return None
         tenant.key_version += 1
         return tenant.key_version
 
 
-async def rotate_tenant_key(ctx: GatewayContext, principal: Principal) -> dict:
+async def rotate_tenant_key(ctx: GatewayContext, principal: Principal) -> dict[str, Any]:
     """Revoke all of the tenant's templates; returns the new key version and how many were erased."""
     for _ in range(ATTEMPTS):
         with session_scope(ctx.sessions) as session:
-            new_version = session.get(Tenant, principal.tenant_id).key_version + 1
+            new_version = session.get_one(Tenant, principal.tenant_id).key_version + 1
             seqs = sorted(_tenant_templates(session, principal.tenant_id))
         if not seqs:
             bumped = _bump_if_empty(ctx, principal.tenant_id)

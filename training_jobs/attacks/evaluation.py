@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from training_jobs.attacks.data import ProbeSet
-from training_jobs.evaluate import embed_all, rank1, roc_points
+from training_jobs.eval_metrics import rank1, roc_points
+from training_jobs.evaluate import embed_all
 from training_jobs.leakage import image_quality, save_grid
 
 GRID_SIZE = 8
