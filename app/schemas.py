@@ -171,7 +171,7 @@ class JobCreate(BaseModel):
 class JobOut(BaseModel):
     id: str
     kind: str
-    params: dict = Field(default_factory=dict, description="The params it was started with (defaults filled in).")
+    params: dict[str, Any] = Field(default_factory=dict, description="The params it was started with (defaults filled in).")
     status: str
     progress: float
     message: str | None

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from inference.export import VERIFY_FAR
@@ -38,7 +38,10 @@ from inference.transform import TransformSpec, apply
 QUANTISED_PREFIXES = ("/backbone/dw_conv/", "/backbone/features/")  # the body; everything else stays float
 
 
-class _Batches(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no types
+class _Batches:
+    """onnxruntime's CalibrationDataReader protocol (only get_next is called; the class is untyped, so not
+    subclassed)."""
+
     def __init__(self, input_name: str, features: np.ndarray, batch: int = 16) -> None:
         self._items = iter([{input_name: features[i:i + batch]} for i in range(0, len(features), batch)])
 

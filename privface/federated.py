@@ -15,7 +15,7 @@ from typing import NoReturn
 
 import numpy as np
 
-from client.detect import DEFAULT_FACE_POLICY, FACE_POLICIES, FaceDetector
+from client.detect import DEFAULT_FACE_POLICY, FACE_POLICIES, FaceDetector, FacePolicy
 from client.errors import PrivfaceError
 from client.features import aligned_face
 from training_jobs.federated.device import DeviceError, JoinOptions, join, require_flower
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def owner_faces(photos: list[Path], policy: str) -> np.ndarray:
+def owner_faces(photos: list[Path], policy: FacePolicy) -> np.ndarray:
     """The owner's faces, detected and aligned as the SDK does for enrolment: RGB uint8 [n, 112, 112, 3]."""
     try:
         detector = FaceDetector()
@@ -61,7 +61,7 @@ def owner_faces(photos: list[Path], policy: str) -> np.ndarray:
         if not photo.is_file():
             raise DeviceError(f"{photo}: no such file")
         try:
-            faces.append(aligned_face(photo, policy, detector))  # type: ignore[arg-type]
+            faces.append(aligned_face(photo, policy, detector))
         except (PrivfaceError, OSError) as error:
             raise DeviceError(f"{photo}: {error}") from None
     return np.stack(faces)

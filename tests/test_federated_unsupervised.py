@@ -14,6 +14,7 @@ import torch
 from app.problems import Problem
 from training_jobs.datasets import Augment
 from app.services.federated_job import FederatedParams, command, validate_params
+from app.settings import GatewaySettings
 from inference.lfw import lfw_dir, load_many, shared_dir
 from inference.mobilefacenet import WEIGHTS_SUBPATH, load_pretrained
 from inference.transform import PRESETS, clipped, spec_v0
@@ -168,10 +169,6 @@ def test_job_params_accept_the_modes_and_negatives_and_refuse_bad_values():
 
 
 def test_the_job_command_passes_mode_and_negatives_to_the_run(tmp_path):
-    class Settings:
-        federated_python = Path("/venv/bin/python")
-        model_dir = tmp_path
-
-    cmd = command(Settings(), FederatedParams(mode="unsupervised", negatives="gan"), "fed-x", None,  # type: ignore[arg-type]
-                  tmp_path / "state")
+    settings = GatewaySettings(federated_python=Path("/venv/bin/python"), model_dir=tmp_path)
+    cmd = command(settings, FederatedParams(mode="unsupervised", negatives="gan"), "fed-x", None, tmp_path / "state")
     assert cmd[cmd.index("--mode") + 1] == "unsupervised" and cmd[cmd.index("--negatives") + 1] == "gan"

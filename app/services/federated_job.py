@@ -115,7 +115,7 @@ def validate_params(params: dict[str, Any]) -> dict[str, Any]:
         raise Problem(422, "invalid-job-params", "Invalid job parameters", f"federated: {errors}") from None
 
 
-def resolve_base(settings: GatewaySettings, session: Session, params: dict, preset: str) -> dict:
+def resolve_base(settings: GatewaySettings, session: Session, params: dict[str, Any], preset: str) -> dict[str, Any]:
     """The params with `base_version` fixed to a concrete version (default: `preset`'s active one; none when
     the preset has no active version: the served v0), checked to have PyTorch weights the rounds can start
     from; a 422/409 problem otherwise (nothing is created). Fixed at creation so every attempt of the job (a

@@ -6,6 +6,8 @@ The mechanism and what its accounting covers are in dp.py; the accountant in acc
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
@@ -18,9 +20,9 @@ from training_jobs.federated.server_app import FedFaceAvg
 class DpFedFaceAvg(FedFaceAvg):
     """Unweighted mean of clipped updates + CSPRNG Gaussian noise; no spread-out step (dp.py says why)."""
 
-    def __init__(self, dp: DpSettings, sample_rate: float, **kwargs: object) -> None:
+    def __init__(self, dp: DpSettings, sample_rate: float, **kwargs: Any) -> None:
         kwargs["spreadout_steps"] = 0
-        super().__init__(**kwargs)  # type: ignore[arg-type]
+        super().__init__(**kwargs)
         self.dp = dp
         self.account = DpAccount(dp.noise_multiplier, dp.delta, sample_rate)
         self.noise_std: float | None = None

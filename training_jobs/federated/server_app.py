@@ -4,9 +4,8 @@
 - each sampled client also receives its own class vector (once the server has one) and returns it updated;
   class vectors are kept per client id (node ids change when processes restart), never averaged;
 - after each round's aggregation the server applies the spread-out regulariser to all class vectors it holds;
-- aggregation is either Flower's weighted mean of the replied parameters (`fedavg`), or SecAgg+ (`secagg+`,
-  secagg.py): clients reply masked updates, the server only ever sees their weighted mean.
-It logs, per round: clients sampled / replied / failed, bytes per client each way, the round time.
+- aggregation: Flower's weighted mean of the replies (`fedavg`), or SecAgg+ (`secagg+`, secagg.py: the server
+  only ever sees the weighted mean). It logs per round: clients sampled/replied/failed, bytes each way, time.
 
 Why privface's own round loop (`run_rounds`) instead of `Strategy.start`: it must (a) run SecAgg+, which Flower
 1.41 offers only as a legacy workflow, (b) save the round state after every round (checkpoint.py) and start
@@ -23,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -318,7 +318,7 @@ def run_rounds(grid: Grid, context: Context, settings: ServerSettings, heldout: 
                on_round: RoundCallback | None = None) -> None:
     """The whole run: start (or resume from the state directory), rounds, held-out evaluation, checkpoints,
     cancellation between rounds. Fills `log` (rounds, held-out, final arrays, class vectors, status)."""
-    options = dict(fraction_train=settings.clients_per_round / settings.num_clients,
+    options: dict[str, Any] = dict(fraction_train=settings.clients_per_round / settings.num_clients,
                    min_train_nodes=settings.clients_per_round, min_available_nodes=settings.num_clients,
                    seed=settings.seed, drop_fraction=settings.drop_fraction, secagg=SecAggSettings(**settings.secagg),
                    round_timeout=settings.round_timeout)
@@ -330,7 +330,7 @@ def run_rounds(grid: Grid, context: Context, settings: ServerSettings, heldout: 
                                             settings.num_clients, **options)
         config["dp-clip"] = float(settings.dp["clip"])
     else:
-        strategy = FedFaceAvg(**options)  # type: ignore[arg-type]
+        strategy = FedFaceAvg(**options)
     if settings.seed is not None:
         config["seed"] = settings.seed
     if settings.base_weights:  # clients start from the same model: frozen parameters and BatchNorm statistics
