@@ -32,7 +32,7 @@ from common.paths import shared_dir
 from devtools.localstack import MODEL_CACHE, NO_ABUSE_LIMITS, LocalStack
 from client.detect import FaceDetector
 from client.errors import InvalidRequestError, PrivfaceError
-from client.features import decode_features, extract_features, with_fresh_nonce
+from client.features import FeaturePayload, decode_features, extract_features, with_fresh_nonce
 from client.sdk import PrivfaceClient
 from inference.metadata import ModelMetadata
 from inference.protect import protect_embedding
@@ -85,7 +85,7 @@ class Plaintext:
     def identify_threshold(self) -> Callable[[int], float]:
         return self.policy.identify_threshold
 
-    def template(self, payload: dict, tenant: str) -> np.ndarray:
+    def template(self, payload: FeaturePayload, tenant: str) -> np.ndarray:
         features = decode_features(payload).astype(np.float32)[None]
         embedding = self.embedder.embed(features)[0]
         return protect_embedding(embedding, tenant_template_key(self.secret, tenant, 1), self.version, 1)

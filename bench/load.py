@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         parser.error(f"unknown settings {sorted(unknown)}; known: {sorted(SETTINGS)}")
     report = asyncio.run(run(args))
-    report["command"] = "python -m bench.load " + " ".join(argv if argv is not None else os.sys.argv[1:])
+    report["command"] = "python -m bench.load " + " ".join(argv if argv is not None else sys.argv[1:])
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:

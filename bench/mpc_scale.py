@@ -119,7 +119,7 @@ def main() -> None:
     for proto in protocols:
         t0 = time.time()
         extra = {"shards": args.shards} if proto == OURS and args.shards > 1 else {}
-        with Cluster(op_timeout_s=300, connect_timeout_s=60, torch_threads=args.torch_threads,
+        with Cluster(None, op_timeout_s=300, connect_timeout_s=60, torch_threads=args.torch_threads,
                      **PROTOCOLS[proto], **extra) as cluster:
             cluster.wait_connected(180)
             print(f"[{proto}] cluster up in {time.time() - t0:.1f}s", flush=True)
@@ -155,7 +155,7 @@ def main() -> None:
                     "agrees_with_float": all(r["out"] == r["want_float"] for r in rows),
                 }
                 if args.batch:
-                    brows = []
+                    brows: list[dict[str, Any]] = []
                     breps = 1 if (proto == "naive" and n >= 100_000) else args.batch_reps
                     if proto == OURS:  # once per snapshot, like the mask set-up: the float64 copy of the masks
                         _, el, _ = cluster.run_shared("identify", bsets[n][-1], shares[n], labels[n], THRESHOLD, rng,
@@ -165,25 +165,25 @@ def main() -> None:
                     for i, qb in enumerate(bsets[n][:breps]):
                         outs, el, stats = cluster.run_shared("identify", qb, shares[n], labels[n], THRESHOLD, rng,
                                                            timeout=600, gallery_id=f"bench-{n}")
-                        want = [fixed_point_decision(encode_trunc(q), ge, labels[n], THRESHOLD) for q in qb]
+                        wants = [fixed_point_decision(encode_trunc(q), ge, labels[n], THRESHOLD) for q in qb]
                         brows.append({"elapsed_s": el, "mpc_s": stats[0]["mpc_s"], "stats": stats, "out": outs,
-                                      "want_fixed_point": want})
+                                      "want_fixed_point": wants})
                         print(f"[{proto}] n={n} batch {len(qb)} #{i}: {el:.3f}s ({el / len(qb):.3f}s/query) "
                               f"bytes p0 {stats[0]['bytes'] / 1e6:.2f} MB rounds {stats[0]['rounds']} "
-                              f"{'OK' if outs == want else 'MISMATCH'}", flush=True)
+                              f"{'OK' if outs == wants else 'MISMATCH'}", flush=True)
                     b = args.batch
-                    crows = []
+                    crows: list[dict[str, Any]] = []
                     if proto == OURS:  # the service's case: concurrent single-query requests, coalesced by the worker
                         for i, qb in enumerate(bsets[n][:breps]):
                             res = cluster.run_shared_many("identify", list(qb), shares[n], labels[n], THRESHOLD, rng,
                                                           timeout=600, gallery_id=f"bench-{n}")
-                            want = [fixed_point_decision(encode_trunc(q), ge, labels[n], THRESHOLD) for q in qb]
+                            wants = [fixed_point_decision(encode_trunc(q), ge, labels[n], THRESHOLD) for q in qb]
                             makespan = max(r[1] for r in res)  # all submitted at once: the last answer's wait
-                            crows.append({"makespan_s": makespan, "out": [r[0] for r in res], "want_fixed_point": want,
+                            crows.append({"makespan_s": makespan, "out": [r[0] for r in res], "want_fixed_point": wants,
                                           "coalesced": [r[2][0].get("coalesced", 1) for r in res]})
                             print(f"[{proto}] n={n} {len(qb)} concurrent jobs #{i}: {makespan:.3f}s "
                                   f"coalesced {crows[-1]['coalesced']} "
-                                  f"{'OK' if crows[-1]['out'] == want else 'MISMATCH'}", flush=True)
+                                  f"{'OK' if crows[-1]['out'] == wants else 'MISMATCH'}", flush=True)
                     results["mpc"][proto][n]["batch"] = {
                         "size": b, "runs": brows,
                         "time_per_query_s": statistics.median(r["elapsed_s"] for r in brows) / b,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,9 +65,10 @@ def real_features(model_dir: Path, count: int, seed: int = 0) -> np.ndarray:
 
 def make_runner(setting: Setting, fp32: Path, int8: Path | None):
     """A callable batch -> embeddings for `setting` (None when the setting needs a missing int8 model)."""
-    if setting.int8 and int8 is None:
+    model = int8 if setting.int8 else fp32
+    if model is None:
         return None
-    embedder = OrtEmbedder(int8 if setting.int8 else fp32, prefer_gpu=False, intra_op_threads=setting.threads,
+    embedder = OrtEmbedder(model, prefer_gpu=False, intra_op_threads=setting.threads,
                            spin=setting.spin)
     if setting.level is not None:  # a second session with the same settings but another optimisation level
         options = ort.SessionOptions()
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
                 "cpu_count": os.cpu_count(), "load_average_start": [round(x, 1) for x in load_start],
                 "load_average_end": [round(x, 1) for x in os.getloadavg()], "seconds_per_sample": args.seconds,
                 "rounds": rounds_done, "onnxruntime": ort.__version__, "batches": results,
-                "command": "python -m bench.ort_throughput " + " ".join(argv or os.sys.argv[1:])}
+                "command": "python -m bench.ort_throughput " + " ".join(argv or sys.argv[1:])}
 
     def save(results: dict, rounds_done: int) -> None:
         if args.out:

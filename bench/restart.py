@@ -16,6 +16,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import httpx
@@ -94,12 +95,14 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps({k: v for k, v in runs[-1].items() if k != "gap"}), flush=True)
     finally:
         stack.stop()
-    summary = {role: {"ready_s": [r["ready_s"] for r in runs if r["role"] == role]} for role in args.roles}
-    for role, entry in summary.items():
+    per_role: dict[str, dict[str, Any]] = {role: {"ready_s": [r["ready_s"] for r in runs if r["role"] == role]}
+                                           for role in args.roles}
+    for role, entry in per_role.items():
         done = [v for v in entry["ready_s"] if v is not None]
         entry["median_s"] = statistics.median(done) if done else None
         entry["max_s"] = max(done) if done else None
-    summary["load_average_1m"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]  # at start, at end
+    load_average_1m = [round(load_before, 1), round(os.getloadavg()[0], 1)]  # at start, at end
+    summary: dict[str, object] = {**per_role, "load_average_1m": load_average_1m}
     print(json.dumps(summary, indent=1))
     if args.out:
         args.out.write_text(json.dumps({"summary": summary, "runs": runs}, indent=1) + "\n")

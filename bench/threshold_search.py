@@ -372,7 +372,7 @@ def main() -> int:
             "refused_by_strategy": out["refused"],
             "gallery_registration": out["registration_status"], "honest_self_match": out["honest_self_match"],
             "strategies": {k: {kk: vv for kk, vv in v.items() if kk != "recovered_vs_true"} for k, v in res.items()},
-            "best_strategy": min(usable, key=usable.get) if usable else None,
+            "best_strategy": min(usable, key=lambda name: usable[name]) if usable else None,
             "recovered_vs_true": {k: v["recovered_vs_true"] for k, v in res.items() if v["recovered_vs_true"]},
         })
     except BaseException as exc:

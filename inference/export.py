@@ -50,7 +50,7 @@ def build(version: str, shared: Path) -> tuple[FrequencyFaceModel, TransformSpec
     raise ValueError(f"don't know how to build model version {version!r}")
 
 
-def export_onnx(model: FrequencyFaceModel, spec: TransformSpec, path: Path) -> None:
+def export_onnx(model: torch.nn.Module, spec: TransformSpec, path: Path) -> None:
     """ONNX opset 17 (TorchScript exporter), input "features" [N,K,14,14], output "embedding" [N,d]."""
     example = torch.zeros(2, *spec.shape)
     with warnings.catch_warnings():  # the TorchScript exporter is deprecated but is what dynamo=False asks for
@@ -78,7 +78,7 @@ def sample_features(shared: Path, spec: TransformSpec, count: int = 8, seed: int
     return apply(load_many(lfw, images), spec, np.random.default_rng(seed)).astype(np.float32)
 
 
-def parity(model: FrequencyFaceModel, embedder: OrtEmbedder, features: np.ndarray) -> float:
+def parity(model: torch.nn.Module, embedder: OrtEmbedder, features: np.ndarray) -> float:
     """Max |ORT - PyTorch| over the embeddings of `features`."""
     with torch.inference_mode():
         expected = model(torch.from_numpy(features)).numpy()
@@ -107,7 +107,7 @@ def export_version(version: str, out_dir: Path, shared: Path, eval_pairs: int = 
     return _export_atomically(model, spec, version, Path(out_dir), shared, measured)
 
 
-def export_model_version(model: FrequencyFaceModel, spec: TransformSpec, version: str, out_dir: Path,
+def export_model_version(model: torch.nn.Module, spec: TransformSpec, version: str, out_dir: Path,
                          shared: Path, threshold: float | None, metrics: dict) -> Path:
     """Export an already-built (e.g. trained) model as OUT_DIR/<version>: ONNX, ORT-vs-PyTorch parity, model.json.
 
@@ -120,7 +120,7 @@ def export_model_version(model: FrequencyFaceModel, spec: TransformSpec, version
                               lambda _embedder: (threshold, metrics))
 
 
-def _export_atomically(model: FrequencyFaceModel, spec: TransformSpec, version: str, out_dir: Path, shared: Path,
+def _export_atomically(model: torch.nn.Module, spec: TransformSpec, version: str, out_dir: Path, shared: Path,
                        threshold_and_metrics) -> Path:
     """ONNX export + parity check + model.json, built under a temporary name and renamed into place, so a
     crashed export never looks complete. `threshold_and_metrics(embedder) -> (threshold, metrics)`."""

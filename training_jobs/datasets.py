@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -89,7 +90,7 @@ class Augment:
         if self.translate:
             dx, dy = rng.integers(-self.translate, self.translate + 1, size=2)
             if dx or dy:
-                matrix = np.float32([[1, 0, dx], [0, 1, dy]])
+                matrix = np.array([[1, 0, dx], [0, 1, dy]], dtype=np.float32)
                 out = cv2.warpAffine(np.ascontiguousarray(out), matrix, (out.shape[1], out.shape[0]),
                                      borderMode=cv2.BORDER_REPLICATE)
         if self.brightness or self.contrast:
@@ -101,7 +102,7 @@ class Augment:
         return np.ascontiguousarray(out)
 
     @classmethod
-    def from_config(cls, config: dict | None) -> "Augment | None":
+    def from_config(cls, config: dict | Literal[False] | None) -> "Augment | None":
         if config is None or config is False:
             return None
         return cls(**{k: v for k, v in dict(config).items() if k != "enabled"}) if config.get("enabled", True) \

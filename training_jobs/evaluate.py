@@ -147,8 +147,8 @@ class ModelResult:
     num_gallery: int
     num_probes: int
     seconds: float
-    scores: np.ndarray = field(repr=False, default=None)
-    same: np.ndarray = field(repr=False, default=None)
+    scores: np.ndarray = field(repr=False)  # every pair's score and truth, for the ROC/DET plots
+    same: np.ndarray = field(repr=False)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "input": self.input, "verification": self.verification,
@@ -196,7 +196,7 @@ class HeldoutSet:
         verification = leave_one_fold_out_accuracy(scores, same, folds) if len(self.folds) > 1 else {}
         verification["best_threshold_all_pairs"] = best_threshold(scores, same)
         impostors = int((~same).sum())
-        tars = {"far_resolution": 1.0 / max(impostors, 1)}
+        tars: dict[str, float | dict[str, float]] = {"far_resolution": 1.0 / max(impostors, 1)}
         for target in (1e-3, 1e-4):
             tar, threshold = tar_at_far(scores, same, target)
             tars[f"{target:g}"] = {"tar": tar, "threshold": threshold}

@@ -223,14 +223,16 @@ def fit_all(epsilon: float, out: Path) -> dict:
 
     lfw = lfw_dir(shared_dir())
     data = fit_data(lfw, raw_dir(), make_split(lfw, EVAL_FOLDS).train_images)
+    gates: dict[str, dict] = {}
+    fits: dict[str, dict] = {}
     record = {"description": "Feature quality gate per transform (inference/quality_gate.py), keyed by preset; "
                              "fitted by `python -m training_jobs.quality_gate fit` on LFW identities outside View-2 "
                              "folds 6-10 vs synthetic non-faces. See docs/quality_gate.md.",
-              "epsilon_per_coefficient": epsilon, "eval_folds_excluded": list(EVAL_FOLDS), "gates": {}, "fit": {}}
+              "epsilon_per_coefficient": epsilon, "eval_folds_excluded": list(EVAL_FOLDS), "gates": gates, "fit": fits}
     for name, make in PRESETS.items():
         gate, report = fit_gate(make(epsilon), lfw, data)
-        record["gates"][name] = gate.to_dict()
-        record["fit"][name] = report
+        gates[name] = gate.to_dict()
+        fits[name] = report
         print(name, json.dumps(report), flush=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
     return record
@@ -316,12 +318,13 @@ def evaluate_all(epsilon: float, gates_path: Path, out: Path | None) -> dict:
     check = raw_split(raw_dir())["check"]
     sdk_faces = realigned(lfw, raw_dir(), check)
     gates = load_gates(gates_path)
+    presets: dict[str, dict] = {}
     result = {"folds": list(EVAL_FOLDS), "held_out_images": len(held_out), "sdk_aligned_check_photos": len(check),
-              "epsilon_per_coefficient": epsilon, "presets": {}}
+              "epsilon_per_coefficient": epsilon, "presets": presets}
     for name, make in PRESETS.items():
         spec = make(epsilon)
-        result["presets"][name] = evaluate_preset(spec, gates[spec.params_hash], lfw, held_out, sdk_faces)
-        print(name, json.dumps(result["presets"][name]), flush=True)
+        presets[name] = evaluate_preset(spec, gates[spec.params_hash], lfw, held_out, sdk_faces)
+        print(name, json.dumps(presets[name]), flush=True)
     if out is not None:
         out.write_text(json.dumps(result, indent=1) + "\n")
     return result

@@ -33,12 +33,16 @@ from torch.utils.data import DataLoader
 from inference.frequency_model import FrequencyFaceModel, InverseDctAdapter
 from inference.lfw import lfw_dir, shared_dir
 from inference.mobilefacenet import EMBEDDING_DIM, load_pretrained
+from inference.sealed_student import SealedCnn, SealedFaceModel
 from inference.transform import TransformSpec
 from training_jobs.datasets import Augment, TransformedFaces, make_split
 from training_jobs.eval_report import plot_roc_det
 from training_jobs.evaluate import HeldoutSet, frequency_embedder, pixel_input, torch_features_fn
 from training_jobs.losses import DistillationLoss, MarginHead
 from training_jobs.train_config import load_config, make_spec, pick_device, seed_everything
+
+# what build_student makes: both have .adapter and .backbone and map features to a unit embedding
+Student = FrequencyFaceModel | SealedFaceModel
 
 class Teacher:
     """Frozen pixel-domain embedder: clean RGB uint8 [B,112,112,3] tensor -> raw [B,128] embedding."""
@@ -63,7 +67,7 @@ class Teacher:
         return None
 
 
-def build_student(model: dict, spec: TransformSpec, shared: Path) -> nn.Module:
+def build_student(model: dict, spec: TransformSpec, shared: Path) -> Student:
     """`kind: frequency-mobilefacenet` (default): learnable inverse-DCT adapter + pretrained MobileFaceNet, the
     served architecture. `kind: sealed-cnn`: the small CNN on the DCT planes made for MPC (issue 12), trained
     from scratch, `activation: relu | quad`, `width` channels."""
@@ -71,12 +75,11 @@ def build_student(model: dict, spec: TransformSpec, shared: Path) -> nn.Module:
     if kind == "frequency-mobilefacenet":
         return FrequencyFaceModel(InverseDctAdapter(spec, learnable=model["adapter_learnable"]), load_pretrained(shared))
     if kind == "sealed-cnn":
-        from inference.sealed_student import SealedCnn, SealedFaceModel
         return SealedFaceModel(SealedCnn(spec.num_channels, model.get("activation", "quad"), int(model.get("width", 128))))
     raise ValueError(f"model.kind must be frequency-mobilefacenet or sealed-cnn, not {kind!r}")
 
 
-def set_train_mode(student: nn.Module, freeze_bn: bool) -> None:
+def set_train_mode(student: Student, freeze_bn: bool) -> None:
     student.train()
     if freeze_bn:
         for module in student.backbone.modules():
@@ -84,7 +87,7 @@ def set_train_mode(student: nn.Module, freeze_bn: bool) -> None:
                 module.eval()
 
 
-def student_embedding(student: nn.Module, features: torch.Tensor) -> torch.Tensor:
+def student_embedding(student: Student, features: torch.Tensor) -> torch.Tensor:
     """Raw (un-normalised) embedding of one view, as the margin head and distillation see it."""
     return student.backbone(student.adapter(features))
 
@@ -242,7 +245,7 @@ class Trainer:
                 sums["train_acc"] += float((cos.argmax(1) == labels).float().sum())
             bar.set_postfix(loss=f"{loss.item():.4f}", id=f"{identity.item():.3f}", kd=f"{distill.item():.4f}")
         bar.close()
-        metrics = {key: value / max(count, 1) for key, value in sums.items()}
+        metrics: dict[str, float | list[float]] = {key: value / max(count, 1) for key, value in sums.items()}
         metrics.update({"epoch": epoch + 1, "step": self.step, "samples": count,
                         "lr": [g["lr"] for g in self.optimizer.param_groups], "seconds": time.perf_counter() - start})
         return metrics

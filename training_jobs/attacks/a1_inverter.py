@@ -23,6 +23,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(width, width, 3, padding=1)
         self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        assert self.conv2.bias is not None  # nn.Conv2d has one unless built with bias=False
         nn.init.zeros_(self.conv2.bias)
         self.conv2.weight.data.mul_(0.1)
 

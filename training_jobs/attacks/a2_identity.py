@@ -29,6 +29,7 @@ class Refiner(nn.Module):
         self.body = nn.Sequential(*[ResBlock(width) for _ in range(blocks)])
         self.up = nn.ConvTranspose2d(width, 3, 4, stride=2, padding=1)
         nn.init.zeros_(self.up.weight)
+        assert self.up.bias is not None  # nn.ConvTranspose2d has one unless built with bias=False
         nn.init.zeros_(self.up.bias)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -48,6 +49,9 @@ class TwoStage(nn.Module):
 
 class PixelIdentity(nn.Module):
     """Frozen MobileFaceNet: image in [0, 1] [B, 3, 112, 112] -> L2-normalised 128-d embedding."""
+
+    mean: torch.Tensor  # buffers, registered below (nn.Module's attribute lookup types them as Tensor | Module)
+    std: torch.Tensor
 
     def __init__(self, shared: Path) -> None:
         super().__init__()
