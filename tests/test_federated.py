@@ -184,6 +184,22 @@ def test_two_round_simulation_with_three_clients_runs_and_changes_the_model():
     assert moved > 1e-6, "two rounds of FedAvg must change the global model"
 
 
+@needs_flwr
+def test_simulate_hands_the_base_model_to_its_own_fields():
+    """A job started from a base version (`--base-dir`, what every API federated job passes) must train from that
+    version's weights: the path and hash land in base_weights/base_sha256, and round_timeout keeps its default
+    (positionally, the path once landed in round_timeout and the hash in base_weights)."""
+    from inference.transform import spec_v0
+    from training_jobs.federated.simulate import make_parser, server_settings
+
+    args = make_parser().parse_args(["--base-dir", "/versions/v7", "--rounds", "2", "--state-dir", "/state"])
+    settings = server_settings(args, SHARED, spec_v0(), (Path("/versions/v7/weights.pt"), "ab" * 32))
+    assert (settings.base_weights, settings.base_sha256) == ("/versions/v7/weights.pt", "ab" * 32), settings
+    assert settings.round_timeout == 3600.0 and settings.state_dir == "/state" and settings.rounds == 2
+    v0 = server_settings(make_parser().parse_args([]), SHARED, spec_v0(), None)
+    assert v0.base_weights is None and v0.base_sha256 is None and v0.round_timeout == 3600.0
+
+
 # --- SecAgg+: masks from a CSPRNG, secure sums equal plain sums, dropouts ------------------------
 
 @needs_flwr

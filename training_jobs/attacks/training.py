@@ -26,7 +26,9 @@ from training_jobs.datasets import TransformedFaces
 class Attack(Protocol):
     """What the loop needs from an attack: its trainable network and a loss on one batch."""
 
-    model: nn.Module
+    @property
+    def model(self) -> nn.Module:  # read-only here, so an attack may declare its own network class
+        ...
 
     def loss(self, features: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """features: normalised [B, K, 14, 14]; clean: [B, 3, 112, 112] in [0, 1]."""

@@ -65,7 +65,7 @@ def save(directory: Path, state: RoundState) -> Path:
     target = state_path(directory)
     temporary = target.with_name(target.name + ".tmp")
     with open(temporary, "wb") as handle:
-        np.savez(handle, **payload)
+        np.savez(handle, allow_pickle=True, **payload)  # numpy's default, named so no array can be taken for it
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, target)

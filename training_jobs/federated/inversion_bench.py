@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -159,6 +158,7 @@ def attack_condition(name: str, k: int, adaptive: bool, people: list[dict], face
         set_arrays(model, published)
         held = initial_class_vector(model, photos, spec, np.random.default_rng([args.seed, 1, index]))
         result = train_local(model, teacher, photos, spec, held, local, np.random.default_rng([args.seed, 2, index]))
+        assert result.class_vector is not None  # supervised training (a held class vector) always returns one
         update = ObservedUpdate(published, get_arrays(model, names), held, result.class_vector, result.num_examples)
         class_vectors.append(result.class_vector.astype(np.float64))
         set_arrays(model, published)
@@ -275,4 +275,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

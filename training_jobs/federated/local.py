@@ -16,6 +16,7 @@ server has none for this client yet, and is trained with the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,7 +111,7 @@ def train_local(model: FrequencyFaceModel, teacher: MobileFaceNet, faces: np.nda
     w = nn.Parameter(torch.as_tensor(class_vector, dtype=torch.float32).clone())
     adapter = [p for p in model.adapter.parameters() if p.requires_grad]
     backbone = [p for p in model.backbone.parameters() if p.requires_grad]
-    groups = [{"params": backbone, "lr": config.lr}, {"params": [w], "lr": config.class_lr, "weight_decay": 0.0}]
+    groups: list[dict[str, Any]] = [{"params": backbone, "lr": config.lr}, {"params": [w], "lr": config.class_lr, "weight_decay": 0.0}]
     if adapter:
         groups.append({"params": adapter, "lr": config.adapter_lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, weight_decay=5e-4)

@@ -65,8 +65,8 @@ def chacha_masks(seed: bytes, num_range: int, dimensions_list: list[tuple[int, .
 
 def install_csprng_masks() -> None:
     """Make Flower's SecAgg+ client mod and server workflow expand masks with `chacha_masks` (both sides must)."""
-    flower_client_mod.pseudo_rand_gen = chacha_masks
-    flower_workflow.pseudo_rand_gen = chacha_masks
+    setattr(flower_client_mod, "pseudo_rand_gen", chacha_masks)  # modules found by name: their attributes are
+    setattr(flower_workflow, "pseudo_rand_gen", chacha_masks)  # unknown to the type checker
 
 
 install_csprng_masks()

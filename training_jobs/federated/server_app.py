@@ -109,7 +109,7 @@ class FedFaceAvg(FedAvg):
                  round_timeout: float = 3600.0, **fedavg: object) -> None:
         fedavg.setdefault("fraction_evaluate", 0.0)
         super().__init__(**fedavg)
-        self.spreadout = {"margin": spreadout_margin, "lr": spreadout_lr, "steps": spreadout_steps}
+        self.spreadout = (spreadout_margin, spreadout_lr, spreadout_steps)  # spread_out's margin, lr, steps
         self.seed, self.drop_fraction, self.round_timeout = seed, drop_fraction, round_timeout
         self.secagg = secagg or SecAggSettings()
         self.class_vectors: dict[str, np.ndarray] = {}  # client id -> class vector
@@ -247,7 +247,7 @@ class FedFaceAvg(FedAvg):
         clients = sorted(self.class_vectors)
         if len(clients) < 2:  # unsupervised mode: no class vectors
             return
-        spread = spread_out(np.stack([self.class_vectors[c] for c in clients]), **self.spreadout)
+        spread = spread_out(np.stack([self.class_vectors[c] for c in clients]), *self.spreadout)
         self.class_vectors = {client: spread[i] for i, client in enumerate(clients)}
 
 
@@ -308,7 +308,7 @@ class HeldoutEvaluator:
         self.model = base_model(settings) if heldout is not None else None
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> dict | None:
-        if self.heldout is None or server_round not in self.rounds:
+        if self.heldout is None or self.model is None or server_round not in self.rounds:  # both None or neither
             return None
         set_arrays(self.model, {name: array.numpy() for name, array in arrays.items()})
         return self.heldout.evaluate(self.model, f"round {server_round}")

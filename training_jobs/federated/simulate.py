@@ -41,7 +41,7 @@ from training_jobs.federated.population import IsolationError, Population, make_
 from training_jobs.federated.secagg import SecAggSettings
 from training_jobs.federated.server_app import AGGREGATIONS, ServerSettings, base_model, make_server_app
 
-BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+BACKEND: dict[str, dict[str, object]] = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
            "init_args": {"num_cpus": 1, "num_gpus": 0, "logging_level": "error", "log_to_driver": False}}
 
 
@@ -174,7 +174,7 @@ def mixup_config(args: argparse.Namespace) -> dict:
     return {"mixup-k": args.mixup_k, "mixup-adaptive": bool(args.mixup_adaptive)}
 
 
-def main(argv: list[str] | None = None) -> None:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=60)
     parser.add_argument("--per-round", type=int, default=15)
@@ -221,6 +221,28 @@ def main(argv: list[str] | None = None) -> None:
                              "default: the served v0 (or the baseline's transform)")
     parser.add_argument("--export-dir", type=Path, default=None, help="export the candidate under this directory")
     parser.add_argument("--version", default=None, help="the candidate's model version name (with --export-dir)")
+    return parser
+
+
+def server_settings(args: argparse.Namespace, shared: Path, spec: TransformSpec,
+                    base: tuple[Path, str] | None) -> ServerSettings:
+    """The job's settings from the command line; `base`: the starting model's (weights path, sha256), None for v0.
+    Fields after state_dir go by name: the dataclass grows (round_timeout came before base_weights), and a
+    positional argument would land in the wrong field."""
+    return ServerSettings(str(shared), spec.to_dict(), args.scope, args.rounds, args.per_round, args.clients,
+                          args.seed, {"epochs": args.epochs, "batch-size": 4,
+                                      **mode_config(args.mode, args.negatives, args.impostor_checkpoint),
+                                      **mixup_config(args)},
+                          tuple(range(args.rounds + 1)) if args.heldout_every_round else None,
+                          args.aggregation, {"clipping_range": args.secagg_clip, "max_weight": args.max_images},
+                          args.drop_fraction, str(args.state_dir) if args.state_dir else None,
+                          base_weights=str(base[0]) if base else None, base_sha256=base[1] if base else None,
+                          dp={"clip": args.dp_clip, "noise_multiplier": args.dp_noise, "delta": args.dp_delta}
+                          if args.dp_clip is not None else {})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = make_parser()
     args = parser.parse_args(argv)
     if os.environ.get(PARENT_ENV):
         die_with_parent(int(os.environ[PARENT_ENV]))
@@ -238,16 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     population = make_population(lfw, args.clients, min_images=1 if args.mode == "unsupervised" else 2,
                                  max_images=args.max_images)
     heldout = Heldout(lfw, spec, args.pairs_per_fold, seed=args.seed)
-    settings = ServerSettings(str(shared), spec.to_dict(), args.scope, args.rounds, args.per_round, args.clients,
-                              args.seed, {"epochs": args.epochs, "batch-size": 4,
-                                          **mode_config(args.mode, args.negatives, args.impostor_checkpoint),
-                                          **mixup_config(args)},
-                              tuple(range(args.rounds + 1)) if args.heldout_every_round else None,
-                              args.aggregation, {"clipping_range": args.secagg_clip, "max_weight": args.max_images},
-                              args.drop_fraction, str(args.state_dir) if args.state_dir else None,
-                              str(base[0]) if base else None, base[1] if base else None,
-                              dp={"clip": args.dp_clip, "noise_multiplier": args.dp_noise, "delta": args.dp_delta}
-                              if args.dp_clip is not None else {})
+    settings = server_settings(args, shared, spec, base)
     baseline = baseline_metrics(args.baseline_dir, heldout, args.state_dir) if args.baseline_dir else None
     log = simulate(population, settings, lfw, heldout, progress_printer(args.rounds) if args.progress else None,
                    args.actors)

@@ -15,6 +15,8 @@ Nothing identity-specific leaves the device besides the model update (no class v
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -74,7 +76,7 @@ def train_unsupervised(model: FrequencyFaceModel, faces: np.ndarray, spec: Trans
     frozen = FrozenGlobal(model)
     adapter = [p for p in model.adapter.parameters() if p.requires_grad]
     backbone = [p for p in model.backbone.parameters() if p.requires_grad]
-    groups = [{"params": backbone, "lr": config.lr}]
+    groups: list[dict[str, Any]] = [{"params": backbone, "lr": config.lr}]
     if adapter:
         groups.append({"params": adapter, "lr": config.adapter_lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, weight_decay=5e-4)
