@@ -81,7 +81,10 @@ def face_summaries(lfw: Path, images: list[str], spec: TransformSpec, seed: int,
                    jitter: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(spectral evidence, log layouts) of faces through the SDK transform, loaded chunk by chunk."""
     rng = np.random.default_rng(seed)
-    load = (lambda chunk: capture_jitter(load_many(lfw, chunk), rng)) if jitter else (lambda c: load_many(lfw, c))
+
+    def load(chunk: list[str]) -> np.ndarray:
+        return capture_jitter(load_many(lfw, chunk), rng) if jitter else load_many(lfw, chunk)
+
     parts = [summaries(apply(load(images[i:i + CHUNK]), spec, rng), spec) for i in range(0, len(images), CHUNK)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 

@@ -43,7 +43,8 @@ from training_jobs.attacks.a1_inverter import A1
 from training_jobs.attacks.data import FLIP_ONLY, attacker_split, normaliser, to_uint8
 from training_jobs.attacks.training import Budget, train
 from training_jobs.datasets import TransformedFaces, identity_of, make_split
-from training_jobs.evaluate import embed_all, rank1
+from training_jobs.eval_metrics import rank1
+from training_jobs.evaluate import embed_all
 from training_jobs.federated.inversion import InversionConfig, ObservedUpdate, best_cosines, invert_update
 from training_jobs.federated.local import LocalConfig, initial_class_vector, train_local
 from training_jobs.federated.params import build_base_model, freeze_except, get_arrays, set_arrays, travelling_names
