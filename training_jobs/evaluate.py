@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
 
 
-def _json_default(value):
+def _json_default(value: object) -> object:
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     if isinstance(value, float) and math.isinf(value):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from inference.lfw import lfw_dir, shared_dir
 from inference.transform import PRESETS
 
 
-def torch_embedder(model: torch.nn.Module):
+def torch_embedder(model: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     """Wrap a model as a numpy features -> embeddings function."""
     def embed(features: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

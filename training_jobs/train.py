@@ -23,6 +23,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ from inference.sealed_student import SealedCnn, SealedFaceModel
 from inference.transform import TransformSpec
 from training_jobs.datasets import Augment, TransformedFaces, make_split
 from training_jobs.eval_report import plot_roc_det
-from training_jobs.evaluate import HeldoutSet, frequency_embedder, pixel_input, torch_features_fn
+from training_jobs.evaluate import HeldoutSet, ModelResult, frequency_embedder, pixel_input, torch_features_fn
 from training_jobs.losses import DistillationLoss, MarginHead
 from training_jobs.train_config import load_config, make_spec, pick_device, seed_everything
 
@@ -92,7 +93,7 @@ def student_embedding(student: Student, features: torch.Tensor) -> torch.Tensor:
     return student.backbone(student.adapter(features))
 
 
-def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
+def lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -255,7 +256,7 @@ class Trainer:
             self._heldout[pairs_per_fold] = HeldoutSet(self.lfw, self.split.eval_folds, pairs_per_fold)
         return self._heldout[pairs_per_fold]
 
-    def evaluate(self, pairs_per_fold: int | None, name: str):
+    def evaluate(self, pairs_per_fold: int | None, name: str) -> ModelResult:
         self.student.eval()
         rng = np.random.default_rng(self.config["eval"]["seed"])
         embed = frequency_embedder(torch_features_fn(self.student), self.spec, rng)

@@ -23,7 +23,7 @@ from inference.transform import PRESETS, TransformSpec
 from training_jobs.attacks.a1_inverter import A1
 from training_jobs.attacks.a2_identity import A2
 from training_jobs.attacks.a3_embedding import A3
-from training_jobs.attacks.data import normaliser, probe_set, to_uint8, training_faces
+from training_jobs.attacks.data import ProbeSet, normaliser, probe_set, to_uint8, training_faces
 from training_jobs.attacks.evaluation import (grid_indices, run_batched, score_embeddings, score_images,
                                               upsert_result, write_grid, write_table)
 from training_jobs.attacks.training import Budget, train
@@ -44,7 +44,8 @@ def run_name(attack: str, transform: str, epsilon: float | None, minutes: float,
     return f"{attack}-{transform}-eps{epsilon_tag(epsilon)}-{minutes:g}min" + ("-cpu" if clock == "cpu" else "")
 
 
-def make_attack(name: str, spec: TransformSpec, shared: Path, ssim_weight: float, identity_weight: float):
+def make_attack(name: str, spec: TransformSpec, shared: Path, ssim_weight: float, identity_weight: float,
+                ) -> A1 | A2 | A3:
     if name == "a1":
         return A1(spec.num_channels, ssim_weight)
     if name == "a2":
@@ -54,13 +55,13 @@ def make_attack(name: str, spec: TransformSpec, shared: Path, ssim_weight: float
     raise ValueError(f"unknown attack {name!r}; choose from {ATTACKS}")
 
 
-def evaluate(attack, name: str, spec: TransformSpec, args: argparse.Namespace, run_dir: Path, lfw: Path,
+def evaluate(attack: A1 | A2 | A3, spec: TransformSpec, args: argparse.Namespace, run_dir: Path, lfw: Path,
              shared: Path) -> dict:
     probes = probe_set(lfw, args.max_probes, args.seed, args.max_eval_identities)
     features = probes.probe_features(spec, args.seed)
     scale = normaliser(spec)
     cache = args.runs_dir / "cache"
-    if name == "a3":
+    if isinstance(attack, A3):  # predicts embeddings; A1 and A2 rebuild images
         predicted = run_batched(attack.embed, features, scale).numpy()
         return score_embeddings(predicted, probes, pixel_mobilefacenet_embedder(shared), cache) | _sizes(probes)
     from training_jobs.sface import SFaceEmbedder
@@ -69,7 +70,7 @@ def evaluate(attack, name: str, spec: TransformSpec, args: argparse.Namespace, r
     return score_images(rebuilt, probes, SFaceEmbedder(threads=args.threads).embed, cache) | _sizes(probes)
 
 
-def _sizes(probes) -> dict:
+def _sizes(probes: ProbeSet) -> dict:
     return {"probes": len(probes.probe_paths), "gallery": len(probes.gallery_paths),
             "chance_rank1": 1.0 / len(probes.gallery_paths)}
 
@@ -91,7 +92,7 @@ def command_run(args: argparse.Namespace) -> dict:
     progress = train(attack, dataset, budget, run_dir / "checkpoint.pt", meta)
     print(f"trained {progress.step} steps, {progress.epoch + progress.position / len(dataset):.2f} epochs, "
           f"{progress.elapsed:.0f} s of training", flush=True)
-    scores = evaluate(attack, args.attack, spec, args, run_dir, lfw, shared)
+    scores = evaluate(attack, spec, args, run_dir, lfw, shared)
     row = {"run": name, **meta, "threads": args.threads, "train_images": len(dataset), "steps": progress.step,
            "epochs": progress.epoch + progress.position / len(dataset), "train_seconds": round(progress.elapsed, 1),
            "train_wall_seconds": round(progress.wall, 1),

@@ -29,6 +29,8 @@ from training_jobs.eval_metrics import rank1, roc_points
 from training_jobs.evaluate import embed_all
 from training_jobs.leakage import image_quality, save_grid
 
+EmbedFn = Callable[[np.ndarray], np.ndarray]  # faces or features -> embeddings
+
 GRID_SIZE = 8
 TABLE_START = "<!-- attacks-table:start -->"
 TABLE_END = "<!-- attacks-table:end -->"
@@ -54,7 +56,7 @@ def identification(gallery: np.ndarray, gallery_ids: list[str], probes: np.ndarr
             "genuine_scores": int(same.sum()), "impostor_scores": int((~same).sum())}
 
 
-def cached_embeddings(faces: np.ndarray, paths: list[str], embed, cache_dir: Path, tag: str) -> np.ndarray:
+def cached_embeddings(faces: np.ndarray, paths: list[str], embed: EmbedFn, cache_dir: Path, tag: str) -> np.ndarray:
     """Embeddings of clean faces, cached by (embedder tag, image list): they do not depend on the attack."""
     key = hashlib.sha256(("\n".join(paths) + tag).encode()).hexdigest()[:16]
     path = cache_dir / f"{tag}-{key}.npy"
@@ -72,7 +74,7 @@ def grid_indices(count: int) -> np.ndarray:
     return np.linspace(0, count - 1, min(GRID_SIZE, count)).astype(int)
 
 
-def score_images(rebuilt: np.ndarray, probes: ProbeSet, sface_embed, cache_dir: Path) -> dict:
+def score_images(rebuilt: np.ndarray, probes: ProbeSet, sface_embed: EmbedFn, cache_dir: Path) -> dict:
     """PSNR/SSIM and SFace identification of reconstructions [N, 112, 112, 3] uint8 of the probes."""
     gallery = cached_embeddings(probes.gallery_faces, probes.gallery_paths, sface_embed, cache_dir, "sface")
     clean = cached_embeddings(probes.probe_faces, probes.probe_paths, sface_embed, cache_dir, "sface")
@@ -81,7 +83,7 @@ def score_images(rebuilt: np.ndarray, probes: ProbeSet, sface_embed, cache_dir: 
             "sface_rank1_clean_probes": rank1(gallery, probes.gallery_ids, clean, probes.probe_ids)}
 
 
-def score_embeddings(predicted: np.ndarray, probes: ProbeSet, pixel_embed, cache_dir: Path) -> dict:
+def score_embeddings(predicted: np.ndarray, probes: ProbeSet, pixel_embed: EmbedFn, cache_dir: Path) -> dict:
     """Identification of predicted pixel-model embeddings against the pixel model's clean gallery."""
     gallery = cached_embeddings(probes.gallery_faces, probes.gallery_paths, pixel_embed, cache_dir, "mfn")
     clean = cached_embeddings(probes.probe_faces, probes.probe_paths, pixel_embed, cache_dir, "mfn")
@@ -106,11 +108,11 @@ def upsert_result(path: Path, row: dict) -> list[dict]:
     return rows
 
 
-def _pct(value, digits: int = 1) -> str:
+def _pct(value: float | None, digits: int = 1) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.{digits}f}%"
 
 
-def _num(value, digits: int) -> str:
+def _num(value: float | None, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 

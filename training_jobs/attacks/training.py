@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -80,7 +80,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimiser: torch.optim.Optimiz
     return Progress(**state["progress"]), state["meta"]
 
 
-def batches(dataset: TransformedFaces, progress: Progress, budget: Budget):
+def batches(dataset: TransformedFaces, progress: Progress, budget: Budget) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (features, clean) batches in a seeded per-epoch order, starting where `progress` stopped."""
     scale = normaliser(dataset.spec)
     while True:

@@ -27,7 +27,7 @@ from training_jobs.federated.compare import summary
 from training_jobs.federated.heldout import Heldout
 from training_jobs.federated.impostors import DEFAULT_CHECKPOINT
 from training_jobs.federated.params import build_base_model
-from training_jobs.federated.population import make_population
+from training_jobs.federated.population import Population, make_population
 from training_jobs.federated.server_app import ServerSettings
 from training_jobs.federated.simulate import mode_config, simulate
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     write(report, args.out)
 
 
-def simulate_with_retry(population, settings: ServerSettings, lfw: Path, heldout: Heldout) -> dict:
+def simulate_with_retry(population: Population, settings: ServerSettings, lfw: Path, heldout: Heldout) -> dict:
     """One simulation, started a second time if Ray's runtime fails to start (seen here on an overloaded machine:
     "The current node timed out during startup"); the retry is recorded in the log."""
     try:

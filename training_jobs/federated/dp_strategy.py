@@ -6,10 +6,11 @@ The mechanism and what its accounting covers are in dp.py; the accountant in acc
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from training_jobs.federated.accountant import DpAccount
@@ -27,7 +28,7 @@ class DpFedFaceAvg(FedFaceAvg):
         self.account = DpAccount(dp.noise_multiplier, dp.delta, sample_rate)
         self.noise_std: float | None = None
 
-    def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         weights = {float(next(iter(r.content.metric_records.values()))["num-examples"])
                    for r in replies if not r.has_error()}

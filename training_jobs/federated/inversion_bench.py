@@ -32,6 +32,7 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -49,6 +50,9 @@ from training_jobs.federated.inversion import InversionConfig, ObservedUpdate, b
 from training_jobs.federated.local import LocalConfig, initial_class_vector, train_local
 from training_jobs.federated.params import build_base_model, freeze_except, get_arrays, set_arrays, travelling_names
 from training_jobs.leakage import psnr, save_grid, ssim, luma
+
+if TYPE_CHECKING:  # imported where used: it loads OpenCV's SFace model
+    from training_jobs.sface import SFaceEmbedder
 
 EVAL_FOLDS = (6, 7, 8, 9, 10)
 
@@ -143,7 +147,7 @@ def start_accuracy_runs(args: argparse.Namespace, workdir: Path) -> tuple[thread
 def attack_condition(name: str, k: int, adaptive: bool, people: list[dict], faces: list[np.ndarray],
                      spec: TransformSpec, shared: Path, attack: A1, gallery: np.ndarray, gallery_faces: np.ndarray,
                      gallery_ids: list[str],
-                     sface, prior: np.ndarray, args: argparse.Namespace) -> tuple[dict, list[np.ndarray]]:
+                     sface: SFaceEmbedder, prior: np.ndarray, args: argparse.Namespace) -> tuple[dict, list[np.ndarray]]:
     """Every victim's round under one condition, inverted and scored."""
     model = build_base_model(spec, shared)
     names = travelling_names(model, "whole")
@@ -188,7 +192,7 @@ def attack_condition(name: str, k: int, adaptive: bool, people: list[dict], face
 
 
 def reference_rows(people: list[dict], faces: list[np.ndarray], spec: TransformSpec, attack: A1,
-                   gallery: np.ndarray, gallery_ids: list[str], sface, prior: np.ndarray,
+                   gallery: np.ndarray, gallery_ids: list[str], sface: SFaceEmbedder, prior: np.ndarray,
                    args: argparse.Namespace) -> list[dict]:
     """What the attacker has without the update (its start: the public prior), and with a perfect inversion."""
     ids = [p["identity"] for p in people for _ in range(args.photos)]

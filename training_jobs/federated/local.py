@@ -15,6 +15,7 @@ server has none for this client yet, and is trained with the model.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,7 +90,7 @@ def initial_class_vector(model: FrequencyFaceModel, faces: np.ndarray, spec: Tra
 
 
 def batches(faces: np.ndarray, spec: TransformSpec, augment: Augment | None, batch_size: int,
-            rng: np.random.Generator):
+            rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
     """(features, clean) batches over one shuffled pass; every visit gets fresh augmentation and noise."""
     order = rng.permutation(len(faces))
     for start in range(0, len(order), batch_size):

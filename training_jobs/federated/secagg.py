@@ -27,9 +27,10 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import FitIns, FitRes, parameters_to_ndarrays
+from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
+from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
@@ -112,23 +113,29 @@ class _OneRound(Strategy):
         self.results: list[tuple[ClientProxy, FitRes]] | None = None
         self.failures: list = []
 
-    def initialize_parameters(self, client_manager):  # noqa: D102 - not used for one round
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:  # noqa: D102 - not used
         return None
 
-    def configure_fit(self, server_round, parameters, client_manager):  # noqa: D102
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:  # noqa: D102
         return self.instructions
 
-    def aggregate_fit(self, server_round, results, failures):  # noqa: D102
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[tuple[ClientProxy, FitRes] | BaseException],
+                      ) -> tuple[Parameters | None, dict[str, Scalar]]:  # noqa: D102
         self.results, self.failures = list(results), list(failures)
         return (results[0][1].parameters if results else None), {}
 
-    def configure_evaluate(self, server_round, parameters, client_manager):  # noqa: D102
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:  # noqa: D102
         return []
 
-    def aggregate_evaluate(self, server_round, results, failures):  # noqa: D102
+    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
+                           failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+                           ) -> tuple[float | None, dict[str, Scalar]]:  # noqa: D102
         return None, {}
 
-    def evaluate(self, server_round, parameters):  # noqa: D102
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:  # noqa: D102
         return None
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from inference.frequency_model import FrequencyFaceModel
 from inference.transform import TransformSpec
 from training_jobs.federated import checkpoint
 from training_jobs.federated.checkpoint import RoundState
@@ -67,11 +68,10 @@ class MeteredGrid:
     """The Grid, counting the payload bytes that go to and come back from the nodes (every SecAgg+ stage)."""
 
     def __init__(self, grid: Grid) -> None:
-        self.grid = grid
-        self.down = self.up = 0
+        self.grid, self.down, self.up = grid, 0, 0
         self.exchanges: list[float] = []  # seconds of each send-and-receive (SecAgg+: one per protocol stage)
 
-    def send_and_receive(self, messages, timeout: float | None = None):
+    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
         messages = list(messages)
         self.down += sum(payload_bytes(m.content) for m in messages)
         start = time.perf_counter()
@@ -80,7 +80,7 @@ class MeteredGrid:
         self.up += sum(payload_bytes(r.content) for r in replies if not r.has_error())
         return replies
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.grid, name)
 
 
@@ -161,7 +161,7 @@ class FedFaceAvg(FedAvg):
             messages.append(Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node))
         return messages
 
-    def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Weighted mean of the model parameters (class vectors set aside), then spread-out on the class vectors."""
         valid, failed = self._check_and_log_replies(list(replies), is_train=True)
         arrays, metrics = None, None
@@ -285,7 +285,7 @@ class ServerSettings:
         return out
 
 
-def base_model(settings: ServerSettings):
+def base_model(settings: ServerSettings) -> FrequencyFaceModel:
     """The model the rounds start from (the base version's weights, or the served v0)."""
     return build_base_model(TransformSpec.from_dict(settings.transform), Path(settings.shared),
                             settings.base_weights, settings.base_sha256)

@@ -39,7 +39,8 @@ from training_jobs.federated.local import MODES
 from training_jobs.federated.params import saved_weights, set_arrays
 from training_jobs.federated.population import IsolationError, Population, make_population
 from training_jobs.federated.secagg import SecAggSettings
-from training_jobs.federated.server_app import AGGREGATIONS, ServerSettings, base_model, make_server_app
+from training_jobs.federated.server_app import (AGGREGATIONS, RoundCallback, ServerSettings, base_model,
+                                                make_server_app)
 
 BACKEND: dict[str, dict[str, object]] = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
            "init_args": {"num_cpus": 1, "num_gpus": 0, "logging_level": "error", "log_to_driver": False}}
@@ -91,7 +92,7 @@ def print_event(event: str, **fields: object) -> None:
     print(json.dumps({"event": event, **fields}, default=str), flush=True)
 
 
-def progress_printer(total: int):
+def progress_printer(total: int) -> RoundCallback:
     """on_round callback of the ServerApp: one `round` event per finished round (round 0 = before training)."""
     def on_round(server_round: int, entry: dict | None, heldout: dict | None, replayed: bool = False) -> None:
         entry = entry or {}
@@ -103,7 +104,7 @@ def progress_printer(total: int):
 
 
 def simulate(population: Population, settings: ServerSettings, lfw: Path, heldout: Heldout | None,
-             on_round=None, actors: int = 1) -> dict:
+             on_round: RoundCallback | None = None, actors: int = 1) -> dict:
     """Run the rounds; returns the server's log (rounds, bytes, times, held-out metrics, final arrays)."""
     if heldout is not None and {c.identity for c in population.clients} & heldout.identities:
         raise IsolationError("a client is a held-out identity")

@@ -15,6 +15,7 @@ Nothing identity-specific leaves the device besides the model update (no class v
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ from training_jobs.federated.local import LocalConfig, LocalResult, raw_embeddin
 
 
 def two_views(faces: np.ndarray, spec: TransformSpec, augment: Augment | None, batch_size: int,
-              rng: np.random.Generator):
+              rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(view 1, view 2) feature batches over one shuffled pass: fresh augmentation and noise for each view."""
     order = rng.permutation(len(faces))
     for start in range(0, len(order), batch_size):
