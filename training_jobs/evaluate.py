@@ -125,7 +125,8 @@ def torch_features_fn(model: torch.nn.Module) -> Callable[[np.ndarray], np.ndarr
 
     def run(features: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model(torch.from_numpy(features).to(device)).float().cpu().numpy()
+            result: np.ndarray = model(torch.from_numpy(features).to(device)).float().cpu().numpy()
+            return result
     return run
 
 
@@ -163,7 +164,8 @@ def embed_all(faces: np.ndarray, embed: FaceEmbedFn, batch: int = 64, progress: 
         chunks = tqdm(chunks, desc="embed", unit="batch", leave=False)
     out = [embed(faces[start:start + batch]) for start in chunks]
     vectors = np.concatenate(out).astype(np.float64)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    result: np.ndarray = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    return result
 
 
 class HeldoutSet:

@@ -52,7 +52,9 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0, sigma: float =
     c2 = (0.03 * data_range) ** 2
 
     def blur(x: np.ndarray) -> np.ndarray:
-        return gaussian_filter(x, sigma, truncate=3.5, mode="reflect")  # radius int(3.5*1.5+0.5) = 5: 11x11
+        # radius int(3.5*1.5+0.5) = 5: 11x11
+        blurred: np.ndarray = gaussian_filter(x, sigma, truncate=3.5, mode="reflect")
+        return blurred
 
     mu_a, mu_b = blur(a), blur(b)
     var_a = blur(a * a) - mu_a * mu_a
@@ -70,7 +72,8 @@ def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
 
 
 def luma(rgb: np.ndarray) -> np.ndarray:
-    return np.asarray(rgb, dtype=np.float64) @ LUMA
+    result: np.ndarray = np.asarray(rgb, dtype=np.float64) @ LUMA
+    return result
 
 
 def image_quality(originals: np.ndarray, rebuilds: np.ndarray) -> dict:

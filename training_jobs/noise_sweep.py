@@ -26,7 +26,8 @@ def torch_embedder(model: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]
     """Wrap a model as a numpy features -> embeddings function."""
     def embed(features: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model(torch.from_numpy(features)).numpy()
+            result: np.ndarray = model(torch.from_numpy(features)).numpy()
+            return result
     return embed
 
 

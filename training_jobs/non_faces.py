@@ -48,7 +48,8 @@ def gradient(rng: np.random.Generator, n: int) -> Images:
     angle = rng.uniform(0, 2 * np.pi, size=(n, 1, 1))
     t = (np.cos(angle) * (xx - 0.5) + np.sin(angle) * (yy - 0.5)) + 0.5
     a, b = rng.uniform(0, 255, size=(2, n, 1, 1, 3))
-    return np.clip(np.rint(a + (b - a) * t[..., None]), 0, 255).astype(np.uint8)
+    result: np.ndarray = np.clip(np.rint(a + (b - a) * t[..., None]), 0, 255).astype(np.uint8)
+    return result
 
 
 def blurred_noise(rng: np.random.Generator, n: int) -> Images:
@@ -154,7 +155,8 @@ def low_contrast(faces: Images) -> Images:
     """Informational: contrast x0.3 around the mean (a dim, flat photo of a real face)."""
     x = faces.astype(np.float64)
     mean = x.mean(axis=(1, 2, 3), keepdims=True)
-    return np.clip(np.rint(mean + 0.3 * (x - mean)), 0, 255).astype(np.uint8)
+    result: np.ndarray = np.clip(np.rint(mean + 0.3 * (x - mean)), 0, 255).astype(np.uint8)
+    return result
 
 
 # --- feature-level non-faces -------------------------------------------------------------------------------

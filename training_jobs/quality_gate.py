@@ -71,7 +71,7 @@ def capture_jitter(faces: Images, rng: np.random.Generator) -> Images:
     gain = np.where(chosen, rng.uniform(0.4, 1.2, n), 1.0)[:, None, None, None]
     shift = np.where(chosen, rng.uniform(-30, 30, n), 0.0)[:, None, None, None]
     noise = np.where(chosen, rng.uniform(0, 5, n), 0.0)[:, None, None, None] * rng.normal(size=x.shape)
-    out = np.clip(np.rint(mean + gain * (x - mean) + shift + noise), 0, 255).astype(np.uint8)
+    out: np.ndarray = np.clip(np.rint(mean + gain * (x - mean) + shift + noise), 0, 255).astype(np.uint8)
     for i in np.flatnonzero(chosen & (rng.random(n) < 1 / 3)):
         out[i] = cv2.GaussianBlur(out[i], (0, 0), rng.uniform(0.3, 1.0))
     return out
@@ -218,7 +218,9 @@ def fit_gate(spec: TransformSpec, lfw: Path, data: FitData, seed: int = 1) -> tu
 
 
 def gate_logits(gate: QualityGate, spectral: np.ndarray, layout: np.ndarray) -> np.ndarray:
-    return ((with_layout(spectral, layout, gate.layout_reference) - gate.mean) / gate.scale) @ gate.weights + gate.bias
+    standardised = (with_layout(spectral, layout, gate.layout_reference) - gate.mean) / gate.scale
+    logits: np.ndarray = standardised @ gate.weights + gate.bias
+    return logits
 
 
 def fit_all(epsilon: float, out: Path) -> dict:

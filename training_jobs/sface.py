@@ -33,7 +33,8 @@ def _dequantise(x: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis:
     scale = scale.astype(np.float32)
     zero = np.zeros_like(scale) if zero is None else zero.astype(np.float32)
     if scale.ndim == 0 or scale.size == 1:
-        return (x - zero.reshape(())) * scale.reshape(())
+        result: np.ndarray = (x - zero.reshape(())) * scale.reshape(())
+        return result
     axis = axis % x.ndim
     if block > 0:  # blockwise: scale has ceil(n / block) entries along `axis`
         scale = np.repeat(scale, block, axis=axis).take(np.arange(x.shape[axis]), axis=axis)
@@ -42,7 +43,8 @@ def _dequantise(x: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis:
         shape = [1] * x.ndim
         shape[axis] = -1
         scale, zero = scale.reshape(shape), zero.reshape(shape)
-    return (x - zero) * scale
+    result = (x - zero) * scale
+    return result
 
 
 def float_sface_model(path: Path | None = None) -> onnx.ModelProto:
@@ -90,10 +92,12 @@ class SFaceEmbedder:
 
     def raw(self, faces_rgb: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(np.asarray(faces_rgb, dtype=np.float32).transpose(0, 3, 1, 2))
-        return self.session.run(None, {self.input_name: x})[0]
+        result: np.ndarray = self.session.run(None, {self.input_name: x})[0]
+        return result
 
     def embed(self, faces_rgb: np.ndarray) -> np.ndarray:
         faces_rgb = np.asarray(faces_rgb)
         both = self.raw(np.concatenate([faces_rgb, faces_rgb[:, :, ::-1]], axis=0))
         emb = both[: len(faces_rgb)] + both[len(faces_rgb):]
-        return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+        result: np.ndarray = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+        return result

@@ -62,7 +62,8 @@ class Teacher:
     @torch.no_grad()
     def __call__(self, clean: torch.Tensor) -> torch.Tensor | None:
         if self.kind == "mobilefacenet":
-            return self.model(pixel_input(clean.numpy()).to(self.device))
+            result: torch.Tensor = self.model(pixel_input(clean.numpy()).to(self.device))
+            return result
         if self.kind == "sface":
             return torch.from_numpy(self.sface.raw(clean.numpy())).to(self.device)
         return None
@@ -90,7 +91,8 @@ def set_train_mode(student: Student, freeze_bn: bool) -> None:
 
 def student_embedding(student: Student, features: torch.Tensor) -> torch.Tensor:
     """Raw (un-normalised) embedding of one view, as the margin head and distillation see it."""
-    return student.backbone(student.adapter(features))
+    result: torch.Tensor = student.backbone(student.adapter(features))
+    return result
 
 
 def lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:

@@ -28,7 +28,8 @@ class ResBlock(nn.Module):
         self.conv2.weight.data.mul_(0.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(F.relu(self.conv1(x)))
+        result: torch.Tensor = x + self.conv2(F.relu(self.conv1(x)))
+        return result
 
 
 class Inverter(nn.Module):
@@ -44,7 +45,8 @@ class Inverter(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         coarse = self.shuffle(self.to_pixels(self.body(F.relu(self.stem(features))))) + 0.5
-        return coarse + self.smooth(coarse)
+        result: torch.Tensor = coarse + self.smooth(coarse)
+        return result
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -93,4 +95,5 @@ class A1:
         return image_loss(self.model(features), clean, self.ssim_weight)
 
     def reconstruct(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model(features)
+        result: torch.Tensor = self.model(features)
+        return result

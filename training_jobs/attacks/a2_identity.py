@@ -33,7 +33,8 @@ class Refiner(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return image + self.up(self.body(F.relu(self.down(image))))
+        result: torch.Tensor = image + self.up(self.body(F.relu(self.down(image))))
+        return result
 
 
 class TwoStage(nn.Module):
@@ -90,4 +91,5 @@ class A2:
         return total, {**parts, "identity": identity.item()}
 
     def reconstruct(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model(features)[1]
+        result: torch.Tensor = self.model(features)[1]
+        return result

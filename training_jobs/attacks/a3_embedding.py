@@ -51,4 +51,5 @@ class A3:
         return loss, {"cosine": 1.0 - loss.item()}
 
     def embed(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model(features)
+        result: torch.Tensor = self.model(features)
+        return result

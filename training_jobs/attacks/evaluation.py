@@ -61,7 +61,8 @@ def cached_embeddings(faces: np.ndarray, paths: list[str], embed: EmbedFn, cache
     key = hashlib.sha256(("\n".join(paths) + tag).encode()).hexdigest()[:16]
     path = cache_dir / f"{tag}-{key}.npy"
     if path.exists():
-        return np.load(path)
+        result: np.ndarray = np.load(path)
+        return result
     vectors = embed_all(faces, embed)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")

@@ -45,7 +45,7 @@ class NodeFaces:
             raise ValueError(f"this SuperNode has no '{FACES_KEY}' in its node config (start it with "
                              "`privface client federated join`)")
         path = Path(str(context.node_config[FACES_KEY]))
-        faces = np.load(path, allow_pickle=False)
+        faces: np.ndarray = np.load(path, allow_pickle=False)
         if faces.dtype != np.uint8 or faces.ndim != 4 or faces.shape[1:] != (112, 112, 3) or not len(faces):
             raise ValueError(f"{path}: expected aligned faces uint8 [n, 112, 112, 3], got {faces.dtype} {faces.shape}")
         digest = hashlib.sha256(np.ascontiguousarray(faces).tobytes()).hexdigest()[:16]

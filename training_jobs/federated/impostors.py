@@ -65,7 +65,8 @@ class FeatureDiscriminator(nn.Module):
             nn.Flatten(), nn.Linear(2 * width * 16, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x).squeeze(1)
+        result: torch.Tensor = self.body(x).squeeze(1)
+        return result
 
 
 def clean_hash(spec: TransformSpec) -> str:
@@ -76,7 +77,8 @@ def clean_hash(spec: TransformSpec) -> str:
 
 def to_units(features: np.ndarray, spec: TransformSpec) -> np.ndarray:
     """Clipped features [n, K, 14, 14] -> units of the clip bound (what the GAN sees), float32."""
-    return (features / spec.clip_bounds()[:, None, None]).astype(np.float32)
+    result: np.ndarray = (features / spec.clip_bounds()[:, None, None]).astype(np.float32)
+    return result
 
 
 def train_gan(real_units: np.ndarray, steps: int, batch_size: int = 64, lr: float = 2e-4, seed: int = 0,
@@ -152,7 +154,8 @@ class ImpostorSource:
         torch_rng = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
         z = torch.randn(count, self.generator.z_dim, generator=torch_rng)
         units = self.generator(z).double().numpy()
-        return units * self.spec.clip_bounds()[:, None, None]
+        result: np.ndarray = units * self.spec.clip_bounds()[:, None, None]
+        return result
 
     def sample(self, count: int, rng: np.random.Generator) -> torch.Tensor:
         """Generated features plus the served noise, float32 [count, K, 14, 14] (what the model sees)."""

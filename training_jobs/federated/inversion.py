@@ -142,4 +142,5 @@ def best_cosines(recovered: np.ndarray, true: np.ndarray, spec: TransformSpec, u
     b = (true / std).reshape(len(true), -1)
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return (b @ a.T).max(axis=1)
+    result: np.ndarray = (b @ a.T).max(axis=1)
+    return result

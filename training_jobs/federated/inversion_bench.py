@@ -95,7 +95,8 @@ def public_prior(lfw: Path, spec: TransformSpec, exclude: set[str], count: int =
     """The attacker's starting point: the mean noised features of `count` public (training, non-victim) faces."""
     split = attacker_split(lfw)
     paths = [p for p in split.train_images if identity_of(p) not in exclude][:count]
-    return apply(load_many(lfw, paths), spec, np.random.default_rng(0)).astype(np.float32).mean(0)
+    result: np.ndarray = apply(load_many(lfw, paths), spec, np.random.default_rng(0)).astype(np.float32).mean(0)
+    return result
 
 
 def rebuild(attack: A1, features: np.ndarray, spec: TransformSpec) -> np.ndarray:

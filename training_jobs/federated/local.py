@@ -77,7 +77,8 @@ def positive_margin_loss(embeddings: torch.Tensor, class_vector: torch.Tensor, m
 
 def raw_embedding(model: FrequencyFaceModel, features: torch.Tensor) -> torch.Tensor:
     """One view, un-normalised: what the losses see (as in training_jobs.train)."""
-    return model.backbone(model.adapter(features))
+    result: torch.Tensor = model.backbone(model.adapter(features))
+    return result
 
 
 @torch.no_grad()

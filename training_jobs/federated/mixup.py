@@ -119,7 +119,8 @@ class Mixer:
     def weights(self, features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         if self.strategy is None:
             return dirichlet_weights(len(indices), indices.shape[1], self.generator, self.config.floor)
-        return self.strategy(descriptors(features.detach(), indices), self.config.floor)
+        result: torch.Tensor = self.strategy(descriptors(features.detach(), indices), self.config.floor)
+        return result
 
     def adapt(self, features: torch.Tensor, clean: np.ndarray, indices: torch.Tensor, loss_fn: LossFn) -> None:
         """Gradient ASCENT of the recognition loss on the strategy's parameters only (the model's gradients are

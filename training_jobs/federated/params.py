@@ -44,7 +44,8 @@ def load_weights(path: Path, sha256: str | None = None) -> dict[str, torch.Tenso
         raise WeightsError(f"no PyTorch weights at {path}")
     if sha256 is not None and file_sha256(path) != sha256:
         raise WeightsError(f"{path} does not match its recorded sha256")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    result: dict[str, torch.Tensor] = torch.load(path, map_location="cpu", weights_only=True)
+    return result
 
 
 def travelling_names(model: torch.nn.Module, scope: str) -> list[str]:

@@ -130,7 +130,8 @@ def baseline_metrics(version_dir: Path, heldout: Heldout, state_dir: Path | None
     the state directory so a resumed run does not measure it again."""
     cached = state_dir / "baseline.json" if state_dir else None
     if cached is not None and cached.exists():
-        return json.loads(cached.read_text())
+        result: dict = json.loads(cached.read_text())
+        return result
     meta = ModelMetadata.load(version_dir, verify=True)
     features_fn = OrtEmbedder(version_dir / meta.onnx_file, prefer_gpu=True, intra_op_threads=1).embed
     metrics = {"version": meta.version, **heldout.evaluate_features_fn(features_fn, f"baseline {meta.version}")}
