@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,7 @@ def channel_stats(lfw: Path, images: list[str], chunk: int = 256) -> dict[str, n
     return {"mean": mean, "std": np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))}
 
 
-def build_record(lfw: Path, images: list[str], seed: int) -> dict:
+def build_record(lfw: Path, images: list[str], seed: int) -> dict[str, Any]:
     stats = channel_stats(lfw, images)
     listing = hashlib.sha256("\n".join(images).encode()).hexdigest()
     return {

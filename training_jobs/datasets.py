@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -102,14 +102,14 @@ class Augment:
         return np.ascontiguousarray(out)
 
     @classmethod
-    def from_config(cls, config: dict | Literal[False] | None) -> "Augment | None":
+    def from_config(cls, config: dict[str, Any] | Literal[False] | None) -> "Augment | None":
         if config is None or config is False:
             return None
         return cls(**{k: v for k, v in dict(config).items() if k != "enabled"}) if config.get("enabled", True) \
             else None
 
 
-class TransformedFaces(Dataset):
+class TransformedFaces(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
     """(features float32 [K,14,14], clean RGB uint8 [112,112,3], label) with fresh transform noise per sample."""
 
     def __init__(self, lfw: Path, images: list[str], labels: list[int], spec: TransformSpec,

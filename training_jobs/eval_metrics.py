@@ -3,6 +3,8 @@ TAR at a FAR, accuracy with the threshold chosen on the other folds, rank-1 iden
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from inference.evaluation import best_threshold
@@ -28,7 +30,7 @@ def tar_at_far(scores: np.ndarray, same: np.ndarray, target_far: float) -> tuple
     return float(tar[best]), float(thresholds[best])
 
 
-def leave_one_fold_out_accuracy(scores: np.ndarray, same: np.ndarray, folds: np.ndarray) -> dict:
+def leave_one_fold_out_accuracy(scores: np.ndarray, same: np.ndarray, folds: np.ndarray) -> dict[str, Any]:
     """Accuracy per fold with the threshold chosen on the other folds; mean, std and per-fold values."""
     per_fold = {}
     for fold in np.unique(folds):

@@ -17,7 +17,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -141,8 +141,8 @@ def onnx_features_fn(path: Path, threads: int = 1) -> Callable[[np.ndarray], np.
 class ModelResult:
     name: str
     input: str  # "pixels" or a transform_id
-    verification: dict
-    tar_at_far: dict
+    verification: dict[str, Any]
+    tar_at_far: dict[str, Any]
     rank1: float
     num_pairs: int
     num_gallery: int
@@ -151,7 +151,7 @@ class ModelResult:
     scores: np.ndarray = field(repr=False)  # every pair's score and truth, for the ROC/DET plots
     same: np.ndarray = field(repr=False)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "input": self.input, "verification": self.verification,
                 "tar_at_far": self.tar_at_far, "rank1": self.rank1, "num_pairs": self.num_pairs,
                 "num_gallery": self.num_gallery, "num_probes": self.num_probes, "seconds": round(self.seconds, 1)}
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
           f"probes {len(data.probes)}", flush=True)
     epsilons = [parse_epsilon(e) for e in args.epsilons.split(",")] if args.epsilons else [spec.epsilon_per_coefficient]
     results: list[ModelResult] = []
-    sweep: dict[str, list] = defaultdict(list)
+    sweep: dict[str, list[tuple[float | None, float, float]]] = defaultdict(list)
     for model in args.model:
         for epsilon in (epsilons if model not in PIXEL_MODELS else [None]):
             run_spec = spec.with_epsilon(epsilon)

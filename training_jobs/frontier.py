@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from inference.transform import PRESETS
 
 
-def run_config(run_dir: Path) -> dict:
+def run_config(run_dir: Path) -> dict[str, Any]:
     """The run's config: config.json when the run trained here, else the one inside its checkpoint (a run
     trained on a lent device comes back as a checkpoint only)."""
     if (run_dir / "config.json").exists():
@@ -29,7 +30,7 @@ def run_config(run_dir: Path) -> dict:
     return dict(state["config"])
 
 
-def run_summary(run_dir: Path) -> dict:
+def run_summary(run_dir: Path) -> dict[str, Any]:
     """The figures of one training run's final held-out evaluation."""
     report = json.loads((Path(run_dir) / "final.json").read_text())
     final = report["final"]
@@ -43,9 +44,9 @@ def run_summary(run_dir: Path) -> dict:
             "far_resolution": tars["far_resolution"], "rank1_identification": final["rank1"]}
 
 
-def attack_figures(results: list[dict], transform: str, epsilon: float | None) -> dict:
+def attack_figures(results: list[dict[str, Any]], transform: str, epsilon: float | None) -> dict[str, Any]:
     """Per attack (a1, a2): the strongest measured result on this transform and noise (highest rank-1)."""
-    out: dict = {}
+    out: dict[str, Any] = {}
     for row in results:
         if row.get("transform") != transform or row.get("rank1") is None:
             continue
@@ -58,7 +59,7 @@ def attack_figures(results: list[dict], transform: str, epsilon: float | None) -
     return out
 
 
-def plot(points: list[dict], path: Path) -> None:
+def plot(points: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -22,6 +22,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
@@ -76,7 +77,7 @@ def luma(rgb: np.ndarray) -> np.ndarray:
     return result
 
 
-def image_quality(originals: np.ndarray, rebuilds: np.ndarray) -> dict:
+def image_quality(originals: np.ndarray, rebuilds: np.ndarray) -> dict[str, Any]:
     ssims = np.array([ssim(luma(o), luma(r)) for o, r in zip(originals, rebuilds)])
     psnrs = np.array([psnr(o, r) for o, r in zip(originals, rebuilds)])
     return {"ssim_mean": float(ssims.mean()), "ssim_std": float(ssims.std()),
@@ -113,7 +114,7 @@ def save_grid(originals: np.ndarray, rows: dict[str, np.ndarray], path: Path, ti
 
 
 def run(transforms: list[str], epsilon: float | None, folds: tuple[int, ...], out: Path, shared: Path,
-        seed: int = 0, max_probes: int | None = None, grid: int = 8, threads: int = 1) -> dict:
+        seed: int = 0, max_probes: int | None = None, grid: int = 8, threads: int = 1) -> dict[str, Any]:
     from training_jobs.sface import SFaceEmbedder
     from training_jobs.evaluate import embed_all
 

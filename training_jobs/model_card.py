@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from inference.metadata import ModelMetadata
 from inference.operating_points import ImpostorCurve
@@ -28,7 +29,7 @@ def pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f}%"
 
 
-def recipe(config: dict) -> list[str]:
+def recipe(config: dict[str, Any]) -> list[str]:
     model, loss, optim = config["model"], config["loss"], config["optim"]
     kind = model.get("kind", "frequency-mobilefacenet")
     arch = ("learnable inverse-DCT adapter (1x1 conv initialised to the exact inverse DCT) + pretrained "
@@ -43,7 +44,7 @@ def recipe(config: dict) -> list[str]:
             f"| Augmentation | {config['augment']} (before the transform; fresh noise per sample and epoch) |"]
 
 
-def render(meta: ModelMetadata, config: dict, attacks: list[dict]) -> str:
+def render(meta: ModelMetadata, config: dict[str, Any], attacks: list[dict[str, Any]]) -> str:
     spec = meta.spec
     heldout = meta.metrics.get("heldout", {})
     training = meta.metrics.get("training", {})

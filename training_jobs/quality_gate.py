@@ -23,6 +23,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -190,7 +191,7 @@ def fit_data(lfw: Path, raw_dir: Path, train_images: list[str]) -> FitData:
                    realigned(lfw, raw_dir, raw["fit"]), realigned(lfw, raw_dir, raw["calibration"]))
 
 
-def fit_gate(spec: TransformSpec, lfw: Path, data: FitData, seed: int = 1) -> tuple[QualityGate, dict]:
+def fit_gate(spec: TransformSpec, lfw: Path, data: FitData, seed: int = 1) -> tuple[QualityGate, dict[str, Any]]:
     """Fit one preset's gate; returns it and a short report (counts, calibration figures)."""
     rng = np.random.default_rng(seed)
     stored_spectral, stored_layout = face_summaries(lfw, data.stored_fit, spec, seed, jitter=True)
@@ -223,13 +224,13 @@ def gate_logits(gate: QualityGate, spectral: np.ndarray, layout: np.ndarray) -> 
     return logits
 
 
-def fit_all(epsilon: float, out: Path) -> dict:
+def fit_all(epsilon: float, out: Path) -> dict[str, Any]:
     from training_jobs.datasets import make_split  # torch: only the fit needs it
 
     lfw = lfw_dir(shared_dir())
     data = fit_data(lfw, raw_dir(), make_split(lfw, EVAL_FOLDS).train_images)
-    gates: dict[str, dict] = {}
-    fits: dict[str, dict] = {}
+    gates: dict[str, dict[str, Any]] = {}
+    fits: dict[str, dict[str, Any]] = {}
     record = {"description": "Feature quality gate per transform (inference/quality_gate.py), keyed by preset; "
                              "fitted by `python -m training_jobs.quality_gate fit` on LFW identities outside View-2 "
                              "folds 6-10 vs synthetic non-faces. See docs/quality_gate.md.",
@@ -261,7 +262,7 @@ def issue_inputs(rng: np.random.Generator, spec: TransformSpec, repeat: int = 1)
     return np.concatenate(parts)
 
 
-def rate(logits: np.ndarray, threshold: float) -> dict:
+def rate(logits: np.ndarray, threshold: float) -> dict[str, Any]:
     """How many fall below the threshold (refused), with the spread of their face scores."""
     rejected = logits < threshold
     return {"n": int(rejected.size), "rejected": int(rejected.sum()), "rate": float(rejected.mean()),
@@ -298,11 +299,11 @@ def informational(sample: Images, sdk_faces: Images, rng: np.random.Generator) -
 
 
 def evaluate_preset(spec: TransformSpec, gate: QualityGate, lfw: Path, held_out: list[str], sdk_faces: Images,
-                    seed: int = 2) -> dict:
+                    seed: int = 2) -> dict[str, Any]:
     """Every figure of docs/quality_gate.md for one preset."""
     rng = np.random.default_rng(seed)
 
-    def refused(features: np.ndarray) -> dict:
+    def refused(features: np.ndarray) -> dict[str, Any]:
         return rate(gate_logits(gate, *summaries(features, spec)), gate.threshold)
 
     logits = gate_logits(gate, *face_summaries(lfw, held_out, spec, seed))
@@ -315,7 +316,7 @@ def evaluate_preset(spec: TransformSpec, gate: QualityGate, lfw: Path, held_out:
                                        for k, v in informational(sample, sdk_faces, rng).items()}}
 
 
-def evaluate_all(epsilon: float, gates_path: Path, out: Path | None) -> dict:
+def evaluate_all(epsilon: float, gates_path: Path, out: Path | None) -> dict[str, Any]:
     from inference.quality_gate import load_gates
 
     lfw = lfw_dir(shared_dir())
@@ -323,7 +324,7 @@ def evaluate_all(epsilon: float, gates_path: Path, out: Path | None) -> dict:
     check = raw_split(raw_dir())["check"]
     sdk_faces = realigned(lfw, raw_dir(), check)
     gates = load_gates(gates_path)
-    presets: dict[str, dict] = {}
+    presets: dict[str, dict[str, Any]] = {}
     result = {"folds": list(EVAL_FOLDS), "held_out_images": len(held_out), "sdk_aligned_check_photos": len(check),
               "epsilon_per_coefficient": epsilon, "presets": presets}
     for name, make in PRESETS.items():

@@ -25,6 +25,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ class Teacher:
         return None
 
 
-def build_student(model: dict, spec: TransformSpec, shared: Path) -> Student:
+def build_student(model: dict[str, Any], spec: TransformSpec, shared: Path) -> Student:
     """`kind: frequency-mobilefacenet` (default): learnable inverse-DCT adapter + pretrained MobileFaceNet, the
     served architecture. `kind: sealed-cnn`: the small CNN on the DCT planes made for MPC (issue 12), trained
     from scratch, `activation: relu | quad`, `width` channels."""
@@ -105,7 +106,7 @@ def lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int]
 
 
 class Trainer:
-    def __init__(self, config: dict, out_dir: Path | None = None) -> None:
+    def __init__(self, config: dict[str, Any], out_dir: Path | None = None) -> None:
         self.config = config
         self.out_dir = Path(out_dir or config["out_dir"] or Path("var/training") / config["name"])
         if config.get("threads"):
@@ -146,7 +147,7 @@ class Trainer:
         self.step = 0
         self.slim_copy: Path | None = None  # also write the checkpoint without optimizer state here
         self.deadline: float | None = None  # time.monotonic() by which training must end (see fit_to_deadline)
-        self.history: list[dict] = []
+        self.history: list[dict[str, Any]] = []
         self._heldout: dict[int | None, HeldoutSet] = {}
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ class Trainer:
         random.setstate(state["rng"]["python"])
 
     # -- training ----------------------------------------------------------------------------------
-    def loader(self, epoch: int) -> DataLoader:
+    def loader(self, epoch: int) -> DataLoader[tuple[torch.Tensor, torch.Tensor, int]]:
         self.dataset.set_epoch(epoch)
         generator = torch.Generator().manual_seed(self.config["seed"] * 100_003 + epoch)
         workers = int(self.config["data"]["num_workers"])
@@ -211,7 +212,7 @@ class Trainer:
             labels.append(label.to(self.device))
         self.head.init_from_embeddings(torch.cat(embeddings), torch.cat(labels))
 
-    def train_epoch(self, epoch: int) -> dict:
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
         from tqdm import tqdm
 
         loss_cfg = self.config["loss"]
@@ -264,7 +265,7 @@ class Trainer:
         embed = frequency_embedder(torch_features_fn(self.student), self.spec, rng)
         return self.heldout(pairs_per_fold).evaluate(name, self.spec.transform_id, embed)
 
-    def fit(self, resume: bool = False, stop_after: int | None = None) -> dict:
+    def fit(self, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
         """Train up to the configured epochs (or only until `stop_after` epochs are done, as if interrupted)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.json").write_text(json.dumps(self.config, indent=1) + "\n")
@@ -318,12 +319,12 @@ class Trainer:
         factor = lr_lambda(total, min(optim["warmup_steps"], max(1, total // 10)), optim["min_lr_ratio"])
         self.scheduler.lr_lambdas = [factor] * len(self.optimizer.param_groups)
 
-    def _write_metrics(self, metrics: dict) -> None:
+    def _write_metrics(self, metrics: dict[str, Any]) -> None:
         directory = self.out_dir / "metrics"
         directory.mkdir(parents=True, exist_ok=True)
         (directory / f"epoch_{metrics['epoch']:03d}.json").write_text(json.dumps(metrics, indent=1) + "\n")
 
-    def finish(self) -> dict:
+    def finish(self) -> dict[str, Any]:
         """Full held-out evaluation, plots, and the optional ONNX export of the final model."""
         eval_cfg = self.config["eval"]
         result = self.evaluate(eval_cfg["final_pairs_per_fold"], self.config["name"])
@@ -348,7 +349,7 @@ class Trainer:
         return report
 
 
-def atomic_save(state: dict, path: Path) -> None:
+def atomic_save(state: dict[str, Any], path: Path) -> None:
     """torch.save through a temporary file and a rename, so a reader never sees half a checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

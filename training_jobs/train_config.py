@@ -37,14 +37,14 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def merge(base: dict, override: dict | None) -> dict:
+def merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in (override or {}).items():
         out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
-def load_config(path: Path) -> dict:
+def load_config(path: Path) -> dict[str, Any]:
     text = Path(path).read_text()
     if Path(path).suffix in (".yaml", ".yml"):
         import yaml
@@ -67,6 +67,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_spec(config: dict) -> TransformSpec:
+def make_spec(config: dict[str, Any]) -> TransformSpec:
     epsilon = config["transform"].get("epsilon")
     return PRESETS[config["transform"]["preset"]](None if epsilon in (None, "none") else float(epsilon))

@@ -14,6 +14,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ def make_attack(name: str, spec: TransformSpec, shared: Path, ssim_weight: float
 
 
 def evaluate(attack: A1 | A2 | A3, spec: TransformSpec, args: argparse.Namespace, run_dir: Path, lfw: Path,
-             shared: Path) -> dict:
+             shared: Path) -> dict[str, Any]:
     probes = probe_set(lfw, args.max_probes, args.seed, args.max_eval_identities)
     features = probes.probe_features(spec, args.seed)
     scale = normaliser(spec)
@@ -70,12 +71,12 @@ def evaluate(attack: A1 | A2 | A3, spec: TransformSpec, args: argparse.Namespace
     return score_images(rebuilt, probes, SFaceEmbedder(threads=args.threads).embed, cache) | _sizes(probes)
 
 
-def _sizes(probes: ProbeSet) -> dict:
+def _sizes(probes: ProbeSet) -> dict[str, Any]:
     return {"probes": len(probes.probe_paths), "gallery": len(probes.gallery_paths),
             "chance_rank1": 1.0 / len(probes.gallery_paths)}
 
 
-def command_run(args: argparse.Namespace) -> dict:
+def command_run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     shared = args.shared_dir or shared_dir()

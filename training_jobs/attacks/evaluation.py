@@ -19,7 +19,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ def run_batched(fn: Callable[[torch.Tensor], torch.Tensor], features: np.ndarray
 
 
 def identification(gallery: np.ndarray, gallery_ids: list[str], probes: np.ndarray, probe_ids: list[str],
-                   target_far: float = 1e-3) -> dict:
+                   target_far: float = 1e-3) -> dict[str, Any]:
     """rank-1, and TAR at target FAR over all probe-vs-gallery scores (embeddings L2-normalised)."""
     scores = probes @ gallery.T
     same = np.array([[p == g for g in gallery_ids] for p in probe_ids])
@@ -75,7 +75,7 @@ def grid_indices(count: int) -> np.ndarray:
     return np.linspace(0, count - 1, min(GRID_SIZE, count)).astype(int)
 
 
-def score_images(rebuilt: np.ndarray, probes: ProbeSet, sface_embed: EmbedFn, cache_dir: Path) -> dict:
+def score_images(rebuilt: np.ndarray, probes: ProbeSet, sface_embed: EmbedFn, cache_dir: Path) -> dict[str, Any]:
     """PSNR/SSIM and SFace identification of reconstructions [N, 112, 112, 3] uint8 of the probes."""
     gallery = cached_embeddings(probes.gallery_faces, probes.gallery_paths, sface_embed, cache_dir, "sface")
     clean = cached_embeddings(probes.probe_faces, probes.probe_paths, sface_embed, cache_dir, "sface")
@@ -84,7 +84,7 @@ def score_images(rebuilt: np.ndarray, probes: ProbeSet, sface_embed: EmbedFn, ca
             "sface_rank1_clean_probes": rank1(gallery, probes.gallery_ids, clean, probes.probe_ids)}
 
 
-def score_embeddings(predicted: np.ndarray, probes: ProbeSet, pixel_embed: EmbedFn, cache_dir: Path) -> dict:
+def score_embeddings(predicted: np.ndarray, probes: ProbeSet, pixel_embed: EmbedFn, cache_dir: Path) -> dict[str, Any]:
     """Identification of predicted pixel-model embeddings against the pixel model's clean gallery."""
     gallery = cached_embeddings(probes.gallery_faces, probes.gallery_paths, pixel_embed, cache_dir, "mfn")
     clean = cached_embeddings(probes.probe_faces, probes.probe_paths, pixel_embed, cache_dir, "mfn")
@@ -97,7 +97,7 @@ def score_embeddings(predicted: np.ndarray, probes: ProbeSet, pixel_embed: Embed
 # ------------------------------------------------------------------------------------------------
 # Results file, grid and table
 
-def upsert_result(path: Path, row: dict) -> list[dict]:
+def upsert_result(path: Path, row: dict[str, Any]) -> list[dict[str, Any]]:
     """Replace the row with the same run name (or add it); the file is the single source of the table."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:  # runs in parallel must not lose each other's rows
@@ -117,7 +117,7 @@ def _num(value: float | None, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| attack | transform | ε/coef | budget | steps (epochs) | rank-1 | chance | clean rank-1 | "
              "TAR@FAR1e-3 | PSNR (dB) | SSIM | probes / gallery |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -131,7 +131,7 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_table(readme: Path, rows: list[dict]) -> None:
+def write_table(readme: Path, rows: list[dict[str, Any]]) -> None:
     """Rewrite the table between the README's markers (added at the end if missing)."""
     text = readme.read_text() if readme.exists() else "# Learned attacks\n"
     table = f"{TABLE_START}\n{markdown_table(rows)}\n{TABLE_END}"
@@ -144,7 +144,7 @@ def write_table(readme: Path, rows: list[dict]) -> None:
 
 
 def write_grid(out: Path, transform: str, epsilon_tag: str, originals: np.ndarray, runs_dir: Path,
-               rows: list[dict]) -> Path | None:
+               rows: list[dict[str, Any]]) -> Path | None:
     """clean | reconstruction per image-attack run of this transform and ε (from each run's grid.npy)."""
     candidates = {}
     for r in rows:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ class Progress:
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimiser: torch.optim.Optimizer, progress: Progress,
-                    meta: dict) -> None:
+                    meta: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
@@ -72,7 +72,7 @@ def save_checkpoint(path: Path, model: nn.Module, optimiser: torch.optim.Optimiz
     tmp.replace(path)  # atomic: a kill never leaves a half-written checkpoint
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimiser: torch.optim.Optimizer | None = None) -> tuple[Progress, dict]:
+def load_checkpoint(path: Path, model: nn.Module, optimiser: torch.optim.Optimizer | None = None) -> tuple[Progress, dict[str, Any]]:
     state = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     if optimiser is not None:
@@ -97,7 +97,7 @@ def batches(dataset: TransformedFaces, progress: Progress, budget: Budget) -> It
         progress.position = 0
 
 
-def train(attack: Attack, dataset: TransformedFaces, budget: Budget, checkpoint: Path, meta: dict,
+def train(attack: Attack, dataset: TransformedFaces, budget: Budget, checkpoint: Path, meta: dict[str, Any],
           log: Callable[[str], None] | None = None) -> Progress:
     """Train until the budget's minutes (or max_steps) are spent, resuming from `checkpoint` if present."""
     log = log or (lambda message: print(message, flush=True))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -71,7 +72,7 @@ class DpAccount:
     delta: float
     sample_rate: float  # clients_per_round / clients (only the Poisson reference figure uses it)
 
-    def after(self, rounds: int) -> dict:
+    def after(self, rounds: int) -> dict[str, Any]:
         if self.noise_multiplier <= 0:  # clipping only: no privacy guarantee
             return {"rounds": rounds, "delta": self.delta, "epsilon": None, "epsilon_poisson": None,
                     "note": "noise_multiplier 0: clipping only, no differential privacy"}

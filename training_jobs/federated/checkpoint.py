@@ -18,6 +18,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ class CheckpointMismatch(ValueError):
     """The state on disk belongs to a run with different settings."""
 
 
-def fingerprint(settings: dict) -> str:
+def fingerprint(settings: dict[str, Any]) -> str:
     """A stable digest of the settings that determine the training (JSON, sorted keys)."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -42,7 +43,7 @@ class RoundState:
     round: int
     arrays: dict[str, np.ndarray]
     class_vectors: dict[str, np.ndarray] = field(default_factory=dict)
-    log: dict = field(default_factory=dict)
+    log: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
 
 

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -77,14 +77,14 @@ def _teacher(shared: str) -> MobileFaceNet:
     return load_pretrained(Path(shared)).requires_grad_(False).eval()
 
 
-def local_config(config: Mapping) -> LocalConfig:
+def local_config(config: Mapping[str, Any]) -> LocalConfig:
     """LocalConfig from the round's config (keys are the field names with '-' for '_'); unknown keys ignored."""
     values = {f.name: config[f.name.replace("_", "-")] for f in fields(LocalConfig)
               if f.name.replace("_", "-") in config}
     return LocalConfig(**values)
 
 
-def round_rng(config: Mapping, partition_id: int) -> np.random.Generator:
+def round_rng(config: Mapping[str, Any], partition_id: int) -> np.random.Generator:
     """Seeded per (seed, round, client) in simulation (reproducible); from the OS CSPRNG on a real device."""
     if "seed" in config:
         return np.random.default_rng([int(config["seed"]), int(config["server-round"]), partition_id])
@@ -106,7 +106,7 @@ class LocalUpdate:
     metrics: dict[str, float]
 
 
-def local_update(received: dict[str, np.ndarray], config: Mapping, class_vector: np.ndarray | None,
+def local_update(received: dict[str, np.ndarray], config: Mapping[str, Any], class_vector: np.ndarray | None,
                  faces: np.ndarray, shared: Path, partition_id: int) -> LocalUpdate:
     """Load the global parameters into the published model, train them on the owner's photos, return them."""
     if config.get("drop"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from training_jobs.federated.server_app import ServerSettings
 from training_jobs.federated.simulate import simulate
 
 
-def summary(log: dict) -> dict:
+def summary(log: dict[str, Any]) -> dict[str, Any]:
     """What the comparison keeps of one run's log."""
     later = [r["train_seconds"] for r in log["rounds"][1:]]
     return {"rounds": [{k: v for k, v in r.items() if k != "replied_clients"} for r in log["rounds"]],

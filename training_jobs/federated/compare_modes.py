@@ -18,6 +18,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     lfw = lfw_dir(shared)
     spec = PRESETS["dct8-v0"](64.0)
     heldout = Heldout(lfw, spec, args.pairs_per_fold, seed=args.seed)
-    report: dict = {"settings": vars(args) | {"out": str(args.out), "impostor_checkpoint": str(args.impostor_checkpoint),
+    report: dict[str, Any] = {"settings": vars(args) | {"out": str(args.out), "impostor_checkpoint": str(args.impostor_checkpoint),
                                               "transform": spec.transform_id, "heldout_folds": [6, 7, 8, 9, 10]},
                     "before": None if args.skip_before else heldout.evaluate(build_base_model(spec, shared), "before"),
                     "runs": {}}
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     write(report, args.out)
 
 
-def simulate_with_retry(population: Population, settings: ServerSettings, lfw: Path, heldout: Heldout) -> dict:
+def simulate_with_retry(population: Population, settings: ServerSettings, lfw: Path, heldout: Heldout) -> dict[str, Any]:
     """One simulation, started a second time if Ray's runtime fails to start (seen here on an overloaded machine:
     "The current node timed out during startup"); the retry is recorded in the log."""
     try:
@@ -97,7 +98,7 @@ def simulate_with_retry(population: Population, settings: ServerSettings, lfw: P
         return log
 
 
-def write(report: dict, out: Path | None) -> None:
+def write(report: dict[str, Any], out: Path | None) -> None:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1, default=str) + "\n")

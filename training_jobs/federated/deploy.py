@@ -20,6 +20,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import Context, Message
@@ -76,7 +77,7 @@ def client_app(shared: Path | None = None) -> ClientApp:
                            client_id_fn=device_client_id)
 
 
-def settings_from_run_config(config: dict, shared: Path) -> ServerSettings:
+def settings_from_run_config(config: dict[str, Any], shared: Path) -> ServerSettings:
     """ServerSettings from Flower's run config (keys as in flower_app/pyproject.toml); bad values refused."""
     aggregation = str(config["aggregation"])
     if aggregation not in AGGREGATIONS:
@@ -97,7 +98,7 @@ def settings_from_run_config(config: dict, shared: Path) -> ServerSettings:
                           0.0, str(config["state-dir"]) or None, round_timeout=timeout)
 
 
-def write_report(path: Path, log_: dict) -> None:
+def write_report(path: Path, log_: dict[str, Any]) -> None:
     """The run's log (rounds, clients, bytes, times, held-out metrics) as JSON, written atomically."""
     report = {key: value for key, value in log_.items() if key != "final_arrays"}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +119,7 @@ def server_app(shared: Path | None = None) -> ServerApp:
         spec = TransformSpec.from_dict(settings.transform)
         heldout = Heldout(lfw_dir(root), spec, pairs, seed=settings.seed or 0) if pairs > 0 else None
         out = str(context.run_config["report"])
-        log_: dict = {}
+        log_: dict[str, Any] = {}
         start = time.perf_counter()
         try:
             run_rounds(grid, context, settings, heldout, log_)

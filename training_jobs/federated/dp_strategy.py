@@ -43,7 +43,7 @@ class DpFedFaceAvg(FedFaceAvg):
         return arrays, metrics
 
     def fedavg_round(self, grid: Grid, server_round: int, arrays: ArrayRecord,
-                     config: ConfigRecord) -> tuple[ArrayRecord, dict]:
+                     config: ConfigRecord) -> tuple[ArrayRecord, dict[str, Any]]:
         new, entry = super().fedavg_round(grid, server_round, arrays, config)
         entry["dp"] = {"clip": self.dp.clip, "noise_multiplier": self.dp.noise_multiplier,
                        "noise_std": self.noise_std, **self.account.after(server_round)}

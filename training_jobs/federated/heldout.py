@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,20 +32,20 @@ class Heldout:
     def identities(self) -> frozenset[str]:
         return frozenset(path.split("/")[0] for path in self.pairs.images)
 
-    def evaluate(self, model: FrequencyFaceModel, name: str) -> dict:
+    def evaluate(self, model: FrequencyFaceModel, name: str) -> dict[str, Any]:
         """Accuracy (leave-one-fold-out), TAR@FAR 1e-3/1e-4 and rank-1 of `model`, as a JSON-able dict."""
         model.eval()
         with torch.inference_mode():
             return self.evaluate_features_fn(torch_features_fn(model), name)
 
-    def evaluate_features_fn(self, features_fn: Callable[[np.ndarray], np.ndarray], name: str) -> dict:
+    def evaluate_features_fn(self, features_fn: Callable[[np.ndarray], np.ndarray], name: str) -> dict[str, Any]:
         """The same measurement for any embedder of features (e.g. a served ONNX version: the guardrail's
         baseline), so candidate and baseline are compared on the same pairs and noise draws."""
         embed = frequency_embedder(features_fn, self.spec, np.random.default_rng(self.seed))
         return summary(self.pairs.evaluate(name, self.spec.transform_id, embed).to_dict())
 
 
-def summary(result: dict) -> dict:
+def summary(result: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers of a training_jobs.evaluate result."""
     verification = result["verification"]
     return {"accuracy": verification.get("accuracy"), "accuracy_std": verification.get("accuracy_std"),

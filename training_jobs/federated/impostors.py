@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,7 +84,7 @@ def to_units(features: np.ndarray, spec: TransformSpec) -> np.ndarray:
 
 def train_gan(real_units: np.ndarray, steps: int, batch_size: int = 64, lr: float = 2e-4, seed: int = 0,
               z_dim: int = 32, log_every: int = 50, max_seconds: float | None = None,
-              ) -> tuple[FeatureGenerator, list[dict]]:
+              ) -> tuple[FeatureGenerator, list[dict[str, Any]]]:
     """Non-saturating GAN loss with Adam(0.5, 0.999) (DCGAN's recipe) for `steps` generator steps, or fewer
     when `max_seconds` run out first (a CPU budget on a shared machine)."""
     deadline = time.monotonic() + max_seconds if max_seconds is not None else None
@@ -114,7 +115,7 @@ def train_gan(real_units: np.ndarray, steps: int, batch_size: int = 64, lr: floa
     return generator.eval(), history
 
 
-def save_generator(generator: FeatureGenerator, spec: TransformSpec, path: Path, trained_on: dict) -> str:
+def save_generator(generator: FeatureGenerator, spec: TransformSpec, path: Path, trained_on: dict[str, Any]) -> str:
     """Write the checkpoint (weights, architecture, transform hash, provenance); returns its sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": generator.state_dict(), "channels": generator.channels, "z_dim": generator.z_dim,
@@ -173,7 +174,7 @@ def _cached_generator(path: str, spec_json: str, sha256: str | None) -> FeatureG
     return load_generator(Path(path), TransformSpec.from_dict(json.loads(spec_json)), sha256)
 
 
-def source_from_config(config: Mapping, spec: TransformSpec) -> ImpostorSource | None:
+def source_from_config(config: Mapping[str, Any], spec: TransformSpec) -> ImpostorSource | None:
     """The round's impostor source: None for `negatives` none (or absent); for gan, the generator the round
     names (`impostor-path`, checked against `impostor-sha256`), loaded once per process."""
     negatives = str(config.get("negatives", "none"))

@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ def conditions(k: int) -> list[tuple[str, int, bool]]:
     return [("none", 0, False), (f"mixup-k{k}", k, False), (f"adaptive-k{k}", k, True)]
 
 
-def pick_people(lfw: Path, victims: int, photos: int, distractors: int) -> tuple[list[dict], list[str]]:
+def pick_people(lfw: Path, victims: int, photos: int, distractors: int) -> tuple[list[dict[str, Any]], list[str]]:
     """Victims (training photos + one gallery photo) and distractor gallery photos, all training identities."""
     split = make_split(lfw, EVAL_FOLDS)
     by_id: dict[str, list[str]] = {}
@@ -104,7 +104,7 @@ def rebuild(attack: A1, features: np.ndarray, spec: TransformSpec) -> np.ndarray
         return to_uint8(attack.reconstruct(torch.from_numpy(features.astype(np.float32)) / normaliser(spec)))
 
 
-def image_scores(rebuilt: np.ndarray, photos: np.ndarray) -> dict:
+def image_scores(rebuilt: np.ndarray, photos: np.ndarray) -> dict[str, Any]:
     """For each real photo: the best PSNR / SSIM over recovered faces and their mirror images."""
     candidates = np.concatenate([rebuilt, rebuilt[:, :, ::-1]])
     best_psnr = [max(psnr(p, c) for c in candidates) for p in photos]
@@ -112,9 +112,9 @@ def image_scores(rebuilt: np.ndarray, photos: np.ndarray) -> dict:
     return {"psnr_db": float(np.mean(best_psnr)), "ssim": float(np.mean(best_ssim))}
 
 
-def start_accuracy_runs(args: argparse.Namespace, workdir: Path) -> tuple[threading.Thread, dict]:
+def start_accuracy_runs(args: argparse.Namespace, workdir: Path) -> tuple[threading.Thread, dict[str, Any]]:
     """The three simulate runs, one after another, in a background thread; results land in the dict."""
-    results: dict = {}
+    results: dict[str, Any] = {}
 
     def run() -> None:
         for name, k, adaptive in conditions(args.mixup_k):
@@ -145,10 +145,10 @@ def start_accuracy_runs(args: argparse.Namespace, workdir: Path) -> tuple[thread
     return thread, results
 
 
-def attack_condition(name: str, k: int, adaptive: bool, people: list[dict], faces: list[np.ndarray],
+def attack_condition(name: str, k: int, adaptive: bool, people: list[dict[str, Any]], faces: list[np.ndarray],
                      spec: TransformSpec, shared: Path, attack: A1, gallery: np.ndarray, gallery_faces: np.ndarray,
                      gallery_ids: list[str],
-                     sface: SFaceEmbedder, prior: np.ndarray, args: argparse.Namespace) -> tuple[dict, list[np.ndarray]]:
+                     sface: SFaceEmbedder, prior: np.ndarray, args: argparse.Namespace) -> tuple[dict[str, Any], list[np.ndarray]]:
     """Every victim's round under one condition, inverted and scored."""
     model = build_base_model(spec, shared)
     names = travelling_names(model, "whole")
@@ -192,9 +192,9 @@ def attack_condition(name: str, k: int, adaptive: bool, people: list[dict], face
     return summary, rebuilt_all
 
 
-def reference_rows(people: list[dict], faces: list[np.ndarray], spec: TransformSpec, attack: A1,
+def reference_rows(people: list[dict[str, Any]], faces: list[np.ndarray], spec: TransformSpec, attack: A1,
                    gallery: np.ndarray, gallery_ids: list[str], sface: SFaceEmbedder, prior: np.ndarray,
-                   args: argparse.Namespace) -> list[dict]:
+                   args: argparse.Namespace) -> list[dict[str, Any]]:
     """What the attacker has without the update (its start: the public prior), and with a perfect inversion."""
     ids = [p["identity"] for p in people for _ in range(args.photos)]
     stacked = np.concatenate(faces)
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     gallery_faces = load_many(lfw, gallery_paths)
     gallery = embed_all(gallery_faces, sface.embed)
     prior = public_prior(lfw, spec, exclude)
-    report: dict = {"settings": {**vars(args), "transform": spec.transform_id, "gallery": len(gallery_paths),
+    report: dict[str, Any] = {"settings": {**vars(args), "transform": spec.transform_id, "gallery": len(gallery_paths),
                                  "chance_rank1": 1.0 / len(gallery_paths), "inversion": asdict(InversionConfig())},
                     "people": people, "reference": reference_rows(people, faces, spec, attack, gallery, gallery_ids,
                                                                   sface, prior, args), "attack": []}

@@ -111,7 +111,7 @@ class _OneRound(Strategy):
     def __init__(self, instructions: list[tuple[ClientProxy, FitIns]]) -> None:
         self.instructions = instructions
         self.results: list[tuple[ClientProxy, FitRes]] | None = None
-        self.failures: list = []
+        self.failures: list[tuple[ClientProxy, FitRes] | BaseException] = []
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:  # noqa: D102 - not used
         return None

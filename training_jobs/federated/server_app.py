@@ -114,7 +114,7 @@ class FedFaceAvg(FedAvg):
         self.secagg = secagg or SecAggSettings()
         self.class_vectors: dict[str, np.ndarray] = {}  # client id -> class vector
         self.node_clients: dict[int, str] = {}  # node id -> client id, learned from replies
-        self.rounds: list[dict] = []
+        self.rounds: list[dict[str, Any]] = []
 
     # --- sampling --------------------------------------------------------------------------------
     def sample(self, grid: Grid, server_round: int) -> tuple[list[int], set[int]]:
@@ -185,7 +185,7 @@ class FedFaceAvg(FedAvg):
         metrics = next(iter(message.content.metric_records.values()))
         return RecordDict({self.arrayrecord_key: model, "metrics": metrics})
 
-    def fedavg_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, dict]:
+    def fedavg_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, dict[str, Any]]:
         start = time.perf_counter()
         metered = MeteredGrid(grid)
         messages = self.configure_train(server_round, arrays, config, grid)
@@ -202,7 +202,7 @@ class FedFaceAvg(FedAvg):
 
     # --- SecAgg+ round (Flower's SecAggPlusWorkflow) ----------------------------------------------
     def secagg_round(self, grid: Grid, context: Context, server_round: int, arrays: ArrayRecord,
-                     config: ConfigRecord) -> tuple[ArrayRecord, dict]:
+                     config: ConfigRecord) -> tuple[ArrayRecord, dict[str, Any]]:
         """Clients reply masked updates (local - global); the server sees only their weighted mean, adds it to
         the global parameters. Class vectors and losses come back in clear, per client (spread-out needs them)."""
         start = time.perf_counter()
@@ -256,28 +256,28 @@ class ServerSettings:
     """One federated job: model scope, sampling, rounds, aggregation and the local training config sent to clients."""
 
     shared: str
-    transform: dict
+    transform: dict[str, Any]
     scope: str = "adapter-tail"
     rounds: int = 3
     clients_per_round: int = 10
     num_clients: int = 10
     seed: int | None = 0
-    local: dict = field(default_factory=lambda: {"epochs": 1, "batch-size": 4})
+    local: dict[str, Any] = field(default_factory=lambda: {"epochs": 1, "batch-size": 4})
     eval_rounds: tuple[int, ...] | None = None  # rounds after which to evaluate (0 = before); None: 0 and last
     aggregation: str = "fedavg"
-    secagg: dict = field(default_factory=dict)  # SecAggSettings fields
+    secagg: dict[str, Any] = field(default_factory=dict)  # SecAggSettings fields
     drop_fraction: float = 0.0  # simulation: this share of each round's clients drops after key sharing
     state_dir: str | None = None  # round state (resume) and cancel request; None: neither
     round_timeout: float = 3600.0  # seconds to wait for a round's replies (deployment: devices that vanish)
     base_weights: str | None = None  # the starting model's state dict (params.base_weights_of); None: served v0
     base_sha256: str | None = None
-    dp: dict = field(default_factory=dict)  # dp.DpSettings fields; empty: no DP
+    dp: dict[str, Any] = field(default_factory=dict)  # dp.DpSettings fields; empty: no DP
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {self.aggregation!r}")
 
-    def identity(self) -> dict:
+    def identity(self) -> dict[str, Any]:
         """What determines the training (a saved state is only resumed by a run with the same identity)."""
         out = asdict(self)
         for key in ("state_dir", "eval_rounds", "round_timeout"):
@@ -307,14 +307,14 @@ class HeldoutEvaluator:
         self.rounds = settings.eval_rounds if settings.eval_rounds is not None else (0, settings.rounds)
         self.model = base_model(settings) if heldout is not None else None
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> dict | None:
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any] | None:
         if self.heldout is None or self.model is None or server_round not in self.rounds:  # both None or neither
             return None
         set_arrays(self.model, {name: array.numpy() for name, array in arrays.items()})
         return self.heldout.evaluate(self.model, f"round {server_round}")
 
 
-def run_rounds(grid: Grid, context: Context, settings: ServerSettings, heldout: Heldout | None, log: dict,
+def run_rounds(grid: Grid, context: Context, settings: ServerSettings, heldout: Heldout | None, log: dict[str, Any],
                on_round: RoundCallback | None = None) -> None:
     """The whole run: start (or resume from the state directory), rounds, held-out evaluation, checkpoints,
     cancellation between rounds. Fills `log` (rounds, held-out, final arrays, class vectors, status)."""
@@ -387,7 +387,7 @@ def run_rounds(grid: Grid, context: Context, settings: ServerSettings, heldout: 
     log["class_vectors"] = len(strategy.class_vectors)
 
 
-def make_server_app(settings: ServerSettings, heldout: Heldout | None, log: dict,
+def make_server_app(settings: ServerSettings, heldout: Heldout | None, log: dict[str, Any],
                     on_round: RoundCallback | None = None) -> ServerApp:
     """A ServerApp that runs `run_rounds`. `on_round(round, that round's log entry or None for round 0,
     held-out metrics or None)` is called as each round ends, after its state is saved (live progress)."""

@@ -22,6 +22,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import Context
@@ -46,7 +47,7 @@ BACKEND: dict[str, dict[str, object]] = {"client_resources": {"num_cpus": 1, "nu
            "init_args": {"num_cpus": 1, "num_gpus": 0, "logging_level": "error", "log_to_driver": False}}
 
 
-def backend(actors: int = 1) -> dict:
+def backend(actors: int = 1) -> dict[str, Any]:
     """Ray backend with `actors` ClientApp actors (one CPU and one torch thread each) training clients in
     parallel; one by default (tests, and a machine shared with other work)."""
     return {**BACKEND, "init_args": {**BACKEND["init_args"], "num_cpus": actors}}
@@ -94,7 +95,7 @@ def print_event(event: str, **fields: object) -> None:
 
 def progress_printer(total: int) -> RoundCallback:
     """on_round callback of the ServerApp: one `round` event per finished round (round 0 = before training)."""
-    def on_round(server_round: int, entry: dict | None, heldout: dict | None, replayed: bool = False) -> None:
+    def on_round(server_round: int, entry: dict[str, Any] | None, heldout: dict[str, Any] | None, replayed: bool = False) -> None:
         entry = entry or {}
         print_event("round", round=server_round, of=total, sampled=entry.get("sampled", 0),
                     finished=entry.get("replied", 0), failed=entry.get("failed", 0),
@@ -104,14 +105,14 @@ def progress_printer(total: int) -> RoundCallback:
 
 
 def simulate(population: Population, settings: ServerSettings, lfw: Path, heldout: Heldout | None,
-             on_round: RoundCallback | None = None, actors: int = 1) -> dict:
+             on_round: RoundCallback | None = None, actors: int = 1) -> dict[str, Any]:
     """Run the rounds; returns the server's log (rounds, bytes, times, held-out metrics, final arrays)."""
     if heldout is not None and {c.identity for c in population.clients} & heldout.identities:
         raise IsolationError("a client is a held-out identity")
     if settings.state_dir:  # a state saved by other settings is refused before anything starts
         checkpoint.load(Path(settings.state_dir), checkpoint.fingerprint(settings.identity()))
     random.seed(settings.seed)  # SecAgg+ shuffles its neighbour graph with `random`; reproducible runs
-    log: dict = {}
+    log: dict[str, Any] = {}
     client_app = make_client_app(PopulationPhotos(population, lfw), Path(settings.shared))
     server_app = make_server_app(settings, heldout, log, on_round)
     start = time.perf_counter()
@@ -125,12 +126,12 @@ def simulate(population: Population, settings: ServerSettings, lfw: Path, heldou
     return log
 
 
-def baseline_metrics(version_dir: Path, heldout: Heldout, state_dir: Path | None = None) -> dict:
+def baseline_metrics(version_dir: Path, heldout: Heldout, state_dir: Path | None = None) -> dict[str, Any]:
     """Held-out metrics of a served model version (its ONNX file), on the same pairs and noise draws; kept in
     the state directory so a resumed run does not measure it again."""
     cached = state_dir / "baseline.json" if state_dir else None
     if cached is not None and cached.exists():
-        result: dict = json.loads(cached.read_text())
+        result: dict[str, Any] = json.loads(cached.read_text())
         return result
     meta = ModelMetadata.load(version_dir, verify=True)
     features_fn = OrtEmbedder(version_dir / meta.onnx_file, prefer_gpu=True, intra_op_threads=1).embed
@@ -141,7 +142,7 @@ def baseline_metrics(version_dir: Path, heldout: Heldout, state_dir: Path | None
     return metrics
 
 
-def export_candidate(log: dict, settings: ServerSettings, out_dir: Path, version: str, metrics: dict) -> Path:
+def export_candidate(log: dict[str, Any], settings: ServerSettings, out_dir: Path, version: str, metrics: dict[str, Any]) -> Path:
     """The final global model as a served model version (ONNX + model.json + its PyTorch weights, so a later
     job can start from it); served threshold calibrated on people in no View-2 fold (threshold None), never on
     the held-out pairs."""
@@ -153,10 +154,10 @@ def export_candidate(log: dict, settings: ServerSettings, out_dir: Path, version
     return export_model_version(model, spec, version, out_dir, Path(settings.shared), None, metrics)
 
 
-def mode_config(mode: str, negatives: str, checkpoint_path: Path) -> dict:
+def mode_config(mode: str, negatives: str, checkpoint_path: Path) -> dict[str, Any]:
     """The round-config entries of the learning mode and the impostor negatives (the generator file and its
     sha256, which each device checks; on real devices the same ~0.3 MB file is downloaded once)."""
-    config: dict = {"mode": mode, "negatives": negatives}
+    config: dict[str, Any] = {"mode": mode, "negatives": negatives}
     if negatives == "gan":
         if not checkpoint_path.exists():
             raise FileNotFoundError(f"no impostor generator at {checkpoint_path}: run "
@@ -166,7 +167,7 @@ def mode_config(mode: str, negatives: str, checkpoint_path: Path) -> dict:
     return config
 
 
-def mixup_config(args: argparse.Namespace) -> dict:
+def mixup_config(args: argparse.Namespace) -> dict[str, Any]:
     """The MixUp keys of the clients' local config (none when off, so runs without MixUp keep their
     settings fingerprint and resume their saved states)."""
     if not args.mixup_k:

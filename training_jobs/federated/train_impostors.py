@@ -21,6 +21,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,7 +56,7 @@ def mean_max_cosine(queries: np.ndarray, reference: np.ndarray) -> float:
 
 
 def measure(generator: FeatureGenerator, spec: TransformSpec, shared: Path, real_units: np.ndarray,
-            reference_clean: np.ndarray, probe_clean: np.ndarray, seed: int = 1) -> dict:
+            reference_clean: np.ndarray, probe_clean: np.ndarray, seed: int = 1) -> dict[str, Any]:
     """Mean max-cosine to real reference embeddings: generated vs noise baseline vs real strangers."""
     model = build_model_v0(spec, shared)
     rng = np.random.default_rng(seed)
