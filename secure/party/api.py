@@ -23,7 +23,7 @@ MAX_TEMPLATES = 10_000  # most templates one delete or one verify names
 GALLERY_NAME_MAX = 200
 OUTPUT_MODULUS = 1 << 64  # output shares are residues mod 2^64, written as decimal strings
 # How long a party keeps an idle keep-alive connection open (uvicorn's timeout_keep_alive). The gateway's pool
-# forgets an idle connection after a quarter of it (``coordinator.POOL_IDLE_S``), so it never sends on one the
+# forgets an idle connection after a quarter of it (``partylink.POOL_IDLE_S``), so it never sends on one the
 # party is closing: with both at 5 s (the two libraries' defaults) a reused connection raced the party's close.
 KEEP_ALIVE_S = 20  # seconds (uvicorn takes an int)
 

@@ -22,11 +22,11 @@ from starlette.concurrency import run_in_threadpool
 from common.logs import RequestIdMiddleware, logging_config
 from common.problems import Problem as PartyProblem
 from common.problems import install_problem_handlers, problem_response
-from secure.party.api import (KEEP_ALIVE_S, CheckIn, CheckOut, GalleryIn, GalleryOut, MatchIn, MatchOut, OpOut,
-                              PrepareIn, SealedKeyOut, StateOut)
+from secure.party.api import (CheckIn, CheckOut, GalleryIn, GalleryOut, MatchIn, MatchOut, OpOut, PrepareIn,
+                              SealedKeyOut, StateOut)
 from secure.party.audit import MatchAudit
 from secure.party.db import make_party_engine, migrate_party_db
-from secure.party.deployment import check_deployment, uvicorn_ssl_options
+from secure.party.deployment import check_deployment, uvicorn_options
 from secure.party.gallery import Gallery
 from secure.party.matching import MatchDesk, MatchEngine, op_problem
 from secure.party.metrics import PartyMetrics
@@ -226,7 +226,6 @@ def run_party(settings: PartySettings | None = None) -> None:
         migrate_party_db(settings.resolved_database_url())
         app = create_party_app(settings, engine)
         uvicorn.run(app, host=settings.host, port=settings.resolved_port(), log_level=settings.log_level,
-                    log_config=logging_config(), timeout_keep_alive=KEEP_ALIVE_S,
-                    **uvicorn_ssl_options(settings))
+                    log_config=logging_config(), **uvicorn_options(settings))
     finally:
         engine.stop()
