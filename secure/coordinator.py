@@ -22,7 +22,6 @@ snapshot, or the parties disagree on it: the gateway reconciles and retries once
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
@@ -54,7 +53,6 @@ from secure.thresholds import GalleryPolicy
 
 __all__ = ["PartiesError", "PartiesOutOfSync", "PartiesUnavailable", "PartyPair"]
 
-log = logging.getLogger("privface.coordinator")
 C = TypeVar("C", bound=CheckOut)
 
 
