@@ -169,11 +169,11 @@ async def _client_port_app(scope: dict[str, Any], receive: Any, send: Any) -> No
 
 
 def test_pool_never_reuses_a_connection_near_the_party_keep_alive():
-    """Real uvicorn closing idle connections after 1 s, the gateway's pool at the same ratio as in production
-    (POOL_IDLE_S / KEEP_ALIVE_S): back-to-back calls share a connection; a call after more than the pool idle
-    time opens a new one (before the fix the pool kept it as long as the party: it reused it here); 8 calls
-    spaced at exactly the party's keep-alive, never resent: 0 failures."""
-    keep_alive = 1
+    """Real uvicorn closing idle connections after 2 s, the gateway's pool at the same ratio as in production
+    (POOL_IDLE_S / KEEP_ALIVE_S, so 0.5 s): back-to-back calls share a connection; a call after more than the
+    pool idle time opens a new one (before the fix the pool kept it as long as the party: it reused it here);
+    5 calls spaced at exactly the party's keep-alive, never resent: 0 failures."""
+    keep_alive = 2
     port = harness.free_port()
     server = uvicorn.Server(uvicorn.Config(_client_port_app, host="127.0.0.1", port=port, lifespan="off",
                                            timeout_keep_alive=keep_alive, log_level="warning"))
@@ -198,7 +198,7 @@ def test_pool_never_reuses_a_connection_near_the_party_keep_alive():
             await asyncio.sleep(keep_alive * 0.6)  # past the pool's idle time, well before the party's
             assert await port_of_call() != first
             failures = 0
-            for _ in range(8):
+            for _ in range(5):
                 await asyncio.sleep(keep_alive)
                 try:
                     await port_of_call()
