@@ -4,7 +4,8 @@ The party closes an idle keep-alive connection after ``api.KEEP_ALIVE_S``; the p
 ``POOL_IDLE_S``, a quarter of that, so the gateway does not send on a connection the party is closing. (With both
 at 5 s, httpx's and uvicorn's defaults, a reused connection raced the party's close: about 2 of 600 enrollments
 under load got a 503 "party 1 (ReadError)", docs/operations.md.) If a connection still drops before the answer
-(``DROPPED``), a request that is idempotent at the party is sent once more on a fresh connection; see ``send``.
+(``DROPPED``), a request that is idempotent at the party is sent once more (the pool has closed the dropped
+connection, so on another); see ``send``.
 """
 from __future__ import annotations
 
@@ -55,8 +56,8 @@ async def send(client: httpx.AsyncClient, rank: int, method: str, path: str, jso
     """One request to party ``rank``; never raises (a transport failure is a Reply without status).
 
     ``idempotent``: the same request twice leaves the party as the request once, so one whose connection dropped
-    (``DROPPED``) is sent once more, on a fresh connection; whether the first copy reached the party does not
-    matter then. True for: a prepare (same seq, same body: the shares are not split again, and the op log
+    (``DROPPED``) is sent once more (the dropped connection is closed, so on another); whether the first copy
+    reached the party does not matter then. True for: a prepare (same seq, same body: the shares are not split again, and the op log
     answers an identical prepare with its state, ``oplog.prepare``), a commit or abort (idempotent there), a
     gallery registration with the same policy, and the reads (GETs, the precheck, the sealed key). False for a
     match job: the parties run it as one MPC session, so resending one party's half could start a session its
