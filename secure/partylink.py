@@ -59,10 +59,10 @@ async def send(client: httpx.AsyncClient, rank: int, method: str, path: str, jso
     (``DROPPED``) is sent once more (the dropped connection is closed, so on another); whether the first copy
     reached the party does not matter then. True for: a prepare (same seq, same body: the shares are not split
     again, and the op log answers an identical prepare with its state, ``oplog.prepare``), a commit or abort
-    (idempotent there), a gallery registration with the same policy, and the reads (GETs, the precheck, the sealed key). False for a
-    match job: the parties run it as one MPC session, so resending one party's half could start a session its
-    peer never joins (the parties fall out of step), and whether traffic is resent would depend on how the job
-    went; its 503 goes to the caller, who may send a new job.
+    (idempotent there), a gallery registration with the same policy, and the reads (GETs, the precheck, the
+    sealed key). False for a match job: the parties run it as one MPC session, so resending one party's half
+    could start a session its peer never joins (the parties fall out of step), and whether traffic is resent
+    would depend on how the job went; its 503 goes to the caller, who may send a new job.
     """
     for attempt in (1, 2):
         try:
