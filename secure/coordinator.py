@@ -7,7 +7,8 @@ Store / delete are two-phase. ``store`` / ``delete_prepare`` run *prepare* at bo
 True only if both prepared; the gateway records its decision durably in its own database, then tells each party
 (``decide_at``; ``commit`` / ``abort`` tell both at once). Both decisions are idempotent at the party, so the
 gateway's reconcile loop (``app/services/operations.py``) re-sends a recorded decision until each party has
-acknowledged it; nothing here retries on its own.
+acknowledged it. The link to each party (``partylink.py``) sends a call that is idempotent at the party once more
+when its pooled connection drops before the answer; a match job never (its 503 goes to the caller).
 
 Match jobs (``verify`` / ``identify`` / ``identify_many``) split the fixed-point query into two shares, send one to
 each party, and reconstruct only the revealed output (one bit; for identify, the matched template_seq when the bit
@@ -21,16 +22,12 @@ snapshot, or the parties disagree on it: the gateway reconciles and retries once
 from __future__ import annotations
 
 import asyncio
-import logging
-import ssl
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
-import httpx
 import numpy as np
 from pydantic import BaseModel
 
-from common.logs import request_id_headers
 from common.settings import MAX_QUERY_BATCH
 from secure.party.api import (
     CheckIn,
@@ -49,27 +46,14 @@ from secure.party.replies import (
     Reply,
     raise_unavailable,
 )
+from secure.partylink import POOL_IDLE_S, make_client, send, tls_context
 from secure.ranges import check_unit_fixed
 from secure.sharing import reconstruct_int, split, to_b64
 from secure.thresholds import GalleryPolicy
 
 __all__ = ["PartiesError", "PartiesOutOfSync", "PartiesUnavailable", "PartyPair"]
 
-log = logging.getLogger("privface.coordinator")
 C = TypeVar("C", bound=CheckOut)
-
-
-def _tls(tls_verify: Any, client_cert: Any) -> Any:
-    """httpx's ``verify``: a context for a CA bundle path or a client certificate, else ``tls_verify`` as it is."""
-    if not isinstance(tls_verify, str) and client_cert is None:
-        return tls_verify
-    context = ssl.create_default_context(cafile=tls_verify if isinstance(tls_verify, str) else None)
-    if tls_verify is False:
-        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    if client_cert is not None:  # mutual TLS: present our certificate to the parties
-        certfile, keyfile = client_cert if isinstance(client_cert, tuple) else (client_cert, None)
-        context.load_cert_chain(certfile, keyfile)
-    return context
 
 
 def _dump(body: BaseModel) -> dict[str, Any]:
@@ -88,12 +72,14 @@ class PartyPair:
     Thresholds: a match job carries none. Before a gallery's first job from this process, the gallery is
     registered at both parties with the caller's threshold (``register_gallery``); a party that recorded
     another threshold refuses (409), and every later job runs at the recorded one.
+    ``pool_idle_s``: how long an idle pooled connection may be reused, well below the party's keep-alive timeout
+    (``partylink.py``; tests scale both down).
     """
 
     def __init__(self, party_urls: tuple[str, str] | list[str], internal_token: str | tuple[str, str] | list[str],
                  timeout_s: float = 15.0, *,
                  tls_verify: Any = True, client_cert: Any = None, transport_retries: int = 1,
-                 precheck: bool = True) -> None:
+                 precheck: bool = True, pool_idle_s: float = POOL_IDLE_S) -> None:
         if len(party_urls) != 2:
             raise ValueError("exactly two party URLs")
         self.party_urls = tuple(u.rstrip("/") for u in party_urls)
@@ -103,13 +89,9 @@ class PartyPair:
         if len(tokens) != 2 or not all(tokens):
             raise ValueError("one non-empty token per party")
         self._registered: dict[str, GalleryPolicy] = {}  # galleries both parties have recorded, with their policy
-        verify = _tls(tls_verify, client_cert)
-        self._clients = [
-            httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"},
-                              timeout=httpx.Timeout(self.timeout_s + 5.0),
-                              transport=httpx.AsyncHTTPTransport(retries=transport_retries, verify=verify))
-            for url, token in zip(self.party_urls, tokens)
-        ]
+        verify = tls_context(tls_verify, client_cert)
+        self._clients = [make_client(url, token, self.timeout_s, verify, transport_retries, pool_idle_s)
+                         for url, token in zip(self.party_urls, tokens)]
 
     async def __aenter__(self) -> PartyPair:
         return self
@@ -121,29 +103,20 @@ class PartyPair:
         await asyncio.gather(*(c.aclose() for c in self._clients))
 
     # -- transport ------------------------------------------------------------------------------------------
-    async def _call(self, rank: int, method: str, path: str, json: Any = None, timeout: float | None = None) -> Reply:
-        try:
-            resp = await self._clients[rank].request(method, path, json=json, headers=request_id_headers(),
-                                                     timeout=httpx.Timeout(timeout or self.timeout_s))
-        except (httpx.TimeoutException, httpx.TransportError) as exc:
-            log.warning("party %d %s %s: %s", rank, method, path, type(exc).__name__)
-            return Reply(rank, None, None, exc)
-        try:
-            body = resp.json()
-        except ValueError:
-            body = None
-        if resp.status_code >= 400:
-            log.warning("party %d %s %s -> %d %s", rank, method, path, resp.status_code,
-                        body.get("type") if isinstance(body, dict) else "")
-        return Reply(rank, resp.status_code, body)
+    async def _call(self, rank: int, method: str, path: str, json: Any = None, timeout: float | None = None, *,
+                    idempotent: bool) -> Reply:
+        """One request to one party (``partylink.send``: ``idempotent`` says whether a dropped one is resent)."""
+        return await send(self._clients[rank], rank, method, path, json, timeout or self.timeout_s,
+                          idempotent=idempotent)
 
     async def _both(self, method: str, path: str, body: BaseModel | tuple[BaseModel, BaseModel] | None = None,
                     timeout: float | None = None) -> tuple[Reply, Reply]:
-        """The same call at both parties, concurrently; a pair of bodies gives each party its own."""
+        """The same call at both parties, concurrently; a pair of bodies gives each party its own. Every caller's
+        call is idempotent at the party (``partylink.send``); the match job goes through ``_match_both``."""
         bodies = body if isinstance(body, tuple) else (body, body)
         json = [None if b is None else _dump(b) for b in bodies]
-        r0, r1 = await asyncio.gather(self._call(0, method, path, json[0], timeout),
-                                      self._call(1, method, path, json[1], timeout))
+        r0, r1 = await asyncio.gather(self._call(0, method, path, json[0], timeout, idempotent=True),
+                                      self._call(1, method, path, json[1], timeout, idempotent=True))
         return r0, r1
 
     # -- two-phase operations ---------------------------------------------------------------------------------
@@ -197,7 +170,8 @@ class PartyPair:
 
     async def decide_at(self, rank: int, seq: int, commit: bool) -> bool:
         """Send one party the decision for ``seq``; True once that party acknowledges it. Never raises."""
-        reply = await self._call(rank, "POST", f"/internal/ops/{seq}/{'commit' if commit else 'abort'}")
+        reply = await self._call(rank, "POST", f"/internal/ops/{seq}/{'commit' if commit else 'abort'}",
+                                 idempotent=True)
         return reply.state == ("committed" if commit else "aborted")
 
     async def op_states(self, seq: int) -> tuple[str | None, str | None]:
@@ -296,8 +270,10 @@ class PartyPair:
         return b0, b1
 
     async def _match_both(self, bodies: list[dict[str, Any]], timeout: float) -> list[Reply]:
-        """Both match calls; if one party refuses quickly (4xx), do not wait for the other's MPC timeout."""
-        tasks = [asyncio.create_task(self._call(rank, "POST", "/internal/match", bodies[rank], timeout))
+        """Both match calls, never resent (``partylink.send``); if one party refuses quickly (4xx), do not wait
+        for the other's MPC timeout."""
+        tasks = [asyncio.create_task(self._call(rank, "POST", "/internal/match", bodies[rank], timeout,
+                                                idempotent=False))
                  for rank in (0, 1)]
         try:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -142,7 +142,7 @@ def main() -> None:
     import uvicorn
 
     from secure.party.db import migrate_party_db
-    from secure.party.deployment import uvicorn_ssl_options
+    from secure.party.deployment import uvicorn_options
     from secure.party.server import create_party_app
     from secure.party.settings import PartySettings
 
@@ -154,7 +154,7 @@ def main() -> None:
     engine = LocalPlaintextEngine(args.rank, Path(args.rendezvous), keep=args.keep_jobs)
     app = create_party_app(settings, engine)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="info", timeout_graceful_shutdown=1,
-                **uvicorn_ssl_options(settings))
+                **uvicorn_options(settings))  # the real party's keep-alive and TLS
 
 
 if __name__ == "__main__":

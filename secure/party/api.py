@@ -22,6 +22,10 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 MAX_TEMPLATES = 10_000  # most templates one delete or one verify names
 GALLERY_NAME_MAX = 200
 OUTPUT_MODULUS = 1 << 64  # output shares are residues mod 2^64, written as decimal strings
+# How long a party keeps an idle keep-alive connection open (uvicorn's timeout_keep_alive). The gateway's pool
+# forgets an idle connection after a quarter of it (``partylink.POOL_IDLE_S``), so it never sends on one the
+# party is closing: with both at 5 s (the two libraries' defaults) a reused connection raced the party's close.
+KEEP_ALIVE_S = 20  # seconds (uvicorn takes an int)
 
 MatchKind = Literal["verify", "identify"]
 OpState = Literal["prepared", "committed", "aborted"]

@@ -1,4 +1,4 @@
-"""Whether a party may serve with its configuration, and uvicorn's TLS options for it.
+"""Whether a party may serve with its configuration, and uvicorn's options for it (TLS, keep-alive).
 
 Off loopback a party needs a non-development token, HTTPS, mutual TLS and the gateway's pin: plain HTTP or a token
 anyone can read in the source would hand the gateway's link to whoever reaches it. ``check_deployment`` runs before
@@ -10,6 +10,7 @@ import ipaddress
 import ssl
 from typing import Any
 
+from secure.party.api import KEEP_ALIVE_S
 from secure.party.settings import PartySettings
 from secure.party.tlspin import PeerCertH11Protocol, normalize_pin
 
@@ -24,6 +25,12 @@ def uvicorn_ssl_options(settings: PartySettings) -> dict[str, Any]:
     if settings.gateway_cert_sha256:
         opts["http"] = PeerCertH11Protocol  # exposes the client certificate's fingerprint to the token check
     return opts
+
+
+def uvicorn_options(settings: PartySettings) -> dict[str, Any]:
+    """Everything a party's uvicorn gets besides the app and address: the TLS options and the keep-alive
+    timeout the gateway's connection pool is sized against (``api.KEEP_ALIVE_S``, ``secure/partylink.py``)."""
+    return {"timeout_keep_alive": KEEP_ALIVE_S, **uvicorn_ssl_options(settings)}
 
 
 def _is_loopback(host: str) -> bool:

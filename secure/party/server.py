@@ -26,7 +26,7 @@ from secure.party.api import (CheckIn, CheckOut, GalleryIn, GalleryOut, MatchIn,
                               SealedKeyOut, StateOut)
 from secure.party.audit import MatchAudit
 from secure.party.db import make_party_engine, migrate_party_db
-from secure.party.deployment import check_deployment, uvicorn_ssl_options
+from secure.party.deployment import check_deployment, uvicorn_options
 from secure.party.gallery import Gallery
 from secure.party.matching import MatchDesk, MatchEngine, op_problem
 from secure.party.metrics import PartyMetrics
@@ -226,6 +226,6 @@ def run_party(settings: PartySettings | None = None) -> None:
         migrate_party_db(settings.resolved_database_url())
         app = create_party_app(settings, engine)
         uvicorn.run(app, host=settings.host, port=settings.resolved_port(), log_level=settings.log_level,
-                    log_config=logging_config(), **uvicorn_ssl_options(settings))
+                    log_config=logging_config(), **uvicorn_options(settings))
     finally:
         engine.stop()
