@@ -27,6 +27,7 @@ from inference.operating_points import calibrate
 VERIFY_FAR = 1e-3  # served 1:1 threshold of a trained model: this false-match rate on the calibration impostors
 from inference.metadata import ModelMetadata, file_sha256
 from inference.mobilefacenet import EMBEDDING_DIM
+from inference.onnx_weights import OnnxWeightsError, model_from_onnx
 from inference.runtime import OrtEmbedder
 from inference.transform import TransformSpec, apply, default_spec
 
@@ -179,8 +180,10 @@ class WeightsError(ValueError):
 
 def saved_weights(version_dir: Path) -> tuple[Path, str] | None:
     """(weights file, sha256) of a model version that training can start from; None for the served v0, whose
-    weights are the pretrained network behind the exact inverse DCT (rebuilt, not stored). Raises WeightsError
-    for a version shipped as ONNX only or trained with another architecture."""
+    weights are the pretrained network behind the exact inverse DCT (rebuilt, not stored). A version shipped as
+    ONNX only (the bundled v1 models) gives its ONNX file and checksum when inference.onnx_weights can rebuild
+    the PyTorch model from it (training_jobs.federated.params.load_weights then does). Raises WeightsError for
+    a version trained with another architecture or whose ONNX file is absent or cannot be rebuilt."""
     meta = ModelMetadata.load(version_dir, verify=False)
     if meta.weights:
         if meta.weights.get("architecture") != FREQUENCY_ARCHITECTURE:
@@ -189,7 +192,15 @@ def saved_weights(version_dir: Path) -> tuple[Path, str] | None:
         return Path(version_dir) / str(meta.weights["file"]), str(meta.weights["sha256"])
     if meta.version == "v0":
         return None
-    raise WeightsError(f"model version {meta.version} has no PyTorch weights (it was shipped as ONNX only)")
+    onnx_path = Path(version_dir) / meta.onnx_file
+    try:
+        if file_sha256(onnx_path) != meta.sha256:
+            raise OnnxWeightsError(f"{meta.onnx_file} does not match its recorded sha256")
+        model_from_onnx(onnx_path, meta.spec)
+    except (OnnxWeightsError, OSError) as exc:
+        raise WeightsError(f"model version {meta.version} has no PyTorch weights and its ONNX file cannot be "
+                           f"rebuilt into them: {exc}") from None
+    return onnx_path, meta.sha256
 
 
 def ensure_model_v0(model_dir: Path, shared_dir: Path, eval_pairs: int = 600) -> Path:

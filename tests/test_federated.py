@@ -435,3 +435,42 @@ def test_a_state_saved_by_other_settings_is_refused(tmp_path):
     proc = subprocess.run(_simulate_cmd(tmp_path), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "other settings" in proc.stderr
     assert checkpoint.load(tmp_path).fingerprint == "other", "a refused state is left as it was"
+
+
+@needs_flwr
+@needs_data
+def test_a_run_starts_from_the_bundled_v1_model_rebuilt_from_its_onnx_file(tmp_path):
+    """What a federated job on a v1 deployment runs (`--base-dir` = the active bundled v1, ONNX only): 2 clients,
+    1 round. The model the rounds start from is v1 rebuilt from its ONNX file: its round-0 held-out metrics (PyTorch)
+    equal the served ONNX's on the same pairs and noise draws (--baseline-dir), and the round's clients trained
+    that model (the global parameters end close to v1's, not to v0's). Held-out: 2 pairs per fold of folds 6-10."""
+    from inference.export import saved_weights
+    from inference.metadata import ModelMetadata
+    from training_jobs.federated.params import build_base_model, get_arrays, travelling_names
+
+    v1 = ROOT / "inference" / "bundled" / "v1-accurate"
+    cmd = [sys.executable, "-m", "training_jobs.federated.simulate", "--clients", "2", "--per-round", "2",
+           "--rounds", "1", "--max-images", "2", "--pairs-per-fold", "2", "--progress", "--heldout-every-round",
+           "--base-dir", str(v1), "--baseline-dir", str(v1), "--state-dir", str(tmp_path / "state")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = _last_event(proc.stdout)
+    assert result["status"] == "finished" and result["base"] == "v1-accurate"
+    assert [(r["replied"], r["failed"]) for r in result["rounds"]] == [(2, 0)]
+
+    def timeless(metrics: dict) -> dict:
+        return {name: value for name, value in metrics.items() if name not in ("seconds", "version")}
+
+    assert timeless(result["heldout"]["0"]) == timeless(result["baseline"]), (result["heldout"], result["baseline"])
+    from training_jobs.federated import checkpoint
+    final = checkpoint.load(tmp_path / "state").arrays
+    spec = ModelMetadata.load(v1).spec
+    start = build_base_model(spec, SHARED, *saved_weights(v1))
+    names = travelling_names(start, "adapter-tail")
+    from_v1 = get_arrays(start, names)
+    from_v0 = get_arrays(build_base_model(spec, SHARED), names)
+    moved = max(float(np.abs(final[k] - from_v1[k]).max()) for k in names)
+    apart = max(float(np.abs(from_v0[k] - from_v1[k]).max()) for k in names)
+    assert 0 < moved < apart / 10, (moved, apart)
+    assert result["heldout"]["1"]["num_pairs"] == 10

@@ -184,11 +184,13 @@ def test_admin_job_publishes_a_model_that_answers_the_next_verify_and_old_templa
                                 json={"kind": "register-model", "params": {"path": "v1-accurate"}}).json()
         assert wait_job(stack, key, registered["id"], lambda j: j["status"] in ("succeeded", "failed"),
                         timeout=120)["status"] == "succeeded"
-        onnx_only = httpx.post(stack.url + "/v1/admin/jobs", headers=auth(key),
+        onnx_only = httpx.post(stack.url + "/v1/admin/jobs", headers=auth(key),  # rebuilt from its ONNX file
                                json={"kind": "federated", "params": {**TINY, "base_version": "v1-accurate"}})
-        assert onnx_only.status_code == 409, onnx_only.text
-        assert onnx_only.json()["type"].endswith("/base-model-not-trainable")
-        assert "no PyTorch weights" in onnx_only.json()["detail"]
+        assert onnx_only.status_code == 202, onnx_only.text
+        assert onnx_only.json()["params"]["base_version"] == "v1-accurate"
+        httpx.post(f"{stack.url}/v1/admin/jobs/{onnx_only.json()['id']}/cancel", headers=auth(key), timeout=60)
+        assert wait_job(stack, key, onnx_only.json()["id"], lambda j: j["status"] in ("cancelled", "succeeded",
+                        "failed"), timeout=600)["status"] == "cancelled"
 
         second = run_job(stack, key, TINY)["result"]
         assert second["base_version"] == fed and second["active_before"] == fed

@@ -75,8 +75,8 @@ def list_jobs(limit: int = Query(50, ge=1, le=200), _: Principal = Depends(admin
              responses={**ERRORS, **body_errors(UNKNOWN_JOB_KIND, INVALID_JOB_PARAMS), 409: problem_response(
                  "A federated job's base model cannot be trained from; nothing was created", Problem(
                      409, "base-model-not-trainable", "The base model cannot be trained",
-                     "federated: base_version v1-accurate: model version v1-accurate has no PyTorch weights "
-                     "(it was shipped as ONNX only)"))})
+                     "federated: base_version other: model version other has no PyTorch weights and its ONNX "
+                     "file cannot be rebuilt into them: 51 tensors missing from the ONNX file"))})
 def create_job(body: JobCreate, principal: Principal = Depends(admin),
                ctx: GatewayContext = Depends(get_context)) -> JobOut:
     """Start a background job; poll `GET /v1/admin/jobs/{id}` for its progress.
@@ -84,7 +84,8 @@ def create_job(body: JobCreate, principal: Principal = Depends(admin),
     Kind `federated` (docs/federated.md): params `rounds` (1-50), `clients`, `clients_per_round`, `scope`
     (whole|adapter-tail), `mode` (supervised), `seed`, `pairs_per_fold`, `max_images`, `epochs`,
     `heldout_every_round`, `aggregation` (fedavg|secagg+), `base_version` (default: the active version of
-    the caller's tenant's preset; 409 `base-model-not-trainable` when it has no saved PyTorch weights);
+    the caller's tenant's preset; 409 `base-model-not-trainable` when it has neither saved PyTorch weights nor
+    an ONNX file of this architecture to rebuild them from; the bundled v1 models are rebuilt);
     unknown fields are refused. While it runs, `result.rounds` lists the finished rounds;
     `POST /v1/admin/jobs/{id}/cancel` stops it between rounds."""
     if body.kind not in JOB_KINDS:  # the schema documents the kinds as an enum; this gives the clearer error

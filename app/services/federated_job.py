@@ -136,7 +136,7 @@ def resolve_base(settings: GatewaySettings, session: Session, params: dict[str, 
     except (WeightsError, OSError, ValueError) as exc:
         raise Problem(409, "base-model-not-trainable", "The base model cannot be trained",
                       f"federated: base_version {row.version}: {exc}; start from a version exported with its "
-                      "weights (a federated candidate, a training_jobs.train export, or v0)") from None
+                      "weights (a federated candidate, a training_jobs.train export, a bundled v1, or v0)") from None
     return {**params, "base_version": row.version}
 
 

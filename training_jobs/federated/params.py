@@ -19,6 +19,7 @@ from inference.export import WeightsError, saved_weights
 from inference.frequency_model import FrequencyFaceModel, InverseDctAdapter
 from inference.metadata import file_sha256
 from inference.mobilefacenet import load_pretrained
+from inference.onnx_weights import OnnxWeightsError, state_dict_from_onnx
 from inference.transform import TransformSpec
 
 __all__ = ["WeightsError", "saved_weights"]  # where a job's base version is checked (re-exported)
@@ -34,16 +35,22 @@ def build_base_model(spec: TransformSpec, shared: Path, weights: str | Path | No
     state dict (inference.export.save_weights), checked against `sha256` when given."""
     model = FrequencyFaceModel(InverseDctAdapter(spec, learnable=True), load_pretrained(shared))
     if weights is not None:
-        model.load_state_dict(load_weights(Path(weights), sha256))
+        model.load_state_dict(load_weights(Path(weights), sha256, spec))
     return model
 
 
-def load_weights(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """A saved state dict, tensors only (weights_only: a weights file cannot run code), checksum verified."""
+def load_weights(path: Path, sha256: str | None, spec: TransformSpec) -> dict[str, torch.Tensor]:
+    """A saved state dict, tensors only (weights_only: a weights file cannot run code), checksum verified; an
+    ONNX file (a version shipped as ONNX only, inference.export.saved_weights) is rebuilt into one."""
     if not path.is_file():
         raise WeightsError(f"no PyTorch weights at {path}")
     if sha256 is not None and file_sha256(path) != sha256:
         raise WeightsError(f"{path} does not match its recorded sha256")
+    if path.suffix == ".onnx":
+        try:
+            return state_dict_from_onnx(path, spec)
+        except OnnxWeightsError as exc:
+            raise WeightsError(f"{path}: {exc}") from None
     result: dict[str, torch.Tensor] = torch.load(path, map_location="cpu", weights_only=True)
     return result
 
