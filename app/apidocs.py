@@ -69,10 +69,12 @@ LOCKED = subject_locked(SUBJECT, 600)
 
 
 def auth_errors(scope: str | None = None) -> dict[int | str, dict[str, Any]]:
-    """401 for every authenticated route, 403 when it needs a scope."""
+    """401 for every authenticated route; 403 when it needs a scope, and for a metrics-only key everywhere but
+    GET /metrics."""
     errors: dict[int | str, dict[str, Any]] = {401: problem_response("Missing or invalid API key (`Authorization: Bearer <key>`)", UNAUTHORIZED)}
-    if scope is not None:
-        errors[403] = problem_response(f"The API key lacks the '{scope}' scope", FORBIDDEN)
+    errors[403] = problem_response(f"The API key lacks the '{scope}' scope" if scope is not None else
+                                   "The API key has only the 'metrics' scope (it may scrape GET /metrics only)",
+                                   FORBIDDEN)
     return errors
 
 

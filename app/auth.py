@@ -11,7 +11,11 @@ from sqlalchemy.orm import Session
 
 from app.models import ApiKey, Tenant
 
-SCOPES = ("enroll", "verify", "admin")
+SCOPES = ("enroll", "verify", "admin", "metrics")
+# A scrape credential: may GET /metrics and nothing else (app/deps.py), so it is never combined with a scope
+# that can do more (a key holding it alone is what a Prometheus server keeps).
+METRICS_SCOPE = "metrics"
+METRICS_ALONE = "the metrics scope stands alone: a scrape credential can do nothing else"
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,8 @@ def create_api_key(session: Session, tenant_id: str, scopes: list[str], master_s
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown or not scopes:
         raise ValueError(f"unknown or empty scopes {unknown or scopes}; choose from {', '.join(SCOPES)}")
+    if METRICS_SCOPE in scopes and len(set(scopes)) > 1:
+        raise ValueError(METRICS_ALONE)
     prefix = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
     session.add(ApiKey(prefix=prefix, secret_hash=hash_secret(secret, master_secret), tenant_id=tenant_id,

@@ -7,7 +7,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from app.auth import Principal, authenticate
+from app.auth import METRICS_SCOPE, Principal, authenticate
 from app.context import GatewayContext
 from app.db import session_scope
 from app.problems import forbidden, unauthorized
@@ -27,8 +27,11 @@ def get_session(ctx: GatewayContext = Depends(get_context)) -> Iterator[Session]
         yield session
 
 
-def require_scope(scope: str | None) -> Callable[..., Principal]:
-    """A dependency that authenticates the caller and, when `scope` is given, checks it holds that scope."""
+def require_scope(scope: str | None, *alternatives: str) -> Callable[..., Principal]:
+    """A dependency that authenticates the caller and, when `scope` is given, checks it holds that scope (or
+    one of `alternatives`). A metrics-only key passes only where 'metrics' is named (GET /metrics): it is a
+    scrape credential, refused 403 on every other route, those open to any key included."""
+    accepted = {scope, *alternatives} - {None}
 
     def dependency(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
                    ctx: GatewayContext = Depends(get_context)) -> Principal:
@@ -38,8 +41,10 @@ def require_scope(scope: str | None) -> Callable[..., Principal]:
             principal = authenticate(session, credentials.credentials, ctx.settings.secret_key)
         if principal is None:
             raise unauthorized("the API key is unknown, revoked or malformed")
-        if scope is not None and scope not in principal.scopes:
+        if accepted and not accepted & principal.scopes:
             raise forbidden(f"this endpoint needs the '{scope}' scope; the key has {sorted(principal.scopes)}")
+        if not accepted and principal.scopes <= {METRICS_SCOPE}:
+            raise forbidden("this key has only the 'metrics' scope: it may scrape GET /metrics and nothing else")
         return principal
 
     return dependency

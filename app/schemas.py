@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt
 from pydantic.config import JsonDict, JsonValue
 
+from app.auth import METRICS_ALONE, METRICS_SCOPE
 from app.services.jobs import JOB_KINDS
 from inference.transform import default_spec
 
@@ -196,7 +197,7 @@ class HealthOut(BaseModel):
 
 # -- tenants, API keys and the audit log (app/routers/admin_tenants.py) ------------------------------------------
 
-Scope = Literal["enroll", "verify", "admin"]
+Scope = Literal["enroll", "verify", "admin", "metrics"]
 
 
 class TenantOut(BaseModel):
@@ -227,9 +228,18 @@ class TenantCreated(BaseModel):
     admin_key: str = Field(description="The new tenant's first API key (admin, enroll, verify), shown only now.")
 
 
+def _metrics_alone(scopes: list[str]) -> list[str]:
+    if METRICS_SCOPE in scopes and len(set(scopes)) > 1:
+        raise ValueError(METRICS_ALONE)
+    return scopes
+
+
 class ApiKeyCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"scopes": ["enroll", "verify"]}]})
-    scopes: list[Scope] = Field(min_length=1, max_length=3)
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"scopes": ["enroll", "verify"]},
+                                                                              {"scopes": ["metrics"]}]})
+    scopes: Annotated[list[Scope], AfterValidator(_metrics_alone)] = Field(
+        min_length=1, max_length=3, description="`metrics` (a read-only scrape credential: GET /metrics only) "
+                                                "stands alone; the others combine.")
 
 
 class ApiKeyCreated(BaseModel):

@@ -66,12 +66,13 @@ async def _party_check(ctx: GatewayContext) -> dict[str, Any]:
 
 
 @router.get("/metrics", response_class=PlainTextResponse, responses={
-    **auth_errors("admin"), 200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+    **auth_errors("admin or metrics"), 200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
                                   "description": "Prometheus text exposition format"}})
-async def prometheus_metrics(_: Principal = Depends(require_scope("admin")),
+async def prometheus_metrics(_: Principal = Depends(require_scope("admin", "metrics")),
                              ctx: GatewayContext = Depends(get_context)) -> Response:
-    """Prometheus metrics (admin scope: `bearer_token` in the scrape config). Party health and the served
-    model are checked at each scrape, so they are current without a readiness probe."""
+    """Prometheus metrics (a key with the `metrics` scope, the read-only scrape credential, or the `admin`
+    scope: `authorization.credentials` in the scrape config). Party health and the served model are checked
+    at each scrape, so they are current without a readiness probe."""
     await _party_check(ctx)
     metrics.record_model(ctx.models.active_by_preset.values())
     body, content_type = metrics.render()

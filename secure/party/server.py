@@ -42,20 +42,29 @@ from secure.thresholds import GalleryPolicy
 log = logging.getLogger("privface.party")
 
 
-def _token_check(settings: PartySettings) -> Callable[[Request], None]:
+def _token_check(settings: PartySettings, scrape: bool = False) -> Callable[[Request], None]:
     """The dependency every internal route has: this link's bearer token, and (when pinned) the gateway's
-    certificate on this connection, checked first."""
+    certificate on this connection, checked first. `scrape` (GET /metrics only) also takes the party's
+    metrics token, a read-only scrape credential: the certificate pin does not apply to it (the scraper is
+    not the gateway), and presented anywhere else it is refused 403."""
     token = settings.internal_token.encode()
+    scrape_token = settings.metrics_token.encode() if settings.metrics_token else None
     pin = normalize_pin(settings.gateway_cert_sha256).encode() if settings.gateway_cert_sha256 else None
 
     def require_token(request: Request) -> None:
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        presented = value.strip().encode() if scheme.lower() == "bearer" else b""
+        if scrape_token is not None and hmac.compare_digest(presented, scrape_token):
+            if scrape:
+                return
+            raise PartyProblem(403, "metrics-only", "A metrics credential",
+                               "This token may scrape GET /metrics and nothing else.")
         if pin is not None:
             seen = getattr(request.state, "peer_cert_sha256", None) or ""
             if not hmac.compare_digest(seen.encode(), pin):
                 raise PartyProblem(403, "client-not-pinned", "Client certificate not accepted",
                                    "This party serves only the gateway's pinned client certificate.")
-        scheme, _, value = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented, token):
             raise PartyProblem(401, "unauthorized", "Missing or invalid internal token",
                                "This route needs this party's bearer token.", headers={"WWW-Authenticate": "Bearer"})
 
@@ -198,9 +207,10 @@ def create_party_app(settings: PartySettings, engine: MatchEngine, *, oplog: OpL
         return SealedKeyOut(rank=settings.rank, scheme=SEALED_SCHEME, public_key=sealed_key.public_b64,
                             key_id=sealed_key.key_id)
 
-    @app.get("/metrics", include_in_schema=False, dependencies=[Depends(require_token)])
+    @app.get("/metrics", include_in_schema=False, dependencies=[Depends(_token_check(settings, scrape=True))])
     def prometheus_metrics() -> Response:
-        """Prometheus metrics, behind this link's token like every internal route (docs/operations.md)."""
+        """Prometheus metrics, behind this link's token like every internal route, or the party's metrics
+        token (PRIVFACE_PARTY_METRICS_TOKEN; docs/operations.md)."""
         mpc = _engine_status(engine, {"connected": False})  # a scrape reports the engine down, never fails
         body, content_type = metrics.render(oplog.gallery.counts(), mpc)
         return Response(body, media_type=content_type)

@@ -40,6 +40,9 @@ class PartySettings(BaseSettings):
     match_burst: int = Field(40, ge=1, description="Match jobs allowed at once above the steady rate.")
     match_timeout_s: float = Field(60.0, gt=0, description="Longest MPC job this party waits for.")
     max_request_bytes: int = Field(64 * 1024 * 1024, description="Largest internal request body.")
+    metrics_token: str = Field(
+        "", description="A read-only scrape credential: a bearer token that may GET /metrics and nothing else "
+                        "(403 elsewhere); empty: none (the link token scrapes, as before).")
     log_level: str = "info"
     traffic_log: str | None = Field(None, description="File to append 'METHOD PATH BYTES' per request (no content).")
 
@@ -51,6 +54,8 @@ class PartySettings(BaseSettings):
             self.port = 8101 + self.rank
         if not self.internal_token:
             self.internal_token = os.environ.get(f"PRIVFACE_PARTY{self.rank}_TOKEN") or dev_party_token(self.rank)
+        if self.metrics_token and (self.metrics_token == self.internal_token or self.metrics_token in DEV_TOKENS):
+            raise ValueError("PRIVFACE_PARTY_METRICS_TOKEN must differ from every link token")
         return self
 
     def resolved_database_url(self) -> str:
