@@ -22,13 +22,36 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
 from common.paths import PROJECT_ROOT
 
+T = TypeVar("T")
+
 DEALER_ROLE = 2
+
+
+def measured(comm: Any, step: Callable[[], T]) -> tuple[T, dict[str, float | int]]:
+    """Run one timed MPC step: its result and its cost (wall and CPU seconds, bytes and rounds this party
+    sent), the communicator's counters reset first. Both sealed benches time their steps this way."""
+    comm.reset_communication_stats()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    result = step()
+    seconds, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
+    st = comm.get_communication_stats()
+    return result, {"seconds": seconds, "cpu_s": cpu_s, "bytes": int(st["bytes"]), "rounds": int(st["rounds"])}
+
+
+def child_arguments(ap: argparse.ArgumentParser, width: int) -> None:
+    """The arguments both sealed benches share: the hidden ones of their child processes, and the student."""
+    ap.add_argument("--role", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--checkpoint", type=Path, default=None)
+    ap.add_argument("--width", type=int, default=width, help="random-init student only")
+    ap.add_argument("--activation", default="quad", help="random-init student only")
 
 
 def child(role: int, work: Path, port: int) -> None:
@@ -53,16 +76,10 @@ def child(role: int, work: Path, port: int) -> None:
     comm = crypten.communicator.get()
     outputs, stats = np.zeros((share.shape[0], plan["dim"]), dtype=np.int64), []
     for kind, start, end in plan["runs"]:
-        comm.reset_communication_stats()
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        unit = private_unit(private_embedding(plan["layers"], input_from_share(crypten, share[start:end])),
-                            plan["norm_hint"])
-        elapsed = time.perf_counter() - t0
+        unit, cost = measured(comm, lambda: private_unit(private_embedding(
+            plan["layers"], input_from_share(crypten, share[start:end])), plan["norm_hint"]))
         outputs[start:end] = output_share(unit)
-        st = comm.get_communication_stats()
-        stats.append({"kind": kind, "images": end - start, "seconds": elapsed,
-                      "cpu_s": time.process_time() - cpu0, "bytes": int(st["bytes"]),
-                      "rounds": int(st["rounds"])})
+        stats.append({"kind": kind, "images": end - start, **cost})
     np.save(work / f"out{role}.npy", outputs)
     (work / f"stats{role}.json").write_text(json.dumps(stats))
     exit_now(None, 0)
@@ -206,12 +223,7 @@ def report(prep: dict[str, Any], work: Path) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--role", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--checkpoint", type=Path, default=None)
-    ap.add_argument("--width", type=int, default=32, help="random-init student only")
-    ap.add_argument("--activation", default="quad", help="random-init student only")
+    child_arguments(ap, width=32)
     ap.add_argument("--epsilon", type=float, default=64.0)
     ap.add_argument("--pairs-per-fold", type=int, default=20)
     ap.add_argument("--single", type=int, default=8, help="images measured one at a time (batch 1)")

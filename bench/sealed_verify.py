@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.sealed_mpc import DEALER_ROLE, load_student, twin_raw
+from bench.sealed_mpc import DEALER_ROLE, child_arguments, load_student, measured, twin_raw
 
 
 def wait_for(path: Path, timeout_s: float = 600) -> None:
@@ -64,12 +64,10 @@ def party(role: int, work: Path, port: int) -> None:
     templates = [embed(r) for r in requests["enroll"]]  # this party's template shares (its database)
     bits, stats = [], []
     for request, template in zip(requests["verify"], templates):
-        comm.reset_communication_stats()
-        t0 = time.perf_counter()
-        score = (embed(request) * template).sum()
-        bit = int(score.ge(plan["threshold"]).get_plain_text().item())  # the only value ever opened
-        st = comm.get_communication_stats()
-        stats.append({"seconds": time.perf_counter() - t0, "bytes": int(st["bytes"]), "rounds": int(st["rounds"])})
+        # the bit is the only value ever opened
+        bit, cost = measured(comm, lambda: int((embed(request) * template).sum().ge(plan["threshold"])
+                                               .get_plain_text().item()))
+        stats.append(cost)
         bits.append(bit)
     if role == 0:
         (work / "bits.json").write_text(json.dumps(bits))
@@ -96,12 +94,7 @@ def sdk_requests(work: Path, features: np.ndarray, pairs: list[Any], index: dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--role", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--checkpoint", type=Path, default=None)
-    ap.add_argument("--width", type=int, default=16, help="random-init student only")
-    ap.add_argument("--activation", default="quad", help="random-init student only")
+    child_arguments(ap, width=16)
     ap.add_argument("--pairs-per-fold", type=int, default=2)
     ap.add_argument("--threshold", type=float, default=None, help="default: the twin's best on these pairs")
     ap.add_argument("--out", type=Path, default=Path("var/sealed/verify"))

@@ -16,30 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from inference.lfw import lfw_dir, shared_dir
-from inference.mobilefacenet import WEIGHTS_SUBPATH
 from training_jobs.federated.population import ClientData, IsolationError, Population, make_population
 from training_jobs.federated.spreadout import spread_out
+from tests.federated_data import LFW, SHARED, needs_data, one_thread  # noqa: F401  (one_thread: module fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 FEDERATED_PYTHON = ROOT / ".venv-federated" / "bin" / "python"
 HAVE_FLWR = importlib.util.find_spec("flwr") is not None
-SHARED = shared_dir()
-LFW = lfw_dir(SHARED)
-HAVE_DATA = (LFW / "pairs.txt").exists() and (SHARED / WEIGHTS_SUBPATH).exists()
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason=f"aligned LFW or MobileFaceNet absent under {SHARED}")
 needs_flwr = pytest.mark.skipif(not HAVE_FLWR, reason="flwr is only in .venv-federated: run by "
                                 "test_flower_suite_in_federated_venv")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # local, not tests.conftest's: this module also runs in .venv-federated with --noconftest
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # --- Flower-free: population isolation and the spread-out regulariser ----------------------------

@@ -19,8 +19,8 @@ import torch
 from app.problems import Problem
 from app.services.federated_job import FederatedParams, command, validate_params
 from app.settings import GatewaySettings
-from inference.lfw import lfw_dir, load_many, shared_dir
-from inference.mobilefacenet import WEIGHTS_SUBPATH, load_pretrained
+from inference.lfw import load_many
+from inference.mobilefacenet import load_pretrained
 from inference.transform import PRESETS, apply
 from training_jobs.evaluate import pixel_input
 from training_jobs.federated.inversion import (CLASS, InversionConfig, ObservedUpdate, client_gradients, invert_update,
@@ -29,20 +29,9 @@ from training_jobs.federated.local import LocalConfig, initial_class_vector, tra
 from training_jobs.federated.mixup import Mixer, MixupConfig, dirichlet_weights, mix, mix_indices
 from training_jobs.federated.params import build_base_model, freeze_except, get_arrays, set_arrays, travelling_names
 from training_jobs.federated.population import make_population
+from tests.federated_data import LFW, SHARED, needs_data, one_thread  # noqa: F401  (one_thread: module fixture)
 
-SHARED = shared_dir()
-LFW = lfw_dir(SHARED)
-HAVE_DATA = (LFW / "pairs.txt").exists() and (SHARED / WEIGHTS_SUBPATH).exists()
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason=f"aligned LFW or MobileFaceNet absent under {SHARED}")
 SPEC = PRESETS["dct8-v0"](64.0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from app.problems import Problem
 from training_jobs.datasets import Augment
 from app.services.federated_job import FederatedParams, command, validate_params
 from app.settings import GatewaySettings
-from inference.lfw import lfw_dir, load_many, shared_dir
-from inference.mobilefacenet import WEIGHTS_SUBPATH, load_pretrained
+from inference.lfw import load_many
+from inference.mobilefacenet import load_pretrained
 from inference.transform import PRESETS, clipped, spec_v0
 from training_jobs.federated.impostors import (DEFAULT_CHECKPOINT, FeatureGenerator, ImpostorSource, load_generator,
                                                negative_margin_loss, save_generator, source_from_config, to_units,
@@ -25,19 +25,8 @@ from training_jobs.federated.local import LocalConfig, raw_embedding, train_loca
 from training_jobs.federated.params import build_base_model, freeze_except, travelling_names
 from training_jobs.federated.population import ClientData, IsolationError, Population, make_population
 from training_jobs.federated.unsupervised import FrozenGlobal, cosine_distance, two_views
+from tests.federated_data import LFW, SHARED, needs_data, one_thread  # noqa: F401  (one_thread: module fixture)
 
-SHARED = shared_dir()
-LFW = lfw_dir(SHARED)
-HAVE_DATA = (LFW / "pairs.txt").exists() and (SHARED / WEIGHTS_SUBPATH).exists()
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason=f"aligned LFW or MobileFaceNet absent under {SHARED}")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _client_model(spec):

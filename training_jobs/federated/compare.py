@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from inference.lfw import lfw_dir, shared_dir
-from inference.transform import PRESETS
 from training_jobs.federated.heldout import Heldout
 from training_jobs.federated.population import make_population
+from training_jobs.federated.script import run_arguments, setup, write_report
 from training_jobs.federated.secagg import SecAggSettings
 from training_jobs.federated.server_app import ServerSettings
 from training_jobs.federated.simulate import simulate
@@ -42,23 +39,13 @@ def summary(log: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=30)
-    parser.add_argument("--per-round", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--scope", default="whole", choices=("whole", "adapter-tail"))
-    parser.add_argument("--max-images", type=int, default=4)
-    parser.add_argument("--pairs-per-fold", type=int, default=60)
+    run_arguments(parser, clients=30, per_round=10, rounds=3, pairs_per_fold=60, scope="whole", max_images=4)
     parser.add_argument("--secagg-clip", type=float, default=SecAggSettings.clipping_range)
     parser.add_argument("--drop-fraction", type=float, default=0.0)
     parser.add_argument("--repeat", type=int, default=1, help="alternate the two runs this many times")
     parser.add_argument("--max-shares", type=int, default=SecAggSettings.max_shares)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    shared = shared_dir()
-    lfw = lfw_dir(shared)
-    spec = PRESETS["dct8-v0"](64.0)
+    shared, lfw, spec = setup()
     population = make_population(lfw, args.clients, min_images=2, max_images=args.max_images)
     heldout = Heldout(lfw, spec, args.pairs_per_fold, seed=args.seed)
     runs = [(aggregation, 0.0, rep) for rep in range(args.repeat) for aggregation in ("fedavg", "secagg+")]
@@ -81,11 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     report["mean_round_seconds_after_first"] = {agg: float(np.mean(t)) for agg, t in times.items()}
     report["secagg_time_ratio"] = report["mean_round_seconds_after_first"]["secagg+"] / \
         report["mean_round_seconds_after_first"]["fedavg"]
-    text = json.dumps(report, indent=1, default=str)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    print(write_report(report, args.out))
 
 
 if __name__ == "__main__":

@@ -20,15 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
-from inference.lfw import lfw_dir, shared_dir
-from inference.transform import PRESETS
 from training_jobs.federated.compare import summary
 from training_jobs.federated.heldout import Heldout
 from training_jobs.federated.impostors import DEFAULT_CHECKPOINT
 from training_jobs.federated.params import build_base_model
 from training_jobs.federated.population import Population, make_population
+from training_jobs.federated.script import run_arguments, setup, write_report
 from training_jobs.federated.server_app import ServerSettings
 from training_jobs.federated.simulate import mode_config, simulate
 
@@ -37,27 +35,18 @@ RUNS = (("supervised", "none"), ("supervised", "gan"), ("unsupervised", "none"),
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=30)
-    parser.add_argument("--per-round", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--scope", default="adapter-tail", choices=("whole", "adapter-tail"))
-    parser.add_argument("--max-images", type=int, default=4)
+    run_arguments(parser, clients=30, per_round=10, rounds=3, pairs_per_fold=150, scope="adapter-tail",
+                  max_images=4)
     parser.add_argument("--unsup-min-images", type=int, default=1)
-    parser.add_argument("--pairs-per-fold", type=int, default=150)
     parser.add_argument("--impostor-checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--runs", default=",".join(f"{m}/{n}" for m, n in RUNS),
                         help="comma-separated mode/negatives pairs")
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
     parser.add_argument("--skip-before", action="store_true",
                         help="do not evaluate the starting model (measured by an earlier run on the same pairs)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
     start = time.perf_counter()
-    shared = shared_dir()
-    lfw = lfw_dir(shared)
-    spec = PRESETS["dct8-v0"](64.0)
+    shared, lfw, spec = setup()
     heldout = Heldout(lfw, spec, args.pairs_per_fold, seed=args.seed)
     report: dict[str, Any] = {"settings": vars(args) | {"out": str(args.out), "impostor_checkpoint": str(args.impostor_checkpoint),
                                               "transform": spec.transform_id, "heldout_folds": [6, 7, 8, 9, 10]},
@@ -80,10 +69,9 @@ def main(argv: list[str] | None = None) -> None:
                              "single_photo_clients": sum(len(c.images) == 1 for c in population.clients)}
         report["runs"][pair] = run
         print(json.dumps({pair: {k: run["after"][k] for k in ("accuracy", "tar_at_far_1e-3", "rank1")}}), flush=True)
-        write(report, args.out)  # after every run: a later crash keeps the runs measured so far
+        write_report(report, args.out)  # after every run: a later crash keeps the runs measured so far
     report["wall_seconds"] = time.perf_counter() - start
-    print(json.dumps(report, indent=1, default=str))
-    write(report, args.out)
+    print(write_report(report, args.out))
 
 
 def simulate_with_retry(population: Population, settings: ServerSettings, lfw: Path, heldout: Heldout) -> dict[str, Any]:
@@ -96,12 +84,6 @@ def simulate_with_retry(population: Population, settings: ServerSettings, lfw: P
         log = simulate(population, settings, lfw, heldout)
         log["retried_after"] = str(exc)[:200]
         return log
-
-
-def write(report: dict[str, Any], out: Path | None) -> None:
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -37,9 +37,9 @@ from typing import Any, TYPE_CHECKING
 import numpy as np
 import torch
 
-from inference.lfw import lfw_dir, load_many, shared_dir
+from inference.lfw import load_many
 from inference.mobilefacenet import load_pretrained
-from inference.transform import PRESETS, TransformSpec, apply, clean
+from inference.transform import TransformSpec, apply, clean
 from training_jobs.attacks.a1_inverter import A1
 from training_jobs.attacks.data import FLIP_ONLY, attacker_split, normaliser, to_uint8
 from training_jobs.attacks.training import Budget, train
@@ -49,6 +49,7 @@ from training_jobs.evaluate import embed_all
 from training_jobs.federated.inversion import InversionConfig, ObservedUpdate, best_cosines, invert_update
 from training_jobs.federated.local import LocalConfig, initial_class_vector, train_local
 from training_jobs.federated.params import build_base_model, freeze_except, get_arrays, set_arrays, travelling_names
+from training_jobs.federated.script import run_arguments, setup, write_report
 from training_jobs.leakage import psnr, save_grid, ssim, luma
 
 if TYPE_CHECKING:  # imported where used: it loads OpenCV's SFace model
@@ -224,23 +225,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=100, help="inversion steps per victim")
     parser.add_argument("--a1-minutes", type=float, default=3.0, help="A1 budget, process CPU minutes")
     parser.add_argument("--mixup-k", type=int, default=2)
-    parser.add_argument("--clients", type=int, default=12)
-    parser.add_argument("--per-round", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--pairs-per-fold", type=int, default=20)
+    run_arguments(parser, clients=12, per_round=6, rounds=2, pairs_per_fold=20)
     parser.add_argument("--epsilon", type=float, default=64.0)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--federated-python", type=Path, default=Path(".venv-federated/bin/python"))
     parser.add_argument("--skip-accuracy", action="store_true", help="attack only (no Flower runs)")
     parser.add_argument("--runs-dir", type=Path, default=Path("var/federated_inversion"))
-    parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--grid", type=Path, default=None)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
     began = time.perf_counter()
-    shared = shared_dir()
-    lfw = lfw_dir(shared)
-    spec = PRESETS["dct8-v0"](args.epsilon)
+    shared, lfw, spec = setup(epsilon=args.epsilon)
     people, distractors = pick_people(lfw, args.victims, args.photos, args.distractors)
     workdir = Path(tempfile.mkdtemp(prefix="fed-inversion-"))
     accuracy_thread, accuracy = (None, {}) if args.skip_accuracy else start_accuracy_runs(args, workdir)
@@ -270,11 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         accuracy_thread.join()
     report["accuracy"] = accuracy
     report["seconds"] = time.perf_counter() - began
-    text = json.dumps(report, indent=1, default=str)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    print(write_report(report, args.out))
     if args.grid:
         save_grid(np.concatenate(faces), grid_rows, args.grid,
                   "training identities (outside folds 6-10): real photos (top) vs faces recovered from one update")

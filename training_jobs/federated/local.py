@@ -99,6 +99,25 @@ def batches(faces: np.ndarray, spec: TransformSpec, augment: Augment | None, bat
         yield torch.from_numpy(apply(clean, spec, rng).astype(np.float32)), clean
 
 
+def local_optimizer(model: FrequencyFaceModel, config: LocalConfig, *extra: dict[str, Any]) -> torch.optim.AdamW:
+    """AdamW over what trains on the device, in both modes: the backbone's travelling parameters at `lr`, the
+    `extra` groups (the supervised mode's class vector), then the adapter's at `adapter_lr`, neither decayed."""
+    adapter = [p for p in model.adapter.parameters() if p.requires_grad]
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    groups: list[dict[str, Any]] = [{"params": backbone, "lr": config.lr}, *extra]
+    if adapter:
+        groups.append({"params": adapter, "lr": config.adapter_lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, weight_decay=5e-4)
+
+
+def local_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float) -> None:
+    """One update: gradients of `loss`, clipped to `grad_clip` in L2 over every parameter the optimizer holds."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    optimizer.step()
+
+
 def train_local(model: FrequencyFaceModel, teacher: MobileFaceNet, faces: np.ndarray, spec: TransformSpec,
                 class_vector: np.ndarray | None, config: LocalConfig, rng: np.random.Generator,
                 augment: Augment | None = Augment(), impostors: ImpostorSource | None = None) -> LocalResult:
@@ -111,12 +130,7 @@ def train_local(model: FrequencyFaceModel, teacher: MobileFaceNet, faces: np.nda
     if class_vector is None:
         class_vector = initial_class_vector(model, faces, spec, rng)
     w = nn.Parameter(torch.as_tensor(class_vector, dtype=torch.float32).clone())
-    adapter = [p for p in model.adapter.parameters() if p.requires_grad]
-    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
-    groups: list[dict[str, Any]] = [{"params": backbone, "lr": config.lr}, {"params": [w], "lr": config.class_lr, "weight_decay": 0.0}]
-    if adapter:
-        groups.append({"params": adapter, "lr": config.adapter_lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, weight_decay=5e-4)
+    optimizer = local_optimizer(model, config, {"params": [w], "lr": config.class_lr, "weight_decay": 0.0})
     distill = DistillationLoss()
     model.eval()  # BatchNorm frozen: a device has far too few photos for batch statistics
     mixer = (Mixer(MixupConfig(config.mixup_k, config.mixup_adaptive), spec.num_channels,
@@ -141,10 +155,7 @@ def train_local(model: FrequencyFaceModel, teacher: MobileFaceNet, faces: np.nda
                 negatives = raw_embedding(model, impostors.sample(config.impostors_per_batch, rng))
                 impostor = negative_margin_loss(w[None], negatives, config.impostor_margin)
                 loss = loss + config.impostor_weight * impostor
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], config.grad_clip)
-            optimizer.step()
+            local_step(optimizer, loss, config.grad_clip)
             sums += len(clean) * np.array([loss.item(), identity.item(), kd.item(), impostor.item()])
             count += len(clean)
     mean = sums / max(count, 1)

@@ -18,7 +18,6 @@ reference set of real embeddings (yet other identities). Faces of strangers sit 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -27,11 +26,12 @@ import numpy as np
 import torch
 
 from inference.frequency_model import build_model_v0
-from inference.lfw import lfw_dir, load_many, shared_dir
+from inference.lfw import load_many
 from inference.transform import PRESETS, TransformSpec, add_noise, clipped
 from training_jobs.datasets import identity_of, make_split
 from training_jobs.federated.impostors import (DEFAULT_CHECKPOINT, FeatureGenerator, ImpostorSource, save_generator,
                                                to_units, train_gan)
+from training_jobs.federated.script import setup, write_report
 
 
 def gan_identities(lfw: Path, skip_clients: int) -> list[tuple[str, str]]:
@@ -96,10 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--report", type=Path, default=None)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    shared = shared_dir()
-    lfw = lfw_dir(shared)
-    spec = PRESETS[args.transform](args.epsilon)
+    shared, lfw, spec = setup(args.transform, args.epsilon)
     identities = gan_identities(lfw, args.skip_clients)
     needed = args.images + 2 * args.probe
     if len(identities) < needed:
@@ -121,11 +118,7 @@ def main(argv: list[str] | None = None) -> None:
               "parameters": sum(p.numel() for p in generator.parameters()), "transform": spec.transform_id,
               "trained_on": trained_on, "train_seconds": round(train_seconds, 1), "history": history,
               "measure": measure(generator, spec, shared, real_units, reference, probe)}
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(text + "\n")
+    print(write_report(report, args.report))
 
 
 if __name__ == "__main__":

@@ -16,19 +16,17 @@ Nothing identity-specific leaves the device besides the model update (no class v
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.func import functional_call
 
 from inference.frequency_model import FrequencyFaceModel
 from inference.transform import TransformSpec, apply
 from training_jobs.datasets import Augment
 from training_jobs.federated.impostors import ImpostorSource, negative_margin_loss
-from training_jobs.federated.local import LocalConfig, LocalResult, raw_embedding
+from training_jobs.federated.local import LocalConfig, LocalResult, local_optimizer, local_step, raw_embedding
 
 
 def two_views(faces: np.ndarray, spec: TransformSpec, augment: Augment | None, batch_size: int,
@@ -75,12 +73,7 @@ def train_unsupervised(model: FrequencyFaceModel, faces: np.ndarray, spec: Trans
                        augment: Augment | None = Augment()) -> LocalResult:
     """Train the model's parameters that require grad, in place, on ONE device's unlabelled photos."""
     frozen = FrozenGlobal(model)
-    adapter = [p for p in model.adapter.parameters() if p.requires_grad]
-    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
-    groups: list[dict[str, Any]] = [{"params": backbone, "lr": config.lr}]
-    if adapter:
-        groups.append({"params": adapter, "lr": config.adapter_lr, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, weight_decay=5e-4)
+    optimizer = local_optimizer(model, config)
     model.eval()  # BatchNorm frozen, as in the supervised mode
     sums, count = np.zeros(4), 0
     for _ in range(config.epochs):
@@ -94,10 +87,7 @@ def train_unsupervised(model: FrequencyFaceModel, faces: np.ndarray, spec: Trans
                 impostor = negative_margin_loss(torch.cat([e1, e2]), negatives, config.impostor_margin)
             loss = (config.agreement_weight * agreement + config.global_distill_weight * distill
                     + config.impostor_weight * impostor)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], config.grad_clip)
-            optimizer.step()
+            local_step(optimizer, loss, config.grad_clip)
             sums += len(view1) * np.array([loss.item(), agreement.item(), distill.item(), impostor.item()])
             count += len(view1)
     mean = sums / max(count, 1)
