@@ -205,3 +205,20 @@ def test_mixup_job_params_reach_the_simulate_command(tmp_path: Path):
     plain = command(settings, FederatedParams.model_validate(validate_params({})), "fed-x", None, tmp_path)
     assert "--mixup-k" not in plain
     assert validate_params({})["mixup"] is None
+
+
+def test_the_inversion_bench_imports_in_the_federated_venv():
+    """scripts/install_federated.sh installs scipy, which training_jobs.leakage (the bench's PSNR/SSIM) needs:
+    the bench's module imports in .venv-federated, not only in the gateway venv."""
+    import os
+    import subprocess
+
+    from common.paths import PROJECT_ROOT
+
+    python = Path(os.environ.get("PRIVFACE_TEST_FEDERATED_PYTHON", PROJECT_ROOT / ".venv-federated" / "bin" / "python"))
+    if not python.exists():
+        pytest.skip("no .venv-federated: run scripts/install_federated.sh (make test does)")
+    proc = subprocess.run([str(python), "-c", "import training_jobs.federated.inversion_bench, scipy"],
+                          cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

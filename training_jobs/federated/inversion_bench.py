@@ -4,7 +4,7 @@
         --distractors 50 --steps 20 --a1-minutes 1.5 --mixup-k 2 --clients 6 --per-round 3 --rounds 1 \
         --pairs-per-fold 10 --out docs/results/federated_inversion.json --grid docs/federated_inversion_grid.png
 
-Runs in the gateway venv (SFace, scipy, matplotlib); the accuracy half starts `training_jobs.federated.simulate`
+Runs in the gateway venv (SFace, scipy, matplotlib for --grid; it imports in .venv-federated too); the accuracy half starts `training_jobs.federated.simulate`
 under `--federated-python` (.venv-federated, Flower), once per condition, with the same clients, seeds,
 held-out pairs (LFW folds 6-10) and noise draws, while the attack half runs here:
 - victims: the first `--victims` training identities (outside folds 6-10, by name) with more than `--photos`
