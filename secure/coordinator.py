@@ -37,6 +37,8 @@ from secure.party.api import (
     MatchKind,
     MatchOut,
     PrepareIn,
+    SealedIn,
+    SealedPrepareIn,
 )
 from secure.party.replies import (
     CANCELLED,
@@ -135,6 +137,36 @@ class PartyPair:
         replies = await self._both("POST", "/internal/ops/prepare", (bodies[0], bodies[1]))
         del bodies
         return self._prepared(seq, replies)
+
+    async def store_sealed(self, seq: int, template_seq: int, gallery: str, job_id: str,
+                           sealed: tuple[SealedIn, SealedIn]) -> bool:
+        """Sealed mode: prepare storing the template both parties compute under MPC from their own sealed feature
+        share (each party gets only its own envelope). True only if both prepared; like ``store`` otherwise."""
+        bodies = [_dump(SealedPrepareIn(seq=seq, gallery=gallery, template_seq=template_seq, job_id=job_id,
+                                        sealed=part, timeout_s=self.timeout_s)) for part in sealed]
+        replies = await self._match_both(bodies, self.timeout_s + 5.0, "/internal/sealed/prepare")
+        for reply in replies:  # the caller's input, not the service, is at fault: say so (the op is aborted)
+            if reply.status == 422 and (reply.slug or "").startswith("sealed-"):
+                raise PartiesError(f"party {reply.rank} refused its sealed input ({reply.slug})", status=422,
+                                   problems=[r.problem for r in replies])
+        return self._prepared(seq, (replies[0], replies[1]))
+
+    async def verify_sealed(self, job_id: str, gallery: str, upto_seq: int, sealed: tuple[SealedIn, SealedIn],
+                            template_seqs: Iterable[int], threshold: GalleryPolicy | float, *,
+                            expected_committed: int | None = None) -> bool:
+        """Sealed mode's 1:1: as ``verify``, but the query is computed by the parties from their sealed shares."""
+        seqs = sorted({int(t) for t in template_seqs})
+        if not seqs:
+            return False
+        check = CheckIn(kind="verify", gallery=gallery, upto_seq=upto_seq, expected_committed=expected_committed,
+                        template_seqs=seqs)
+        b0, b1 = await self._run_job(check, job_id, threshold, ({"sealed": sealed[0]}, {"sealed": sealed[1]}))
+        if b0.share is None or b1.share is None:
+            raise PartiesError("a party returned no output share")
+        out = reconstruct_int(int(b0.share), int(b1.share))
+        if out not in (0, 1):
+            raise PartiesError("the MPC returned an invalid verify output")
+        return out == 1
 
     async def delete_prepare(self, seq: int, template_seqs: Iterable[int], gallery: str | None = None) -> bool:
         """Prepare deleting (erasing) the given templates in one operation. True only if both prepared.
@@ -269,11 +301,11 @@ class PartyPair:
                                    problems=problems)
         return b0, b1
 
-    async def _match_both(self, bodies: list[dict[str, Any]], timeout: float) -> list[Reply]:
-        """Both match calls, never resent (``partylink.send``); if one party refuses quickly (4xx), do not wait
-        for the other's MPC timeout."""
-        tasks = [asyncio.create_task(self._call(rank, "POST", "/internal/match", bodies[rank], timeout,
-                                                idempotent=False))
+    async def _match_both(self, bodies: list[dict[str, Any]], timeout: float,
+                          path: str = "/internal/match") -> list[Reply]:
+        """Both calls of an MPC job, never resent (``partylink.send``); if one party refuses quickly (4xx), do not
+        wait for the other's MPC timeout."""
+        tasks = [asyncio.create_task(self._call(rank, "POST", path, bodies[rank], timeout, idempotent=False))
                  for rank in (0, 1)]
         try:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -9,11 +9,12 @@ Credentials are per link. The gateway -> party R link has its own bearer token, 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from common.paths import VAR_DIR
+from common.paths import PROJECT_ROOT, VAR_DIR
 from common.settings import DEV_TOKENS, dev_party_token
 
 
@@ -40,6 +41,8 @@ class PartySettings(BaseSettings):
     match_burst: int = Field(40, ge=1, description="Match jobs allowed at once above the steady rate.")
     match_timeout_s: float = Field(60.0, gt=0, description="Longest MPC job this party waits for.")
     max_request_bytes: int = Field(64 * 1024 * 1024, description="Largest internal request body.")
+    sealed_model_dir: Path = Field(PROJECT_ROOT / "inference" / "bundled", description="Sealed mode: the directory "
+                                   "of sealed model versions (<version>/sealed.json + layers.npz) this party serves.")
     log_level: str = "info"
     traffic_log: str | None = Field(None, description="File to append 'METHOD PATH BYTES' per request (no content).")
 

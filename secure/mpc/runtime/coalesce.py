@@ -33,8 +33,11 @@ def digest_of(job: WorkerJob, device: str) -> str:
     g, q = job.gallery, job.query
     if g is None or job.labels is None:
         raise RuntimeError(f"job {job.job_id} has no gallery snapshot")
-    return job_digest(job.kind, g.shape[0], g.shape[1], job.threshold, job.labels, device,
-                      int(q.shape[0]) if q.ndim == 2 else 0)
+    digest = job_digest(job.kind, g.shape[0], g.shape[1], job.threshold, job.labels, device,
+                        int(q.shape[0]) if q.ndim == 2 else 0)
+    sealed = getattr(job.sealed, "digest", None)  # sealed mode: the same model and rotation at both parties
+    return digest if sealed is None else f"{digest}:{sealed}"
+
 
 
 def coalescible(first: WorkerJob, other: WorkerJob) -> bool:
