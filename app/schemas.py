@@ -13,6 +13,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic.config import JsonDict, JsonValue
 
 from app.services.jobs import JOB_KINDS
+from secure.party.api import SealedEnvelope
 from inference.transform import default_spec
 
 
@@ -59,6 +60,48 @@ class FeaturePayload(BaseModel):
     created_at: Annotated[datetime, BeforeValidator(_iso_string)] = Field(
         description="when the SDK made the payload (ISO 8601, UTC); mandatory: a payload older than the replay "
                     "window, or without a stamp, is refused")
+
+
+class SealedPayload(BaseModel):
+    """Sealed mode (docs/sealed.md): the SDK's noised features as two additive shares, each encrypted to one party
+    (``client/sealed.py``). The gateway can read only this header; ``envelopes[r]`` goes to party r unopened."""
+
+    model_config = ConfigDict(extra="forbid")
+    transform_id: str = Field(max_length=100)
+    params_hash: str = Field(pattern=r"^[0-9a-f]{16}$")
+    shape: list[StrictInt] = Field(min_length=3, max_length=3)
+    epsilon: StrictFloat | None = Field(gt=0, description="per-image privacy budget the SDK applied")
+    nonce: str = Field(pattern=r"^[0-9a-f]{32}$", description="fresh per payload, bound into both envelopes")
+    created_at: Annotated[datetime, BeforeValidator(_iso_string)] = Field(
+        description="when the SDK made the payload (ISO 8601, UTC); the replay window applies as in gateway mode")
+    envelopes: list[SealedEnvelope] = Field(min_length=2, max_length=2, description="[party 0's, party 1's]")
+
+
+class SealedEnrollRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sealed: SealedPayload
+
+
+class SealedVerifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    subject_id: str = Field(max_length=64)
+    sealed: SealedPayload
+
+
+class ModeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"mode": "sealed"}]})
+    mode: Literal["gateway", "sealed"] = Field(description="'gateway': the gateway embeds the SDK's noised features; "
+                                                           "'sealed': the SDK secret-shares them and the parties "
+                                                           "embed them under MPC (docs/sealed.md).")
+
+
+class ModeOut(BaseModel):
+    tenant_id: str
+    mode: str
+    model_version: str
+    transform_id: str
+    reenroll_needed: int = Field(description="Subjects whose templates are not usable in the new mode: they match "
+                                             "again once re-enrolled (the server holds no photo to re-extract from).")
 
 
 class SubjectCreate(BaseModel):
@@ -144,6 +187,9 @@ class TransformOut(BaseModel):
     model_version: str
     preset: str = Field(description="The tenant's privacy preset this transform serves (docs/models/presets.md).")
     spec: dict[str, Any]
+    mode: Literal["gateway", "sealed"] = Field("gateway", description="The tenant's mode: 'sealed' tells the SDK to "
+                                               "secret-share its features to the parties' keys (GET /v1/sealed/keys) "
+                                               "and use the /v1/sealed/ routes.")
 
 
 class ModelVersionOut(BaseModel):
