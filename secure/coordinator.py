@@ -142,14 +142,21 @@ class PartyPair:
                            sealed: tuple[SealedIn, SealedIn]) -> bool:
         """Sealed mode: prepare storing the template both parties compute under MPC from their own sealed feature
         share (each party gets only its own envelope). True only if both prepared; like ``store`` otherwise."""
+        await self.check_sealed(sealed)
         bodies = [_dump(SealedPrepareIn(seq=seq, gallery=gallery, template_seq=template_seq, job_id=job_id,
                                         sealed=part, timeout_s=self.timeout_s)) for part in sealed]
         replies = await self._match_both(bodies, self.timeout_s + 5.0, "/internal/sealed/prepare")
-        for reply in replies:  # the caller's input, not the service, is at fault: say so (the op is aborted)
-            if reply.status == 422 and (reply.slug or "").startswith("sealed-"):
-                raise PartiesError(f"party {reply.rank} refused its sealed input ({reply.slug})", status=422,
-                                   problems=[r.problem for r in replies])
         return self._prepared(seq, (replies[0], replies[1]))
+
+    async def check_sealed(self, sealed: tuple[SealedIn, SealedIn]) -> None:
+        """Ask both parties whether they can use their sealed input before any MPC starts (a party that refused
+        alone would leave its peer waiting in the MPC): PartiesError 422 when one cannot (the caller's input)."""
+        replies = await self._both("POST", "/internal/sealed/check", sealed)
+        raise_unavailable(replies, "sealed check")
+        for r in sorted(replies, key=lambda reply: reply.status != 422):
+            if not r.ok:
+                raise PartiesError(f"party {r.rank} refused its sealed input ({r.status} {r.slug})", status=r.status,
+                                   problems=[reply.problem for reply in replies])
 
     async def verify_sealed(self, job_id: str, gallery: str, upto_seq: int, sealed: tuple[SealedIn, SealedIn],
                             template_seqs: Iterable[int], threshold: GalleryPolicy | float, *,
@@ -160,6 +167,7 @@ class PartyPair:
             return False
         check = CheckIn(kind="verify", gallery=gallery, upto_seq=upto_seq, expected_committed=expected_committed,
                         template_seqs=seqs)
+        await self.check_sealed(sealed)
         b0, b1 = await self._run_job(check, job_id, threshold, ({"sealed": sealed[0]}, {"sealed": sealed[1]}))
         if b0.share is None or b1.share is None:
             raise PartiesError("a party returned no output share")

@@ -47,12 +47,20 @@ class Served:
     def url(self) -> str:
         return self.local.url
 
+    def calls(self) -> list[list[str]]:
+        """Each party's traffic record so far: one 'METHOD PATH BYTES' per call (secure/party/traffic.py)."""
+        return [(self.local.workdir / f"party{rank}.traffic").read_text().splitlines() for rank in (0, 1)]
+
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
     local = LocalStack(tmp_path_factory.mktemp("sealed"), party_timeout_s=60.0, extra_env=dict(NO_ABUSE_LIMITS))
     try:
-        local.start()
+        local.cli("models", "ensure")
+        for name in ("dealer", "party0", "party1", "gateway"):
+            traffic = {"PRIVFACE_PARTY_TRAFFIC_LOG": str(local.workdir / f"{name}.traffic")}
+            local.start_process(name, traffic if name.startswith("party") else None)
+        local.wait_ready()
         yield Served(local, local.api_key("admin", "enroll", "verify"))
     finally:
         local.stop()
@@ -117,16 +125,22 @@ def test_sealed_enroll_then_verify_gives_the_twins_decision(stack: Any) -> None:
         enrolled = client.enroll_features(subject, payloads[0])
         assert enrolled["model_version"] == VERSION
         template = twin_unit(payloads[0])
-        decisions = []
-        # the same noised features again (sealed afresh), the person's other photo, another person
-        for probe in (dict(payloads[0]), payloads[1], payloads[2]):
+        decisions, traffic = [], []
+        # the person's other photo (its job also registers the gallery at the parties, once), the same noised
+        # features as enrolled (sealed afresh), another person
+        for probe in (payloads[1], dict(payloads[0]), payloads[2]):
             score = float(twin_unit(probe) @ template)
+            before = [len(c) for c in stack.calls()]
             bit = client.verify_features(subject, probe)
+            traffic.append([c[n:] for c, n in zip(stack.calls(), before)])
             decisions.append((bit, score))
             if abs(score - threshold) > TIE:
                 assert bit == (score >= threshold), (score, threshold)
-    assert decisions[0][0] is True  # a match is opened as a match: the protocol can say yes
-    assert decisions[2][0] is False or decisions[2][1] >= threshold - TIE
+    assert decisions[1][0] is True  # a match is opened as a match: the protocol can say yes
+    assert decisions[2][0] is False, decisions  # another person, far below the served threshold
+    assert traffic[1] == traffic[2] and traffic[1][0], traffic  # the same calls and sizes, match or not
+    jobs = [line for line in stack.local.log("party0").splitlines() if "(verify, 1 rows)" in line][-3:]
+    assert len({line.rsplit(": ", 1)[-1].rsplit(",", 1)[0] for line in jobs}) == 1, jobs  # same rounds and bytes
 
 
 def test_the_gateway_stores_and_logs_no_feature_or_share(stack: Any) -> None:

@@ -110,6 +110,13 @@ class SealedIn(BaseModel):
     rotation: str = Field(..., repr=False, description="base64 of float64 LE [d, d]: the tenant's protection matrix")
 
 
+class SealedCheckOut(BaseModel):
+    """``POST /internal/sealed/check`` (body: ``SealedIn``): this party can use its sealed input."""
+
+    ok: bool
+    dim: int
+
+
 class SealedPrepareIn(BaseModel):
     """``POST /internal/sealed/prepare``: sealed enrollment, the first phase of a store whose share this party
     computes with its peer (an MPC "embed" job) instead of receiving it."""

@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from common.problems import Problem as PartyProblem
 from secure.mpc.engine import MatchJob
 from secure.mpc.protocols.sealed_model import SealedQuery, check_layers
-from secure.party.api import OpOut, SealedIn, SealedPrepareIn
+from secure.party.api import OpOut, SealedCheckOut, SealedIn, SealedPrepareIn
 from secure.party.matching import MatchDesk, op_problem
 from secure.party.oplog import OpError, OpLog, OpSpec
 from secure.sealed_box import PartyKey, SealedError, open_share
@@ -128,7 +128,15 @@ class SealedInputs:
 
 
 def sealed_routes(api: APIRouter, desk: MatchDesk, oplog: OpLog, inputs: SealedInputs) -> None:
-    """``POST /internal/sealed/prepare``: sealed enrollment's first phase (see the module docstring)."""
+    """``POST /internal/sealed/check``: can this party use its sealed input (its envelope opens, the model is served,
+    the rotation is orthogonal)? The gateway asks both parties before any sealed MPC job, so that a party never
+    waits in the MPC for a peer that refused its input. ``POST /internal/sealed/prepare``: sealed enrollment's
+    first phase (see the module docstring)."""
+
+    @api.post("/sealed/check", response_model=SealedCheckOut)
+    async def sealed_check(body: SealedIn) -> SealedCheckOut:
+        sealed = await run_in_threadpool(inputs.query, body)
+        return SealedCheckOut(ok=True, dim=sealed.dim)
 
     @api.post("/sealed/prepare", response_model=OpOut)
     async def sealed_prepare(body: SealedPrepareIn) -> OpOut:
