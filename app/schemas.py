@@ -88,6 +88,11 @@ class SealedVerifyRequest(BaseModel):
     sealed: SealedPayload
 
 
+class SealedIdentifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sealed: SealedPayload
+
+
 class ModeIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"mode": "sealed"}]})
     mode: Literal["gateway", "sealed"] = Field(description="'gateway': the gateway embeds the SDK's noised features; "

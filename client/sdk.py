@@ -128,8 +128,9 @@ class PrivfaceClient:
 
     def identify_features(self, features: FeaturePayload) -> str | None:
         if self.mode == "sealed":
-            raise PrivfaceError("identify is not served in sealed mode (docs/sealed.md)")
-        result = self._request("POST", "/v1/identify", {"features": features})
+            result = self._sealed_request("/v1/sealed/identify", {}, features)
+        else:
+            result = self._request("POST", "/v1/identify", {"features": features})
         return result["subject_id"] if result["match"] else None
 
     # -- sealed mode (docs/sealed.md) ----------------------------------------------------------------

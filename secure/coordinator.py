@@ -158,23 +158,21 @@ class PartyPair:
                 raise PartiesError(f"party {r.rank} refused its sealed input ({r.status} {r.slug})", status=r.status,
                                    problems=[reply.problem for reply in replies])
 
-    async def verify_sealed(self, job_id: str, gallery: str, upto_seq: int, sealed: tuple[SealedIn, SealedIn],
-                            template_seqs: Iterable[int], threshold: GalleryPolicy | float, *,
-                            expected_committed: int | None = None) -> bool:
-        """Sealed mode's 1:1: as ``verify``, but the query is computed by the parties from their sealed shares."""
-        seqs = sorted({int(t) for t in template_seqs})
-        if not seqs:
-            return False
-        check = CheckIn(kind="verify", gallery=gallery, upto_seq=upto_seq, expected_committed=expected_committed,
-                        template_seqs=seqs)
+    async def match_sealed(self, kind: MatchKind, job_id: str, gallery: str, upto_seq: int,
+                           sealed: tuple[SealedIn, SealedIn], threshold: GalleryPolicy | float,
+                           template_seqs: list[int] | None, *, expected_committed: int | None = None) -> int:
+        """Sealed mode's verify / identify: one job whose query the parties compute from their sealed shares; the
+        reconstructed output (verify: 0 or 1; identify: the matched template_seq or 0)."""
+        check = CheckIn(kind=kind, gallery=gallery, upto_seq=upto_seq, expected_committed=expected_committed,
+                        template_seqs=template_seqs)
         await self.check_sealed(sealed)
         b0, b1 = await self._run_job(check, job_id, threshold, ({"sealed": sealed[0]}, {"sealed": sealed[1]}))
         if b0.share is None or b1.share is None:
             raise PartiesError("a party returned no output share")
         out = reconstruct_int(int(b0.share), int(b1.share))
-        if out not in (0, 1):
-            raise PartiesError("the MPC returned an invalid verify output")
-        return out == 1
+        if out < 0 or (kind == "verify" and out > 1):
+            raise PartiesError(f"the MPC returned an invalid {kind} output")
+        return out
 
     async def delete_prepare(self, seq: int, template_seqs: Iterable[int], gallery: str | None = None) -> bool:
         """Prepare deleting (erasing) the given templates in one operation. True only if both prepared.

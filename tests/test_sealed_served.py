@@ -241,3 +241,38 @@ def test_bad_envelopes_are_refused_with_a_problem_and_change_nothing(stack: Any)
         assert response.headers["content-type"].startswith("application/problem+json")
         assert response.json()["type"].endswith(slug), (name, response.text)
         assert (enrollments(stack, subject), party_committed(stack)) == before, name
+
+
+def test_the_cli_seals_by_itself_when_the_tenant_is_sealed(stack: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from client.cli import main
+    from tests.test_client_detect import FACES
+
+    set_mode(stack, "sealed")
+    subject = httpx.post(stack.url + "/v1/subjects", json={}, headers=auth(stack.admin)).json()["id"]
+    flags = ["--api-key", stack.admin, "--timeout", "120"]
+    assert main(["--url", stack.url, "enroll", *flags, subject, str(FACES / "James_Caan_0001.jpg")]) == 0
+    enrolled = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert enrolled["model_version"] == VERSION  # stored through the sealed route: the parties computed it
+    assert main(["--url", stack.url, "verify", *flags, subject, str(FACES / "James_Caan_0002.jpg")]) == 0
+    assert set(json.loads(capsys.readouterr().out.splitlines()[-1])) == {"match"}
+    assert "/v1/sealed/verify" in stack.local.log("gateway")
+
+
+def test_sealed_identify_names_the_enrolled_subject_and_no_one_else(stack: Any) -> None:
+    key = stack.local.api_key("admin", "enroll", "verify", tenant="sealed-identify")  # a gallery of its own
+    response = httpx.put(stack.url + "/v1/admin/tenant/mode", json={"mode": "sealed"}, headers=auth(key), timeout=30)
+    assert response.status_code == 200, response.text
+    threshold = json.loads((MODEL_DIR / VERSION / "sealed.json").read_text())["threshold"]  # small N: the 1:1 floor
+    spec = sealed_spec()
+    _, images = faces(4)
+    payloads = [encode_features(spec.apply(image, OsNoise()).astype(np.float16), spec) for image in images]
+    with PrivfaceClient(stack.url, key, timeout=120, retries=0) as client:
+        subjects = [client.create_subject()["id"] for _ in range(2)]
+        for subject, payload in zip(subjects, (payloads[0], payloads[2])):
+            client.enroll_features(subject, payload)
+        assert client.identify_features(dict(payloads[2])) == subjects[1]  # the enrolled features, sealed afresh
+        stranger = payloads[3]
+        best = max(float(twin_unit(stranger) @ twin_unit(p)) for p in (payloads[0], payloads[2]))
+        found = client.identify_features(stranger)
+        if abs(best - threshold) > TIE:
+            assert (found is not None) == (best >= threshold), (found, best, threshold)

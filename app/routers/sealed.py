@@ -1,8 +1,8 @@
-"""Sealed mode's routes (issue 12, docs/sealed.md): enroll and verify with features the gateway cannot read.
+"""Sealed mode's routes (issue 12, docs/sealed.md): enroll, verify, identify with features the gateway cannot read.
 
 The SDK of a tenant in mode ``sealed`` (``GET /v1/transforms`` says so) secret-shares its noised features and
 encrypts one share to each party's key (``GET /v1/sealed/keys``); these routes relay each envelope to its party
-only. Answers are those of gateway mode: an enrollment id, or one bit.
+only. Answers are those of gateway mode: an enrollment id, one bit, or one bit and a subject id on a match.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from app.context import GatewayContext
 from app.deps import get_context, require_scope
 from app.problems import Problem
 from app.routers.subjects import _enrollment_out
-from app.schemas import EnrollmentOut, SealedEnrollRequest, SealedVerifyRequest, VerifyOut
+from app.schemas import (EnrollmentOut, IdentifyOut, SealedEnrollRequest, SealedIdentifyRequest, SealedVerifyRequest,
+                         VerifyOut)
 from app.services import biometrics, sealed
 from app.services.audit import audit
 
@@ -63,3 +64,16 @@ async def verify(body: SealedVerifyRequest, principal: Principal = Depends(requi
     if ctx.abuse.record_verify(principal, body.subject_id, match):
         audit(ctx.sessions, principal, "verify-lockout", "locked", body.subject_id, request_id)
     return VerifyOut(match=match, model_version=version, request_id=request_id)
+
+
+@router.post("/identify", response_model=IdentifyOut, responses={**auth_errors("verify"), **ERRORS})
+async def identify(body: SealedIdentifyRequest, principal: Principal = Depends(require_scope("verify")),
+                   ctx: GatewayContext = Depends(get_context)) -> IdentifyOut:
+    """Sealed 1:N over the tenant's sealed gallery: one bit, plus the subject id only on a match."""
+    request_id = "req_" + uuid.uuid4().hex[:16]
+    biometrics.require_mode(principal, "sealed")
+    ctx.abuse.admit(principal, "identify")
+    subject_id, version = await sealed.identify(ctx, principal, body.sealed)
+    audit(ctx.sessions, principal, "identify", "match" if subject_id else "no-match", subject_id, request_id)
+    return IdentifyOut(match=subject_id is not None, subject_id=subject_id, model_version=version,
+                       request_id=request_id)

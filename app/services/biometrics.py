@@ -235,7 +235,7 @@ async def identify(ctx: GatewayContext, principal: Principal, payload: FeaturePa
             found = (matched, model.version)
     if found is None:
         return None, active.version
-    return _subject_of(ctx, principal, found[0]), found[1]
+    return subject_of(ctx, principal, found[0]), found[1]
 
 
 async def _identify_in(ctx: GatewayContext, principal: Principal, model: LoadedModel, query: np.ndarray,
@@ -252,7 +252,7 @@ async def _identify_in(ctx: GatewayContext, principal: Principal, model: LoadedM
     return await with_resync(ctx, run)
 
 
-def _subject_of(ctx: GatewayContext, principal: Principal, template_seq: int) -> str:
+def subject_of(ctx: GatewayContext, principal: Principal, template_seq: int) -> str:
     with session_scope(ctx.sessions) as session:
         enrollment = session.get(Enrollment, template_seq)
         if enrollment is None or enrollment.tenant_id != principal.tenant_id:

@@ -4,8 +4,9 @@ A tenant in mode ``sealed`` has its SDK secret-share the noised features and enc
 (``client/sealed.py``). The gateway sees only the payload's header (transform, shape, ε, nonce, time) and two
 ciphertexts: it checks the header as in gateway mode (transform served, ε policy, freshness and nonce), then hands
 each party its own envelope, the tenant's rotation (public to the parties, docs/security.md) and the model version,
-through the same two-phase store (``biometrics.store_prepared``) and match-job paths as gateway mode. The threshold
-is the sealed model's served one, registered with the gallery at the parties: no caller chooses it. The gateway
+through the same two-phase store (``biometrics.store_prepared``) and match-job paths as gateway mode. The thresholds
+are the sealed model's served ones (verify; identify by the gallery size), registered with the gallery at the
+parties: no caller chooses them. The gateway
 never holds features, an embedding, a template or a share in the clear in this mode.
 
 Mode switching is refused per request, never guessed: a gateway-mode payload from a sealed tenant, or a sealed
@@ -33,6 +34,7 @@ from app.services import biometrics
 from app.services.features import check_epsilon
 from app.services.templates import gallery_name
 from app.settings import GatewaySettings
+from inference.operating_points import ImpostorCurve
 from inference.protect import protection_matrix
 from inference.transform import TransformSpec
 from secure.party.api import SealedIn
@@ -50,10 +52,7 @@ class SealedServed:
     spec: TransformSpec
     dim: int
     threshold: float
-
-    @property
-    def policy(self) -> GalleryPolicy:
-        return GalleryPolicy.of(self.threshold)
+    policy: GalleryPolicy  # verify at the threshold, identify by the schedule of the model's impostor curve
 
 
 _cache: dict[Path, SealedServed] = {}
@@ -74,8 +73,12 @@ def served_model(settings: GatewaySettings) -> SealedServed | None:
             spec = TransformSpec.from_dict(meta["transform"])
             if (spec.transform_id, spec.params_hash) != (meta["transform_id"], meta["params_hash"]):
                 raise ValueError(f"{path}: transform fields disagree")
+            threshold = float(meta["threshold"])
+            schedule = ImpostorCurve.from_dict(meta["impostor_curve"]).identify_schedule(settings.identify_fpir,
+                                                                                         floor=threshold)
+            policy = GalleryPolicy(threshold, tuple((int(n), float(t)) for n, t in schedule))
             _cache[path] = SealedServed(version=str(meta["version"]), spec=spec, dim=int(meta["embedding_dim"]),
-                                        threshold=float(meta["threshold"]))
+                                        threshold=threshold, policy=policy)
         return _cache[path]
 
 
@@ -145,8 +148,9 @@ async def verify(ctx: GatewayContext, principal: Principal, subject_id: str, pay
                                                 upto)
         if not seqs:
             return None
-        return await ctx.parties.verify_sealed(uuid.uuid4().hex, gallery, upto, parts, seqs, model.policy,
-                                               expected_committed=committed)
+        out = await ctx.parties.match_sealed("verify", uuid.uuid4().hex, gallery, upto, parts, model.policy, seqs,
+                                             expected_committed=committed)
+        return out == 1
 
     match = await biometrics.with_resync(ctx, run, sealed=True)
     if match is None:
@@ -154,3 +158,21 @@ async def verify(ctx: GatewayContext, principal: Principal, subject_id: str, pay
                       f"subject {subject_id!r} has no sealed enrollment under the tenant's current key; enroll it "
                       "first (POST /v1/sealed/subjects/{id}/enrollments)")
     return match, model.version
+
+
+async def identify(ctx: GatewayContext, principal: Principal, payload: SealedPayload) -> tuple[str | None, str]:
+    """Sealed 1:N over the tenant's sealed gallery (the fixed-gallery path, one query computed under MPC first): one
+    bit and, only on a match, the subject id. The threshold follows the gallery's size at the parties (the model's
+    identify schedule, registered with the gallery)."""
+    model = _admit(ctx, principal, payload)
+    parts = _inputs(ctx, principal, model, payload)
+    gallery = gallery_name(model.version, principal.tenant_id, principal.tenant_key_version)
+
+    async def run(upto: int, committed: int) -> int:
+        return await ctx.parties.match_sealed("identify", uuid.uuid4().hex, gallery, upto, parts, model.policy, None,
+                                              expected_committed=committed)
+
+    matched = await biometrics.with_resync(ctx, run, sealed=True)
+    if not matched:
+        return None, model.version
+    return biometrics.subject_of(ctx, principal, matched), model.version

@@ -115,14 +115,14 @@ def _validate(job: MatchJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _validate_sealed(job: MatchJob) -> None:
-    """A sealed job: one image's feature share, a square rotation of the query's size; embed and verify only."""
+    """A sealed job: one image's feature share, a square rotation of the query's size (one query, not a batch)."""
     sealed = job.sealed
-    if sealed is None or job.kind not in ("embed", "verify"):
-        raise ValueError("sealed input goes with embed and verify jobs, and an embed job needs it")
+    if sealed is None or job.kind not in ("embed", "verify", "identify"):
+        raise ValueError("sealed input goes with embed, verify and identify jobs, and an embed job needs it")
     features, rotation = np.asarray(sealed.features), np.asarray(sealed.rotation)
     if features.dtype != np.int64 or features.ndim != 4 or features.shape[0] != 1:
         raise ValueError("sealed features must be one int64 share [1, K, H, W]")
-    if rotation.ndim != 2 or rotation.shape != (job.query_share.shape[-1],) * 2:
+    if np.ndim(job.query_share) != 1 or rotation.ndim != 2 or rotation.shape != (job.query_share.shape[-1],) * 2:
         raise ValueError("the rotation must be [d, d] for a query of size d")
     if job.kind == "embed" and np.asarray(job.gallery_share).shape[0] != 0:
         raise ValueError("an embed job has no gallery")

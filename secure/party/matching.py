@@ -165,8 +165,8 @@ class MatchDesk:
             raise _invalid("verify names template_seqs")
         if [body.query_share, body.query_shares, body.sealed].count(None) != 2:
             raise _invalid("give exactly one of query_share, query_shares and sealed")
-        if body.sealed is not None and body.kind != "verify":
-            raise _invalid("a sealed query is for verify only")
+        if body.sealed is not None and body.kind not in ("verify", "identify"):
+            raise _invalid("a sealed query is for verify and identify")
         if body.query_shares is not None and body.kind != "identify":
             raise _invalid("query_shares (a batch) is for identify only")
 

@@ -45,6 +45,8 @@ def coalescible(first: WorkerJob, other: WorkerJob) -> bool:
     the very same resident gallery snapshot (the same array object), threshold and labels."""
     if first.kind != other.kind or first.kind not in ("identify", "identify-best"):
         return False
+    if first.sealed is not None or other.sealed is not None:  # its query exists only once the job runs
+        return False
     if np.ndim(first.query) != 1 or np.ndim(other.query) != 1:
         return False
     if other.gallery is not first.gallery or other.threshold != first.threshold:
