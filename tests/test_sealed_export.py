@@ -62,3 +62,36 @@ def test_the_committed_bundle_is_complete():
     assert meta["norm_hint"] > 0 and -1 < meta["threshold"] < 1
     assert "no View-2 fold" in meta["threshold_source"]
     assert not (folder / "model.json").exists()  # the ONNX installer must not take it for a gateway model
+
+
+def test_a_party_blames_the_caller_only_for_an_envelope_it_cannot_open():
+    """422 for the envelope (the caller's input); 503 for what the gateway adds (model, rotation): a deployment
+    fault. A scaled rotation would change what a score means, so only an orthogonal one is taken."""
+    import base64
+
+    from client.sealed import seal_features
+    from common.problems import Problem
+    from secure.party.api import SealedEnvelope, SealedIn
+    from secure.party.sealed import SealedInputs
+    from secure.sealed_box import PartyKey
+
+    keys = [PartyKey.generate(), PartyKey.generate()]
+    root = PROJECT_ROOT / "inference" / "bundled"
+    model = load_sealed_model(root, "sealed-v1")
+    context = {"transform_id": model.transform_id, "shape": list(model.shape), "nonce": "0f" * 16}
+    envelopes = seal_features(np.zeros(model.shape), {r: keys[r].public_b64 for r in (0, 1)}, context)
+
+    def body(rank: int, rotation: np.ndarray, version: str = "sealed-v1") -> SealedIn:
+        return SealedIn(model=version, transform_id=model.transform_id, shape=list(model.shape), nonce="0f" * 16,
+                        envelope=SealedEnvelope(**envelopes[rank]),
+                        rotation=base64.b64encode(rotation.astype("<f8").tobytes()).decode())
+
+    inputs = SealedInputs(0, keys[0], root)
+    eye = np.eye(model.dim)
+    query = inputs.query(body(0, eye))
+    assert query.features.shape == (1, *model.shape) and query.dim == model.dim
+    for wrong, status, slug in ((body(1, eye), 422, "sealed-envelope"), (body(0, 2 * eye), 503, "sealed-rotation"),
+                                (body(0, eye, "sealed-v0"), 503, "sealed-model-unknown")):
+        with pytest.raises(Problem) as refused:
+            inputs.query(wrong)
+        assert (refused.value.status, refused.value.slug) == (status, slug)

@@ -77,7 +77,14 @@ def load_sealed_model(root: Path, version: str) -> SealedModel:
 
 
 def _refused(slug: str, detail: str) -> PartyProblem:
+    """The caller's envelope is unusable here: a 422 the gateway passes on as the caller's fault."""
     return PartyProblem(422, slug, "Sealed input refused", detail)
+
+
+def _misconfigured(slug: str, detail: str) -> PartyProblem:
+    """What the gateway sent besides the envelope (model, transform, rotation) does not fit this party: a
+    deployment fault, answered 503 so that the caller is not blamed."""
+    return PartyProblem(503, slug, "Sealed mode misconfigured", detail)
 
 
 class SealedInputs:
@@ -95,14 +102,16 @@ class SealedInputs:
                     self._models[version] = load_sealed_model(self.model_dir, version)
                 except (OSError, ValueError, KeyError) as exc:
                     log.warning("sealed model %s not served: %s", version, type(exc).__name__)
-                    raise _refused("sealed-model-unknown", f"this party serves no sealed model {version!r}") from None
+                    raise _misconfigured("sealed-model-unknown",
+                                         f"this party serves no sealed model {version!r}") from None
             return self._models[version]
 
     def query(self, body: SealedIn) -> SealedQuery:
         """This party's share of the features (from its envelope only) with the model and the rotation."""
         model = self.model(body.model)
         if body.transform_id != model.transform_id or tuple(body.shape) != model.shape:
-            raise _refused("sealed-mismatch", f"model {model.version} reads {model.transform_id} {list(model.shape)}")
+            raise _misconfigured("sealed-mismatch",
+                                 f"model {model.version} reads {model.transform_id} {list(model.shape)}")
         context = {"transform_id": body.transform_id, "shape": body.shape, "nonce": body.nonce}
         try:
             share = open_share(body.envelope.model_dump(), self.rank, self.key, context)
@@ -118,12 +127,12 @@ class SealedInputs:
         try:
             raw = base64.b64decode(text.encode("ascii"), validate=True)
         except (binascii.Error, UnicodeEncodeError, ValueError):
-            raise _refused("sealed-rotation", "rotation is not base64") from None
+            raise _misconfigured("sealed-rotation", "rotation is not base64") from None
         if len(raw) != 8 * dim * dim:
-            raise _refused("sealed-rotation", f"rotation must be float64 [{dim}, {dim}]")
+            raise _misconfigured("sealed-rotation", f"rotation must be float64 [{dim}, {dim}]")
         rotation = np.frombuffer(raw, dtype="<f8").reshape(dim, dim).astype(np.float64)
         if not np.all(np.isfinite(rotation)) or np.max(np.abs(rotation @ rotation.T - np.eye(dim))) > ORTHOGONAL_TOL:
-            raise _refused("sealed-rotation", "rotation must be orthogonal")
+            raise _misconfigured("sealed-rotation", "rotation must be orthogonal")
         return rotation
 
 
