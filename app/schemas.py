@@ -62,6 +62,19 @@ class FeaturePayload(BaseModel):
                     "window, or without a stamp, is refused")
 
 
+_SEALED_EXAMPLE: JsonDict = {  # the header of gateway mode's example; each envelope holds one party's int64 share
+    "transform_id": _SPEC.transform_id,
+    "params_hash": _SPEC.params_hash,
+    "shape": list[JsonValue](_SPEC.shape),
+    "epsilon": _SPEC.epsilon_per_image,
+    "nonce": "9f86d081884c7d659a2feaa0c55ad015",
+    "created_at": "2026-11-23T10:00:00Z",
+    "envelopes": [{"scheme": "x25519-hkdf-sha256-chacha20poly1305-v1", "party": rank, "key_id": "3f1c0a9be2d47785",
+                   "epk": "<base64 of the 32-byte ephemeral X25519 key>", "nonce": "<base64 of 12 bytes>",
+                   "ciphertext": "<base64 of the ChaCha20-Poly1305 ciphertext of the share>"} for rank in (0, 1)],
+}
+
+
 class SealedPayload(BaseModel):
     """Sealed mode (docs/sealed.md): the SDK's noised features as two additive shares, each encrypted to one party
     (``client/sealed.py``). The gateway can read only this header; ``envelopes[r]`` goes to party r unopened."""
@@ -78,18 +91,19 @@ class SealedPayload(BaseModel):
 
 
 class SealedEnrollRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"sealed": _SEALED_EXAMPLE}]})
     sealed: SealedPayload
 
 
 class SealedVerifyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "subject_id": "sub_5f0c3b1e9a7d4c2b8e6f1a0d9c8b7a65", "sealed": _SEALED_EXAMPLE}]})
     subject_id: str = Field(max_length=64)
     sealed: SealedPayload
 
 
 class SealedIdentifyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"sealed": _SEALED_EXAMPLE}]})
     sealed: SealedPayload
 
 
