@@ -28,6 +28,7 @@ class Principal:
     tenant_key_version: int
     epsilon_max: float | None
     preset: str | None = None  # the tenant's privacy preset; None = the gateway's default_preset
+    mode: str = "gateway"  # 'gateway' or 'sealed' (docs/sealed.md)
 
 
 def hash_secret(secret: str, master_secret: str) -> str:
@@ -70,7 +71,7 @@ def authenticate(session: Session, presented: str, master_secret: str) -> Princi
         return None
     tenant = row.tenant
     return Principal(tenant.id, row.prefix, frozenset(row.scopes.split()), tenant.key_version, tenant.epsilon_max,
-                     tenant.preset)
+                     tenant.preset, tenant.mode or "gateway")
 
 
 def tenant_template_key(master_secret: str, tenant_id: str, key_version: int) -> bytes:

@@ -15,8 +15,14 @@ from app.problems import PROBLEM_BASE, PROBLEM_MEDIA_TYPE
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    """``max_bytes`` for every route; ``sealed_max_bytes`` (when larger) for the sealed-mode routes, whose bodies are
+    two envelopes of int64 shares (uniform: they do not compress)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, sealed_max_bytes: int = 0) -> None:
+        self.app, self.max_bytes, self.sealed_max_bytes = app, max_bytes, max(max_bytes, sealed_max_bytes)
+
+    def limit(self, scope: Scope) -> int:
+        return self.sealed_max_bytes if str(scope.get("path", "")).startswith("/v1/sealed/") else self.max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -24,13 +30,13 @@ class BodySizeLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit():
-            if int(declared) > self.max_bytes:
+            if int(declared) > self.limit(scope):
                 await self._reject(scope, send)
             else:
                 await self.app(scope, receive, send)
             return
         try:
-            body = await self._read_within_limit(receive)
+            body = await self._read_within_limit(receive, self.limit(scope))
         except _ClientGone:
             return
         if body is None:
@@ -38,7 +44,7 @@ class BodySizeLimit:
             return
         await self.app(scope, _replay(body, receive), send)
 
-    async def _read_within_limit(self, receive: Receive) -> bytes | None:
+    async def _read_within_limit(self, receive: Receive, limit: int) -> bytes | None:
         """The whole body, or None as soon as it exceeds the limit."""
         chunks: list[bytes] = []
         size = 0
@@ -48,7 +54,7 @@ class BodySizeLimit:
                 raise _ClientGone()
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
+            if size > limit:
                 return None
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -56,7 +62,7 @@ class BodySizeLimit:
 
     async def _reject(self, scope: Scope, send: Send) -> None:
         body = json.dumps({"type": PROBLEM_BASE + "payload-too-large", "title": "Request body too large",
-                           "status": 413, "detail": f"the limit is {self.max_bytes} bytes",
+                           "status": 413, "detail": f"the limit is {self.limit(scope)} bytes",
                            "instance": scope.get("path", "")}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", PROBLEM_MEDIA_TYPE.encode()),

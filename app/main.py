@@ -16,7 +16,7 @@ from app.limits import BodySizeLimit
 from app.metrics import RequestMetrics
 from app.migrate import migrate_gateway
 from app.problems import install_problem_handlers
-from app.routers import admin, admin_tenants, console, matching, service, subjects
+from app.routers import admin, admin_tenants, console, matching, sealed, service, subjects
 from app.services import operations
 from app.services.abuse import AbuseControls
 from app.services.counters import MemoryCounters, RedisCounters
@@ -92,9 +92,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                   docs_url=None, redoc_url=None)  # served from local assets by install_docs
     install_problem_handlers(app)
     install_docs(app)
-    for module in (subjects, matching, admin, admin_tenants, service, console):
+    for module in (subjects, matching, sealed, admin, admin_tenants, service, console):
         app.include_router(module.router)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
+                       sealed_max_bytes=settings.sealed_max_body_bytes)
     app.add_middleware(RequestMetrics)  # outside BodySizeLimit, so it also counts what that refuses
     app.add_middleware(RequestIdMiddleware)  # added last: outermost, so every log line of a request has its id
     return app

@@ -27,6 +27,8 @@ class Tenant(Base):
     epsilon_max: Mapped[float | None] = mapped_column(Float, nullable=True)
     # privacy preset (inference.privacy_presets); None = the gateway's default_preset setting
     preset: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # 'gateway' (the gateway embeds the SDK's features) or 'sealed' (the parties do, under MPC: docs/sealed.md)
+    mode: Mapped[str] = mapped_column(String(16), default="gateway", server_default="gateway")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -14,6 +14,7 @@ from pydantic.config import JsonDict, JsonValue
 
 from app.auth import METRICS_ALONE, METRICS_SCOPE
 from app.services.jobs import JOB_KINDS
+from secure.party.api import SealedEnvelope
 from inference.transform import default_spec
 
 
@@ -60,6 +61,67 @@ class FeaturePayload(BaseModel):
     created_at: Annotated[datetime, BeforeValidator(_iso_string)] = Field(
         description="when the SDK made the payload (ISO 8601, UTC); mandatory: a payload older than the replay "
                     "window, or without a stamp, is refused")
+
+
+_SEALED_EXAMPLE: JsonDict = {  # the header of gateway mode's example; each envelope holds one party's int64 share
+    "transform_id": _SPEC.transform_id,
+    "params_hash": _SPEC.params_hash,
+    "shape": list[JsonValue](_SPEC.shape),
+    "epsilon": _SPEC.epsilon_per_image,
+    "nonce": "9f86d081884c7d659a2feaa0c55ad015",
+    "created_at": "2026-11-23T10:00:00Z",
+    "envelopes": [{"scheme": "x25519-hkdf-sha256-chacha20poly1305-v1", "party": rank, "key_id": "3f1c0a9be2d47785",
+                   "epk": "<base64 of the 32-byte ephemeral X25519 key>", "nonce": "<base64 of 12 bytes>",
+                   "ciphertext": "<base64 of the ChaCha20-Poly1305 ciphertext of the share>"} for rank in (0, 1)],
+}
+
+
+class SealedPayload(BaseModel):
+    """Sealed mode (docs/sealed.md): the SDK's noised features as two additive shares, each encrypted to one party
+    (``client/sealed.py``). The gateway can read only this header; ``envelopes[r]`` goes to party r unopened."""
+
+    model_config = ConfigDict(extra="forbid")
+    transform_id: str = Field(max_length=100)
+    params_hash: str = Field(pattern=r"^[0-9a-f]{16}$")
+    shape: list[StrictInt] = Field(min_length=3, max_length=3)
+    epsilon: StrictFloat | None = Field(gt=0, description="per-image privacy budget the SDK applied")
+    nonce: str = Field(pattern=r"^[0-9a-f]{32}$", description="fresh per payload, bound into both envelopes")
+    created_at: Annotated[datetime, BeforeValidator(_iso_string)] = Field(
+        description="when the SDK made the payload (ISO 8601, UTC); the replay window applies as in gateway mode")
+    envelopes: list[SealedEnvelope] = Field(min_length=2, max_length=2, description="[party 0's, party 1's]")
+
+
+class SealedEnrollRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"sealed": _SEALED_EXAMPLE}]})
+    sealed: SealedPayload
+
+
+class SealedVerifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "subject_id": "sub_5f0c3b1e9a7d4c2b8e6f1a0d9c8b7a65", "sealed": _SEALED_EXAMPLE}]})
+    subject_id: str = Field(max_length=64)
+    sealed: SealedPayload
+
+
+class SealedIdentifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"sealed": _SEALED_EXAMPLE}]})
+    sealed: SealedPayload
+
+
+class ModeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"mode": "sealed"}]})
+    mode: Literal["gateway", "sealed"] = Field(description="'gateway': the gateway embeds the SDK's noised features; "
+                                                           "'sealed': the SDK secret-shares them and the parties "
+                                                           "embed them under MPC (docs/sealed.md).")
+
+
+class ModeOut(BaseModel):
+    tenant_id: str
+    mode: str
+    model_version: str
+    transform_id: str
+    reenroll_needed: int = Field(description="Subjects whose templates are not usable in the new mode: they match "
+                                             "again once re-enrolled (the server holds no photo to re-extract from).")
 
 
 class SubjectCreate(BaseModel):
@@ -145,6 +207,9 @@ class TransformOut(BaseModel):
     model_version: str
     preset: str = Field(description="The tenant's privacy preset this transform serves (docs/models/presets.md).")
     spec: dict[str, Any]
+    mode: Literal["gateway", "sealed"] = Field("gateway", description="The tenant's mode: 'sealed' tells the SDK to "
+                                               "secret-share its features to the parties' keys (GET /v1/sealed/keys) "
+                                               "and use the /v1/sealed/ routes.")
 
 
 class ModelVersionOut(BaseModel):

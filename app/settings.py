@@ -63,6 +63,15 @@ class GatewaySettings(BaseSettings):
                           "no-face-in-features before embedding them; a quality check, not a security boundary "
                           "(docs/quality_gate.md). false: every valid payload is embedded and matched.")
     max_body_bytes: int = Field(256 * 1024, description="Largest accepted request body.")
+    sealed_max_body_bytes: int = Field(
+        1024 * 1024, description="Largest accepted body on the sealed-mode routes (/v1/sealed/...): two envelopes of "
+                                 "int64 feature shares, ~150 kB each for the bundled sealed model.")
+    sealed_model_dir: Path | None = Field(
+        PROJECT_ROOT / "inference" / "bundled", description="Sealed mode: directory of sealed model versions "
+        "(<version>/sealed.json + layers.npz, inference/sealed_export.py). Empty: sealed mode is not served.")
+    sealed_model_version: str = Field(
+        "sealed-v1", description="Sealed mode: the sealed model version served to tenants in mode 'sealed' (the "
+                                 "parties must serve the same one: PRIVFACE_PARTY_SEALED_MODEL_DIR).")
     default_epsilon_max: float | None = Field(None, description="Default tenant ceiling on the per-image ε (None: any).")
     replay_window_s: int = Field(
         600, ge=1, description="A payload is accepted while its created_at is at most this old (created_at is "
@@ -112,7 +121,7 @@ class GatewaySettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Gateway listen address.")
     port: int = Field(8000, description="Gateway listen port.")
 
-    @field_validator("bundled_model_dir", mode="before")
+    @field_validator("bundled_model_dir", "sealed_model_dir", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value in ("", None) else value

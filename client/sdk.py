@@ -21,6 +21,7 @@ from client.detect import DEFAULT_FACE_POLICY, FaceDetector, FacePolicy
 from client.errors import (InvalidRequestError, PrivacyBudgetError, PrivfaceError, ServiceUnavailableError,
                            error_for)
 from client.features import FeaturePayload, Photo, extract_features, with_fresh_nonce
+from client.sealed import pinned_keys, sealed_payload
 from inference.transform import TransformSpec
 
 T = TypeVar("T")
@@ -45,6 +46,8 @@ class PrivfaceClient:
         self._transform_given = transform is not None
         self._detector: FaceDetector | None = None
         self._lock = threading.Lock()
+        self._mode: str | None = None  # the tenant's mode, from GET /v1/transforms
+        self._keys: dict[int, str] | None = None  # sealed mode: the parties' pinned keys
 
     def __enter__(self) -> "PrivfaceClient":
         return self
@@ -112,16 +115,55 @@ class PrivfaceClient:
     # -- biometrics from precomputed features --------------------------------------------------------
 
     def enroll_features(self, subject_id: str, features: FeaturePayload) -> dict[str, Any]:
-        enrollment: dict[str, Any] = self._request("POST", f"/v1/subjects/{quote(subject_id, safe='')}/enrollments",
-                                                   {"features": features})
+        path = f"/v1/subjects/{quote(subject_id, safe='')}/enrollments"
+        if self.mode == "sealed":
+            return dict(self._sealed_request(f"/v1/sealed{path[3:]}", {}, features))
+        enrollment: dict[str, Any] = self._request("POST", path, {"features": features})
         return enrollment
 
     def verify_features(self, subject_id: str, features: FeaturePayload) -> bool:
+        if self.mode == "sealed":
+            return bool(self._sealed_request("/v1/sealed/verify", {"subject_id": subject_id}, features)["match"])
         return bool(self._request("POST", "/v1/verify", {"subject_id": subject_id, "features": features})["match"])
 
     def identify_features(self, features: FeaturePayload) -> str | None:
-        result = self._request("POST", "/v1/identify", {"features": features})
+        if self.mode == "sealed":
+            result = self._sealed_request("/v1/sealed/identify", {}, features)
+        else:
+            result = self._request("POST", "/v1/identify", {"features": features})
         return result["subject_id"] if result["match"] else None
+
+    # -- sealed mode (docs/sealed.md) ----------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        """The tenant's mode from ``GET /v1/transforms`` ('gateway' or 'sealed'), fetched once."""
+        if self._mode is None:
+            served = self.transforms()
+            self._mode = str(served[0].get("mode", "gateway")) if served else "gateway"
+        return self._mode
+
+    def _party_keys(self, refresh: bool = False) -> dict[int, str]:
+        """Both parties' sealed keys, fetched once and pinned (``client.sealed.pinned_keys``)."""
+        if self._keys is None or refresh:
+            try:
+                self._keys = pinned_keys(self._request("GET", "/v1/sealed/keys"))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise PrivfaceError(f"the gateway's sealed keys are unusable: {exc}") from exc
+        return self._keys
+
+    def _sealed_request(self, path: str, fields: dict[str, Any], features: FeaturePayload) -> Any:
+        """Seal the features to the pinned keys and send; a party that refuses its envelope (its key changed) makes
+        the client refetch the keys and seal once more (the same noised features: no extra ε)."""
+        def body(refresh: bool = False) -> dict[str, Any]:
+            return {**fields, "sealed": sealed_payload(dict(features), self._party_keys(refresh))}
+
+        try:
+            return self._request("POST", path, body(), remake=lambda _: body())
+        except InvalidRequestError as exc:
+            if not str(exc.problem.get("type", "")).endswith("/sealed-input-refused"):
+                raise
+        return self._request("POST", path, body(refresh=True), remake=lambda _: body())
 
     # -- transform -----------------------------------------------------------------------------------
 
@@ -142,6 +184,7 @@ class PrivfaceClient:
         if not served:
             raise ServiceUnavailableError("the gateway serves no transform yet (no active model)")
         entry = served[0]
+        self._mode = str(entry.get("mode", "gateway"))
         spec = TransformSpec.from_dict(entry["spec"])
         if (spec.transform_id, spec.params_hash) != (entry["transform_id"], entry["params_hash"]):
             raise PrivfaceError(f"the served transform {entry['transform_id']}/{entry['params_hash']} rebuilds here "
@@ -150,10 +193,14 @@ class PrivfaceClient:
 
     # -- HTTP ----------------------------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """Send with retries on 503 / connection failure; the decoded JSON (None for 204) or a typed error."""
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None,
+                 remake: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Any:
+        """Send with retries on 503 / connection failure; the decoded JSON (None for 204) or a typed error.
+        A retried body gets a fresh nonce (``remake``: how, when the nonce is sealed inside it)."""
         for attempt in range(self._retries + 1):
-            if attempt and body and "features" in body:
+            if attempt and body and remake is not None:
+                body = remake(body)
+            elif attempt and body and "features" in body:
                 body = {**body, "features": with_fresh_nonce(body["features"])}
             last = attempt == self._retries
             try:

@@ -103,3 +103,30 @@ def seal_features(features: np.ndarray, party_keys: dict[int, str], context: dic
         raise ValueError("the features' shape differs from the request's")
     shares = split_shares(encode_fixed(features))
     return [seal_share(shares[rank], rank, party_keys[rank], context) for rank in (0, 1)]
+
+
+def pinned_keys(entries: list[dict[str, Any]]) -> dict[int, str]:
+    """The parties' keys from ``GET /v1/sealed/keys`` (rank -> base64 public key), after checking that each names
+    its own rank, the scheme this SDK speaks and the key id of its public key; the client keeps (pins) them until a
+    party refuses an envelope."""
+    keys: dict[int, str] = {}
+    for entry in entries:
+        rank, public = int(entry["rank"]), str(entry["public_key"])
+        if entry.get("scheme") != SCHEME or entry.get("key_id") != key_id(base64.b64decode(public, validate=True)):
+            raise ValueError(f"party {rank}'s sealed key is not a {SCHEME} key matching its key id")
+        keys[rank] = public
+    if sorted(keys) != [0, 1]:
+        raise ValueError("the gateway must publish the sealed keys of party 0 and party 1")
+    return keys
+
+
+def sealed_payload(payload: dict[str, Any], party_keys: dict[int, str]) -> dict[str, Any]:
+    """A gateway-mode feature payload (``client.features``) as sealed mode's: the same noised features (decoded from
+    their float16 encoding, so both modes embed identical values), split and sealed under a fresh nonce; the
+    header (transform, shape, ε, time) is copied, the features themselves never leave in the clear."""
+    shape = [int(v) for v in payload["shape"]]
+    features = np.frombuffer(base64.b64decode(payload["data"]), dtype="<f2").astype(np.float64).reshape(shape)
+    context = {"transform_id": payload["transform_id"], "shape": shape, "nonce": os.urandom(16).hex()}
+    return {"transform_id": payload["transform_id"], "params_hash": payload["params_hash"], "shape": shape,
+            "epsilon": payload["epsilon"], "nonce": context["nonce"], "created_at": payload["created_at"],
+            "envelopes": seal_features(features, party_keys, context)}

@@ -37,6 +37,8 @@ from secure.party.api import (
     MatchKind,
     MatchOut,
     PrepareIn,
+    SealedIn,
+    SealedPrepareIn,
 )
 from secure.party.replies import (
     CANCELLED,
@@ -135,6 +137,42 @@ class PartyPair:
         replies = await self._both("POST", "/internal/ops/prepare", (bodies[0], bodies[1]))
         del bodies
         return self._prepared(seq, replies)
+
+    async def store_sealed(self, seq: int, template_seq: int, gallery: str, job_id: str,
+                           sealed: tuple[SealedIn, SealedIn]) -> bool:
+        """Sealed mode: prepare storing the template both parties compute under MPC from their own sealed feature
+        share (each party gets only its own envelope). True only if both prepared; like ``store`` otherwise."""
+        await self.check_sealed(sealed)
+        bodies = [_dump(SealedPrepareIn(seq=seq, gallery=gallery, template_seq=template_seq, job_id=job_id,
+                                        sealed=part, timeout_s=self.timeout_s)) for part in sealed]
+        replies = await self._match_both(bodies, self.timeout_s + 5.0, "/internal/sealed/prepare")
+        return self._prepared(seq, (replies[0], replies[1]))
+
+    async def check_sealed(self, sealed: tuple[SealedIn, SealedIn]) -> None:
+        """Ask both parties whether they can use their sealed input before any MPC starts (a party that refused
+        alone would leave its peer waiting in the MPC): PartiesError 422 when one cannot (the caller's input)."""
+        replies = await self._both("POST", "/internal/sealed/check", sealed)
+        raise_unavailable(replies, "sealed check")
+        for r in sorted(replies, key=lambda reply: reply.status != 422):
+            if not r.ok:
+                raise PartiesError(f"party {r.rank} refused its sealed input ({r.status} {r.slug})", status=r.status,
+                                   problems=[reply.problem for reply in replies])
+
+    async def match_sealed(self, kind: MatchKind, job_id: str, gallery: str, upto_seq: int,
+                           sealed: tuple[SealedIn, SealedIn], threshold: GalleryPolicy | float,
+                           template_seqs: list[int] | None, *, expected_committed: int | None = None) -> int:
+        """Sealed mode's verify / identify: one job whose query the parties compute from their sealed shares; the
+        reconstructed output (verify: 0 or 1; identify: the matched template_seq or 0)."""
+        check = CheckIn(kind=kind, gallery=gallery, upto_seq=upto_seq, expected_committed=expected_committed,
+                        template_seqs=template_seqs)
+        await self.check_sealed(sealed)
+        b0, b1 = await self._run_job(check, job_id, threshold, ({"sealed": sealed[0]}, {"sealed": sealed[1]}))
+        if b0.share is None or b1.share is None:
+            raise PartiesError("a party returned no output share")
+        out = reconstruct_int(int(b0.share), int(b1.share))
+        if out < 0 or (kind == "verify" and out > 1):
+            raise PartiesError(f"the MPC returned an invalid {kind} output")
+        return out
 
     async def delete_prepare(self, seq: int, template_seqs: Iterable[int], gallery: str | None = None) -> bool:
         """Prepare deleting (erasing) the given templates in one operation. True only if both prepared.
@@ -269,11 +307,11 @@ class PartyPair:
                                    problems=problems)
         return b0, b1
 
-    async def _match_both(self, bodies: list[dict[str, Any]], timeout: float) -> list[Reply]:
-        """Both match calls, never resent (``partylink.send``); if one party refuses quickly (4xx), do not wait
-        for the other's MPC timeout."""
-        tasks = [asyncio.create_task(self._call(rank, "POST", "/internal/match", bodies[rank], timeout,
-                                                idempotent=False))
+    async def _match_both(self, bodies: list[dict[str, Any]], timeout: float,
+                          path: str = "/internal/match") -> list[Reply]:
+        """Both calls of an MPC job, never resent (``partylink.send``); if one party refuses quickly (4xx), do not
+        wait for the other's MPC timeout."""
+        tasks = [asyncio.create_task(self._call(rank, "POST", path, bodies[rank], timeout, idempotent=False))
                  for rank in (0, 1)]
         try:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

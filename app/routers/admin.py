@@ -14,8 +14,9 @@ from app.db import session_scope
 from app.deps import get_context, get_session, require_scope
 from app.models import Enrollment, Job, ModelVersion, Subject, Tenant
 from app.problems import Problem, not_found
-from app.schemas import JobCreate, JobOut, ModelVersionOut, PresetIn, PresetOut, UnlockOut
+from app.schemas import JobCreate, JobOut, ModeIn, ModelVersionOut, ModeOut, PresetIn, PresetOut, UnlockOut
 from app.services import federated_job, revocation
+from app.services import sealed as sealed_service
 from app.services.audit import audit
 from app.services.jobs import JOB_KINDS, cancel_job as cancel_job_row, validate_job_params
 from app.services.model_events import publish_activation, sync_active_model
@@ -173,3 +174,42 @@ def set_tenant_preset(body: PresetIn, principal: Principal = Depends(admin),
     audit(ctx.sessions, principal, "set-preset", body.preset)
     return PresetOut(tenant_id=principal.tenant_id, preset=body.preset, transform_id=model.spec.transform_id,
                      model_version=model.version, reenroll_needed=stale)
+
+
+SEALED_NOT_SERVED = Problem(409, "sealed-not-served", "Sealed mode not served",
+                            "this gateway serves no sealed model (PRIVFACE_SEALED_MODEL_DIR / "
+                            "PRIVFACE_SEALED_MODEL_VERSION)")
+
+
+@router.put("/tenant/mode", response_model=ModeOut,
+            responses={**ERRORS, **body_errors(), 409: problem_response("Mode not served", SEALED_NOT_SERVED,
+                                                                        PRESET_NOT_SERVED)})
+def set_tenant_mode(body: ModeIn, principal: Principal = Depends(admin),
+                    ctx: GatewayContext = Depends(get_context)) -> ModeOut:
+    """Choose the caller's tenant's mode: `gateway` (the gateway embeds the SDK's noised features) or `sealed` (the
+    SDK secret-shares them, the parties embed them under MPC: docs/sealed.md). Templates of the other mode stay
+    stored but stop matching until their subjects are re-enrolled (`reenroll_needed` counts them)."""
+    if body.mode == "sealed":
+        served = sealed_service.require_served(ctx.settings)
+        version, transform_id = served.version, served.spec.transform_id
+    else:
+        preset = principal.preset or ctx.settings.default_preset
+        if preset not in ctx.models.active_by_preset:
+            raise Problem(409, "preset-not-served", "Preset not served",
+                          f"No model version is active for the privacy preset {preset!r}; activate one first.")
+        model = ctx.models.for_preset(preset)
+        version, transform_id = model.version, model.spec.transform_id
+    served_sealed = sealed_service.served_model(ctx.settings)
+    sealed_version = served_sealed.version if served_sealed is not None else None
+    with session_scope(ctx.sessions) as session:
+        tenant = session.get_one(Tenant, principal.tenant_id)
+        tenant.mode = body.mode
+        enrolled = select(Enrollment.subject_id, Enrollment.model_version).where(
+            Enrollment.tenant_id == principal.tenant_id, Enrollment.key_version == tenant.key_version)
+        usable: dict[str, bool] = {}
+        for subject_id, model_version in session.execute(enrolled).all():
+            ok = (model_version == sealed_version) == (body.mode == "sealed")
+            usable[subject_id] = usable.get(subject_id, False) or ok
+    audit(ctx.sessions, principal, "set-mode", body.mode)
+    return ModeOut(tenant_id=principal.tenant_id, mode=body.mode, model_version=version, transform_id=transform_id,
+                   reenroll_needed=sum(not ok for ok in usable.values()))

@@ -29,6 +29,7 @@ async def verify(body: VerifyRequest, principal: Principal = Depends(require_sco
                  ctx: GatewayContext = Depends(get_context)) -> VerifyOut:
     """1:1: is this face the claimed subject? Reveals one bit, computed under MPC."""
     request_id = "req_" + uuid.uuid4().hex[:16]
+    biometrics.require_mode(principal, "gateway")  # before any budget is spent
     ctx.abuse.admit_verify(principal, body.subject_id)
     match, version = await biometrics.verify(ctx, principal, body.subject_id, body.features)
     audit(ctx.sessions, principal, "verify", "match" if match else "no-match", body.subject_id, request_id)
@@ -42,6 +43,7 @@ async def identify(body: IdentifyRequest, principal: Principal = Depends(require
                    ctx: GatewayContext = Depends(get_context)) -> IdentifyOut:
     """1:N: who is this among the tenant's subjects? One bit, plus the subject id only on a match."""
     request_id = "req_" + uuid.uuid4().hex[:16]
+    biometrics.require_mode(principal, "gateway")  # before any budget is spent
     ctx.abuse.admit(principal, "identify")
     subject_id, version = await biometrics.identify(ctx, principal, body.features)
     audit(ctx.sessions, principal, "identify", "match" if subject_id else "no-match", subject_id, request_id)

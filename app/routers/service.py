@@ -15,6 +15,7 @@ from app.auth import Principal
 from app.context import GatewayContext
 from app.deps import get_context, require_scope
 from app.problems import unavailable
+from app.services import sealed as sealed_service
 from app.schemas import HealthOut, TransformOut
 from secure.coordinator import PartiesError
 from secure.party.api import SealedKeyOut
@@ -83,8 +84,15 @@ async def prometheus_metrics(_: Principal = Depends(require_scope("admin", "metr
 def transforms(principal: Principal = Depends(require_scope(None)),
                ctx: GatewayContext = Depends(get_context)) -> list[TransformOut]:
     """The frequency transform the caller's SDK must apply: the one of its tenant's privacy preset (clients
-    build their transform from `spec`). Empty while no model serves that preset."""
+    build their transform from `spec`). Empty while no model serves that preset. A tenant in sealed mode gets the
+    sealed model's transform with `mode: sealed`: its SDK then seals its features (`GET /v1/sealed/keys`)."""
     preset = principal.preset or ctx.models.default_preset
+    if principal.mode == "sealed":
+        served = sealed_service.served_model(ctx.settings)
+        if served is None:
+            return []
+        return [TransformOut(transform_id=served.spec.transform_id, params_hash=served.spec.params_hash,
+                             model_version=served.version, preset=preset, spec=served.spec.to_dict(), mode="sealed")]
     if preset not in ctx.models.active_by_preset:
         return []
     model = ctx.models.for_preset(preset)

@@ -71,6 +71,7 @@ async def delete_subject(subject_id: str, principal: Principal = Depends(require
 async def enroll(subject_id: str, body: EnrollRequest, principal: Principal = Depends(require_scope("enroll")),
                  ctx: GatewayContext = Depends(get_context)) -> EnrollmentOut:
     """Enroll one face (as SDK features) for the subject: stored as two shares, one per party."""
+    biometrics.require_mode(principal, "gateway")  # before any budget is spent
     ctx.abuse.admit(principal, "enroll")
     enrollment = await biometrics.enroll(ctx, principal, subject_id, body.features)
     audit(ctx.sessions, principal, "enroll", "stored", subject_id)

@@ -41,8 +41,18 @@ def load_subject(session: Session, principal: Principal, subject_id: str) -> Sub
     return subject
 
 
+def require_mode(principal: Principal, mode: str) -> None:
+    """Refuse a request made for the other mode (409), before anything is spent or stored (docs/sealed.md)."""
+    if principal.mode != mode:
+        routes = "/v1/sealed/..." if principal.mode == "sealed" else "/v1/subjects/.../enrollments, /v1/verify"
+        raise Problem(409, "tenant-mode", "Wrong mode for this tenant",
+                      f"this tenant is in {principal.mode} mode: send {principal.mode}-mode payloads to {routes} "
+                      "(GET /v1/transforms says the mode)")
+
+
 def model_for(ctx: GatewayContext, principal: Principal, payload: FeaturePayload) -> LoadedModel:
     """The active model of the tenant's privacy preset, provided the payload was made with its transform."""
+    require_mode(principal, "gateway")
     model = ctx.models.for_preset(principal.preset)
     if (payload.transform_id, payload.params_hash) != (model.spec.transform_id, model.spec.params_hash):
         raise invalid_features(
@@ -89,21 +99,39 @@ async def enroll(ctx: GatewayContext, principal: Principal, subject_id: str, pay
 async def store_template(ctx: GatewayContext, principal: Principal, subject_id: str, model: LoadedModel,
                          template: np.ndarray, epsilon: float | None) -> Enrollment:
     """Two-phase store of one protected template at both parties, all or nothing."""
-    gallery = gallery_name(model.version, principal.tenant_id, principal.tenant_key_version)
-    context = {"subject_id": subject_id, "tenant_id": principal.tenant_id, "model_version": model.version,
-               "key_version": principal.tenant_key_version, "transform_id": model.spec.transform_id,
-               "epsilon": epsilon}
+    shares_of = [template]  # the only reference: dropped once the parties have their shares
+
+    async def prepare(seq: int, gallery: str) -> bool:
+        return await ctx.parties.store(seq, seq, gallery, shares_of.pop())
+
+    del template
+    return await store_prepared(ctx, principal, subject_id, model.version, model.spec.transform_id, epsilon, prepare)
+
+
+async def store_prepared(ctx: GatewayContext, principal: Principal, subject_id: str, model_version: str,
+                         transform_id: str, epsilon: float | None,
+                         prepare: Callable[[int, str], Awaitable[bool]]) -> Enrollment:
+    """The two-phase store around ``prepare(seq, gallery)`` (True: both parties prepared): record the intent, prepare,
+    record the decision with the enrollment row, deliver it. Gateway mode prepares a share it split; sealed mode
+    (``app/services/sealed.py``) has the parties compute theirs under MPC."""
+    gallery = gallery_name(model_version, principal.tenant_id, principal.tenant_key_version)
+    context = {"subject_id": subject_id, "tenant_id": principal.tenant_id, "model_version": model_version,
+               "key_version": principal.tenant_key_version, "transform_id": transform_id, "epsilon": epsilon}
     seq = operations.begin(ctx.sessions, "store", gallery, [], context)
+    refused: PartiesError | None = None
     try:
-        prepared = await ctx.parties.store(seq, seq, gallery, template)
+        prepared = await prepare(seq, gallery)
     except PartiesUnavailable as exc:
         prepared, reason = False, str(exc)
+    except PartiesError as exc:  # a party refused the caller's sealed input (422)
+        prepared, reason, refused = False, str(exc), exc
     else:
         reason = "a party refused the share"
-    del template
     if not prepared:
         operations.decide(ctx.sessions, seq, commit=False)
         await _deliver_quietly(ctx, seq)
+        if refused is not None:
+            raise party_refusal(refused, sealed=True)
         raise unavailable(f"enrollment not stored: {reason}; nothing was kept")
     failpoint("enroll-after-prepare")
     try:
@@ -181,13 +209,13 @@ async def _verify_with(ctx: GatewayContext, principal: Principal, subject_id: st
 
     async def run(upto: int, committed: int) -> bool | None:
         with session_scope(ctx.sessions) as session:
-            seqs = _current_templates(session, subject_id, model.version, principal.tenant_key_version, upto)
+            seqs = current_templates(session, subject_id, model.version, principal.tenant_key_version, upto)
         if not seqs:
             return None
         return await ctx.parties.verify(uuid.uuid4().hex, gallery, upto, query, seqs, model.policy,
                                         expected_committed=committed)
 
-    return await _with_resync(ctx, run)
+    return await with_resync(ctx, run)
 
 
 async def identify(ctx: GatewayContext, principal: Principal, payload: FeaturePayload) -> tuple[str | None, str]:
@@ -207,7 +235,7 @@ async def identify(ctx: GatewayContext, principal: Principal, payload: FeaturePa
             found = (matched, model.version)
     if found is None:
         return None, active.version
-    return _subject_of(ctx, principal, found[0]), found[1]
+    return subject_of(ctx, principal, found[0]), found[1]
 
 
 async def _identify_in(ctx: GatewayContext, principal: Principal, model: LoadedModel, query: np.ndarray,
@@ -221,10 +249,10 @@ async def _identify_in(ctx: GatewayContext, principal: Principal, model: LoadedM
         return await ctx.parties.identify(uuid.uuid4().hex, gallery, upto, query, model.policy,
                                           expected_committed=committed)
 
-    return await _with_resync(ctx, run)
+    return await with_resync(ctx, run)
 
 
-def _subject_of(ctx: GatewayContext, principal: Principal, template_seq: int) -> str:
+def subject_of(ctx: GatewayContext, principal: Principal, template_seq: int) -> str:
     with session_scope(ctx.sessions) as session:
         enrollment = session.get(Enrollment, template_seq)
         if enrollment is None or enrollment.tenant_id != principal.tenant_id:
@@ -233,7 +261,7 @@ def _subject_of(ctx: GatewayContext, principal: Principal, template_seq: int) ->
         return enrollment.subject_id
 
 
-def _current_templates(session: Session, subject_id: str, model_version: str, key_version: int,
+def current_templates(session: Session, subject_id: str, model_version: str, key_version: int,
                        upto: int) -> list[int]:
     return list(session.execute(select(Enrollment.template_seq).where(
         Enrollment.subject_id == subject_id, Enrollment.model_version == model_version,
@@ -241,7 +269,7 @@ def _current_templates(session: Session, subject_id: str, model_version: str, ke
     ).order_by(Enrollment.template_seq)).scalars())
 
 
-async def _with_resync(ctx: GatewayContext, run: Callable[[int, int], Awaitable[T]]) -> T:
+async def with_resync(ctx: GatewayContext, run: Callable[[int, int], Awaitable[T]], sealed: bool = False) -> T:
     """Run a match job on a settled snapshot (``operations.settled_snapshot``: read-your-writes, and both
     parties hold every decision in it); if a party still refuses it (a delete erased rows of an older
     snapshot, a decision could not be delivered), take a fresh settled snapshot and retry once."""
@@ -258,13 +286,18 @@ async def _with_resync(ctx: GatewayContext, run: Callable[[int, int], Awaitable[
         except PartiesUnavailable as exc:
             raise unavailable(str(exc)) from None
         except PartiesError as exc:
-            raise party_refusal(exc) from None
+            raise party_refusal(exc, sealed) from None
     raise unavailable("the parties could not be brought in sync; retry")
 
 
-def party_refusal(exc: PartiesError) -> Problem:
+def party_refusal(exc: PartiesError, sealed: bool = False) -> Problem:
     """A match job a party refused: its rate limit becomes the client's 429 (with Retry-After), anything else a 503
-    (the gateway built the job, so a refusal is the service's fault, never the caller's input)."""
+    (the gateway built the job, so a refusal is the service's fault) — except, in sealed mode, a party's 422 on the
+    envelope only it can open: that is the caller's input (422 ``sealed-input-refused``)."""
+    if sealed and exc.status == 422:
+        return Problem(422, "sealed-input-refused", "Sealed input refused",
+                       f"a party could not use its sealed share ({exc}); seal a fresh payload to the current keys "
+                       "(GET /v1/sealed/keys); nothing was kept")
     if exc.status == 429:
         return Problem(429, "rate-limited", "Too many requests",
                        "the secure-computation parties are at their match-job limit; retry shortly",

@@ -9,7 +9,7 @@ from functools import lru_cache
 import numpy as np
 
 from app.problems import Problem, invalid_features
-from app.schemas import FeaturePayload
+from app.schemas import FeaturePayload, SealedPayload
 from inference.quality_gate import QualityGate, gate_for
 from inference.transform import FeatureValidationError, TransformSpec, validate_features
 
@@ -71,7 +71,7 @@ def _gate(spec: TransformSpec) -> QualityGate | None:
     return gate
 
 
-def check_epsilon(payload: FeaturePayload, spec: TransformSpec, epsilon_max: float | None) -> None:
+def check_epsilon(payload: FeaturePayload | SealedPayload, spec: TransformSpec, epsilon_max: float | None) -> None:
     """The payload must state the ε its transform really applies, and stay within the tenant's policy."""
     applied = spec.epsilon_per_image
     stated = float("inf") if payload.epsilon is None else payload.epsilon

@@ -19,10 +19,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.db import session_scope
 from app.models import Nonce
 from app.problems import Problem, invalid_features
-from app.schemas import FeaturePayload
+from app.schemas import FeaturePayload, SealedPayload
 
 
-def check_freshness(payload: FeaturePayload, window_s: int, skew_s: int) -> None:
+def check_freshness(payload: FeaturePayload | SealedPayload, window_s: int, skew_s: int) -> None:
     """Refuse payloads stamped too far in the future or older than the replay window (naive stamps are UTC)."""
     created = payload.created_at if payload.created_at.tzinfo else payload.created_at.replace(tzinfo=timezone.utc)
     now = datetime.now(timezone.utc)
@@ -42,7 +42,7 @@ class ReplayGuard:
         self._sessions, self._redis = sessions, redis_client
         self.window_s, self.skew_s, self.nonce_ttl_s = window_s, skew_s, nonce_ttl_s
 
-    def admit(self, payload: FeaturePayload) -> None:
+    def admit(self, payload: FeaturePayload | SealedPayload) -> None:
         """Check freshness, then remember the nonce; a 422 (stale) or 409 (replayed) problem otherwise."""
         check_freshness(payload, self.window_s, self.skew_s)
         if not self._claim(payload.nonce):

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from secure.mpc.protocols.base import JobKind, Output
+from secure.mpc.protocols.sealed_model import SealedQuery
 from secure.mpc.runtime.messages import (
     CancelJob,
     Down,
@@ -60,6 +61,10 @@ class MatchJob:
     # threshold, [2Q] shares (Q scores at scale 2^32, then Q labels). "merge" takes gallery_share = int64 [K, 2Q],
     # each row one shard's winner shares, query_share = zeros [Q], labels = 1..K, and answers like identify ([Q]).
     gallery_id: str | None = None  # optional: equal ids promise equal gallery_share AND labels (skips comparing)
+    # Sealed mode (issue 12): the query is computed under MPC from this party's share of the SDK's features
+    # (``protocols/sealed_model.SealedQuery``); query_share is then zeros [d], a placeholder of the right size.
+    # "embed" (sealed enrollment) takes gallery_share int64 [0, d] and answers this party's template share [d].
+    sealed: SealedQuery | None = None
 
 
 class MpcUnavailable(Exception):
@@ -80,8 +85,10 @@ class _Pending:
 
 
 def _validate(job: MatchJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if job.kind not in ("verify", "identify", "identify-best", "merge"):
+    if job.kind not in ("verify", "identify", "identify-best", "merge", "embed"):
         raise ValueError(f"unknown job kind {job.kind!r}")
+    if job.sealed is not None or job.kind == "embed":
+        _validate_sealed(job)
     if job.kind == "merge":
         return _validate_merge(job)
     if not isinstance(job.job_id, str) or not job.job_id or len(job.job_id) > 200:
@@ -105,6 +112,20 @@ def _validate(job: MatchJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise ValueError("labels and gallery rows differ in number")
     check_threshold(job.threshold)  # finite and in [-1, 1]: the comparison wraps beyond ~31
     return q, g, lab
+
+
+def _validate_sealed(job: MatchJob) -> None:
+    """A sealed job: one image's feature share, a square rotation of the query's size (one query, not a batch)."""
+    sealed = job.sealed
+    if sealed is None or job.kind not in ("embed", "verify", "identify"):
+        raise ValueError("sealed input goes with embed, verify and identify jobs, and an embed job needs it")
+    features, rotation = np.asarray(sealed.features), np.asarray(sealed.rotation)
+    if features.dtype != np.int64 or features.ndim != 4 or features.shape[0] != 1:
+        raise ValueError("sealed features must be one int64 share [1, K, H, W]")
+    if np.ndim(job.query_share) != 1 or rotation.ndim != 2 or rotation.shape != (job.query_share.shape[-1],) * 2:
+        raise ValueError("the rotation must be [d, d] for a query of size d")
+    if job.kind == "embed" and np.asarray(job.gallery_share).shape[0] != 0:
+        raise ValueError("an embed job has no gallery")
 
 
 def _validate_merge(job: MatchJob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -218,7 +239,7 @@ class MpcEngine:
         """Run ``job`` jointly with the peer party; block; return THIS party's int64 share of the output
         (a list of Q shares for a batch of Q queries)."""
         q, g, lab = _validate(job)
-        if g.shape[0] == 0:
+        if g.shape[0] == 0 and job.kind != "embed":
             return 0 if q.ndim == 1 else [0] * int(q.shape[0])
         pending = _Pending()
         with self._lock:
@@ -261,8 +282,8 @@ class MpcEngine:
         sent again: a small message also lets concurrent jobs reach the worker's queue at once (coalescing). A merge
         (tiny, never resident) leaves the resident snapshot alone. Call under ``_send_lock``."""
         base = WorkerJob(job_id=job.job_id, kind=job.kind, query=q, gallery=None, labels=None,
-                         threshold=float(job.threshold))
-        if job.kind == "merge":
+                         threshold=float(job.threshold), sealed=job.sealed)
+        if job.kind in ("merge", "embed"):
             return replace(base, gallery=g, labels=lab)
         last = self._last_gallery
         if (last is not None and self._last_gallery_inq is inq and last.shape == g.shape

@@ -83,8 +83,8 @@ class ShardedEngine:
         return all(e.wait_connected(max(0.0, deadline - time.monotonic())) for e in self.engines)
 
     def submit(self, job: MatchJob, timeout: float) -> Output:
-        if job.kind != "identify" or len(self.engines) == 1:
-            return self.engines[0].submit(job, timeout)
+        if job.kind != "identify" or len(self.engines) == 1 or job.sealed is not None:
+            return self.engines[0].submit(job, timeout)  # a sealed query exists only inside its job: not split
         deadline = time.monotonic() + timeout
         parts = self._split(job)
         if not parts:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from common.settings import MAX_QUERY_BATCH as MAX_QUERY_BATCH  # identify: most queries in one job (shared layer)
 
@@ -86,14 +86,59 @@ class CheckOut(BaseModel):
     labels_digest: str  # sha256 of the gallery's labels (public), so the gateway can check both parties agree
 
 
+class SealedEnvelope(BaseModel):
+    """One party's share of the SDK's features, encrypted to that party (``client/sealed.py``); the gateway relays it
+    unopened."""
+
+    model_config = ConfigDict(extra="forbid")
+    scheme: str = Field(..., max_length=64)
+    party: int = Field(..., ge=0, le=1)
+    key_id: str = Field(..., pattern=r"^[0-9a-f]{16}$")
+    epk: str = Field(..., max_length=64, repr=False)
+    nonce: str = Field(..., max_length=32, repr=False)
+    ciphertext: str = Field(..., max_length=2_000_000, repr=False)
+
+
+class SealedIn(BaseModel):
+    """Sealed mode (issue 12): what one party needs to compute its share of a protected query under MPC."""
+
+    model: str = Field(..., pattern=r"^[A-Za-z0-9._-]{1,64}$", description="the sealed model version")
+    transform_id: str = Field(..., max_length=100)
+    shape: list[int] = Field(..., min_length=3, max_length=3)
+    nonce: str = Field(..., pattern=r"^[0-9a-f]{32}$", description="the request's nonce (bound into the envelope)")
+    envelope: SealedEnvelope
+    rotation: str = Field(..., repr=False, description="base64 of float64 LE [d, d]: the tenant's protection matrix")
+
+
+class SealedCheckOut(BaseModel):
+    """``POST /internal/sealed/check`` (body: ``SealedIn``): this party can use its sealed input."""
+
+    ok: bool
+    dim: int
+
+
+class SealedPrepareIn(BaseModel):
+    """``POST /internal/sealed/prepare``: sealed enrollment, the first phase of a store whose share this party
+    computes with its peer (an MPC "embed" job) instead of receiving it."""
+
+    seq: int = Field(..., gt=0)
+    gallery: str = _gallery(required=True)
+    template_seq: int = Field(..., gt=0)
+    job_id: str = Field(..., pattern=JOB_ID_PATTERN)
+    sealed: SealedIn
+    timeout_s: float | None = Field(None, gt=0)
+
+
 class MatchIn(CheckIn):
-    """``POST /internal/match``: one MPC match job; exactly one of ``query_share`` and ``query_shares``."""
+    """``POST /internal/match``: one MPC match job; exactly one of ``query_share``, ``query_shares`` and
+    ``sealed`` (verify only: the query is computed under MPC from the SDK's sealed feature shares)."""
 
     job_id: str = Field(..., pattern=JOB_ID_PATTERN)
     expected_committed: int | None = Field(None, ge=0, description="gateway's count of committed ops <= upto_seq")
     query_share: str | None = Field(None, repr=False)
     query_shares: list[str] | None = Field(None, min_length=1, max_length=MAX_QUERY_BATCH, repr=False,
                                            description="identify only: a batch of queries, one MPC job")
+    sealed: SealedIn | None = Field(None, repr=False)
     threshold: float | None = Field(None, description="optional assertion: refused unless it equals the gallery's "
                                                       "recorded threshold (the party never takes it from here)")
     timeout_s: float | None = Field(None, gt=0)

@@ -19,7 +19,8 @@ from starlette.concurrency import run_in_threadpool
 
 from common.problems import Problem as PartyProblem
 from secure.mpc.engine import MatchJob, MpcUnavailable
-from secure.party.api import CheckIn, CheckOut, MatchIn, MatchOut, output_text
+from secure.mpc.protocols.sealed_model import SealedQuery
+from secure.party.api import CheckIn, CheckOut, MatchIn, MatchOut, SealedIn, output_text
 from secure.party.audit import MatchAudit
 from secure.party.gallery import SnapshotTooOld
 from secure.party.metrics import PartyMetrics
@@ -32,6 +33,28 @@ from secure.thresholds import GalleryPolicy
 
 log = logging.getLogger("privface.party")
 T = TypeVar("T")
+
+
+class JobRef(Protocol):
+    """What the budget, the audit and the run need to name a job (a ``MatchIn``, or a sealed enrollment's)."""
+
+    @property
+    def job_id(self) -> str: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def gallery(self) -> str: ...
+
+    @property
+    def timeout_s(self) -> float | None: ...
+
+
+class SealedOpener(Protocol):
+    """Sealed mode's opening of this party's envelope (``secure/party/sealed.py``)."""
+
+    def query(self, body: SealedIn) -> SealedQuery: ...
 
 
 class MatchEngine(Protocol):
@@ -59,8 +82,9 @@ class MatchDesk:
     """Answers ``/internal/match/check`` and ``/internal/match`` for one party."""
 
     def __init__(self, settings: PartySettings, engine: MatchEngine, oplog: OpLog, thresholds: Thresholds,
-                 audit: MatchAudit, metrics: PartyMetrics) -> None:
+                 audit: MatchAudit, metrics: PartyMetrics, sealed: SealedOpener | None = None) -> None:
         self.settings, self.engine, self.oplog = settings, engine, oplog
+        self.sealed = sealed
         self.thresholds, self.audit, self.metrics = thresholds, audit, metrics
         self.bucket = TokenBucket(settings.match_rate_per_s, settings.match_burst)
         self.jobs_run = 0  # MPC jobs this process ran (a batch counts once): shows the gateway's batching
@@ -108,15 +132,15 @@ class MatchDesk:
                                "a match job runs at the gallery's recorded threshold only")
         return threshold
 
-    async def _spend_budget(self, body: MatchIn) -> None:
+    async def spend_budget(self, body: JobRef) -> None:
         wait = self.bucket.take()
         if wait > 0:
-            await self._audit(body, 0, 0, 429)
+            await self.audit_job(body, 0, 0, 429)
             raise PartyProblem(429, "rate-limited", "Too many match jobs",
                                f"this link allows {self.settings.match_rate_per_s:g} match jobs per second",
                                headers={"Retry-After": TokenBucket.retry_after(wait)})
 
-    async def _audit(self, body: MatchIn, rows: int, queries: int, status: int) -> None:
+    async def audit_job(self, body: JobRef, rows: int, queries: int, status: int) -> None:
         await run_in_threadpool(self.audit.record, body.job_id, body.kind, body.gallery, rows, queries, status)
 
     # -- the job ------------------------------------------------------------------------------------------------
@@ -139,14 +163,16 @@ class MatchDesk:
             raise _invalid("threshold must be finite")
         if body.kind == "verify" and not body.template_seqs:
             raise _invalid("verify names template_seqs")
-        if (body.query_share is None) == (body.query_shares is None):
-            raise _invalid("give exactly one of query_share and query_shares")
+        if [body.query_share, body.query_shares, body.sealed].count(None) != 2:
+            raise _invalid("give exactly one of query_share, query_shares and sealed")
+        if body.sealed is not None and body.kind not in ("verify", "identify"):
+            raise _invalid("a sealed query is for verify and identify")
         if body.query_shares is not None and body.kind != "identify":
             raise _invalid("query_shares (a batch) is for identify only")
 
     async def _answer(self, body: MatchIn) -> MatchOut:
         self._check_shape(body)
-        await self._spend_budget(body)
+        await self.spend_budget(body)
         policy = self._policy(body)
         shares, labels, digest = await self._rows(body)
         n = int(labels.shape[0])
@@ -154,14 +180,16 @@ class MatchDesk:
         batch = body.query_shares
         queries = 1 if batch is None else len(batch)
         if n == 0:  # nothing to match: both parties (in sync) answer 0 without running the MPC
-            await self._audit(body, 0, queries, 200)
+            await self.audit_job(body, 0, queries, 200)
             return self._out(body, [0] * queries, 0, digest)
-        query = self._query(body, int(shares.shape[1]))
+        dim = int(shares.shape[1])
+        sealed = self._sealed(body.sealed, dim) if body.sealed is not None else None
+        query = self._query(body, dim) if sealed is None else np.zeros(dim, dtype=np.int64)
         job = MatchJob(job_id=body.job_id, kind=body.kind, query_share=query, gallery_share=shares, labels=labels,
                        gallery_id=f"{body.gallery}:{digest}" if body.kind == "identify" else None,
-                       threshold=threshold)  # a template's share never changes under its label: the id names it
-        status, result = await self._run(body, job)
-        await self._audit(body, n, queries, status)
+                       threshold=threshold, sealed=sealed)  # a template's share never changes under its label
+        status, result = await self.run(body, job)
+        await self.audit_job(body, n, queries, status)
         if isinstance(result, PartyProblem):
             raise result
         self.jobs_run += 1
@@ -182,6 +210,15 @@ class MatchDesk:
             field = "query_share" if body.query_shares is None else "query_shares"
             raise _invalid(f"{field}: {exc}") from None
 
+    def _sealed(self, body: SealedIn, dim: int) -> SealedQuery:
+        """This party's sealed input (its envelope opened here), for a gallery of templates of size ``dim``."""
+        if self.sealed is None:
+            raise PartyProblem(409, "sealed-disabled", "Sealed mode not served", "this party serves no sealed model")
+        sealed = self.sealed.query(body)
+        if sealed.dim != dim:
+            raise _invalid(f"the sealed model's templates have d={sealed.dim}, the gallery's d={dim}")
+        return sealed
+
     @staticmethod
     def _out(body: MatchIn, outs: list[Any], n: int, digest: str) -> MatchOut:
         texts = [output_text(v) for v in outs]
@@ -189,7 +226,7 @@ class MatchDesk:
             return MatchOut(job_id=body.job_id, share=texts[0], n=n, labels_digest=digest)
         return MatchOut(job_id=body.job_id, shares=texts, n=n, labels_digest=digest)
 
-    async def _run(self, body: MatchIn, job: MatchJob) -> tuple[int, Any]:
+    async def run(self, body: JobRef, job: MatchJob) -> tuple[int, Any]:
         """Run the MPC job: (200, output) or (status, PartyProblem) — the caller audits, then answers."""
         timeout = min(body.timeout_s or self.settings.match_timeout_s, self.settings.match_timeout_s)
         try:

@@ -31,6 +31,7 @@ from secure.party.gallery import Gallery
 from secure.party.matching import MatchDesk, MatchEngine, op_problem
 from secure.party.metrics import PartyMetrics
 from secure.party.oplog import OpError, OpLog, OpSpec
+from secure.party.sealed import SealedInputs, sealed_routes
 from secure.party.settings import PartySettings
 from secure.party.thresholds import ThresholdConflict, Thresholds
 from secure.party.tlspin import normalize_pin
@@ -166,7 +167,10 @@ def create_party_app(settings: PartySettings, engine: MatchEngine, *, oplog: OpL
         oplog = _default_oplog(settings, engine)
     thresholds = Thresholds(oplog.sessions)
     metrics = PartyMetrics()
-    desk = MatchDesk(settings, engine, oplog, thresholds, MatchAudit(oplog.sessions, settings.rank), metrics)
+    sealed_key = party_key_from_env()  # sealed mode (issue 12): the key the SDK seals this party's share to
+    sealed = SealedInputs(settings.rank, sealed_key, settings.sealed_model_dir)
+    desk = MatchDesk(settings, engine, oplog, thresholds, MatchAudit(oplog.sessions, settings.rank), metrics,
+                     sealed)
     require_token = _token_check(settings)
 
     app = FastAPI(title=f"privface party {settings.rank}", docs_url=None, redoc_url=None, openapi_url=None)
@@ -199,8 +203,8 @@ def create_party_app(settings: PartySettings, engine: MatchEngine, *, oplog: OpL
     async def match(body: MatchIn) -> MatchOut:
         return await desk.match(body)
 
-    sealed_key = party_key_from_env()  # sealed mode (issue 12): the key the SDK seals this party's share to
     app.state.sealed_key = sealed_key
+    sealed_routes(api, desk, oplog, sealed)
 
     @api.get("/sealed/key", response_model=SealedKeyOut)
     def sealed_key_route() -> SealedKeyOut:

@@ -9,11 +9,12 @@ Credentials are per link. The gateway -> party R link has its own bearer token, 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from common.paths import VAR_DIR
+from common.paths import PROJECT_ROOT, VAR_DIR
 from common.settings import DEV_TOKENS, dev_party_token
 
 
@@ -43,6 +44,8 @@ class PartySettings(BaseSettings):
     metrics_token: str = Field(
         "", description="A read-only scrape credential: a bearer token that may GET /metrics and nothing else "
                         "(403 elsewhere); empty: none (the link token scrapes, as before).")
+    sealed_model_dir: Path = Field(PROJECT_ROOT / "inference" / "bundled", description="Sealed mode: the directory "
+                                   "of sealed model versions (<version>/sealed.json + layers.npz) this party serves.")
     log_level: str = "info"
     traffic_log: str | None = Field(None, description="File to append 'METHOD PATH BYTES' per request (no content).")
 

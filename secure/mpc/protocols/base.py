@@ -11,6 +11,8 @@ Outputs, per job kind (the threshold T is public, ``threshold_raw``):
 * identify:      [max_i score_i >= T] * label(argmax_i)    (the label or 0; the lowest row wins ties)
 * identify-best: the knockout winner, shares of [Q scores, Q labels], no threshold (a shard's candidate)
 * merge:         identify over the shard winners (``sharding.py``); its "gallery" rows are those winners' shares
+* embed:         sealed mode's enrollment: this party's share of the protected template [d], never opened (no
+                 gallery, no comparison); a sealed verify is a verify whose query is computed the same way first
 
 Why objects: the 2x2 matrix of implementations (naive or fixed-gallery scores x CrypTen or dealer-bits comparison)
 is chosen once per worker, and the job loop never asks which one it runs.
@@ -24,7 +26,7 @@ from typing import Any, Literal, Union
 
 import numpy as np
 
-JobKind = Literal["verify", "identify", "identify-best", "merge"]
+JobKind = Literal["verify", "identify", "identify-best", "merge", "embed"]
 RAW_SCALE = 1 << 32  # scale of a product of two 16-bit fixed-point numbers
 Output = Union[int, list[int], list[list[int]]]  # one query: an int; a batch or a shard's winner: a list
 
@@ -44,6 +46,7 @@ class JobInputs:
     labels: np.ndarray     # int64 [n], public and positive
     threshold: float
     resident: bool = False  # the gallery is the snapshot this worker already held (the engine sent "same gallery")
+    sealed: Any = field(default=None, repr=False)  # sealed mode: a ``sealed_model.SealedQuery`` the query comes from
 
     @property
     def batch(self) -> int:
@@ -134,12 +137,15 @@ class MatchProtocol:
     verify_scores: ScoreProtocol
     compare: CompareProtocol
     last_scores: ScoreProtocol | None = field(default=None, repr=False)
+    embedder: Any = field(default=None, repr=False)  # sealed mode: a ``sealed_model.SealedEmbedder`` (TTP only)
 
     def scores_for(self, kind: JobKind) -> ScoreProtocol:
         return self.verify_scores if kind == "verify" else self.identify_scores
 
     def refusal(self, kind: JobKind) -> str | None:
         """Why this worker cannot run a job of ``kind`` (None: it can)."""
+        if kind == "embed":
+            return None if self.embedder is not None else "sealed jobs need the TTP provider"
         if self.compare.supports(kind):
             return None
         return f"{kind} jobs need PRIVFACE_MPC_COMPARE=dealer-bits (and TTP)"
@@ -157,6 +163,13 @@ class MatchProtocol:
         self.last_scores = self.scores_for(job.kind)
         scores = self.last_scores.scores(job, comparison)
         return comparison.finish(scores), comparison
+
+    def sealed_query(self, job: JobInputs) -> np.ndarray:
+        """This party's share of a sealed job's protected query, int64 [B, d] (computed with the peer, under MPC)."""
+        if self.embedder is None:
+            raise RuntimeError("this worker has no sealed-mode embedder")
+        query: np.ndarray = self.embedder.query(job.sealed)
+        return query
 
     def new_snapshot(self) -> None:
         self.identify_scores.new_snapshot()

@@ -13,6 +13,7 @@ not import ``inference``). CrypTen is imported only through the module passed in
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -105,3 +106,37 @@ def private_unit(e: Any, norm_hint: float) -> Any:
     with cfg.temp_override({"functions.sqrt_nr_iters": NEWTON_STEPS}):
         inverse = squared.inv_sqrt()
     return scaled * inverse
+
+
+@dataclass(frozen=True)
+class SealedQuery:
+    """A sealed-mode job's input at one party: its share of the SDK's features and what is public to both parties.
+
+    ``features``: int64 [B, K, H, W], this party's additive share (16 fractional bits) opened from its envelope;
+    ``layers``: the folded student (``check_layers``); ``norm_hint``: the model's public norm scale; ``rotation``:
+    the tenant's protection matrix [d, d] (public to the parties, see docs/security.md); ``digest``: names the
+    model and the rotation, so that both parties check they run the same ones before the job starts."""
+
+    features: np.ndarray = field(repr=False)
+    layers: list[dict[str, Any]] = field(repr=False)
+    norm_hint: float
+    rotation: np.ndarray = field(repr=False)
+    digest: str
+
+    @property
+    def dim(self) -> int:
+        return int(self.rotation.shape[0])
+
+
+class SealedEmbedder:
+    """Turns a party's ``SealedQuery`` into its share of the protected unit template, under MPC with the peer: the
+    student, the unit normalisation, the tenant's rotation. The output is int64 [B, d] at 16 fractional bits: what
+    gateway mode hands the parties as a query share, so the score and comparison steps follow unchanged."""
+
+    def __init__(self, crypten: ModuleType, device: str = "cpu") -> None:
+        self.crypten, self.device = crypten, device
+
+    def query(self, sealed: SealedQuery) -> np.ndarray:
+        x = input_from_share(self.crypten, sealed.features, self.device)
+        unit = private_unit(private_embedding(sealed.layers, x), sealed.norm_hint)
+        return output_share(unit.matmul(_public(sealed.rotation, unit).t()))

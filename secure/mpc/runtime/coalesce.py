@@ -33,14 +33,19 @@ def digest_of(job: WorkerJob, device: str) -> str:
     g, q = job.gallery, job.query
     if g is None or job.labels is None:
         raise RuntimeError(f"job {job.job_id} has no gallery snapshot")
-    return job_digest(job.kind, g.shape[0], g.shape[1], job.threshold, job.labels, device,
-                      int(q.shape[0]) if q.ndim == 2 else 0)
+    digest = job_digest(job.kind, g.shape[0], g.shape[1], job.threshold, job.labels, device,
+                        int(q.shape[0]) if q.ndim == 2 else 0)
+    sealed = getattr(job.sealed, "digest", None)  # sealed mode: the same model and rotation at both parties
+    return digest if sealed is None else f"{digest}:{sealed}"
+
 
 
 def coalescible(first: WorkerJob, other: WorkerJob) -> bool:
     """Two queued jobs may run as one batched MPC job: single-query identify (or a shard's identify-best) jobs on
     the very same resident gallery snapshot (the same array object), threshold and labels."""
     if first.kind != other.kind or first.kind not in ("identify", "identify-best"):
+        return False
+    if first.sealed is not None or other.sealed is not None:  # its query exists only once the job runs
         return False
     if np.ndim(first.query) != 1 or np.ndim(other.query) != 1:
         return False

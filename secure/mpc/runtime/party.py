@@ -112,7 +112,7 @@ class Party(ABC):
         else:
             job = job.with_gallery(job.gallery, job.labels if job.labels is not None else np.zeros(0, np.int64),
                                    now, resident=False)
-            if job.kind != "merge":
+            if job.kind not in ("merge", "embed"):  # neither is a gallery snapshot to keep resident
                 self.last_gallery, self.last_labels = job.gallery, job.labels
                 self.protocol.new_snapshot()  # the score step's cached row keys are not this snapshot's
         self.on_job(job)

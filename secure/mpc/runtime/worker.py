@@ -12,6 +12,7 @@ leader or follower loop (``party.py``). The engine <-> worker messages are ``mes
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from types import ModuleType
 from typing import Any
 
@@ -43,7 +44,12 @@ def build_protocol(crypten: ModuleType, rank: int, settings: MpcSettings, device
         from secure.mpc.protocols.fixed_gallery import FixedGalleryScores
 
         identify = FixedGalleryScores(crypten, rank, device, mod38=compare.score_bits < 64)
-    return MatchProtocol(identify_scores=identify, verify_scores=naive, compare=compare)
+    embedder = None
+    if ttp:  # sealed mode: the student's squares take Beaver triples from the dealer's AES-CTR streams
+        from secure.mpc.protocols.sealed_model import SealedEmbedder
+
+        embedder = SealedEmbedder(crypten, device)
+    return MatchProtocol(identify_scores=identify, verify_scores=naive, compare=compare, embedder=embedder)
 
 
 class JobRunner:
@@ -55,7 +61,13 @@ class JobRunner:
     def __call__(self, job: WorkerJob) -> tuple[Output, dict[str, Any]]:
         self.comm.reset_communication_stats()
         t0, cpu0 = time.perf_counter(), time.process_time()
-        share, comparison = self.protocol.run(job.inputs())
+        inputs = job.inputs()
+        if inputs.sealed is not None:  # sealed mode: the query is this party's share of the MPC's own embedding
+            query = self.protocol.sealed_query(inputs)
+            if job.kind == "embed":  # enrollment: the template share stays at this party, nothing is opened
+                return [int(v) for v in query.reshape(-1)], self._sealed_stats(t0, cpu0)
+            inputs = replace(inputs, query=query.reshape(inputs.query.shape))
+        share, comparison = self.protocol.run(inputs)
         st = self.comm.get_communication_stats()
         link_bytes, link_rounds = comparison.traffic()
         scores = self.protocol.last_scores
@@ -67,6 +79,12 @@ class JobRunner:
             "protocol": scores.name if scores is not None else "naive", "compare": self.protocol.compare.name,
             **comparison.timings, **(scores.stats() if scores is not None else {"setup_rows": 0})}
         return share, stats
+
+    def _sealed_stats(self, t0: float, cpu0: float) -> dict[str, Any]:
+        st = self.comm.get_communication_stats()
+        return {"bytes": int(st["bytes"]), "rounds": int(st["rounds"]), "comm_s": float(st["time"]),
+                "mpc_s": time.perf_counter() - t0, "cpu_s": time.process_time() - cpu0, "protocol": "sealed-embed",
+                "compare": "none", "setup_rows": 0}
 
 
 def _open_peer_link(rank: int, settings: MpcSettings, protocol: MatchProtocol, key: bytes) -> None:

@@ -1,0 +1,154 @@
+"""Build a served sealed-mode model (issue 12) from a training checkpoint of ``inference/sealed_student.py``.
+
+    python -m inference.sealed_export --checkpoint var/training/cpu-sealed-quad/checkpoints/last.pt \
+        --version sealed-v1 --out-dir inference/bundled
+
+Writes OUT_DIR/<version>/ with two files (built under a temporary name and renamed, so a crash never leaves a
+half model):
+* ``layers.npz``: the student with every BatchNorm folded (``folded_layers``), float32 arrays named ``<i>.<field>``;
+  what each party's MPC worker evaluates on shares (``secure/party/sealed.py`` reads it).
+* ``sealed.json``: the layer list without its arrays, the sha256 of ``layers.npz``, the transform the SDK must
+  apply, the embedding size, the norm scale the MPC's inverse square root starts from (median raw-embedding norm
+  on training images), and the served threshold: the false-match rate ``VERIFY_FAR`` on impostor pairs of LFW
+  people in NO View-2 fold (``inference.operating_points.calibrate``, as ``inference/export.py`` does for the
+  gateway's model), with the impostor curve. Nothing is tuned on folds 6-10.
+
+The file is not named model.json on purpose: the gateway's bundled-model installer takes every model.json
+directory for an ONNX model, and this one is not.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from inference.export import VERIFY_FAR
+from inference.lfw import images_outside_pairs, lfw_dir, load_many, shared_dir
+from inference.operating_points import calibrate
+from inference.sealed_student import SealedCnn, SealedFaceModel, folded_layers
+from inference.transform import TransformSpec, apply
+
+SEALED_FILE = "sealed.json"
+LAYERS_FILE = "layers.npz"
+NORM_IMAGES = 64  # training images (people in no View-2 fold) whose median raw norm scales the MPC's inv sqrt
+
+
+def load_checkpoint(path: Path) -> tuple[SealedFaceModel, TransformSpec, dict[str, Any]]:
+    """The student of any sealed-cnn checkpoint (width and embedding size read from the weights' shapes), its
+    transform, and what the checkpoint says about itself."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    weights = state["student"]
+    model_cfg = state.get("config", {}).get("model", {})
+    if model_cfg.get("kind", "sealed-cnn") != "sealed-cnn":
+        raise ValueError(f"{path} is a {model_cfg.get('kind')} checkpoint, not a sealed-cnn one")
+    spec = TransformSpec.from_dict(state["transform"])
+    width = int(weights["backbone.features.0.0.weight"].shape[0])
+    embedding = int(weights["backbone.embed.weight"].shape[0])
+    cnn = SealedCnn(spec.num_channels, str(model_cfg.get("activation", "quad")), width, embedding)
+    model = SealedFaceModel(cnn)
+    model.load_state_dict(weights)
+    source = {"checkpoint": str(path), "run": state.get("config", {}).get("name"), "epoch": state.get("epoch"),
+              "activation": model_cfg.get("activation", "quad"), "width": width, "embedding_dim": embedding}
+    return model.eval(), spec, source
+
+
+def save_layers(layers: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+    """Arrays into ``path`` (float32, ``<i>.<field>``); returns the layer list with each array replaced by its
+    field name, as sealed.json records it."""
+    arrays: dict[str, Any] = {}  # Any: numpy's stub types savez's keyword arguments as its allow_pickle flag
+    described = []
+    for i, layer in enumerate(layers):
+        entry: dict[str, Any] = {}
+        for key, value in layer.items():
+            if isinstance(value, np.ndarray):
+                arrays[f"{i}.{key}"] = value.astype(np.float32)
+                entry.setdefault("arrays", []).append(key)
+            else:
+                entry[key] = value
+        described.append(entry)
+    with path.open("wb") as handle:
+        np.savez_compressed(handle, **arrays)
+    return described
+
+
+def norm_hint(model: SealedFaceModel, spec: TransformSpec, lfw: Path) -> float:
+    """Median raw-embedding norm of the twin on ``NORM_IMAGES`` training images (one noise draw, seed 0)."""
+    images = images_outside_pairs(lfw)[::100][:NORM_IMAGES]
+    features = apply(load_many(lfw, images), spec, np.random.default_rng(0)).astype(np.float32)
+    with torch.inference_mode():
+        raw = model.backbone(torch.from_numpy(features)).double().numpy()
+    return float(np.median(np.linalg.norm(raw, axis=1)))
+
+
+def twin_embed(model: SealedFaceModel) -> Any:
+    def embed(features: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out: np.ndarray = model(torch.from_numpy(np.asarray(features, dtype=np.float32))).double().numpy()
+        return out
+    return embed
+
+
+def build_sealed(checkpoint: Path, version: str, out_dir: Path, shared: Path, far: float = VERIFY_FAR) -> Path:
+    """OUT_DIR/<version> from ``checkpoint``; replaces an existing one."""
+    model, spec, source = load_checkpoint(checkpoint)
+    lfw = lfw_dir(shared)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=out_dir))
+    try:
+        layers = save_layers(folded_layers(model), staging / LAYERS_FILE)
+        curve = calibrate(twin_embed(model), spec, lfw)  # people in no View-2 fold
+        meta = {"version": version, "kind": "sealed-student", "transform": spec.to_dict(),
+                "transform_id": spec.transform_id, "params_hash": spec.params_hash, "shape": list(spec.shape),
+                "embedding_dim": source["embedding_dim"], "layers": layers, "layers_file": LAYERS_FILE,
+                "layers_sha256": hashlib.sha256((staging / LAYERS_FILE).read_bytes()).hexdigest(),
+                "norm_hint": norm_hint(model, spec, lfw),
+                "norm_hint_source": f"median raw-embedding norm of {NORM_IMAGES} LFW images outside View 2",
+                "threshold": float(curve.threshold(far)),
+                "threshold_source": f"false-match rate {far:g} on the calibration impostors ({curve.source})",
+                "impostor_curve": curve.to_dict(), "source": source, "metrics": checkpoint_metrics(checkpoint)}
+        (staging / SEALED_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        staging.chmod(0o755)
+        final = out_dir / version
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+        return final
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def checkpoint_metrics(checkpoint: Path) -> dict[str, Any]:
+    """The run's own held-out figure (its final.json beside checkpoints/, LFW folds 6-10), if it wrote one."""
+    final = checkpoint.resolve().parent.parent / "final.json"
+    try:
+        verification = json.loads(final.read_text())["verification"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    return {"twin_accuracy_folds_6_10": verification.get("accuracy"),
+            "twin_accuracy_std": verification.get("accuracy_std"), "from": str(final)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--version", required=True, help="e.g. sealed-v1")
+    parser.add_argument("--out-dir", type=Path, default=Path("inference/bundled"))
+    parser.add_argument("--shared-dir", type=Path, default=None)
+    parser.add_argument("--far", type=float, default=VERIFY_FAR, help="served false-match rate (calibration set)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    final = build_sealed(args.checkpoint, args.version, args.out_dir, args.shared_dir or shared_dir(), args.far)
+    meta = json.loads((final / SEALED_FILE).read_text())
+    print(f"built {final}: {meta['transform_id']}, d={meta['embedding_dim']}, threshold {meta['threshold']:.4f}, "
+          f"norm scale {meta['norm_hint']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
