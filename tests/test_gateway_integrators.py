@@ -147,7 +147,7 @@ def test_documented_request_examples_are_accepted_but_for_their_placeholder_feat
             if path == "/v1/admin/tenant/mode":  # the example switched the tenant to sealed mode: switch back
                 back = httpx.put(stack.url + path, json={"mode": "gateway"}, headers=auth(key), timeout=60)
                 assert back.status_code == 200, back.text
-    assert posted == 12  # 6 + the admin console's tenant and API key bodies + sealed mode's 3 routes and its mode
+    assert posted == 13  # 6 + the admin console's tenant and API key bodies (one a metrics-only key) + sealed mode's 3 routes and its mode
 
 
 def test_a_non_utf8_body_is_a_400_problem(stack, key):
