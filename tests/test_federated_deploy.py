@@ -184,12 +184,14 @@ def test_two_devices_train_rounds_through_a_real_superlink(tmp_path: Path):
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # Flower's children
-    processes = Processes(tmp_path, env)
+    processes, gateway = Processes(tmp_path, env), None
     try:
         link = processes.start("superlink", [str(Path(sys.executable).parent / "flower-superlink"), "--insecure",
                                              "--host", "127.0.0.1", "--port", str(superlink),
                                              "--disable-runtime-dependency-installation"])
         wait_for_port(superlink, *link)
+        # the gateway (its own venv) starts while the devices join: an admin's jobs with engine deployment
+        gateway = start_gateway_job(tmp_path, superlink)
         nodes = {}
         for i, (identity, photos) in enumerate(devices.items()):
             nodes[identity] = processes.start(f"device-{i}", [
@@ -201,13 +203,21 @@ def test_two_devices_train_rounds_through_a_real_superlink(tmp_path: Path):
         # imports and model load dominate here (docs/federated.md, "Deployment runtime").
         # FedAvg: an admin's `federated` job with engine deployment, through the gateway (its venv), which
         # submits the Flower App to this SuperLink (the operator's setting), follows the round and publishes
-        fedavg_job = job_through_the_gateway(tmp_path, superlink, watched)
+        fedavg_job = gateway_job_result(gateway, tmp_path, watched)
         fedavg_seconds = time.perf_counter() - started
         base = "num-rounds=1 min-nodes=2 clients-per-round=2 seed=0 round-timeout=180.0"
         secagg = run_app(tmp_path, env, "secagg", base + ' aggregation="secagg+"', watched)
     finally:
+        if gateway is not None and gateway.poll() is None:  # the gateway side and its job's run die with it
+            os.killpg(gateway.pid, signal.SIGKILL)
+            gateway.wait()
         processes.stop()
 
+    cancelled = fedavg_job["cancelled"]
+    assert "submitted to the SuperLink; waiting for 3 devices" in cancelled["submitted"]["message"], cancelled
+    assert cancelled["cancel_status"] == 202 and cancelled["job"]["status"] == "cancelled", cancelled
+    assert cancelled["job"]["message"] == "cancelled after round 0 of 1", cancelled["job"]
+    assert cancelled["models_after"] == cancelled["models_before"]  # nothing published
     job = fedavg_job["job"]
     assert job["status"] == "succeeded", (job, fedavg_job["gateway_log"])
     result = job["result"]
@@ -252,26 +262,32 @@ def test_two_devices_train_rounds_through_a_real_superlink(tmp_path: Path):
     print(f"deployment: FedAvg job 1 round {fedavg_seconds:.1f} s from start (processes and publishing included), "
           f"job {result['seconds']:.1f} s, round {result['rounds'][0]['train_seconds']:.1f} s; "
           f"SecAgg+ 1 round {secagg['wall_seconds']:.1f} s, SecAgg+ up {secagg['rounds'][0]['bytes_up_per_client']}; "
-          f"guardrail {decision['decision']}: {decision['reason']}")
+          f"guardrail {decision['decision']}: {decision['reason']}; gateway side (s): "
+          f"{ {k: round(v, 1) for k, v in fedavg_job['seconds'].items()} }")
 
 
-def job_through_the_gateway(tmp: Path, superlink: int, watched) -> dict:
+def start_gateway_job(tmp: Path, superlink: int) -> subprocess.Popen:
     """tests/federated_deploy_job.py in the gateway's venv: a gateway whose operator set this SuperLink, an admin
-    who starts a `federated` job with engine deployment and polls it to the end; its JSON summary."""
+    who cancels a job whose run waits for devices, then runs a `federated` job with engine deployment to the end."""
     gateway_python = Path(os.environ.get("PRIVFACE_GATEWAY_PYTHON") or ROOT / ".venv" / "bin" / "python")
     assert gateway_python.exists(), f"no gateway venv at {gateway_python} (set PRIVFACE_GATEWAY_PYTHON)"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # deploy_run's flwr
-    log = tmp / "gateway-job.log"
-    with log.open("wb") as err:
-        proc = subprocess.Popen([str(gateway_python), "-m", "tests.federated_deploy_job", str(tmp / "gateway"),
+    with (tmp / "gateway-job.log").open("wb") as err:
+        return subprocess.Popen([str(gateway_python), "-m", "tests.federated_deploy_job", str(tmp / "gateway"),
                                  str(superlink), sys.executable], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=err)
-        try:
-            out, _ = proc.communicate(timeout=1700)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+                                stderr=err, start_new_session=True)
+
+
+def gateway_job_result(proc: subprocess.Popen, tmp: Path, watched) -> dict:
+    """The gateway side's JSON summary once it has finished (its process group is killed if it hangs)."""
+    try:
+        out, _ = proc.communicate(timeout=1700)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log = tmp / "gateway-job.log"
     for device, device_log in watched[1:]:
         assert device.poll() is None, f"{device_log.name} exited: {device_log.read_text()[-3000:]}"
     assert proc.returncode == 0, log.read_text()[-4000:]
@@ -330,6 +346,23 @@ def test_join_refuses_bad_input_in_one_line_and_starts_nothing(tmp_path: Path):
         assert proc.returncode == 2, (args, proc.stderr)
         assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
         assert expected in proc.stderr, (expected, proc.stderr)
+
+
+@pytest.mark.skipif(not HAVE_FLWR, reason="needs flwr (.venv-federated)")
+def test_a_deployment_job_whose_superlink_is_unreachable_fails_in_one_line_and_exports_nothing(tmp_path: Path):
+    """What the gateway's job runs (engine deployment) against a SuperLink that is down: exit 1, the last stderr
+    line (the job's one-line reason) says why, no run id is kept and no candidate is exported."""
+    closed = free_port()
+    proc = subprocess.run([sys.executable, "-m", "training_jobs.federated.deploy_run", "--superlink",
+                           f"127.0.0.1:{closed}", "--insecure", "--rounds", "1", "--state-dir", str(tmp_path / "state"),
+                           "--export-dir", str(tmp_path / "models"), "--version", "fed-x", "--progress"], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT),
+                               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+                          capture_output=True, text=True, timeout=300)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith("DeploymentError: flwr run failed: "), proc.stderr[-2000:]
+    assert "Connection to the SuperLink is unavailable" in last and '"event": "result"' not in proc.stdout
+    assert not (tmp_path / "state" / "run.json").exists() and not (tmp_path / "models").exists()
 
 
 @pytest.mark.skipif(not HAVE_FLWR, reason="needs flwr (.venv-federated)")

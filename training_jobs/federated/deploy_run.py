@@ -76,7 +76,8 @@ def flwr(home: Path, *args: str, timeout: float = 120.0) -> dict[str, Any]:
     if proc.returncode != 0 or not out.get("success"):
         lines = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
         reason = out.get("error-message") or (lines[-1] if lines else f"exit status {proc.returncode}")
-        raise DeploymentError(f"flwr {args[0]} failed: {str(reason).splitlines()[0][:300]}")
+        last = [line.strip() for line in str(reason).splitlines() if line.strip()] or ["no output"]
+        raise DeploymentError(f"flwr {args[0]} failed: {last[-1][:300]}")
     return out
 
 
@@ -133,7 +134,7 @@ def follow(home: Path, run_id: int, state_dir: Path, rounds: int, poll_s: float 
             return str(done["status"])
         if "status" in done:
             raise DeploymentError(f"the ServerApp stopped: {done['status']}"[:300])
-        if time.monotonic() - asked > STATUS_EVERY_S:
+        if stopping or time.monotonic() - asked > STATUS_EVERY_S:
             asked, status = time.monotonic(), run_status(home, run_id)
             if status.startswith("finished") and stopping:
                 return "cancelled"
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     home = flwr_home(state_dir, args.superlink, args.root_certificates, args.insecure)
     try:
         run_id = submit_or_resume(home, state_dir, config)
-        print(f"following run {run_id} on {args.superlink}", file=sys.stderr, flush=True)
+        print_event("submitted", run_id=run_id)
         end = follow(home, run_id, state_dir, args.rounds)
     except DeploymentError as error:
         raise SystemExit(f"DeploymentError: {error}") from None
