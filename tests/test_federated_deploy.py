@@ -260,7 +260,7 @@ def test_two_devices_train_rounds_through_a_real_superlink(tmp_path: Path):
         assert len(lines) == 2, log.read_text()[-3000:]  # 1 FedAvg round + 1 SecAgg+ round
         assert set(lines) == {(f"device-dev{i}", str(PHOTOS_PER_DEVICE), digests[identity])}
     print(f"deployment: FedAvg job 1 round {fedavg_seconds:.1f} s from start (processes and publishing included), "
-          f"job {result['seconds']:.1f} s, round {result['rounds'][0]['train_seconds']:.1f} s; "
+          f"job {result['seconds']:.1f} s (publishing {result['publish_seconds']:.1f} s), round {result['rounds'][0]['train_seconds']:.1f} s; "
           f"SecAgg+ 1 round {secagg['wall_seconds']:.1f} s, SecAgg+ up {secagg['rounds'][0]['bytes_up_per_client']}; "
           f"guardrail {decision['decision']}: {decision['reason']}; gateway side (s): "
           f"{ {k: round(v, 1) for k, v in fedavg_job['seconds'].items()} }")

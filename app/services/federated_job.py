@@ -370,7 +370,7 @@ def run_federated_job(settings: GatewaySettings, sessions: sessionmaker[Session]
         shutil.rmtree(state_dir, ignore_errors=True)  # reached only while this process lives: a kill keeps it
     return {**out, "guardrail": decision.to_dict(), "active_before": active_name, "aggregation": job.aggregation,
             "base_version": base.version if base is not None else None, "dp": result.get("dp"),
-            "engine": job.engine, "run_id": result.get("run_id"),
+            "engine": job.engine, "run_id": result.get("run_id"), "publish_seconds": result.get("publish_seconds"),
             "heldout": {"before": heldout.get("0"), "after": final, "active_version": baseline or None},
             "rounds": rounds, "resumed": result.get("resumed", []), "attempts": report.attempt,
             "seconds": result.get("wall_seconds")}

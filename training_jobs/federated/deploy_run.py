@@ -141,13 +141,15 @@ def follow(home: Path, run_id: int, state_dir: Path, rounds: int, poll_s: float 
             if status.startswith("finished") and not report.exists():
                 time.sleep(poll_s)  # the report is written just before the ServerApp exits: one more look
                 if not report.exists():
-                    raise DeploymentError(f"run {run_id} ended {status} without a report (see the SuperLink's log)")
+                    raise DeploymentError(f"run {run_id} ended {status} without a report in {state_dir} (does the "
+                                          "SuperLink's ServerApp see this directory? see the SuperLink's log)")
         time.sleep(poll_s)
 
 
 def publish(args: argparse.Namespace, settings: ServerSettings, state: checkpoint.RoundState,
             started: float) -> dict[str, Any]:
     """Held-out metrics before/after (and of the active version) and the exported candidate: `simulate`'s path."""
+    publishing = time.perf_counter()
     spec = PRESETS[args.transform](args.epsilon)
     shared = shared_dir()
     heldout = Heldout(lfw_dir(shared), spec, args.pairs_per_fold, seed=args.seed)
@@ -166,6 +168,7 @@ def publish(args: argparse.Namespace, settings: ServerSettings, state: checkpoin
                                  "engine": "deployment", "devices": sorted({c for r in state.log["rounds"]
                                                                             for c in r.get("replied_clients", [])})}}
         report["exported"] = str(export_candidate(log, settings, args.export_dir, args.version, metrics))
+    report["publish_seconds"] = time.perf_counter() - publishing  # held-out x3 + export (ONNX, calibration)
     report["wall_seconds"] = time.perf_counter() - started
     return report
 
@@ -210,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     config = run_config(args, state_dir)
     settings = settings_from_run_config(config, shared_dir())  # bad values refused before anything is sent
     home = flwr_home(state_dir, args.superlink, args.root_certificates, args.insecure)
+    if checkpoint.cancel_path(state_dir).exists() and not (state_dir / RUN_FILE).exists():
+        print_event("result", status="cancelled", last_round=0, run_id=None)  # cancelled before it was sent
+        return
     try:
         run_id = submit_or_resume(home, state_dir, config)
         print_event("submitted", run_id=run_id)
