@@ -73,10 +73,13 @@ def list_jobs(limit: int = Query(50, ge=1, le=200), _: Principal = Depends(admin
 
 @router.post("/jobs", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
              responses={**ERRORS, **body_errors(UNKNOWN_JOB_KIND, INVALID_JOB_PARAMS), 409: problem_response(
-                 "A federated job's base model cannot be trained from; nothing was created", Problem(
+                 "A federated job's base model cannot be trained from, or engine deployment has no SuperLink "
+                 "configured; nothing was created", Problem(
                      409, "base-model-not-trainable", "The base model cannot be trained",
                      "federated: base_version v1-accurate: model version v1-accurate has no PyTorch weights "
-                     "(it was shipped as ONNX only)")), 503: problem_response(
+                     "(it was shipped as ONNX only)"), Problem(
+                     409, "federated-superlink-not-configured", "No SuperLink configured",
+                     "federated: engine deployment needs the operator to set PRIVFACE_FEDERATED_SUPERLINK")), 503: problem_response(
                  "engine deployment: the operator's SuperLink does not answer; nothing was created", Problem(
                      503, "federated-superlink-unreachable", "The SuperLink is unreachable",
                      "federated: the configured SuperLink fl.example.org:9093 does not answer"))})
