@@ -63,7 +63,8 @@ def main(workdir: Path, superlink_port: int, federated_python: str, timeout: flo
         seconds["job"] = time.monotonic() - mark
         listed = httpx.get(stack.url + "/v1/admin/models", headers=headers, timeout=30).json()
         return {"job": job, "live": live, "cancelled": cancelled, "seconds": seconds, "models": listed, "model_dir": str(models),
-                "gateway_log": stack.log("gateway")[-4000:] if job.get("status") != "succeeded" else ""}
+                "gateway_log": stack.log("gateway")[-4000:]
+                if job.get("status") != "succeeded" or cancelled["job"].get("status") != "cancelled" else ""}
     finally:
         stack.stop()
 

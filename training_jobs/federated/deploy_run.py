@@ -113,6 +113,16 @@ def run_status(home: Path, run_id: int) -> str:
     return str(runs[0].get("status", "unknown"))
 
 
+def stop(home: Path, run_id: int) -> bool:
+    """`flwr stop` of the run, at once (not after the round in progress); a run that has already ended is fine."""
+    try:
+        flwr(home, "stop", str(run_id), CONNECTION, timeout=60)
+    except DeploymentError:
+        if not run_status(home, run_id).startswith("finished"):
+            raise
+    return True
+
+
 def follow(home: Path, run_id: int, state_dir: Path, rounds: int, poll_s: float = 2.0) -> str:
     """Print one `round` event per round the ServerApp saved, stop the run when the job is cancelled; returns
     the run's end: `finished` or `cancelled` (a DeploymentError when it failed or was stopped by someone else)."""
@@ -128,10 +138,11 @@ def follow(home: Path, run_id: int, state_dir: Path, rounds: int, poll_s: float 
                 on_round(entry["round"], entry, None)
                 shown += 1
         if checkpoint.cancel_path(state_dir).exists() and not stopping:
-            flwr(home, "stop", str(run_id), CONNECTION, timeout=60)  # at once, not after the round in progress
-            stopping = True
+            stopping = stop(home, run_id)
         if done.get("status") in ("finished", "cancelled"):
             return str(done["status"])
+        if "status" in done and stopping:  # a stopped ServerApp may write `failed: ...` as it is torn down
+            return "cancelled"
         if "status" in done:
             raise DeploymentError(f"the ServerApp stopped: {done['status']}"[:300])
         if stopping or time.monotonic() - asked > STATUS_EVERY_S:
