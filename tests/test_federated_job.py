@@ -72,6 +72,59 @@ def test_progress_events_are_read_and_other_output_ignored():
     assert [e["round"] for e in events] == [1] and result["exported"] == "x"
 
 
+def test_engine_deployment_refuses_options_its_app_does_not_run():
+    for bad, named in (({"mixup": {"k": 2}}, "mixup"), ({"mode": "unsupervised"}, "unsupervised"),
+                       ({"heldout_every_round": True}, "heldout_every_round")):
+        with pytest.raises(Problem) as err:
+            validate_params({"engine": "deployment", **bad})
+        assert err.value.status == 422 and "engine deployment" in err.value.detail and named in err.value.detail
+    assert validate_params({"engine": "deployment"})["engine"] == "deployment"
+    assert validate_params({})["engine"] == "simulation"
+
+
+def deployment_gateway(tmp_path, **settings):
+    """A gateway app (no parties, no Redis) whose operator set `settings`; yields (client, admin key)."""
+    from starlette.testclient import TestClient
+
+    from app.auth import create_api_key, ensure_tenant
+    from app.db import session_scope
+    from app.main import create_app
+    from app.settings import GatewaySettings
+
+    app = create_app(GatewaySettings(env="test", database_url=f"sqlite:///{tmp_path / 'gateway.db'}",
+                                     model_dir=tmp_path / "models", bundled_model_dir="", redis_url=None,
+                                     party_urls="http://127.0.0.1:9,http://127.0.0.1:9", **settings))
+    client = TestClient(app)
+    client.__enter__()
+    with session_scope(app.state.ctx.sessions) as session:
+        ensure_tenant(session, "acme")
+        key = create_api_key(session, "acme", ["admin"], app.state.ctx.settings.secret_key)
+    return client, key
+
+
+@pytest.mark.parametrize("settings, status, slug", [
+    ({}, 409, "federated-superlink-not-configured"),
+    ({"federated_superlink": "127.0.0.1:9093"}, 409, "federated-superlink-not-configured"),  # no TLS choice
+    ({"federated_superlink": "127.0.0.1:{closed}", "federated_superlink_insecure": True}, 503,
+     "federated-superlink-unreachable"),
+])
+def test_engine_deployment_without_a_reachable_superlink_is_refused_and_nothing_is_queued(tmp_path, settings,
+                                                                                            status, slug):
+    from devtools.net import free_port
+
+    settings = {k: v.format(closed=free_port()) if isinstance(v, str) else v for k, v in settings.items()}
+    client, key = deployment_gateway(tmp_path, **settings)
+    try:
+        answer = client.post("/v1/admin/jobs", headers=auth(key),
+                             json={"kind": "federated", "params": {"engine": "deployment", "rounds": 1}})
+        assert answer.status_code == status, answer.text
+        assert answer.headers["content-type"].startswith("application/problem+json")
+        assert answer.json()["type"].endswith("/" + slug) and "\n" not in answer.json()["detail"]
+        assert client.get("/v1/admin/jobs", headers=auth(key)).json() == []
+    finally:
+        client.__exit__(None, None, None)
+
+
 def private_models(tmp_path):
     LocalStack(tmp_path / "bootstrap").cli("models", "ensure")  # exports v0 into MODEL_CACHE when absent
     models = tmp_path / "models"

@@ -15,7 +15,7 @@ from app.deps import get_context, get_session, require_scope
 from app.models import Enrollment, Job, ModelVersion, Subject, Tenant
 from app.problems import Problem, not_found
 from app.schemas import JobCreate, JobOut, ModeIn, ModelVersionOut, ModeOut, PresetIn, PresetOut, UnlockOut
-from app.services import federated_job, revocation
+from app.services import federated_deploy, federated_job, revocation
 from app.services import sealed as sealed_service
 from app.services.audit import audit
 from app.services.jobs import JOB_KINDS, cancel_job as cancel_job_row, validate_job_params
@@ -74,10 +74,16 @@ def list_jobs(limit: int = Query(50, ge=1, le=200), _: Principal = Depends(admin
 
 @router.post("/jobs", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
              responses={**ERRORS, **body_errors(UNKNOWN_JOB_KIND, INVALID_JOB_PARAMS), 409: problem_response(
-                 "A federated job's base model cannot be trained from; nothing was created", Problem(
+                 "A federated job's base model cannot be trained from, or engine deployment has no SuperLink "
+                 "configured; nothing was created", Problem(
                      409, "base-model-not-trainable", "The base model cannot be trained",
                      "federated: base_version other: model version other has no PyTorch weights and its ONNX "
-                     "file cannot be rebuilt into them: 51 tensors missing from the ONNX file"))})
+                     "file cannot be rebuilt into them: 51 tensors missing from the ONNX file"), Problem(
+                     409, "federated-superlink-not-configured", "No SuperLink configured",
+                     "federated: engine deployment needs the operator to set PRIVFACE_FEDERATED_SUPERLINK")), 503: problem_response(
+                 "engine deployment: the operator's SuperLink does not answer; nothing was created", Problem(
+                     503, "federated-superlink-unreachable", "The SuperLink is unreachable",
+                     "federated: the configured SuperLink fl.example.org:9093 does not answer"))})
 def create_job(body: JobCreate, principal: Principal = Depends(admin),
                ctx: GatewayContext = Depends(get_context)) -> JobOut:
     """Start a background job; poll `GET /v1/admin/jobs/{id}` for its progress.
@@ -87,6 +93,8 @@ def create_job(body: JobCreate, principal: Principal = Depends(admin),
     `heldout_every_round`, `aggregation` (fedavg|secagg+), `base_version` (default: the active version of
     the caller's tenant's preset; 409 `base-model-not-trainable` when it has neither saved PyTorch weights nor
     an ONNX file of this architecture to rebuild them from; the bundled v1 models are rebuilt);
+    `engine` (simulation|deployment: real devices behind the operator's SuperLink, PRIVFACE_FEDERATED_SUPERLINK;
+    409 `federated-superlink-not-configured` without one, 503 `federated-superlink-unreachable`);
     unknown fields are refused. While it runs, `result.rounds` lists the finished rounds;
     `POST /v1/admin/jobs/{id}/cancel` stops it between rounds."""
     if body.kind not in JOB_KINDS:  # the schema documents the kinds as an enum; this gives the clearer error
@@ -98,6 +106,8 @@ def create_job(body: JobCreate, principal: Principal = Depends(admin),
             tenant = session.get(Tenant, principal.tenant_id)
             preset = (tenant.preset if tenant is not None else None) or ctx.settings.default_preset
             params = federated_job.resolve_base(ctx.settings, session, params, preset)
+        if params["engine"] == "deployment":  # the operator's SuperLink, configured and answering
+            federated_deploy.check_deployment(ctx.settings, params)
     job_id = ctx.jobs.submit(body.kind, params)
     audit(ctx.sessions, principal, "create-job", body.kind)
     with ctx.sessions() as session:

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import session_scope
 from app.problems import Problem
+from app.services.federated_deploy import deployment_command
 from app.settings import GatewaySettings
 from common.paths import PROJECT_ROOT
 
@@ -88,6 +89,9 @@ class FederatedParams(BaseModel):
     mixup: MixupParams | None = Field(None, description="defence against update inversion; none = off")
     dp: DpParams | None = Field(None, description="differential privacy (fedavg only): (epsilon, delta) per round "
                                                   "in the progress and the result")
+    engine: Literal["simulation", "deployment"] = Field(
+        "simulation", description="deployment: real devices behind the operator's SuperLink "
+                                  "(PRIVFACE_FEDERATED_SUPERLINK); `clients` = devices the first round waits for")
     base_version: str | None = Field(
         None, max_length=128, description="the model version to start from (it needs saved PyTorch weights); "
                                           "default: the active version of the admin's tenant's preset")
@@ -100,10 +104,23 @@ class FederatedParams(BaseModel):
             raise ValueError(f"mixup.k ({self.mixup.k}) must not exceed max_images ({self.max_images})")
         if self.dp is not None and self.aggregation != "fedavg":
             raise ValueError("dp works with aggregation fedavg only")
+        if self.engine == "deployment":
+            check_deployment_options(self)
         if self.aggregation == "secagg+" and not 2 <= self.clients_per_round <= SECAGG_MAX_CLIENTS:
             raise ValueError(f"secagg+ needs 2 to {SECAGG_MAX_CLIENTS} clients_per_round (a sum of one client "
                              "hides nothing; more overflow the 32-bit modulus)")
         return self
+
+
+def check_deployment_options(params: FederatedParams) -> None:
+    """The deployment runtime's Flower App trains the supervised mode only, without impostors, MixUp or DP, and
+    measures held-out metrics before and after only (deploy_run.py); anything else is refused, not ignored."""
+    unsupported = [name for name, on in (("mode unsupervised", params.mode != "supervised"),
+                                         ("negatives gan", params.negatives != "none"),
+                                         ("mixup", params.mixup is not None), ("dp", params.dp is not None),
+                                         ("heldout_every_round", params.heldout_every_round)) if on]
+    if unsupported:
+        raise ValueError(f"engine deployment does not support {', '.join(unsupported)}")
 
 
 def validate_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -315,6 +332,9 @@ def run_federated_job(settings: GatewaySettings, sessions: sessionmaker[Session]
     resuming = report.attempt > 1
 
     def on_event(event: dict[str, Any]) -> None:
+        if event.get("event") == "submitted":  # engine deployment: the run is on the SuperLink, waiting for devices
+            report.progress(0.02, f"run {event.get('run_id')} submitted to the SuperLink; waiting for "
+                                  f"{job.clients} devices", {"rounds": rounds, "run_id": event.get("run_id")})
         if event.get("event") != "round":
             return
         rounds[:] = [r for r in rounds if r["round"] < event["round"]] + [round_summary(event)]
@@ -324,7 +344,9 @@ def run_federated_job(settings: GatewaySettings, sessions: sessionmaker[Session]
     report.progress(0.01, f"resuming the federated run (attempt {report.attempt})" if resuming
                     else "starting the federated run")
     try:
-        result = run_simulation(command(settings, job, version, baseline_dir, state_dir, base_dir),
+        cmd = (deployment_command(settings, job, version, baseline_dir, state_dir) if job.engine == "deployment"
+               else command(settings, job, version, baseline_dir, state_dir, base_dir))
+        result = run_simulation(cmd,
                                 subprocess_env(settings),
                                 on_event, checkpoint_cancel(state_dir),
                                 report.cancel_requested)
@@ -348,6 +370,7 @@ def run_federated_job(settings: GatewaySettings, sessions: sessionmaker[Session]
         shutil.rmtree(state_dir, ignore_errors=True)  # reached only while this process lives: a kill keeps it
     return {**out, "guardrail": decision.to_dict(), "active_before": active_name, "aggregation": job.aggregation,
             "base_version": base.version if base is not None else None, "dp": result.get("dp"),
+            "engine": job.engine, "run_id": result.get("run_id"), "publish_seconds": result.get("publish_seconds"),
             "heldout": {"before": heldout.get("0"), "after": final, "active_version": baseline or None},
             "rounds": rounds, "resumed": result.get("resumed", []), "attempts": report.attempt,
             "seconds": result.get("wall_seconds")}
