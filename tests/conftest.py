@@ -30,6 +30,16 @@ REDIS_URL = os.environ.get("PRIVFACE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 @pytest.fixture
 def postgres_db() -> Iterator[Callable[[], str]]:
     """A factory of fresh, empty PostgreSQL databases (real server), all dropped afterwards."""
+    yield from _databases()
+
+
+@pytest.fixture(scope="module")
+def module_postgres_db() -> Iterator[Callable[[], str]]:
+    """The same factory for a stack that the tests of one module share (one stack start instead of one each)."""
+    yield from _databases()
+
+
+def _databases() -> Iterator[Callable[[], str]]:
     import psycopg
 
     names: list[str] = []
@@ -60,9 +70,20 @@ def postgres_url(postgres_db) -> str:
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     """A real Redis database number of its own, flushed before and after."""
+    yield from _redis_database(0)
+
+
+@pytest.fixture(scope="module")
+def module_redis_url() -> Iterator[str]:
+    """The same, for a stack shared by the tests of one module: another database number than `redis_url`'s, so
+    a test's flush never empties the shared stack's."""
+    yield from _redis_database(4)
+
+
+def _redis_database(offset: int) -> Iterator[str]:
     import redis
 
-    url = REDIS_URL.rsplit("/", 1)[0] + "/" + str(7 + (os.getpid() % 8))
+    url = REDIS_URL.rsplit("/", 1)[0] + "/" + str(7 + ((os.getpid() + offset) % 8))
     client = redis.Redis.from_url(url)
     try:
         client.ping()

@@ -294,9 +294,10 @@ def test_secagg_sum_equals_the_plain_weighted_sum_when_a_tenth_of_the_clients_dr
 @needs_flwr
 @needs_data
 def test_secagg_round_of_the_face_model_equals_fedavg_of_the_survivors_updates():
-    """SecAgg+ on the real model (10 clients, 10 % told to drop after key sharing): the run completes and the new
-    global model is the weighted FedAvg of the survivors' local updates (recomputed here, in this process, with
-    the same seeds) within the quantisation error."""
+    """SecAgg+ on the real model (5 clients, 1 told to drop after key sharing; 3 of 5 shares rebuild its mask): the
+    run completes and the new global model is the weighted FedAvg of the survivors' local updates (recomputed
+    here, in this process, with the same seeds) within the quantisation error. Five, not ten: every client trains
+    the real model twice (in the run and here), and the protocol at ten clients is the probe-vector test's."""
     import json
 
     from inference.lfw import load_many
@@ -308,14 +309,14 @@ def test_secagg_round_of_the_face_model_equals_fedavg_of_the_survivors_updates()
     from training_jobs.federated.simulate import simulate
 
     spec = spec_v0()
-    population = make_population(LFW, 10, min_images=2, max_images=2)
+    population = make_population(LFW, 5, min_images=2, max_images=2)
     local = {"epochs": 1, "batch-size": 2}
-    settings = ServerSettings(str(SHARED), spec.to_dict(), "adapter-tail", rounds=1, clients_per_round=10,
-                              num_clients=10, seed=0, local=local, aggregation="secagg+", drop_fraction=0.1,
+    settings = ServerSettings(str(SHARED), spec.to_dict(), "adapter-tail", rounds=1, clients_per_round=5,
+                              num_clients=5, seed=0, local=local, aggregation="secagg+", drop_fraction=0.2,
                               secagg={"max_weight": 2})
     log = simulate(population, settings, LFW, heldout=None)
     entry = log["rounds"][0]
-    assert (entry["sampled"], entry["replied"], entry["failed"]) == (10, 9, 1) and not entry["secagg"]["halted"]
+    assert (entry["sampled"], entry["replied"], entry["failed"]) == (5, 4, 1) and not entry["secagg"]["halted"]
     assert entry["bytes_up_per_client"] > 8 * 333_888, "masked vectors are int64: 8 bytes per parameter"
     model = build_base_model(spec, SHARED)
     start = get_arrays(model, travelling_names(model, "adapter-tail"))
@@ -338,7 +339,7 @@ def test_secagg_round_of_the_face_model_equals_fedavg_of_the_survivors_updates()
     assert moved > 1e-4, "the updates must be far larger than the tolerance for the comparison to mean anything"
 
 
-def _simulate_cmd(state_dir: Path, rounds: int = 4) -> list[str]:
+def _simulate_cmd(state_dir: Path, rounds: int = 3) -> list[str]:
     return [sys.executable, "-m", "training_jobs.federated.simulate", "--clients", "3", "--per-round", "2",
             "--rounds", str(rounds), "--max-images", "2", "--pairs-per-fold", "2", "--progress",
             "--state-dir", str(state_dir)]
@@ -373,7 +374,7 @@ def test_a_run_killed_mid_job_resumes_from_its_last_round_and_ends_as_an_uninter
                                text=True, timeout=600)
     assert reference.returncode == 0, reference.stderr[-3000:]
     expected = checkpoint.load(tmp_path / "reference")
-    assert expected.round == 4 and _last_event(reference.stdout)["status"] == "finished"
+    assert expected.round == 3 and _last_event(reference.stdout)["status"] == "finished"
 
     proc = subprocess.Popen(_simulate_cmd(tmp_path / "run"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
@@ -386,7 +387,7 @@ def test_a_run_killed_mid_job_resumes_from_its_last_round_and_ends_as_an_uninter
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     killed_at = checkpoint.load(tmp_path / "run").round
-    assert 1 <= killed_at < 4, killed_at
+    assert 1 <= killed_at < 3, killed_at  # killed after round 1, before the last round was saved
     deadline = time.monotonic() + 20  # SIGKILLed processes take a moment to be reaped
     while (leftovers := _group_members(proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -397,11 +398,11 @@ def test_a_run_killed_mid_job_resumes_from_its_last_round_and_ends_as_an_uninter
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     result = _last_event(resumed.stdout)
     assert result["status"] == "finished" and result["resumed"] == [{"from_round": killed_at}]
-    assert [r["round"] for r in result["rounds"]] == [1, 2, 3, 4]
+    assert [r["round"] for r in result["rounds"]] == [1, 2, 3]
     rounds_seen = [json.loads(line)["round"] for line in resumed.stdout.splitlines() if line.startswith('{"event": "round"')]
-    assert rounds_seen == [0, 1, 2, 3, 4], rounds_seen  # saved rounds replayed, then the new ones
+    assert rounds_seen == [0, 1, 2, 3], rounds_seen  # saved rounds replayed, then the new ones
     final = checkpoint.load(tmp_path / "run")
-    assert final.round == 4 and sorted(final.class_vectors) == sorted(expected.class_vectors)
+    assert final.round == 3 and sorted(final.class_vectors) == sorted(expected.class_vectors)
     for name, value in expected.arrays.items():
         np.testing.assert_allclose(final.arrays[name], value, rtol=0, atol=1e-6, err_msg=name)
     from inference.transform import spec_v0

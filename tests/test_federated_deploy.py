@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -342,8 +343,11 @@ def test_join_refuses_bad_input_in_one_line_and_starts_nothing(tmp_path: Path):
              "face": ["--superlink", "127.0.0.1:9092", "--insecure", str(blank)],
              "--client-id": ["--superlink", "127.0.0.1:9092", "--insecure", "--client-id", "a b", photo],
              "not allowed with": ["--superlink", "127.0.0.1:9092", "--insecure", "--root-certificates", photo, photo]}
+    # the five refusals run side by side (each a process start: imports, the detector for "face")
+    with ThreadPoolExecutor(len(cases)) as pool:
+        procs = dict(zip(cases, pool.map(lambda args: join_cli(*args), cases.values())))
     for expected, args in cases.items():
-        proc = join_cli(*args)
+        proc = procs[expected]
         assert proc.returncode == 2, (args, proc.stderr)
         assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
         assert expected in proc.stderr, (expected, proc.stderr)

@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -194,12 +196,24 @@ def start_worker(stack: LocalStack, tmp_path, name: str) -> subprocess.Popen:
                             stdout=open(tmp_path / f"{name}.log", "ab"), stderr=subprocess.STDOUT)
 
 
-def lifecycle_stack(tmp_path, postgres_db, redis_url) -> LocalStack:
-    """A stack whose jobs have a 6 s lease (heartbeat every 2 s) and their state under tmp_path."""
-    return LocalStack(tmp_path / "stack", gateway_db=postgres_db(), party_dbs=(postgres_db(), postgres_db()),
-                      redis_url=redis_url, model_dir=private_models(tmp_path),
-                      extra_env={"PRIVFACE_JOB_LEASE_S": "6", "PRIVFACE_FEDERATED_STATE_DIR": str(tmp_path / "fed"),
-                                 "PRIVFACE_FEDERATED_TOLERANCE": "1.0"}).start()
+@pytest.fixture(scope="module")
+def lifecycle_stack(tmp_path_factory, shared, module_postgres_db, module_redis_url) -> Iterator[LocalStack]:
+    """One stack for the three lifecycle tests (one start instead of three; each test starts its own workers and
+    waits for its jobs to end): jobs have a 6 s lease (heartbeat every 2 s) and their state under `fed_dir`.
+    Each test activates what it needs and compares the models with what it saw first, so their order is free."""
+    root = tmp_path_factory.mktemp("lifecycle")
+    stack = LocalStack(root / "stack", gateway_db=module_postgres_db(),
+                       party_dbs=(module_postgres_db(), module_postgres_db()), redis_url=module_redis_url,
+                       model_dir=private_models(root),
+                       extra_env={"PRIVFACE_JOB_LEASE_S": "6", "PRIVFACE_FEDERATED_STATE_DIR": str(root / "fed"),
+                                  "PRIVFACE_FEDERATED_TOLERANCE": "1.0"}).start()
+    yield stack
+    stack.stop()
+
+
+def fed_dir(stack: LocalStack) -> Path:
+    """Where the stack's federated runs keep their state (one folder per job)."""
+    return Path(stack.extra_env["PRIVFACE_FEDERATED_STATE_DIR"])
 
 
 def wait_job(stack: LocalStack, key: str, job_id: str, done, timeout: float = 300.0) -> dict:
@@ -226,12 +240,12 @@ def federated_processes(state_dir) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not FEDERATED_PYTHON.exists(), reason="no .venv-federated: run scripts/install_federated.sh")
-def test_cancel_stops_a_running_federated_job_between_rounds_and_a_queued_one_at_once(
-        tmp_path, shared, postgres_db, redis_url):
-    stack = lifecycle_stack(tmp_path, postgres_db, redis_url)
+def test_cancel_stops_a_running_federated_job_between_rounds_and_a_queued_one_at_once(tmp_path, lifecycle_stack):
+    stack = lifecycle_stack
     worker = start_worker(stack, tmp_path, "worker")
     try:
         key = stack.api_key("admin")
+        before = [m["version"] for m in httpx.get(stack.url + "/v1/admin/models", headers=auth(key)).json()]
         running = httpx.post(stack.url + "/v1/admin/jobs", headers=auth(key),
                              json={"kind": "federated", "params": {**LIFECYCLE, "rounds": 20}}).json()["id"]
         queued = httpx.post(stack.url + "/v1/admin/jobs", headers=auth(key),
@@ -248,11 +262,11 @@ def test_cancel_stops_a_running_federated_job_between_rounds_and_a_queued_one_at
         last = job["result"]["last_round"]
         assert 1 <= last < 20 and job["message"] == f"cancelled after round {last} of 20"
         assert [r["round"] for r in job["result"]["rounds"]] == list(range(last + 1))
-        assert not (tmp_path / "fed" / running).exists(), "the state of an ended job is removed"
-        assert not federated_processes(tmp_path / "fed" / running)
+        assert not (fed_dir(stack) / running).exists(), "the state of an ended job is removed"
+        assert not federated_processes(fed_dir(stack) / running)
 
         models = httpx.get(stack.url + "/v1/admin/models", headers=auth(key)).json()
-        assert [m["version"] for m in models] == ["v0"], "a cancelled run publishes nothing"
+        assert [m["version"] for m in models] == before, "a cancelled run publishes nothing"
         time.sleep(3)  # the worker has taken the queued job's rq entry by now; it must not have run it
         job2 = httpx.get(f"{stack.url}/v1/admin/jobs/{queued}", headers=auth(key)).json()
         assert job2["status"] == "cancelled" and job2["message"] == "cancelled before it started" and not job2["result"]
@@ -265,26 +279,24 @@ def test_cancel_stops_a_running_federated_job_between_rounds_and_a_queued_one_at
     finally:
         worker.terminate()
         worker.wait(timeout=15)
-        stack.stop()
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not FEDERATED_PYTHON.exists(), reason="no .venv-federated: run scripts/install_federated.sh")
-def test_a_worker_killed_mid_job_is_replaced_and_the_job_resumes_from_its_last_round(
-        tmp_path, shared, postgres_db, redis_url):
+def test_a_worker_killed_mid_job_is_replaced_and_the_job_resumes_from_its_last_round(tmp_path, lifecycle_stack):
     """Kill the real rq worker and its work-horse (SIGKILL, as a crashed machine would); the federated run dies
     with them; the job row is left `running`. A new worker finds its lease expired, requeues it, and the run
     resumes after its last saved round; the candidate is published as if nothing had happened."""
-    stack = lifecycle_stack(tmp_path, postgres_db, redis_url)
+    stack = lifecycle_stack
     worker = start_worker(stack, tmp_path, "worker1")
     replacement = None
     try:
         key = stack.api_key("admin")
         httpx.post(stack.url + "/v1/admin/models/v0/activate", headers=auth(key)).raise_for_status()
         job_id = httpx.post(stack.url + "/v1/admin/jobs", headers=auth(key),
-                            json={"kind": "federated", "params": {**LIFECYCLE, "rounds": 6}}).json()["id"]
+                            json={"kind": "federated", "params": {**LIFECYCLE, "rounds": 3}}).json()["id"]
         wait_job(stack, key, job_id, lambda j: rounds_done(j) >= 1)
-        state_dir = tmp_path / "fed" / job_id
+        state_dir = fed_dir(stack) / job_id
         horses = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
         assert horses, "the worker runs the job in a forked work-horse"
         for pid in [worker.pid, *map(int, horses)]:
@@ -295,7 +307,7 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_resumes_from_its_last_r
             time.sleep(0.5)
         assert not federated_processes(state_dir), "the federated run must die with the worker"
         killed = httpx.get(f"{stack.url}/v1/admin/jobs/{job_id}", headers=auth(key)).json()
-        assert killed["status"] == "running" and rounds_done(killed) < 6, killed
+        assert killed["status"] == "running" and rounds_done(killed) < 3, killed  # killed with rounds to go
         assert (state_dir / "state.npz").exists()
 
         replacement = start_worker(stack, tmp_path, "worker2")
@@ -303,8 +315,8 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_resumes_from_its_last_r
         assert job["status"] == "succeeded", (job, (tmp_path / "worker2.log").read_text()[-3000:])
         result = job["result"]
         assert result["attempts"] == 2 and len(result["resumed"]) == 1, result
-        assert 1 <= result["resumed"][0]["from_round"] < 6
-        assert [r["round"] for r in result["rounds"]] == list(range(7))
+        assert 1 <= result["resumed"][0]["from_round"] < 3
+        assert [r["round"] for r in result["rounds"]] == list(range(4))
         assert result["guardrail"]["decision"] == "activated" and result["status"] == "active"
         assert not state_dir.exists()
     finally:
@@ -312,14 +324,12 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_resumes_from_its_last_r
             if proc is not None and proc.poll() is None:
                 proc.terminate()
                 proc.wait(timeout=15)
-        stack.stop()
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not FEDERATED_PYTHON.exists(), reason="no .venv-federated: run scripts/install_federated.sh")
-def test_a_run_that_cannot_start_fails_with_one_clear_line_and_changes_nothing(tmp_path, shared, postgres_db,
-                                                                                  redis_url):
-    stack = lifecycle_stack(tmp_path, postgres_db, redis_url)
+def test_a_run_that_cannot_start_fails_with_one_clear_line_and_changes_nothing(tmp_path, lifecycle_stack):
+    stack = lifecycle_stack
     worker = start_worker(stack, tmp_path, "worker")
     try:
         key = stack.api_key("admin")
@@ -335,11 +345,10 @@ def test_a_run_that_cannot_start_fails_with_one_clear_line_and_changes_nothing(t
         assert job["message"].startswith("FederatedRunError: federated run exited with status 1: ValueError: only ")
         assert "training identities have >= 2 images" in job["message"]
         assert httpx.get(stack.url + "/v1/admin/models", headers=auth(key)).json() == before
-        assert not (tmp_path / "fed" / job_id).exists()
+        assert not (fed_dir(stack) / job_id).exists()
     finally:
         worker.terminate()
         worker.wait(timeout=15)
-        stack.stop()
 
 
 def test_orphaned_jobs_are_requeued_or_failed_once_their_lease_has_expired(postgres_db):
