@@ -5,7 +5,9 @@ split as ``s0`` uniform from ``os.urandom`` and ``s1 = x - s0 mod 2^64``: either
 nothing about the face. Each share is encrypted to one party's X25519 public key (published through the gateway,
 ``GET /v1/sealed/keys``): a fresh ephemeral key per share and request, HKDF-SHA256 of the Diffie-Hellman secret,
 ChaCha20-Poly1305 with associated data that binds the party, its key id, the transform, the shape and the request
-nonce, so the gateway relays ciphertexts it can neither read nor swap between parties or requests.
+nonce, so the gateway relays ciphertexts it can neither read nor swap between parties or requests. The keys are
+accepted only if their fingerprints equal the ones pinned out of band (``pinned_keys``): the gateway relays them
+but must not be able to substitute its own.
 
 The party's side (``secure/sealed_box.py``) must derive the same key and associated data; this package may not
 import ``secure`` (tests/test_import_rules.py), so the format is written down twice and tests/test_sealed_box.py
@@ -105,15 +107,34 @@ def seal_features(features: np.ndarray, party_keys: dict[int, str], context: dic
     return [seal_share(shares[rank], rank, party_keys[rank], context) for rank in (0, 1)]
 
 
-def pinned_keys(entries: list[dict[str, Any]]) -> dict[int, str]:
-    """The parties' keys from ``GET /v1/sealed/keys`` (rank -> base64 public key), after checking that each names
-    its own rank, the scheme this SDK speaks and the key id of its public key; the client keeps (pins) them until a
-    party refuses an envelope."""
+def fingerprint(public_key: bytes) -> str:
+    """A party key's fingerprint (all 64 hex digits of its SHA-256): what the operator publishes out of band and
+    the SDK pins (``PRIVFACE_SDK_SEALED_KEY_PINS``); the party prints it (``privface sealed-fingerprint``)."""
+    return hashlib.sha256(public_key).hexdigest()
+
+
+def parse_pins(text: str) -> dict[int, str]:
+    """``"<party 0 fingerprint>,<party 1 fingerprint>"`` as rank -> fingerprint; ValueError if malformed."""
+    parts = [part.strip().lower() for part in text.split(",")]
+    if len(parts) != 2 or any(len(p) != 64 or any(c not in "0123456789abcdef" for c in p) for p in parts):
+        raise ValueError("sealed key pins must be two SHA-256 fingerprints (64 hex digits each), "
+                         "party 0's then party 1's, separated by a comma")
+    return {0: parts[0], 1: parts[1]}
+
+
+def pinned_keys(entries: list[dict[str, Any]], pins: dict[int, str]) -> dict[int, str]:
+    """The parties' keys from ``GET /v1/sealed/keys`` (rank -> base64 public key), accepted only if each key's
+    fingerprint equals the one pinned for its rank out of band: the gateway relays the keys but cannot choose
+    them (a key it holds itself would let it open both shares)."""
     keys: dict[int, str] = {}
     for entry in entries:
         rank, public = int(entry["rank"]), str(entry["public_key"])
-        if entry.get("scheme") != SCHEME or entry.get("key_id") != key_id(base64.b64decode(public, validate=True)):
+        raw = base64.b64decode(public, validate=True)
+        if entry.get("scheme") != SCHEME or entry.get("key_id") != key_id(raw):
             raise ValueError(f"party {rank}'s sealed key is not a {SCHEME} key matching its key id")
+        if rank not in pins or fingerprint(raw) != pins[rank]:
+            raise ValueError(f"party {rank}'s sealed key does not match its pinned fingerprint "
+                             "(PRIVFACE_SDK_SEALED_KEY_PINS / --sealed-pins); refusing to seal to it")
         keys[rank] = public
     if sorted(keys) != [0, 1]:
         raise ValueError("the gateway must publish the sealed keys of party 0 and party 1")

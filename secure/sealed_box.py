@@ -8,8 +8,8 @@ relays the envelopes can neither read them nor swap them. The format is written 
 not import this package); tests/test_sealed_box.py checks that the two agree.
 
 The key: ``PRIVFACE_PARTY_SEALED_KEY`` (base64 of 32 bytes) or, when unset, a fresh key per process from the OS
-CSPRNG. A share is only ever in flight, never stored under this key, so a restart that changes the key costs the
-SDK one refetch of ``GET /v1/sealed/keys`` and nothing else.
+CSPRNG (for tests and `privface run` only: SDKs pin the key's fingerprint out of band, so a key that changes at
+each start breaks them; deployments set the variable and publish ``privface sealed-fingerprint``'s output).
 """
 from __future__ import annotations
 
@@ -67,6 +67,11 @@ class PartyKey:
     @property
     def key_id(self) -> str:
         return hashlib.sha256(self.public).hexdigest()[:16]
+
+    @property
+    def fingerprint(self) -> str:
+        """The full SHA-256 of the public key: what the operator publishes and the SDK pins out of band."""
+        return hashlib.sha256(self.public).hexdigest()
 
     def exchange(self, peer_public: bytes) -> bytes:
         return self._private.exchange(X25519PublicKey.from_public_bytes(peer_public))

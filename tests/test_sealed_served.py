@@ -26,6 +26,7 @@ from common.paths import PROJECT_ROOT
 from devtools.localstack import NO_ABUSE_LIMITS, LocalStack
 from inference.lfw import images_outside_pairs, lfw_dir, load_many
 from inference.transform import OsNoise, TransformSpec
+from secure import sealed_box
 from secure.party.sealed import load_sealed_model
 from tests.test_gateway_api import auth
 from tests.test_sealed_mpc import run_folded
@@ -119,7 +120,8 @@ def test_sealed_enroll_then_verify_gives_the_twins_decision(stack: Any) -> None:
     spec = sealed_spec()
     _, images = faces(3)
     payloads = [encode_features(spec.apply(image, OsNoise()).astype(np.float16), spec) for image in images]
-    with PrivfaceClient(stack.url, stack.admin, timeout=120, retries=0) as client:
+    with PrivfaceClient(stack.url, stack.admin, timeout=120, retries=0,
+                        sealed_pins=stack.local.sealed_pins) as client:
         assert client.transforms()[0]["mode"] == "sealed" and client.mode == "sealed"
         subject = client.create_subject("sealed-person")["id"]
         enrolled = client.enroll_features(subject, payloads[0])
@@ -183,7 +185,8 @@ def test_a_payload_of_the_other_mode_is_refused_and_changes_nothing(stack: Any) 
     spec_gateway = TransformSpec.from_dict(httpx.get(stack.url + "/v1/transforms", headers=auth(stack.admin),
                                                      timeout=30).json()[0]["spec"])
     _, images = faces(2)
-    with PrivfaceClient(stack.url, stack.admin, timeout=120, retries=0) as client:
+    with PrivfaceClient(stack.url, stack.admin, timeout=120, retries=0,
+                        sealed_pins=stack.local.sealed_pins) as client:
         assert client.mode == "gateway"
         subject = client.create_subject()["id"]
         client.enroll_features(subject, encode_features(spec_gateway.apply(images[0], OsNoise()), spec_gateway))
@@ -208,9 +211,10 @@ def test_a_payload_of_the_other_mode_is_refused_and_changes_nothing(stack: Any) 
 
 
 def sealed_body_for(stack: Any, spec: TransformSpec, image: np.ndarray) -> dict[str, Any]:
-    from client.sealed import pinned_keys, sealed_payload
+    from client.sealed import parse_pins, pinned_keys, sealed_payload
 
-    keys = pinned_keys(httpx.get(stack.url + "/v1/sealed/keys", headers=auth(stack.admin), timeout=30).json())
+    keys = pinned_keys(httpx.get(stack.url + "/v1/sealed/keys", headers=auth(stack.admin), timeout=30).json(),
+                       parse_pins(stack.local.sealed_pins))
     return sealed_payload(dict(encode_features(spec.apply(image, OsNoise()).astype(np.float16), spec)), keys)
 
 
@@ -249,7 +253,14 @@ def test_the_cli_seals_by_itself_when_the_tenant_is_sealed(stack: Any, capsys: p
 
     set_mode(stack, "sealed")
     subject = httpx.post(stack.url + "/v1/subjects", json={}, headers=auth(stack.admin)).json()["id"]
-    flags = ["--api-key", stack.admin, "--timeout", "120"]
+    flags = ["--api-key", stack.admin, "--timeout", "120", "--require-sealed"]
+    photo = str(FACES / "James_Caan_0001.jpg")
+    other = ",".join(sealed_box.PartyKey.generate().fingerprint for _ in range(2))  # not these parties' keys
+    assert main(["--url", stack.url, "enroll", *flags, "--sealed-pins", other, subject, photo]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pinned fingerprint" in err[0], err
+    assert enrollments(stack, subject) == []  # nothing was sealed to the wrong keys, nothing stored
+    flags += ["--sealed-pins", stack.local.sealed_pins]
     assert main(["--url", stack.url, "enroll", *flags, subject, str(FACES / "James_Caan_0001.jpg")]) == 0
     enrolled = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert enrolled["model_version"] == VERSION  # stored through the sealed route: the parties computed it
@@ -266,7 +277,8 @@ def test_sealed_identify_names_the_enrolled_subject_and_no_one_else(stack: Any) 
     spec = sealed_spec()
     _, images = faces(4)
     payloads = [encode_features(spec.apply(image, OsNoise()).astype(np.float16), spec) for image in images]
-    with PrivfaceClient(stack.url, key, timeout=120, retries=0) as client:
+    with PrivfaceClient(stack.url, key, timeout=120, retries=0,
+                        sealed_pins=stack.local.sealed_pins) as client:
         subjects = [client.create_subject()["id"] for _ in range(2)]
         for subject, payload in zip(subjects, (payloads[0], payloads[2])):
             client.enroll_features(subject, payload)

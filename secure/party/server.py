@@ -168,6 +168,8 @@ def create_party_app(settings: PartySettings, engine: MatchEngine, *, oplog: OpL
     thresholds = Thresholds(oplog.sessions)
     metrics = PartyMetrics()
     sealed_key = party_key_from_env()  # sealed mode (issue 12): the key the SDK seals this party's share to
+    log.info("party %d sealed key fingerprint (publish it for PRIVFACE_SDK_SEALED_KEY_PINS): %s", settings.rank,
+             sealed_key.fingerprint)
     sealed = SealedInputs(settings.rank, sealed_key, settings.sealed_model_dir)
     desk = MatchDesk(settings, engine, oplog, thresholds, MatchAudit(oplog.sessions, settings.rank), metrics,
                      sealed)
