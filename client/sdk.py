@@ -125,18 +125,19 @@ class PrivfaceClient:
     def enroll_features(self, subject_id: str, features: FeaturePayload) -> dict[str, Any]:
         path = f"/v1/subjects/{quote(subject_id, safe='')}/enrollments"
         if self.mode == "sealed":
-            return dict(self._sealed_request(f"/v1/sealed{path[3:]}", {}, features))
+            return dict(self._sealed_request(f"/v1/sealed{path[3:]}", {}, features, "enroll"))
         enrollment: dict[str, Any] = self._request("POST", path, {"features": features})
         return enrollment
 
     def verify_features(self, subject_id: str, features: FeaturePayload) -> bool:
         if self.mode == "sealed":
-            return bool(self._sealed_request("/v1/sealed/verify", {"subject_id": subject_id}, features)["match"])
+            sealed = self._sealed_request("/v1/sealed/verify", {"subject_id": subject_id}, features, "verify")
+            return bool(sealed["match"])
         return bool(self._request("POST", "/v1/verify", {"subject_id": subject_id, "features": features})["match"])
 
     def identify_features(self, features: FeaturePayload) -> str | None:
         if self.mode == "sealed":
-            result = self._sealed_request("/v1/sealed/identify", {}, features)
+            result = self._sealed_request("/v1/sealed/identify", {}, features, "identify")
         else:
             result = self._request("POST", "/v1/identify", {"features": features})
         return result["subject_id"] if result["match"] else None
@@ -167,11 +168,11 @@ class PrivfaceClient:
                 raise PrivfaceError(f"sealed mode refused: {exc}") from exc
         return self._keys
 
-    def _sealed_request(self, path: str, fields: dict[str, Any], features: FeaturePayload) -> Any:
+    def _sealed_request(self, path: str, fields: dict[str, Any], features: FeaturePayload, operation: str) -> Any:
         """Seal the features to the pinned keys and send. A retry (503) seals fresh shares of the same features
         to the same pinned keys; a refused envelope (422) is raised, never re-sealed to other keys."""
         def body() -> dict[str, Any]:
-            return {**fields, "sealed": sealed_payload(dict(features), self._party_keys())}
+            return {**fields, "sealed": sealed_payload(dict(features), self._party_keys(), operation)}
 
         return self._request("POST", path, body(), remake=lambda _: body())
 

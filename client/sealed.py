@@ -18,7 +18,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import os
+from datetime import datetime, timezone
 from typing import Any, TypedDict
 
 import numpy as np
@@ -54,9 +56,12 @@ def key_id(public_key: bytes) -> str:
 
 
 def associated_data(party: int, kid: str, context: dict[str, Any]) -> bytes:
-    """What the ciphertext is bound to: the party, its key, and the request (transform, shape, nonce)."""
+    """What the ciphertext is bound to: the party, its key, and the request (transform, shape, nonce, the operation
+    enroll/verify/identify and created_at in Unix seconds), so a party can refuse a replay, a stale envelope, or
+    an enrollment resent as a probe (secure/party/nonces.py)."""
     fields = {"party": int(party), "key_id": kid, "transform_id": str(context["transform_id"]),
-              "shape": [int(v) for v in context["shape"]], "nonce": str(context["nonce"])}
+              "shape": [int(v) for v in context["shape"]], "nonce": str(context["nonce"]),
+              "operation": str(context["operation"]), "created_at": int(context["created_at"])}
     return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -141,13 +146,26 @@ def pinned_keys(entries: list[dict[str, Any]], pins: dict[int, str]) -> dict[int
     return keys
 
 
-def sealed_payload(payload: dict[str, Any], party_keys: dict[int, str]) -> dict[str, Any]:
+OPERATIONS = ("enroll", "verify", "identify")
+
+
+def unix_seconds(created_at: str) -> int:
+    """A payload's ISO 8601 ``created_at`` as whole Unix seconds (floor): the form bound into the envelope, which
+    the gateway, having parsed the same string, relays to the parties unchanged."""
+    when = datetime.fromisoformat(created_at.replace("Z", "+00:00"))
+    return math.floor((when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp())
+
+
+def sealed_payload(payload: dict[str, Any], party_keys: dict[int, str], operation: str) -> dict[str, Any]:
     """A gateway-mode feature payload (``client.features``) as sealed mode's: the same noised features (decoded from
     their float16 encoding, so both modes embed identical values), split and sealed under a fresh nonce; the
     header (transform, shape, ε, time) is copied, the features themselves never leave in the clear."""
     shape = [int(v) for v in payload["shape"]]
     features = np.frombuffer(base64.b64decode(payload["data"]), dtype="<f2").astype(np.float64).reshape(shape)
-    context = {"transform_id": payload["transform_id"], "shape": shape, "nonce": os.urandom(16).hex()}
+    if operation not in OPERATIONS:
+        raise ValueError(f"operation must be one of {OPERATIONS}")
+    context = {"transform_id": payload["transform_id"], "shape": shape, "nonce": os.urandom(16).hex(),
+               "operation": operation, "created_at": unix_seconds(str(payload["created_at"]))}
     return {"transform_id": payload["transform_id"], "params_hash": payload["params_hash"], "shape": shape,
             "epsilon": payload["epsilon"], "nonce": context["nonce"], "created_at": payload["created_at"],
             "envelopes": seal_features(features, party_keys, context)}

@@ -80,7 +80,8 @@ class PartyKey:
 def associated_data(party: int, kid: str, context: dict[str, Any]) -> bytes:
     """Identical to ``client.sealed.associated_data`` (checked by tests/test_sealed_box.py)."""
     fields = {"party": int(party), "key_id": kid, "transform_id": str(context["transform_id"]),
-              "shape": [int(v) for v in context["shape"]], "nonce": str(context["nonce"])}
+              "shape": [int(v) for v in context["shape"]], "nonce": str(context["nonce"]),
+              "operation": str(context["operation"]), "created_at": int(context["created_at"])}
     return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,13 @@ import torch
 
 from client.features import decode_features, encode_features
 from client.sdk import PrivfaceClient
-from client.sealed import encode_fixed, seal_share, split_shares
+from client.sealed import encode_fixed, seal_share, split_shares, unix_seconds
 from common.paths import PROJECT_ROOT
 from devtools.localstack import NO_ABUSE_LIMITS, LocalStack
 from inference.lfw import images_outside_pairs, lfw_dir, load_many
 from inference.transform import OsNoise, TransformSpec
 from secure import sealed_box
+from app.services.templates import gallery_name
 from secure.party.sealed import load_sealed_model
 from tests.test_gateway_api import auth
 from tests.test_sealed_mpc import run_folded
@@ -145,39 +147,64 @@ def test_sealed_enroll_then_verify_gives_the_twins_decision(stack: Any) -> None:
     assert len({line.rsplit(": ", 1)[-1].rsplit(",", 1)[0] for line in jobs}) == 1, jobs  # same rounds and bytes
 
 
-def test_the_gateway_stores_and_logs_no_feature_or_share(stack: Any) -> None:
-    set_mode(stack, "sealed")
-    spec = sealed_spec()
-    _, images = faces(2)
+def own_sealed_body(stack: Any, spec: TransformSpec, image: np.ndarray, operation: str
+                    ) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """A sealed payload built here (so the test knows its secrets): the body and {name: secret bytes}."""
     keys = {k["rank"]: k["public_key"] for k in httpx.get(stack.url + "/v1/sealed/keys", headers=auth(stack.admin),
                                                             timeout=30).json()}
-    payload = encode_features(spec.apply(images[0], OsNoise()).astype(np.float16), spec)
+    payload = encode_features(spec.apply(image, OsNoise()).astype(np.float16), spec)
     features = decode_features(payload).astype(np.float64)
     fixed = encode_fixed(features)
     shares = split_shares(fixed)
-    nonce = "ab" * 16
-    context = {"transform_id": spec.transform_id, "shape": list(spec.shape), "nonce": nonce}
+    nonce = os.urandom(16).hex()
+    context = {"transform_id": spec.transform_id, "shape": list(spec.shape), "nonce": nonce, "operation": operation,
+               "created_at": unix_seconds(payload["created_at"])}
     body = {"transform_id": spec.transform_id, "params_hash": spec.params_hash, "shape": list(spec.shape),
             "epsilon": payload["epsilon"], "nonce": nonce, "created_at": payload["created_at"],
             "envelopes": [seal_share(shares[r], r, keys[r], context) for r in (0, 1)]}
-    subject = httpx.post(stack.url + "/v1/subjects", json={}, headers=auth(stack.admin)).json()["id"]
-    response = httpx.post(f"{stack.url}/v1/sealed/subjects/{subject}/enrollments", json={"sealed": body},
-                          headers=auth(stack.admin), timeout=120)
-    assert response.status_code == 201, response.text
     secrets = {"share 0": shares[0].tobytes(), "share 1": shares[1].tobytes(), "fixed-point features": fixed.tobytes(),
                "float16 features": base64.b64decode(payload["data"]), "float32 features": features.astype("<f4").tobytes(),
                "float64 features": features.tobytes()}
+    return body, secrets
+
+
+def probes(raw: bytes) -> list[bytes]:
+    """48-byte windows of a secret at its start and middle, raw and base64 at each of the three alignments a
+    base64 encoder could have met them in (any of these in storage would be a leak)."""
+    found = []
+    for start in (0, len(raw) // 2):
+        for shift in range(3):
+            window = raw[start + shift: start + shift + 48]
+            found += [window, base64.b64encode(window)[:60]]
+    return found
+
+
+def test_the_gateway_stores_and_logs_no_feature_or_share(stack: Any) -> None:
+    """After a sealed enrollment, verify and identify (this stack's gateway stores in SQLite and uses no Redis:
+    its database files and its log are everything it keeps)."""
+    set_mode(stack, "sealed")
+    spec = sealed_spec()
+    _, images = faces(2)
+    subject = httpx.post(stack.url + "/v1/subjects", json={}, headers=auth(stack.admin)).json()["id"]
+    secrets: dict[str, bytes] = {}
+    calls = [("enroll", f"/v1/sealed/subjects/{subject}/enrollments", {}, 201, images[0]),
+             ("verify", "/v1/sealed/verify", {"subject_id": subject}, 200, images[1]),
+             ("identify", "/v1/sealed/identify", {}, 200, images[1])]
+    for operation, path, fields, expected, image in calls:
+        body, found = own_sealed_body(stack, spec, image, operation)
+        response = httpx.post(stack.url + path, json={**fields, "sealed": body}, headers=auth(stack.admin),
+                              timeout=120)
+        assert response.status_code == expected, (operation, response.text)
+        secrets.update({f"{operation}: {name}": raw for name, raw in found.items()})
     stored = Path(stack.local.gateway_db.removeprefix("sqlite:///"))
     log = stack.local.workdir / "gateway.log"
     files = [p for p in stored.parent.glob(stored.name + "*")] + [log]
     assert stored.exists() and log.exists()
-    for path in files:
-        data = path.read_bytes()
-        for name, raw in secrets.items():
-            for chunk in (raw[:48], raw[len(raw) // 2: len(raw) // 2 + 48]):  # any 48 bytes would be a leak
-                assert chunk not in data, f"{name} in {path.name}"
-                assert base64.b64encode(chunk)[:40] not in data, f"{name} (base64) in {path.name}"
-    assert payload["data"][:40].encode() not in b"".join(p.read_bytes() for p in files)
+    kept = {path.name: path.read_bytes() for path in files}
+    for name, raw in secrets.items():
+        for probe in probes(raw):
+            for where, data in kept.items():
+                assert probe not in data, f"{name} in {where}"
 
 
 def test_a_payload_of_the_other_mode_is_refused_and_changes_nothing(stack: Any) -> None:
@@ -215,7 +242,8 @@ def sealed_body_for(stack: Any, spec: TransformSpec, image: np.ndarray) -> dict[
 
     keys = pinned_keys(httpx.get(stack.url + "/v1/sealed/keys", headers=auth(stack.admin), timeout=30).json(),
                        parse_pins(stack.local.sealed_pins))
-    return sealed_payload(dict(encode_features(spec.apply(image, OsNoise()).astype(np.float16), spec)), keys)
+    return sealed_payload(dict(encode_features(spec.apply(image, OsNoise()).astype(np.float16), spec)), keys,
+                          "enroll")
 
 
 def test_bad_envelopes_are_refused_with_a_problem_and_change_nothing(stack: Any) -> None:
@@ -288,3 +316,58 @@ def test_sealed_identify_names_the_enrolled_subject_and_no_one_else(stack: Any) 
         found = client.identify_features(stranger)
         if abs(best - threshold) > TIE:
             assert (found is not None) == (best >= threshold), (found, best, threshold)
+
+
+def party_call(stack: Any, rank: int, path: str, body: dict[str, Any]) -> httpx.Response:
+    """A call straight to a party with its link token: what a gateway (or a holder of its token) can send."""
+    return httpx.post(f"http://127.0.0.1:{stack.local.party_ports[rank]}{path}", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {stack.local.tokens[rank]}"})
+
+
+def party_states(stack: Any) -> list[tuple[int, list[int], int]]:
+    states = []
+    for rank in (0, 1):
+        response = httpx.get(f"http://127.0.0.1:{stack.local.party_ports[rank]}/internal/state", timeout=30,
+                             headers={"Authorization": f"Bearer {stack.local.tokens[rank]}"})
+        state = response.json()
+        states.append((int(state["committed_count"]), list(state["pending"]), int(state["jobs_run"])))
+    return states
+
+
+def test_a_replayed_sealed_payload_is_refused_by_both_parties_and_nothing_is_stored(stack: Any) -> None:
+    """Review finding 3: the gateway relays each party's SealedIn; resent straight to the parties (as a gateway
+    that replays would), an enrollment's or a probe's envelopes are refused by both parties, before any MPC job,
+    and nothing is prepared or stored. The rotation sent here is the identity (orthogonal: accepted)."""
+    set_mode(stack, "sealed")
+    spec = sealed_spec()
+    _, images = faces(2)
+    subject = httpx.post(stack.url + "/v1/subjects", json={}, headers=auth(stack.admin)).json()["id"]
+    relayed = {}
+    for operation, path, fields, expected, image in (
+            ("enroll", f"/v1/sealed/subjects/{subject}/enrollments", {}, 201, images[0]),
+            ("verify", "/v1/sealed/verify", {"subject_id": subject}, 200, images[1])):
+        body, _ = own_sealed_body(stack, spec, image, operation)
+        response = httpx.post(stack.url + path, json={**fields, "sealed": body}, headers=auth(stack.admin),
+                              timeout=120)
+        assert response.status_code == expected, (operation, response.text)
+        again = httpx.post(stack.url + path, json={**fields, "sealed": body}, headers=auth(stack.admin), timeout=120)
+        assert again.status_code == 409, again.text  # the gateway's own nonce check
+        dim = int(load_sealed_model(MODEL_DIR, VERSION).dim)
+        eye = base64.b64encode(np.eye(dim).astype("<f8").tobytes()).decode()
+        relayed[operation] = [{"model": VERSION, "transform_id": body["transform_id"], "shape": body["shape"],
+                               "nonce": body["nonce"], "operation": operation,
+                               "created_at": unix_seconds(body["created_at"]), "envelope": body["envelopes"][rank],
+                               "rotation": eye} for rank in (0, 1)]
+    before = (enrollments(stack, subject), party_states(stack))
+    for operation, parts in relayed.items():
+        for rank in (0, 1):
+            response = party_call(stack, rank, "/internal/sealed/check", parts[rank])
+            assert response.status_code == 409, (operation, rank, response.text)
+            assert response.json()["type"].endswith("/sealed-replay"), response.text
+    gallery = gallery_name(VERSION, "acme", 1)
+    for rank in (0, 1):  # the enrollment's envelopes resent as a new enrollment
+        prepare = {"seq": 10**9, "gallery": gallery, "template_seq": 10**9, "job_id": "f" * 32,
+                   "sealed": relayed["enroll"][rank], "timeout_s": 5}
+        response = party_call(stack, rank, "/internal/sealed/prepare", prepare)
+        assert response.status_code == 409 and response.json()["type"].endswith("/sealed-replay"), response.text
+    assert (enrollments(stack, subject), party_states(stack)) == before  # no MPC job ran, nothing prepared

@@ -30,6 +30,7 @@ from secure.party.deployment import check_deployment, uvicorn_options
 from secure.party.gallery import Gallery
 from secure.party.matching import MatchDesk, MatchEngine, op_problem
 from secure.party.metrics import PartyMetrics
+from secure.party.nonces import NonceStore
 from secure.party.oplog import OpError, OpLog, OpSpec
 from secure.party.sealed import SealedInputs, sealed_routes
 from secure.party.settings import PartySettings
@@ -170,7 +171,8 @@ def create_party_app(settings: PartySettings, engine: MatchEngine, *, oplog: OpL
     sealed_key = party_key_from_env()  # sealed mode (issue 12): the key the SDK seals this party's share to
     log.info("party %d sealed key fingerprint (publish it for PRIVFACE_SDK_SEALED_KEY_PINS): %s", settings.rank,
              sealed_key.fingerprint)
-    sealed = SealedInputs(settings.rank, sealed_key, settings.sealed_model_dir)
+    sealed = SealedInputs(settings.rank, sealed_key, settings.sealed_model_dir,
+                          NonceStore(oplog.sessions, settings.sealed_replay_window_s))
     desk = MatchDesk(settings, engine, oplog, thresholds, MatchAudit(oplog.sessions, settings.rank), metrics,
                      sealed)
     require_token = _token_check(settings)
