@@ -76,7 +76,8 @@ def nonce_store(tmp_path, window_s: float = 900.0):
     return NonceStore(sessionmaker(make_party_engine(url), expire_on_commit=False), window_s)
 
 
-def sealed_inputs_case(tmp_path, operation: str = "verify", created_at: int | None = None):
+def sealed_inputs_case(tmp_path, operation: str = "verify", created_at: int | None = None, nonce: str = "0f" * 16,
+                       rank: int = 0, keys=None):
     """A party's SealedInputs over the bundled sealed-v1, and a builder of SealedIn bodies for one sealed payload."""
     import base64
     import time
@@ -86,20 +87,20 @@ def sealed_inputs_case(tmp_path, operation: str = "verify", created_at: int | No
     from secure.party.sealed import SealedInputs
     from secure.sealed_box import PartyKey
 
-    keys = [PartyKey.generate(), PartyKey.generate()]
+    keys = keys or [PartyKey.generate(), PartyKey.generate()]
     root = PROJECT_ROOT / "inference" / "bundled"
     model = load_sealed_model(root, "sealed-v1")
     stamp = int(time.time()) if created_at is None else created_at
-    context = {"transform_id": model.transform_id, "shape": list(model.shape), "nonce": "0f" * 16,
+    context = {"transform_id": model.transform_id, "shape": list(model.shape), "nonce": nonce,
                "operation": operation, "created_at": stamp}
     envelopes = seal_features(np.zeros(model.shape), {r: keys[r].public_b64 for r in (0, 1)}, context)
 
     def body(rank: int, rotation: np.ndarray, version: str = "sealed-v1") -> SealedIn:
-        return SealedIn(model=version, transform_id=model.transform_id, shape=list(model.shape), nonce="0f" * 16,
+        return SealedIn(model=version, transform_id=model.transform_id, shape=list(model.shape), nonce=nonce,
                         operation=operation, created_at=stamp, envelope=SealedEnvelope(**envelopes[rank]),
                         rotation=base64.b64encode(rotation.astype("<f8").tobytes()).decode())
 
-    return SealedInputs(0, keys[0], root, nonce_store(tmp_path)), body, np.eye(model.dim)
+    return SealedInputs(rank, keys[rank], root, nonce_store(tmp_path)), body, np.eye(model.dim)
 
 
 def test_a_party_blames_the_caller_only_for_an_envelope_it_cannot_open(tmp_path):
@@ -159,3 +160,47 @@ def test_the_gateway_blames_the_caller_only_for_a_sealed_envelope_refusal():
     for status, slug in ((422, "validation-error"), (409, "sealed-replay"), (409, "sealed-stale")):
         other = PartiesError("refused", status=status, problems=[{"type": base + slug}, {"type": base + slug}])
         assert party_refusal(other, sealed=True).status == 503, slug
+
+
+def test_the_parties_job_digest_names_the_request_and_the_whole_model(tmp_path):
+    """Review findings 4 and 5: both parties derive the same digest for one request; envelopes of two requests
+    (another nonce) give different digests, so the peers refuse to start a job on mixed envelopes; and a
+    sealed.json that differs in its layer list (same layers.npz) is another model."""
+    import shutil
+
+    from secure.party.sealed import SealedInputs
+    from secure.sealed_box import PartyKey
+
+    keys = [PartyKey.generate(), PartyKey.generate()]
+    mine, body, eye = sealed_inputs_case(tmp_path / "p0", keys=keys)
+    peer, _, _ = sealed_inputs_case(tmp_path / "p1", keys=keys, rank=1)
+    other, other_body, _ = sealed_inputs_case(tmp_path / "p2", keys=keys, nonce="1e" * 16)
+    first = mine.query(body(0, eye)).digest
+    assert peer.query(body(1, eye)).digest == first
+    assert other.query(other_body(0, eye)).digest != first
+    copied = tmp_path / "models"
+    shutil.copytree(PROJECT_ROOT / "inference" / "bundled" / "sealed-v1", copied / "sealed-v1")
+    meta_path = copied / "sealed-v1" / SEALED_FILE
+    meta = json.loads(meta_path.read_text())
+    act = next(layer for layer in meta["layers"] if layer["op"] == "act")
+    act["kind"] = "relu" if act["kind"] == "quad" else "quad"  # another network on the same weights
+    meta_path.write_text(json.dumps(meta))
+    bundled = load_sealed_model(PROJECT_ROOT / "inference" / "bundled", "sealed-v1")
+    assert load_sealed_model(copied, "sealed-v1").digest != bundled.digest
+    changed = SealedInputs(0, keys[0], copied, mine.nonces)
+    assert changed.query(body(0, eye)).digest != first
+
+
+def test_the_sealed_model_version_is_a_plain_folder_name():
+    """Review finding 6: the version names a folder under the model directory; '.' or '..' never reaches it."""
+    from pydantic import ValidationError
+
+    from secure.party.api import SealedIn
+
+    fields = {"transform_id": "t", "shape": [1, 2, 3], "nonce": "0f" * 16, "operation": "verify", "created_at": 1,
+              "envelope": {"scheme": "s", "party": 0, "key_id": "0" * 16, "epk": "", "nonce": "", "ciphertext": ""},
+              "rotation": ""}
+    assert SealedIn(model="sealed-v1", **fields).model == "sealed-v1"
+    for bad in ("..", ".", "sealed-v1/..", "../sealed-v1", "v1", "sealed-v"):
+        with pytest.raises(ValidationError):
+            SealedIn(model=bad, **fields)

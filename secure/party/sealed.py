@@ -10,8 +10,10 @@ student, the unit embedding and the tenant's rotation (``secure/mpc/protocols/se
   recorded one and only the decision is opened.
 
 The models are read from ``PRIVFACE_PARTY_SEALED_MODEL_DIR`` (``<version>/sealed.json`` + ``layers.npz``, written
-by ``inference/sealed_export.py``); the layers' sha256 is checked, and it names the model in the job digest both
-parties compare before an MPC job starts.
+by ``inference/sealed_export.py``); the layers' sha256 is checked, and the hash of sealed.json (layer list, norm
+scale, shape, transform) with the layers names the model in the job digest both parties compare before an MPC job
+starts, together with the rotation and the request (nonce, transform, shape, operation): two parties whose files
+differ, or fed envelopes of two different requests, do not start the job.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ class SealedModel:
     dim: int
     shape: tuple[int, ...]
     transform_id: str
-    digest: str  # sha256 of layers.npz
+    digest: str  # sha256 of the canonical sealed.json and of layers.npz: the whole model, as both parties run it
 
 
 def load_sealed_model(root: Path, version: str) -> SealedModel:
@@ -65,6 +67,8 @@ def load_sealed_model(root: Path, version: str) -> SealedModel:
     digest = hashlib.sha256(raw).hexdigest()
     if digest != meta["layers_sha256"]:
         raise ValueError(f"sealed model {version}: layers.npz does not match its recorded sha256")
+    canonical = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    whole = hashlib.sha256(b"privface sealed model v1|" + canonical + b"|" + digest.encode()).hexdigest()
     arrays = np.load(io.BytesIO(raw))
     layers = []
     for i, entry in enumerate(meta["layers"]):
@@ -74,7 +78,7 @@ def load_sealed_model(root: Path, version: str) -> SealedModel:
     check_layers(layers)
     return SealedModel(version=version, layers=layers, norm_hint=float(meta["norm_hint"]),
                        dim=int(meta["embedding_dim"]), shape=tuple(int(v) for v in meta["shape"]),
-                       transform_id=str(meta["transform_id"]), digest=digest)
+                       transform_id=str(meta["transform_id"]), digest=whole)
 
 
 def _refused(slug: str, detail: str) -> PartyProblem:
@@ -131,7 +135,9 @@ class SealedInputs:
         if self.nonces.seen(body.nonce):
             raise _replayed("sealed-replay", "this sealed payload's nonce was already used")
         rotation = self._rotation(body.rotation, model.dim)
-        name = hashlib.sha256(model.digest.encode() + rotation.tobytes() + repr(model.norm_hint).encode())
+        request = json.dumps({"nonce": body.nonce, "transform_id": body.transform_id, "shape": list(body.shape),
+                              "operation": body.operation}, sort_keys=True).encode()
+        name = hashlib.sha256(model.digest.encode() + rotation.tobytes() + repr(model.norm_hint).encode() + request)
         return SealedQuery(features=share[None], layers=model.layers, norm_hint=model.norm_hint, rotation=rotation,
                            digest=name.hexdigest())
 
