@@ -11,6 +11,7 @@ import base64
 import copy
 import json
 import os
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,16 @@ def test_sealed_enroll_then_verify_gives_the_twins_decision(stack: Any) -> None:
     assert traffic[1] == traffic[2] and traffic[1][0], traffic  # the same calls and sizes, match or not
     jobs = [line for line in stack.local.log("party0").splitlines() if "(verify, 1 rows)" in line][-3:]
     assert len({line.rsplit(": ", 1)[-1].rsplit(",", 1)[0] for line in jobs}) == 1, jobs  # same rounds and bytes
+    # the threshold those decisions used: the one both parties recorded for the tenant's sealed gallery, which is
+    # sealed.json's (review finding 8b: a match at ~1.0 and a stranger far below cannot tell thresholds apart)
+    gallery = gallery_name(VERSION, "acme", 1)
+    for rank in (0, 1):
+        path = stack.local.party_dbs[rank].removeprefix("sqlite:///")
+        with sqlite3.connect(path) as db:
+            recorded = db.execute("SELECT threshold FROM galleries WHERE model_version = ?", (gallery,)).fetchall()
+        assert recorded == [(threshold,)], (rank, recorded, threshold)
+        moved = party_call(stack, rank, "/internal/galleries", {"gallery": gallery, "threshold": threshold - 0.1})
+        assert moved.status_code == 409 and moved.json()["type"].endswith("/threshold-fixed"), moved.text
 
 
 def own_sealed_body(stack: Any, spec: TransformSpec, image: np.ndarray, operation: str
