@@ -111,6 +111,11 @@ def enrollments(stack: Any, subject: str) -> list[dict[str, Any]]:
     return result
 
 
+def mpc_jobs(stack: Any) -> list[int]:
+    """How many MPC jobs each party has run so far (one engine log line per job, embed jobs included)."""
+    return [stack.local.log(f"party{rank}").count("mpc job ") for rank in (0, 1)]
+
+
 def party_committed(stack: Any) -> list[int]:
     states = httpx.get(stack.url + "/readyz", timeout=30).json()["checks"]["parties"]["states"]
     return [int(s["committed_count"]) for s in states]
@@ -264,6 +269,7 @@ def test_bad_envelopes_are_refused_with_a_problem_and_change_nothing(stack: Any)
     subject = httpx.post(stack.url + "/v1/subjects", json={}, headers=auth(stack.admin)).json()["id"]
     good = sealed_body_for(stack, spec, images[0])
     before = (enrollments(stack, subject), party_committed(stack))
+    jobs_before = mpc_jobs(stack)
 
     def tampered(rank: int) -> dict[str, Any]:
         body = sealed_body_for(stack, spec, images[1])  # a fresh, valid payload (its own nonce)...
@@ -284,6 +290,23 @@ def test_bad_envelopes_are_refused_with_a_problem_and_change_nothing(stack: Any)
         assert response.headers["content-type"].startswith("application/problem+json")
         assert response.json()["type"].endswith(slug), (name, response.text)
         assert (enrollments(stack, subject), party_committed(stack)) == before, name
+        assert mpc_jobs(stack) == jobs_before, name  # refused before any MPC job started at either party
+    # the gateway's addressee check aside: each party itself refuses an envelope sealed to its peer (422
+    # sealed-envelope), the same envelope given to both, or its own with the peer's key id
+    dim = int(load_sealed_model(MODEL_DIR, VERSION).dim)
+    eye = base64.b64encode(np.eye(dim).astype("<f8").tobytes()).decode()
+    fresh = sealed_body_for(stack, spec, images[1])
+    part = {"model": VERSION, "transform_id": fresh["transform_id"], "shape": fresh["shape"], "nonce": fresh["nonce"],
+            "operation": "enroll", "created_at": unix_seconds(fresh["created_at"]), "rotation": eye}
+    relabelled = {**fresh["envelopes"][0], "key_id": fresh["envelopes"][1]["key_id"]}
+    for rank, envelope in ((0, fresh["envelopes"][1]), (1, fresh["envelopes"][0]), (1, relabelled)):
+        response = party_call(stack, rank, "/internal/sealed/check", {**part, "envelope": envelope})
+        assert response.status_code == 422 and response.json()["type"].endswith("/sealed-envelope"), response.text
+    assert mpc_jobs(stack) == jobs_before
+    response = httpx.post(f"{stack.url}/v1/sealed/subjects/{subject}/enrollments", json={"sealed": good},
+                          headers=auth(stack.admin), timeout=120)
+    assert response.status_code == 201, response.text
+    assert all(after > was for after, was in zip(mpc_jobs(stack), jobs_before))  # the count above counts jobs
 
 
 def test_the_cli_seals_by_itself_when_the_tenant_is_sealed(stack: Any, capsys: pytest.CaptureFixture[str]) -> None:
