@@ -323,6 +323,8 @@ def test_the_cli_seals_by_itself_when_the_tenant_is_sealed(stack: Any, capsys: p
     assert len(err) == 1 and "pinned fingerprint" in err[0], err
     assert enrollments(stack, subject) == []  # nothing was sealed to the wrong keys, nothing stored
     flags += ["--sealed-pins", stack.local.sealed_pins]
+    for rank in (0, 1):  # what the operator publishes: each party logs its fingerprint at start
+        assert stack.local.sealed_keys[rank].fingerprint in stack.local.log(f"party{rank}")
     assert main(["--url", stack.url, "enroll", *flags, subject, str(FACES / "James_Caan_0001.jpg")]) == 0
     enrolled = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert enrolled["model_version"] == VERSION  # stored through the sealed route: the parties computed it

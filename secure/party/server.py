@@ -169,8 +169,6 @@ def create_party_app(settings: PartySettings, engine: MatchEngine, *, oplog: OpL
     thresholds = Thresholds(oplog.sessions)
     metrics = PartyMetrics()
     sealed_key = party_key_from_env()  # sealed mode (issue 12): the key the SDK seals this party's share to
-    log.info("party %d sealed key fingerprint (publish it for PRIVFACE_SDK_SEALED_KEY_PINS): %s", settings.rank,
-             sealed_key.fingerprint)
     sealed = SealedInputs(settings.rank, sealed_key, settings.sealed_model_dir,
                           NonceStore(oplog.sessions, settings.sealed_replay_window_s))
     desk = MatchDesk(settings, engine, oplog, thresholds, MatchAudit(oplog.sessions, settings.rank), metrics,
@@ -243,6 +241,9 @@ def run_party(settings: PartySettings | None = None) -> None:
     try:
         migrate_party_db(settings.resolved_database_url())
         app = create_party_app(settings, engine)
+        # printed, not logged: uvicorn configures logging only below; the operator publishes this line's value
+        print(f"party {settings.rank} sealed key fingerprint (for PRIVFACE_SDK_SEALED_KEY_PINS): "
+              f"{app.state.sealed_key.fingerprint}", flush=True)
         uvicorn.run(app, host=settings.host, port=settings.resolved_port(), log_level=settings.log_level,
                     log_config=logging_config(), **uvicorn_options(settings))
     finally:
