@@ -58,7 +58,8 @@ def set_mode(stack: LocalStack, key: str, mode: str) -> TransformSpec:
 def run_mode(stack: LocalStack, key: str, mode: str, left: np.ndarray, right: np.ndarray) -> dict[str, Any]:
     """Enroll ``left``, verify ``right`` in ``mode``; wall times and the job ids' party counters."""
     spec = set_mode(stack, key, mode)
-    with PrivfaceClient(stack.url, key, timeout=300, retries=0) as client:
+    with PrivfaceClient(stack.url, key, timeout=300, retries=0, sealed_pins=stack.sealed_pins,
+                        require_sealed=mode == "sealed") as client:
         subject = client.create_subject()["id"]
         enrolled = encode_features(spec.apply(left, OsNoise()), spec)
         probe = encode_features(spec.apply(right, OsNoise()), spec)

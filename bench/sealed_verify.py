@@ -85,11 +85,12 @@ def sdk_requests(work: Path, features: np.ndarray, pairs: list[Any], index: dict
         wait_for(work / f"pub{role}.txt")
     keys = {role: (work / f"pub{role}.txt").read_text() for role in (0, 1)}
 
-    def request(path: str) -> dict[str, Any]:
-        context = {"transform_id": spec_id, "shape": list(features.shape[1:]), "nonce": os.urandom(16).hex()}
+    def request(path: str, operation: str) -> dict[str, Any]:
+        context = {"transform_id": spec_id, "shape": list(features.shape[1:]), "nonce": os.urandom(16).hex(),
+                   "operation": operation, "created_at": int(time.time())}
         return {"context": context, "envelopes": seal_features(features[index[path]], keys, context)}
 
-    body = {"enroll": [request(p.left) for p in pairs], "verify": [request(p.right) for p in pairs]}
+    body = {"enroll": [request(p.left, "enroll") for p in pairs], "verify": [request(p.right, "verify") for p in pairs]}
     (work / "requests.tmp").write_text(json.dumps(body))
     (work / "requests.tmp").rename(work / "requests.json")
 

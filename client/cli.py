@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="seconds per request (10)")
     common.add_argument("--max-epsilon", type=float, default=argparse.SUPPRESS,
                         help="refuse to send features whose per-image privacy budget exceeds this")
+    common.add_argument("--sealed-pins", default=argparse.SUPPRESS,
+                        help="sealed mode: the parties' key fingerprints '<party 0>,<party 1>' from the operator "
+                             "(env PRIVFACE_SDK_SEALED_KEY_PINS)")
+    common.add_argument("--require-sealed", action="store_true", default=argparse.SUPPRESS,
+                        help="refuse to send features in the clear if the gateway is not in sealed mode")
     parser = _Parser(prog="privface client", parents=[common], description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -104,7 +109,9 @@ def _client(args: argparse.Namespace) -> PrivfaceClient:
     if not api_key:
         raise UsageError("no API key: pass --api-key or set PRIVFACE_API_KEY")
     return PrivfaceClient(url, api_key, timeout=getattr(args, "timeout", 10.0),
-                          max_epsilon=getattr(args, "max_epsilon", None))
+                          max_epsilon=getattr(args, "max_epsilon", None),
+                          sealed_pins=getattr(args, "sealed_pins", None),
+                          require_sealed=getattr(args, "require_sealed", False))
 
 
 def _run(client: PrivfaceClient, args: argparse.Namespace) -> Iterator[dict[str, Any]]:

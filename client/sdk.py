@@ -7,6 +7,7 @@ once, because the request may already have taken effect (e.g. an enrollment).
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +22,8 @@ from client.detect import DEFAULT_FACE_POLICY, FaceDetector, FacePolicy
 from client.errors import (InvalidRequestError, PrivacyBudgetError, PrivfaceError, ServiceUnavailableError,
                            error_for)
 from client.features import FeaturePayload, Photo, extract_features, with_fresh_nonce
-from client.sealed import pinned_keys, sealed_payload
+from client.environment import SEALED_PINS_ENV
+from client.sealed import parse_pins, pinned_keys, sealed_payload
 from inference.transform import TransformSpec
 
 T = TypeVar("T")
@@ -33,9 +35,13 @@ class PrivfaceClient:
 
     def __init__(self, base_url: str, api_key: str, timeout: float = 10.0, retries: int = 3,
                  transform: TransformSpec | None = None, *, backoff_s: float = 0.5,
-                 max_epsilon: float | None = None) -> None:
+                 max_epsilon: float | None = None, sealed_pins: str | None = None,
+                 require_sealed: bool = False) -> None:
         """max_epsilon: the most per-image ε the app accepts. The gateway chooses the transform, so without
         this cap a misconfigured gateway could ask for weakly noised (or clean) features; None accepts any.
+        sealed_pins: the parties' key fingerprints, ``"<party 0>,<party 1>"``, from the operator, not from the
+        gateway (default: $PRIVFACE_SDK_SEALED_KEY_PINS); sealed mode refuses to seal without them or to a key
+        that differs. require_sealed: refuse to send features in the clear when the gateway says gateway mode.
         """
         self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout,
                                   headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"})
@@ -47,7 +53,9 @@ class PrivfaceClient:
         self._detector: FaceDetector | None = None
         self._lock = threading.Lock()
         self._mode: str | None = None  # the tenant's mode, from GET /v1/transforms
-        self._keys: dict[int, str] | None = None  # sealed mode: the parties' pinned keys
+        self._keys: dict[int, str] | None = None  # sealed mode: the parties' keys, checked against the pins
+        self._pins = sealed_pins if sealed_pins is not None else os.environ.get(SEALED_PINS_ENV)
+        self._require_sealed = require_sealed
 
     def __enter__(self) -> "PrivfaceClient":
         return self
@@ -117,18 +125,19 @@ class PrivfaceClient:
     def enroll_features(self, subject_id: str, features: FeaturePayload) -> dict[str, Any]:
         path = f"/v1/subjects/{quote(subject_id, safe='')}/enrollments"
         if self.mode == "sealed":
-            return dict(self._sealed_request(f"/v1/sealed{path[3:]}", {}, features))
+            return dict(self._sealed_request(f"/v1/sealed{path[3:]}", {}, features, "enroll"))
         enrollment: dict[str, Any] = self._request("POST", path, {"features": features})
         return enrollment
 
     def verify_features(self, subject_id: str, features: FeaturePayload) -> bool:
         if self.mode == "sealed":
-            return bool(self._sealed_request("/v1/sealed/verify", {"subject_id": subject_id}, features)["match"])
+            sealed = self._sealed_request("/v1/sealed/verify", {"subject_id": subject_id}, features, "verify")
+            return bool(sealed["match"])
         return bool(self._request("POST", "/v1/verify", {"subject_id": subject_id, "features": features})["match"])
 
     def identify_features(self, features: FeaturePayload) -> str | None:
         if self.mode == "sealed":
-            result = self._sealed_request("/v1/sealed/identify", {}, features)
+            result = self._sealed_request("/v1/sealed/identify", {}, features, "identify")
         else:
             result = self._request("POST", "/v1/identify", {"features": features})
         return result["subject_id"] if result["match"] else None
@@ -137,33 +146,35 @@ class PrivfaceClient:
 
     @property
     def mode(self) -> str:
-        """The tenant's mode from ``GET /v1/transforms`` ('gateway' or 'sealed'), fetched once."""
+        """The tenant's mode from ``GET /v1/transforms`` ('gateway' or 'sealed'), fetched once; with
+        ``require_sealed`` anything but 'sealed' is refused, so a gateway cannot downgrade the client."""
         if self._mode is None:
             served = self.transforms()
             self._mode = str(served[0].get("mode", "gateway")) if served else "gateway"
+        if self._require_sealed and self._mode != "sealed":
+            raise PrivfaceError(f"the gateway serves mode {self._mode!r}; this client requires sealed mode and "
+                                "sends no features in the clear")
         return self._mode
 
-    def _party_keys(self, refresh: bool = False) -> dict[int, str]:
-        """Both parties' sealed keys, fetched once and pinned (``client.sealed.pinned_keys``)."""
-        if self._keys is None or refresh:
+    def _party_keys(self) -> dict[int, str]:
+        """Both parties' sealed keys, fetched once and accepted only if they match the pins (never refetched: a
+        second key set offered by the gateway would be no more trustworthy than the first)."""
+        if self._keys is None:
             try:
-                self._keys = pinned_keys(self._request("GET", "/v1/sealed/keys"))
+                if not self._pins:
+                    raise ValueError(f"no pinned key fingerprints: set {SEALED_PINS_ENV} or pass sealed_pins")
+                self._keys = pinned_keys(self._request("GET", "/v1/sealed/keys"), parse_pins(self._pins))
             except (ValueError, KeyError, TypeError) as exc:
-                raise PrivfaceError(f"the gateway's sealed keys are unusable: {exc}") from exc
+                raise PrivfaceError(f"sealed mode refused: {exc}") from exc
         return self._keys
 
-    def _sealed_request(self, path: str, fields: dict[str, Any], features: FeaturePayload) -> Any:
-        """Seal the features to the pinned keys and send; a party that refuses its envelope (its key changed) makes
-        the client refetch the keys and seal once more (the same noised features: no extra ε)."""
-        def body(refresh: bool = False) -> dict[str, Any]:
-            return {**fields, "sealed": sealed_payload(dict(features), self._party_keys(refresh))}
+    def _sealed_request(self, path: str, fields: dict[str, Any], features: FeaturePayload, operation: str) -> Any:
+        """Seal the features to the pinned keys and send. A retry (503) seals fresh shares of the same features
+        to the same pinned keys; a refused envelope (422) is raised, never re-sealed to other keys."""
+        def body() -> dict[str, Any]:
+            return {**fields, "sealed": sealed_payload(dict(features), self._party_keys(), operation)}
 
-        try:
-            return self._request("POST", path, body(), remake=lambda _: body())
-        except InvalidRequestError as exc:
-            if not str(exc.problem.get("type", "")).endswith("/sealed-input-refused"):
-                raise
-        return self._request("POST", path, body(refresh=True), remake=lambda _: body())
+        return self._request("POST", path, body(), remake=lambda _: body())
 
     # -- transform -----------------------------------------------------------------------------------
 

@@ -5,7 +5,9 @@ split as ``s0`` uniform from ``os.urandom`` and ``s1 = x - s0 mod 2^64``: either
 nothing about the face. Each share is encrypted to one party's X25519 public key (published through the gateway,
 ``GET /v1/sealed/keys``): a fresh ephemeral key per share and request, HKDF-SHA256 of the Diffie-Hellman secret,
 ChaCha20-Poly1305 with associated data that binds the party, its key id, the transform, the shape and the request
-nonce, so the gateway relays ciphertexts it can neither read nor swap between parties or requests.
+nonce, so the gateway relays ciphertexts it can neither read nor swap between parties or requests. The keys are
+accepted only if their fingerprints equal the ones pinned out of band (``pinned_keys``): the gateway relays them
+but must not be able to substitute its own.
 
 The party's side (``secure/sealed_box.py``) must derive the same key and associated data; this package may not
 import ``secure`` (tests/test_import_rules.py), so the format is written down twice and tests/test_sealed_box.py
@@ -16,7 +18,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import os
+from datetime import datetime, timezone
 from typing import Any, TypedDict
 
 import numpy as np
@@ -52,9 +56,12 @@ def key_id(public_key: bytes) -> str:
 
 
 def associated_data(party: int, kid: str, context: dict[str, Any]) -> bytes:
-    """What the ciphertext is bound to: the party, its key, and the request (transform, shape, nonce)."""
+    """What the ciphertext is bound to: the party, its key, and the request (transform, shape, nonce, the operation
+    enroll/verify/identify and created_at in Unix seconds), so a party can refuse a replay, a stale envelope, or
+    an enrollment resent as a probe (secure/party/nonces.py)."""
     fields = {"party": int(party), "key_id": kid, "transform_id": str(context["transform_id"]),
-              "shape": [int(v) for v in context["shape"]], "nonce": str(context["nonce"])}
+              "shape": [int(v) for v in context["shape"]], "nonce": str(context["nonce"]),
+              "operation": str(context["operation"]), "created_at": int(context["created_at"])}
     return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -105,28 +112,60 @@ def seal_features(features: np.ndarray, party_keys: dict[int, str], context: dic
     return [seal_share(shares[rank], rank, party_keys[rank], context) for rank in (0, 1)]
 
 
-def pinned_keys(entries: list[dict[str, Any]]) -> dict[int, str]:
-    """The parties' keys from ``GET /v1/sealed/keys`` (rank -> base64 public key), after checking that each names
-    its own rank, the scheme this SDK speaks and the key id of its public key; the client keeps (pins) them until a
-    party refuses an envelope."""
+def fingerprint(public_key: bytes) -> str:
+    """A party key's fingerprint (all 64 hex digits of its SHA-256): what the operator publishes out of band and
+    the SDK pins (``PRIVFACE_SDK_SEALED_KEY_PINS``); the party prints it (``privface sealed-fingerprint``)."""
+    return hashlib.sha256(public_key).hexdigest()
+
+
+def parse_pins(text: str) -> dict[int, str]:
+    """``"<party 0 fingerprint>,<party 1 fingerprint>"`` as rank -> fingerprint; ValueError if malformed."""
+    parts = [part.strip().lower() for part in text.split(",")]
+    if len(parts) != 2 or any(len(p) != 64 or any(c not in "0123456789abcdef" for c in p) for p in parts):
+        raise ValueError("sealed key pins must be two SHA-256 fingerprints (64 hex digits each), "
+                         "party 0's then party 1's, separated by a comma")
+    return {0: parts[0], 1: parts[1]}
+
+
+def pinned_keys(entries: list[dict[str, Any]], pins: dict[int, str]) -> dict[int, str]:
+    """The parties' keys from ``GET /v1/sealed/keys`` (rank -> base64 public key), accepted only if each key's
+    fingerprint equals the one pinned for its rank out of band: the gateway relays the keys but cannot choose
+    them (a key it holds itself would let it open both shares)."""
     keys: dict[int, str] = {}
     for entry in entries:
         rank, public = int(entry["rank"]), str(entry["public_key"])
-        if entry.get("scheme") != SCHEME or entry.get("key_id") != key_id(base64.b64decode(public, validate=True)):
+        raw = base64.b64decode(public, validate=True)
+        if entry.get("scheme") != SCHEME or entry.get("key_id") != key_id(raw):
             raise ValueError(f"party {rank}'s sealed key is not a {SCHEME} key matching its key id")
+        if rank not in pins or fingerprint(raw) != pins[rank]:
+            raise ValueError(f"party {rank}'s sealed key does not match its pinned fingerprint "
+                             "(PRIVFACE_SDK_SEALED_KEY_PINS / --sealed-pins); refusing to seal to it")
         keys[rank] = public
     if sorted(keys) != [0, 1]:
         raise ValueError("the gateway must publish the sealed keys of party 0 and party 1")
     return keys
 
 
-def sealed_payload(payload: dict[str, Any], party_keys: dict[int, str]) -> dict[str, Any]:
+OPERATIONS = ("enroll", "verify", "identify")
+
+
+def unix_seconds(created_at: str) -> int:
+    """A payload's ISO 8601 ``created_at`` as whole Unix seconds (floor): the form bound into the envelope, which
+    the gateway, having parsed the same string, relays to the parties unchanged."""
+    when = datetime.fromisoformat(created_at.replace("Z", "+00:00"))
+    return math.floor((when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp())
+
+
+def sealed_payload(payload: dict[str, Any], party_keys: dict[int, str], operation: str) -> dict[str, Any]:
     """A gateway-mode feature payload (``client.features``) as sealed mode's: the same noised features (decoded from
     their float16 encoding, so both modes embed identical values), split and sealed under a fresh nonce; the
     header (transform, shape, ε, time) is copied, the features themselves never leave in the clear."""
     shape = [int(v) for v in payload["shape"]]
     features = np.frombuffer(base64.b64decode(payload["data"]), dtype="<f2").astype(np.float64).reshape(shape)
-    context = {"transform_id": payload["transform_id"], "shape": shape, "nonce": os.urandom(16).hex()}
+    if operation not in OPERATIONS:
+        raise ValueError(f"operation must be one of {OPERATIONS}")
+    context = {"transform_id": payload["transform_id"], "shape": shape, "nonce": os.urandom(16).hex(),
+               "operation": operation, "created_at": unix_seconds(str(payload["created_at"]))}
     return {"transform_id": payload["transform_id"], "params_hash": payload["params_hash"], "shape": shape,
             "epsilon": payload["epsilon"], "nonce": context["nonce"], "created_at": payload["created_at"],
             "envelopes": seal_features(features, party_keys, context)}

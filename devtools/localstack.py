@@ -24,6 +24,7 @@ from common.paths import PROJECT_ROOT as ROOT
 from common.paths import VAR_DIR, shared_dir
 from devtools.net import free_port
 from secure.mpc.settings import DEALER, LINK_SECRETS, env_for_role
+from secure.sealed_box import PartyKey
 
 MODEL_CACHE = VAR_DIR / "test-models"
 # Benchmarks drive thousands of requests (and impostor verifies) through one key: no abuse budgets there.
@@ -53,9 +54,16 @@ class LocalStack:
         self.tokens = (secrets.token_hex(16), secrets.token_hex(16))  # one per gateway -> party link
         self.mpc_secrets = {name: secrets.token_urlsafe(32) for name in LINK_SECRETS}  # one per MPC link
         self.mpc_port = free_port()
+        # sealed mode: a fixed key per party for this stack, so SDKs can pin it (``sealed_pins``)
+        self.sealed_keys = tuple(PartyKey.generate() for _ in range(2))
         self.gateway_db = self.gateway_db or f"sqlite:///{self.workdir / 'gateway.db'}"
         self.party_dbs = (self.party_dbs[0] or f"sqlite:///{self.workdir / 'party0.db'}",
                           self.party_dbs[1] or f"sqlite:///{self.workdir / 'party1.db'}")
+
+    @property
+    def sealed_pins(self) -> str:
+        """The parties' sealed key fingerprints as the SDK takes them (PRIVFACE_SDK_SEALED_KEY_PINS)."""
+        return ",".join(key.fingerprint for key in self.sealed_keys)
 
     @property
     def url(self) -> str:
@@ -108,6 +116,7 @@ class LocalStack:
             env = env_for_role(env, rank)
             env.update({"PRIVFACE_PARTY_DATABASE_URL": self.party_dbs[rank],
                         "PRIVFACE_PARTY_PORT": str(self.party_ports[rank])})
+            env.setdefault("PRIVFACE_PARTY_SEALED_KEY", self.sealed_keys[rank].private_b64())  # a test's key wins
             env.pop(f"PRIVFACE_PARTY{1 - rank}_TOKEN", None)  # a party holds only its own link's token
         else:
             args = ["gateway", "--port", str(self.port), "--workers", str(self.gateway_workers)]

@@ -111,3 +111,23 @@ def cmd_certs(args: argparse.Namespace) -> int:
     print("gateway: PRIVFACE_PARTY_CA_FILE=ca.pem PRIVFACE_PARTY_CLIENT_CERT=gateway.pem "
           "PRIVFACE_PARTY_CLIENT_KEY=gateway.key")
     return 0
+
+
+def cmd_sealed_fingerprint(args: argparse.Namespace) -> int:
+    """Print this party's sealed-mode key fingerprint (from PRIVFACE_PARTY_SEALED_KEY), for the operator to publish
+    to integrators (PRIVFACE_SDK_SEALED_KEY_PINS); refuses when the variable is unset (a fresh key per start)."""
+    import os
+
+    from secure.sealed_box import PartyKey
+
+    text = os.environ.get("PRIVFACE_PARTY_SEALED_KEY", "").strip()
+    if not text:
+        print("error: PRIVFACE_PARTY_SEALED_KEY is unset: the party would make a fresh key at each start, "
+              "which no SDK can pin", file=sys.stderr)
+        return 2
+    try:
+        print(PartyKey.from_b64(text).fingerprint)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -33,7 +33,7 @@ def add_role_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The one-shot operator commands."""
-    from privface.admin import cmd_certs, cmd_create_api_key, cmd_migrate, cmd_models
+    from privface.admin import cmd_certs, cmd_create_api_key, cmd_migrate, cmd_models, cmd_sealed_fingerprint
 
     migrate = sub.add_parser("migrate", help="apply database migrations")
     migrate.add_argument("--party", type=int, choices=(0, 1), help="migrate this party's database instead")
@@ -51,6 +51,8 @@ def add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     models = sub.add_parser("models", help="list model versions, or make sure one is active")
     models.add_argument("action", choices=("list", "ensure"))
     models.set_defaults(func=cmd_models)
+    sub.add_parser("sealed-fingerprint", help="print this party's sealed key fingerprint (PRIVFACE_PARTY_SEALED_KEY), "
+                   "which integrators pin").set_defaults(func=cmd_sealed_fingerprint)
 
 
 def build_parser() -> argparse.ArgumentParser:

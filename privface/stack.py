@@ -66,13 +66,14 @@ def local_key(settings: GatewaySettings) -> str:
 Children = dict[str, "subprocess.Popen[bytes]"]  # role arguments ("party --rank 0") -> its process
 
 
-def start_roles(settings: GatewaySettings) -> Children:
-    """One process per role, each with only the environment its role may hold."""
+def start_roles(settings: GatewaySettings, sealed_keys: tuple[str, str]) -> Children:
+    """One process per role, each with only the environment its role may hold (a party: its own sealed key)."""
     from secure.mpc.settings import env_for_role
 
     env = stack_env()
-    roles = {"dealer": dealer_env(env), "party --rank 0": party_env(env, 0), "party --rank 1": party_env(env, 1),
-             f"gateway --port {settings.port}": env_for_role(env, None)}
+    parties = {f"party --rank {rank}": {**party_env(env, rank), "PRIVFACE_PARTY_SEALED_KEY": sealed_keys[rank]}
+               for rank in (0, 1)}
+    roles = {"dealer": dealer_env(env), **parties, f"gateway --port {settings.port}": env_for_role(env, None)}
     return {role: subprocess.Popen(ROLE_COMMAND + role.split(), env=role_env) for role, role_env in roles.items()}
 
 
@@ -84,11 +85,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     migrate_gateway(settings.database_url)
     version = ensure_model(settings)
     key = local_key(settings)
-    children = start_roles(settings)
+    from secure.sealed_box import PartyKey
+
+    sealed = (PartyKey.generate(), PartyKey.generate())  # fresh per run: pins printed below for the SDK
+    children = start_roles(settings, (sealed[0].private_b64(), sealed[1].private_b64()))
     url = f"http://{settings.host}:{settings.port}"
     print(f"\nprivface is starting (model {version}):\n  gateway   {url}  (docs: {url}/docs, ready: {url}/readyz)\n"
           f"  party 0   {settings.party_urls[0]}\n  party 1   {settings.party_urls[1]}\n"
           f"  API key   {key}   (also in {settings.model_dir.parent / LOCAL_KEY_FILE})\n"
+          f"  sealed    PRIVFACE_SDK_SEALED_KEY_PINS={sealed[0].fingerprint},{sealed[1].fingerprint}\n"
           f"  try: privface client --url {url} --api-key $KEY create-subject\n", flush=True)
     return supervise(children)
 

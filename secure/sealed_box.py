@@ -8,8 +8,8 @@ relays the envelopes can neither read them nor swap them. The format is written 
 not import this package); tests/test_sealed_box.py checks that the two agree.
 
 The key: ``PRIVFACE_PARTY_SEALED_KEY`` (base64 of 32 bytes) or, when unset, a fresh key per process from the OS
-CSPRNG. A share is only ever in flight, never stored under this key, so a restart that changes the key costs the
-SDK one refetch of ``GET /v1/sealed/keys`` and nothing else.
+CSPRNG (for tests and `privface run` only: SDKs pin the key's fingerprint out of band, so a key that changes at
+each start breaks them; deployments set the variable and publish ``privface sealed-fingerprint``'s output).
 """
 from __future__ import annotations
 
@@ -68,6 +68,11 @@ class PartyKey:
     def key_id(self) -> str:
         return hashlib.sha256(self.public).hexdigest()[:16]
 
+    @property
+    def fingerprint(self) -> str:
+        """The full SHA-256 of the public key: what the operator publishes and the SDK pins out of band."""
+        return hashlib.sha256(self.public).hexdigest()
+
     def exchange(self, peer_public: bytes) -> bytes:
         return self._private.exchange(X25519PublicKey.from_public_bytes(peer_public))
 
@@ -75,7 +80,8 @@ class PartyKey:
 def associated_data(party: int, kid: str, context: dict[str, Any]) -> bytes:
     """Identical to ``client.sealed.associated_data`` (checked by tests/test_sealed_box.py)."""
     fields = {"party": int(party), "key_id": kid, "transform_id": str(context["transform_id"]),
-              "shape": [int(v) for v in context["shape"]], "nonce": str(context["nonce"])}
+              "shape": [int(v) for v in context["shape"]], "nonce": str(context["nonce"]),
+              "operation": str(context["operation"]), "created_at": int(context["created_at"])}
     return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
 

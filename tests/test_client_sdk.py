@@ -96,7 +96,8 @@ def test_face_errors_are_raised_before_any_request(gateway: ScriptedGateway, scr
             sdk.enroll("sub_1", two)
         assert caught.value.count == 2 and caught.value.status is None
         sdk.enroll("sub_1", two, face_policy="largest")
-    assert [r[1] for r in script.requests] == ["/v1/subjects/sub_1/enrollments"]
+    # the face errors sent nothing; the one enrollment first asks the tenant's mode (sealed mode, docs/sealed.md)
+    assert [r[1] for r in script.requests] == ["/v1/transforms", "/v1/subjects/sub_1/enrollments"]
 
 
 @pytest.mark.parametrize(("status", "error"), [
@@ -202,7 +203,7 @@ def test_a_transform_given_by_the_app_is_kept(gateway: ScriptedGateway, script: 
         with pytest.raises(InvalidRequestError) as caught:
             sdk.identify(PHOTO)
     assert caught.value.problem["type"].endswith("/unknown-transform")
-    assert [r[1] for r in script.requests] == ["/v1/identify"]
+    assert [r[1] for r in script.requests] == ["/v1/transforms", "/v1/identify"]  # the mode only; no refetch
 
 
 def test_a_transform_above_the_apps_budget_is_refused(gateway: ScriptedGateway, script: GatewayScript) -> None:

@@ -30,8 +30,10 @@ def keys() -> dict[int, sealed_box.PartyKey]:
     return {0: sealed_box.PartyKey.generate(), 1: sealed_box.PartyKey.generate()}
 
 
-def context(shape: tuple[int, ...], nonce: str = "n-1") -> dict[str, object]:
-    return {"transform_id": SPEC.transform_id, "shape": list(shape), "nonce": nonce}
+def context(shape: tuple[int, ...], nonce: str = "n-1", operation: str = "verify",
+            created_at: int = 1_796_000_000) -> dict[str, object]:
+    return {"transform_id": SPEC.transform_id, "shape": list(shape), "nonce": nonce, "operation": operation,
+            "created_at": created_at}
 
 
 def seal(features: np.ndarray, keys: dict[int, sealed_box.PartyKey], ctx: dict[str, object]):
@@ -55,7 +57,8 @@ def test_the_client_and_the_party_bind_the_same_associated_data():
     assert client_sealed.SCHEME == sealed_box.SCHEME
 
 
-@pytest.mark.parametrize("change", ["other-party", "tampered", "other-request", "other-key", "swapped"])
+@pytest.mark.parametrize("change", ["other-party", "tampered", "other-request", "other-key", "swapped",
+                                    "other-operation", "other-time"])
 def test_an_envelope_opens_nowhere_else(faces_features, keys, change):
     one = faces_features[1]
     ctx = context(one.shape)
@@ -71,6 +74,10 @@ def test_an_envelope_opens_nowhere_else(faces_features, keys, change):
         open_ctx = context(one.shape, nonce="n-2")
     elif change == "other-key":
         key = sealed_box.PartyKey.generate()
+    elif change == "other-operation":  # an enrollment resent as a probe
+        open_ctx = context(one.shape, operation="enroll")
+    elif change == "other-time":  # an old payload restamped to look fresh
+        open_ctx = context(one.shape, created_at=1_796_000_001)
     else:  # the relay relabels party 1's envelope as party 0's
         envelope = {**envelopes[1], "party": 0, "key_id": keys[0].key_id}
     with pytest.raises(sealed_box.SealedError):

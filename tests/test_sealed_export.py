@@ -64,34 +64,143 @@ def test_the_committed_bundle_is_complete():
     assert not (folder / "model.json").exists()  # the ONNX installer must not take it for a gateway model
 
 
-def test_a_party_blames_the_caller_only_for_an_envelope_it_cannot_open():
-    """422 for the envelope (the caller's input); 503 for what the gateway adds (model, rotation): a deployment
-    fault. A scaled rotation would change what a score means, so only an orthogonal one is taken."""
+def nonce_store(tmp_path, window_s: float = 900.0):
+    """A real party database (SQLite, migrated to head) holding the sealed nonce store."""
+    from sqlalchemy.orm import sessionmaker
+
+    from secure.party.db import make_party_engine, migrate_party_db
+    from secure.party.nonces import NonceStore
+
+    url = f"sqlite:///{tmp_path / 'party.db'}"
+    migrate_party_db(url)
+    return NonceStore(sessionmaker(make_party_engine(url), expire_on_commit=False), window_s)
+
+
+def sealed_inputs_case(tmp_path, operation: str = "verify", created_at: int | None = None, nonce: str = "0f" * 16,
+                       rank: int = 0, keys=None):
+    """A party's SealedInputs over the bundled sealed-v1, and a builder of SealedIn bodies for one sealed payload."""
     import base64
+    import time
 
     from client.sealed import seal_features
-    from common.problems import Problem
     from secure.party.api import SealedEnvelope, SealedIn
     from secure.party.sealed import SealedInputs
     from secure.sealed_box import PartyKey
 
-    keys = [PartyKey.generate(), PartyKey.generate()]
+    keys = keys or [PartyKey.generate(), PartyKey.generate()]
     root = PROJECT_ROOT / "inference" / "bundled"
     model = load_sealed_model(root, "sealed-v1")
-    context = {"transform_id": model.transform_id, "shape": list(model.shape), "nonce": "0f" * 16}
+    stamp = int(time.time()) if created_at is None else created_at
+    context = {"transform_id": model.transform_id, "shape": list(model.shape), "nonce": nonce,
+               "operation": operation, "created_at": stamp}
     envelopes = seal_features(np.zeros(model.shape), {r: keys[r].public_b64 for r in (0, 1)}, context)
 
     def body(rank: int, rotation: np.ndarray, version: str = "sealed-v1") -> SealedIn:
-        return SealedIn(model=version, transform_id=model.transform_id, shape=list(model.shape), nonce="0f" * 16,
-                        envelope=SealedEnvelope(**envelopes[rank]),
+        return SealedIn(model=version, transform_id=model.transform_id, shape=list(model.shape), nonce=nonce,
+                        operation=operation, created_at=stamp, envelope=SealedEnvelope(**envelopes[rank]),
                         rotation=base64.b64encode(rotation.astype("<f8").tobytes()).decode())
 
-    inputs = SealedInputs(0, keys[0], root)
-    eye = np.eye(model.dim)
+    return SealedInputs(rank, keys[rank], root, nonce_store(tmp_path)), body, np.eye(model.dim)
+
+
+def test_a_party_blames_the_caller_only_for_an_envelope_it_cannot_open(tmp_path):
+    """422 for the envelope (the caller's input); 503 for what the gateway adds (model, rotation): a deployment
+    fault. A scaled rotation would change what a score means, so only an orthogonal one is taken."""
+    from common.problems import Problem
+
+    inputs, body, eye = sealed_inputs_case(tmp_path)
     query = inputs.query(body(0, eye))
-    assert query.features.shape == (1, *model.shape) and query.dim == model.dim
+    assert query.features.shape == (1, *body(0, eye).shape) and query.dim == eye.shape[0]
     for wrong, status, slug in ((body(1, eye), 422, "sealed-envelope"), (body(0, 2 * eye), 503, "sealed-rotation"),
                                 (body(0, eye, "sealed-v0"), 503, "sealed-model-unknown")):
         with pytest.raises(Problem) as refused:
             inputs.query(wrong)
         assert (refused.value.status, refused.value.slug) == (status, slug)
+
+
+def test_a_party_refuses_a_replayed_stale_or_repurposed_sealed_payload(tmp_path):
+    """Review finding 3: a nonce is spent once per party, in its database (a new store on the same file, as after a
+    restart, still refuses it); created_at and the operation are bound into the envelope and checked."""
+    import time
+
+    from common.problems import Problem
+
+    inputs, body, eye = sealed_inputs_case(tmp_path)
+    inputs.query(body(0, eye))
+    with pytest.raises(Problem) as wrong_op:
+        inputs.use(body(0, eye), "identify")  # a verify probe used for identify
+    assert (wrong_op.value.status, wrong_op.value.slug) == (409, "sealed-operation")
+    inputs.use(body(0, eye), "verify")  # the first use runs
+    restarted = type(inputs)(0, inputs.key, inputs.model_dir, nonce_store(tmp_path))
+    for party in (inputs, restarted):
+        for attempt in (lambda p=party: p.query(body(0, eye)), lambda p=party: p.use(body(0, eye), "verify")):
+            with pytest.raises(Problem) as replayed:
+                attempt()
+            assert (replayed.value.status, replayed.value.slug) == (409, "sealed-replay")
+    stale, old_body, _ = sealed_inputs_case(tmp_path / "old", created_at=int(time.time()) - 3600)
+    with pytest.raises(Problem) as old:
+        stale.query(old_body(0, eye))
+    assert (old.value.status, old.value.slug) == (409, "sealed-stale")
+    moved = body(0, eye).model_copy(update={"created_at": int(time.time()) + 1})  # restamped by a relay
+    with pytest.raises(Problem) as restamped:
+        restarted.query(moved)
+    assert (restamped.value.status, restamped.value.slug) == (422, "sealed-envelope")
+
+
+def test_the_gateway_blames_the_caller_only_for_a_sealed_envelope_refusal():
+    """Review finding 7: only a party's 422 ``sealed-envelope`` is the caller's (422 ``sealed-input-refused``);
+    a party's other 4xx (a gallery that does not fit the model, a replay) is the service's 503."""
+    from app.services.biometrics import party_refusal
+    from secure.party.replies import PartiesError
+
+    base = "https://privface.dev/problems/"
+    envelope = PartiesError("refused", status=422, problems=[{"type": base + "sealed-envelope"}, None])
+    assert (party_refusal(envelope, sealed=True).status, party_refusal(envelope, sealed=True).slug) == (
+        422, "sealed-input-refused")
+    for status, slug in ((422, "validation-error"), (409, "sealed-replay"), (409, "sealed-stale")):
+        other = PartiesError("refused", status=status, problems=[{"type": base + slug}, {"type": base + slug}])
+        assert party_refusal(other, sealed=True).status == 503, slug
+
+
+def test_the_parties_job_digest_names_the_request_and_the_whole_model(tmp_path):
+    """Review findings 4 and 5: both parties derive the same digest for one request; envelopes of two requests
+    (another nonce) give different digests, so the peers refuse to start a job on mixed envelopes; and a
+    sealed.json that differs in its layer list (same layers.npz) is another model."""
+    import shutil
+
+    from secure.party.sealed import SealedInputs
+    from secure.sealed_box import PartyKey
+
+    keys = [PartyKey.generate(), PartyKey.generate()]
+    mine, body, eye = sealed_inputs_case(tmp_path / "p0", keys=keys)
+    peer, _, _ = sealed_inputs_case(tmp_path / "p1", keys=keys, rank=1)
+    other, other_body, _ = sealed_inputs_case(tmp_path / "p2", keys=keys, nonce="1e" * 16)
+    first = mine.query(body(0, eye)).digest
+    assert peer.query(body(1, eye)).digest == first
+    assert other.query(other_body(0, eye)).digest != first
+    copied = tmp_path / "models"
+    shutil.copytree(PROJECT_ROOT / "inference" / "bundled" / "sealed-v1", copied / "sealed-v1")
+    meta_path = copied / "sealed-v1" / SEALED_FILE
+    meta = json.loads(meta_path.read_text())
+    act = next(layer for layer in meta["layers"] if layer["op"] == "act")
+    act["kind"] = "relu" if act["kind"] == "quad" else "quad"  # another network on the same weights
+    meta_path.write_text(json.dumps(meta))
+    bundled = load_sealed_model(PROJECT_ROOT / "inference" / "bundled", "sealed-v1")
+    assert load_sealed_model(copied, "sealed-v1").digest != bundled.digest
+    changed = SealedInputs(0, keys[0], copied, mine.nonces)
+    assert changed.query(body(0, eye)).digest != first
+
+
+def test_the_sealed_model_version_is_a_plain_folder_name():
+    """Review finding 6: the version names a folder under the model directory; '.' or '..' never reaches it."""
+    from pydantic import ValidationError
+
+    from secure.party.api import SealedIn
+
+    fields = {"transform_id": "t", "shape": [1, 2, 3], "nonce": "0f" * 16, "operation": "verify", "created_at": 1,
+              "envelope": {"scheme": "s", "party": 0, "key_id": "0" * 16, "epk": "", "nonce": "", "ciphertext": ""},
+              "rotation": ""}
+    assert SealedIn(model="sealed-v1", **fields).model == "sealed-v1"
+    for bad in ("..", ".", "sealed-v1/..", "../sealed-v1", "v1", "sealed-v"):
+        with pytest.raises(ValidationError):
+            SealedIn(model=bad, **fields)

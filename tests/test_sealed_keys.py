@@ -41,7 +41,8 @@ def test_parties_publish_their_keys_through_the_gateway_and_only_they_open_their
         lfw = lfw_dir()
         spec = PRESETS["dct8-v0"](64.0)
         features = apply(load_many(lfw, images_outside_pairs(lfw)[:1]), spec, OsNoise())[0].astype(np.float32)
-        context = {"transform_id": spec.transform_id, "shape": list(features.shape), "nonce": "req-1"}
+        context = {"transform_id": spec.transform_id, "shape": list(features.shape), "nonce": "req-1",
+                   "operation": "verify", "created_at": 1_796_000_000}
         envelopes = seal_features(features, {k["rank"]: k["public_key"] for k in published}, context)
         shares = [sealed_box.open_share(dict(envelopes[r]), r, keys[r], context) for r in (0, 1)]
         assert np.array_equal(sharing.reconstruct(*shares), np.rint(features.astype(np.float64) * 65536))

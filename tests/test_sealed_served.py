@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import os
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +23,13 @@ import torch
 
 from client.features import decode_features, encode_features
 from client.sdk import PrivfaceClient
-from client.sealed import encode_fixed, seal_share, split_shares
+from client.sealed import encode_fixed, seal_share, split_shares, unix_seconds
 from common.paths import PROJECT_ROOT
 from devtools.localstack import NO_ABUSE_LIMITS, LocalStack
 from inference.lfw import images_outside_pairs, lfw_dir, load_many
 from inference.transform import OsNoise, TransformSpec
+from secure import sealed_box
+from app.services.templates import gallery_name
 from secure.party.sealed import load_sealed_model
 from tests.test_gateway_api import auth
 from tests.test_sealed_mpc import run_folded
@@ -107,6 +111,11 @@ def enrollments(stack: Any, subject: str) -> list[dict[str, Any]]:
     return result
 
 
+def mpc_jobs(stack: Any) -> list[int]:
+    """How many MPC jobs each party has run so far (one engine log line per job, embed jobs included)."""
+    return [stack.local.log(f"party{rank}").count("mpc job ") for rank in (0, 1)]
+
+
 def party_committed(stack: Any) -> list[int]:
     states = httpx.get(stack.url + "/readyz", timeout=30).json()["checks"]["parties"]["states"]
     return [int(s["committed_count"]) for s in states]
@@ -119,7 +128,8 @@ def test_sealed_enroll_then_verify_gives_the_twins_decision(stack: Any) -> None:
     spec = sealed_spec()
     _, images = faces(3)
     payloads = [encode_features(spec.apply(image, OsNoise()).astype(np.float16), spec) for image in images]
-    with PrivfaceClient(stack.url, stack.admin, timeout=120, retries=0) as client:
+    with PrivfaceClient(stack.url, stack.admin, timeout=120, retries=0,
+                        sealed_pins=stack.local.sealed_pins) as client:
         assert client.transforms()[0]["mode"] == "sealed" and client.mode == "sealed"
         subject = client.create_subject("sealed-person")["id"]
         enrolled = client.enroll_features(subject, payloads[0])
@@ -141,41 +151,76 @@ def test_sealed_enroll_then_verify_gives_the_twins_decision(stack: Any) -> None:
     assert traffic[1] == traffic[2] and traffic[1][0], traffic  # the same calls and sizes, match or not
     jobs = [line for line in stack.local.log("party0").splitlines() if "(verify, 1 rows)" in line][-3:]
     assert len({line.rsplit(": ", 1)[-1].rsplit(",", 1)[0] for line in jobs}) == 1, jobs  # same rounds and bytes
+    # the threshold those decisions used: the one both parties recorded for the tenant's sealed gallery, which is
+    # sealed.json's (review finding 8b: a match at ~1.0 and a stranger far below cannot tell thresholds apart)
+    gallery = gallery_name(VERSION, "acme", 1)
+    for rank in (0, 1):
+        path = stack.local.party_dbs[rank].removeprefix("sqlite:///")
+        with sqlite3.connect(path) as db:
+            recorded = db.execute("SELECT threshold FROM galleries WHERE model_version = ?", (gallery,)).fetchall()
+        assert recorded == [(threshold,)], (rank, recorded, threshold)
+        moved = party_call(stack, rank, "/internal/galleries", {"gallery": gallery, "threshold": threshold - 0.1})
+        assert moved.status_code == 409 and moved.json()["type"].endswith("/threshold-fixed"), moved.text
 
 
-def test_the_gateway_stores_and_logs_no_feature_or_share(stack: Any) -> None:
-    set_mode(stack, "sealed")
-    spec = sealed_spec()
-    _, images = faces(2)
+def own_sealed_body(stack: Any, spec: TransformSpec, image: np.ndarray, operation: str
+                    ) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """A sealed payload built here (so the test knows its secrets): the body and {name: secret bytes}."""
     keys = {k["rank"]: k["public_key"] for k in httpx.get(stack.url + "/v1/sealed/keys", headers=auth(stack.admin),
                                                             timeout=30).json()}
-    payload = encode_features(spec.apply(images[0], OsNoise()).astype(np.float16), spec)
+    payload = encode_features(spec.apply(image, OsNoise()).astype(np.float16), spec)
     features = decode_features(payload).astype(np.float64)
     fixed = encode_fixed(features)
     shares = split_shares(fixed)
-    nonce = "ab" * 16
-    context = {"transform_id": spec.transform_id, "shape": list(spec.shape), "nonce": nonce}
+    nonce = os.urandom(16).hex()
+    context = {"transform_id": spec.transform_id, "shape": list(spec.shape), "nonce": nonce, "operation": operation,
+               "created_at": unix_seconds(payload["created_at"])}
     body = {"transform_id": spec.transform_id, "params_hash": spec.params_hash, "shape": list(spec.shape),
             "epsilon": payload["epsilon"], "nonce": nonce, "created_at": payload["created_at"],
             "envelopes": [seal_share(shares[r], r, keys[r], context) for r in (0, 1)]}
-    subject = httpx.post(stack.url + "/v1/subjects", json={}, headers=auth(stack.admin)).json()["id"]
-    response = httpx.post(f"{stack.url}/v1/sealed/subjects/{subject}/enrollments", json={"sealed": body},
-                          headers=auth(stack.admin), timeout=120)
-    assert response.status_code == 201, response.text
     secrets = {"share 0": shares[0].tobytes(), "share 1": shares[1].tobytes(), "fixed-point features": fixed.tobytes(),
                "float16 features": base64.b64decode(payload["data"]), "float32 features": features.astype("<f4").tobytes(),
                "float64 features": features.tobytes()}
+    return body, secrets
+
+
+def probes(raw: bytes) -> list[bytes]:
+    """48-byte windows of a secret at its start and middle, raw and base64 at each of the three alignments a
+    base64 encoder could have met them in (any of these in storage would be a leak)."""
+    found = []
+    for start in (0, len(raw) // 2):
+        for shift in range(3):
+            window = raw[start + shift: start + shift + 48]
+            found += [window, base64.b64encode(window)[:60]]
+    return found
+
+
+def test_the_gateway_stores_and_logs_no_feature_or_share(stack: Any) -> None:
+    """After a sealed enrollment, verify and identify (this stack's gateway stores in SQLite and uses no Redis:
+    its database files and its log are everything it keeps)."""
+    set_mode(stack, "sealed")
+    spec = sealed_spec()
+    _, images = faces(2)
+    subject = httpx.post(stack.url + "/v1/subjects", json={}, headers=auth(stack.admin)).json()["id"]
+    secrets: dict[str, bytes] = {}
+    calls = [("enroll", f"/v1/sealed/subjects/{subject}/enrollments", {}, 201, images[0]),
+             ("verify", "/v1/sealed/verify", {"subject_id": subject}, 200, images[1]),
+             ("identify", "/v1/sealed/identify", {}, 200, images[1])]
+    for operation, path, fields, expected, image in calls:
+        body, found = own_sealed_body(stack, spec, image, operation)
+        response = httpx.post(stack.url + path, json={**fields, "sealed": body}, headers=auth(stack.admin),
+                              timeout=120)
+        assert response.status_code == expected, (operation, response.text)
+        secrets.update({f"{operation}: {name}": raw for name, raw in found.items()})
     stored = Path(stack.local.gateway_db.removeprefix("sqlite:///"))
     log = stack.local.workdir / "gateway.log"
     files = [p for p in stored.parent.glob(stored.name + "*")] + [log]
     assert stored.exists() and log.exists()
-    for path in files:
-        data = path.read_bytes()
-        for name, raw in secrets.items():
-            for chunk in (raw[:48], raw[len(raw) // 2: len(raw) // 2 + 48]):  # any 48 bytes would be a leak
-                assert chunk not in data, f"{name} in {path.name}"
-                assert base64.b64encode(chunk)[:40] not in data, f"{name} (base64) in {path.name}"
-    assert payload["data"][:40].encode() not in b"".join(p.read_bytes() for p in files)
+    kept = {path.name: path.read_bytes() for path in files}
+    for name, raw in secrets.items():
+        for probe in probes(raw):
+            for where, data in kept.items():
+                assert probe not in data, f"{name} in {where}"
 
 
 def test_a_payload_of_the_other_mode_is_refused_and_changes_nothing(stack: Any) -> None:
@@ -183,7 +228,8 @@ def test_a_payload_of_the_other_mode_is_refused_and_changes_nothing(stack: Any) 
     spec_gateway = TransformSpec.from_dict(httpx.get(stack.url + "/v1/transforms", headers=auth(stack.admin),
                                                      timeout=30).json()[0]["spec"])
     _, images = faces(2)
-    with PrivfaceClient(stack.url, stack.admin, timeout=120, retries=0) as client:
+    with PrivfaceClient(stack.url, stack.admin, timeout=120, retries=0,
+                        sealed_pins=stack.local.sealed_pins) as client:
         assert client.mode == "gateway"
         subject = client.create_subject()["id"]
         client.enroll_features(subject, encode_features(spec_gateway.apply(images[0], OsNoise()), spec_gateway))
@@ -208,10 +254,12 @@ def test_a_payload_of_the_other_mode_is_refused_and_changes_nothing(stack: Any) 
 
 
 def sealed_body_for(stack: Any, spec: TransformSpec, image: np.ndarray) -> dict[str, Any]:
-    from client.sealed import pinned_keys, sealed_payload
+    from client.sealed import parse_pins, pinned_keys, sealed_payload
 
-    keys = pinned_keys(httpx.get(stack.url + "/v1/sealed/keys", headers=auth(stack.admin), timeout=30).json())
-    return sealed_payload(dict(encode_features(spec.apply(image, OsNoise()).astype(np.float16), spec)), keys)
+    keys = pinned_keys(httpx.get(stack.url + "/v1/sealed/keys", headers=auth(stack.admin), timeout=30).json(),
+                       parse_pins(stack.local.sealed_pins))
+    return sealed_payload(dict(encode_features(spec.apply(image, OsNoise()).astype(np.float16), spec)), keys,
+                          "enroll")
 
 
 def test_bad_envelopes_are_refused_with_a_problem_and_change_nothing(stack: Any) -> None:
@@ -221,6 +269,7 @@ def test_bad_envelopes_are_refused_with_a_problem_and_change_nothing(stack: Any)
     subject = httpx.post(stack.url + "/v1/subjects", json={}, headers=auth(stack.admin)).json()["id"]
     good = sealed_body_for(stack, spec, images[0])
     before = (enrollments(stack, subject), party_committed(stack))
+    jobs_before = mpc_jobs(stack)
 
     def tampered(rank: int) -> dict[str, Any]:
         body = sealed_body_for(stack, spec, images[1])  # a fresh, valid payload (its own nonce)...
@@ -241,6 +290,23 @@ def test_bad_envelopes_are_refused_with_a_problem_and_change_nothing(stack: Any)
         assert response.headers["content-type"].startswith("application/problem+json")
         assert response.json()["type"].endswith(slug), (name, response.text)
         assert (enrollments(stack, subject), party_committed(stack)) == before, name
+        assert mpc_jobs(stack) == jobs_before, name  # refused before any MPC job started at either party
+    # the gateway's addressee check aside: each party itself refuses an envelope sealed to its peer (422
+    # sealed-envelope), the same envelope given to both, or its own with the peer's key id
+    dim = int(load_sealed_model(MODEL_DIR, VERSION).dim)
+    eye = base64.b64encode(np.eye(dim).astype("<f8").tobytes()).decode()
+    fresh = sealed_body_for(stack, spec, images[1])
+    part = {"model": VERSION, "transform_id": fresh["transform_id"], "shape": fresh["shape"], "nonce": fresh["nonce"],
+            "operation": "enroll", "created_at": unix_seconds(fresh["created_at"]), "rotation": eye}
+    relabelled = {**fresh["envelopes"][0], "key_id": fresh["envelopes"][1]["key_id"]}
+    for rank, envelope in ((0, fresh["envelopes"][1]), (1, fresh["envelopes"][0]), (1, relabelled)):
+        response = party_call(stack, rank, "/internal/sealed/check", {**part, "envelope": envelope})
+        assert response.status_code == 422 and response.json()["type"].endswith("/sealed-envelope"), response.text
+    assert mpc_jobs(stack) == jobs_before
+    response = httpx.post(f"{stack.url}/v1/sealed/subjects/{subject}/enrollments", json={"sealed": good},
+                          headers=auth(stack.admin), timeout=120)
+    assert response.status_code == 201, response.text
+    assert all(after > was for after, was in zip(mpc_jobs(stack), jobs_before))  # the count above counts jobs
 
 
 def test_the_cli_seals_by_itself_when_the_tenant_is_sealed(stack: Any, capsys: pytest.CaptureFixture[str]) -> None:
@@ -249,7 +315,16 @@ def test_the_cli_seals_by_itself_when_the_tenant_is_sealed(stack: Any, capsys: p
 
     set_mode(stack, "sealed")
     subject = httpx.post(stack.url + "/v1/subjects", json={}, headers=auth(stack.admin)).json()["id"]
-    flags = ["--api-key", stack.admin, "--timeout", "120"]
+    flags = ["--api-key", stack.admin, "--timeout", "120", "--require-sealed"]
+    photo = str(FACES / "James_Caan_0001.jpg")
+    other = ",".join(sealed_box.PartyKey.generate().fingerprint for _ in range(2))  # not these parties' keys
+    assert main(["--url", stack.url, "enroll", *flags, "--sealed-pins", other, subject, photo]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pinned fingerprint" in err[0], err
+    assert enrollments(stack, subject) == []  # nothing was sealed to the wrong keys, nothing stored
+    flags += ["--sealed-pins", stack.local.sealed_pins]
+    for rank in (0, 1):  # what the operator publishes: each party logs its fingerprint at start
+        assert stack.local.sealed_keys[rank].fingerprint in stack.local.log(f"party{rank}")
     assert main(["--url", stack.url, "enroll", *flags, subject, str(FACES / "James_Caan_0001.jpg")]) == 0
     enrolled = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert enrolled["model_version"] == VERSION  # stored through the sealed route: the parties computed it
@@ -266,7 +341,8 @@ def test_sealed_identify_names_the_enrolled_subject_and_no_one_else(stack: Any) 
     spec = sealed_spec()
     _, images = faces(4)
     payloads = [encode_features(spec.apply(image, OsNoise()).astype(np.float16), spec) for image in images]
-    with PrivfaceClient(stack.url, key, timeout=120, retries=0) as client:
+    with PrivfaceClient(stack.url, key, timeout=120, retries=0,
+                        sealed_pins=stack.local.sealed_pins) as client:
         subjects = [client.create_subject()["id"] for _ in range(2)]
         for subject, payload in zip(subjects, (payloads[0], payloads[2])):
             client.enroll_features(subject, payload)
@@ -276,3 +352,58 @@ def test_sealed_identify_names_the_enrolled_subject_and_no_one_else(stack: Any) 
         found = client.identify_features(stranger)
         if abs(best - threshold) > TIE:
             assert (found is not None) == (best >= threshold), (found, best, threshold)
+
+
+def party_call(stack: Any, rank: int, path: str, body: dict[str, Any]) -> httpx.Response:
+    """A call straight to a party with its link token: what a gateway (or a holder of its token) can send."""
+    return httpx.post(f"http://127.0.0.1:{stack.local.party_ports[rank]}{path}", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {stack.local.tokens[rank]}"})
+
+
+def party_states(stack: Any) -> list[tuple[int, list[int], int]]:
+    states = []
+    for rank in (0, 1):
+        response = httpx.get(f"http://127.0.0.1:{stack.local.party_ports[rank]}/internal/state", timeout=30,
+                             headers={"Authorization": f"Bearer {stack.local.tokens[rank]}"})
+        state = response.json()
+        states.append((int(state["committed_count"]), list(state["pending"]), int(state["jobs_run"])))
+    return states
+
+
+def test_a_replayed_sealed_payload_is_refused_by_both_parties_and_nothing_is_stored(stack: Any) -> None:
+    """Review finding 3: the gateway relays each party's SealedIn; resent straight to the parties (as a gateway
+    that replays would), an enrollment's or a probe's envelopes are refused by both parties, before any MPC job,
+    and nothing is prepared or stored. The rotation sent here is the identity (orthogonal: accepted)."""
+    set_mode(stack, "sealed")
+    spec = sealed_spec()
+    _, images = faces(2)
+    subject = httpx.post(stack.url + "/v1/subjects", json={}, headers=auth(stack.admin)).json()["id"]
+    relayed = {}
+    for operation, path, fields, expected, image in (
+            ("enroll", f"/v1/sealed/subjects/{subject}/enrollments", {}, 201, images[0]),
+            ("verify", "/v1/sealed/verify", {"subject_id": subject}, 200, images[1])):
+        body, _ = own_sealed_body(stack, spec, image, operation)
+        response = httpx.post(stack.url + path, json={**fields, "sealed": body}, headers=auth(stack.admin),
+                              timeout=120)
+        assert response.status_code == expected, (operation, response.text)
+        again = httpx.post(stack.url + path, json={**fields, "sealed": body}, headers=auth(stack.admin), timeout=120)
+        assert again.status_code == 409, again.text  # the gateway's own nonce check
+        dim = int(load_sealed_model(MODEL_DIR, VERSION).dim)
+        eye = base64.b64encode(np.eye(dim).astype("<f8").tobytes()).decode()
+        relayed[operation] = [{"model": VERSION, "transform_id": body["transform_id"], "shape": body["shape"],
+                               "nonce": body["nonce"], "operation": operation,
+                               "created_at": unix_seconds(body["created_at"]), "envelope": body["envelopes"][rank],
+                               "rotation": eye} for rank in (0, 1)]
+    before = (enrollments(stack, subject), party_states(stack))
+    for operation, parts in relayed.items():
+        for rank in (0, 1):
+            response = party_call(stack, rank, "/internal/sealed/check", parts[rank])
+            assert response.status_code == 409, (operation, rank, response.text)
+            assert response.json()["type"].endswith("/sealed-replay"), response.text
+    gallery = gallery_name(VERSION, "acme", 1)
+    for rank in (0, 1):  # the enrollment's envelopes resent as a new enrollment
+        prepare = {"seq": 10**9, "gallery": gallery, "template_seq": 10**9, "job_id": "f" * 32,
+                   "sealed": relayed["enroll"][rank], "timeout_s": 5}
+        response = party_call(stack, rank, "/internal/sealed/prepare", prepare)
+        assert response.status_code == 409 and response.json()["type"].endswith("/sealed-replay"), response.text
+    assert (enrollments(stack, subject), party_states(stack)) == before  # no MPC job ran, nothing prepared

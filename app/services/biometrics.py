@@ -292,9 +292,11 @@ async def with_resync(ctx: GatewayContext, run: Callable[[int, int], Awaitable[T
 
 def party_refusal(exc: PartiesError, sealed: bool = False) -> Problem:
     """A match job a party refused: its rate limit becomes the client's 429 (with Retry-After), anything else a 503
-    (the gateway built the job, so a refusal is the service's fault) — except, in sealed mode, a party's 422 on the
-    envelope only it can open: that is the caller's input (422 ``sealed-input-refused``)."""
-    if sealed and exc.status == 422:
+    (the gateway built the job, so a refusal is the service's fault) — except, in sealed mode, a party's 422
+    ``sealed-envelope`` on the envelope only it can open: that is the caller's input (422 ``sealed-input-refused``).
+    Any other party 4xx (a gallery that does not fit the model, a replayed or stale payload) is the service's."""
+    if sealed and exc.status == 422 and any(str((problem or {}).get("type", "")).endswith("/sealed-envelope")
+                                            for problem in exc.problems):
         return Problem(422, "sealed-input-refused", "Sealed input refused",
                        f"a party could not use its sealed share ({exc}); seal a fresh payload to the current keys "
                        "(GET /v1/sealed/keys); nothing was kept")

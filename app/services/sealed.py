@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import threading
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -108,14 +110,21 @@ def _admit(ctx: GatewayContext, principal: Principal, payload: SealedPayload) ->
     return model
 
 
-def _inputs(ctx: GatewayContext, principal: Principal, model: SealedServed,
-            payload: SealedPayload) -> tuple[SealedIn, SealedIn]:
+def unix_seconds(created_at: datetime) -> int:
+    """The payload's created_at as the SDK bound it into the envelopes: whole Unix seconds, floored
+    (``client.sealed.unix_seconds``); a naive time is UTC, as the replay check reads it."""
+    return math.floor((created_at if created_at.tzinfo else created_at.replace(tzinfo=timezone.utc)).timestamp())
+
+
+def _inputs(ctx: GatewayContext, principal: Principal, model: SealedServed, payload: SealedPayload,
+            operation: str) -> tuple[SealedIn, SealedIn]:
     """Each party's body part: its own envelope, the request's binding fields and the tenant's rotation."""
     key = tenant_template_key(ctx.settings.secret_key, principal.tenant_id, principal.tenant_key_version)
     rotation = protection_matrix(key, model.version, principal.tenant_key_version, model.dim)
     text = base64.b64encode(np.ascontiguousarray(rotation, dtype="<f8").tobytes()).decode()
     parts = [SealedIn(model=model.version, transform_id=payload.transform_id, shape=list(payload.shape),
-                      nonce=payload.nonce, envelope=envelope, rotation=text) for envelope in payload.envelopes]
+                      nonce=payload.nonce, operation=operation, created_at=unix_seconds(payload.created_at),
+                      envelope=envelope, rotation=text) for envelope in payload.envelopes]
     return parts[0], parts[1]
 
 
@@ -124,7 +133,7 @@ async def enroll(ctx: GatewayContext, principal: Principal, subject_id: str, pay
     with session_scope(ctx.sessions) as session:
         biometrics.load_subject(session, principal, subject_id)
     model = _admit(ctx, principal, payload)
-    parts = _inputs(ctx, principal, model, payload)
+    parts = _inputs(ctx, principal, model, payload, "enroll")
     job_id = uuid.uuid4().hex
 
     async def prepare(seq: int, gallery: str) -> bool:
@@ -139,7 +148,7 @@ async def verify(ctx: GatewayContext, principal: Principal, subject_id: str, pay
     with session_scope(ctx.sessions) as session:
         biometrics.load_subject(session, principal, subject_id)
     model = _admit(ctx, principal, payload)
-    parts = _inputs(ctx, principal, model, payload)
+    parts = _inputs(ctx, principal, model, payload, "verify")
     gallery = gallery_name(model.version, principal.tenant_id, principal.tenant_key_version)
 
     async def run(upto: int, committed: int) -> bool | None:
@@ -165,7 +174,7 @@ async def identify(ctx: GatewayContext, principal: Principal, payload: SealedPay
     bit and, only on a match, the subject id. The threshold follows the gallery's size at the parties (the model's
     identify schedule, registered with the gallery)."""
     model = _admit(ctx, principal, payload)
-    parts = _inputs(ctx, principal, model, payload)
+    parts = _inputs(ctx, principal, model, payload, "identify")
     gallery = gallery_name(model.version, principal.tenant_id, principal.tenant_key_version)
 
     async def run(upto: int, committed: int) -> int:

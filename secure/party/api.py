@@ -102,10 +102,12 @@ class SealedEnvelope(BaseModel):
 class SealedIn(BaseModel):
     """Sealed mode (issue 12): what one party needs to compute its share of a protected query under MPC."""
 
-    model: str = Field(..., pattern=r"^[A-Za-z0-9._-]{1,64}$", description="the sealed model version")
+    model: str = Field(..., pattern=r"^sealed-v[0-9]{1,9}$", description="the sealed model version (a folder name)")
     transform_id: str = Field(..., max_length=100)
     shape: list[int] = Field(..., min_length=3, max_length=3)
     nonce: str = Field(..., pattern=r"^[0-9a-f]{32}$", description="the request's nonce (bound into the envelope)")
+    operation: Literal["enroll", "verify", "identify"] = Field(..., description="bound into the envelope")
+    created_at: int = Field(..., ge=0, description="the payload's created_at, Unix seconds (bound into the envelope)")
     envelope: SealedEnvelope
     rotation: str = Field(..., repr=False, description="base64 of float64 LE [d, d]: the tenant's protection matrix")
 

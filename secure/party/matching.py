@@ -56,6 +56,8 @@ class SealedOpener(Protocol):
 
     def query(self, body: SealedIn) -> SealedQuery: ...
 
+    def use(self, body: SealedIn, operation: str) -> None: ...
+
 
 class MatchEngine(Protocol):
     """What the party needs of its MPC engine (``MpcEngine``, ``ShardedEngine``, or a test stand-in)."""
@@ -183,7 +185,7 @@ class MatchDesk:
             await self.audit_job(body, 0, queries, 200)
             return self._out(body, [0] * queries, 0, digest)
         dim = int(shares.shape[1])
-        sealed = self._sealed(body.sealed, dim) if body.sealed is not None else None
+        sealed = self._sealed(body.sealed, dim, body.kind) if body.sealed is not None else None
         query = self._query(body, dim) if sealed is None else np.zeros(dim, dtype=np.int64)
         job = MatchJob(job_id=body.job_id, kind=body.kind, query_share=query, gallery_share=shares, labels=labels,
                        gallery_id=f"{body.gallery}:{digest}" if body.kind == "identify" else None,
@@ -210,13 +212,15 @@ class MatchDesk:
             field = "query_share" if body.query_shares is None else "query_shares"
             raise _invalid(f"{field}: {exc}") from None
 
-    def _sealed(self, body: SealedIn, dim: int) -> SealedQuery:
-        """This party's sealed input (its envelope opened here), for a gallery of templates of size ``dim``."""
+    def _sealed(self, body: SealedIn, dim: int, kind: str) -> SealedQuery:
+        """This party's sealed input (its envelope opened here), for a gallery of templates of size ``dim``; its
+        nonce is spent on this ``kind`` of job (a replay or a payload sealed for another operation is refused)."""
         if self.sealed is None:
             raise PartyProblem(409, "sealed-disabled", "Sealed mode not served", "this party serves no sealed model")
         sealed = self.sealed.query(body)
         if sealed.dim != dim:
             raise _invalid(f"the sealed model's templates have d={sealed.dim}, the gallery's d={dim}")
+        self.sealed.use(body, kind)
         return sealed
 
     @staticmethod

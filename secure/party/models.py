@@ -71,3 +71,13 @@ class MatchAuditRow(PartyBase):
     rows: Mapped[int] = mapped_column(Integer)
     queries: Mapped[int] = mapped_column(Integer)
     status: Mapped[int] = mapped_column(Integer)  # the HTTP status this party answered
+
+
+class SealedNonceRow(PartyBase):
+    """A sealed request nonce this party has used for an MPC job (secure/party/nonces.py): a replayed envelope is
+    refused. Rows older than the freshness window are purged (an envelope that old is refused as stale anyway)."""
+
+    __tablename__ = "sealed_nonces"
+    nonce: Mapped[str] = mapped_column(String(32), primary_key=True)
+    operation: Mapped[str] = mapped_column(String(16))
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)

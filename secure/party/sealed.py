@@ -10,8 +10,10 @@ student, the unit embedding and the tenant's rotation (``secure/mpc/protocols/se
   recorded one and only the decision is opened.
 
 The models are read from ``PRIVFACE_PARTY_SEALED_MODEL_DIR`` (``<version>/sealed.json`` + ``layers.npz``, written
-by ``inference/sealed_export.py``); the layers' sha256 is checked, and it names the model in the job digest both
-parties compare before an MPC job starts.
+by ``inference/sealed_export.py``); the layers' sha256 is checked, and the hash of sealed.json (layer list, norm
+scale, shape, transform) with the layers names the model in the job digest both parties compare before an MPC job
+starts, together with the rotation and the request (nonce, transform, shape, operation): two parties whose files
+differ, or fed envelopes of two different requests, do not start the job.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from secure.mpc.engine import MatchJob
 from secure.mpc.protocols.sealed_model import SealedQuery, check_layers
 from secure.party.api import OpOut, SealedCheckOut, SealedIn, SealedPrepareIn
 from secure.party.matching import MatchDesk, op_problem
+from secure.party.nonces import NonceStore
 from secure.party.oplog import OpError, OpLog, OpSpec
 from secure.sealed_box import PartyKey, SealedError, open_share
 
@@ -53,7 +56,7 @@ class SealedModel:
     dim: int
     shape: tuple[int, ...]
     transform_id: str
-    digest: str  # sha256 of layers.npz
+    digest: str  # sha256 of the canonical sealed.json and of layers.npz: the whole model, as both parties run it
 
 
 def load_sealed_model(root: Path, version: str) -> SealedModel:
@@ -64,6 +67,8 @@ def load_sealed_model(root: Path, version: str) -> SealedModel:
     digest = hashlib.sha256(raw).hexdigest()
     if digest != meta["layers_sha256"]:
         raise ValueError(f"sealed model {version}: layers.npz does not match its recorded sha256")
+    canonical = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    whole = hashlib.sha256(b"privface sealed model v1|" + canonical + b"|" + digest.encode()).hexdigest()
     arrays = np.load(io.BytesIO(raw))
     layers = []
     for i, entry in enumerate(meta["layers"]):
@@ -73,12 +78,18 @@ def load_sealed_model(root: Path, version: str) -> SealedModel:
     check_layers(layers)
     return SealedModel(version=version, layers=layers, norm_hint=float(meta["norm_hint"]),
                        dim=int(meta["embedding_dim"]), shape=tuple(int(v) for v in meta["shape"]),
-                       transform_id=str(meta["transform_id"]), digest=digest)
+                       transform_id=str(meta["transform_id"]), digest=whole)
 
 
 def _refused(slug: str, detail: str) -> PartyProblem:
     """The caller's envelope is unusable here: a 422 the gateway passes on as the caller's fault."""
     return PartyProblem(422, slug, "Sealed input refused", detail)
+
+
+def _replayed(slug: str, detail: str) -> PartyProblem:
+    """A payload resent, stale or used for another operation: the gateway checks freshness and nonces first, so
+    only a relay that replays gets here (409; the gateway answers its caller 503)."""
+    return PartyProblem(409, slug, "Sealed input already used", detail)
 
 
 def _misconfigured(slug: str, detail: str) -> PartyProblem:
@@ -90,8 +101,8 @@ def _misconfigured(slug: str, detail: str) -> PartyProblem:
 class SealedInputs:
     """Opens this party's envelopes into ``SealedQuery`` inputs of MPC jobs (models loaded once, by version)."""
 
-    def __init__(self, rank: int, key: PartyKey, model_dir: Path) -> None:
-        self.rank, self.key, self.model_dir = rank, key, Path(model_dir)
+    def __init__(self, rank: int, key: PartyKey, model_dir: Path, nonces: NonceStore) -> None:
+        self.rank, self.key, self.model_dir, self.nonces = rank, key, Path(model_dir), nonces
         self._models: dict[str, SealedModel] = {}
         self._lock = threading.Lock()
 
@@ -112,15 +123,31 @@ class SealedInputs:
         if body.transform_id != model.transform_id or tuple(body.shape) != model.shape:
             raise _misconfigured("sealed-mismatch",
                                  f"model {model.version} reads {model.transform_id} {list(model.shape)}")
-        context = {"transform_id": body.transform_id, "shape": body.shape, "nonce": body.nonce}
+        context = {"transform_id": body.transform_id, "shape": body.shape, "nonce": body.nonce,
+                   "operation": body.operation, "created_at": body.created_at}
         try:
             share = open_share(body.envelope.model_dump(), self.rank, self.key, context)
         except SealedError as exc:
             raise _refused("sealed-envelope", str(exc)) from None
+        # after the envelope opened: created_at and the nonce are then the SDK's, not a relay's invention
+        if not self.nonces.fresh(body.created_at):
+            raise _replayed("sealed-stale", "the sealed payload's created_at is outside this party's window")
+        if self.nonces.seen(body.nonce):
+            raise _replayed("sealed-replay", "this sealed payload's nonce was already used")
         rotation = self._rotation(body.rotation, model.dim)
-        name = hashlib.sha256(model.digest.encode() + rotation.tobytes() + repr(model.norm_hint).encode())
+        request = json.dumps({"nonce": body.nonce, "transform_id": body.transform_id, "shape": list(body.shape),
+                              "operation": body.operation}, sort_keys=True).encode()
+        name = hashlib.sha256(model.digest.encode() + rotation.tobytes() + repr(model.norm_hint).encode() + request)
         return SealedQuery(features=share[None], layers=model.layers, norm_hint=model.norm_hint, rotation=rotation,
                            digest=name.hexdigest())
+
+    def use(self, body: SealedIn, operation: str) -> None:
+        """Spend the payload's nonce on an MPC job of ``operation`` (the one bound into the envelope); a nonce used
+        before, or a payload sealed for another operation, is refused (nothing runs)."""
+        if body.operation != operation:
+            raise _replayed("sealed-operation", f"this payload was sealed for {body.operation}, not {operation}")
+        if not self.nonces.use(body.nonce, operation):
+            raise _replayed("sealed-replay", "this sealed payload's nonce was already used")
 
     @staticmethod
     def _rotation(text: str, dim: int) -> np.ndarray:
@@ -153,6 +180,7 @@ def sealed_routes(api: APIRouter, desk: MatchDesk, oplog: OpLog, inputs: SealedI
         if known is not None:  # a resent prepare never runs a second MPC job; the op log keeps the first answer
             return OpOut(seq=body.seq, state=known)
         sealed = inputs.query(body.sealed)
+        inputs.use(body.sealed, "enroll")
         await desk.spend_budget(_Ref(body))
         job = MatchJob(job_id=body.job_id, kind="embed", query_share=np.zeros(sealed.dim, dtype=np.int64),
                        gallery_share=np.zeros((0, sealed.dim), dtype=np.int64), labels=np.zeros(0, dtype=np.int64),

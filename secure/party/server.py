@@ -30,6 +30,7 @@ from secure.party.deployment import check_deployment, uvicorn_options
 from secure.party.gallery import Gallery
 from secure.party.matching import MatchDesk, MatchEngine, op_problem
 from secure.party.metrics import PartyMetrics
+from secure.party.nonces import NonceStore
 from secure.party.oplog import OpError, OpLog, OpSpec
 from secure.party.sealed import SealedInputs, sealed_routes
 from secure.party.settings import PartySettings
@@ -168,7 +169,8 @@ def create_party_app(settings: PartySettings, engine: MatchEngine, *, oplog: OpL
     thresholds = Thresholds(oplog.sessions)
     metrics = PartyMetrics()
     sealed_key = party_key_from_env()  # sealed mode (issue 12): the key the SDK seals this party's share to
-    sealed = SealedInputs(settings.rank, sealed_key, settings.sealed_model_dir)
+    sealed = SealedInputs(settings.rank, sealed_key, settings.sealed_model_dir,
+                          NonceStore(oplog.sessions, settings.sealed_replay_window_s))
     desk = MatchDesk(settings, engine, oplog, thresholds, MatchAudit(oplog.sessions, settings.rank), metrics,
                      sealed)
     require_token = _token_check(settings)
@@ -239,6 +241,9 @@ def run_party(settings: PartySettings | None = None) -> None:
     try:
         migrate_party_db(settings.resolved_database_url())
         app = create_party_app(settings, engine)
+        # printed, not logged: uvicorn configures logging only below; the operator publishes this line's value
+        print(f"party {settings.rank} sealed key fingerprint (for PRIVFACE_SDK_SEALED_KEY_PINS): "
+              f"{app.state.sealed_key.fingerprint}", flush=True)
         uvicorn.run(app, host=settings.host, port=settings.resolved_port(), log_level=settings.log_level,
                     log_config=logging_config(), **uvicorn_options(settings))
     finally:

@@ -46,6 +46,10 @@ class PartySettings(BaseSettings):
                         "(403 elsewhere); empty: none (the link token scrapes, as before).")
     sealed_model_dir: Path = Field(PROJECT_ROOT / "inference" / "bundled", description="Sealed mode: the directory "
                                    "of sealed model versions (<version>/sealed.json + layers.npz) this party serves.")
+    sealed_replay_window_s: int = Field(
+        900, ge=1, description="Sealed mode: a payload's created_at may be at most this old at the party (longer than "
+                               "the gateway's PRIVFACE_REPLAY_WINDOW_S, as a job may wait); its nonce is refused "
+                               "once used, and remembered in the party database this long plus 5 minutes.")
     log_level: str = "info"
     traffic_log: str | None = Field(None, description="File to append 'METHOD PATH BYTES' per request (no content).")
 
