@@ -39,8 +39,8 @@ def runnable_modules(package: str) -> set[str]:
 
 
 def test_product_packages_hold_no_drivers_or_research_scripts() -> None:
-    """Every process of the product starts through `privface`; the only other commands are the model export
-    and its int8 copy (each builds a servable version) and the SDK's own CLI. Drivers live in devtools/, measurements in
+    """Every process of the product starts through `privface`; the only other commands are the model export,
+    its int8 copy and the sealed model's builder (each builds a servable version) and the SDK's own CLI. Drivers live in devtools/, measurements in
     training_jobs/."""
     found = set().union(*(runnable_modules(p) for p in ("app", "secure", "inference", "common", "client")))
-    assert found == {"inference/export.py", "inference/quantize.py", "client/cli.py"}
+    assert found == {"inference/export.py", "inference/quantize.py", "inference/sealed_export.py", "client/cli.py"}
