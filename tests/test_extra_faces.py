@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from client.align import align_face
 from inference.lfw import lfw_dir, load_rgb, read_pairs, shared_dir
 from inference.transform import spec_v0
+from training_jobs import ab_compare
 from training_jobs.datasets import MixedFaces, kept_faces, make_split, training_faces
 from training_jobs.extra_faces import align, heldout_gallery, impostor_threshold, verdict
 from training_jobs.losses import UNLABELLED, MarginHead
@@ -131,3 +133,16 @@ def test_a_tiny_sealed_run_distils_on_extra_faces(tmp_path):
     trainer.fit()
     for metrics in trainer.history:
         assert metrics["samples"] == 16 and metrics["distill"] > 0 and 0 <= metrics["train_acc"] <= 1
+    out = tmp_path / "ab.json"  # the same checkpoint twice: the paired comparison must find no difference
+    ab_compare.main(["--run", f"A={tmp_path / 'run'}", "--run", f"B={tmp_path / 'run'}", "--folds", "6-7",
+                     "--pairs-per-fold", "4", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["pairs"] == 8 and report["paired"]["b_minus_a"] == 0 and report["paired"]["only_a_right"] == 0
+
+
+def test_paired_comparison_counts_discordant_pairs():
+    a = np.array([True, True, False, False, True])
+    b = np.array([True, False, True, True, True])
+    result = ab_compare.paired(a, b)
+    assert result["b_minus_a"] == pytest.approx(0.2) and result["only_a_right"] == 1 and result["only_b_right"] == 2
+    assert result["ci95"][0] <= 0.2 <= result["ci95"][1]
