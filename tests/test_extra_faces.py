@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from client.align import align_face
+from common.paths import PROJECT_ROOT
 from inference.lfw import lfw_dir, load_rgb, read_pairs, shared_dir
 from inference.transform import spec_v0
 from training_jobs import ab_compare
-from training_jobs.datasets import MixedFaces, kept_faces, make_split, training_faces
+from training_jobs.datasets import EXTRA_FACES_LICENSE, MixedFaces, kept_faces, make_split, training_faces
 from training_jobs.extra_faces import align, heldout_gallery, impostor_threshold, verdict
 from training_jobs.losses import UNLABELLED, MarginHead
 from tests.conftest import one_torch_thread
@@ -146,3 +147,15 @@ def test_paired_comparison_counts_discordant_pairs():
     result = ab_compare.paired(a, b)
     assert result["b_minus_a"] == pytest.approx(0.2) and result["only_a_right"] == 1 and result["only_b_right"] == 2
     assert result["ci95"][0] <= 0.2 <= result["ci95"][1]
+
+
+@pytest.mark.skipif(not (PROJECT_ROOT / "inference" / "bundled" / "v1-accurate").is_dir(), reason="no bundled model")
+def test_the_model_card_states_the_celeba_licence_only_when_extra_faces_trained_it():
+    from inference.metadata import ModelMetadata
+    from training_jobs.model_card import render
+    from training_jobs.train_config import load_config
+    meta = ModelMetadata.load(PROJECT_ROOT / "inference" / "bundled" / "v1-accurate")
+    config = load_config(PROJECT_ROOT / "training_jobs" / "configs" / "gpu-v0.yaml")
+    assert "non-commercial research" not in render(meta, config, [])
+    config["data"]["extra_faces"] = True
+    assert EXTRA_FACES_LICENSE in render(meta, config, [])
