@@ -39,11 +39,13 @@ def table() -> str:
     from secure import sealed_box
     from secure.mpc.settings import MpcSettings
     from secure.party.settings import PartySettings
+    from training_jobs import datasets
 
     lines = [HEADER]
     for cls in (GatewaySettings, PartySettings, MpcSettings):
         lines += rows(cls)
-    for variables in (environment.VARIABLES, failpoints.VARIABLES, federated_job.VARIABLES, sealed_box.VARIABLES):
+    for variables in (environment.VARIABLES, failpoints.VARIABLES, federated_job.VARIABLES, sealed_box.VARIABLES,
+                      datasets.VARIABLES):
         lines += variable_rows(variables)
     return "\n".join(lines)
 

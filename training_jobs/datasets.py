@@ -10,12 +10,16 @@ folds 1–5 and identities in no fold at all): 3,554 identities, 6,922 images.
   (generator seeded by (seed, epoch, index), so runs are reproducible and no two visits share noise);
 - clean: the same augmented face, RGB uint8 [112, 112, 3], for the pixel-domain teacher;
 - label: the identity's class index.
+Extra faces (`data.extra_faces`, issue 10 item 4): unlabelled aligned faces from PRIVFACE_EXTRA_FACES_DIR (made by
+`python -m training_jobs.extra_faces prepare`, which drops look-alikes of folds 6-10) join the labelled images with
+label UNLABELLED (-1): the teacher distils into the student on them, the margin loss ignores them.
 Augmentation acts on the image BEFORE the transform (horizontal flip, brightness/contrast jitter, small
 translation), so teacher and student see the same face.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,12 +27,28 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
+
+from common.paths import PROJECT_ROOT
 
 from inference.lfw import Pair, load_rgb, read_pairs
 from inference.transform import TransformSpec, apply
+from training_jobs.losses import UNLABELLED
 
 DEFAULT_EVAL_FOLDS = (6, 7, 8, 9, 10)
+EXTRA_FACES_DIR_ENV = "PRIVFACE_EXTRA_FACES_DIR"
+DEFAULT_EXTRA_FACES_DIR = PROJECT_ROOT.parent / "data" / "celeba-aligned"
+VARIABLES = {EXTRA_FACES_DIR_ENV: (
+    "../data/celeba-aligned", "Unlabelled aligned faces that add distillation to a training run with "
+    "`data.extra_faces: true` (made by `python -m training_jobs.extra_faces prepare`; kept outside the repository).")}
+# the model card's licence note for a model trained with extra faces (training_jobs/model_card.py)
+EXTRA_FACES_LICENSE = (
+    "CelebA (Liu, Luo, Wang, Tang, ICCV 2015) is available for non-commercial research purposes only, and its "
+    "photos remain under their copyright holders' terms. A model distilled on these faces inherits that "
+    "restriction, as it already inherits the research-use terms of its pretrained teachers' MS-Celeb-derived "
+    "training data: it is for research and evaluation, not for commercial deployment unless retrained without "
+    "them. The photos are kept outside the repository; only counts, the filter threshold and the command are.")
+EXTRA_SEED_OFFSET = 7919  # extra faces draw their noise from another stream than the labelled images
 
 
 @dataclass(frozen=True)
@@ -149,3 +169,41 @@ class TransformedFaces(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
             face = self.augment(face, rng)
         features = apply(face, self.spec, rng).astype(np.float32)
         return torch.from_numpy(features), torch.from_numpy(np.ascontiguousarray(face)), self.labels[index]
+
+
+class MixedFaces(ConcatDataset[tuple[torch.Tensor, torch.Tensor, int]]):
+    """Labelled images followed by unlabelled extra faces, one epoch counter for both."""
+
+    def set_epoch(self, epoch: int) -> None:
+        for part in self.datasets:
+            assert isinstance(part, TransformedFaces)
+            part.set_epoch(epoch)
+
+
+def extra_faces_dir() -> Path:
+    """PRIVFACE_EXTRA_FACES_DIR, else ../data/celeba-aligned beside the project (absolute)."""
+    return Path(os.environ.get(EXTRA_FACES_DIR_ENV, DEFAULT_EXTRA_FACES_DIR)).resolve()
+
+
+def kept_faces(directory: Path) -> list[str]:
+    """The faces a training run may use: DIR/kept.txt (paths relative to DIR); refused when it is missing."""
+    listing = Path(directory) / "kept.txt"
+    if not listing.is_file():
+        raise FileNotFoundError(f"{listing} is missing: run `python -m training_jobs.extra_faces prepare` "
+                                f"or point {EXTRA_FACES_DIR_ENV} at its output")
+    return [line for line in listing.read_text().splitlines() if line.strip()]
+
+
+def training_faces(lfw: Path, split: Split, spec: TransformSpec, augment: Augment | None, seed: int,
+                   extra: bool | str = False) -> TransformedFaces | MixedFaces:
+    """The training set: the split's labelled images, plus (extra: true, or a folder) the unlabelled faces."""
+    labelled = TransformedFaces(lfw, split.train_images, split.train_labels, spec, augment, seed=seed)
+    if not extra:
+        return labelled
+    directory = extra_faces_dir() if extra is True else Path(extra)
+    faces = kept_faces(directory)
+    if not faces:
+        raise ValueError(f"{directory / 'kept.txt'} lists no faces")
+    unlabelled = TransformedFaces(directory, faces, [UNLABELLED] * len(faces), spec, augment,
+                                  seed=seed + EXTRA_SEED_OFFSET)
+    return MixedFaces([labelled, unlabelled])

@@ -1,5 +1,7 @@
 """Margin-based identity heads (CosFace, ArcFace) and embedding distillation.
 
+- Unlabelled samples (label UNLABELLED = -1: extra faces used for distillation only) take no part in the margin
+  loss, which averages over the labelled samples of the batch (0 when there are none).
 - CosFace (Wang et al. 2018): logit_y = s * (cos θ_y - m), other logits s * cos θ_j.
 - ArcFace (Deng et al. 2019): logit_y = s * cos(θ_y + m) (with the usual fallback cos θ - m sin(m) m when
   θ + m > π, keeping the logit monotonic).
@@ -15,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+UNLABELLED = -1
 
 
 class MarginHead(nn.Module):
@@ -45,7 +49,8 @@ class MarginHead(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos = self.cosines(embeddings)
-        target = cos.gather(1, labels[:, None])
+        safe = labels.clamp_min(0)  # unlabelled rows get a dummy target, then leave the loss
+        target = cos.gather(1, safe[:, None])
         if self.kind == "cosface":
             adjusted = target - self.margin
         else:
@@ -53,8 +58,11 @@ class MarginHead(nn.Module):
             with_margin = target * math.cos(self.margin) - sin * math.sin(self.margin)
             threshold = math.cos(math.pi - self.margin)
             adjusted = torch.where(target > threshold, with_margin, target - math.sin(math.pi - self.margin) * self.margin)
-        logits = cos.scatter(1, labels[:, None], adjusted) * self.scale
-        return F.cross_entropy(logits, labels), cos
+        logits = cos.scatter(1, safe[:, None], adjusted) * self.scale
+        known = labels != UNLABELLED
+        if not bool(known.any()):
+            return logits.sum() * 0.0, cos  # keeps the graph (and the device) of a real loss
+        return F.cross_entropy(logits[known], labels[known]), cos
 
 
 class DistillationLoss(nn.Module):

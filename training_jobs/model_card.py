@@ -18,6 +18,7 @@ from typing import Any
 from inference.metadata import ModelMetadata
 from inference.operating_points import ImpostorCurve
 from inference.privacy_presets import preset_of_transform
+from training_jobs.datasets import EXTRA_FACES_LICENSE
 from training_jobs.frontier import attack_figures
 from training_jobs.train_config import load_config
 
@@ -60,6 +61,9 @@ def render(meta: ModelMetadata, config: dict[str, Any], attacks: list[dict[str, 
              f"{training.get('train_identities')} identities; {training.get('epochs')} epochs "
              f"({training.get('steps')} steps) |",
              "| Teacher | pretrained pixel MobileFaceNet (its authors trained it on MS-Celeb-derived data; research use) |",
+             *([f"| Extra faces | unlabelled CelebA photos, distillation only (`training_jobs/extra_faces.py`: "
+                f"re-aligned, look-alikes of folds 6-10 dropped). {EXTRA_FACES_LICENSE} |"]
+               if config.get("data", {}).get("extra_faces") else []),
              *recipe(config),
              f"| ONNX | `{meta.onnx_file}` sha256 `{meta.sha256[:16]}…`, ORT vs PyTorch max diff "
              f"{meta.ort_vs_torch_max_abs_diff:.1e} |", "",

@@ -7,7 +7,7 @@ the pretrained MobileFaceNet; it sees the SDK's exact transform of an augmented 
 Teacher: a frozen pixel-domain model on the same augmented clean face (pretrained MobileFaceNet, or SFace
 through ONNX Runtime with a learned projection), or none.
 Loss: identity_weight * margin loss (CosFace/ArcFace over the training identities) + distill_weight *
-(1 - cos(student, teacher)).
+(1 - cos(student, teacher)); `data.extra_faces` adds unlabelled faces that only the distillation term sees.
 AdamW, linear warm-up then cosine decay (per step), fixed seeds, tqdm progress, a checkpoint after every
 epoch (OUT/checkpoints/last.pt, resumed with --resume), a metrics JSON per epoch (OUT/metrics/epoch_NNN.json).
 At the end: held-out evaluation (training_jobs.evaluate protocol) of the final model with the served noise,
@@ -37,7 +37,7 @@ from inference.lfw import lfw_dir, shared_dir
 from inference.mobilefacenet import EMBEDDING_DIM, load_pretrained
 from inference.sealed_student import SealedCnn, SealedFaceModel
 from inference.transform import TransformSpec
-from training_jobs.datasets import Augment, TransformedFaces, make_split
+from training_jobs.datasets import Augment, TransformedFaces, make_split, training_faces
 from training_jobs.eval_report import plot_roc_det
 from training_jobs.evaluate import HeldoutSet, ModelResult, frequency_embedder, pixel_input, torch_features_fn
 from training_jobs.losses import DistillationLoss, MarginHead
@@ -119,8 +119,8 @@ class Trainer:
         data = config["data"]
         self.split = make_split(self.lfw, tuple(data["eval_folds"]), data["min_images"], data["max_identities"],
                                 data["max_images_per_identity"])
-        self.dataset = TransformedFaces(self.lfw, self.split.train_images, self.split.train_labels, self.spec,
-                                        Augment.from_config(config["augment"]), seed=config["seed"])
+        self.dataset = training_faces(self.lfw, self.split, self.spec, Augment.from_config(config["augment"]),
+                                      config["seed"], data.get("extra_faces", False))  # extra: distillation only
         self.student = build_student(config["model"], self.spec, self.shared).to(self.device)
         self.teacher = Teacher(config["teacher"], self.shared, self.device)
         loss = config["loss"]
@@ -218,7 +218,7 @@ class Trainer:
         loss_cfg = self.config["loss"]
         set_train_mode(self.student, self.config["model"]["freeze_backbone_bn"])
         sums = {"loss": 0.0, "identity": 0.0, "distill": 0.0, "train_acc": 0.0}
-        count = 0
+        count = labelled = 0
         start = time.perf_counter()
         bar = tqdm(self.loader(epoch), total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.config['optim']['epochs']}",
                    unit="step", dynamic_ncols=True)
@@ -242,6 +242,7 @@ class Trainer:
             self.step += 1
             n = len(labels)
             count += n
+            labelled += int((labels >= 0).sum())
             sums["loss"] += loss.item() * n
             sums["identity"] += identity.item() * n
             sums["distill"] += distill.item() * n
@@ -250,6 +251,7 @@ class Trainer:
             bar.set_postfix(loss=f"{loss.item():.4f}", id=f"{identity.item():.3f}", kd=f"{distill.item():.4f}")
         bar.close()
         metrics: dict[str, float | list[float]] = {key: value / max(count, 1) for key, value in sums.items()}
+        metrics["train_acc"] = sums["train_acc"] / max(labelled, 1)  # of the labelled samples only
         metrics.update({"epoch": epoch + 1, "step": self.step, "samples": count,
                         "lr": [g["lr"] for g in self.optimizer.param_groups], "seconds": time.perf_counter() - start})
         return metrics

@@ -1,0 +1,84 @@
+"""Two trained checkpoints on the SAME held-out pairs, with a paired comparison: is B better than A, and by how much?
+
+    python -m training_jobs.ab_compare --run A=var/training/cpu-sealed-celeba-a --run B=var/training/cpu-sealed-celeba-b \
+        --folds 6-10 [--pairs-per-fold 100] [--out docs/results/celeba_ab.json]
+
+Why paired: the two models see the same pairs with the same transform-noise draws, so their difference has far less
+spread than each accuracy's ± over folds suggests. Per pair, each model's decision uses the threshold chosen on the
+OTHER folds (the leave-one-fold-out protocol of training_jobs.evaluate); the interval is a bootstrap over pairs
+(resampling A's and B's decisions together). Folds 6-10 are evaluated only; nothing here is tuned on them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from inference.lfw import lfw_dir, shared_dir
+from training_jobs.evaluate import HeldoutSet, ModelResult, frequency_embedder, parse_folds, torch_features_fn
+from training_jobs.train import build_student
+from training_jobs.train_config import make_spec
+
+BOOTSTRAP = 2000
+
+
+def evaluate_run(run: Path, heldout: HeldoutSet, name: str, seed: int) -> ModelResult:
+    """The run's checkpoint (OUT/checkpoints/last.pt) on the held-out pairs, noise drawn from `seed`."""
+    state = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    config = state["config"]
+    spec = make_spec(config)
+    student = build_student(config["model"], spec, shared_dir())
+    student.load_state_dict(state["student"])
+    student.eval()
+    embed = frequency_embedder(torch_features_fn(student), spec, np.random.default_rng(seed))
+    return heldout.evaluate(name, spec.transform_id, embed)
+
+
+def correct_per_pair(result: ModelResult, folds: np.ndarray) -> np.ndarray:
+    """Each pair's decision at the threshold chosen on the other folds, right (True) or wrong."""
+    thresholds = np.array([result.verification["per_fold"][int(f)]["threshold"] for f in folds])
+    right: np.ndarray = (result.scores >= thresholds) == result.same
+    return right
+
+
+def paired(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict[str, Any]:
+    """Accuracy difference B - A with a 95% bootstrap interval over pairs, and the discordant pair counts."""
+    rng = np.random.default_rng(seed)  # resampling an evaluation, not protecting data
+    draws = rng.integers(0, len(a), size=(BOOTSTRAP, len(a)))
+    diffs = b[draws].mean(axis=1) - a[draws].mean(axis=1)
+    return {"b_minus_a": float(b.mean() - a.mean()), "ci95": [float(np.quantile(diffs, 0.025)),
+                                                             float(np.quantile(diffs, 0.975))],
+            "only_a_right": int((a & ~b).sum()), "only_b_right": int((b & ~a).sum()), "pairs": len(a)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", action="append", required=True, help="NAME=var/training/<run> (twice: A, then B)")
+    parser.add_argument("--folds", type=parse_folds, default=(6, 7, 8, 9, 10))
+    parser.add_argument("--pairs-per-fold", type=int, default=None, help="default: every pair of the folds")
+    parser.add_argument("--seed", type=int, default=0, help="transform-noise seed (the trainer's eval.seed is 0)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    runs = [item.split("=", 1) for item in args.run]
+    if len(runs) != 2 or any(len(r) != 2 or not (Path(r[1]) / "checkpoints" / "last.pt").is_file() for r in runs):
+        raise SystemExit("error: give exactly two --run NAME=DIR, each with DIR/checkpoints/last.pt")
+    heldout = HeldoutSet(lfw_dir(shared_dir()), args.folds, args.pairs_per_fold)
+    folds = np.array([p.fold for p in heldout.pairs])
+    results = [evaluate_run(Path(path), heldout, name, args.seed) for name, path in runs]
+    rights = [correct_per_pair(r, folds) for r in results]
+    report = {"folds": list(args.folds), "pairs": len(heldout.pairs), "noise_seed": args.seed,
+              "models": {r.name: {"run": path, **r.to_dict()} for r, (_, path) in zip(results, runs)},
+              "paired": paired(rights[0], rights[1])}
+    text = json.dumps(report, indent=1)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
