@@ -144,14 +144,20 @@ def _export_atomically(model: torch.nn.Module, spec: TransformSpec, version: str
                       params_hash=spec.params_hash, embedding_dim=EMBEDDING_DIM, sha256=file_sha256(onnx_path),
                       onnx_file=ONNX_FILE, ort_vs_torch_max_abs_diff=diff, threshold=float(threshold),
                       metrics=metrics, impostor_curve=curve.to_dict(), weights=weights).save(staging)
-        staging.chmod(0o755)  # mkdtemp makes it private; the served directory is world-readable
-        final = out_dir / version
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-        return final
+        return publish_staging(staging, out_dir, version)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish_staging(staging: Path, out_dir: Path, version: str) -> Path:
+    """Rename a complete staging folder into OUT_DIR/<version>, replacing an older one, so a reader never sees a
+    half-written version; mkdtemp made it private, the served directory is world-readable."""
+    staging.chmod(0o755)
+    final = out_dir / version
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    return final
 
 
 def architecture(model: torch.nn.Module) -> str:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from inference.export import VERIFY_FAR
+from inference.export import VERIFY_FAR, publish_staging
 from inference.lfw import images_outside_pairs, lfw_dir, load_many, shared_dir
 from inference.operating_points import calibrate
 from inference.sealed_student import SealedCnn, SealedFaceModel, folded_layers
@@ -114,12 +114,7 @@ def build_sealed(checkpoint: Path, version: str, out_dir: Path, shared: Path, fa
                 "threshold_source": f"false-match rate {far:g} on the calibration impostors ({curve.source})",
                 "impostor_curve": curve.to_dict(), "source": source, "metrics": checkpoint_metrics(checkpoint)}
         (staging / SEALED_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        staging.chmod(0o755)
-        final = out_dir / version
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-        return final
+        return publish_staging(staging, out_dir, version)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
