@@ -147,3 +147,27 @@ def test_payload_freshness_window():
     for when in (datetime.now(timezone.utc) - timedelta(hours=1), datetime.now(timezone.utc) + timedelta(hours=1)):
         with pytest.raises(Problem):
             check_freshness(_payload(created_at=when), 600, 300)
+
+
+def test_a_cancel_request_is_seen_at_the_next_progress_report_and_a_job_done_anyway_says_so(sessions):
+    """Regression: a one-round federated job asked to stop only learnt of it at the next heartbeat (a third of
+    the lease), finished and published its model; now every progress report reads the request, and a job
+    that ends ``succeeded`` while ``cancelling`` says the request came too late."""
+    from app.models import Job
+    from app.services.jobs import JobReporter, _finish, cancel_job
+
+    with session_scope(sessions) as session:
+        session.add(Job(id="job_a", kind="federated", params={}, status="running"))
+        session.add(Job(id="job_b", kind="federated", params={}, status="running"))
+    reporter = JobReporter(sessions, "job_a")
+    reporter.progress(0.5, "round 1")
+    assert not reporter.cancel_requested.is_set()
+    assert cancel_job(sessions, "job_a").status == "cancelling"
+    reporter.progress(0.9, "registering the candidate")
+    assert reporter.cancel_requested.is_set()
+
+    cancel_job(sessions, "job_b")
+    _finish(sessions, "job_b", "succeeded", "done", {"version": "fed-x"})
+    with session_scope(sessions) as session:
+        job = session.get_one(Job, "job_b")
+        assert job.status == "succeeded" and "cancel request came after" in (job.message or "")

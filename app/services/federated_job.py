@@ -354,6 +354,9 @@ def run_federated_job(settings: GatewaySettings, sessions: sessionmaker[Session]
             last = result.get("last_round", 0)
             raise JobCancelled(f"cancelled after round {last} of {job.rounds}", {"rounds": rounds, "last_round": last})
         report.progress(0.9, "registering the candidate", {"rounds": rounds})
+        if report.cancel_requested.is_set():  # asked to stop during the last round: the candidate is not published
+            raise JobCancelled(f"cancelled after round {job.rounds} of {job.rounds}, before the candidate was "
+                               "registered", {"rounds": rounds, "last_round": job.rounds})
         heldout = result.get("heldout") or {}
         final = heldout.get(str(job.rounds)) or {}
         baseline = result.get("baseline") or {}

@@ -63,6 +63,8 @@ class JobReporter:
         return value replaces it when it ends."""
         with session_scope(self._sessions) as session:
             job = session.get_one(Job, self.job_id)
+            if job.status == "cancelling":  # seen now, not only at the next heartbeat (a job checks it after this)
+                self.cancel_requested.set()
             job.progress = max(0.0, min(1.0, fraction))
             if message is not None:
                 job.message = message
@@ -173,6 +175,8 @@ def _heartbeat(sessions: sessionmaker[Session], job_id: str, reporter: JobReport
 def _finish(sessions: sessionmaker[Session], job_id: str, status: str, message: str, result: dict[str, Any] | None) -> None:
     with session_scope(sessions) as session:
         job = session.get_one(Job, job_id)
+        if status == "succeeded" and job.status == "cancelling":
+            message = "done: the cancel request came after the job's last point where it could stop"
         job.status, job.message, job.result = status, message, result
         if status == "succeeded":
             job.progress = 1.0

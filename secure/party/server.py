@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Request, Response
 from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from common.logs import RequestIdMiddleware, logging_config
+from common.logs import RequestIdMiddleware, configure_logging, logging_config
 from common.problems import Problem as PartyProblem
 from common.problems import install_problem_handlers, problem_response
 from secure.party.api import (CheckIn, CheckOut, GalleryIn, GalleryOut, MatchIn, MatchOut, OpOut, PrepareIn,
@@ -241,9 +241,10 @@ def run_party(settings: PartySettings | None = None) -> None:
     try:
         migrate_party_db(settings.resolved_database_url())
         app = create_party_app(settings, engine)
-        # printed, not logged: uvicorn configures logging only below; the operator publishes this line's value
-        print(f"party {settings.rank} sealed key fingerprint (for PRIVFACE_SDK_SEALED_KEY_PINS): "
-              f"{app.state.sealed_key.fingerprint}", flush=True)
+        # logged in the process's format (JSON lines stay JSON); the operator publishes this line's value
+        configure_logging()
+        log.info("party %s sealed key fingerprint (for PRIVFACE_SDK_SEALED_KEY_PINS): %s",
+                 settings.rank, app.state.sealed_key.fingerprint)
         uvicorn.run(app, host=settings.host, port=settings.resolved_port(), log_level=settings.log_level,
                     log_config=logging_config(), **uvicorn_options(settings))
     finally:
