@@ -65,13 +65,13 @@ def run_mode(stack: LocalStack, key: str, mode: str, left: np.ndarray, right: np
         probe = encode_features(spec.apply(right, OsNoise()), spec)
         before = set(jobs(stack, 0))
         t0 = time.perf_counter()
-        client.enroll_features(subject, enrolled)
+        served = client.enroll_features(subject, enrolled)["model_version"]
         t1 = time.perf_counter()
         match = client.verify_features(subject, probe)
         t2 = time.perf_counter()
     new = {rank: {j: v for j, v in jobs(stack, rank).items() if j not in before} for rank in (0, 1)}
     verify_jobs = [j for j, v in new[0].items() if v[0] == "verify"]
-    return {"enroll_s": t1 - t0, "verify_s": t2 - t1, "match": match,
+    return {"model_version": served, "enroll_s": t1 - t0, "verify_s": t2 - t1, "match": match,
             "verify_rounds": [new[r][verify_jobs[-1]][1] for r in (0, 1)] if verify_jobs else None,
             "verify_bytes": [new[r][verify_jobs[-1]][2] for r in (0, 1)] if verify_jobs else None,
             "enroll_jobs": [v for v in new[0].values() if v[0] == "embed"]}
@@ -81,7 +81,8 @@ def summary(rows: list[dict[str, Any]], same: list[bool]) -> dict[str, Any]:
     verify = [r["verify_s"] for r in rows]
     enroll = [r["enroll_s"] for r in rows]
     with_jobs = [r for r in rows if r["verify_rounds"]]
-    return {"verify_s_p50": statistics.median(verify), "verify_s_p95": percentile(verify, 0.95),
+    return {"model_versions": sorted({r["model_version"] for r in rows}),  # what the gateway served, per its answers
+            "verify_s_p50": statistics.median(verify), "verify_s_p95": percentile(verify, 0.95),
             "enroll_s_p50": statistics.median(enroll), "enroll_s_p95": percentile(enroll, 0.95),
             "verify_rounds_party0_party1": with_jobs[0]["verify_rounds"] if with_jobs else None,
             "verify_bytes_party0_party1": with_jobs[0]["verify_bytes"] if with_jobs else None,

@@ -54,14 +54,30 @@ def test_the_builder_writes_the_checkpoints_student_and_a_calibrated_threshold(t
         load_sealed_model(tmp_path / "out", "sealed-test")
 
 
-def test_the_committed_bundle_is_complete():
-    folder = PROJECT_ROOT / "inference" / "bundled" / "sealed-v1"
+@pytest.mark.parametrize("version", ["sealed-v1", "sealed-v2"])
+def test_the_committed_bundle_is_complete(version):
+    folder = PROJECT_ROOT / "inference" / "bundled" / version
     meta = json.loads((folder / SEALED_FILE).read_text())
-    served = load_sealed_model(folder.parent, "sealed-v1")
+    served = load_sealed_model(folder.parent, version)
     assert served.dim == meta["embedding_dim"] and served.transform_id == meta["transform_id"]
     assert meta["norm_hint"] > 0 and -1 < meta["threshold"] < 1
     assert "no View-2 fold" in meta["threshold_source"]
     assert not (folder / "model.json").exists()  # the ONNX installer must not take it for a gateway model
+
+
+def test_the_gateways_default_sealed_model_is_served_by_the_parties_default_folder():
+    """The gateway names the version, each party loads it from its own folder: with no setting on either side they
+    must find the same files, or every sealed request of a default deployment is a 503."""
+    from app.services.sealed import served_model
+    from app.settings import GatewaySettings
+    from secure.party.settings import PartySettings
+
+    version = GatewaySettings.model_fields["sealed_model_version"].default
+    assert version == "sealed-v2"  # the long CPU student (docs/sealed.md); sealed-v1 is the previous one
+    gateway = served_model(GatewaySettings(sealed_model_version=version))
+    party = load_sealed_model(PartySettings.model_fields["sealed_model_dir"].default, version)
+    assert gateway is not None and gateway.version == party.version == version
+    assert (gateway.spec.transform_id, gateway.dim) == (party.transform_id, party.dim)
 
 
 def nonce_store(tmp_path, window_s: float = 900.0):
