@@ -74,7 +74,7 @@ def derive_key(shared: bytes, epk: bytes, party_public: bytes) -> bytes:
 def encode_fixed(features: np.ndarray) -> np.ndarray:
     """Features as int64 fixed point with 16 fractional bits (nearest), CrypTen's ring encoding."""
     array = np.asarray(features, dtype=np.float64)
-    if not np.all(np.isfinite(array)) or (array.size and float(np.max(np.abs(array))) > MAX_ABS):
+    if not np.all(np.isfinite(array)) or (array.size and float(np.max(np.abs(array))) >= MAX_ABS):
         raise ValueError("features must be finite and within the fixed-point range")
     return np.rint(array * (1 << PRECISION_BITS)).astype(np.int64)
 

@@ -20,8 +20,8 @@ def encode(x: float | np.ndarray, *, rounding: str = "nearest") -> np.ndarray:
     arr = np.asarray(x, dtype=np.float64)
     if not np.all(np.isfinite(arr)):
         raise ValueError("cannot encode non-finite values")
-    if arr.size and float(np.max(np.abs(arr))) > MAX_ABS:
-        raise ValueError(f"value out of the fixed-point range (|x| <= {MAX_ABS:g})")
+    if arr.size and float(np.max(np.abs(arr))) >= MAX_ABS:
+        raise ValueError(f"value out of the fixed-point range (|x| < {MAX_ABS:g})")
     scaled = arr * SCALE
     if rounding == "nearest":
         scaled = np.rint(scaled)

@@ -12,6 +12,8 @@ import copy
 import json
 import os
 import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +23,13 @@ import numpy as np
 import pytest
 import torch
 
-from client.features import decode_features, encode_features
+import client.sealed as client_sealed
+from client.features import FeaturePayload, decode_features, encode_features, utc_now
 from client.sdk import PrivfaceClient
-from client.sealed import encode_fixed, seal_share, split_shares, unix_seconds
+from client.sealed import MAX_ABS, encode_fixed, seal_share, split_shares, unix_seconds
 from common.paths import PROJECT_ROOT
 from devtools.localstack import NO_ABUSE_LIMITS, LocalStack
+from devtools.memscan import can_read_memory, find_in_memory, process_tree
 from inference.lfw import images_outside_pairs, lfw_dir, load_many
 from inference.transform import OsNoise, TransformSpec
 from secure import sealed_box
@@ -416,3 +420,143 @@ def test_a_replayed_sealed_payload_is_refused_by_both_parties_and_nothing_is_sto
         response = party_call(stack, rank, "/internal/sealed/prepare", prepare)
         assert response.status_code == 409 and response.json()["type"].endswith("/sealed-replay"), response.text
     assert (enrollments(stack, subject), party_states(stack)) == before  # no MPC job ran, nothing prepared
+
+
+SPOTS = (0.25, 0.5, 0.75)  # where in each secret the memory-dump test takes its windows
+
+
+def window(raw: bytes, width: int, at: float) -> bytes:
+    """``width`` bytes of ``raw`` from the fraction ``at`` of its length, on an 8-byte boundary (away from the start,
+    which a freed heap chunk overwrites with its list pointers)."""
+    start = int(len(raw) * at) // 8 * 8
+    return raw[start: start + width]
+
+
+def clear_feature_probes(payload: FeaturePayload, label: str, spots: tuple[float, ...]) -> dict[str, bytes]:
+    """What the features of ``payload`` look like in a process's memory if it has them in the clear: 32 values as
+    float16 (the wire form), float32 (what the gateway's model reads) and float64, and 64 characters of the
+    payload's base64 text (the request body), one window per fraction in ``spots``."""
+    values = decode_features(payload)
+    forms = {"float16": values.tobytes(), "float32": values.astype("<f4").tobytes(),
+             "float64": values.astype("<f8").tobytes(), "base64": payload["data"].encode()}
+    widths = {"float16": 64, "float32": 128, "float64": 256, "base64": 64}
+    return {f"{label} {form} @{at}": window(raw, widths[form], at) for form, raw in forms.items() for at in spots}
+
+
+def sealed_probes(payload: FeaturePayload, shares: tuple[np.ndarray, ...], label: str, spots: tuple[float, ...]
+                  ) -> dict[str, bytes]:
+    """The clear features of a sealed request, the fixed-point features the SDK encoded, and each party's share
+    (32 int64 values each)."""
+    fixed, first, second = (np.ascontiguousarray(a, dtype="<i8").tobytes() for a in shares)
+    found = clear_feature_probes(payload, label, spots)
+    for name, raw in (("fixed-point", fixed), ("share 0", first), ("share 1", second)):
+        found.update({f"{label} {name} @{at}": window(raw, 256, at) for at in spots})
+    return found
+
+
+def test_a_memory_dump_holds_no_clear_feature_or_share_at_the_gateway_and_only_its_own_share_at_a_party(
+        stack: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12: the gateway's memory (every readable mapping a process can write, of the gateway process and its
+    children, read through /proc/<pid>/mem while and after the SDK's requests run) holds none of the clear
+    features, their fixed-point encoding or either share of a sealed enrollment and verify; each party's memory
+    holds its own shares but not the other's, nor the features. Positive controls, so that no search
+    passes vacuously: in gateway mode the same search finds the probe's features in the gateway's memory, and
+    each party's search finds its own share."""
+    gateway = stack.local.processes["gateway"].pid
+    if not can_read_memory(gateway):
+        pytest.skip("reading another process's memory needs root (or ptrace_scope 0)")
+    _, images = faces(2)
+    set_mode(stack, "gateway")
+    with PrivfaceClient(stack.url, stack.admin, timeout=120, retries=0) as client:
+        spec = client.transform
+        subject = client.create_subject()["id"]
+        client.enroll_features(subject, encode_features(spec.apply(images[0], OsNoise()), spec))
+        probe = encode_features(spec.apply(images[1], OsNoise()), spec)
+        client.verify_features(subject, probe)
+    found, read = find_in_memory(process_tree(gateway), clear_feature_probes(probe, "gateway-mode probe", SPOTS))
+    assert read > 0 and found, "positive control: gateway mode's clear probe is in the gateway's memory"
+
+    set_mode(stack, "sealed")
+    made: list[tuple[np.ndarray, ...]] = []  # what the SDK encoded and split, per request (the real functions run)
+    sent = threading.Event()
+    real_split = client_sealed.split_shares
+
+    def recording_split(encoded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        shares = real_split(encoded)
+        made.append((np.array(encoded), *shares))
+        sent.set()
+        return shares
+
+    monkeypatch.setattr(client_sealed, "split_shares", recording_split)
+    spec = sealed_spec()
+    payloads = [encode_features(spec.apply(image, OsNoise()).astype(np.float16), spec) for image in images]
+    with PrivfaceClient(stack.url, stack.admin, timeout=120, retries=0,
+                        sealed_pins=stack.local.sealed_pins) as client, ThreadPoolExecutor(1) as pool:
+        subject = client.create_subject()["id"]
+        client.enroll_features(subject, payloads[0])
+        sent.clear()
+        verify = pool.submit(client.verify_features, subject, payloads[1])
+        assert sent.wait(60)  # the probe's shares exist: the SDK is sending them; dump the gateway meanwhile
+        during, _ = find_in_memory(process_tree(gateway), sealed_probes(payloads[1], made[-1], "probe", SPOTS))
+        verify.result()
+    assert len(made) == 2, len(made)
+    assert not during, during
+    secrets = {**sealed_probes(payloads[0], made[0], "enrollment", SPOTS),
+               **sealed_probes(payloads[1], made[1], "probe", SPOTS)}
+    after, read = find_in_memory(process_tree(gateway), secrets)
+    assert read > 0 and not after, after
+    for rank in (0, 1):
+        held, _ = find_in_memory(process_tree(stack.local.processes[f"party{rank}"].pid), secrets)
+        own = {f"{label} share {rank} @{at}" for label in ("enrollment", "probe") for at in SPOTS}
+        assert held and held <= own, (rank, held)  # its own shares only (found: the positive control)
+
+
+def sealed_body_of_fixed(stack: Any, spec: TransformSpec, fixed: np.ndarray, operation: str) -> dict[str, Any]:
+    """A sealed payload whose fixed-point features are ``fixed`` (any int64, as a client that bypasses the SDK's
+    range check could send): split and sealed to the parties' keys like the SDK's."""
+    keys = {k["rank"]: k["public_key"] for k in httpx.get(stack.url + "/v1/sealed/keys", headers=auth(stack.admin),
+                                                            timeout=30).json()}
+    nonce, created_at = os.urandom(16).hex(), utc_now()
+    context = {"transform_id": spec.transform_id, "shape": list(spec.shape), "nonce": nonce, "operation": operation,
+               "created_at": unix_seconds(created_at)}
+    shares = split_shares(fixed)
+    return {"transform_id": spec.transform_id, "params_hash": spec.params_hash, "shape": list(spec.shape),
+            "epsilon": spec.epsilon_per_image, "nonce": nonce, "created_at": created_at,
+            "envelopes": [seal_share(shares[r], r, keys[r], context) for r in (0, 1)]}
+
+
+def test_huge_sealed_features_never_match_and_out_of_range_ones_are_refused_by_the_sdk(stack: Any) -> None:
+    """Review item 8d (docs/security.md, sealed mode): the gateway cannot bound features it cannot see, so a client
+    that scales a matching probe up (the scaled-query attack) must gain nothing. The enrolled features themselves,
+    which match as they are, scaled by 1e4, 1e6 and up to the largest magnitude the fixed-point encoding takes, and
+    ring values beyond it (which only a client bypassing the SDK makes), answer "no match" at verify and identify,
+    never an error; the SDK refuses features out of the encoding's range (inf in float16) before sending anything."""
+    set_mode(stack, "sealed")
+    spec = sealed_spec()
+    _, images = faces(1)
+    enrolled = encode_features(spec.apply(images[0], OsNoise()).astype(np.float16), spec)
+    features = decode_features(enrolled).astype(np.float64)
+    with PrivfaceClient(stack.url, stack.admin, timeout=120, retries=0,
+                        sealed_pins=stack.local.sealed_pins) as client:
+        subject = client.create_subject()["id"]
+        client.enroll_features(subject, enrolled)
+        assert client.verify_features(subject, dict(enrolled)) is True  # as they are, these features match
+        largest = np.nextafter(MAX_ABS, 0)  # the top scale's rounding clipped back under the range
+        scales = (1e4, 1e6, largest / float(np.max(np.abs(features))))
+        fixed = [encode_fixed(np.clip(features * scale, -largest, largest)) for scale in scales]
+        fixed.append(np.where(features < 0, -(2**62), 2**62).astype(np.int64))  # beyond the encoding's range
+        for values in fixed:
+            body = {"subject_id": subject, "sealed": sealed_body_of_fixed(stack, spec, values, "verify")}
+            response = httpx.post(stack.url + "/v1/sealed/verify", json=body, headers=auth(stack.admin), timeout=120)
+            assert response.status_code == 200 and response.json()["match"] is False, response.text
+        body = {"sealed": sealed_body_of_fixed(stack, spec, fixed[1], "identify")}
+        response = httpx.post(stack.url + "/v1/sealed/identify", json=body, headers=auth(stack.admin), timeout=120)
+        assert response.status_code == 200 and response.json()["subject_id"] is None, response.text
+        with pytest.raises(ValueError, match="fixed-point range"):
+            encode_fixed(np.array([MAX_ABS]))  # 2^47 * 2^16 is 2^63: it would wrap to -2^63
+        infinite = decode_features(enrolled).copy()
+        infinite.flat[0] = np.inf
+        before = stack.calls()
+        with pytest.raises(ValueError, match="fixed-point range"):
+            client.verify_features(subject, encode_features(infinite, spec))
+        assert stack.calls() == before  # refused in the SDK: nothing reached the parties
