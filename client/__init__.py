@@ -8,12 +8,12 @@
 
 Only noised, float16 block-DCT features leave the device (client.features); the photo never does.
 """
-from client.errors import (AuthenticationError, ConflictError, InvalidRequestError, MultipleFacesError, NoFaceError,
-                           NotFoundError, PermissionDeniedError, PrivacyBudgetError, PrivfaceError,
-                           ServiceUnavailableError)
+from client.errors import (AuthenticationError, ConflictError, InvalidFeaturesError, InvalidPhotoError,
+                           InvalidRequestError, MultipleFacesError, NoFaceError, NotFoundError, PermissionDeniedError,
+                           PrivacyBudgetError, PrivfaceError, ServiceUnavailableError)
 from client.features import FeaturePayload
 from client.sdk import PrivfaceClient
 
 __all__ = ["PrivfaceClient", "FeaturePayload", "PrivfaceError", "NoFaceError", "MultipleFacesError",
            "AuthenticationError", "PermissionDeniedError", "NotFoundError", "ConflictError", "InvalidRequestError",
-           "ServiceUnavailableError", "PrivacyBudgetError"]
+           "ServiceUnavailableError", "PrivacyBudgetError", "InvalidPhotoError", "InvalidFeaturesError"]

@@ -41,6 +41,13 @@ class InvalidPhotoError(PrivfaceError, ValueError):
     """
 
 
+class InvalidFeaturesError(PrivfaceError, ValueError):
+    """Sealed mode: the features cannot be shared (not finite, or beyond the fixed-point range); nothing was sent.
+
+    Also a ValueError, like InvalidPhotoError.
+    """
+
+
 class PrivacyBudgetError(PrivfaceError):
     """The transform in use spends more ε per image than the app allows (max_epsilon); nothing was sent."""
 

@@ -19,8 +19,8 @@ from urllib.parse import quote
 import httpx
 
 from client.detect import DEFAULT_FACE_POLICY, FaceDetector, FacePolicy
-from client.errors import (InvalidRequestError, PrivacyBudgetError, PrivfaceError, ServiceUnavailableError,
-                           error_for)
+from client.errors import (InvalidFeaturesError, InvalidRequestError, PrivacyBudgetError, PrivfaceError,
+                           ServiceUnavailableError, error_for)
 from client.features import FeaturePayload, Photo, extract_features, with_fresh_nonce
 from client.environment import SEALED_PINS_ENV
 from client.sealed import parse_pins, pinned_keys, sealed_payload
@@ -172,7 +172,11 @@ class PrivfaceClient:
         """Seal the features to the pinned keys and send. A retry (503) seals fresh shares of the same features
         to the same pinned keys; a refused envelope (422) is raised, never re-sealed to other keys."""
         def body() -> dict[str, Any]:
-            return {**fields, "sealed": sealed_payload(dict(features), self._party_keys(), operation)}
+            keys = self._party_keys()
+            try:
+                return {**fields, "sealed": sealed_payload(dict(features), keys, operation)}
+            except ValueError as exc:  # the features themselves (keys were checked above)
+                raise InvalidFeaturesError(f"sealed mode: {exc}; nothing was sent") from exc
 
         return self._request("POST", path, body(), remake=lambda _: body())
 

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import client.sealed as client_sealed
+from client.errors import InvalidFeaturesError
 from client.features import FeaturePayload, decode_features, encode_features, utc_now
 from client.sdk import PrivfaceClient
 from client.sealed import MAX_ABS, encode_fixed, seal_share, split_shares, unix_seconds
@@ -557,6 +558,6 @@ def test_huge_sealed_features_never_match_and_out_of_range_ones_are_refused_by_t
         infinite = decode_features(enrolled).copy()
         infinite.flat[0] = np.inf
         before = stack.calls()
-        with pytest.raises(ValueError, match="fixed-point range"):
+        with pytest.raises(InvalidFeaturesError, match="fixed-point range"):  # the SDK's own error, a ValueError too
             client.verify_features(subject, encode_features(infinite, spec))
         assert stack.calls() == before  # refused in the SDK: nothing reached the parties
