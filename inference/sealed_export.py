@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.paths import PROJECT_ROOT
 from inference.export import VERIFY_FAR, publish_staging
 from inference.lfw import images_outside_pairs, lfw_dir, load_many, shared_dir
 from inference.operating_points import calibrate
@@ -54,9 +55,27 @@ def load_checkpoint(path: Path) -> tuple[SealedFaceModel, TransformSpec, dict[st
     cnn = SealedCnn(spec.num_channels, str(model_cfg.get("activation", "quad")), width, embedding)
     model = SealedFaceModel(cnn)
     model.load_state_dict(weights)
-    source = {"checkpoint": str(path), "run": state.get("config", {}).get("name"), "epoch": state.get("epoch"),
+    source = {"checkpoint": portable_path(path), "checkpoint_sha256": file_sha256(path), "run": state.get("config", {}).get("name"), "epoch": state.get("epoch"),
               "activation": model_cfg.get("activation", "quad"), "width": width, "embedding_dim": embedding}
     return model.eval(), spec, source
+
+
+def portable_path(path: Path) -> str:
+    """``path`` as the bundle records it: relative to the project (the bundle is committed and read on other
+    machines, where an absolute path of the build machine means nothing), else its last three parts."""
+    resolved = path.resolve()
+    if resolved.is_relative_to(PROJECT_ROOT):
+        return resolved.relative_to(PROJECT_ROOT).as_posix()
+    return "/".join(resolved.parts[-3:])
+
+
+def file_sha256(path: Path) -> str:
+    """What identifies the checkpoint wherever it is copied (the path alone does not)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_layers(layers: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
@@ -127,7 +146,7 @@ def checkpoint_metrics(checkpoint: Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError):
         return {}
     return {"twin_accuracy_folds_6_10": verification.get("accuracy"),
-            "twin_accuracy_std": verification.get("accuracy_std"), "from": str(final)}
+            "twin_accuracy_std": verification.get("accuracy_std"), "from": portable_path(final)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,6 +3,7 @@ the party reads back exactly the student the checkpoint holds; a damaged file is
 complete and calibrated on people in no View-2 fold."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -42,6 +43,9 @@ def test_the_builder_writes_the_checkpoints_student_and_a_calibrated_threshold(t
     assert (meta["transform_id"], meta["params_hash"], meta["embedding_dim"]) == (spec.transform_id, spec.params_hash, 32)
     curve = ImpostorCurve.from_dict(meta["impostor_curve"])
     assert "no View-2 fold" in curve.source and meta["threshold"] == pytest.approx(curve.threshold(1e-3))
+    source = meta["source"]  # outside the project: no absolute path of this machine, the file's last parts + hash
+    assert not source["checkpoint"].startswith("/") and source["checkpoint"].endswith(f"{tmp_path.name}/last.pt")
+    assert source["checkpoint_sha256"] == hashlib.sha256((tmp_path / "last.pt").read_bytes()).hexdigest()
     served = load_sealed_model(tmp_path / "out", "sealed-test")
     lfw = lfw_dir()
     features = spec.apply(load_many(lfw, images_outside_pairs(lfw)[:3])[0], OsNoise()).astype(np.float32)
@@ -63,6 +67,15 @@ def test_the_committed_bundle_is_complete(version):
     assert meta["norm_hint"] > 0 and -1 < meta["threshold"] < 1
     assert "no View-2 fold" in meta["threshold_source"]
     assert not (folder / "model.json").exists()  # the ONNX installer must not take it for a gateway model
+
+
+def test_the_served_sealed_model_names_the_committed_checkpoint_it_was_built_from():
+    """Provenance a reader can check on any machine: sealed-v2 was rebuilt from the committed final checkpoint
+    (the same layers.npz byte for byte), and its sealed.json names that file by project path and sha256."""
+    source = json.loads((PROJECT_ROOT / "inference" / "bundled" / "sealed-v2" / SEALED_FILE).read_text())["source"]
+    checkpoint = PROJECT_ROOT / source["checkpoint"]
+    assert source["checkpoint"] == "training_jobs/checkpoints/cpu-sealed-quad-long.pt"
+    assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() == source["checkpoint_sha256"]
 
 
 def test_the_gateways_default_sealed_model_is_served_by_the_parties_default_folder():
