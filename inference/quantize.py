@@ -1,6 +1,10 @@
 """Make an int8 copy of a served model (ONNX Runtime static quantisation) for faster CPU inference.
 
-    python -m inference.quantize --model inference/bundled/v1-accurate --out var/int8/v1-accurate [--calibration 256]
+    python -m inference.quantize --model inference/bundled/v1-accurate --out var/int8/v1-accurate-int8 \
+        [--calibration 256] [--impostor-images 1200]
+
+The output directory is named after the version it holds (`<source version>-int8`), so that copying it into the
+model directory never overwrites the float version's directory (docs/operations.md).
 
 Why static QDQ int8 and only the backbone's body: dynamic quantisation turns every Conv into ConvInteger,
 which ORT runs several times slower than float on this CPU and which drifts far from the float embeddings
@@ -31,18 +35,20 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from inference.export import VERIFY_FAR
 from inference.lfw import images_outside_pairs, lfw_dir, load_many
 from inference.metadata import ModelMetadata, file_sha256
-from inference.operating_points import calibrate
+from inference.operating_points import CALIBRATION_IMAGES, calibrate
 from inference.runtime import OrtEmbedder
 from inference.transform import TransformSpec, apply
 
 QUANTISED_PREFIXES = ("/backbone/dw_conv/", "/backbone/features/")  # the body; everything else stays float
+BATCH = 16  # calibration photos per reader batch
+RANGE_CHUNK = 5  # activation ranges merged every 5 batches (80 photos): about 2 GB instead of 4
 
 
 class _Batches:
     """onnxruntime's CalibrationDataReader protocol (only get_next is called; the class is untyped, so not
     subclassed)."""
 
-    def __init__(self, input_name: str, features: np.ndarray, batch: int = 16) -> None:
+    def __init__(self, input_name: str, features: np.ndarray, batch: int = BATCH) -> None:
         self._items = iter([{input_name: features[i:i + batch]} for i in range(0, len(features), batch)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -68,13 +74,25 @@ def embeddings_fn(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     return embed
 
 
+def range_chunk(photos: int) -> int:
+    """Batches per merge of the activation ranges: RANGE_CHUNK, or the next size that does not divide the batch
+    count, since ORT 1.32 raises "No data is collected" when the last chunk is empty (e.g. 80 photos, 5 batches)."""
+    batches = -(-photos // BATCH)
+    chunk = RANGE_CHUNK
+    while batches % chunk == 0:
+        chunk += 1
+    return chunk
+
+
 def float_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of the nodes that stay float: every node outside QUANTISED_PREFIXES."""
     return [node.name for node in model.graph.node if not node.name.startswith(QUANTISED_PREFIXES)]
 
 
-def quantize(model_dir: Path, out_dir: Path, calibration: int = 256, seed: int = 0) -> Path:
-    """Write out_dir/model.onnx (int8 body) and out_dir/model.json; returns the ONNX path."""
+def quantize(model_dir: Path, out_dir: Path, calibration: int = 256, seed: int = 0,
+             impostor_images: int = CALIBRATION_IMAGES) -> Path:
+    """Write out_dir/model.onnx (int8 body) and out_dir/model.json; returns the ONNX path. `impostor_images`
+    (photos for the served threshold's impostor curve) is smaller only in tests, to keep them cheap."""
     meta = ModelMetadata.load(model_dir)
     source = model_dir / meta.onnx_file
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -87,9 +105,7 @@ def quantize(model_dir: Path, out_dir: Path, calibration: int = 256, seed: int =
         quantize_static(str(prepared), str(target), _Batches(input_name, features), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=float_nodes(onnx.load(str(prepared))),
-                        # ranges merged every 5 batches (80 photos): 1-2 GB instead of 4; ORT 1.32 raises "No data is
-                        # collected" when this divides the batch count (16 batches with 4)
-                        extra_options={"CalibMaxIntermediateOutputs": 5})
+                        extra_options={"CalibMaxIntermediateOutputs": range_chunk(len(features))})
     float_embeddings = in_chunks(embeddings_fn(source), features)  # chunks: a 256-batch needs GBs
     int8_embeddings = in_chunks(embeddings_fn(target), features)
     cosines = np.sum(float_embeddings * int8_embeddings, axis=1) / (
@@ -104,7 +120,7 @@ def quantize(model_dir: Path, out_dir: Path, calibration: int = 256, seed: int =
                                            "mean": round(float(cosines.mean()), 4)},
         "heldout": "not in this file: measure with python -m training_jobs.evaluate (docs/operations.md)"}
     # the served threshold is the int8 model's own, chosen as export does: on the calibration impostors
-    curve = calibrate(embeddings_fn(target), TransformSpec.from_dict(meta.transform), lfw_dir())
+    curve = calibrate(embeddings_fn(target), TransformSpec.from_dict(meta.transform), lfw_dir(), impostor_images)
     metrics["served_threshold"] = f"false-match rate {VERIFY_FAR:g} on the calibration impostors (int8 embeddings)"
     description.update({"sha256": file_sha256(target), "version": f"{meta.version}-int8", "metrics": metrics,
                         "threshold": float(curve.threshold(VERIFY_FAR)), "impostor_curve": curve.to_dict()})
@@ -118,8 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--calibration", type=int, default=256, help="photos used to calibrate the activations")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--impostor-images", type=int, default=CALIBRATION_IMAGES,
+                        help="photos for the served threshold's impostor curve (fewer only for tests)")
     args = parser.parse_args(argv)
-    print(quantize(args.model, args.out, args.calibration, args.seed))
+    print(quantize(args.model, args.out, args.calibration, args.seed, args.impostor_images))
 
 
 if __name__ == "__main__":

@@ -36,9 +36,13 @@ def register_model_dir(session: Session, model_root: Path, version_dir: Path) ->
         if existing.sha256 != meta.sha256:
             raise ValueError(f"model version {meta.version} is already registered with another checksum")
         return existing
-    onnx_path = (version_dir / meta.onnx_file).resolve()
+    path = str((version_dir / meta.onnx_file).resolve().relative_to(model_root.resolve()))
+    owner = session.execute(select(ModelVersion.version).where(ModelVersion.path == path)).scalar_one_or_none()
+    if owner is not None:  # e.g. an int8 copy put over its float source's directory: both would break
+        raise ValueError(f"{path} is the file of registered version {owner}; put {meta.version} in a directory "
+                         "of its own under the model directory")
     row = ModelVersion(
-        version=meta.version, path=str(onnx_path.relative_to(model_root.resolve())), sha256=meta.sha256,
+        version=meta.version, path=path, sha256=meta.sha256,
         transform_id=meta.transform_id, params_hash=meta.params_hash, embedding_dim=meta.embedding_dim,
         threshold=meta.threshold, metrics=meta.metrics, status="candidate", preset=preset_of_transform(meta.spec.name),
     )
