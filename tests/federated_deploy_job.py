@@ -5,11 +5,17 @@ devices are up:  python -m tests.federated_deploy_job WORKDIR SUPERLINK_PORT FED
 A gateway alone (SQLite, no Redis: the gateway runs the job in-process; no party is needed for admin jobs) whose
 operator settings name the loopback SuperLink; the admin activates v0, POSTs the job, polls it to the end and
 prints one JSON line: the final job, the live snapshots it saw, and the model list.
+
+The job has 2 rounds and its worker is killed after round 1: once the job shows round 1 (saved by the ServerApp),
+the gateway (the in-process executor) gets SIGKILL, its deploy_run dies with it while the run goes on on the
+SuperLink, and a new gateway on the same database requeues the job once its lease has expired; the second attempt
+must follow the same run (run.json in the job's state directory) to the end.
 """
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,6 +26,8 @@ from devtools.localstack import MODEL_CACHE, LocalStack
 
 PARAMS = {"engine": "deployment", "rounds": 1, "clients": 2, "clients_per_round": 2, "max_images": 2,
           "pairs_per_fold": 2, "seed": 0}
+ROUNDS = 2  # the published job: its worker is killed after round 1
+LEASE_S = 10  # a killed worker's job is requeued this long after its last heartbeat (every third of it)
 
 
 def main(workdir: Path, superlink_port: int, federated_python: str, timeout: float = 1500.0) -> dict:
@@ -29,19 +37,11 @@ def main(workdir: Path, superlink_port: int, federated_python: str, timeout: flo
     shutil.copytree(MODEL_CACHE / "v0", models / "v0")
     stack = LocalStack(workdir / "stack", model_dir=models, extra_env={
         "PRIVFACE_FEDERATED_SUPERLINK": f"127.0.0.1:{superlink_port}", "PRIVFACE_FEDERATED_SUPERLINK_INSECURE": "1",
-        "PRIVFACE_FEDERATED_PYTHON": federated_python, "PRIVFACE_FEDERATED_STATE_DIR": str(workdir / "fed")})
+        "PRIVFACE_FEDERATED_PYTHON": federated_python, "PRIVFACE_FEDERATED_STATE_DIR": str(workdir / "fed"),
+        "PRIVFACE_JOB_LEASE_S": str(LEASE_S)})
     stack.cli("models", "ensure")  # registers the private copy of v0 in this gateway's database
-    stack.start_process("gateway")
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(stack.url + "/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, stack.log("gateway")[-3000:]
-            time.sleep(0.5)
+        start_gateway(stack)
         seconds["gateway_up"] = time.monotonic() - started
         headers = {"Authorization": f"Bearer {stack.api_key('admin')}"}
         httpx.post(stack.url + "/v1/admin/models/v0/activate", headers=headers, timeout=60).raise_for_status()
@@ -49,24 +49,64 @@ def main(workdir: Path, superlink_port: int, federated_python: str, timeout: flo
         cancelled = cancel_while_waiting(stack.url, headers)
         seconds["cancelled_job"], mark = time.monotonic() - mark, time.monotonic()
         created = httpx.post(stack.url + "/v1/admin/jobs", headers=headers, timeout=60,
-                             json={"kind": "federated", "params": PARAMS})
+                             json={"kind": "federated", "params": {**PARAMS, "rounds": ROUNDS}})
         assert created.status_code == 202, created.text
-        job_id, live, job = created.json()["id"], [], {}
+        job_id, live, job, kill = created.json()["id"], [], {}, {}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             job = httpx.get(f"{stack.url}/v1/admin/jobs/{job_id}", headers=headers, timeout=30).json()
-            if job["status"] == "running" and (job["result"] or {}).get("rounds"):
-                live.append({"message": job["message"], "rounds": job["result"]["rounds"]})
+            details = job["result"] or {}
+            if job["status"] == "running":
+                live.append({"message": job["message"], "rounds": details.get("rounds") or [],
+                             "attempt": details.get("attempt")})
+            if job["status"] == "running" and details.get("rounds") and not kill:  # round 1 is saved
+                kill = kill_and_restart_gateway(stack, workdir / "fed" / job_id, headers, job_id)
             if job["status"] in ("succeeded", "failed", "cancelled"):
                 break
             time.sleep(1.0)
         seconds["job"] = time.monotonic() - mark
         listed = httpx.get(stack.url + "/v1/admin/models", headers=headers, timeout=30).json()
-        return {"job": job, "live": live, "cancelled": cancelled, "seconds": seconds, "models": listed, "model_dir": str(models),
-                "gateway_log": stack.log("gateway")[-4000:]
+        return {"job": job, "live": live, "kill": kill, "cancelled": cancelled, "seconds": seconds, "models": listed,
+                "model_dir": str(models), "gateway_log": stack.log("gateway")[-4000:]
                 if job.get("status") != "succeeded" or cancelled["job"].get("status") != "cancelled" else ""}
     finally:
         stack.stop()
+
+
+def start_gateway(stack: LocalStack, timeout: float = 180.0) -> None:
+    """The gateway process (its in-process job executor included), until /healthz answers."""
+    stack.start_process("gateway")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(stack.url + "/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, stack.log("gateway")[-3000:]
+        time.sleep(0.5)
+
+
+def deploy_runs(state_dir: Path) -> list[str]:
+    """Live deploy_run processes working on `state_dir` (ps, not zombies)."""
+    out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines()
+            if str(state_dir) in line and "training_jobs.federated.deploy_run" in line and " Z" not in line[:12]]
+
+
+def kill_and_restart_gateway(stack: LocalStack, state_dir: Path, headers: dict[str, str], job_id: str) -> dict:
+    """SIGKILL the gateway running the job (as a crashed machine would): its deploy_run must die with it and
+    leave the run id and round 1's state behind; then a new gateway on the same database. Returns what was seen."""
+    killed_at = time.monotonic()
+    stack.kill("gateway")
+    while deploy_runs(state_dir) and time.monotonic() < killed_at + 30:
+        time.sleep(0.5)
+    seen = {"deploy_run_left": deploy_runs(state_dir), "run_file": json.loads((state_dir / "run.json").read_text()),
+            "state_saved": (state_dir / "state.npz").exists()}
+    start_gateway(stack)
+    seen["row_after_restart"] = httpx.get(f"{stack.url}/v1/admin/jobs/{job_id}", headers=headers, timeout=30).json()
+    seen["down_seconds"] = time.monotonic() - killed_at
+    return seen
 
 
 def wait_job(url: str, headers: dict[str, str], job_id: str, done, timeout: float = 300.0) -> dict:

@@ -200,12 +200,14 @@ def test_two_devices_train_rounds_through_a_real_superlink(tmp_path: Path):
                 f"127.0.0.1:{superlink}", "--insecure", "--client-id", f"dev{i}", "--runtime-port",
                 str(free_port()), *map(str, photos)])
         watched = [link, *nodes.values()]
-        # one round each: every message to a device starts a fresh ClientApp process (Flower 1.41), whose
+        # few rounds: every message to a device starts a fresh ClientApp process (Flower 1.41), whose
         # imports and model load dominate here (docs/federated.md, "Deployment runtime").
         # FedAvg: an admin's `federated` job with engine deployment, through the gateway (its venv), which
-        # submits the Flower App to this SuperLink (the operator's setting), follows the round and publishes
+        # submits the Flower App to this SuperLink (the operator's setting), follows the rounds and publishes;
+        # its gateway is killed after round 1 and a new one resumes the job (tests/federated_deploy_job.py)
         fedavg_job = gateway_job_result(gateway, tmp_path, watched)
         fedavg_seconds = time.perf_counter() - started
+        runs_after_job = superlink_runs(env)  # before the SecAgg+ run below adds its own
         base = "num-rounds=1 min-nodes=2 clients-per-round=2 seed=0 round-timeout=180.0"
         secagg = run_app(tmp_path, env, "secagg", base + ' aggregation="secagg+"', watched)
     finally:
@@ -224,11 +226,13 @@ def test_two_devices_train_rounds_through_a_real_superlink(tmp_path: Path):
     assert job["status"] == "succeeded", (job, fedavg_job["gateway_log"])
     result = job["result"]
     assert result["engine"] == "deployment" and isinstance(result["run_id"], int)
-    assert [r["round"] for r in result["rounds"]] == [1]
-    assert result["rounds"][0]["sampled"] == 2 and result["rounds"][0]["finished"] == 2, result["rounds"]
-    assert result["rounds"][0]["failed"] == 0 and result["rounds"][0]["metrics"]["loss"] > 0
-    assert any(snap["message"].startswith("round 1 of 1: 2/2 clients finished, 0 failed, loss ")
+    assert [r["round"] for r in result["rounds"]] == [1, 2]
+    for entry in result["rounds"]:
+        assert entry["sampled"] == entry["finished"] == 2 and entry["failed"] == 0, result["rounds"]
+        assert entry["metrics"]["loss"] > 0, entry
+    assert any(snap["message"].startswith("round 1 of 2: 2/2 clients finished, 0 failed, loss ")
                for snap in fedavg_job["live"]), fedavg_job["live"]  # seen while the job was running
+    assert_resumed_the_same_run(fedavg_job, cancelled, runs_after_job)
     # published as simulation publishes: held-out folds 6-10 before/after, the active v0's, a registered version
     assert result["heldout"]["before"]["num_pairs"] == result["heldout"]["after"]["num_pairs"] == 10
     assert result["heldout"]["active_version"]["version"] == "v0" and result["active_before"] == "v0"
@@ -259,13 +263,44 @@ def test_two_devices_train_rounds_through_a_real_superlink(tmp_path: Path):
     digests = {identity: faces_digest(photos) for identity, photos in devices.items()}
     for i, (identity, (_, log)) in enumerate(nodes.items()):
         lines = re.findall(r"privface device (\S+): training on (\d+) photos \(faces sha256 (\w+)\)", log.read_text())
-        assert len(lines) == 2, log.read_text()[-3000:]  # 1 FedAvg round + 1 SecAgg+ round
+        assert len(lines) == 3, log.read_text()[-3000:]  # 2 FedAvg rounds (one run) + 1 SecAgg+ round
         assert set(lines) == {(f"device-dev{i}", str(PHOTOS_PER_DEVICE), digests[identity])}
-    print(f"deployment: FedAvg job 1 round {fedavg_seconds:.1f} s from start (processes and publishing included), "
-          f"job {result['seconds']:.1f} s (publishing {result['publish_seconds']:.1f} s), round {result['rounds'][0]['train_seconds']:.1f} s; "
+    print(f"deployment: FedAvg job 2 rounds {fedavg_seconds:.1f} s from start (processes, worker kill + resume "
+          f"and publishing included), gateway down {fedavg_job['kill']['down_seconds']:.1f} s, attempt 2 took the "
+          f"run over after round {result['resumed'][0]['from_round']} and ran {result['seconds']:.1f} s (publishing "
+          f"{result['publish_seconds']:.1f} s), rounds {[round(r['train_seconds'], 1) for r in result['rounds']]} s; "
           f"SecAgg+ 1 round {secagg['wall_seconds']:.1f} s, SecAgg+ up {secagg['rounds'][0]['bytes_up_per_client']}; "
           f"guardrail {decision['decision']}: {decision['reason']}; gateway side (s): "
           f"{ {k: round(v, 1) for k, v in fedavg_job['seconds'].items()} }")
+
+
+def superlink_runs(env: dict[str, str]) -> list[dict]:
+    """Every run the SuperLink holds (`flwr ls`, JSON): what was submitted to it, and how each ended."""
+    out = subprocess.run([str(Path(sys.executable).parent / "flwr"), "ls", "local", "--format", "json"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return list(json.loads(out.stdout)["runs"])
+
+
+def assert_resumed_the_same_run(fedavg_job: dict, cancelled: dict, runs: list[dict]) -> None:
+    """The job's gateway was SIGKILLed after round 1: its deploy_run died with it, leaving run.json and round 1's
+    state; the new gateway requeued the job (attempt 2), which followed the same run (never a second `flwr run`:
+    the SuperLink holds the cancelled job's run and this one only) and finished it."""
+    kill, result = fedavg_job["kill"], fedavg_job["job"]["result"]
+    assert kill and not kill["deploy_run_left"] and kill["state_saved"], kill  # killed with its worker
+    assert kill["row_after_restart"]["status"] in ("running", "queued"), kill  # orphaned, not failed
+    first = [snap for snap in fedavg_job["live"] if snap["attempt"] == 1]
+    submitted = [s["message"] for s in first if "submitted to the SuperLink" in s["message"]]
+    assert submitted and submitted[0] == f"run {result['run_id']} submitted to the SuperLink; waiting for 2 devices"
+    assert kill["run_file"] == {"run-id": result["run_id"]}, (kill, result["run_id"])
+    assert [r["round"] for r in first[-1]["rounds"]] == [1], first[-1]  # killed after round 1, before round 2
+    assert result["attempts"] == 2, result
+    assert len(result["resumed"]) == 1 and result["resumed"][0]["run_id"] == result["run_id"], result["resumed"]
+    assert result["resumed"][0]["from_round"] in (1, 2), result["resumed"]  # round 2 ran on while it was down
+    cancelled_run = cancelled["submitted"]["result"]["run_id"]
+    assert sorted(int(run["run-id"]) for run in runs) == sorted([cancelled_run, result["run_id"]]), runs
+    ours = next(run for run in runs if int(run["run-id"]) == result["run_id"])
+    assert ours["status"] == "finished:completed", ours
 
 
 def start_gateway_job(tmp: Path, superlink: int) -> subprocess.Popen:

@@ -333,8 +333,9 @@ def run_federated_job(settings: GatewaySettings, sessions: sessionmaker[Session]
 
     def on_event(event: dict[str, Any]) -> None:
         if event.get("event") == "submitted":  # engine deployment: the run is on the SuperLink, waiting for devices
-            report.progress(0.02, f"run {event.get('run_id')} submitted to the SuperLink; waiting for "
-                                  f"{job.clients} devices", {"rounds": rounds, "run_id": event.get("run_id")})
+            report.progress(0.02, f"run {event.get('run_id')} on the SuperLink followed again (not resubmitted)"
+                            if event.get("resumed") else f"run {event.get('run_id')} submitted to the SuperLink; "
+                            f"waiting for {job.clients} devices", {"rounds": rounds, "run_id": event.get("run_id")})
         if event.get("event") != "round":
             return
         rounds[:] = [r for r in rounds if r["round"] < event["round"]] + [round_summary(event)]

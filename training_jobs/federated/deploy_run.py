@@ -96,15 +96,16 @@ def toml_overrides(config: dict[str, Any]) -> str:
     return " ".join(f"{key}={json.dumps(value)}" for key, value in config.items())
 
 
-def submit_or_resume(home: Path, state_dir: Path, config: dict[str, Any]) -> int:
-    """The run id of this job: the one a previous attempt submitted, else a new run of the Flower App."""
+def submit_or_resume(home: Path, state_dir: Path, config: dict[str, Any]) -> tuple[int, bool]:
+    """The run id of this job and whether a previous attempt submitted it (then it is followed again, never
+    submitted twice: two runs would train the same devices into the same state directory)."""
     saved = state_dir / RUN_FILE
     if saved.exists():
-        return int(json.loads(saved.read_text())["run-id"])
+        return int(json.loads(saved.read_text())["run-id"]), True
     out = flwr(home, "run", str(APP), CONNECTION, "--run-config", toml_overrides(config))
     run_id = int(out["run-id"])
     saved.write_text(json.dumps({"run-id": run_id}))
-    return run_id
+    return run_id, False
 
 
 def run_status(home: Path, run_id: int) -> str:
@@ -228,8 +229,9 @@ def main(argv: list[str] | None = None) -> None:
         print_event("result", status="cancelled", last_round=0, run_id=None)  # cancelled before it was sent
         return
     try:
-        run_id = submit_or_resume(home, state_dir, config)
-        print_event("submitted", run_id=run_id)
+        run_id, resumed = submit_or_resume(home, state_dir, config)
+        saved = checkpoint.load(state_dir) if resumed else None
+        print_event("submitted", run_id=run_id, resumed=resumed)
         end = follow(home, run_id, state_dir, args.rounds)
     except DeploymentError as error:
         raise SystemExit(f"DeploymentError: {error}") from None
@@ -238,6 +240,9 @@ def main(argv: list[str] | None = None) -> None:
         print_event("result", status="cancelled", last_round=state.round if state else 0, run_id=run_id)
         return
     report = {**publish(args, settings, state, started), "run_id": run_id}
+    if resumed:  # the job's `resumed` list, as simulate's: where this attempt took the run over
+        report["resumed"] = [*report.get("resumed", []), {"from_round": saved.round if saved else 0,
+                                                          "run_id": run_id}]
     if args.progress:
         print_event("result", **report)
     else:
