@@ -103,3 +103,23 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the Flower files' runs in .venv-federated now when their wrapper tests are selected
+    (`tests/background_suites.py` says why)."""
+    from importlib.util import find_spec
+
+    from tests import background_suites
+
+    if find_spec("flwr") is not None:  # in .venv-federated itself the Flower tests run directly
+        return
+    for item in session.items:
+        if item.name in background_suites.SUITES:
+            background_suites.start(item.name)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from tests import background_suites
+
+    background_suites.stop_all()

