@@ -28,6 +28,7 @@ from app.services.replay import ReplayGuard
 from app.settings import GatewaySettings, get_settings
 from common.logs import RequestIdMiddleware
 from secure.coordinator import PartyPair
+from secure.pacing import JobPacer
 
 log = logging.getLogger(__name__)
 RECONCILE_EVERY_S = 5.0
@@ -42,7 +43,10 @@ def build_context(settings: GatewaySettings) -> GatewayContext:
     engine = make_engine(settings.database_url)
     sessions = make_sessionmaker(engine)
     redis_client = redis.Redis.from_url(settings.redis_url) if settings.redis_url else None
-    parties = PartyPair(settings.party_urls, settings.party_tokens, settings.party_timeout_s, **settings.party_tls())
+    pacer = JobPacer(settings.party_jobs_in_flight, settings.party_jobs_per_s, settings.party_jobs_burst,
+                     max_wait_s=settings.party_timeout_s)
+    parties = PartyPair(settings.party_urls, settings.party_tokens, settings.party_timeout_s, pacer=pacer,
+                        **settings.party_tls())
     return GatewayContext(
         settings=settings, engine=engine, sessions=sessions,
         models=ServedModels(settings.model_dir, settings.prefer_gpu, settings.batch_max, settings.batch_wait_ms,

@@ -51,6 +51,14 @@ class GatewaySettings(BaseSettings):
     party_client_cert: str | None = Field(None, description="The gateway's client certificate (PEM) for mTLS.")
     party_client_key: str | None = Field(None, description="Its private key (PEM).")
     party_timeout_s: float = Field(15.0, description="Deadline for one party call, MPC included.")
+    party_jobs_in_flight: int = Field(
+        8, ge=1, description="MPC jobs this gateway process has in flight at the parties at once; more wait at the "
+                             "gateway, in order, up to party_timeout_s (secure/pacing.py).")
+    party_jobs_per_s: float = Field(
+        18.0, gt=0, description="MPC jobs this gateway process starts per second: keep it under the parties' "
+                                "PRIVFACE_PARTY_MATCH_RATE_PER_S divided by the number of gateway processes.")
+    party_jobs_burst: int = Field(20, ge=1, description="Jobs allowed at once above party_jobs_per_s (under the "
+                                                        "parties' PRIVFACE_PARTY_MATCH_BURST).")
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines of every privface process (gateway, parties, dealer): 'text', or 'json' "
                             "(one object per line); each carries the request id (X-Request-ID, docs/operations.md).")

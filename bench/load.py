@@ -5,11 +5,14 @@ all started and filled with the same gallery first; then the settings take turns
 setting one window of `duration / rounds` seconds, so each sees the same share of the shared machine's load.
 
     python -m bench.load [--clients 16] [--duration 180] [--rounds 2] [--gallery 1000] \
-        [--settings main,tuned] [--out docs/results/load_ort.json]
+        [--settings unpaced,tuned] [--out docs/results/load_full.json]
 
-Settings: `main` = main's ONNX Runtime session (PRIVFACE_ORT_THREADS=0: ORT's default, a spinning thread per
-core); `tuned` = this gateway's default (one thread, no spinning). Photos: LFW identities in no View-2 fold
-(never the held-out folds 6-10); each subject is enrolled with its first photo and probed with its second
+Settings: `tuned` = this gateway's defaults (one ONNX Runtime thread without spinning; MPC jobs paced by
+secure/pacing.py); `unpaced` = the same without the pacer (every job sent at once, as before it); `main` = also
+ORT's default session (PRIVFACE_ORT_THREADS=0: a spinning thread per core), the gateway before both changes;
+`open-budget` = the defaults with the parties' match-job budget (20/s per link) and the pacer's rate lifted to
+1,000/s, the in-flight cap kept: what the two parties' MPC can serve when the budget does not bind.
+Photos: LFW identities in no View-2 fold (never the held-out folds 6-10); each subject is enrolled with its first photo and probed with its second
 (or the first again, under other noise). Every request carries a fresh nonce; the noisy features of each photo
 are drawn once. Reported per setting and route: requests, throughput, p50/p95/p99 latency, errors (any
 answer other than 200/201, or no answer), and the gateway process's CPU-seconds per request.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import random
@@ -37,7 +41,12 @@ from inference.lfw import images_outside_pairs, lfw_dir, load_many
 from inference.transform import TransformSpec
 
 BUNDLED = PROJECT_ROOT / "inference" / "bundled"
-SETTINGS: dict[str, dict[str, str]] = {"main": {"PRIVFACE_ORT_THREADS": "0"}, "tuned": {}}
+UNPACED = {"PRIVFACE_PARTY_JOBS_IN_FLIGHT": "100000", "PRIVFACE_PARTY_JOBS_PER_S": "100000",
+           "PRIVFACE_PARTY_JOBS_BURST": "100000"}  # the gateway before its MPC job pacer (secure/pacing.py)
+OPEN_BUDGET = {"PRIVFACE_PARTY_MATCH_RATE_PER_S": "1000", "PRIVFACE_PARTY_MATCH_BURST": "1000",
+               "PRIVFACE_PARTY_JOBS_PER_S": "1000", "PRIVFACE_PARTY_JOBS_BURST": "1000"}  # what the MPC itself can do
+SETTINGS: dict[str, dict[str, str]] = {"main": {"PRIVFACE_ORT_THREADS": "0", **UNPACED}, "unpaced": UNPACED,
+                                       "tuned": {}, "open-budget": OPEN_BUDGET}
 VERIFY_SHARE = 0.7
 
 
@@ -154,6 +163,7 @@ def summarise(samples: list[tuple[str, int, float, str]], seconds: float, gatewa
     errors = [s for s in samples if s[1] != 200]
     return {"requests": len(samples), "per_s": round(len(samples) / seconds, 2), "seconds": round(seconds, 1),
             "routes": routes, "errors": len(errors),
+            "errors_by_status": {str(k): v for k, v in sorted(collections.Counter(s[1] for s in errors).items())},
             "error_examples": sorted({f"{s[0]} {s[1]} {s[3]}" for s in errors})[:5],
             "gateway_cpu_s": round(gateway_cpu_s, 1),
             "gateway_cpu_ms_per_request": round(1000 * gateway_cpu_s / max(len(samples), 1), 1)}
@@ -208,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--duration", type=float, default=180.0, help="seconds of load per setting")
     parser.add_argument("--rounds", type=int, default=2, help="windows per setting, taken in turns")
     parser.add_argument("--gallery", type=int, default=1000)
-    parser.add_argument("--settings", default="main,tuned", help=f"comma list of {', '.join(SETTINGS)}")
+    parser.add_argument("--settings", default="unpaced,tuned", help=f"comma list of {', '.join(SETTINGS)}")
     parser.add_argument("--workdir", type=Path,
                         default=PROJECT_ROOT / "var" / "bench-load" / time.strftime("%Y%m%d-%H%M%S"))
     parser.add_argument("--out", type=Path, default=None)

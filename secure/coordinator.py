@@ -22,6 +22,7 @@ snapshot, or the parties disagree on it: the gateway reconciles and retries once
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
@@ -48,6 +49,7 @@ from secure.party.replies import (
     Reply,
     raise_unavailable,
 )
+from secure.pacing import JobPacer
 from secure.partylink import POOL_IDLE_S, make_client, send, tls_context
 from secure.ranges import check_unit_fixed
 from secure.sharing import reconstruct_int, split, to_b64
@@ -76,17 +78,18 @@ class PartyPair:
     another threshold refuses (409), and every later job runs at the recorded one.
     ``pool_idle_s``: how long an idle pooled connection may be reused, well below the party's keep-alive timeout
     (``partylink.py``; tests scale both down).
+    ``pacer``: the gateway's admission control for MPC jobs (``pacing.py``); None sends every job at once.
     """
 
     def __init__(self, party_urls: tuple[str, str] | list[str], internal_token: str | tuple[str, str] | list[str],
                  timeout_s: float = 15.0, *,
                  tls_verify: Any = True, client_cert: Any = None, transport_retries: int = 1,
-                 precheck: bool = True, pool_idle_s: float = POOL_IDLE_S) -> None:
+                 precheck: bool = True, pool_idle_s: float = POOL_IDLE_S, pacer: JobPacer | None = None) -> None:
         if len(party_urls) != 2:
             raise ValueError("exactly two party URLs")
         self.party_urls = tuple(u.rstrip("/") for u in party_urls)
         self.timeout_s = float(timeout_s)
-        self.precheck = precheck
+        self.precheck, self.pacer = precheck, pacer
         tokens = (internal_token, internal_token) if isinstance(internal_token, str) else tuple(internal_token)
         if len(tokens) != 2 or not all(tokens):
             raise ValueError("one non-empty token per party")
@@ -309,8 +312,12 @@ class PartyPair:
 
     async def _match_both(self, bodies: list[dict[str, Any]], timeout: float,
                           path: str = "/internal/match") -> list[Reply]:
-        """Both calls of an MPC job, never resent (``partylink.send``); if one party refuses quickly (4xx), do not
-        wait for the other's MPC timeout."""
+        """Both calls of an MPC job, paced (``pacing.py``) and never resent (``partylink.send``)."""
+        async with self.pacer.slot() if self.pacer else contextlib.nullcontext():
+            return await self._send_job(bodies, timeout, path)
+
+    async def _send_job(self, bodies: list[dict[str, Any]], timeout: float, path: str) -> list[Reply]:
+        """If one party refuses quickly (4xx), do not wait for the other's MPC timeout."""
         tasks = [asyncio.create_task(self._call(rank, "POST", path, bodies[rank], timeout, idempotent=False))
                  for rank in (0, 1)]
         try:

@@ -24,6 +24,7 @@ from sqlalchemy import create_engine, text
 
 from secure import fixedpoint as fp
 from secure.coordinator import PartiesError, PartyPair
+from secure.pacing import JobPacer
 from secure.sharing import split, to_b64
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -310,6 +311,40 @@ def test_match_jobs_are_rate_limited_and_audited(tmp_path):
         assert set(columns) == {"id", "at", "job_id", "kind", "model_version", "rows", "queries", "status"}
         log = (tmp_path / "party0.log").read_text()
         assert "match job party=0 job=a0 kind=identify gallery=g rows=2 queries=1 status=200" in log
+    finally:
+        for proc, _, _ in procs:
+            _stop(proc)
+
+
+def test_a_paced_gateway_stays_within_the_party_budget_where_an_unpaced_one_is_refused(tmp_path):
+    """The gateway's pacer (secure/pacing.py) holds jobs back instead of letting the party refuse them: six
+    concurrent identifies against a budget of 2 jobs/s (burst 2) all succeed when paced just under it; the same
+    six unpaced, once the budget has refilled, are partly refused (429)."""
+    procs = [start_harness(tmp_path, rank, "--match-rate", "2", "--match-burst", "2") for rank in (0, 1)]
+    (_, u0, _), (_, u1, _) = procs
+    faces = unit_vectors(3, seed=4)
+    try:
+        async def identify_six(pair: PartyPair, tag: str) -> list[object]:
+            return await asyncio.gather(*(pair.identify(f"{tag}{i}", "g", 2, fp.encode(faces[1]), 0.5)
+                                          for i in range(6)), return_exceptions=True)
+
+        async def scenario() -> tuple[list[object], list[object], float]:
+            pacer = JobPacer(concurrency=8, rate_per_s=1.8, burst=2, max_wait_s=10)
+            async with PartyPair((u0, u1), TOKENS, 10, pacer=pacer) as paced, PartyPair((u0, u1), TOKENS, 10) as raw:
+                for t in (1, 2):
+                    assert await paced.store(t, t, "g", fp.encode(faces[t]))
+                    assert await paced.commit(t) == (True, True)
+                started = time.monotonic()
+                paced_results = await identify_six(paced, "p")
+                paced_s = time.monotonic() - started
+                await asyncio.sleep(1.5)  # the party's bucket refills its burst
+                return paced_results, await identify_six(raw, "r"), paced_s
+
+        paced_results, raw_results, paced_s = asyncio.run(scenario())
+        assert paced_results == [1] * 6
+        assert paced_s >= 4 / 1.8 - 0.2  # held back at the gateway: 2 at once, then one per 1/1.8 s
+        refused = [r for r in raw_results if isinstance(r, PartiesError)]
+        assert refused and all(r.status == 429 for r in refused)  # each party spends its own budget
     finally:
         for proc, _, _ in procs:
             _stop(proc)
