@@ -14,7 +14,6 @@ Prints a JSON document.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from inference.lfw import lfw_dir, read_pairs, shared_dir
 from inference.metadata import ModelMetadata
 from inference.operating_points import ImpostorCurve
 from inference.runtime import OrtEmbedder
+from bench.report import emit
 
 EVAL_FOLDS = (6, 7, 8, 9, 10)
 
@@ -87,10 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         out["results"].append({"policy": "1:1 threshold at every N", **open_set(emb, people, n, lambda _n: meta.threshold)})
         if schedule:
             out["results"].append({"policy": f"identify schedule, FPIR {args.fpir:g}", **open_set(emb, people, n, by_schedule)})
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Per phase: genuine pairs accepted, impostor pairs refused, the model versions th
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from collections import Counter
@@ -33,6 +32,7 @@ from inference.lfw import lfw_dir, load_rgb, read_pairs
 from inference.metadata import ModelMetadata
 from inference.transform import TransformSpec
 from tests.test_gateway_api import auth, payload
+from bench.report import emit
 
 BUNDLED = PROJECT_ROOT / "inference" / "bundled"
 HELDOUT_FOLDS = range(6, 11)
@@ -159,10 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.workdir.exists():
         shutil.rmtree(args.workdir)  # fresh databases and model directory every run
     report = run(args.workdir, args.int8, args.pairs)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import os
 import random
 import sys
@@ -39,6 +38,7 @@ from common.paths import PROJECT_ROOT
 from devtools.localstack import NO_ABUSE_LIMITS, LocalStack
 from inference.lfw import images_outside_pairs, lfw_dir, load_many
 from inference.transform import TransformSpec
+from bench.report import emit
 
 BUNDLED = PROJECT_ROOT / "inference" / "bundled"
 UNPACED = {"PRIVFACE_PARTY_JOBS_IN_FLIGHT": "100000", "PRIVFACE_PARTY_JOBS_PER_S": "100000",
@@ -228,11 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"unknown settings {sorted(unknown)}; known: {sorted(SETTINGS)}")
     report = asyncio.run(run(args))
     report["command"] = "python -m bench.load " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     return report
 
 
