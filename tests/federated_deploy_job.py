@@ -9,7 +9,8 @@ prints one JSON line: the final job, the live snapshots it saw, and the model li
 The job has 2 rounds and its worker is killed after round 1: once the job shows round 1 (saved by the ServerApp),
 the gateway (the in-process executor) gets SIGKILL, its deploy_run dies with it while the run goes on on the
 SuperLink, and a new gateway on the same database requeues the job once its lease has expired; the second attempt
-must follow the same run (run.json in the job's state directory) to the end.
+must follow the same run to the end. run.json is removed after the kill, as if the worker had died between
+`flwr run` and writing it: the second attempt must find the run by the owner file its ServerApp wrote.
 """
 from __future__ import annotations
 
@@ -102,7 +103,10 @@ def kill_and_restart_gateway(stack: LocalStack, state_dir: Path, headers: dict[s
     while deploy_runs(state_dir) and time.monotonic() < killed_at + 30:
         time.sleep(0.5)
     seen = {"deploy_run_left": deploy_runs(state_dir), "run_file": json.loads((state_dir / "run.json").read_text()),
+            "owner_file": json.loads((state_dir / "owner.json").read_text()),
             "state_saved": (state_dir / "state.npz").exists()}
+    # the worst moment to die: after `flwr run`, before run.json; what that leaves is this directory without it
+    (state_dir / "run.json").unlink()
     start_gateway(stack)
     seen["row_after_restart"] = httpx.get(f"{stack.url}/v1/admin/jobs/{job_id}", headers=headers, timeout=30).json()
     seen["down_seconds"] = time.monotonic() - killed_at

@@ -68,6 +68,34 @@ def test_spread_out_pushes_class_vectors_apart_and_keeps_them_unit():
 
 # --- the same tests again in the federated venv ---------------------------------------------------
 
+def test_one_run_owns_a_state_directory_and_another_is_refused_without_touching_it(tmp_path):
+    """The deployment runtime's guard against a job submitted twice (worker killed between `flwr run` and run.json):
+    the first ServerApp claims the directory, a second run is refused, the owner may claim again after a restart,
+    and of many runs racing to claim an empty directory exactly one wins."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from training_jobs.federated import checkpoint
+
+    assert checkpoint.owner(tmp_path / "new") is None
+    checkpoint.claim(tmp_path / "job", 7)
+    checkpoint.claim(tmp_path / "job", 7)  # the owner's ServerApp restarted
+    with pytest.raises(checkpoint.StateDirTaken, match="belongs to Flower run 7; run 8 refuses"):
+        checkpoint.claim(tmp_path / "job", 8)
+    assert checkpoint.owner(tmp_path / "job") == 7
+    assert sorted(p.name for p in (tmp_path / "job").iterdir()) == ["owner.json"], "no temporary file is left"
+
+    def try_claim(run_id: int) -> bool:
+        try:
+            checkpoint.claim(tmp_path / "race", run_id)
+            return True
+        except checkpoint.StateDirTaken:
+            return False
+
+    with ThreadPoolExecutor(8) as pool:
+        won = [run_id for run_id, ok in zip(range(32), pool.map(try_claim, range(32))) if ok]
+    assert len(won) == 1 and checkpoint.owner(tmp_path / "race") == won[0]
+
+
 @pytest.mark.skipif(HAVE_FLWR, reason="flwr importable here: the Flower tests of this file run directly")
 def test_flower_suite_in_federated_venv():
     if not FEDERATED_PYTHON.exists():

@@ -204,6 +204,7 @@ def test_two_devices_train_rounds_through_a_real_superlink(tmp_path: Path):
         runs_after_job = superlink_runs(env)  # before the SecAgg+ run below adds its own
         base = "num-rounds=1 min-nodes=2 clients-per-round=2 seed=0 round-timeout=180.0"
         secagg = run_app(tmp_path, env, "secagg", base + ' aggregation="secagg+"', watched)
+        duplicate = refused_run(tmp_path, env, "secagg", base)  # a second run into the SecAgg+ run's directory
     finally:
         if gateway is not None and gateway.poll() is None:  # the gateway side and its job's run die with it
             os.killpg(gateway.pid, signal.SIGKILL)
@@ -240,6 +241,8 @@ def test_two_devices_train_rounds_through_a_real_superlink(tmp_path: Path):
     assert secagg["status"] == "finished" and len(secagg["rounds"]) == 1, secagg
     assert secagg["rounds"][0]["replied"] == 2 and secagg["rounds"][0]["failed"] == 0, secagg["rounds"]
     assert secagg["rounds"][0]["replied_clients"] == ["device-dev0", "device-dev1"]
+    assert duplicate["status"] == "finished:failed" and not duplicate["report"], duplicate
+    assert duplicate["owner"] == secagg_owner(tmp_path) and duplicate["owner"] != duplicate["run_id"], duplicate
     # the global parameters moved: the candidate's weights and the SecAgg+ run's saved state differ from the
     # published model's parameters
     settings = settings_from_run_config({"aggregation": "fedavg", "scope": "whole", "min-nodes": 2,
@@ -257,7 +260,7 @@ def test_two_devices_train_rounds_through_a_real_superlink(tmp_path: Path):
     digests = {identity: faces_digest(photos) for identity, photos in devices.items()}
     for i, (identity, (_, log)) in enumerate(nodes.items()):
         lines = re.findall(r"privface device (\S+): training on (\d+) photos \(faces sha256 (\w+)\)", log.read_text())
-        assert len(lines) == 3, log.read_text()[-3000:]  # 2 FedAvg rounds (one run) + 1 SecAgg+ round
+        assert len(lines) == 3, log.read_text()[-3000:]  # 2 FedAvg rounds (one run) + 1 SecAgg+ round; none refused
         assert set(lines) == {(f"device-dev{i}", str(PHOTOS_PER_DEVICE), digests[identity])}
     print(f"deployment: FedAvg job 2 rounds {fedavg_seconds:.1f} s from start (processes, worker kill + resume "
           f"and publishing included), gateway down {fedavg_job['kill']['down_seconds']:.1f} s, attempt 2 took the "
@@ -286,7 +289,7 @@ def assert_resumed_the_same_run(fedavg_job: dict, cancelled: dict, runs: list[di
     first = [snap for snap in fedavg_job["live"] if snap["attempt"] == 1]
     submitted = [s["message"] for s in first if "submitted to the SuperLink" in s["message"]]
     assert submitted and submitted[0] == f"run {result['run_id']} submitted to the SuperLink; waiting for 2 devices"
-    assert kill["run_file"] == {"run-id": result["run_id"]}, (kill, result["run_id"])
+    assert kill["run_file"] == kill["owner_file"] == {"run-id": result["run_id"]}, (kill, result["run_id"])
     assert [r["round"] for r in first[-1]["rounds"]] == [1], first[-1]  # killed after round 1, before round 2
     assert result["attempts"] == 2, result
     assert len(result["resumed"]) == 1 and result["resumed"][0]["run_id"] == result["run_id"], result["resumed"]
@@ -345,6 +348,26 @@ def run_app(tmp: Path, env: dict[str, str], name: str, config: str, watched) -> 
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and "Successfully started run" in run.stdout, run.stdout + run.stderr
     return wait_for_report(report, 900, watched)
+
+
+def secagg_owner(tmp: Path) -> int:
+    return int(json.loads((tmp / "secagg" / "owner.json").read_text())["run-id"])
+
+
+def refused_run(tmp: Path, env: dict[str, str], claimed: str, config: str) -> dict:
+    """`flwr run` of the app into a state directory another run owns: its ServerApp must refuse before any round
+    (the devices' logs then show no training for it) and write no report; returns how the run ended."""
+    report, owner = tmp / "duplicate.json", secagg_owner(tmp)
+    run = subprocess.run([str(Path(sys.executable).parent / "flwr"), "run", str(APP), "local", "--format", "json",
+                          "--run-config", f'{config} report="{report}" state-dir="{tmp / claimed}"'], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    run_id = int(json.loads(run.stdout)["run-id"])
+    deadline, status = time.monotonic() + 180, ""
+    while time.monotonic() < deadline and not status.startswith("finished"):
+        time.sleep(2)
+        status = next(r["status"] for r in superlink_runs(env) if int(r["run-id"]) == run_id)
+    return {"run_id": run_id, "status": status, "report": report.exists(), "owner": owner}
 
 
 def join_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

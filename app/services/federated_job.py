@@ -250,6 +250,16 @@ def round_summary(event: dict[str, Any]) -> dict[str, Any]:
     return {key: event.get(key) for key in keep}
 
 
+def submitted_message(event: dict[str, Any], devices: int) -> str:
+    """The job's line once its run is on the SuperLink (engine deployment)."""
+    run = event.get("run_id")
+    if event.get("duplicate_run") is not None:
+        return f"run {run} owns the job's state; run {event['duplicate_run']} submitted again refused it"
+    if event.get("resumed"):
+        return f"run {run} on the SuperLink followed again (not resubmitted)"
+    return f"run {run} submitted to the SuperLink; waiting for {devices} devices"
+
+
 def round_message(event: dict[str, Any]) -> str:
     if event["round"] == 0:
         return f"round 0 of {event['of']}: held-out evaluation of the starting model"
@@ -333,9 +343,7 @@ def run_federated_job(settings: GatewaySettings, sessions: sessionmaker[Session]
 
     def on_event(event: dict[str, Any]) -> None:
         if event.get("event") == "submitted":  # engine deployment: the run is on the SuperLink, waiting for devices
-            report.progress(0.02, f"run {event.get('run_id')} on the SuperLink followed again (not resubmitted)"
-                            if event.get("resumed") else f"run {event.get('run_id')} submitted to the SuperLink; "
-                            f"waiting for {job.clients} devices", {"rounds": rounds, "run_id": event.get("run_id")})
+            report.progress(0.02, submitted_message(event, job.clients), {"rounds": rounds, "run_id": event.get("run_id")})
         if event.get("event") != "round":
             return
         rounds[:] = [r for r in rounds if r["round"] < event["round"]] + [round_summary(event)]

@@ -8,7 +8,10 @@ previous round's state, never a torn file. A fingerprint of the run's settings i
 other settings refuses the state rather than silently continuing someone else's training.
 
 The state directory also carries the cancel request: `cancel_path(dir)` is created by the job that drives the
-run, and the ServerApp stops after the round in progress when it sees the file.
+run, and the ServerApp stops after the round in progress when it sees the file. In the deployment runtime it also
+names the one Flower run that owns it (`claim`): the first ServerApp to start writes its run id there, and any
+other run pointed at the same directory refuses to train, so a job that submitted twice (its worker killed
+between `flwr run` and recording the run id) still trains its devices once, in the run the directory names.
 """
 
 from __future__ import annotations
@@ -24,11 +27,16 @@ import numpy as np
 
 STATE_FILE = "state.npz"
 CANCEL_FILE = "cancel"
+OWNER_FILE = "owner.json"
 _PARAM, _CLASS, _META = "param:", "class:", "meta"
 
 
 class CheckpointMismatch(ValueError):
     """The state on disk belongs to a run with different settings."""
+
+
+class StateDirTaken(RuntimeError):
+    """Another Flower run owns this state directory."""
 
 
 def fingerprint(settings: dict[str, Any]) -> str:
@@ -53,6 +61,30 @@ def state_path(directory: Path) -> Path:
 
 def cancel_path(directory: Path) -> Path:
     return Path(directory) / CANCEL_FILE
+
+
+def owner(directory: Path) -> int | None:
+    """The id of the Flower run that owns the directory, or None before any ServerApp claimed it."""
+    path = Path(directory) / OWNER_FILE
+    return int(json.loads(path.read_text())["run-id"]) if path.exists() else None
+
+
+def claim(directory: Path, run_id: int) -> None:
+    """Make `run_id` the directory's owner if it has none (exclusive create: of two runs starting together, one
+    wins); StateDirTaken if another run owns it. The owner claiming again (a restarted ServerApp) is fine."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    temporary = directory / f"{OWNER_FILE}.{run_id}.tmp"
+    temporary.write_text(json.dumps({"run-id": int(run_id)}))
+    try:
+        os.link(temporary, directory / OWNER_FILE)  # atomic, fails if the name exists; never a half-written file
+    except FileExistsError:
+        pass
+    finally:
+        temporary.unlink()
+    holder = owner(directory)
+    if holder != int(run_id):
+        raise StateDirTaken(f"{directory} belongs to Flower run {holder}; run {run_id} refuses to train into it")
 
 
 def save(directory: Path, state: RoundState) -> Path:

@@ -30,6 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from inference.lfw import lfw_dir, shared_dir
 from inference.transform import PRESETS, TransformSpec
+from training_jobs.federated import checkpoint
 from training_jobs.federated.client_app import make_client_app
 from training_jobs.federated.heldout import Heldout
 from training_jobs.federated.server_app import AGGREGATIONS, ServerSettings, run_rounds
@@ -115,6 +116,8 @@ def server_app(shared: Path | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         root = shared or shared_dir()
         settings = settings_from_run_config(dict(context.run_config), root)
+        if settings.state_dir:  # before the report is touched: a refused duplicate leaves the directory as it is
+            checkpoint.claim(Path(settings.state_dir), context.run_id)
         pairs = int(context.run_config["heldout-pairs-per-fold"])
         spec = TransformSpec.from_dict(settings.transform)
         heldout = Heldout(lfw_dir(root), spec, pairs, seed=settings.seed or 0) if pairs > 0 else None

@@ -14,7 +14,10 @@ parameters, measures held-out metrics on LFW View-2 folds 6-10 pairs (never a de
 and for the active version, and exports the candidate exactly as `simulate` does.
 
 A worker that dies mid-run leaves the run on the SuperLink; the next attempt of the job finds the run id in the
-state directory and follows the same run instead of submitting another.
+state directory (run.json, or the owner file the run's ServerApp wrote) and follows the same run instead of
+submitting another. If it died before either existed, the next attempt submits again, and whichever run's ServerApp
+starts first owns the directory; the other refuses it before any round (checkpoint.claim), and the job follows the
+owner, so the devices are trained once.
 """
 
 from __future__ import annotations
@@ -96,16 +99,37 @@ def toml_overrides(config: dict[str, Any]) -> str:
     return " ".join(f"{key}={json.dumps(value)}" for key, value in config.items())
 
 
+def record_run(state_dir: Path, run_id: int) -> None:
+    """run.json: the run this job follows, so a later attempt follows it again instead of submitting another."""
+    (state_dir / RUN_FILE).write_text(json.dumps({"run-id": int(run_id)}))
+
+
 def submit_or_resume(home: Path, state_dir: Path, config: dict[str, Any]) -> tuple[int, bool]:
     """The run id of this job and whether a previous attempt submitted it (then it is followed again, never
-    submitted twice: two runs would train the same devices into the same state directory)."""
-    saved = state_dir / RUN_FILE
-    if saved.exists():
-        return int(json.loads(saved.read_text())["run-id"]), True
-    out = flwr(home, "run", str(APP), CONNECTION, "--run-config", toml_overrides(config))
-    run_id = int(out["run-id"])
-    saved.write_text(json.dumps({"run-id": run_id}))
+    submitted twice: two runs would train the same devices into the same state directory). The run that claimed
+    the directory (checkpoint.claim, by its ServerApp) wins over run.json: an attempt killed between `flwr run`
+    and writing run.json left no run.json, but its run's ServerApp left its id."""
+    known = checkpoint.owner(state_dir)
+    if known is None and (state_dir / RUN_FILE).exists():
+        known = int(json.loads((state_dir / RUN_FILE).read_text())["run-id"])
+    if known is not None:
+        record_run(state_dir, known)
+        return known, True
+    run_id = int(flwr(home, "run", str(APP), CONNECTION, "--run-config", toml_overrides(config))["run-id"])
+    record_run(state_dir, run_id)
     return run_id, False
+
+
+def take_over(state_dir: Path, run_id: int) -> int:
+    """The run to follow: the directory's owner when another run claimed it first. That happens when an attempt
+    died after `flwr run` but before run.json, and its run started only after the next attempt submitted again;
+    the later ServerApp refuses the directory (checkpoint.StateDirTaken) and fails without training."""
+    holder = checkpoint.owner(state_dir)
+    if holder is None or holder == run_id:
+        return run_id
+    record_run(state_dir, holder)
+    print_event("submitted", run_id=holder, resumed=True, duplicate_run=run_id)
+    return holder
 
 
 def run_status(home: Path, run_id: int) -> str:
@@ -124,12 +148,14 @@ def stop(home: Path, run_id: int) -> bool:
     return True
 
 
-def follow(home: Path, run_id: int, state_dir: Path, rounds: int, poll_s: float = 2.0) -> str:
+def follow(home: Path, run_id: int, state_dir: Path, rounds: int, poll_s: float = 2.0) -> tuple[str, int]:
     """Print one `round` event per round the ServerApp saved, stop the run when the job is cancelled; returns
-    the run's end: `finished` or `cancelled` (a DeploymentError when it failed or was stopped by someone else)."""
+    the run's end, `finished` or `cancelled` (a DeploymentError when it failed or was stopped by someone else),
+    and the run that owned the state directory."""
     on_round, shown, stamp, asked, stopping = progress_printer(rounds), 0, -1, 0.0, False
     report = state_dir / REPORT_FILE
     while True:
+        run_id = take_over(state_dir, run_id)
         done = json.loads(report.read_text()) if report.exists() else {}
         state_file = checkpoint.state_path(state_dir)
         if state_file.exists() and (state_file.stat().st_mtime_ns != stamp or done):
@@ -141,15 +167,15 @@ def follow(home: Path, run_id: int, state_dir: Path, rounds: int, poll_s: float 
         if checkpoint.cancel_path(state_dir).exists() and not stopping:
             stopping = stop(home, run_id)
         if done.get("status") in ("finished", "cancelled"):
-            return str(done["status"])
+            return str(done["status"]), run_id
         if "status" in done and stopping:  # a stopped ServerApp may write `failed: ...` as it is torn down
-            return "cancelled"
+            return "cancelled", run_id
         if "status" in done:
             raise DeploymentError(f"the ServerApp stopped: {done['status']}"[:300])
         if stopping or time.monotonic() - asked > STATUS_EVERY_S:
             asked, status = time.monotonic(), run_status(home, run_id)
             if status.startswith("finished") and stopping:
-                return "cancelled"
+                return "cancelled", run_id
             if status.startswith("finished") and not report.exists():
                 time.sleep(poll_s)  # the report is written just before the ServerApp exits: one more look
                 if not report.exists():
@@ -225,14 +251,15 @@ def main(argv: list[str] | None = None) -> None:
     config = run_config(args, state_dir)
     settings = settings_from_run_config(config, shared_dir())  # bad values refused before anything is sent
     home = flwr_home(state_dir, args.superlink, args.root_certificates, args.insecure)
-    if checkpoint.cancel_path(state_dir).exists() and not (state_dir / RUN_FILE).exists():
+    if (checkpoint.cancel_path(state_dir).exists() and not (state_dir / RUN_FILE).exists()
+            and checkpoint.owner(state_dir) is None):
         print_event("result", status="cancelled", last_round=0, run_id=None)  # cancelled before it was sent
         return
     try:
         run_id, resumed = submit_or_resume(home, state_dir, config)
         saved = checkpoint.load(state_dir) if resumed else None
         print_event("submitted", run_id=run_id, resumed=resumed)
-        end = follow(home, run_id, state_dir, args.rounds)
+        end, run_id = follow(home, run_id, state_dir, args.rounds)
     except DeploymentError as error:
         raise SystemExit(f"DeploymentError: {error}") from None
     state = checkpoint.load(state_dir)
