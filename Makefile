@@ -25,4 +25,4 @@ services:
 	./scripts/services.sh
 
 test: $(INSTALLED) $(FED_INSTALLED) services
-	PRIVFACE_ENV=test $(VENV)/bin/python -m pytest -q
+	PRIVFACE_ENV=test $(VENV)/bin/python -m pytest -q -n 2 --dist loadfile

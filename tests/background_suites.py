@@ -4,13 +4,21 @@ Flower lives only in .venv-federated, so `test_flower_suite_in_federated_venv` a
 `test_deploy_suite_in_federated_venv` rerun their files there in a subprocess. Those runs take minutes (Ray
 simulations, a SuperLink with a process per message) and mostly wait on process start-up, so the conftest starts
 them when the wrapper tests are collected and the wrappers only collect the outcome: the rest of the suite runs
-meanwhile on the other core. They use their own temporary folders and free ports and neither Redis nor PostgreSQL,
-so they cannot disturb the tests running beside them. A wrapper whose run was not started (e.g. `-p no:...` or a
-deselected sibling) starts it itself, so every path still runs the Flower tests.
+meanwhile. They use their own temporary folders and free ports and neither Redis nor PostgreSQL, so they cannot
+disturb the tests running beside them. A wrapper whose run was not started (e.g. `-p no:...` or a deselected
+sibling) starts it itself, so every path still runs the Flower tests.
+
+The session runs its tests in parallel processes (pytest-xdist), so a run is known by files, not by a process's
+memory: the session's controller names a folder (RUNS_DIR_ENV, inherited by every worker); the first process to
+create `<wrapper>.pid` there (exclusive create) starts the run, which writes `<wrapper>.log` and, when it ends,
+`<wrapper>.rc`; the wrapper test, in whichever worker, waits for the `.rc`. The controller kills what is left
+at the end of the session.
 """
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -20,6 +28,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FEDERATED_PYTHON = ROOT / ".venv-federated" / "bin" / "python"
+RUNS_DIR_ENV = "PRIVFACE_TEST_BACKGROUND_DIR"
+
+# wrapper test name -> (test file, its -k expression, seconds it may take)
+SUITES = {
+    "test_flower_suite_in_federated_venv": ("tests/test_federated.py", "not flower_suite", 900),
+    "test_deploy_suite_in_federated_venv": ("tests/test_federated_deploy.py",
+                                            "not suite_in_federated_venv and not without_flower", 2400),
+}
 
 
 @dataclass(frozen=True)
@@ -29,44 +45,12 @@ class Outcome:
     seconds: float
 
 
-class BackgroundRun:
-    """One pytest run in .venv-federated whose output goes to a file until a wrapper test asks for it."""
-
-    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
-        self._log = tempfile.NamedTemporaryFile("w+", prefix="privface-fedsuite-", suffix=".log", delete=False)
-        self._started = time.monotonic()
-        self._proc = subprocess.Popen([str(FEDERATED_PYTHON), "-m", "pytest", "-q", "--noconftest", "-p",
-                                       "no:cacheprovider", *argv], cwd=ROOT, env=env, stdout=self._log,
-                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-    def outcome(self, timeout: float) -> Outcome:
-        """Wait for the run (killing its process group past ``timeout``) and read what it printed."""
-        try:
-            self._proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self._kill()
-        self._log.seek(0)
-        text = self._log.read()
-        return Outcome(self._proc.returncode, text, time.monotonic() - self._started)
-
-    def _kill(self) -> None:
-        if self._proc.poll() is None:
-            os.killpg(self._proc.pid, 9)
-            self._proc.wait()
-
-    def stop(self) -> None:
-        self._kill()
-        self._log.close()
-        Path(self._log.name).unlink(missing_ok=True)
-
-
-# wrapper test name -> (test file, its -k expression, seconds it may take)
-SUITES = {
-    "test_flower_suite_in_federated_venv": ("tests/test_federated.py", "not flower_suite", 900),
-    "test_deploy_suite_in_federated_venv": ("tests/test_federated_deploy.py",
-                                            "not suite_in_federated_venv and not without_flower", 2400),
-}
-_RUNS: dict[str, BackgroundRun] = {}
+def runs_dir() -> Path:
+    """The session's folder of background runs (made by the controller; a process started without one, e.g. a
+    test run by hand outside pytest's session hooks, makes its own)."""
+    if not os.environ.get(RUNS_DIR_ENV):
+        os.environ[RUNS_DIR_ENV] = tempfile.mkdtemp(prefix="privface-fedsuites-")
+    return Path(os.environ[RUNS_DIR_ENV])
 
 
 def _env() -> dict[str, str]:
@@ -81,21 +65,61 @@ def _env() -> dict[str, str]:
 
 
 def start(wrapper: str) -> None:
-    """Start the run of ``wrapper``'s file now unless it is already running (the conftest calls this once the
-    session's tests are known)."""
-    if wrapper not in _RUNS and FEDERATED_PYTHON.exists():
-        path, keyword, _ = SUITES[wrapper]
-        _RUNS[wrapper] = BackgroundRun(["-k", keyword, str(ROOT / path)], _env())
+    """Start the run of ``wrapper``'s file unless a process of this session already did."""
+    if not FEDERATED_PYTHON.exists():  # the wrappers skip, saying how to install it
+        return
+    folder = runs_dir()
+    try:
+        claim = os.open(folder / f"{wrapper}.pid", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    path, keyword, _ = SUITES[wrapper]
+    command = [str(FEDERATED_PYTHON), "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider",
+               "-k", keyword, str(ROOT / path)]
+    rc = folder / f"{wrapper}.rc"
+    script = f"{shlex.join(command)}; echo $? > {shlex.quote(str(rc))}.tmp && mv {shlex.quote(str(rc))}.tmp " \
+             f"{shlex.quote(str(rc))}"
+    with open(folder / f"{wrapper}.log", "w") as log:
+        proc = subprocess.Popen(["sh", "-c", script], cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    os.write(claim, f"{proc.pid} {time.time()}".encode())
+    os.close(claim)
 
 
 def outcome(wrapper: str) -> Outcome:
-    """The run's outcome, started here if the session did not start it."""
+    """The run's outcome (started here if no process of the session started it), its group killed past its
+    time limit."""
     start(wrapper)
-    return _RUNS[wrapper].outcome(timeout=SUITES[wrapper][2])
+    folder, limit = runs_dir(), SUITES[wrapper][2]
+    pid_file, rc = folder / f"{wrapper}.pid", folder / f"{wrapper}.rc"
+    while not pid_file.read_text().strip():  # the starter writes it right after Popen
+        time.sleep(0.1)
+    pid, started = pid_file.read_text().split()
+    while not rc.exists() and time.time() - float(started) < limit:
+        time.sleep(1)
+    if not rc.exists():
+        _kill(int(pid))
+    code = int(rc.read_text()) if rc.exists() else -signal.SIGKILL
+    return Outcome(code, (folder / f"{wrapper}.log").read_text(), time.time() - float(started))
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def stop_all() -> None:
-    """End of session: a run nobody asked for (its wrapper failed before asking) is killed, not left behind."""
-    for run in _RUNS.values():
-        run.stop()
-    _RUNS.clear()
+    """End of the session (its controller): a run nobody asked for (its wrapper failed before asking) is killed,
+    not left behind, and the folder removed."""
+    folder = Path(os.environ.get(RUNS_DIR_ENV, ""))
+    if not os.environ.get(RUNS_DIR_ENV) or not folder.is_dir():
+        return
+    for pid_file in folder.glob("*.pid"):
+        text = pid_file.read_text().split()
+        if text and not pid_file.with_suffix(".rc").exists():
+            _kill(int(text[0]))
+    for entry in folder.iterdir():
+        entry.unlink()
+    folder.rmdir()

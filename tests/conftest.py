@@ -77,13 +77,17 @@ def redis_url() -> Iterator[str]:
 def module_redis_url() -> Iterator[str]:
     """The same, for a stack shared by the tests of one module: another database number than `redis_url`'s, so
     a test's flush never empties the shared stack's."""
-    yield from _redis_database(4)
+    yield from _redis_database(1)
 
 
 def _redis_database(offset: int) -> Iterator[str]:
     import redis
 
-    url = REDIS_URL.rsplit("/", 1)[0] + "/" + str(7 + ((os.getpid() + offset) % 8))
+    # 8 numbers (7..14) per machine: parallel workers of one session never share one (worker index), and two
+    # sessions at once (a helper beside CI) usually do not (the session's start time)
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    session = int(os.environ.get("PYTEST_XDIST_TESTRUNUID", "0")[:8] or 0, 16) if is_xdist_worker() else os.getpid()
+    url = REDIS_URL.rsplit("/", 1)[0] + "/" + str(7 + (session + 2 * worker + offset) % 8)
     client = redis.Redis.from_url(url)
     try:
         client.ping()
@@ -105,9 +109,32 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
+def is_xdist_worker() -> bool:
+    return bool(os.environ.get("PYTEST_XDIST_WORKER"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The session's controller names the folder of its background runs before its workers start (they inherit
+    the environment), so every worker finds the runs another worker started."""
+    from tests import background_suites
+
+    if not is_xdist_worker():
+        os.environ.pop(background_suites.RUNS_DIR_ENV, None)  # a fresh folder per session, never a parent's
+        background_suites.runs_dir()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files of the Flower wrappers last: a worker that reaches a wrapper waits for its background run, which
+    by then has had the rest of the session to finish (xdist hands files out in this order)."""
+    from tests import background_suites
+
+    waiting = {item.path for item in items if item.name in background_suites.SUITES}
+    items.sort(key=lambda item: item.path in waiting)  # stable: every other order is kept
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the Flower files' runs in .venv-federated now when their wrapper tests are selected
-    (`tests/background_suites.py` says why)."""
+    (`tests/background_suites.py` says why); of the workers that collect them, the first starts each run."""
     from importlib.util import find_spec
 
     from tests import background_suites
@@ -122,4 +149,5 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     from tests import background_suites
 
-    background_suites.stop_all()
+    if not is_xdist_worker():  # the controller ends last: no worker still waits on a run
+        background_suites.stop_all()

@@ -26,6 +26,8 @@ from app.services.federated_job import FederatedRunError, guardrail, run_simulat
 from tests.test_gateway_api import auth
 
 FEDERATED_PYTHON = ROOT / ".venv-federated" / "bin" / "python"
+# the suite runs in parallel workers beside Flower's processes: a gateway call may wait seconds for the CPU
+http = httpx.Client(timeout=30.0)
 TINY = {"rounds": 2, "clients": 3, "clients_per_round": 3, "pairs_per_fold": 4, "max_images": 2,
         "heldout_every_round": True}
 
@@ -144,19 +146,19 @@ def test_federated_job_through_the_api_publishes_a_candidate(tmp_path, shared, p
                               stdout=open(tmp_path / "worker.log", "wb"), stderr=subprocess.STDOUT)
     try:
         key = stack.api_key("admin")
-        httpx.post(stack.url + "/v1/admin/models/v0/activate", headers=auth(key)).raise_for_status()
-        bad = httpx.post(stack.url + "/v1/admin/jobs", json={"kind": "federated", "params": {**TINY, "rounds": 99}},
+        http.post(stack.url + "/v1/admin/models/v0/activate", headers=auth(key)).raise_for_status()
+        bad = http.post(stack.url + "/v1/admin/jobs", json={"kind": "federated", "params": {**TINY, "rounds": 99}},
                          headers=auth(key))
         assert bad.status_code == 422 and bad.headers["content-type"].startswith("application/problem+json")
         assert bad.json()["type"].endswith("/invalid-job-params") and "rounds" in bad.json()["detail"]
 
-        created = httpx.post(stack.url + "/v1/admin/jobs", json={"kind": "federated", "params": TINY},
+        created = http.post(stack.url + "/v1/admin/jobs", json={"kind": "federated", "params": TINY},
                              headers=auth(key))
         assert created.status_code == 202, created.text
         job_id, seen_live, job = created.json()["id"], [], {}
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            job = httpx.get(f"{stack.url}/v1/admin/jobs/{job_id}", headers=auth(key)).json()
+            job = http.get(f"{stack.url}/v1/admin/jobs/{job_id}", headers=auth(key)).json()
             if job["status"] == "running" and (job["result"] or {}).get("rounds"):
                 seen_live.append((job["progress"], job["message"], len(job["result"]["rounds"])))
             if job["status"] in ("succeeded", "failed"):
@@ -172,12 +174,12 @@ def test_federated_job_through_the_api_publishes_a_candidate(tmp_path, shared, p
         # tolerance 1.0: any candidate passes the guardrail, so it is activated and served
         assert result["guardrail"]["decision"] == "activated", result["guardrail"]
         assert result["status"] == "active" and result["active_before"] == "v0"
-        models = {m["version"]: m for m in httpx.get(stack.url + "/v1/admin/models", headers=auth(key)).json()}
+        models = {m["version"]: m for m in http.get(stack.url + "/v1/admin/models", headers=auth(key)).json()}
         assert models[result["version"]]["status"] == "active" and models["v0"]["status"] == "retired"
         assert "federated" in models[result["version"]]["metrics"]
         assert (stack.model_dir / result["version"] / "model.onnx").is_file()
         deadline = time.monotonic() + 15
-        while httpx.get(stack.url + "/readyz").json()["checks"]["model"]["version"] != result["version"]:
+        while http.get(stack.url + "/readyz").json()["checks"]["model"]["version"] != result["version"]:
             assert time.monotonic() < deadline, "the gateway did not swap to the federated candidate"
             time.sleep(0.5)
     finally:
@@ -219,7 +221,7 @@ def fed_dir(stack: LocalStack) -> Path:
 def wait_job(stack: LocalStack, key: str, job_id: str, done, timeout: float = 300.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        job = httpx.get(f"{stack.url}/v1/admin/jobs/{job_id}", headers=auth(key)).json()
+        job = http.get(f"{stack.url}/v1/admin/jobs/{job_id}", headers=auth(key)).json()
         if done(job):
             return job
         assert time.monotonic() < deadline, job
@@ -245,17 +247,17 @@ def test_cancel_stops_a_running_federated_job_between_rounds_and_a_queued_one_at
     worker = start_worker(stack, tmp_path, "worker")
     try:
         key = stack.api_key("admin")
-        before = [m["version"] for m in httpx.get(stack.url + "/v1/admin/models", headers=auth(key)).json()]
-        running = httpx.post(stack.url + "/v1/admin/jobs", headers=auth(key),
+        before = [m["version"] for m in http.get(stack.url + "/v1/admin/models", headers=auth(key)).json()]
+        running = http.post(stack.url + "/v1/admin/jobs", headers=auth(key),
                              json={"kind": "federated", "params": {**LIFECYCLE, "rounds": 20}}).json()["id"]
-        queued = httpx.post(stack.url + "/v1/admin/jobs", headers=auth(key),
+        queued = http.post(stack.url + "/v1/admin/jobs", headers=auth(key),
                             json={"kind": "federated", "params": {**LIFECYCLE, "rounds": 2}}).json()["id"]
         wait_job(stack, key, running, lambda j: rounds_done(j) >= 1)
 
         # the second job waits behind the first (one worker): cancelled at once, it never starts
-        out = httpx.post(f"{stack.url}/v1/admin/jobs/{queued}/cancel", headers=auth(key))
+        out = http.post(f"{stack.url}/v1/admin/jobs/{queued}/cancel", headers=auth(key))
         assert out.status_code == 202 and out.json()["status"] == "cancelled", out.text
-        out = httpx.post(f"{stack.url}/v1/admin/jobs/{running}/cancel", headers=auth(key))
+        out = http.post(f"{stack.url}/v1/admin/jobs/{running}/cancel", headers=auth(key))
         assert out.status_code == 202 and out.json()["status"] == "cancelling", out.text
         job = wait_job(stack, key, running, lambda j: j["status"] not in ("running", "cancelling"), timeout=120)
         assert job["status"] == "cancelled", job
@@ -265,16 +267,16 @@ def test_cancel_stops_a_running_federated_job_between_rounds_and_a_queued_one_at
         assert not (fed_dir(stack) / running).exists(), "the state of an ended job is removed"
         assert not federated_processes(fed_dir(stack) / running)
 
-        models = httpx.get(stack.url + "/v1/admin/models", headers=auth(key)).json()
+        models = http.get(stack.url + "/v1/admin/models", headers=auth(key)).json()
         assert [m["version"] for m in models] == before, "a cancelled run publishes nothing"
         time.sleep(3)  # the worker has taken the queued job's rq entry by now; it must not have run it
-        job2 = httpx.get(f"{stack.url}/v1/admin/jobs/{queued}", headers=auth(key)).json()
+        job2 = http.get(f"{stack.url}/v1/admin/jobs/{queued}", headers=auth(key)).json()
         assert job2["status"] == "cancelled" and job2["message"] == "cancelled before it started" and not job2["result"]
 
-        again = httpx.post(f"{stack.url}/v1/admin/jobs/{running}/cancel", headers=auth(key))
+        again = http.post(f"{stack.url}/v1/admin/jobs/{running}/cancel", headers=auth(key))
         assert again.status_code == 409 and again.json()["type"].endswith("/job-finished")
-        assert httpx.get(f"{stack.url}/v1/admin/jobs/{running}", headers=auth(key)).json()["status"] == "cancelled"
-        missing = httpx.post(f"{stack.url}/v1/admin/jobs/job_nope/cancel", headers=auth(key))
+        assert http.get(f"{stack.url}/v1/admin/jobs/{running}", headers=auth(key)).json()["status"] == "cancelled"
+        missing = http.post(f"{stack.url}/v1/admin/jobs/job_nope/cancel", headers=auth(key))
         assert missing.status_code == 404
     finally:
         worker.terminate()
@@ -292,8 +294,8 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_resumes_from_its_last_r
     replacement = None
     try:
         key = stack.api_key("admin")
-        httpx.post(stack.url + "/v1/admin/models/v0/activate", headers=auth(key)).raise_for_status()
-        job_id = httpx.post(stack.url + "/v1/admin/jobs", headers=auth(key),
+        http.post(stack.url + "/v1/admin/models/v0/activate", headers=auth(key)).raise_for_status()
+        job_id = http.post(stack.url + "/v1/admin/jobs", headers=auth(key),
                             json={"kind": "federated", "params": {**LIFECYCLE, "rounds": 3}}).json()["id"]
         wait_job(stack, key, job_id, lambda j: rounds_done(j) >= 1)
         state_dir = fed_dir(stack) / job_id
@@ -306,7 +308,7 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_resumes_from_its_last_r
         while federated_processes(state_dir) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not federated_processes(state_dir), "the federated run must die with the worker"
-        killed = httpx.get(f"{stack.url}/v1/admin/jobs/{job_id}", headers=auth(key)).json()
+        killed = http.get(f"{stack.url}/v1/admin/jobs/{job_id}", headers=auth(key)).json()
         assert killed["status"] == "running" and rounds_done(killed) < 3, killed  # killed with rounds to go
         assert (state_dir / "state.npz").exists()
 
@@ -333,18 +335,18 @@ def test_a_run_that_cannot_start_fails_with_one_clear_line_and_changes_nothing(t
     worker = start_worker(stack, tmp_path, "worker")
     try:
         key = stack.api_key("admin")
-        httpx.post(stack.url + "/v1/admin/models/v0/activate", headers=auth(key)).raise_for_status()
-        bad = httpx.post(stack.url + "/v1/admin/jobs", headers=auth(key),
+        http.post(stack.url + "/v1/admin/models/v0/activate", headers=auth(key)).raise_for_status()
+        bad = http.post(stack.url + "/v1/admin/jobs", headers=auth(key),
                          json={"kind": "federated", "params": {"aggregation": "secagg+", "clients_per_round": 1}})
         assert bad.status_code == 422 and "secagg+" in bad.json()["detail"]
-        before = httpx.get(stack.url + "/v1/admin/models", headers=auth(key)).json()
-        job_id = httpx.post(stack.url + "/v1/admin/jobs", headers=auth(key), json={"kind": "federated", "params": {
+        before = http.get(stack.url + "/v1/admin/models", headers=auth(key)).json()
+        job_id = http.post(stack.url + "/v1/admin/jobs", headers=auth(key), json={"kind": "federated", "params": {
             "clients": 2000, "clients_per_round": 10, "pairs_per_fold": 2}}).json()["id"]
         job = wait_job(stack, key, job_id, lambda j: j["status"] in ("succeeded", "failed"), timeout=240)
         assert job["status"] == "failed" and "\n" not in job["message"], job
         assert job["message"].startswith("FederatedRunError: federated run exited with status 1: ValueError: only ")
         assert "training identities have >= 2 images" in job["message"]
-        assert httpx.get(stack.url + "/v1/admin/models", headers=auth(key)).json() == before
+        assert http.get(stack.url + "/v1/admin/models", headers=auth(key)).json() == before
         assert not (fed_dir(stack) / job_id).exists()
     finally:
         worker.terminate()

@@ -79,12 +79,22 @@ def start_harness(tmp: Path, rank: int, *extra: str, tls_verify=True) -> tuple[s
     return proc, url, db
 
 
-@pytest.fixture
-def pair_procs(tmp_path):
-    procs = [start_harness(tmp_path, rank, "--match-rate", "1000", "--match-burst", "1000") for rank in (0, 1)]
+def _pair(tmp: Path):  # noqa: ANN202
+    procs = [start_harness(tmp, rank, "--match-rate", "1000", "--match-burst", "1000") for rank in (0, 1)]
     yield procs
     for proc, _, _ in procs:
         _stop(proc)
+
+
+@pytest.fixture
+def pair_procs(tmp_path):
+    yield from _pair(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_pair_procs(tmp_path_factory):
+    """One pair for tests that only ask and never change what another test sees (each its own gallery name)."""
+    yield from _pair(tmp_path_factory.mktemp("pair"))
 
 
 # -- 1. one credential per link ---------------------------------------------------------------------------
@@ -215,8 +225,8 @@ def test_identify_threshold_follows_the_gallery_size_at_the_party(pair_procs):
 @pytest.mark.parametrize("threshold,ok", [(1.0, True), (-1.0, True), (0.999999, True), (1.0000001, False),
                                           (-1.0000001, False), (31.0, False), (40.0, False),
                                           (float("inf"), False), (float("nan"), False)])
-def test_party_refuses_out_of_range_thresholds(pair_procs, threshold, ok):
-    (_, u0, _), _ = pair_procs
+def test_party_refuses_out_of_range_thresholds(module_pair_procs, threshold, ok):
+    (_, u0, _), _ = module_pair_procs
     body = json.dumps({"gallery": f"g{threshold}", "threshold": threshold})  # NaN/Infinity as Python writes
     r = httpx.post(u0 + "/internal/galleries", content=body,
                    headers={"Authorization": f"Bearer {TOKENS[0]}", "Content-Type": "application/json"})
