@@ -54,23 +54,35 @@ def child_arguments(ap: argparse.ArgumentParser, width: int) -> None:
     ap.add_argument("--activation", default="quad", help="random-init student only")
 
 
-def child(role: int, work: Path, port: int) -> None:
-    """One MPC process: the dealer (role 2) or a party (0/1) running the plan in ``work``."""
+def join_mpc(role: int, port: int, op_timeout_s: float = 300) -> Any:
+    """A bench's child process on one thread: the dealer (role 2) serves until the parties are done and None is
+    returned; a party (0/1) gets CrypTen initialised for its rank."""
     import torch
 
     torch.set_num_threads(1)
     from secure.mpc.settings import MpcSettings
 
-    settings = MpcSettings(master_port=port, torch_threads=1, op_timeout_s=300, connect_timeout_s=120)
+    settings = MpcSettings(master_port=port, torch_threads=1, op_timeout_s=op_timeout_s, connect_timeout_s=120)
     if role == DEALER_ROLE:
         from secure.mpc.dealer.server import dealer_main
 
         dealer_main(settings.model_dump(), 1)
+        return None
+    from secure.mpc.runtime.session import init_crypten
+
+    return init_crypten(role, settings)
+
+
+def child(role: int, work: Path, port: int) -> None:
+    """One MPC process: the dealer (role 2) or a party (0/1) running the plan in ``work``."""
+    import torch
+
+    crypten = join_mpc(role, port)
+    if crypten is None:
         return
     from secure.mpc.protocols.sealed_model import input_from_share, output_share, private_embedding, private_unit
-    from secure.mpc.runtime.session import exit_now, init_crypten
+    from secure.mpc.runtime.session import exit_now
 
-    crypten = init_crypten(role, settings)
     plan = torch.load(work / "plan.pt", weights_only=False)
     share = np.load(work / f"share{role}.npy")  # this party's share only
     comm = crypten.communicator.get()
@@ -162,12 +174,13 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "activations": activation_count(layers, spec.shape)}
 
 
-def run_processes(work: Path, timeout_s: float) -> None:
+def run_processes(work: Path, timeout_s: float, module: str = "bench.sealed_mpc") -> None:
+    """The dealer and both parties as `python -m <module> --role R` (each bench's own child), 1 thread each."""
     from devtools.net import free_port
 
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT)}
-    procs = {role: subprocess.Popen([sys.executable, "-m", "bench.sealed_mpc", "--role", str(role), "--work",
+    procs = {role: subprocess.Popen([sys.executable, "-m", module, "--role", str(role), "--work",
                                      str(work), "--port", str(port)], cwd=PROJECT_ROOT, env=env,
                                     stdout=open(work / f"role{role}.log", "wb"), stderr=subprocess.STDOUT)
              for role in (DEALER_ROLE, 0, 1)}

@@ -31,7 +31,7 @@ def test_finds_what_another_process_holds_and_nothing_else(monkeypatch: pytest.M
             pytest.skip("reading another process's memory needs root (or ptrace_scope 0)")
         assert process_tree(child.pid) == [child.pid]
         probes = {f"held +{shift}": secret[shift: shift + 15 + 7 * shift] for shift in range(8)}
-        probes.update({"never": never[:64], "held, then altered": secret[100:160] + b"\x01"})
+        probes.update({"never": never[:64], "held, then altered": secret[100:160] + bytes([secret[160] ^ 1])})  # never what follows
         monkeypatch.setattr(memscan, "CHUNK", 4096)  # small pieces: probes straddle piece boundaries too
         found, read = find_in_memory([child.pid], probes)
         assert read > 20_000_000
