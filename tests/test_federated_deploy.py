@@ -437,6 +437,30 @@ def test_run_config_is_checked_before_any_round():
             settings_from_run_config({**good, key: bad}, SHARED)
 
 
+@pytest.mark.skipif(not HAVE_FLWR, reason="needs flwr (.venv-federated)")
+def test_the_job_follows_the_run_that_owns_its_state_and_a_failed_serverapp_ends_it_in_one_line(tmp_path: Path):
+    """What deploy_run reads from the state directory, without a SuperLink: the owner file wins over the run it
+    submitted (run.json is rewritten, one `submitted` event says so), and a ServerApp's report that it failed
+    ends the job with that reason (the report is read before the SuperLink is asked anything)."""
+    import contextlib
+    import io
+
+    from training_jobs.federated import checkpoint
+    from training_jobs.federated.deploy_run import DeploymentError, follow, take_over
+
+    assert take_over(tmp_path, 9) == 9 and not (tmp_path / "run.json").exists()  # nobody claimed it yet
+    checkpoint.claim(tmp_path, 4)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert take_over(tmp_path, 9) == 4
+    assert json.loads((tmp_path / "run.json").read_text()) == {"run-id": 4}
+    event = json.loads(printed.getvalue())
+    assert event["event"] == "submitted" and event["run_id"] == 4 and event["duplicate_run"] == 9, event
+    (tmp_path / "report.json").write_text(json.dumps({"status": "failed: RuntimeError: no device replied"}))
+    with pytest.raises(DeploymentError, match="^the ServerApp stopped: failed: RuntimeError: no device replied$"):
+        follow(tmp_path / "no-flwr-home", 4, tmp_path, rounds=1, poll_s=0.0)
+
+
 def write_tls_and_node_keys(folder: Path) -> dict[str, Path]:
     """A CA, a SuperLink certificate for 127.0.0.1 signed by it, and two devices' EC P-384 keys (OpenSSH)."""
     import datetime
