@@ -225,7 +225,7 @@ def test_two_devices_train_rounds_through_a_real_superlink(tmp_path: Path):
     for entry in result["rounds"]:
         assert entry["sampled"] == entry["finished"] == 2 and entry["failed"] == 0, result["rounds"]
         assert entry["metrics"]["loss"] > 0, entry
-    assert any(snap["message"].startswith("round 1 of 2: 2/2 clients finished, 0 failed, loss ")
+    assert any((snap["message"] or "").startswith("round 1 of 2: 2/2 clients finished, 0 failed, loss ")
                for snap in fedavg_job["live"]), fedavg_job["live"]  # seen while the job was running
     assert_resumed_the_same_run(fedavg_job, cancelled, runs_after_job)
     # published as simulation publishes: held-out folds 6-10 before/after, the active v0's, a registered version
@@ -287,7 +287,7 @@ def assert_resumed_the_same_run(fedavg_job: dict, cancelled: dict, runs: list[di
     assert kill and not kill["deploy_run_left"] and kill["state_saved"], kill  # killed with its worker
     assert kill["row_after_restart"]["status"] in ("running", "queued"), kill  # orphaned, not failed
     first = [snap for snap in fedavg_job["live"] if snap["attempt"] == 1]
-    submitted = [s["message"] for s in first if "submitted to the SuperLink" in s["message"]]
+    submitted = [s["message"] for s in first if "submitted to the SuperLink" in (s["message"] or "")]
     assert submitted and submitted[0] == f"run {result['run_id']} submitted to the SuperLink; waiting for 2 devices"
     assert kill["run_file"] == kill["owner_file"] == {"run-id": result["run_id"]}, (kill, result["run_id"])
     assert [r["round"] for r in first[-1]["rounds"]] == [1], first[-1]  # killed after round 1, before round 2
