@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.sealed_mpc import join_mpc, measured, run_processes
+from bench.sealed_mpc import hidden_child_arguments, join_mpc, measured, run_processes
 from common.paths import PROJECT_ROOT
 
 SERVED = PROJECT_ROOT / "inference" / "bundled" / "v1-accurate"
@@ -218,9 +218,7 @@ def summary(prep: dict[str, Any], work: Path) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--role", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
+    hidden_child_arguments(ap)
     ap.add_argument("--images", type=int, default=3, help="held-out images, each through every model")
     ap.add_argument("--encrypted-weights", action="store_true", help="also CrypTen's model.encrypt() variant")
     ap.add_argument("--timeout-s", type=float, default=3600)

@@ -44,11 +44,16 @@ def measured(comm: Any, step: Callable[[], T]) -> tuple[T, dict[str, float | int
     return result, {"seconds": seconds, "cpu_s": cpu_s, "bytes": int(st["bytes"]), "rounds": int(st["rounds"])}
 
 
-def child_arguments(ap: argparse.ArgumentParser, width: int) -> None:
-    """The arguments both sealed benches share: the hidden ones of their child processes, and the student."""
+def hidden_child_arguments(ap: argparse.ArgumentParser) -> None:
+    """What `run_processes` passes a bench's own child process: its role, the rendezvous port, the work folder."""
     ap.add_argument("--role", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
+
+
+def child_arguments(ap: argparse.ArgumentParser, width: int) -> None:
+    """The arguments both sealed benches share: the hidden ones of their child processes, and the student."""
+    hidden_child_arguments(ap)
     ap.add_argument("--checkpoint", type=Path, default=None)
     ap.add_argument("--width", type=int, default=width, help="random-init student only")
     ap.add_argument("--activation", default="quad", help="random-init student only")
