@@ -92,7 +92,10 @@ def outcome(wrapper: str) -> Outcome:
     start(wrapper)
     folder, limit = runs_dir(), SUITES[wrapper][2]
     pid_file, rc = folder / f"{wrapper}.pid", folder / f"{wrapper}.rc"
+    deadline = time.monotonic() + 60
     while not pid_file.read_text().strip():  # the starter writes it right after Popen
+        if time.monotonic() > deadline:
+            return Outcome(-1, f"the process that claimed {pid_file} never started the run", 0.0)
         time.sleep(0.1)
     pid, started = pid_file.read_text().split()
     while not rc.exists() and time.time() - float(started) < limit:
