@@ -171,3 +171,47 @@ def test_a_cancel_request_is_seen_at_the_next_progress_report_and_a_job_done_any
     with session_scope(sessions) as session:
         job = session.get_one(Job, "job_b")
         assert job.status == "succeeded" and "cancel request came after" in (job.message or "")
+
+
+def test_a_cancel_racing_the_worker_either_stops_the_job_or_finds_it_running_never_both(sessions, tmp_path):
+    """Regression (a CI run under two test workers): the worker read `queued` then wrote `running` while a cancel
+    read `queued` then wrote `cancelled`; the last write won, so a job the admin was told was cancelled ran and
+    ended `succeeded`. Both now take the row with a conditional update: each race ends one way or the other."""
+    import threading
+
+    from app.models import Job
+    from app.services.jobs import cancel_job, execute
+
+    url = sessions.kw["bind"].url.render_as_string(hide_password=False)
+    settings = GatewaySettings(database_url=url, model_dir=tmp_path)
+    seen = set()
+    for i in range(20):
+        job_id = f"job_race{i}"
+        with session_scope(sessions) as session:  # register-model of a missing path: fails at once when it runs
+            session.add(Job(id=job_id, kind="register-model", params={"path": "missing"}, status="queued"))
+        start, said = threading.Barrier(2), {}
+
+        def run() -> None:
+            start.wait()
+            execute(job_id, settings)
+
+        def cancel() -> None:
+            start.wait()
+            try:
+                said["answer"] = cancel_job(sessions, job_id).status
+            except Problem as problem:
+                said["answer"] = problem.slug
+
+        threads = [threading.Thread(target=run), threading.Thread(target=cancel)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        with session_scope(sessions) as session:
+            final = session.get_one(Job, job_id).status
+        if said["answer"] == "cancelled":
+            assert final == "cancelled", (i, said, final)  # told cancelled: it never ran
+        else:  # the worker took it first: a running register-model cannot stop, and it ran to its end
+            assert said["answer"] in ("job-not-cancellable", "job-finished") and final == "failed", (i, said, final)
+        seen.add(said["answer"])
+    assert seen, "no race ran"

@@ -122,17 +122,20 @@ def validate_job_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
 def execute(job_id: str, settings: GatewaySettings | None = None) -> None:
     """Run one job to completion, recording its outcome. This is what the rq worker calls.
 
-    A job that is no longer queued (cancelled before it started, or already taken) is left alone."""
+    A job that is no longer queued (cancelled before it started, or already taken) is left alone. The job is
+    taken with a conditional update (queued -> running), so a cancel landing at the same moment either wins
+    (the job never runs) or finds it running (it is asked to stop); never both."""
     settings = settings or get_settings()
     sessions = make_sessionmaker(make_engine(settings.database_url))
     with session_scope(sessions) as session:
+        taken = cast("CursorResult[Any]", session.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
+                                                          .values(status="running")))
         job = session.get(Job, job_id)
-        if job is None or job.status != "queued":
+        if job is None or taken.rowcount != 1:
             log.info("job %s is %s, not queued: not run", job_id, job.status if job else "unknown")
             return
         kind, params = job.kind, dict(job.params)
         attempt = int((job.result or {}).get("attempt", 1))
-        job.status = "running"
     reporter = JobReporter(sessions, job_id, attempt)
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(sessions, job_id, reporter, settings.job_lease_s / 3, stop),
@@ -189,16 +192,27 @@ def cancel_job(sessions: sessionmaker[Session], job_id: str) -> Job:
         job = session.get(Job, job_id)
         if job is None:
             raise Problem(404, "job-not-found", "Unknown job", f"No job {job_id!r}.")
+        if job.status == "queued":  # conditional: a worker taking the job at this moment makes it `running`
+            stopped = cast("CursorResult[Any]", session.execute(
+                update(Job).where(Job.id == job_id, Job.status == "queued")
+                .values(status="cancelled", message="cancelled before it started")))
+            session.refresh(job)
+            if stopped.rowcount == 1:
+                session.expunge(job)
+                return job
         if job.status in TERMINAL:
             raise Problem(409, "job-finished", "The job has finished", f"Job {job_id} is already {job.status}.")
-        if job.status == "queued":
-            job.status, job.message = "cancelled", "cancelled before it started"
-        elif job.status == "running":
+        if job.status == "running":
             if job.kind not in CANCELLABLE_KINDS:
                 raise Problem(409, "job-not-cancellable", "This job cannot be cancelled while it runs",
                               f"A running {job.kind!r} job cannot stop half-way; cancellable while running: "
                               f"{sorted(CANCELLABLE_KINDS)}.")
-            job.status, job.message = "cancelling", "cancel requested: stops after the step in progress"
+            asked = cast("CursorResult[Any]", session.execute(
+                update(Job).where(Job.id == job_id, Job.status == "running")
+                .values(status="cancelling", message="cancel requested: stops after the step in progress")))
+            session.refresh(job)
+            if asked.rowcount != 1 and job.status in TERMINAL:  # it ended at this moment
+                raise Problem(409, "job-finished", "The job has finished", f"Job {job_id} is already {job.status}.")
         session.flush()
         session.expunge(job)
         return job
