@@ -4,8 +4,8 @@ Flower lives only in .venv-federated, so `test_flower_suite_in_federated_venv` a
 `test_deploy_suite_in_federated_venv` rerun their files there in a subprocess. Those runs take minutes (Ray
 simulations, a SuperLink with a process per message) and mostly wait on process start-up, so the conftest starts
 them when the wrapper tests are collected and the wrappers only collect the outcome: the rest of the suite runs
-meanwhile. They use their own temporary folders and free ports and neither Redis nor PostgreSQL, so they cannot
-disturb the tests running beside them. A wrapper whose run was not started (e.g. `-p no:...` or a deselected
+meanwhile. They use their own temporary folders and free ports, no PostgreSQL, and Redis only in a database no other
+test uses (the deployment job's rq worker, 15), so they cannot disturb the tests running beside them. A wrapper whose run was not started (e.g. `-p no:...` or a deselected
 sibling) starts it itself, so every path still runs the Flower tests.
 
 The session runs its tests in parallel processes (pytest-xdist), so a run is known by files, not by a process's

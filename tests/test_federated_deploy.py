@@ -198,7 +198,7 @@ def test_two_devices_train_rounds_through_a_real_superlink(tmp_path: Path):
         # imports and model load dominate here (docs/federated.md, "Deployment runtime").
         # FedAvg: an admin's `federated` job with engine deployment, through the gateway (its venv), which
         # submits the Flower App to this SuperLink (the operator's setting), follows the rounds and publishes;
-        # its gateway is killed after round 1 and a new one resumes the job (tests/federated_deploy_job.py)
+        # its rq worker is killed after round 1 and a new one resumes the job (tests/federated_deploy_job.py)
         fedavg_job = gateway_job_result(gateway, tmp_path, watched)
         fedavg_seconds = time.perf_counter() - started
         runs_after_job = superlink_runs(env)  # before the SecAgg+ run below adds its own
@@ -263,7 +263,7 @@ def test_two_devices_train_rounds_through_a_real_superlink(tmp_path: Path):
         assert len(lines) == 3, log.read_text()[-3000:]  # 2 FedAvg rounds (one run) + 1 SecAgg+ round; none refused
         assert set(lines) == {(f"device-dev{i}", str(PHOTOS_PER_DEVICE), digests[identity])}
     print(f"deployment: FedAvg job 2 rounds {fedavg_seconds:.1f} s from start (processes, worker kill + resume "
-          f"and publishing included), gateway down {fedavg_job['kill']['down_seconds']:.1f} s, attempt 2 took the "
+          f"and publishing included), worker down {fedavg_job['kill']['down_seconds']:.1f} s, attempt 2 took the "
           f"run over after round {result['resumed'][0]['from_round']} and ran {result['seconds']:.1f} s (publishing "
           f"{result['publish_seconds']:.1f} s), rounds {[round(r['train_seconds'], 1) for r in result['rounds']]} s; "
           f"SecAgg+ 1 round {secagg['wall_seconds']:.1f} s, SecAgg+ up {secagg['rounds'][0]['bytes_up_per_client']}; "
@@ -280,12 +280,14 @@ def superlink_runs(env: dict[str, str]) -> list[dict]:
 
 
 def assert_resumed_the_same_run(fedavg_job: dict, cancelled: dict, runs: list[dict]) -> None:
-    """The job's gateway was SIGKILLed after round 1: its deploy_run died with it, leaving run.json and round 1's
-    state; the new gateway requeued the job (attempt 2), which followed the same run (never a second `flwr run`:
-    the SuperLink holds the cancelled job's run and this one only) and finished it."""
+    """The job's rq worker and work-horse were SIGKILLed after round 1: its deploy_run died with them, leaving
+    run.json (then removed by the test) and round 1's state; a new worker requeued the job (attempt 2), which
+    followed the same run (never a second `flwr run`: the SuperLink holds the cancelled job's run and this one
+    only) and finished it."""
     kill, result = fedavg_job["kill"], fedavg_job["job"]["result"]
     assert kill and not kill["deploy_run_left"] and kill["state_saved"], kill  # killed with its worker
-    assert kill["row_after_restart"]["status"] in ("running", "queued"), kill  # orphaned, not failed
+    assert kill["work_horses"] == 1, kill  # the job ran in the rq worker's forked work-horse, killed with it
+    assert kill["row_while_down"]["status"] == "running", kill  # orphaned, not failed; the gateway still answers
     first = [snap for snap in fedavg_job["live"] if snap["attempt"] == 1]
     submitted = [s["message"] for s in first if "submitted to the SuperLink" in (s["message"] or "")]
     assert submitted and submitted[0] == f"run {result['run_id']} submitted to the SuperLink; waiting for 2 devices"
