@@ -1,9 +1,9 @@
 """Federated retraining end to end through the API, and jobs that start from the active version's weights.
 
 Real processes: the LocalStack gateway and both parties on PostgreSQL, Redis, an rq worker that runs
-`training_jobs.federated.simulate` in .venv-federated. Bounded: 1 round of 3 clients with 2 photos each, 20
-held-out pairs (LFW folds 6-10, 4 per fold) measured before and after it, which proves the plumbing, not accuracy
-(tests/test_federated_job.py runs 2 rounds with the held-out pairs after every round).
+`training_jobs.federated.simulate` in .venv-federated. Bounded: the first job 2 rounds of 3 clients with 2 photos
+each, 20 held-out pairs (LFW folds 6-10, 4 per fold) after every round; the second 1 round, held-out before and
+after. That proves the plumbing, not accuracy.
 """
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ from inference.frequency_model import FrequencyFaceModel, InverseDctAdapter, bui
 from inference.metadata import ModelMetadata
 from inference.mobilefacenet import load_pretrained
 from inference.transform import default_spec
-from tests.test_federated_job import FEDERATED_PYTHON, TINY, private_models
+from tests.test_federated_job import FEDERATED_PYTHON, TINY, private_models, rounds_done
 from tests.test_gateway_api import aligned_face, auth, payload
 
 
-ONE_ROUND = {**TINY, "rounds": 1, "heldout_every_round": False}  # each job: one round, held-out before and after
+ONE_ROUND = {**TINY, "rounds": 1, "heldout_every_round": False}  # later jobs: one round, held-out before and after
 
 
 def write_version(directory, version: str, model: torch.nn.Module | None) -> None:
@@ -103,12 +103,19 @@ def stop_worker(worker: subprocess.Popen) -> None:
         worker.wait()
 
 
-def run_job(stack: LocalStack, key: str, params: dict) -> dict:
+def run_job(stack: LocalStack, key: str, params: dict, live: list | None = None) -> dict:
+    """Start a federated job and poll it to the end; `live` collects the (progress, message, rounds) it showed
+    while running."""
     created = httpx.post(stack.url + "/v1/admin/jobs", json={"kind": "federated", "params": params},
                          headers=auth(key), timeout=60)
     assert created.status_code == 202, created.text
-    job = wait_job(stack, key, created.json()["id"], lambda j: j["status"] in ("succeeded", "failed", "cancelled"),
-                   timeout=1800)
+
+    def ended(job: dict) -> bool:
+        if live is not None and job["status"] == "running" and rounds_done(job) >= 0:
+            live.append((job["progress"], job["message"], rounds_done(job)))
+        return job["status"] in ("succeeded", "failed", "cancelled")
+
+    job = wait_job(stack, key, created.json()["id"], ended, timeout=1800)
     assert job["status"] == "succeeded", job
     return job
 
@@ -163,11 +170,25 @@ def test_admin_job_publishes_a_model_that_answers_the_next_verify_and_old_templa
         first = verify(stack, key, spec, alice, alice_face)
         assert first["match"] is True and first["model_version"] == "v0", first
 
-        job = run_job(stack, key, ONE_ROUND)
+        bad = httpx.post(stack.url + "/v1/admin/jobs", json={"kind": "federated", "params": {**TINY, "rounds": 99}},
+                         headers=auth(key), timeout=60)
+        assert bad.status_code == 422 and bad.headers["content-type"].startswith("application/problem+json")
+        assert bad.json()["type"].endswith("/invalid-job-params") and "rounds" in bad.json()["detail"]
+        live: list = []
+        job = run_job(stack, key, TINY, live)  # 2 rounds, held-out after each
         result = job["result"]
         fed = result["version"]
+        assert live and any("round" in message for _, message, _ in live), live  # progress seen while running
+        assert [r["round"] for r in result["rounds"]] == [0, 1, 2]
+        assert all(r["sampled"] == 3 and r["finished"] == 3 and r["failed"] == 0 for r in result["rounds"][1:])
+        assert all(r["heldout"]["num_pairs"] == 20 for r in result["rounds"])
+        assert result["heldout"]["active_version"]["version"] == "v0"
         assert result["base_version"] == "v0" and result["active_before"] == "v0"
+        # tolerance 1.0: any candidate passes the guardrail, so it is activated and served
         assert result["guardrail"]["decision"] == "activated" and result["status"] == "active", result
+        listed = {m["version"]: m for m in httpx.get(stack.url + "/v1/admin/models", headers=auth(key), timeout=60).json()}
+        assert listed[fed]["status"] == "active" and listed["v0"]["status"] == "retired"
+        assert "federated" in listed[fed]["metrics"] and (stack.model_dir / fed / "model.onnx").is_file()
         saved = ModelMetadata.load(stack.model_dir / fed, verify=True).weights
         assert saved["architecture"] == FREQUENCY_ARCHITECTURE and (stack.model_dir / fed / saved["file"]).is_file()
 

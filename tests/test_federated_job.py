@@ -1,9 +1,8 @@
-"""The `federated` job kind: strict params, the guardrail, subprocess failures, and one real run through the API.
+"""The `federated` job kind: strict params, the guardrail, subprocess failures, and its lifecycle on real workers.
 
-The real run: PostgreSQL + Redis + an rq worker + the LocalStack gateway; the worker starts
-`training_jobs.federated.simulate` in .venv-federated (2 rounds, 3 clients, a few held-out pairs), the API shows
-its rounds while it runs, the candidate is exported into the gateway's model directory, registered, and the
-guardrail's decision is in the result.
+The lifecycle tests share one stack (PostgreSQL + Redis + the LocalStack gateway) and start their own rq workers,
+which run `training_jobs.federated.simulate` in .venv-federated: cancel, a worker killed mid-job, a run that cannot
+start. A job through the API from start to publish, swap and verify: tests/test_federated_e2e.py.
 """
 from __future__ import annotations
 
@@ -134,58 +133,6 @@ def private_models(tmp_path):
     models = tmp_path / "models"
     shutil.copytree(MODEL_CACHE / "v0", models / "v0")
     return models
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not FEDERATED_PYTHON.exists(), reason="no .venv-federated: run scripts/install_federated.sh")
-def test_federated_job_through_the_api_publishes_a_candidate(tmp_path, shared, postgres_db, redis_url):
-    stack = LocalStack(tmp_path / "stack", gateway_db=postgres_db(), party_dbs=(postgres_db(), postgres_db()),
-                       redis_url=redis_url, model_dir=private_models(tmp_path),
-                       extra_env={"PRIVFACE_FEDERATED_TOLERANCE": "1.0"}).start()
-    worker = subprocess.Popen([sys.executable, "-m", "privface", "worker"], cwd=ROOT, env=stack.env(),
-                              stdout=open(tmp_path / "worker.log", "wb"), stderr=subprocess.STDOUT)
-    try:
-        key = stack.api_key("admin")
-        http.post(stack.url + "/v1/admin/models/v0/activate", headers=auth(key)).raise_for_status()
-        bad = http.post(stack.url + "/v1/admin/jobs", json={"kind": "federated", "params": {**TINY, "rounds": 99}},
-                         headers=auth(key))
-        assert bad.status_code == 422 and bad.headers["content-type"].startswith("application/problem+json")
-        assert bad.json()["type"].endswith("/invalid-job-params") and "rounds" in bad.json()["detail"]
-
-        created = http.post(stack.url + "/v1/admin/jobs", json={"kind": "federated", "params": TINY},
-                             headers=auth(key))
-        assert created.status_code == 202, created.text
-        job_id, seen_live, job = created.json()["id"], [], {}
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            job = http.get(f"{stack.url}/v1/admin/jobs/{job_id}", headers=auth(key)).json()
-            if job["status"] == "running" and (job["result"] or {}).get("rounds"):
-                seen_live.append((job["progress"], job["message"], len(job["result"]["rounds"])))
-            if job["status"] in ("succeeded", "failed"):
-                break
-            time.sleep(0.5)
-        assert job["status"] == "succeeded", (job, (tmp_path / "worker.log").read_text()[-3000:])
-        assert seen_live and any("round" in message for _, message, _ in seen_live), seen_live
-        result = job["result"]
-        assert [r["round"] for r in result["rounds"]] == [0, 1, 2]
-        assert all(r["sampled"] == 3 and r["finished"] == 3 and r["failed"] == 0 for r in result["rounds"][1:])
-        assert all(r["heldout"]["num_pairs"] == 20 for r in result["rounds"])
-        assert result["heldout"]["active_version"]["version"] == "v0"
-        # tolerance 1.0: any candidate passes the guardrail, so it is activated and served
-        assert result["guardrail"]["decision"] == "activated", result["guardrail"]
-        assert result["status"] == "active" and result["active_before"] == "v0"
-        models = {m["version"]: m for m in http.get(stack.url + "/v1/admin/models", headers=auth(key)).json()}
-        assert models[result["version"]]["status"] == "active" and models["v0"]["status"] == "retired"
-        assert "federated" in models[result["version"]]["metrics"]
-        assert (stack.model_dir / result["version"] / "model.onnx").is_file()
-        deadline = time.monotonic() + 15
-        while http.get(stack.url + "/readyz").json()["checks"]["model"]["version"] != result["version"]:
-            assert time.monotonic() < deadline, "the gateway did not swap to the federated candidate"
-            time.sleep(0.5)
-    finally:
-        worker.terminate()
-        worker.wait(timeout=15)
-        stack.stop()
 
 
 # --- lifecycle: cancel, a worker killed mid-job, orphan recovery, a failing run --------------------

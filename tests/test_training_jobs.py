@@ -212,6 +212,71 @@ def test_sealed_student_trains_through_the_same_trainer(tmp_path):
 
 
 @needs_model
+def test_cached_views_serve_the_served_features_and_the_teachers_embedding(tmp_path):
+    """Each sample is one of its image's stored views (the augmented face's clipped channels, float16) plus a
+    fresh noise draw at the served calibration, with the teacher's embedding of that same augmented face; the
+    cache is built once and reused."""
+    from inference.lfw import load_rgb
+    from inference.transform import clean
+    from training_jobs.cached_views import CachedViews, build_views, load_or_build
+    from training_jobs.train import Teacher
+
+    split = make_split(LFW, max_identities=2, max_images_per_identity=2, min_images=2)
+    spec, augment, teacher = spec_v0(64.0), Augment(), Teacher("mobilefacenet", SHARED, torch.device("cpu"))
+
+    def build():
+        return build_views(LFW, split.train_images, spec, augment, 0, 3, teacher, progress=False)
+
+    features, embeddings = load_or_build(tmp_path / "views.npz", build)
+    assert features.shape == (4, 3, *spec.shape) and features.dtype == np.float16 and embeddings.shape == (4, 3, 128)
+    face = augment(load_rgb(LFW, split.train_images[2]), np.random.default_rng([0, 1, 2]))  # image 2, view 1
+    assert np.array_equal(features[2, 1], clean(face, spec))
+    np.testing.assert_allclose(embeddings[2, 1], teacher(torch.from_numpy(face[None]))[0].numpy(), atol=1e-5)
+    assert not np.array_equal(features[2, 0], features[2, 1])  # the views differ
+
+    def refuse():
+        raise AssertionError("the cache must be reused")
+
+    again = load_or_build(tmp_path / "views.npz", refuse)
+    assert np.array_equal(again[0], features) and np.array_equal(again[1], embeddings)
+
+    data = CachedViews(features, embeddings, split.train_labels, spec, seed=0)
+    first, target, label = data[2]
+    assert label == split.train_labels[2] and first.dtype == torch.float32
+    view = next(v for v in range(3) if torch.equal(target, torch.from_numpy(embeddings[2, v])))
+    residual = first.numpy() - features[2, view].astype(np.float32)
+    scales = spec.noise_scales()
+    # Laplace noise: mean |x| = b per channel (14x14 draws per channel; loose bound, float16 rounding included)
+    ratio = np.abs(residual).reshape(len(scales), -1).mean(axis=1) / scales
+    assert 0.6 < float(np.median(ratio)) < 1.4, ratio
+    data.set_epoch(1)
+    assert not torch.equal(data[2][0], first)  # fresh noise (and maybe another view) every epoch
+
+
+@needs_model
+def test_a_sealed_run_with_cached_views_trains_without_running_the_teacher(tmp_path):
+    from training_jobs.train import Trainer
+    config = tiny_config(tmp_path, epochs=2)
+    config["model"].update(kind="sealed-cnn", activation="quad", width=16)
+    config["loss"]["head"]["init"] = "random"
+    config["data"]["cached_views"] = 2
+    config["augment"] = {"flip": 0.5, "brightness": 0.1, "contrast": 0.1, "translate": 4}
+    trainer = Trainer(config)
+    assert trainer.dataset.teacher_included and len(list((tmp_path / "run").glob("views-*.npz"))) == 1
+
+    def no_teacher(clean):
+        raise AssertionError("the stored embeddings replace the teacher")
+
+    trainer.teacher = no_teacher
+    trainer.fit()
+    losses = [h["loss"] for h in trainer.history]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+    config["data"]["extra_faces"] = True
+    with pytest.raises(ValueError, match="extra_faces"):
+        Trainer(config)
+
+
+@needs_model
 def test_the_device_pack_holds_training_identities_only(tmp_path, shared):
     from training_jobs.datasets import make_split
     from training_jobs.pack_shared import build_pack

@@ -37,6 +37,7 @@ from inference.lfw import lfw_dir, shared_dir
 from inference.mobilefacenet import EMBEDDING_DIM, load_pretrained
 from inference.sealed_student import SealedCnn, SealedFaceModel
 from inference.transform import TransformSpec
+from training_jobs.cached_views import TEACHER_INCLUDED, training_views
 from training_jobs.datasets import Augment, TransformedFaces, make_split, training_faces
 from training_jobs.eval_report import plot_roc_det
 from training_jobs.evaluate import HeldoutSet, ModelResult, frequency_embedder, pixel_input, torch_features_fn
@@ -119,10 +120,12 @@ class Trainer:
         data = config["data"]
         self.split = make_split(self.lfw, tuple(data["eval_folds"]), data["min_images"], data["max_identities"],
                                 data["max_images_per_identity"])
-        self.dataset = training_faces(self.lfw, self.split, self.spec, Augment.from_config(config["augment"]),
-                                      config["seed"], data.get("extra_faces", False))  # extra: distillation only
-        self.student = build_student(config["model"], self.spec, self.shared).to(self.device)
         self.teacher = Teacher(config["teacher"], self.shared, self.device)
+        augment = Augment.from_config(config["augment"])
+        self.dataset = training_views(self.lfw, self.split, self.spec, augment, config, self.teacher, self.out_dir) \
+            if data.get("cached_views") else training_faces(self.lfw, self.split, self.spec, augment, config["seed"],
+                                                            data.get("extra_faces", False))  # extra: distillation only
+        self.student = build_student(config["model"], self.spec, self.shared).to(self.device)
         loss = config["loss"]
         head = loss["head"]
         self.head = MarginHead(EMBEDDING_DIM, self.split.num_classes, head["kind"], head["scale"],
@@ -226,7 +229,7 @@ class Trainer:
             if index >= self.steps_per_epoch:
                 break
             features, labels = features.to(self.device, non_blocking=True), labels.to(self.device)
-            teacher = self.teacher(clean)
+            teacher = clean.to(self.device) if getattr(self.dataset, TEACHER_INCLUDED, False) else self.teacher(clean)
             embedding = student_embedding(self.student, features)
             identity, cos = self.head(embedding, labels) if loss_cfg["identity_weight"] else (embedding.new_zeros(()), None)
             distill = self.distill(embedding, teacher) if teacher is not None and loss_cfg["distill_weight"] \

@@ -1,0 +1,133 @@
+"""Training views computed once: augmented faces' clipped features and the teacher's embeddings, cached on disk.
+
+Why: for the small sealed student (inference/sealed_student.py) most of a training step on this CPU is the pixel
+teacher's forward pass (MobileFaceNet at 112x112, ~10x the student's work) and the image decoding, augmentation
+and block DCT, all repeated for every visit of a face. Here each training image gets `views` augmented versions
+(the same `Augment` draws as `TransformedFaces`), each stored as its clipped, kept DCT channels (float16, the
+precision the SDK sends) with the teacher's embedding of the same augmented face. A training sample is one of an
+image's views, picked per (seed, epoch, index), plus a FRESH noise draw at the served calibration, rounded to
+float16 as `inference.transform.apply` does: the student sees exactly the served feature distribution, only the
+augmentations repeat (8 views x 2 for the noise: plenty for a model of this size).
+
+Samples are (features float32 [K,14,14], teacher embedding float32 [128], label): the trainer distils from the
+stored embedding instead of running the teacher (`TEACHER_INCLUDED`).
+
+The cache is a file beside the run (`<out_dir>/views-<key>.npz`), named by what it depends on (images, transform,
+augmentation, seed, views, teacher): a resumed run reuses it, a changed config builds a new one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from inference.lfw import load_rgb
+from inference.transform import TransformSpec, add_noise, clipped, to_float16
+from training_jobs.datasets import Augment, Split
+
+TEACHER_INCLUDED = "teacher_included"  # attribute a dataset sets when its second item is the teacher's embedding
+BATCH = 64
+
+
+def cache_key(images: list[str], spec: TransformSpec, augment: Augment | None, seed: int, views: int,
+              teacher: str) -> str:
+    """A short digest of everything the cached arrays depend on."""
+    described = {"images": images, "transform": spec.transform_id, "augment": asdict(augment) if augment else None,
+                 "seed": seed, "views": views, "teacher": teacher}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_views(lfw: Path, images: list[str], spec: TransformSpec, augment: Augment | None, seed: int, views: int,
+                teacher: Callable[[torch.Tensor], torch.Tensor], progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(clipped features float16 [N, views, K, 14, 14], teacher embeddings float32 [N, views, 128])."""
+    from tqdm import tqdm
+
+    n = len(images)
+    features: np.ndarray | None = None
+    embeddings: np.ndarray | None = None
+    jobs = [(index, view) for index in range(n) for view in range(views)]
+    for start in tqdm(range(0, len(jobs), BATCH), desc="views", unit="batch", disable=not progress):
+        chunk = jobs[start:start + BATCH]
+        faces = []
+        for index, view in chunk:
+            face = load_rgb(lfw, images[index])
+            if augment is not None:
+                face = augment(face, np.random.default_rng([seed, view, index]))
+            faces.append(face)
+        batch = np.stack(faces)
+        kept = to_float16(clipped(batch, spec))
+        emb = teacher(torch.from_numpy(batch)).float().cpu().numpy()
+        if features is None or embeddings is None:
+            features = np.empty((n, views, *kept.shape[1:]), dtype=np.float16)
+            embeddings = np.empty((n, views, emb.shape[1]), dtype=np.float32)
+        for row, (index, view) in enumerate(chunk):
+            features[index, view] = kept[row]
+            embeddings[index, view] = emb[row]
+    assert features is not None and embeddings is not None, "no images"
+    return features, embeddings
+
+
+def load_or_build(path: Path, build: Callable[[], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The cached arrays at `path`, built and saved (atomically) when absent."""
+    if path.is_file():
+        with np.load(path) as cached:
+            return cached["features"], cached["embeddings"]
+    features, embeddings = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.stem + ".partial.npz")
+    np.savez(partial, features=features, embeddings=embeddings)
+    partial.replace(path)
+    return features, embeddings
+
+
+class CachedViews(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
+    """(features float32 [K,14,14] with fresh noise, teacher embedding float32 [128], label) per sample."""
+
+    teacher_included = True
+
+    def __init__(self, features: np.ndarray, embeddings: np.ndarray, labels: list[int], spec: TransformSpec,
+                 seed: int = 0) -> None:
+        if not len(features) == len(embeddings) == len(labels):
+            raise ValueError("features, embeddings and labels differ in length")
+        self.features, self.embeddings, self.labels = features, embeddings, list(labels)
+        self.spec, self.seed, self.epoch = spec, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Call at the start of every epoch: the view and the noise draw depend on it."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        view = int(rng.integers(self.features.shape[1]))
+        noisy = to_float16(add_noise(self.features[index, view].astype(np.float64), self.spec, rng))
+        return (torch.from_numpy(noisy.astype(np.float32)), torch.from_numpy(self.embeddings[index, view]),
+                self.labels[index])
+
+
+def training_views(lfw: Path, split: Split, spec: TransformSpec, augment: Augment | None, config: dict[str, Any],
+                   teacher: Callable[[torch.Tensor], torch.Tensor | None], out_dir: Path) -> CachedViews:
+    """The training set of a run with `data.cached_views: N`: the split's labelled images, N views each."""
+    if config["data"].get("extra_faces"):
+        raise ValueError("data.cached_views does not take data.extra_faces (unlabelled faces): use one or the other")
+    if config["teacher"] != "mobilefacenet":
+        raise ValueError("data.cached_views stores the teacher's embeddings: it needs teacher: mobilefacenet")
+    views, seed = int(config["data"]["cached_views"]), int(config["seed"])
+
+    def embed(faces: torch.Tensor) -> torch.Tensor:
+        result = teacher(faces)
+        assert result is not None
+        return result
+
+    key = cache_key(split.train_images, spec, augment, seed, views, config["teacher"])
+    features, embeddings = load_or_build(Path(out_dir) / f"views-{key}.npz", lambda: build_views(
+        lfw, split.train_images, spec, augment, seed, views, embed))
+    return CachedViews(features, embeddings, split.train_labels, spec, seed)
