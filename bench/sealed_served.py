@@ -137,6 +137,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("var/sealed/served"))
     ap.add_argument("--gallery", type=int, default=0, help="filler subjects enrolled in each mode first (people in "
                                                             "no View-2 fold): identify searches them all")
+    ap.add_argument("--sealed-version", default=None, help="the sealed model to serve (PRIVFACE_SEALED_MODEL_VERSION; "
+                                                            "default: the settings' default)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     lfw = lfw_dir()
@@ -148,7 +150,9 @@ def main() -> None:
         pairs += genuine[:half] + impostor[: args.pairs_per_fold - half]
     stack = LocalStack(args.out / "stack", model_dir=args.out / "stack" / "models", party_timeout_s=120.0,
                        extra_env={**NO_ABUSE_LIMITS, "PRIVFACE_BUNDLED_MODEL_DIR": str(PROJECT_ROOT / "inference"
-                                                                                        / "bundled")})
+                                                                                        / "bundled"),
+                                  **({"PRIVFACE_SEALED_MODEL_VERSION": args.sealed_version} if args.sealed_version
+                                     else {})})
     load_before = os.getloadavg()
     fill_s: dict[str, float] = {}
     stack.start()
@@ -168,6 +172,7 @@ def main() -> None:
     same = [p.same for p in pairs]
     report = {"pairs": len(pairs), "folds": "6-10 (the first genuine and impostor pairs of each fold, half each)", "load_average_before": load_before,
               "load_average_after": os.getloadavg(), "gallery_fillers_per_mode": args.gallery,
+              "sealed_version": args.sealed_version or "default",
               "filler_enroll_seconds": fill_s, "gateway": summary(results["gateway"], same),
               "sealed": summary(results["sealed"], same), "rows": results}
     (args.out / "result.json").write_text(json.dumps(report, indent=1))

@@ -277,6 +277,59 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_resumes_from_its_last_r
 
 @pytest.mark.slow
 @pytest.mark.skipif(not FEDERATED_PYTHON.exists(), reason="no .venv-federated: run scripts/install_federated.sh")
+def test_a_gateway_running_the_job_in_process_is_killed_and_the_restarted_one_resumes_it(tmp_path):
+    """Without Redis the gateway runs jobs itself (the embedded default of `make run`). SIGKILL it after round 1:
+    the federated run dies with it (it watches its parent), the row stays `running`; the restarted gateway's
+    recovery requeues the job once its lease has expired, and the run resumes after its last saved round."""
+    state_root = tmp_path / "fed"
+    stack = LocalStack(tmp_path / "stack", model_dir=private_models(tmp_path),  # SQLite, no Redis, no parties
+                       extra_env={"PRIVFACE_JOB_LEASE_S": "6", "PRIVFACE_FEDERATED_STATE_DIR": str(state_root),
+                                  "PRIVFACE_FEDERATED_TOLERANCE": "1.0"})
+    stack.cli("models", "ensure")
+    try:
+        start_gateway_only(stack)
+        key = stack.api_key("admin")
+        assert http.get(stack.url + "/readyz").json()["checks"]["jobs"]["backend"] == "in-process"
+        http.post(stack.url + "/v1/admin/models/v0/activate", headers=auth(key)).raise_for_status()
+        job_id = http.post(stack.url + "/v1/admin/jobs", headers=auth(key),
+                           json={"kind": "federated", "params": {**LIFECYCLE, "rounds": 2}}).json()["id"]
+        wait_job(stack, key, job_id, lambda j: rounds_done(j) >= 1)
+        stack.kill("gateway")
+        deadline = time.monotonic() + 30
+        while federated_processes(state_root / job_id) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not federated_processes(state_root / job_id), "the federated run must die with its gateway"
+        assert (state_root / job_id / "state.npz").exists()
+
+        start_gateway_only(stack)
+        job = wait_job(stack, key, job_id, lambda j: j["status"] in ("succeeded", "failed"), timeout=420)
+        assert job["status"] == "succeeded", (job, stack.log("gateway")[-3000:])
+        result = job["result"]
+        assert result["attempts"] == 2 and len(result["resumed"]) == 1, result
+        assert result["resumed"][0]["from_round"] in (1, 2)  # round 2 may have ended before the kill landed
+        assert [r["round"] for r in result["rounds"]] == [0, 1, 2]
+        assert result["guardrail"]["decision"] == "activated" and not (state_root / job_id).exists()
+    finally:
+        stack.stop()
+
+
+def start_gateway_only(stack: LocalStack, timeout: float = 180.0) -> None:
+    """The gateway process alone (admin jobs need no party), until /healthz answers."""
+    stack.start_process("gateway")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if http.get(stack.url + "/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert stack.processes["gateway"].poll() is None, stack.log("gateway")[-3000:]
+        assert time.monotonic() < deadline, stack.log("gateway")[-3000:]
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FEDERATED_PYTHON.exists(), reason="no .venv-federated: run scripts/install_federated.sh")
 def test_a_run_that_cannot_start_fails_with_one_clear_line_and_changes_nothing(tmp_path, lifecycle_stack):
     stack = lifecycle_stack
     worker = start_worker(stack, tmp_path, "worker")
