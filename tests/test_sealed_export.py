@@ -58,7 +58,7 @@ def test_the_builder_writes_the_checkpoints_student_and_a_calibrated_threshold(t
         load_sealed_model(tmp_path / "out", "sealed-test")
 
 
-@pytest.mark.parametrize("version", ["sealed-v1", "sealed-v2"])
+@pytest.mark.parametrize("version", ["sealed-v1", "sealed-v2", "sealed-v3"])
 def test_the_committed_bundle_is_complete(version):
     folder = PROJECT_ROOT / "inference" / "bundled" / version
     meta = json.loads((folder / SEALED_FILE).read_text())
@@ -69,13 +69,14 @@ def test_the_committed_bundle_is_complete(version):
     assert not (folder / "model.json").exists()  # the ONNX installer must not take it for a gateway model
 
 
-def test_the_served_sealed_model_names_the_committed_checkpoint_it_was_built_from():
-    """Provenance a reader can check on any machine: sealed-v2 was rebuilt from the committed final checkpoint
-    (the same layers.npz byte for byte), and its sealed.json names that file by project path and sha256."""
-    source = json.loads((PROJECT_ROOT / "inference" / "bundled" / "sealed-v2" / SEALED_FILE).read_text())["source"]
-    checkpoint = PROJECT_ROOT / source["checkpoint"]
-    assert source["checkpoint"] == "training_jobs/checkpoints/cpu-sealed-quad-long.pt"
-    assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() == source["checkpoint_sha256"]
+@pytest.mark.parametrize("version, checkpoint", [("sealed-v2", "training_jobs/checkpoints/cpu-sealed-quad-long.pt"),
+                                                 ("sealed-v3", "training_jobs/checkpoints/cpu-sealed-quad-w128.pt")])
+def test_the_served_sealed_model_names_the_committed_checkpoint_it_was_built_from(version, checkpoint):
+    """Provenance a reader can check on any machine: the bundle was built from a committed final checkpoint, and
+    its sealed.json names that file by project path and sha256."""
+    source = json.loads((PROJECT_ROOT / "inference" / "bundled" / version / SEALED_FILE).read_text())["source"]
+    assert source["checkpoint"] == checkpoint
+    assert hashlib.sha256((PROJECT_ROOT / checkpoint).read_bytes()).hexdigest() == source["checkpoint_sha256"]
 
 
 def test_the_gateways_default_sealed_model_is_served_by_the_parties_default_folder():
@@ -86,7 +87,7 @@ def test_the_gateways_default_sealed_model_is_served_by_the_parties_default_fold
     from secure.party.settings import PartySettings
 
     version = GatewaySettings.model_fields["sealed_model_version"].default
-    assert version == "sealed-v2"  # the long CPU student (docs/sealed.md); sealed-v1 is the previous one
+    assert version == "sealed-v3"  # the wide cached-views student (docs/sealed.md); sealed-v2, -v1 the previous ones
     gateway = served_model(GatewaySettings(sealed_model_version=version))
     party = load_sealed_model(PartySettings.model_fields["sealed_model_dir"].default, version)
     assert gateway is not None and gateway.version == party.version == version
