@@ -105,6 +105,20 @@ class LocalStack:
         self.wait_ready(timeout)
         return self
 
+    def start_gateway_alone(self, timeout: float = 180.0) -> None:
+        """The gateway process without parties (admin jobs need none), until /healthz answers."""
+        self.start_process("gateway")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(self.url + "/healthz", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.processes["gateway"].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the gateway did not come up:\n{self.log('gateway')[-3000:]}")
+            time.sleep(0.5)
+
     def start_process(self, name: str, extra_env: dict[str, str] | None = None) -> None:
         env = {**self.env(), **(extra_env or {})}
         if name == "dealer":

@@ -54,7 +54,7 @@ def main(workdir: Path, superlink_port: int, federated_python: str, timeout: flo
     stack.cli("models", "ensure")  # registers the private copy of v0 in this gateway's database
     workers: list[subprocess.Popen] = []
     try:
-        start_gateway(stack)
+        stack.start_gateway_alone()
         workers.append(start_worker(stack, 1))
         seconds["gateway_up"] = time.monotonic() - started
         headers = {"Authorization": f"Bearer {stack.api_key('admin')}"}
@@ -88,20 +88,6 @@ def main(workdir: Path, superlink_port: int, federated_python: str, timeout: flo
             stop_worker(worker)
         stack.stop()
         queue.flushdb()
-
-
-def start_gateway(stack: LocalStack, timeout: float = 180.0) -> None:
-    """The gateway process (its in-process job executor included), until /healthz answers."""
-    stack.start_process("gateway")
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(stack.url + "/healthz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, stack.log("gateway")[-3000:]
-        time.sleep(0.5)
 
 
 def deploy_runs(state_dir: Path) -> list[str]:

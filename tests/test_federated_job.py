@@ -287,7 +287,7 @@ def test_a_gateway_running_the_job_in_process_is_killed_and_the_restarted_one_re
                                   "PRIVFACE_FEDERATED_TOLERANCE": "1.0"})
     stack.cli("models", "ensure")
     try:
-        start_gateway_only(stack)
+        stack.start_gateway_alone()
         key = stack.api_key("admin")
         assert http.get(stack.url + "/readyz").json()["checks"]["jobs"]["backend"] == "in-process"
         http.post(stack.url + "/v1/admin/models/v0/activate", headers=auth(key)).raise_for_status()
@@ -301,7 +301,7 @@ def test_a_gateway_running_the_job_in_process_is_killed_and_the_restarted_one_re
         assert not federated_processes(state_root / job_id), "the federated run must die with its gateway"
         assert (state_root / job_id / "state.npz").exists()
 
-        start_gateway_only(stack)
+        stack.start_gateway_alone()
         job = wait_job(stack, key, job_id, lambda j: j["status"] in ("succeeded", "failed"), timeout=420)
         assert job["status"] == "succeeded", (job, stack.log("gateway")[-3000:])
         result = job["result"]
@@ -311,21 +311,6 @@ def test_a_gateway_running_the_job_in_process_is_killed_and_the_restarted_one_re
         assert result["guardrail"]["decision"] == "activated" and not (state_root / job_id).exists()
     finally:
         stack.stop()
-
-
-def start_gateway_only(stack: LocalStack, timeout: float = 180.0) -> None:
-    """The gateway process alone (admin jobs need no party), until /healthz answers."""
-    stack.start_process("gateway")
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if http.get(stack.url + "/healthz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert stack.processes["gateway"].poll() is None, stack.log("gateway")[-3000:]
-        assert time.monotonic() < deadline, stack.log("gateway")[-3000:]
-        time.sleep(0.5)
 
 
 @pytest.mark.slow
