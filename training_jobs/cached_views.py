@@ -7,7 +7,7 @@ and block DCT, all repeated for every visit of a face. Here each training image 
 precision the SDK sends) with the teacher's embedding of the same augmented face. A training sample is one of an
 image's views, picked per (seed, epoch, index), plus a FRESH noise draw at the served calibration, rounded to
 float16 as `inference.transform.apply` does: the student sees exactly the served feature distribution, only the
-augmentations repeat (8 views x 2 for the noise: plenty for a model of this size).
+augmentations repeat (8 per image in the runs here; the noise never does).
 
 Samples are (features float32 [K,14,14], teacher embedding float32 [128], label): the trainer distils from the
 stored embedding instead of running the teacher (`TEACHER_INCLUDED`).
