@@ -3,7 +3,7 @@
 Why: for the small sealed student (inference/sealed_student.py) most of a training step on this CPU is the pixel
 teacher's forward pass (MobileFaceNet at 112x112, ~10x the student's work) and the image decoding, augmentation
 and block DCT, all repeated for every visit of a face. Here each training image gets `views` augmented versions
-(the same `Augment` draws as `TransformedFaces`), each stored as its clipped, kept DCT channels (float16, the
+(the same `Augment` as `TransformedFaces`, drawn per (seed, view, index)), each stored as its clipped, kept DCT channels (float16, the
 precision the SDK sends) with the teacher's embedding of the same augmented face. A training sample is one of an
 image's views, picked per (seed, epoch, index), plus a FRESH noise draw at the served calibration, rounded to
 float16 as `inference.transform.apply` does: the student sees exactly the served feature distribution, only the
