@@ -199,11 +199,27 @@ def test_validation_bound_is_tight_for_noise_free_transforms():
 
 
 def test_transform_is_fast():
+    """The SDK's transform costs about one full-image DCT plus a noise draw over the face (~1 ms here). Timed
+    against that reference in the same process and moment, so a busy shared machine slows both (an absolute
+    4 ms limit failed once at 4.17 ms inside the parallel suite): measured ratio 1.33, limit 4."""
+    import cv2
+
     face = random_faces(1)[0]
     spec = T.spec_v0()
     rng = np.random.default_rng(0)
-    per_face = min(timeit.repeat(lambda: T.apply(face, spec, rng), number=20, repeat=5)) / 20
-    assert per_face < 0.004, f"{per_face * 1e3:.2f} ms per face"  # ~1 ms measured on a loaded 2-core box
+
+    def reference() -> np.ndarray:
+        pixels = face.astype(np.float32)
+        for channel in range(3):
+            cv2.dct(np.ascontiguousarray(pixels[:, :, channel]))
+        return np.clip(pixels, 0, 255) + rng.laplace(0.0, 1.0, size=pixels.shape)
+
+    ratios = []
+    for _ in range(3):  # interleaved: both sides see the same load
+        per_face = min(timeit.repeat(lambda: T.apply(face, spec, rng), number=20, repeat=5)) / 20
+        baseline = min(timeit.repeat(reference, number=20, repeat=5)) / 20
+        ratios.append(per_face / baseline)
+    assert min(ratios) < 4.0, f"transform / reference = {ratios} ({per_face * 1e3:.2f} ms per face)"
 
 
 def test_sdk_noise_comes_from_the_os_and_has_the_right_law() -> None:
