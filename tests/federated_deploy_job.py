@@ -81,7 +81,7 @@ def main(workdir: Path, superlink_port: int, federated_python: str, timeout: flo
         seconds["job"] = time.monotonic() - mark
         listed = httpx.get(stack.url + "/v1/admin/models", headers=headers, timeout=30).json()
         return {"job": job, "live": live, "kill": kill, "cancelled": cancelled, "seconds": seconds, "models": listed,
-                "model_dir": str(models), "gateway_log": worker_logs(stack)[-4000:]
+                "model_dir": str(models), "worker_log": worker_logs(stack)[-4000:]
                 if job.get("status") != "succeeded" or cancelled["job"].get("status") != "cancelled" else ""}
     finally:
         for worker in workers:

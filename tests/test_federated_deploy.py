@@ -214,11 +214,11 @@ def test_two_devices_train_rounds_through_a_real_superlink(tmp_path: Path):
     cancelled = fedavg_job["cancelled"]
     assert "submitted to the SuperLink; waiting for 3 devices" in cancelled["submitted"]["message"], cancelled
     assert cancelled["cancel_status"] == 202 and cancelled["job"]["status"] == "cancelled", (
-        cancelled["job"]["status"], cancelled["job"]["message"], fedavg_job["gateway_log"][-2000:])
+        cancelled["job"]["status"], cancelled["job"]["message"], fedavg_job["worker_log"][-2000:])
     assert cancelled["job"]["message"] == "cancelled after round 0 of 1", cancelled["job"]
     assert cancelled["models_after"] == cancelled["models_before"]  # nothing published
     job = fedavg_job["job"]
-    assert job["status"] == "succeeded", (job, fedavg_job["gateway_log"])
+    assert job["status"] == "succeeded", (job, fedavg_job["worker_log"])
     result = job["result"]
     assert result["engine"] == "deployment" and isinstance(result["run_id"], int)
     assert [r["round"] for r in result["rounds"]] == [1, 2]
