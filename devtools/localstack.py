@@ -45,6 +45,7 @@ class LocalStack:
     gateway_workers: int = 1
     extra_env: dict[str, str] = field(default_factory=dict)  # more PRIVFACE_* settings for every process
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    process_groups: set[str] = field(default_factory=set)  # names started in their own group (rq workers)
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -139,6 +140,36 @@ class LocalStack:
         self.processes[name] = subprocess.Popen([sys.executable, "-m", "privface", *args], cwd=ROOT, env=env,
                                                 stdout=log, stderr=subprocess.STDOUT)
 
+    def start_worker(self, name: str = "worker") -> subprocess.Popen[bytes]:
+        """`privface worker` (rq) for this stack, output in `<name>.log`. Started in its own process group so that
+        `stop_process` and `stop` end the work-horse it forks for each job along with it."""
+        log = open(self.workdir / f"{name}.log", "ab")
+        self.processes[name] = subprocess.Popen([sys.executable, "-m", "privface", "worker"], cwd=ROOT, env=self.env(),
+                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process_groups.add(name)
+        return self.processes[name]
+
+    def stop_process(self, name: str, grace_s: float = 15.0) -> None:
+        """SIGTERM one process (its whole group for a worker), SIGKILL after `grace_s`; forgotten afterwards."""
+        self._signal(name, signal.SIGTERM)
+        proc = self.processes.pop(name)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            self.processes[name] = proc
+            self._signal(name, signal.SIGKILL)
+            self.processes.pop(name).wait()
+
+    def _signal(self, name: str, sig: int) -> None:
+        proc = self.processes[name]
+        try:
+            if name in self.process_groups:
+                os.killpg(proc.pid, sig)  # the group outlives a killed leader while its work-horse runs
+            elif proc.poll() is None:
+                proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.processes.pop(name)
         proc.send_signal(sig)
@@ -170,12 +201,12 @@ class LocalStack:
         return self.cli("create-api-key", "--tenant", tenant, "--scopes", *scopes).stdout.strip()
 
     def stop(self) -> None:
-        for proc in self.processes.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.processes.values():
+        for name in self.processes:
+            self._signal(name, signal.SIGTERM)
+        for name, proc in self.processes.items():
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                self._signal(name, signal.SIGKILL)
+                proc.wait()
         self.processes.clear()

@@ -33,7 +33,7 @@ from common.paths import PROJECT_ROOT
 from inference.export import VERIFY_FAR, publish_staging
 from inference.lfw import images_outside_pairs, lfw_dir, load_many, shared_dir
 from inference.operating_points import calibrate
-from inference.sealed_student import SealedCnn, SealedFaceModel, folded_layers
+from inference.sealed_student import SealedCnn, SealedFaceModel, depth_of, folded_layers
 from inference.transform import TransformSpec, apply
 
 SEALED_FILE = "sealed.json"
@@ -42,7 +42,7 @@ NORM_IMAGES = 64  # training images (people in no View-2 fold) whose median raw 
 
 
 def load_checkpoint(path: Path) -> tuple[SealedFaceModel, TransformSpec, dict[str, Any]]:
-    """The student of any sealed-cnn checkpoint (width and embedding size read from the weights' shapes), its
+    """The student of any sealed-cnn checkpoint (width, depth and embedding size read from the weights), its
     transform, and what the checkpoint says about itself."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     weights = state["student"]
@@ -52,11 +52,13 @@ def load_checkpoint(path: Path) -> tuple[SealedFaceModel, TransformSpec, dict[st
     spec = TransformSpec.from_dict(state["transform"])
     width = int(weights["backbone.features.0.0.weight"].shape[0])
     embedding = int(weights["backbone.embed.weight"].shape[0])
-    cnn = SealedCnn(spec.num_channels, str(model_cfg.get("activation", "quad")), width, embedding)
+    depth = depth_of(weights)
+    cnn = SealedCnn(spec.num_channels, str(model_cfg.get("activation", "quad")), width, embedding, depth)
     model = SealedFaceModel(cnn)
     model.load_state_dict(weights)
     source = {"checkpoint": portable_path(path), "checkpoint_sha256": file_sha256(path), "run": state.get("config", {}).get("name"), "epoch": state.get("epoch"),
-              "activation": model_cfg.get("activation", "quad"), "width": width, "embedding_dim": embedding}
+              "activation": model_cfg.get("activation", "quad"), "width": width, "embedding_dim": embedding,
+              **({"depth": depth} if depth != 2 else {})}
     return model.eval(), spec, source
 
 

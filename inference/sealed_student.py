@@ -41,17 +41,21 @@ def conv_block(cin: int, cout: int, stride: int, kind: str) -> nn.Sequential:
 
 
 class SealedCnn(nn.Module):
-    """[B, K, 14, 14] frequency planes -> raw 128-d embedding (not normalised: the margin head sees it)."""
+    """[B, K, 14, 14] frequency planes -> raw 128-d embedding (not normalised: the margin head sees it).
 
-    def __init__(self, channels: int, kind: str = "quad", width: int = 128, embedding: int = 128) -> None:
+    Two stages of `depth` convolution blocks each: `width` channels at 14x14, then `2 * width` at 7x7 (the first
+    block of the second stage strides). Depth 2 is the served sealed-v1..v3 architecture. Under MPC each block adds
+    one activation layer, i.e. a fixed number of rounds, whatever its width (docs/sealed.md)."""
+
+    def __init__(self, channels: int, kind: str = "quad", width: int = 128, embedding: int = 128,
+                 depth: int = 2) -> None:
         super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1, not {depth}")
         self.input_norm = nn.BatchNorm2d(channels)  # the planes' scales differ by 100x; folds into conv 1
-        self.features = nn.Sequential(
-            conv_block(channels, width, 1, kind),
-            conv_block(width, width, 1, kind),
-            conv_block(width, 2 * width, 2, kind),  # 14x14 -> 7x7
-            conv_block(2 * width, 2 * width, 1, kind),
-        )
+        first = [conv_block(channels if i == 0 else width, width, 1, kind) for i in range(depth)]
+        second = [conv_block(width if i == 0 else 2 * width, 2 * width, 2 if i == 0 else 1, kind) for i in range(depth)]
+        self.features = nn.Sequential(*first, *second)  # 14x14 -> 7x7 at the first block of `second`
         self.embed = nn.Linear(2 * width * 7 * 7, embedding, bias=False)
         self.embed_norm = nn.BatchNorm1d(embedding)
 
@@ -67,6 +71,12 @@ class SealedCnn(nn.Module):
             h, w = (h + 2 - 3) // conv.stride[0] + 1, (w + 2 - 3) // conv.stride[1] + 1
             count += conv.out_channels * h * w
         return count
+
+
+def depth_of(weights: dict[str, torch.Tensor]) -> int:
+    """The `depth` of a SealedCnn state dict (its convolution blocks, two stages)."""
+    blocks = {key.split(".")[2] for key in weights if key.startswith("backbone.features.") and key.endswith(".0.weight")}
+    return len(blocks) // 2
 
 
 class SealedFaceModel(nn.Module):

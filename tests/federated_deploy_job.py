@@ -55,7 +55,7 @@ def main(workdir: Path, superlink_port: int, federated_python: str, timeout: flo
     workers: list[subprocess.Popen] = []
     try:
         stack.start_gateway_alone()
-        workers.append(start_worker(stack, 1))
+        workers.append(stack.start_worker("worker-1"))
         seconds["gateway_up"] = time.monotonic() - started
         headers = {"Authorization": f"Bearer {stack.api_key('admin')}"}
         httpx.post(stack.url + "/v1/admin/models/v0/activate", headers=headers, timeout=60).raise_for_status()
@@ -84,9 +84,7 @@ def main(workdir: Path, superlink_port: int, federated_python: str, timeout: flo
                 "model_dir": str(models), "worker_log": worker_logs(stack)[-4000:]
                 if job.get("status") != "succeeded" or cancelled["job"].get("status") != "cancelled" else ""}
     finally:
-        for worker in workers:
-            stop_worker(worker)
-        stack.stop()
+        stack.stop()  # the workers and their work-horses too
         queue.flushdb()
 
 
@@ -95,23 +93,6 @@ def deploy_runs(state_dir: Path) -> list[str]:
     out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout
     return [line for line in out.splitlines()
             if str(state_dir) in line and "training_jobs.federated.deploy_run" in line and " Z" not in line[:12]]
-
-
-def start_worker(stack: LocalStack, number: int) -> subprocess.Popen:
-    """`privface worker` (rq) for this stack, in its own process group, its output in worker-N.log."""
-    with (stack.workdir / f"worker-{number}.log").open("ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "privface", "worker"], cwd=ROOT, env=stack.env(),
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop_worker(worker: subprocess.Popen) -> None:
-    if worker.poll() is None:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
 
 
 def worker_logs(stack: LocalStack) -> str:
@@ -137,7 +118,7 @@ def kill_and_replace_worker(stack: LocalStack, workers: list[subprocess.Popen], 
             "row_while_down": httpx.get(f"{stack.url}/v1/admin/jobs/{job_id}", headers=headers, timeout=30).json()}
     # the worst moment to die: after `flwr run`, before run.json; what that leaves is this directory without it
     (state_dir / "run.json").unlink()
-    workers.append(start_worker(stack, len(workers) + 1))
+    workers.append(stack.start_worker(f"worker-{len(workers) + 1}"))
     seen["down_seconds"] = time.monotonic() - killed_at
     return seen
 

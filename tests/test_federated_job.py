@@ -140,11 +140,6 @@ def private_models(tmp_path):
 LIFECYCLE = {"clients": 3, "clients_per_round": 2, "pairs_per_fold": 2, "max_images": 2}
 
 
-def start_worker(stack: LocalStack, tmp_path, name: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "privface", "worker"], cwd=ROOT, env=stack.env(),
-                            stdout=open(tmp_path / f"{name}.log", "ab"), stderr=subprocess.STDOUT)
-
-
 @pytest.fixture(scope="module")
 def lifecycle_stack(tmp_path_factory, shared, module_postgres_db, module_redis_url) -> Iterator[LocalStack]:
     """One stack for the three lifecycle tests (one start instead of three; each test starts its own workers and
@@ -189,9 +184,9 @@ def federated_processes(state_dir) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not FEDERATED_PYTHON.exists(), reason="no .venv-federated: run scripts/install_federated.sh")
-def test_cancel_stops_a_running_federated_job_between_rounds_and_a_queued_one_at_once(tmp_path, lifecycle_stack):
+def test_cancel_stops_a_running_federated_job_between_rounds_and_a_queued_one_at_once(lifecycle_stack):
     stack = lifecycle_stack
-    worker = start_worker(stack, tmp_path, "worker")
+    stack.start_worker("worker-cancel")
     try:
         key = stack.api_key("admin")
         before = [m["version"] for m in http.get(stack.url + "/v1/admin/models", headers=auth(key)).json()]
@@ -226,19 +221,17 @@ def test_cancel_stops_a_running_federated_job_between_rounds_and_a_queued_one_at
         missing = http.post(f"{stack.url}/v1/admin/jobs/job_nope/cancel", headers=auth(key))
         assert missing.status_code == 404
     finally:
-        worker.terminate()
-        worker.wait(timeout=15)
+        stack.stop_process("worker-cancel")
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not FEDERATED_PYTHON.exists(), reason="no .venv-federated: run scripts/install_federated.sh")
-def test_a_worker_killed_mid_job_is_replaced_and_the_job_resumes_from_its_last_round(tmp_path, lifecycle_stack):
+def test_a_worker_killed_mid_job_is_replaced_and_the_job_resumes_from_its_last_round(lifecycle_stack):
     """Kill the real rq worker and its work-horse (SIGKILL, as a crashed machine would); the federated run dies
     with them; the job row is left `running`. A new worker finds its lease expired, requeues it, and the run
     resumes after its last saved round; the candidate is published as if nothing had happened."""
     stack = lifecycle_stack
-    worker = start_worker(stack, tmp_path, "worker1")
-    replacement = None
+    worker = stack.start_worker("worker-killed")
     try:
         key = stack.api_key("admin")
         http.post(stack.url + "/v1/admin/models/v0/activate", headers=auth(key)).raise_for_status()
@@ -259,9 +252,9 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_resumes_from_its_last_r
         assert killed["status"] == "running" and rounds_done(killed) < 3, killed  # killed with rounds to go
         assert (state_dir / "state.npz").exists()
 
-        replacement = start_worker(stack, tmp_path, "worker2")
+        stack.start_worker("worker-replacement")
         job = wait_job(stack, key, job_id, lambda j: j["status"] in ("succeeded", "failed"), timeout=420)
-        assert job["status"] == "succeeded", (job, (tmp_path / "worker2.log").read_text()[-3000:])
+        assert job["status"] == "succeeded", (job, stack.log("worker-replacement")[-3000:])
         result = job["result"]
         assert result["attempts"] == 2 and len(result["resumed"]) == 1, result
         assert 1 <= result["resumed"][0]["from_round"] < 3
@@ -269,10 +262,9 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_resumes_from_its_last_r
         assert result["guardrail"]["decision"] == "activated" and result["status"] == "active"
         assert not state_dir.exists()
     finally:
-        for proc in (worker, replacement):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                proc.wait(timeout=15)
+        for name in ("worker-killed", "worker-replacement"):
+            if name in stack.processes:
+                stack.stop_process(name)
 
 
 @pytest.mark.slow
@@ -315,9 +307,9 @@ def test_a_gateway_running_the_job_in_process_is_killed_and_the_restarted_one_re
 
 @pytest.mark.slow
 @pytest.mark.skipif(not FEDERATED_PYTHON.exists(), reason="no .venv-federated: run scripts/install_federated.sh")
-def test_a_run_that_cannot_start_fails_with_one_clear_line_and_changes_nothing(tmp_path, lifecycle_stack):
+def test_a_run_that_cannot_start_fails_with_one_clear_line_and_changes_nothing(lifecycle_stack):
     stack = lifecycle_stack
-    worker = start_worker(stack, tmp_path, "worker")
+    stack.start_worker("worker-cannot-start")
     try:
         key = stack.api_key("admin")
         http.post(stack.url + "/v1/admin/models/v0/activate", headers=auth(key)).raise_for_status()
@@ -334,8 +326,7 @@ def test_a_run_that_cannot_start_fails_with_one_clear_line_and_changes_nothing(t
         assert http.get(stack.url + "/v1/admin/models", headers=auth(key)).json() == before
         assert not (fed_dir(stack) / job_id).exists()
     finally:
-        worker.terminate()
-        worker.wait(timeout=15)
+        stack.stop_process("worker-cannot-start")
 
 
 def test_orphaned_jobs_are_requeued_or_failed_once_their_lease_has_expired(postgres_db):

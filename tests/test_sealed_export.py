@@ -20,11 +20,11 @@ from secure.party.sealed import load_sealed_model
 from tests.test_sealed_mpc import run_folded
 
 
-def fake_checkpoint(path, width: int, embedding: int) -> SealedFaceModel:
+def fake_checkpoint(path, width: int, embedding: int, depth: int = 2) -> SealedFaceModel:
     """A checkpoint as training_jobs.train writes it, of a random student with non-trivial BatchNorm statistics."""
     spec = PRESETS["dct8-v0"](64.0)
     torch.manual_seed(1)
-    model = SealedFaceModel(SealedCnn(spec.num_channels, "quad", width, embedding))
+    model = SealedFaceModel(SealedCnn(spec.num_channels, "quad", width, embedding, depth))
     for module in model.modules():
         if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
             module.running_mean.uniform_(-0.5, 0.5)
@@ -35,10 +35,12 @@ def fake_checkpoint(path, width: int, embedding: int) -> SealedFaceModel:
     return model.eval()
 
 
-def test_the_builder_writes_the_checkpoints_student_and_a_calibrated_threshold(tmp_path):
-    model = fake_checkpoint(tmp_path / "last.pt", width=8, embedding=32)  # width read from the weights, not config
+@pytest.mark.parametrize("depth", [2, 3])
+def test_the_builder_writes_the_checkpoints_student_and_a_calibrated_threshold(tmp_path, depth):
+    model = fake_checkpoint(tmp_path / "last.pt", width=8, embedding=32, depth=depth)  # shapes read from the weights
     main(["--checkpoint", str(tmp_path / "last.pt"), "--version", "sealed-test", "--out-dir", str(tmp_path / "out")])
     meta = json.loads((tmp_path / "out" / "sealed-test" / SEALED_FILE).read_text())
+    assert sum(layer["op"] == "act" for layer in meta["layers"]) == 2 * depth
     spec = TransformSpec.from_dict(meta["transform"])
     assert (meta["transform_id"], meta["params_hash"], meta["embedding_dim"]) == (spec.transform_id, spec.params_hash, 32)
     curve = ImpostorCurve.from_dict(meta["impostor_curve"])

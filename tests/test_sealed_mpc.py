@@ -36,10 +36,11 @@ def run_folded(layers: list[dict], x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("kind", ["quad", "relu"])
-def test_folding_the_batchnorms_keeps_the_plaintext_twin(kind):
+@pytest.mark.parametrize("kind,depth", [("quad", 2), ("relu", 2), ("quad", 3)])
+def test_folding_the_batchnorms_keeps_the_plaintext_twin(kind, depth):
     torch.manual_seed(0)
-    model = SealedFaceModel(SealedCnn(6, kind, width=8))
+    model = SealedFaceModel(SealedCnn(6, kind, width=8, depth=depth))
+    assert sum(layer["op"] == "act" for layer in folded_layers(model)) == 2 * depth
     for bn in (m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)):
         bn.running_mean.uniform_(-0.5, 0.5)  # non-trivial statistics, so a wrong fold shows
         bn.running_var.uniform_(0.5, 2.0)

@@ -164,8 +164,27 @@ def embed_all(faces: np.ndarray, embed: FaceEmbedFn, batch: int = 64, progress: 
         chunks = tqdm(chunks, desc="embed", unit="batch", leave=False)
     out = [embed(faces[start:start + batch]) for start in chunks]
     vectors = np.concatenate(out).astype(np.float64)
-    result: np.ndarray = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    bad = int((~np.isfinite(norms) | (norms == 0)).sum())
+    if bad:
+        raise NonFiniteEmbeddings(f"{bad} of {len(vectors)} embeddings are not finite or zero: a diverged model, or "
+                                  "BatchNorm statistics never calibrated (an untrained deep quadratic student)")
+    result: np.ndarray = vectors / norms
     return result
+
+
+class NonFiniteEmbeddings(ValueError):
+    """The model under evaluation gave inf/NaN (or zero) embeddings, which no score can be computed from."""
+
+
+def baseline(evaluate: Callable[[], ModelResult]) -> dict[str, Any]:
+    """An untrained model's held-out figures, or why there are none. Why: quadratic activations square whatever
+    the default BatchNorm statistics (mean 0, variance 1) let through; six such layers overflow float32 before the
+    first training step, and that must not stop the run it is only a reference point for."""
+    try:
+        return evaluate().to_dict()
+    except NonFiniteEmbeddings as exc:
+        return {"skipped": str(exc)}
 
 
 class HeldoutSet:

@@ -40,7 +40,7 @@ from inference.transform import TransformSpec
 from training_jobs.cached_views import TEACHER_INCLUDED, training_views
 from training_jobs.datasets import Augment, TransformedFaces, make_split, training_faces
 from training_jobs.eval_report import plot_roc_det
-from training_jobs.evaluate import HeldoutSet, ModelResult, frequency_embedder, pixel_input, torch_features_fn
+from training_jobs.evaluate import HeldoutSet, ModelResult, baseline, frequency_embedder, pixel_input, torch_features_fn
 from training_jobs.losses import DistillationLoss, MarginHead
 from training_jobs.train_config import load_config, make_spec, pick_device, seed_everything
 
@@ -74,12 +74,13 @@ class Teacher:
 def build_student(model: dict[str, Any], spec: TransformSpec, shared: Path) -> Student:
     """`kind: frequency-mobilefacenet` (default): learnable inverse-DCT adapter + pretrained MobileFaceNet, the
     served architecture. `kind: sealed-cnn`: the small CNN on the DCT planes made for MPC (issue 12), trained
-    from scratch, `activation: relu | quad`, `width` channels."""
+    from scratch, `activation: relu | quad`, `width` channels, `depth` blocks per stage."""
     kind = model.get("kind", "frequency-mobilefacenet")
     if kind == "frequency-mobilefacenet":
         return FrequencyFaceModel(InverseDctAdapter(spec, learnable=model["adapter_learnable"]), load_pretrained(shared))
     if kind == "sealed-cnn":
-        return SealedFaceModel(SealedCnn(spec.num_channels, model.get("activation", "quad"), int(model.get("width", 128))))
+        return SealedFaceModel(SealedCnn(spec.num_channels, model.get("activation", "quad"), int(model.get("width", 128)),
+                                         depth=int(model.get("depth", 2))))
     raise ValueError(f"model.kind must be frequency-mobilefacenet or sealed-cnn, not {kind!r}")
 
 
@@ -140,9 +141,7 @@ class Trainer:
             groups.append({"params": adapter_params, "lr": optim["adapter_lr"], "weight_decay": 0.0})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=optim["weight_decay"])
         per_epoch = math.ceil(len(self.dataset) / optim["batch_size"])
-        if optim["max_steps_per_epoch"]:
-            per_epoch = min(per_epoch, int(optim["max_steps_per_epoch"]))
-        self.steps_per_epoch = per_epoch
+        self.steps_per_epoch = per_epoch = min(per_epoch, int(optim["max_steps_per_epoch"] or per_epoch))
         total = per_epoch * optim["epochs"]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(total, min(optim["warmup_steps"], max(1, total // 10)), optim["min_lr_ratio"]))
@@ -281,8 +280,7 @@ class Trainer:
             self.init_head()
             quick = self.config["eval"]["epoch_pairs_per_fold"]
             if quick:
-                before = self.evaluate(quick, "epoch 0")
-                self.history.append({"epoch": 0, "heldout": before.to_dict()})
+                self.history.append({"epoch": 0, "heldout": baseline(lambda: self.evaluate(quick, "epoch 0"))})
                 self._write_metrics(self.history[-1])
 
         def planned() -> int:  # re-read every epoch: fit_to_deadline may lower it
@@ -376,7 +374,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--deadline-minutes", type=float, default=None,
                         help="fit the run into this many minutes: fewer epochs, the same full cosine schedule")
     args = parser.parse_args(argv)
-    config = load_config(args.config)
+    try:
+        config = load_config(args.config)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
     trainer = Trainer(config, args.out_dir)
     trainer.slim_copy = args.slim_copy
     if args.deadline_minutes is not None:

@@ -46,13 +46,39 @@ def merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, An
     return out
 
 
+# Keys a config may set that have no default above: the model's shape (read by train.build_student) and the
+# switch that keeps every epoch's checkpoint.
+OPTIONAL_KEYS = {"keep_every_epoch", "model.kind", "model.activation", "model.width", "model.depth"}
+
+
+def unknown_keys(data: dict[str, Any], base: Any = DEFAULTS, prefix: str = "") -> list[str]:
+    """The dotted keys of ``data`` that no default or optional key names. Why: a misspelt key (`dpeth: 3`) would
+    otherwise be merged in silently and the run would train the default for an hour."""
+    unknown = []
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if dotted in OPTIONAL_KEYS:
+            continue
+        if not isinstance(base, dict) or key not in base:
+            unknown.append(dotted)
+        elif isinstance(value, dict) and isinstance(base[key], dict):
+            unknown += unknown_keys(value, base[key], f"{dotted}.")
+    return unknown
+
+
 def load_config(path: Path) -> dict[str, Any]:
+    """Defaults merged with the file's keys; ValueError names any key the trainer would not read."""
     text = Path(path).read_text()
     if Path(path).suffix in (".yaml", ".yml"):
         import yaml
         data = yaml.safe_load(text)
     else:
         data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a training config is a mapping of keys, not {type(data).__name__}")
+    unknown = unknown_keys(data)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)} (training_jobs/train_config.py lists them)")
     return merge(DEFAULTS, data)
 
 

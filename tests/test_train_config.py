@@ -1,0 +1,84 @@
+"""Setting up a training run: every committed config loads and builds the model it names; a key the trainer would
+not read is refused before anything runs (a misspelt `depth` used to train the default shape silently); a model
+whose embeddings are not finite is named as such, and only the untrained reference evaluation may skip over it."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from inference.sealed_student import SealedCnn, SealedFaceModel, depth_of
+from inference.transform import PRESETS
+from training_jobs.evaluate import ModelResult, NonFiniteEmbeddings, baseline, embed_all
+from training_jobs.train import build_student
+from training_jobs.train_config import load_config, make_spec, unknown_keys
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "training_jobs" / "configs").glob("*.yaml"))
+
+
+def test_there_are_committed_configs():
+    assert len(CONFIGS) >= 10
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_committed_config_loads_and_names_a_known_transform(path: Path):
+    config = load_config(path)
+    assert config["transform"]["preset"] in PRESETS
+    assert set(config["data"]["eval_folds"]) == {6, 7, 8, 9, 10}  # the held-out folds are never trained on
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if load_config(p)["model"].get("kind") == "sealed-cnn"],
+                         ids=lambda p: p.stem)
+def test_every_sealed_config_builds_the_shape_it_declares(path: Path, tmp_path: Path):
+    config = load_config(path)
+    student = build_student(config["model"], make_spec(config), tmp_path)
+    assert depth_of(student.state_dict()) == config["model"].get("depth", 2)
+
+
+def test_a_misspelt_key_is_named_and_nested_sections_are_checked():
+    assert unknown_keys({"model": {"kind": "sealed-cnn", "dpeth": 3}, "optim": {"lr": 1e-3, "epoch": 2},
+                         "export": {"version": "v9"}, "keep_every_epoch": True}) == ["model.dpeth", "optim.epoch"]
+
+
+@pytest.mark.parametrize("text, expected", [("model: {dpeth: 3}\n", "unknown key(s) model.dpeth"),
+                                            ("- a list\n", "a mapping of keys, not list")])
+def test_the_trainer_cli_refuses_a_bad_config_in_one_line_before_it_loads_data(tmp_path: Path, text: str,
+                                                                                expected: str):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "training_jobs.train", "--config", str(bad),
+                           "--out-dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and expected in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_untrained_deep_quadratic_student_overflows_so_its_baseline_is_skipped_with_the_reason():
+    """What stopped the first depth-3 run at its epoch-0 reference evaluation (IndexError deep in tar_at_far)."""
+    torch.manual_seed(0)
+    student = SealedFaceModel(SealedCnn(5, "quad", 16, depth=3)).eval()
+    planes = 100 * torch.randn(4, 5, 14, 14)  # the DC plane's scale before any BatchNorm statistics are learnt
+    with torch.no_grad():
+        out = student.backbone(planes).numpy()
+    with pytest.raises(NonFiniteEmbeddings, match="4 of 4 embeddings are not finite"):
+        embed_all(np.zeros((4, 1)), lambda faces: out[:len(faces)])
+
+    def evaluate() -> ModelResult:
+        embed_all(np.zeros((4, 1)), lambda faces: out[:len(faces)])
+        raise AssertionError("embed_all should have refused these embeddings")
+
+    assert baseline(evaluate) == {"skipped": "4 of 4 embeddings are not finite or zero: a diverged model, or "
+                                             "BatchNorm statistics never calibrated (an untrained deep quadratic "
+                                             "student)"}
+
+
+def test_finite_embeddings_are_normalised_and_a_zero_one_is_refused():
+    unit = embed_all(np.zeros((2, 1)), lambda faces: np.array([[3.0, 4.0], [0.0, 2.0]])[:len(faces)])
+    assert np.allclose(unit, [[0.6, 0.8], [0.0, 1.0]])
+    with pytest.raises(NonFiniteEmbeddings, match="1 of 2"):
+        embed_all(np.zeros((2, 1)), lambda faces: np.array([[3.0, 4.0], [0.0, 0.0]])[:len(faces)])
