@@ -141,6 +141,42 @@ def test_a_tiny_sealed_run_distils_on_extra_faces(tmp_path):
     assert report["pairs"] == 8 and report["paired"]["b_minus_a"] == 0 and report["paired"]["only_a_right"] == 0
 
 
+@needs_lfw
+def test_cached_views_take_the_extra_faces_unlabelled_in_a_cache_file_of_their_own(tmp_path):
+    from training_jobs.losses import UNLABELLED
+    from training_jobs.train import Trainer
+    from training_jobs.train_config import DEFAULTS, merge
+    split = make_split(LFW)
+    (tmp_path / "extra" / "faces").mkdir(parents=True)
+    for index, path in enumerate(split.train_images[-6:]):  # training identities, outside folds 6-10
+        shutil.copy(LFW / path, tmp_path / "extra" / "faces" / f"{index}.jpg")
+    (tmp_path / "extra" / "kept.txt").write_text("".join(f"faces/{i}.jpg\n" for i in range(6)))
+    config = merge(DEFAULTS, {
+        "name": "tiny-extra-cached", "device": "cpu", "threads": 1, "out_dir": str(tmp_path / "run"),
+        "data": {"max_identities": 2, "max_images_per_identity": 4, "min_images": 4, "cached_views": 2},
+        "model": {"kind": "sealed-cnn", "activation": "quad", "width": 8},
+        "loss": {"head": {"init": "random"}}, "optim": {"epochs": 2, "batch_size": 7, "warmup_steps": 1},
+        "eval": {"epoch_pairs_per_fold": 0}})
+    labelled_only = Trainer(config)
+    (cache,) = (tmp_path / "run").glob("views-*.npz")
+    config["data"]["extra_faces"] = str(tmp_path / "extra")
+    trainer = Trainer(config)
+    files = sorted((tmp_path / "run").glob("views-*.npz"))
+    assert len(files) == 2 and cache in files  # the labelled images' cache is reused, the extra faces get their own
+    dataset = trainer.dataset
+    assert len(dataset) == 14 and dataset.labels == labelled_only.dataset.labels + [UNLABELLED] * 6
+    assert np.array_equal(dataset.features[:8], labelled_only.dataset.features)
+    assert dataset.embeddings.shape == (14, 2, 128) and not np.array_equal(dataset.embeddings[8], dataset.embeddings[0])
+
+    def no_teacher(clean):
+        raise AssertionError("the stored embeddings replace the teacher")
+
+    trainer.teacher = no_teacher
+    trainer.fit()
+    for metrics in trainer.history:
+        assert metrics["samples"] == 14 and metrics["distill"] > 0 and 0 <= metrics["train_acc"] <= 1
+
+
 def test_paired_comparison_counts_discordant_pairs():
     a = np.array([True, True, False, False, True])
     b = np.array([True, False, True, True, True])

@@ -29,7 +29,8 @@ from torch.utils.data import Dataset
 
 from inference.lfw import load_rgb
 from inference.transform import TransformSpec, add_noise, clipped, to_float16
-from training_jobs.datasets import Augment, Split
+from training_jobs.datasets import EXTRA_SEED_OFFSET, Augment, Split, extra_faces_dir, kept_faces
+from training_jobs.losses import UNLABELLED
 
 TEACHER_INCLUDED = "teacher_included"  # attribute a dataset sets when its second item is the teacher's embedding
 BATCH = 64
@@ -115,9 +116,9 @@ class CachedViews(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
 
 def training_views(lfw: Path, split: Split, spec: TransformSpec, augment: Augment | None, config: dict[str, Any],
                    teacher: Callable[[torch.Tensor], torch.Tensor | None], out_dir: Path) -> CachedViews:
-    """The training set of a run with `data.cached_views: N`: the split's labelled images, N views each."""
-    if config["data"].get("extra_faces"):
-        raise ValueError("data.cached_views does not take data.extra_faces (unlabelled faces): use one or the other")
+    """The training set of a run with `data.cached_views: N`: the split's labelled images, N views each, and with
+    `data.extra_faces` the unlabelled faces too (label UNLABELLED: distillation only; their own cache file, so
+    the labelled images' cache is shared with runs without them)."""
     if config["teacher"] != "mobilefacenet":
         raise ValueError("data.cached_views stores the teacher's embeddings: it needs teacher: mobilefacenet")
     views, seed = int(config["data"]["cached_views"]), int(config["seed"])
@@ -127,7 +128,20 @@ def training_views(lfw: Path, split: Split, spec: TransformSpec, augment: Augmen
         assert result is not None
         return result
 
-    key = cache_key(split.train_images, spec, augment, seed, views, config["teacher"])
-    features, embeddings = load_or_build(Path(out_dir) / f"views-{key}.npz", lambda: build_views(
-        lfw, split.train_images, spec, augment, seed, views, embed))
-    return CachedViews(features, embeddings, split.train_labels, spec, seed)
+    def cached(folder: Path, images: list[str], images_seed: int) -> tuple[np.ndarray, np.ndarray]:
+        key = cache_key(images, spec, augment, images_seed, views, config["teacher"])
+        return load_or_build(Path(out_dir) / f"views-{key}.npz", lambda: build_views(
+            folder, images, spec, augment, images_seed, views, embed))
+
+    features, embeddings = cached(lfw, split.train_images, seed)
+    labels = list(split.train_labels)
+    extra = config["data"].get("extra_faces")
+    if extra:
+        directory = extra_faces_dir() if extra is True else Path(extra)
+        faces = kept_faces(directory)
+        if not faces:
+            raise ValueError(f"{directory / 'kept.txt'} lists no faces")
+        more_features, more_embeddings = cached(directory, faces, seed + EXTRA_SEED_OFFSET)
+        features, embeddings = np.concatenate([features, more_features]), np.concatenate([embeddings, more_embeddings])
+        labels += [UNLABELLED] * len(faces)
+    return CachedViews(features, embeddings, labels, spec, seed)
