@@ -60,7 +60,7 @@ def test_the_builder_writes_the_checkpoints_student_and_a_calibrated_threshold(t
         load_sealed_model(tmp_path / "out", "sealed-test")
 
 
-@pytest.mark.parametrize("version", ["sealed-v1", "sealed-v2", "sealed-v3"])
+@pytest.mark.parametrize("version", ["sealed-v1", "sealed-v2", "sealed-v4"])
 def test_the_committed_bundle_is_complete(version):
     folder = PROJECT_ROOT / "inference" / "bundled" / version
     meta = json.loads((folder / SEALED_FILE).read_text())
@@ -72,7 +72,7 @@ def test_the_committed_bundle_is_complete(version):
 
 
 @pytest.mark.parametrize("version, checkpoint", [("sealed-v2", "training_jobs/checkpoints/cpu-sealed-quad-long.pt"),
-                                                 ("sealed-v3", "training_jobs/checkpoints/cpu-sealed-quad-w128.pt")])
+                                                 ("sealed-v4", "training_jobs/checkpoints/cpu-sealed-quad-w128-kd.pt")])
 def test_the_served_sealed_model_names_the_committed_checkpoint_it_was_built_from(version, checkpoint):
     """Provenance a reader can check on any machine: the bundle was built from a committed final checkpoint, and
     its sealed.json names that file by project path and sha256."""
@@ -89,7 +89,7 @@ def test_the_gateways_default_sealed_model_is_served_by_the_parties_default_fold
     from secure.party.settings import PartySettings
 
     version = GatewaySettings.model_fields["sealed_model_version"].default
-    assert version == "sealed-v3"  # the wide cached-views student (docs/sealed.md); sealed-v2, -v1 the previous ones
+    assert version == "sealed-v4"  # the distillation-weighted student (docs/sealed.md); sealed-v3 retired, v2 and v1 kept
     gateway = served_model(GatewaySettings(sealed_model_version=version))
     party = load_sealed_model(PartySettings.model_fields["sealed_model_dir"].default, version)
     assert gateway is not None and gateway.version == party.version == version
