@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -113,22 +115,27 @@ def test_heldout_gallery_is_every_image_of_folds_6_to_10():
     assert not names & set(make_split(LFW).identities)
 
 
-@needs_lfw
-def test_a_tiny_sealed_run_distils_on_extra_faces(tmp_path):
-    from training_jobs.train import Trainer
+def tiny_sealed_config(tmp_path: Path, photos: int, **data: Any) -> dict[str, Any]:
+    """A tiny sealed run (2 identities x 4 images, width 8, 2 epochs) and an extra-faces folder of ``photos``
+    training-identity photos (outside folds 6-10) laid out as `extra_faces prepare` leaves it."""
     from training_jobs.train_config import DEFAULTS, merge
-    split = make_split(LFW)
     (tmp_path / "extra" / "faces").mkdir(parents=True)
-    for index, path in enumerate(split.train_images[-8:]):  # training identities, outside folds 6-10
+    for index, path in enumerate(make_split(LFW).train_images[-photos:]):
         shutil.copy(LFW / path, tmp_path / "extra" / "faces" / f"{index}.jpg")
-    (tmp_path / "extra" / "kept.txt").write_text("".join(f"faces/{i}.jpg\n" for i in range(8)))
-    config = merge(DEFAULTS, {
-        "name": "tiny-extra", "device": "cpu", "threads": 1, "out_dir": str(tmp_path / "run"), "augment": None,
-        "data": {"max_identities": 2, "max_images_per_identity": 4, "min_images": 4,
-                 "extra_faces": str(tmp_path / "extra")},
+    (tmp_path / "extra" / "kept.txt").write_text("".join(f"faces/{i}.jpg\n" for i in range(photos)))
+    return merge(DEFAULTS, {
+        "name": "tiny-extra", "device": "cpu", "threads": 1, "out_dir": str(tmp_path / "run"),
+        "data": {"max_identities": 2, "max_images_per_identity": 4, "min_images": 4, **data},
         "model": {"kind": "sealed-cnn", "activation": "quad", "width": 8},
         "loss": {"head": {"init": "random"}}, "optim": {"epochs": 2, "batch_size": 8, "warmup_steps": 1},
         "eval": {"epoch_pairs_per_fold": 0}})
+
+
+@needs_lfw
+def test_a_tiny_sealed_run_distils_on_extra_faces(tmp_path):
+    from training_jobs.train import Trainer
+    config = tiny_sealed_config(tmp_path, 8, extra_faces=str(tmp_path / "extra"))
+    config["augment"] = None
     trainer = Trainer(config)
     assert len(trainer.dataset) == 16 and trainer.steps_per_epoch == 2
     trainer.fit()
@@ -143,20 +150,9 @@ def test_a_tiny_sealed_run_distils_on_extra_faces(tmp_path):
 
 @needs_lfw
 def test_cached_views_take_the_extra_faces_unlabelled_in_a_cache_file_of_their_own(tmp_path):
-    from training_jobs.losses import UNLABELLED
     from training_jobs.train import Trainer
-    from training_jobs.train_config import DEFAULTS, merge
-    split = make_split(LFW)
-    (tmp_path / "extra" / "faces").mkdir(parents=True)
-    for index, path in enumerate(split.train_images[-6:]):  # training identities, outside folds 6-10
-        shutil.copy(LFW / path, tmp_path / "extra" / "faces" / f"{index}.jpg")
-    (tmp_path / "extra" / "kept.txt").write_text("".join(f"faces/{i}.jpg\n" for i in range(6)))
-    config = merge(DEFAULTS, {
-        "name": "tiny-extra-cached", "device": "cpu", "threads": 1, "out_dir": str(tmp_path / "run"),
-        "data": {"max_identities": 2, "max_images_per_identity": 4, "min_images": 4, "cached_views": 2},
-        "model": {"kind": "sealed-cnn", "activation": "quad", "width": 8},
-        "loss": {"head": {"init": "random"}}, "optim": {"epochs": 2, "batch_size": 7, "warmup_steps": 1},
-        "eval": {"epoch_pairs_per_fold": 0}})
+    config = tiny_sealed_config(tmp_path, 6, cached_views=2)
+    config["optim"]["batch_size"] = 7
     labelled_only = Trainer(config)
     (cache,) = (tmp_path / "run").glob("views-*.npz")
     config["data"]["extra_faces"] = str(tmp_path / "extra")
