@@ -44,7 +44,7 @@ class SealedCnn(nn.Module):
     """[B, K, 14, 14] frequency planes -> raw 128-d embedding (not normalised: the margin head sees it).
 
     Two stages of `depth` convolution blocks each: `width` channels at 14x14, then `2 * width` at 7x7 (the first
-    block of the second stage strides). Depth 2 is the served sealed-v1..v3 architecture. Under MPC each block adds
+    block of the second stage strides). Depth 2 is the sealed-v1..v4 architecture. Under MPC each block adds
     one activation layer, i.e. a fixed number of rounds, whatever its width (docs/sealed.md)."""
 
     def __init__(self, channels: int, kind: str = "quad", width: int = 128, embedding: int = 128,
