@@ -46,7 +46,8 @@ def test_a_misspelt_key_is_named_and_nested_sections_are_checked():
 
 
 @pytest.mark.parametrize("text, expected", [("model: {dpeth: 3}\n", "unknown key(s) model.dpeth"),
-                                            ("- a list\n", "a mapping of keys, not list")])
+                                            ("- a list\n", "a mapping of keys, not list"),
+                                            ("model: {kind: [\n", "not YAML")])
 def test_the_trainer_cli_refuses_a_bad_config_in_one_line_before_it_loads_data(tmp_path: Path, text: str,
                                                                                 expected: str):
     bad = tmp_path / "bad.yaml"

@@ -71,7 +71,10 @@ def load_config(path: Path) -> dict[str, Any]:
     text = Path(path).read_text()
     if Path(path).suffix in (".yaml", ".yml"):
         import yaml
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:  # not a ValueError: the CLI would print a traceback
+            raise ValueError(f"{path}: not YAML ({' '.join(str(exc).split())})") from None
     else:
         data = json.loads(text)
     if not isinstance(data, dict):
