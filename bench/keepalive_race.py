@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import threading
 import time
 from collections import Counter
@@ -21,6 +20,7 @@ from typing import Any
 
 import uvicorn
 
+from devtools.net import free_port
 from secure.party.api import KEEP_ALIVE_S
 from secure.partylink import POOL_IDLE_S, make_client, send
 
@@ -34,10 +34,6 @@ async def _empty_json(scope: dict[str, Any], receive: Any, send_: Any) -> None:
     await send_({"type": "http.response.body", "body": b"{}"})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _sweep(url: str, pool_idle_s: float, resend: bool, keep_alive: int, calls: int, lo: float,
@@ -62,7 +58,7 @@ def main() -> None:
     ap.add_argument("--gap-hi", type=float, default=1.005, help="longest gap, times the keep-alive")
     ap.add_argument("--settings", default="before,pool,fixed")
     args = ap.parse_args()
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(_empty_json, host="127.0.0.1", port=port, lifespan="off",
                                            timeout_keep_alive=args.keep_alive, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)

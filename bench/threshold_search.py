@@ -35,23 +35,19 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from devtools.net import free_port
+
 D = 128
 GALLERY = "attack-gallery"
 HONEST_THRESHOLD = 0.5
 SCALE_MAX = 64.0  # |c| bound of the scaled query: |c * t_j - 0.5| stays < 32 (the 2^38 comparison) for |t_j| < 0.49
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Refused(Exception):

@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from client.sdk import PrivfaceClient
+from devtools.net import free_port
 from tests.test_client_detect import FACES
 
 pytestmark = pytest.mark.timeout(2400)  # a first image build on a loaded 2-core machine takes ~16 min
@@ -47,12 +48,6 @@ def run(args: list[str], env: dict[str, str], timeout: float) -> str:
     return result.stdout
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def compose_env(tmp: Path, shared: Path) -> dict[str, str]:

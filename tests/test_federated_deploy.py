@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from devtools.net import free_port
 from inference.lfw import lfw_dir, shared_dir
 from inference.mobilefacenet import WEIGHTS_SUBPATH
 from tests import background_suites
@@ -56,10 +57,6 @@ def test_deploy_suite_in_federated_venv():
     assert " passed" in summary and "skipped" not in summary, run.stdout[-2000:]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, log: Path, seconds: float = 90) -> None:

@@ -21,6 +21,7 @@ import pytest
 from scipy import stats
 from sqlalchemy import create_engine, text
 
+from devtools.net import free_port
 from secure import fixedpoint as fp
 from secure.coordinator import PartiesError, PartiesOutOfSync, PartiesUnavailable, PartyPair
 from secure.sharing import random_ring, reconstruct, to_b64
@@ -39,7 +40,7 @@ THRESHOLD = 0.5
 class Party:
     def __init__(self, rank: int, db_url: str, rendezvous: Path, log_dir: Path) -> None:
         self.rank, self.db_url, self.rendezvous, self.log_dir = rank, db_url, rendezvous, log_dir
-        self.port = harness.free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 

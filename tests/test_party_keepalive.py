@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 import uvicorn
 
+from devtools.net import free_port
 from secure import fixedpoint as fp
 from secure.coordinator import PartiesUnavailable, PartyPair
 from secure.party.api import KEEP_ALIVE_S
@@ -174,7 +175,7 @@ def test_pool_never_reuses_a_connection_near_the_party_keep_alive():
     pool idle time opens a new one (before the fix the pool kept it as long as the party: it reused it here);
     5 calls spaced at exactly the party's keep-alive, never resent: 0 failures."""
     keep_alive = 2
-    port = harness.free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(_client_port_app, host="127.0.0.1", port=port, lifespan="off",
                                            timeout_keep_alive=keep_alive, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -229,11 +230,11 @@ def test_real_party_keeps_an_idle_connection_past_five_seconds(tmp_path):
     """`privface party` serves with ``uvicorn_options`` (timeout_keep_alive = KEEP_ALIVE_S): a connection idle
     for 6 s still answers (before the fix the party closed it after uvicorn's default 5 s, the instant at which
     the gateway's pool still reused it)."""
-    port = harness.free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVFACE_")}
     env.update({"PRIVFACE_ENV": "test", "PRIVFACE_PARTY_RANK": "0", "PRIVFACE_PARTY_PORT": str(port),
                 "PRIVFACE_PARTY_DATABASE_URL": f"sqlite:///{tmp_path / 'party0.db'}", "PRIVFACE_MPC_PROVIDER": "TTP",
-                "PRIVFACE_MPC_MASTER_ADDR": "127.0.0.1", "PRIVFACE_MPC_MASTER_PORT": str(harness.free_port()),
+                "PRIVFACE_MPC_MASTER_ADDR": "127.0.0.1", "PRIVFACE_MPC_MASTER_PORT": str(free_port()),
                 "PRIVFACE_PARTY0_TOKEN": TOKEN, "PRIVFACE_PARTY1_TOKEN": TOKEN + "-1", "PYTHONPATH": str(ROOT)})
     log = tmp_path / "party0.log"
     proc = subprocess.Popen([sys.executable, "-m", "privface", "party", "--rank", "0"], cwd=ROOT, env=env,

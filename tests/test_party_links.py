@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 
+from devtools.net import free_port
 from secure import fixedpoint as fp
 from secure.coordinator import PartiesError, PartyPair
 from secure.pacing import JobPacer
@@ -67,7 +68,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def start_harness(tmp: Path, rank: int, *extra: str, tls_verify=True) -> tuple[subprocess.Popen, str, str]:  # noqa: ANN001
     """A harness party with this link's own token; returns (process, url, sqlite url)."""
-    port = harness.free_port()
+    port = free_port()
     db = f"sqlite:///{tmp / f'party{rank}.db'}"
     log = tmp / f"party{rank}.log"
     cmd = [sys.executable, str(HARNESS), "--rank", str(rank), "--db", db, "--port", str(port),
@@ -103,7 +104,7 @@ def _party_env(tmp: Path, rank: int, **extra: str) -> dict[str, str]:
     env.update({"PRIVFACE_ENV": "test", "PRIVFACE_PARTY_RANK": str(rank),
                 "PRIVFACE_PARTY_DATABASE_URL": f"sqlite:///{tmp / f'real{rank}.db'}",
                 "PRIVFACE_MPC_PROVIDER": "TTP", "PRIVFACE_MPC_MASTER_ADDR": "127.0.0.1",
-                "PRIVFACE_MPC_MASTER_PORT": str(harness.free_port()), "PYTHONUNBUFFERED": "1",
+                "PRIVFACE_MPC_MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": str(ROOT)})
     env.update(extra)
     return env
@@ -111,7 +112,7 @@ def _party_env(tmp: Path, rank: int, **extra: str) -> dict[str, str]:
 
 def test_party1_token_refused_at_party0(tmp_path):
     """The real `privface party` reads its own link's token: party 1's (or the old shared one) is refused."""
-    port = harness.free_port()
+    port = free_port()
     env = _party_env(tmp_path, 0, PRIVFACE_PARTY0_TOKEN=TOKENS[0], PRIVFACE_PARTY1_TOKEN=TOKENS[1],
                      PRIVFACE_INTERNAL_TOKEN=TOKENS[1], PRIVFACE_PARTY_PORT=str(port))
     log = tmp_path / "real0.log"
@@ -365,7 +366,7 @@ def test_party_refuses_plain_http_off_loopback(tmp_path):
     """Regression: a party on 0.0.0.0 with a real token but no TLS used to serve plain HTTP (a warning only)."""
     env = _party_env(tmp_path, 0, PRIVFACE_PARTY0_TOKEN="t" * 40, PRIVFACE_INTERNAL_TOKEN="t" * 40,
                      PRIVFACE_PARTY_HOST="0.0.0.0",
-                     PRIVFACE_PARTY_PORT=str(harness.free_port()))
+                     PRIVFACE_PARTY_PORT=str(free_port()))
     try:
         done = subprocess.run([sys.executable, "-m", "privface", "party", "--rank", "0"], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=60)
