@@ -161,8 +161,9 @@ def test_cached_views_take_the_extra_faces_unlabelled_in_a_cache_file_of_their_o
     assert len(files) == 2 and cache in files  # the labelled images' cache is reused, the extra faces get their own
     dataset = trainer.dataset
     assert len(dataset) == 14 and dataset.labels == labelled_only.dataset.labels + [UNLABELLED] * 6
-    assert np.array_equal(dataset.features[:8], labelled_only.dataset.features)
-    assert dataset.embeddings.shape == (14, 2, 128) and not np.array_equal(dataset.embeddings[8], dataset.embeddings[0])
+    (features, embeddings), (extra_features, extra_embeddings) = dataset.sources
+    assert np.array_equal(features, labelled_only.dataset.sources[0][0]) and dataset.starts == [0, 8]
+    assert extra_embeddings.shape == (6, 2, 128) and not np.array_equal(extra_embeddings[0], embeddings[0])
 
     def no_teacher(clean):
         raise AssertionError("the stored embeddings replace the teacher")
@@ -171,6 +172,24 @@ def test_cached_views_take_the_extra_faces_unlabelled_in_a_cache_file_of_their_o
     trainer.fit()
     for metrics in trainer.history:
         assert metrics["samples"] == 14 and metrics["distill"] > 0 and 0 <= metrics["train_acc"] <= 1
+
+
+@needs_lfw
+def test_extra_faces_may_have_fewer_views_than_the_labelled_images(tmp_path):
+    """`data.extra_views`: each source keeps its own number of views; every sample is one of its own image's."""
+    from training_jobs.train import Trainer
+    config = tiny_sealed_config(tmp_path, 6, cached_views=3)
+    config["data"].update(extra_faces=str(tmp_path / "extra"), extra_views=1)
+    dataset = Trainer(config).dataset
+    (features, embeddings), (extra_features, extra_embeddings) = dataset.sources
+    assert features.shape[1] == 3 and extra_features.shape[:2] == (6, 1) and len(dataset) == 14
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        for index in (0, 7, 8, 13):
+            _, target, label = dataset[index]
+            stored = embeddings[index] if index < 8 else extra_embeddings[index - 8]
+            assert any(torch.equal(target, torch.from_numpy(view)) for view in stored)
+            assert (label == UNLABELLED) == (index >= 8)
 
 
 def test_paired_comparison_counts_discordant_pairs():

@@ -17,6 +17,7 @@ augmentation, seed, views, teacher): a resumed run reuses it, a changed config b
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 from dataclasses import asdict
@@ -88,16 +89,31 @@ def load_or_build(path: Path, build: Callable[[], tuple[np.ndarray, np.ndarray]]
 
 
 class CachedViews(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
-    """(features float32 [K,14,14] with fresh noise, teacher embedding float32 [128], label) per sample."""
+    """(features float32 [K,14,14] with fresh noise, teacher embedding float32 [128], label) per sample.
+
+    Sources (the labelled images, then unlabelled faces) are kept as separate arrays, each with its own number of
+    views: a source of 20,000 extra faces at 8 views would cost an hour of teacher passes and 4 GB, at 2 views a
+    quarter of that. The noise draw and the view pick depend on (seed, epoch, index over all sources)."""
 
     teacher_included = True
 
     def __init__(self, features: np.ndarray, embeddings: np.ndarray, labels: list[int], spec: TransformSpec,
                  seed: int = 0) -> None:
+        self.sources: list[tuple[np.ndarray, np.ndarray]] = []
+        self.starts: list[int] = []
+        self.labels: list[int] = []
+        self.spec, self.seed, self.epoch = spec, seed, 0
+        self.add_source(features, embeddings, labels)
+
+    def add_source(self, features: np.ndarray, embeddings: np.ndarray, labels: list[int]) -> None:
+        """Append another source's views (any number of views per image)."""
         if not len(features) == len(embeddings) == len(labels):
             raise ValueError("features, embeddings and labels differ in length")
-        self.features, self.embeddings, self.labels = features, embeddings, list(labels)
-        self.spec, self.seed, self.epoch = spec, seed, 0
+        if features.shape[1] != embeddings.shape[1]:
+            raise ValueError("features and embeddings differ in their number of views")
+        self.starts.append(len(self.labels))
+        self.sources.append((features, embeddings))
+        self.labels += list(labels)
 
     def set_epoch(self, epoch: int) -> None:
         """Call at the start of every epoch: the view and the noise draw depend on it."""
@@ -107,18 +123,21 @@ class CachedViews(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        source = bisect.bisect_right(self.starts, index) - 1
+        features, embeddings = self.sources[source]
+        row = index - self.starts[source]
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        view = int(rng.integers(self.features.shape[1]))
-        noisy = to_float16(add_noise(self.features[index, view].astype(np.float64), self.spec, rng))
-        return (torch.from_numpy(noisy.astype(np.float32)), torch.from_numpy(self.embeddings[index, view]),
+        view = int(rng.integers(features.shape[1]))
+        noisy = to_float16(add_noise(features[row, view].astype(np.float64), self.spec, rng))
+        return (torch.from_numpy(noisy.astype(np.float32)), torch.from_numpy(embeddings[row, view]),
                 self.labels[index])
 
 
 def training_views(lfw: Path, split: Split, spec: TransformSpec, augment: Augment | None, config: dict[str, Any],
                    teacher: Callable[[torch.Tensor], torch.Tensor | None], out_dir: Path) -> CachedViews:
     """The training set of a run with `data.cached_views: N`: the split's labelled images, N views each, and with
-    `data.extra_faces` the unlabelled faces too (label UNLABELLED: distillation only; their own cache file, so
-    the labelled images' cache is shared with runs without them)."""
+    `data.extra_faces` the unlabelled faces too, `data.extra_views` views each (default N; label UNLABELLED:
+    distillation only; their own cache file, so the labelled images' cache is shared with runs without them)."""
     if config["teacher"] != "mobilefacenet":
         raise ValueError("data.cached_views stores the teacher's embeddings: it needs teacher: mobilefacenet")
     views, seed = int(config["data"]["cached_views"]), int(config["seed"])
@@ -128,20 +147,18 @@ def training_views(lfw: Path, split: Split, spec: TransformSpec, augment: Augmen
         assert result is not None
         return result
 
-    def cached(folder: Path, images: list[str], images_seed: int) -> tuple[np.ndarray, np.ndarray]:
-        key = cache_key(images, spec, augment, images_seed, views, config["teacher"])
+    def cached(folder: Path, images: list[str], images_seed: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        key = cache_key(images, spec, augment, images_seed, count, config["teacher"])
         return load_or_build(Path(out_dir) / f"views-{key}.npz", lambda: build_views(
-            folder, images, spec, augment, images_seed, views, embed))
+            folder, images, spec, augment, images_seed, count, embed))
 
-    features, embeddings = cached(lfw, split.train_images, seed)
-    labels = list(split.train_labels)
+    dataset = CachedViews(*cached(lfw, split.train_images, seed, views), split.train_labels, spec, seed)
     extra = config["data"].get("extra_faces")
     if extra:
         directory = extra_faces_dir() if extra is True else Path(extra)
         faces = kept_faces(directory)
         if not faces:
             raise ValueError(f"{directory / 'kept.txt'} lists no faces")
-        more_features, more_embeddings = cached(directory, faces, seed + EXTRA_SEED_OFFSET)
-        features, embeddings = np.concatenate([features, more_features]), np.concatenate([embeddings, more_embeddings])
-        labels += [UNLABELLED] * len(faces)
-    return CachedViews(features, embeddings, labels, spec, seed)
+        extra_views = int(config["data"].get("extra_views") or views)
+        dataset.add_source(*cached(directory, faces, seed + EXTRA_SEED_OFFSET, extra_views), [UNLABELLED] * len(faces))
+    return dataset

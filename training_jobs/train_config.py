@@ -25,7 +25,8 @@ DEFAULTS: dict[str, Any] = {
     "data": {"eval_folds": [6, 7, 8, 9, 10], "min_images": 1, "max_identities": None,
              "max_images_per_identity": None, "num_workers": 0,
              "extra_faces": False,  # true (PRIVFACE_EXTRA_FACES_DIR) or a folder: unlabelled faces, distillation only
-             "cached_views": 0},  # N > 0: N augmented views per image with the teacher's embeddings, computed once
+             "cached_views": 0,  # N > 0: N augmented views per image with the teacher's embeddings, computed once
+             "extra_views": None},  # views per extra face (None: cached_views)
     "augment": {"flip": 0.5, "brightness": 0.1, "contrast": 0.1, "translate": 4},
     "model": {"adapter_learnable": True, "freeze_backbone_bn": False},
     "teacher": "mobilefacenet",  # mobilefacenet | sface | none
