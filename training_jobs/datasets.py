@@ -43,8 +43,9 @@ VARIABLES = {EXTRA_FACES_DIR_ENV: (
     "`data.extra_faces: true` (made by `python -m training_jobs.extra_faces prepare`; kept outside the repository).")}
 # the model card's licence note for a model trained with extra faces (training_jobs/model_card.py)
 EXTRA_FACES_LICENSE = (
-    "CelebA (Liu, Luo, Wang, Tang, ICCV 2015) is available for non-commercial research purposes only, and its "
-    "photos remain under their copyright holders' terms. A model distilled on these faces inherits that "
+    "CelebA (Liu, Luo, Wang, Tang, ICCV 2015) and UTKFace (Zhang, Song, Qi, CVPR 2017) are available for "
+    "non-commercial research purposes only, and their photos remain under their copyright holders' terms. A model "
+    "distilled on these faces inherits that "
     "restriction, as it already inherits the research-use terms of its pretrained teachers' MS-Celeb-derived "
     "training data: it is for research and evaluation, not for commercial deployment unless retrained without "
     "them. The photos are kept outside the repository; only counts, the filter threshold and the command are.")
