@@ -1,7 +1,7 @@
 """Two trained checkpoints on the SAME held-out pairs, with a paired comparison: is B better than A, and by how much?
 
     python -m training_jobs.ab_compare --run A=var/training/cpu-sealed-celeba-a --run B=var/training/cpu-sealed-celeba-b \
-        --folds 6-10 [--pairs-per-fold 100] [--out docs/results/celeba_ab.json]
+        --folds 6-10 [--pairs-per-fold 100] [--out docs/results/celeba_ab.json] [--root VALIDATION_SET --folds 1-10]
 
 Why paired: the two models see the same pairs with the same transform-noise draws, so their difference has far less
 spread than each accuracy's ± over folds suggests. Per pair, each model's decision uses the threshold chosen on the
@@ -62,15 +62,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs-per-fold", type=int, default=None, help="default: every pair of the folds")
     parser.add_argument("--seed", type=int, default=0, help="transform-noise seed (the trainer's eval.seed is 0)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--root", type=Path, default=None,
+                        help="a folder laid out as LFW with its own pairs.txt (training_jobs.validation_set); default LFW")
     args = parser.parse_args(argv)
     runs = [item.split("=", 1) for item in args.run]
     if len(runs) != 2 or any(len(r) != 2 or not (Path(r[1]) / "checkpoints" / "last.pt").is_file() for r in runs):
         raise SystemExit("error: give exactly two --run NAME=DIR, each with DIR/checkpoints/last.pt")
-    heldout = HeldoutSet(lfw_dir(shared_dir()), args.folds, args.pairs_per_fold)
+    heldout = HeldoutSet(args.root or lfw_dir(shared_dir()), args.folds, args.pairs_per_fold)
     folds = np.array([p.fold for p in heldout.pairs])
     results = [evaluate_run(Path(path), heldout, name, args.seed) for name, path in runs]
     rights = [correct_per_pair(r, folds) for r in results]
-    report = {"folds": list(args.folds), "pairs": len(heldout.pairs), "noise_seed": args.seed,
+    report = {"root": str(args.root or "LFW View 2"), "folds": list(args.folds), "pairs": len(heldout.pairs), "noise_seed": args.seed,
               "models": {r.name: {"run": path, **r.to_dict()} for r, (_, path) in zip(results, runs)},
               "paired": paired(rights[0], rights[1])}
     text = json.dumps(report, indent=1)
