@@ -7,7 +7,7 @@ Three real processes on loopback (party 0, party 1, the project's hardened deale
 randomness from AES-CTR keyed per session, ``crypten_rng.py``), 1 torch thread each. The parent transforms the
 held-out faces of LFW View-2 folds 6-10 (noise at the transform's epsilon), encodes them in fixed point and splits
 them with ``secure.sharing.split`` (os.urandom): each party process reads only its own share file. Both parties run
-``private_embedding`` + ``private_unit`` on the images one at a time (``--single`` of them) and in batches of
+``SealedEmbedder.query`` (the served path) on the images one at a time (``--single`` of them) and in batches of
 ``--batch``; the parent adds the output shares and compares each pair's decision with the plaintext twin's (the
 PyTorch student) at the twin's best threshold on the same pairs (for counting disagreements only).
 Without ``--checkpoint`` a randomly initialised student is measured (protocol and latency figures only).
@@ -85,17 +85,18 @@ def child(role: int, work: Path, port: int) -> None:
     crypten = join_mpc(role, port)
     if crypten is None:
         return
-    from secure.mpc.protocols.sealed_model import input_from_share, output_share, private_embedding, private_unit
+    from secure.mpc.protocols.sealed_model import SealedEmbedder, SealedQuery
     from secure.mpc.runtime.session import exit_now
 
     plan = torch.load(work / "plan.pt", weights_only=False)
     share = np.load(work / f"share{role}.npy")  # this party's share only
     comm = crypten.communicator.get()
     outputs, stats = np.zeros((share.shape[0], plan["dim"]), dtype=np.int64), []
+    embedder, identity = SealedEmbedder(crypten), np.eye(plan["dim"])  # the served path, rotation = identity
     for kind, start, end in plan["runs"]:
-        unit, cost = measured(comm, lambda: private_unit(private_embedding(
-            plan["layers"], input_from_share(crypten, share[start:end])), plan["norm_hint"]))
-        outputs[start:end] = output_share(unit)
+        query = SealedQuery(features=share[start:end], layers=plan["layers"], norm_hint=plan["norm_hint"],
+                            rotation=identity, digest="bench", flip_signs=plan["flip_signs"])
+        outputs[start:end], cost = measured(comm, lambda: embedder.query(query))
         stats.append({"kind": kind, "images": end - start, **cost})
     np.save(work / f"out{role}.npy", outputs)
     (work / f"stats{role}.json").write_text(json.dumps(stats))
@@ -140,7 +141,7 @@ def twin_raw(model: Any, features: np.ndarray) -> np.ndarray:
     import torch
 
     with torch.inference_mode():
-        raw: np.ndarray = model.backbone(torch.from_numpy(features)).double().numpy()
+        raw: np.ndarray = model.raw(torch.from_numpy(features)).double().numpy()
     return raw
 
 
@@ -149,7 +150,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import torch
 
     from inference.lfw import images_outside_pairs, lfw_dir, load_many
-    from inference.sealed_student import folded_layers
+    from inference.sealed_student import flip_signs, folded_layers
     from inference.transform import PRESETS, apply
     from secure import fixedpoint, sharing
     from training_jobs.evaluate import HeldoutSet
@@ -161,6 +162,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     training = images_outside_pairs(lfw)[:: max(1, len(images_outside_pairs(lfw)) // 64)][:64]
     calibration = apply(load_many(lfw, training), spec, rng).astype(np.float32)
     model, source = load_student(args.checkpoint, args.width, args.activation, spec.num_channels, calibration)
+    model.flip = flip_signs(spec) if args.flip else None
     hint = float(np.median(np.linalg.norm(twin_raw(model, calibration), axis=1)))
     held = HeldoutSet(lfw, (6, 7, 8, 9, 10), args.pairs_per_fold)
     features = apply(held.faces, spec, rng).astype(np.float32)
@@ -173,10 +175,12 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     runs = [("batch1", i, i + 1) for i in range(min(args.single, n))]
     runs += [(f"batch{args.batch}", i, min(i + args.batch, n)) for i in range(0, n, args.batch)]
     layers = folded_layers(model)
-    torch.save({"layers": layers, "norm_hint": hint, "dim": twin.shape[1], "runs": runs}, work / "plan.pt")
+    torch.save({"layers": layers, "norm_hint": hint, "dim": twin.shape[1], "runs": runs,
+                "flip_signs": tuple(model.flip) if model.flip else None}, work / "plan.pt")
     from secure.mpc.protocols.sealed_model import activation_count
 
     return {"held": held, "twin": twin, "source": source, "norm_hint": hint, "spec": spec.transform_id,
+            "flip": bool(model.flip),
             "activations": activation_count(layers, spec.shape)}
 
 
@@ -217,6 +221,7 @@ def report(prep: dict[str, Any], work: Path) -> dict[str, Any]:
     stats = {role: json.loads((work / f"stats{role}.json").read_text()) for role in (0, 1)}
     out: dict[str, Any] = {
         "model": prep["source"], "transform": prep["spec"], "activations_per_image": prep["activations"],
+        "test_time_flip": prep["flip"],
         "pairs": len(held.pairs), "images": len(held.images), "folds": "6-10", "threshold": float(tau),
         "twin_accuracy": float(np.mean((twin_scores >= tau) == same)),
         "mpc_accuracy": float(np.mean((mpc_scores >= tau) == same)),
@@ -247,6 +252,7 @@ def main() -> None:
     ap.add_argument("--pairs-per-fold", type=int, default=20)
     ap.add_argument("--single", type=int, default=8, help="images measured one at a time (batch 1)")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--flip", action="store_true", help="test-time flip: e(x) + e(flip x) (a bundle with flip_signs)")
     ap.add_argument("--timeout-s", type=float, default=1800)
     ap.add_argument("--out", type=Path, default=Path("var/sealed/run"))
     args = ap.parse_args()

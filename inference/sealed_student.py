@@ -4,7 +4,12 @@ Why a different model: under two-party MPC with public weights, convolutions and
 (free of communication); only the non-linear activations cost rounds and bytes. The served network upsamples
 to 112x112 pixels and runs ~11M ReLU6 comparisons with flip test-time augmentation (15 s per image measured
 under CrypTen); this student works directly on the SDK's frequency planes at 14x14 and 7x7, with ~75k
-activations, no flip, and BatchNorm layers that fold into the preceding convolution at export.
+activations, and BatchNorm layers that fold into the preceding convolution at export.
+
+Test-time flip (optional per served model): the mirror image's planes are the planes themselves, each plane's 14
+block columns reversed and the channels of odd horizontal frequency negated (`flip_planes`), a signed permutation:
+local on additive shares, so under MPC it costs one more image through the network (same rounds, twice the bytes)
+and no new input from the SDK. The embedding is then e(x) + e(flip x).
 
 Activation: `relu` (one secure comparison per element) or `quad` = 0.125x^2 + 0.5x + 0.25 (one Beaver
 multiplication per element, ~10x cheaper under MPC). The quadratic is the tangent-matched approximation of
@@ -14,9 +19,14 @@ overflow fixed point.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from inference.transform import TransformSpec, kept_index
 
 ACTIVATIONS = ("relu", "quad")
 
@@ -79,17 +89,39 @@ def depth_of(weights: dict[str, torch.Tensor]) -> int:
     return len(blocks) // 2
 
 
+def flip_signs(spec: TransformSpec) -> list[int]:
+    """Per feature channel, +1 or -1: the sign a horizontal mirror gives its coefficient, (-1)^v for horizontal
+    frequency v (frequency index k = 8u + v, inference/transform.py)."""
+    _, freqs = kept_index(spec)
+    return [int(v) for v in np.where(freqs % 8 % 2 == 1, -1, 1)]
+
+
+def flip_planes(features: torch.Tensor, signs: Sequence[int]) -> torch.Tensor:
+    """[B, K, 14, 14] planes of the horizontally mirrored faces (exact: the 8x8 blocks tile the face)."""
+    sign = torch.as_tensor(list(signs), dtype=features.dtype, device=features.device).view(1, -1, 1, 1)
+    return torch.flip(features, dims=[-1]) * sign
+
+
 class SealedFaceModel(nn.Module):
     """Same interface as FrequencyFaceModel (adapter, backbone, forward -> unit embedding) so the trainer,
-    the evaluation protocol and the export treat both alike. No flip augmentation: it would double the MPC cost."""
+    the evaluation protocol and the export treat both alike. ``flip``: the channel signs of `flip_signs` to embed
+    e(x) + e(flip x) (test time only; training sees one view, flips come from the augmentation)."""
 
-    def __init__(self, backbone: SealedCnn) -> None:
+    def __init__(self, backbone: SealedCnn, flip: Sequence[int] | None = None) -> None:
         super().__init__()
         self.adapter = nn.Identity()
         self.backbone = backbone
+        self.flip = list(flip) if flip is not None else None
+
+    def raw(self, features: torch.Tensor) -> torch.Tensor:
+        """The un-normalised embedding, as the MPC computes it before its unit normalisation."""
+        embedding: torch.Tensor = self.backbone(self.adapter(features))
+        if self.flip is not None:
+            embedding = embedding + self.backbone(self.adapter(flip_planes(features, self.flip)))
+        return embedding
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.backbone(self.adapter(features)), dim=1)
+        return F.normalize(self.raw(features), dim=1)
 
 
 def _bn_affine(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:

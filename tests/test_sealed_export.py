@@ -14,7 +14,7 @@ from common.paths import PROJECT_ROOT
 from inference.lfw import images_outside_pairs, lfw_dir, load_many
 from inference.operating_points import ImpostorCurve
 from inference.sealed_export import SEALED_FILE, main
-from inference.sealed_student import SealedCnn, SealedFaceModel
+from inference.sealed_student import SealedCnn, SealedFaceModel, flip_signs
 from inference.transform import PRESETS, OsNoise, TransformSpec
 from secure.party.sealed import load_sealed_model
 from tests.test_sealed_mpc import run_folded
@@ -55,9 +55,20 @@ def test_the_builder_writes_the_checkpoints_student_and_a_calibrated_threshold(t
         expected = model.backbone(torch.from_numpy(features[None])).double()
     got = run_folded(served.layers, torch.from_numpy(features[None]).double())
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert meta["flip_signs"] == flip_signs(spec) and served.flip_signs == tuple(flip_signs(spec))  # on by default
     (tmp_path / "out" / "sealed-test" / "layers.npz").write_bytes(b"not the model")
     with pytest.raises(ValueError, match="sha256"):
         load_sealed_model(tmp_path / "out", "sealed-test")
+
+
+def test_without_test_time_flip_the_bundle_embeds_one_view_with_its_own_norm_scale_and_threshold(tmp_path):
+    fake_checkpoint(tmp_path / "last.pt", width=8, embedding=32, depth=2)
+    for name, extra in (("flip", []), ("plain", ["--no-test-time-flip"])):
+        main(["--checkpoint", str(tmp_path / "last.pt"), "--version", name, "--out-dir", str(tmp_path / "out"), *extra])
+    flip, plain = (json.loads((tmp_path / "out" / v / SEALED_FILE).read_text()) for v in ("flip", "plain"))
+    assert plain["flip_signs"] is None and load_sealed_model(tmp_path / "out", "plain").flip_signs is None
+    assert flip["layers_sha256"] == plain["layers_sha256"]  # the same weights ...
+    assert flip["norm_hint"] != plain["norm_hint"] and flip["threshold"] != plain["threshold"]  # ... scored otherwise
 
 
 @pytest.mark.parametrize("version", ["sealed-v1", "sealed-v2", "sealed-v4"])

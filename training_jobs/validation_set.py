@@ -86,7 +86,7 @@ def build(people: Path, aligned: Path, out: Path) -> dict[str, int]:
 
 def exclude(kept: Iterable[str], validation: Path) -> list[str]:
     """The extra-faces listing (`faces/<stem>.jpg` lines) without any face of the validation set."""
-    stems = {Path(line).stem for line in (validation / "people.txt").read_text().split()}
+    stems = {Path(line).stem for line in (validation / "people.txt").read_text().splitlines()}
     return [line for line in kept if Path(line).stem not in stems]
 
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.verb == "build":
             print(build(args.people, args.aligned, args.out))
         else:
-            lines = args.kept.read_text().split()
+            lines = args.kept.read_text().splitlines()  # a file name may hold a space
             left = exclude(lines, args.validation)
             args.kept.write_text("".join(f"{line}\n" for line in left))
             print(f"{args.kept}: {len(lines)} -> {len(left)} faces")

@@ -57,6 +57,7 @@ class SealedModel:
     shape: tuple[int, ...]
     transform_id: str
     digest: str  # sha256 of the canonical sealed.json and of layers.npz: the whole model, as both parties run it
+    flip_signs: tuple[int, ...] | None = None  # test-time flip: per channel +-1 (sealed.json's flip_signs)
 
 
 def load_sealed_model(root: Path, version: str) -> SealedModel:
@@ -78,7 +79,17 @@ def load_sealed_model(root: Path, version: str) -> SealedModel:
     check_layers(layers)
     return SealedModel(version=version, layers=layers, norm_hint=float(meta["norm_hint"]),
                        dim=int(meta["embedding_dim"]), shape=tuple(int(v) for v in meta["shape"]),
-                       transform_id=str(meta["transform_id"]), digest=whole)
+                       transform_id=str(meta["transform_id"]), digest=whole,
+                       flip_signs=parse_flip_signs(meta.get("flip_signs"), int(meta["shape"][0])))
+
+
+def parse_flip_signs(value: Any, channels: int) -> tuple[int, ...] | None:
+    """sealed.json's ``flip_signs``: absent/null (no test-time flip) or one +1/-1 per feature channel."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != channels or any(v not in (1, -1) for v in value):
+        raise ValueError(f"flip_signs must be {channels} values of +1 or -1")
+    return tuple(int(v) for v in value)
 
 
 def _refused(slug: str, detail: str) -> PartyProblem:
@@ -139,7 +150,7 @@ class SealedInputs:
                               "operation": body.operation}, sort_keys=True).encode()
         name = hashlib.sha256(model.digest.encode() + rotation.tobytes() + repr(model.norm_hint).encode() + request)
         return SealedQuery(features=share[None], layers=model.layers, norm_hint=model.norm_hint, rotation=rotation,
-                           digest=name.hexdigest())
+                           digest=name.hexdigest(), flip_signs=model.flip_signs)
 
     def use(self, body: SealedIn, operation: str) -> None:
         """Spend the payload's nonce on an MPC job of ``operation`` (the one bound into the envelope); a nonce used

@@ -63,6 +63,15 @@ def output_share(x: Any) -> np.ndarray:
     return share
 
 
+def flip_share(share: np.ndarray, signs: tuple[int, ...]) -> np.ndarray:
+    """This party's share of the mirrored faces' planes [B, K, H, W]: block columns reversed, channels of odd
+    horizontal frequency negated. A signed permutation, so the shares of the mirror are the mirrors of the shares
+    (negation wraps in Z_2^64 as the ring does)."""
+    sign = np.asarray(signs, dtype=np.int64).reshape(1, -1, 1, 1)
+    flipped: np.ndarray = np.ascontiguousarray(share[..., ::-1]) * sign
+    return flipped
+
+
 def _public(array: Any, like: Any) -> Any:
     import torch
 
@@ -115,13 +124,15 @@ class SealedQuery:
     ``features``: int64 [B, K, H, W], this party's additive share (16 fractional bits) opened from its envelope;
     ``layers``: the folded student (``check_layers``); ``norm_hint``: the model's public norm scale; ``rotation``:
     the tenant's protection matrix [d, d] (public to the parties, see docs/security.md); ``digest``: names the
-    model and the rotation, so that both parties check they run the same ones before the job starts."""
+    model and the rotation, so that both parties check they run the same ones before the job starts;
+    ``flip_signs``: the model's test-time flip (per channel +-1) or None."""
 
     features: np.ndarray = field(repr=False)
     layers: list[dict[str, Any]] = field(repr=False)
     norm_hint: float
     rotation: np.ndarray = field(repr=False)
     digest: str
+    flip_signs: tuple[int, ...] | None = None
 
     @property
     def dim(self) -> int:
@@ -137,6 +148,11 @@ class SealedEmbedder:
         self.crypten, self.device = crypten, device
 
     def query(self, sealed: SealedQuery) -> np.ndarray:
-        x = input_from_share(self.crypten, sealed.features, self.device)
-        unit = private_unit(private_embedding(sealed.layers, x), sealed.norm_hint)
+        features, batch = sealed.features, len(sealed.features)
+        if sealed.flip_signs is not None:  # both images in one pass: the same rounds as one
+            features = np.concatenate([features, flip_share(features, sealed.flip_signs)])
+        embedding = private_embedding(sealed.layers, input_from_share(self.crypten, features, self.device))
+        if sealed.flip_signs is not None:
+            embedding = embedding[:batch] + embedding[batch:]
+        unit = private_unit(embedding, sealed.norm_hint)
         return output_share(unit.matmul(_public(sealed.rotation, unit).t()))
