@@ -146,6 +146,13 @@ def test_a_tiny_sealed_run_distils_on_extra_faces(tmp_path):
                      "--pairs-per-fold", "4", "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["pairs"] == 8 and report["paired"]["b_minus_a"] == 0 and report["paired"]["only_a_right"] == 0
+    ab_compare.main(["--run", f"A={tmp_path / 'run'}", "--run", f"B={tmp_path / 'run'}", "--flip", "B", "--folds",
+                     "6-7", "--pairs-per-fold", "4", "--out", str(out)])  # B embeds e(x) + e(flip x)
+    flipped = json.loads(out.read_text())["models"]
+    assert not flipped["A"]["test_time_flip"] and flipped["B"]["test_time_flip"]
+    assert flipped["A"]["verification"] == report["models"]["A"]["verification"]
+    with pytest.raises(SystemExit, match="--flip names no --run"):
+        ab_compare.main(["--run", f"A={tmp_path / 'run'}", "--run", f"B={tmp_path / 'run'}", "--flip", "C"])
 
 
 @needs_lfw

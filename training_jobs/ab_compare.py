@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from inference.lfw import lfw_dir, shared_dir
+from inference.sealed_student import SealedFaceModel, flip_signs
 from training_jobs.evaluate import HeldoutSet, ModelResult, frequency_embedder, parse_folds, torch_features_fn
 from training_jobs.train import build_student
 from training_jobs.train_config import make_spec
@@ -26,14 +27,19 @@ from training_jobs.train_config import make_spec
 BOOTSTRAP = 2000
 
 
-def evaluate_run(run: Path, heldout: HeldoutSet, name: str, seed: int) -> ModelResult:
-    """The run's checkpoint (OUT/checkpoints/last.pt) on the held-out pairs, noise drawn from `seed`."""
+def evaluate_run(run: Path, heldout: HeldoutSet, name: str, seed: int, flip: bool = False) -> ModelResult:
+    """The run's checkpoint (OUT/checkpoints/last.pt) on the held-out pairs, noise drawn from `seed`; ``flip``: a
+    sealed student embeds e(x) + e(flip x), as a bundle with flip_signs is served."""
     state = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
     config = state["config"]
     spec = make_spec(config)
     student = build_student(config["model"], spec, shared_dir())
     student.load_state_dict(state["student"])
     student.eval()
+    if flip:
+        if not isinstance(student, SealedFaceModel):
+            raise SystemExit(f"error: --flip {name}: only a sealed-cnn run has a test-time flip here")
+        student.flip = flip_signs(spec)
     embed = frequency_embedder(torch_features_fn(student), spec, np.random.default_rng(seed))
     return heldout.evaluate(name, spec.transform_id, embed)
 
@@ -62,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs-per-fold", type=int, default=None, help="default: every pair of the folds")
     parser.add_argument("--seed", type=int, default=0, help="transform-noise seed (the trainer's eval.seed is 0)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--flip", action="append", default=[], metavar="NAME",
+                        help="evaluate run NAME with the sealed test-time flip (repeatable)")
     parser.add_argument("--root", type=Path, default=None,
                         help="a folder laid out as LFW with its own pairs.txt (training_jobs.validation_set); default LFW")
     args = parser.parse_args(argv)
@@ -70,10 +78,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("error: give exactly two --run NAME=DIR, each with DIR/checkpoints/last.pt")
     heldout = HeldoutSet(args.root or lfw_dir(shared_dir()), args.folds, args.pairs_per_fold)
     folds = np.array([p.fold for p in heldout.pairs])
-    results = [evaluate_run(Path(path), heldout, name, args.seed) for name, path in runs]
+    if set(args.flip) - {name for name, _ in runs}:
+        raise SystemExit(f"error: --flip names no --run: {sorted(set(args.flip) - {name for name, _ in runs})}")
+    results = [evaluate_run(Path(path), heldout, name, args.seed, name in args.flip) for name, path in runs]
     rights = [correct_per_pair(r, folds) for r in results]
     report = {"root": str(args.root or "LFW View 2"), "folds": list(args.folds), "pairs": len(heldout.pairs), "noise_seed": args.seed,
-              "models": {r.name: {"run": path, **r.to_dict()} for r, (_, path) in zip(results, runs)},
+              "models": {r.name: {"run": path, "test_time_flip": r.name in args.flip, **r.to_dict()}
+                         for r, (_, path) in zip(results, runs)},
               "paired": paired(rights[0], rights[1])}
     text = json.dumps(report, indent=1)
     if args.out:
