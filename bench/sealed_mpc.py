@@ -181,7 +181,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     return {"held": held, "twin": twin, "source": source, "norm_hint": hint, "spec": spec.transform_id,
             "flip": bool(model.flip),
-            "activations": activation_count(layers, spec.shape)}
+            "activations": activation_count(layers, spec.shape) * (2 if model.flip else 1)}  # flip: two images
 
 
 def run_processes(work: Path, timeout_s: float, module: str = "bench.sealed_mpc") -> None:

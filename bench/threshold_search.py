@@ -41,7 +41,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from devtools.net import free_port
+try:
+    from devtools.net import free_port
+except ImportError:  # run against an old checkout (PYTHONPATH=OLD, see the docstring) that predates devtools/net.py
+    import socket
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
 
 D = 128
 GALLERY = "attack-gallery"

@@ -4,7 +4,7 @@ A port the OS hands out with bind(0) comes from the ephemeral range, the same ra
 (Redis, PostgreSQL, httpx) draws its source port from: between picking the port and the child process binding
 it, another connection could take it ("address already in use", seen once in CI). So ports are drawn from below
 the ephemeral range, where the OS never assigns source ports, checked free, and never handed out twice by one
-process.
+process (pytest-xdist workers are separate processes: a collision between them stays possible, if rare).
 """
 from __future__ import annotations
 
@@ -37,12 +37,13 @@ def is_free(port: int) -> bool:
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now, outside the ephemeral range, not given before by this process."""
     top = ephemeral_start()
-    if top - LOWEST < 1_000:  # an unusual range leaves no room below it: fall back to the OS's choice
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return int(sock.getsockname()[1])
     for _ in range(1_000):
-        port = LOWEST + secrets.randbelow(top - LOWEST)
+        if top - LOWEST < 1_000:  # an unusual range leaves no room below it: the OS's choice (ephemeral, racy)
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = int(sock.getsockname()[1])
+        else:
+            port = LOWEST + secrets.randbelow(top - LOWEST)
         if port not in _given and is_free(port):
             _given.add(port)
             return port

@@ -14,7 +14,7 @@ half model):
   gateway's model), with the impostor curve. Nothing is tuned on folds 6-10.
 * ``flip_signs`` in sealed.json (unless ``--no-test-time-flip``): the parties embed e(x) + e(flip x)
   (``inference.sealed_student.flip_planes``); norm scale and threshold are the flipped twin's. Chosen on the CelebA
-  validation set (training_jobs.validation_set), not on LFW: +1.8 points [+1.0, +2.5] for sealed-v4's weights.
+  validation set (training_jobs.validation_set), not on LFW: +1.8 points [+1.1, +2.5] for sealed-v4's weights.
 
 The file is not named model.json on purpose: the gateway's bundled-model installer takes every model.json
 directory for an ONNX model, and this one is not.

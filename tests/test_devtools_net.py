@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
 from devtools.net import LOWEST, ephemeral_start, free_port, is_free
 
 
+@pytest.mark.skipif(ephemeral_start() - LOWEST < 1_000, reason="this host's ephemeral range leaves no room below it")
 def test_ports_are_below_the_ephemeral_range_distinct_and_bindable() -> None:
     ports = [free_port() for _ in range(200)]
     assert len(set(ports)) == len(ports)

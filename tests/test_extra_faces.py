@@ -151,6 +151,7 @@ def test_a_tiny_sealed_run_distils_on_extra_faces(tmp_path):
     flipped = json.loads(out.read_text())["models"]
     assert not flipped["A"]["test_time_flip"] and flipped["B"]["test_time_flip"]
     assert flipped["A"]["verification"] == report["models"]["A"]["verification"]
+    assert flipped["B"]["verification"] != flipped["A"]["verification"]  # the flip changed B's scores
     with pytest.raises(SystemExit, match="--flip names no --run"):
         ab_compare.main(["--run", f"A={tmp_path / 'run'}", "--run", f"B={tmp_path / 'run'}", "--flip", "C"])
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from devtools.mpc_cluster import Cluster, encode_trunc, split
-from devtools.net import free_port
+from devtools.net import free_port, is_free
 from secure.mpc.protocols.base import threshold_raw
 from secure.mpc.settings import MpcSettings
 from secure.mpc.sharding import shard_of
@@ -28,7 +28,7 @@ def unit(x: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[Cluster]:
     port = free_port()
-    while free_port() == port + 1:  # shard 1 uses port + 1
+    while not is_free(port + 1):  # shard 1 uses port + 1
         port = free_port()
     c = Cluster(tmp_path_factory.mktemp("mpc-shards"), master_port=port, shards=2, **FAST).start()
     try:

@@ -109,6 +109,6 @@ def test_the_mirrored_faces_planes_are_a_signed_permutation_of_the_faces_planes(
 def test_a_bundles_flip_signs_are_checked():
     from secure.party.sealed import parse_flip_signs
     assert parse_flip_signs(None, 3) is None and parse_flip_signs([1, -1, 1], 3) == (1, -1, 1)
-    for bad in ([1, -1], [1, 0, 1], "1,-1,1", [1, 2, -1]):
+    for bad in ([1, -1], [1, 0, 1], "1,-1,1", [1, 2, -1], [True, -1, 1], [1.0, -1, 1]):
         with pytest.raises(ValueError, match="flip_signs must be 3 values"):
             parse_flip_signs(bad, 3)

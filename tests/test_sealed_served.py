@@ -32,6 +32,7 @@ from common.paths import PROJECT_ROOT
 from devtools.localstack import NO_ABUSE_LIMITS, LocalStack
 from devtools.memscan import can_read_memory, find_in_memory, process_tree
 from inference.lfw import images_outside_pairs, lfw_dir, load_many
+from inference.sealed_student import flip_planes
 from inference.transform import OsNoise, TransformSpec
 from secure import sealed_box
 from app.services.templates import gallery_name
@@ -105,6 +106,8 @@ def twin_unit(payload: dict[str, Any]) -> np.ndarray:
     model = load_sealed_model(MODEL_DIR, VERSION)
     x = torch.from_numpy(decode_features(payload).astype(np.float64)[None])
     raw = run_folded(model.layers, x)[0].numpy()
+    if model.flip_signs is not None:  # the bundle's test-time flip: e(x) + e(flip x)
+        raw = raw + run_folded(model.layers, flip_planes(x, model.flip_signs))[0].numpy()
     return raw / np.linalg.norm(raw)
 
 

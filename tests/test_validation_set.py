@@ -64,8 +64,17 @@ def test_too_few_people_is_refused_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "v").exists()
 
 
-def test_pairs_are_drawn_without_repeats_per_fold():
-    faces = {f"p{k}": [f"{k}-{n}" for n in range(18)] for k in range(20)}
-    folds = validation_set.draw_pairs(faces, np.random.default_rng(0))
-    for fold in folds:
-        assert len(fold) == 600 and len(set(fold)) == 600
+def test_the_first_pairs_of_a_fold_span_its_people():
+    """HeldoutSet's --pairs-per-fold takes each fold's first same and different pairs: they must not all come from
+    the first person of the fold (as they would if the draw were sorted)."""
+    faces = {f"p{k:02d}": [f"{k}-{n}" for n in range(18)] for k in range(60)}
+    for fold in validation_set.draw_pairs(faces, np.random.default_rng(0)):
+        assert len({p for p, _, _, _ in fold[:20]}) >= 3 and len({(p, q) for p, _, q, _ in fold[300:320]}) >= 3
+
+
+def test_a_non_empty_output_folder_is_refused(tmp_path):
+    people, aligned = fake_sources(tmp_path, 20, 18)
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "stale.txt").write_text("from an earlier build")
+    with pytest.raises(ValueError, match="not empty"):
+        validation_set.build(people, aligned, tmp_path / "val")

@@ -159,6 +159,8 @@ def training_views(lfw: Path, split: Split, spec: TransformSpec, augment: Augmen
         faces = kept_faces(directory)
         if not faces:
             raise ValueError(f"{directory / 'kept.txt'} lists no faces")
-        extra_views = int(config["data"].get("extra_views") or views)
+        extra_views = views if config["data"].get("extra_views") is None else int(config["data"]["extra_views"])
+        if extra_views < 1:
+            raise ValueError(f"data.extra_views must be at least 1, not {extra_views}")
         dataset.add_source(*cached(directory, faces, seed + EXTRA_SEED_OFFSET, extra_views), [UNLABELLED] * len(faces))
     return dataset

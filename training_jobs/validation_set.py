@@ -4,7 +4,7 @@ Why: choosing what to serve (a model, a test-time option) by its accuracy on fol
 figures are reported on. CelebA people grouped by identity (Nikhil4902/CelebA_Dataset: folders `celeb_<k>/`, 194
 people x 30 photos, CelebA was built without LFW's people) give a second set to decide on. Their photos are
 aligned the SDK's way by `python -m training_jobs.extra_faces prepare` (this module only picks the faces that
-step kept) and laid out as LFW is, so every evaluation here reads it unchanged:
+step kept) and laid out as LFW is, so every evaluation here reads it unchanged (the folder must be new or empty):
 
     python -m training_jobs.validation_set build --people DIR_WITH_celeb_FOLDERS --aligned /work/data/extra-aligned \
         --out /work/data/celeba-val
@@ -13,7 +13,8 @@ step kept) and laid out as LFW is, so every evaluation here reads it unchanged:
 Layout: OUT/<person>/<person>_NNNN.jpg (hard links to the aligned faces) and OUT/pairs.txt in View-2's format:
 10 folds of 300 same-person and 300 different-person pairs, people split between folds (a person is in one fold
 only), drawn with a fixed seed. OUT/people.txt lists the source file of every face, so a training run can leave
-them out (`exclude`): a set the model trained on, even unlabelled, decides nothing.
+them out (`exclude`, photo by photo: a set the model trained on, even unlabelled, decides nothing). Other photos of
+the same people under other file names are not caught here; for CelebA, its identity list is the check (docs/sealed.md).
 """
 from __future__ import annotations
 
@@ -54,8 +55,9 @@ def draw_pairs(faces: dict[str, list[str]], rng: np.random.Generator) -> list[li
                      for i in range(len(faces[p])) for j in range(len(faces[q]))]
         if len(same) < SAME_PER_FOLD or len(different) < DIFFERENT_PER_FOLD:
             raise ValueError(f"fold {fold + 1}: too few people or photos for {SAME_PER_FOLD} pairs of each kind")
-        pick_same = sorted(rng.choice(len(same), SAME_PER_FOLD, replace=False))
-        pick_different = sorted(rng.choice(len(different), DIFFERENT_PER_FOLD, replace=False))
+        # in drawn order, not sorted: a --pairs-per-fold subset then spans the fold's people, not the first few
+        pick_same = rng.choice(len(same), SAME_PER_FOLD, replace=False)
+        pick_different = rng.choice(len(different), DIFFERENT_PER_FOLD, replace=False)
         folds.append([same[k] for k in pick_same] + [different[k] for k in pick_different])
     return folds
 
@@ -72,13 +74,13 @@ def build(people: Path, aligned: Path, out: Path) -> dict[str, int]:
     faces = people_faces(people, aligned)
     if len(faces) < 2 * FOLDS:
         raise ValueError(f"{people}: {len(faces)} people with >= 2 aligned faces; need {2 * FOLDS}")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty: build into a new folder (stale faces would stay otherwise)")
     out.mkdir(parents=True, exist_ok=True)
     for person, names in faces.items():
-        (out / person).mkdir(exist_ok=True)
+        (out / person).mkdir()
         for number, name in enumerate(names, start=1):
-            target = out / person / f"{person}_{number:04d}.jpg"
-            if not target.exists():
-                os.link(aligned / "faces" / f"{Path(name).stem}.jpg", target)
+            os.link(aligned / "faces" / f"{Path(name).stem}.jpg", out / person / f"{person}_{number:04d}.jpg")
     (out / "pairs.txt").write_text(pairs_text(draw_pairs(faces, np.random.default_rng(SEED))))
     (out / "people.txt").write_text("".join(f"{name}\n" for names in faces.values() for name in names))
     return {"people": len(faces), "faces": sum(len(n) for n in faces.values()), "pairs": FOLDS * 2 * SAME_PER_FOLD}

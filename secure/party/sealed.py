@@ -87,7 +87,8 @@ def parse_flip_signs(value: Any, channels: int) -> tuple[int, ...] | None:
     """sealed.json's ``flip_signs``: absent/null (no test-time flip) or one +1/-1 per feature channel."""
     if value is None:
         return None
-    if not isinstance(value, list) or len(value) != channels or any(v not in (1, -1) for v in value):
+    if not isinstance(value, list) or len(value) != channels or any(type(v) is not int or v not in (1, -1)
+                                                                     for v in value):
         raise ValueError(f"flip_signs must be {channels} values of +1 or -1")
     return tuple(int(v) for v in value)
 
