@@ -71,7 +71,7 @@ def test_without_test_time_flip_the_bundle_embeds_one_view_with_its_own_norm_sca
     assert flip["norm_hint"] != plain["norm_hint"] and flip["threshold"] != plain["threshold"]  # ... scored otherwise
 
 
-@pytest.mark.parametrize("version", ["sealed-v1", "sealed-v2", "sealed-v4"])
+@pytest.mark.parametrize("version", ["sealed-v1", "sealed-v2", "sealed-v5"])
 def test_the_committed_bundle_is_complete(version):
     folder = PROJECT_ROOT / "inference" / "bundled" / version
     meta = json.loads((folder / SEALED_FILE).read_text())
@@ -83,7 +83,7 @@ def test_the_committed_bundle_is_complete(version):
 
 
 @pytest.mark.parametrize("version, checkpoint", [("sealed-v2", "training_jobs/checkpoints/cpu-sealed-quad-long.pt"),
-                                                 ("sealed-v4", "training_jobs/checkpoints/cpu-sealed-quad-w128-kd.pt")])
+                                                 ("sealed-v5", "training_jobs/checkpoints/cpu-sealed-quad-w128-kd.pt")])
 def test_the_served_sealed_model_names_the_committed_checkpoint_it_was_built_from(version, checkpoint):
     """Provenance a reader can check on any machine: the bundle was built from a committed final checkpoint, and
     its sealed.json names that file by project path and sha256."""
@@ -100,7 +100,8 @@ def test_the_gateways_default_sealed_model_is_served_by_the_parties_default_fold
     from secure.party.settings import PartySettings
 
     version = GatewaySettings.model_fields["sealed_model_version"].default
-    assert version == "sealed-v4"  # the distillation-weighted student (docs/sealed.md); sealed-v3 retired, v2 and v1 kept
+    assert version == "sealed-v5"  # sealed-v4's weights with the test-time flip (docs/sealed.md); v4 and v3 retired
+    assert load_sealed_model(PartySettings.model_fields["sealed_model_dir"].default, version).flip_signs is not None
     gateway = served_model(GatewaySettings(sealed_model_version=version))
     party = load_sealed_model(PartySettings.model_fields["sealed_model_dir"].default, version)
     assert gateway is not None and gateway.version == party.version == version

@@ -83,3 +83,23 @@ def test_finite_embeddings_are_normalised_and_a_zero_one_is_refused():
     assert np.allclose(unit, [[0.6, 0.8], [0.0, 1.0]])
     with pytest.raises(NonFiniteEmbeddings, match="1 of 2"):
         embed_all(np.zeros((2, 1)), lambda faces: np.array([[3.0, 4.0], [0.0, 0.0]])[:len(faces)])
+
+
+def test_the_distillation_gap_is_measured_on_both_sets(tmp_path):
+    """training_jobs.distill_gap on a tiny sealed checkpoint: a distance per set, in [0, 2]."""
+    import json
+
+    from training_jobs import distill_gap
+    from training_jobs.train import Trainer
+    from tests.test_extra_faces import tiny_sealed_config
+
+    config = tiny_sealed_config(tmp_path, 2)
+    config["optim"]["epochs"] = 1
+    trainer = Trainer(config)
+    trainer.fit()
+    result = distill_gap.measure(trainer.checkpoint_path, 4)
+    assert result["images"] == 4 and json.dumps(result)
+    for key in ("one_minus_cos_train", "one_minus_cos_heldout_folds_6_10"):
+        assert 0.0 <= float(result[key]) <= 2.0
+    with pytest.raises(SystemExit, match="^error: "):
+        distill_gap.main(["--checkpoint", str(tmp_path / "missing.pt")])
