@@ -93,7 +93,7 @@ def flip_signs(spec: TransformSpec) -> list[int]:
     """Per feature channel, +1 or -1: the sign a horizontal mirror gives its coefficient, (-1)^v for horizontal
     frequency v (frequency index k = 8u + v, inference/transform.py)."""
     _, freqs = kept_index(spec)
-    return [int(v) for v in np.where(freqs % 8 % 2 == 1, -1, 1)]
+    return [int(v) for v in np.where(freqs % 2 == 1, -1, 1)]  # v = k % 8 is odd exactly when k is (8u is even)
 
 
 def flip_planes(features: torch.Tensor, signs: Sequence[int]) -> torch.Tensor:
