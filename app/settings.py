@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from common.paths import DEFAULT_SHARED_DIR, PROJECT_ROOT, VAR_DIR
 from common.settings import DEV_PARTY_TOKENS, DEV_SECRET_KEY, DEV_TOKENS, TEST_ENV
+from inference.operating_points import CALIBRATION_IMAGES, MIN_CALIBRATION_IMAGES
 
 
 class PartyTLS(TypedDict, total=False):
@@ -120,6 +121,10 @@ class GatewaySettings(BaseSettings):
     federated_tolerance: float = Field(
         0.005, ge=0, le=1, description="A federated candidate is activated only if its held-out accuracy is at most "
                                        "this much below the active version's (same pairs); else it stays a candidate.")
+    federated_calibration_images: int = Field(
+        CALIBRATION_IMAGES, ge=MIN_CALIBRATION_IMAGES,
+        description="Images (people in no View-2 fold) on which a federated candidate's impostor curve and served "
+                    "threshold are measured at export; fewer exports faster with a coarser curve.")
     federated_state_dir: Path = Field(
         PROJECT_ROOT / "var" / "federated", description="Per-round state of running federated jobs (resume after a "
                                                         "worker restart); removed when a job ends.")

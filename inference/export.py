@@ -22,7 +22,7 @@ import torch
 from inference.evaluation import verify_fold
 from inference.frequency_model import FrequencyFaceModel, build_model_v0
 from inference.lfw import fold_pairs, lfw_dir, load_many, shared_dir
-from inference.operating_points import calibrate
+from inference.operating_points import CALIBRATION_IMAGES, calibrate
 
 VERIFY_FAR = 1e-3  # served 1:1 threshold of a trained model: this false-match rate on the calibration impostors
 from inference.metadata import ModelMetadata, file_sha256
@@ -109,20 +109,22 @@ def export_version(version: str, out_dir: Path, shared: Path, eval_pairs: int = 
 
 
 def export_model_version(model: torch.nn.Module, spec: TransformSpec, version: str, out_dir: Path,
-                         shared: Path, threshold: float | None, metrics: dict) -> Path:
+                         shared: Path, threshold: float | None, metrics: dict,
+                         calibration_images: int = CALIBRATION_IMAGES) -> Path:
     """Export an already-built (e.g. trained) model as OUT_DIR/<version>: ONNX, ORT-vs-PyTorch parity, model.json.
 
     Unlike export_version, the caller supplies the metrics (a trained model must be measured on identities it never
     saw, which only the caller knows). ``threshold`` None: the served threshold is the one at false-match rate
     VERIFY_FAR on the calibration impostors (people in no View-2 fold), so nothing is tuned on held-out pairs.
-    Same atomic directory swap.
+    Same atomic directory swap. ``calibration_images``: how many such images the impostor curve is measured on
+    (fewer: a faster export and a coarser curve at low false-match rates; model.json's curve says how many).
     """
     return _export_atomically(model.cpu().eval(), spec, version, Path(out_dir), shared,
-                              lambda _embedder: (threshold, metrics))
+                              lambda _embedder: (threshold, metrics), calibration_images)
 
 
 def _export_atomically(model: torch.nn.Module, spec: TransformSpec, version: str, out_dir: Path, shared: Path,
-                       threshold_and_metrics) -> Path:
+                       threshold_and_metrics, calibration_images: int = CALIBRATION_IMAGES) -> Path:
     """ONNX export + parity check + model.json, built under a temporary name and renamed into place, so a
     crashed export never looks complete. `threshold_and_metrics(embedder) -> (threshold, metrics)`."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +138,7 @@ def _export_atomically(model: torch.nn.Module, spec: TransformSpec, version: str
         if not diff <= MAX_PARITY_DIFF:
             raise RuntimeError(f"ONNX Runtime and PyTorch disagree by {diff:.3g} (limit {MAX_PARITY_DIFF})")
         threshold, metrics = threshold_and_metrics(embedder)
-        curve = calibrate(embedder.embed, spec, lfw_dir(shared))  # identities in no View-2 fold
+        curve = calibrate(embedder.embed, spec, lfw_dir(shared), calibration_images)  # identities in no View-2 fold
         if threshold is None:
             threshold = curve.threshold(VERIFY_FAR)
             metrics = {**metrics, "served_threshold": f"false-match rate {VERIFY_FAR:g} on the calibration impostors"}

@@ -29,6 +29,7 @@ MIN_TAIL_COUNT = 200
 SCHEDULE_SIZES = tuple(m * 10**e for e in range(1, 7) for m in (1, 2, 5)) + (10_000_000,)  # 10 .. 10M, 1-2-5
 DEFAULT_FPIR = 1e-2
 CALIBRATION_IMAGES = 1200
+MIN_CALIBRATION_IMAGES = 100  # ~4,900 impostor pairs: enough to place a threshold at false-match rate 1e-3
 
 
 def impostor_scores(embeddings: np.ndarray, identities: list[str]) -> np.ndarray:

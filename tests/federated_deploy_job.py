@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from devtools.localstack import MODEL_CACHE, LocalStack
+from devtools.localstack import MODEL_CACHE, QUICK_EXPORT, LocalStack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def main(workdir: Path, superlink_port: int, federated_python: str, timeout: flo
     stack = LocalStack(workdir / "stack", model_dir=models, redis_url=REDIS_URL, extra_env={
         "PRIVFACE_FEDERATED_SUPERLINK": f"127.0.0.1:{superlink_port}", "PRIVFACE_FEDERATED_SUPERLINK_INSECURE": "1",
         "PRIVFACE_FEDERATED_PYTHON": federated_python, "PRIVFACE_FEDERATED_STATE_DIR": str(workdir / "fed"),
-        "PRIVFACE_JOB_LEASE_S": str(LEASE_S)})
+        "PRIVFACE_JOB_LEASE_S": str(LEASE_S), **QUICK_EXPORT})
     stack.cli("models", "ensure")  # registers the private copy of v0 in this gateway's database
     workers: list[subprocess.Popen] = []
     try:

@@ -213,6 +213,20 @@ def test_simulate_hands_the_base_model_to_its_own_fields():
     assert v0.base_weights is None and v0.base_sha256 is None and v0.round_timeout == 3600.0
 
 
+@needs_flwr
+def test_the_exported_candidates_calibration_size_is_an_option_with_a_floor(capsys):
+    """`--calibration-images` (the gateway passes PRIVFACE_FEDERATED_CALIBRATION_IMAGES) sets how many images the
+    candidate's impostor curve is measured on; below the floor a threshold at FMR 1e-3 has too few pairs."""
+    from inference.operating_points import CALIBRATION_IMAGES
+    from training_jobs.federated.simulate import make_parser
+
+    assert make_parser().parse_args([]).calibration_images == CALIBRATION_IMAGES
+    assert make_parser().parse_args(["--calibration-images", "300"]).calibration_images == 300
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["--calibration-images", "99"])
+    assert "at least 100, not 99" in capsys.readouterr().err
+
+
 # --- SecAgg+: masks from a CSPRNG, secure sums equal plain sums, dropouts ------------------------
 
 @needs_flwr

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from common.paths import PROJECT_ROOT as ROOT
-from devtools.localstack import LocalStack
+from devtools.localstack import QUICK_EXPORT, LocalStack
 from inference.export import FREQUENCY_ARCHITECTURE, WeightsError, save_weights, saved_weights
 from inference.frequency_model import FrequencyFaceModel, InverseDctAdapter, build_model_v0
 from inference.metadata import ModelMetadata
@@ -158,7 +158,7 @@ def test_admin_job_publishes_a_model_that_answers_the_next_verify_and_old_templa
     shutil.copytree(ROOT / "inference" / "bundled" / "v1-accurate", models / "v1-accurate")  # ONNX only
     stack = LocalStack(tmp_path / "stack", gateway_db=postgres_db(), party_dbs=(postgres_db(), postgres_db()),
                        redis_url=redis_url, model_dir=models,
-                       extra_env={"PRIVFACE_FEDERATED_TOLERANCE": "1.0"}).start()
+                       extra_env={"PRIVFACE_FEDERATED_TOLERANCE": "1.0", **QUICK_EXPORT}).start()
     worker = subprocess.Popen([sys.executable, "-m", "privface", "worker"], cwd=ROOT, env=stack.env(),
                               stdout=open(tmp_path / "worker.log", "wb"), stderr=subprocess.STDOUT)
     try:
@@ -189,7 +189,9 @@ def test_admin_job_publishes_a_model_that_answers_the_next_verify_and_old_templa
         listed = {m["version"]: m for m in httpx.get(stack.url + "/v1/admin/models", headers=auth(key), timeout=60).json()}
         assert listed[fed]["status"] == "active" and listed["v0"]["status"] == "retired"
         assert "federated" in listed[fed]["metrics"] and (stack.model_dir / fed / "model.onnx").is_file()
-        saved = ModelMetadata.load(stack.model_dir / fed, verify=True).weights
+        candidate = ModelMetadata.load(stack.model_dir / fed, verify=True)
+        assert "300 images" in candidate.impostor_curve["source"]  # PRIVFACE_FEDERATED_CALIBRATION_IMAGES
+        saved = candidate.weights
         assert saved["architecture"] == FREQUENCY_ARCHITECTURE and (stack.model_dir / fed / saved["file"]).is_file()
 
         wait_served(stack, fed)  # the swap (Redis announcement); then at once:

@@ -19,9 +19,12 @@ import httpx
 import pytest
 
 from common.paths import PROJECT_ROOT as ROOT
-from devtools.localstack import MODEL_CACHE, LocalStack
+from devtools.localstack import MODEL_CACHE, QUICK_EXPORT, LocalStack
 from app.problems import Problem
-from app.services.federated_job import FederatedRunError, guardrail, run_simulation, validate_params
+from app.services.federated_deploy import deployment_command
+from app.services.federated_job import (FederatedParams, FederatedRunError, command, guardrail, run_simulation,
+                                        validate_params)
+from app.settings import GatewaySettings
 from tests.test_gateway_api import auth
 
 FEDERATED_PYTHON = ROOT / ".venv-federated" / "bin" / "python"
@@ -46,6 +49,17 @@ def test_federated_params_are_strict(params, field):
 def test_federated_params_defaults():
     assert validate_params({"rounds": 2})["rounds"] == 2
     assert validate_params({})["scope"] == "whole" and validate_params({})["mode"] == "supervised"
+
+
+def test_the_calibration_size_setting_reaches_both_engines_commands_and_too_few_images_are_refused(tmp_path):
+    settings = GatewaySettings(federated_calibration_images=300, federated_superlink="127.0.0.1:9093",
+                               federated_superlink_insecure=True)
+    for cmd in (command(settings, FederatedParams(), "fed-x", None, tmp_path),
+                deployment_command(settings, FederatedParams(engine="deployment"), "fed-x", None, tmp_path)):
+        assert cmd[cmd.index("--calibration-images") + 1] == "300"
+    assert command(GatewaySettings(), FederatedParams(), "fed-x", None, tmp_path)[-1] == "1200"
+    with pytest.raises(ValueError, match="federated_calibration_images"):
+        GatewaySettings(federated_calibration_images=99)
 
 
 def test_guardrail_refuses_a_worse_candidate_and_accepts_one_within_tolerance():
@@ -150,7 +164,7 @@ def lifecycle_stack(tmp_path_factory, shared, module_postgres_db, module_redis_u
                        party_dbs=(module_postgres_db(), module_postgres_db()), redis_url=module_redis_url,
                        model_dir=private_models(root),
                        extra_env={"PRIVFACE_JOB_LEASE_S": "6", "PRIVFACE_FEDERATED_STATE_DIR": str(root / "fed"),
-                                  "PRIVFACE_FEDERATED_TOLERANCE": "1.0"}).start()
+                                  "PRIVFACE_FEDERATED_TOLERANCE": "1.0", **QUICK_EXPORT}).start()
     yield stack
     stack.stop()
 
@@ -276,7 +290,7 @@ def test_a_gateway_running_the_job_in_process_is_killed_and_the_restarted_one_re
     state_root = tmp_path / "fed"
     stack = LocalStack(tmp_path / "stack", model_dir=private_models(tmp_path),  # SQLite, no Redis, no parties
                        extra_env={"PRIVFACE_JOB_LEASE_S": "6", "PRIVFACE_FEDERATED_STATE_DIR": str(state_root),
-                                  "PRIVFACE_FEDERATED_TOLERANCE": "1.0"})
+                                  "PRIVFACE_FEDERATED_TOLERANCE": "1.0", **QUICK_EXPORT})
     stack.cli("models", "ensure")
     try:
         stack.start_gateway_alone()

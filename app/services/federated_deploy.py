@@ -82,5 +82,6 @@ def deployment_command(settings: GatewaySettings, job: FederatedParams, version:
            "--scope", job.scope, "--aggregation", job.aggregation, "--seed", str(job.seed),
            "--pairs-per-fold", str(job.pairs_per_fold), "--max-images", str(job.max_images),
            "--epochs", str(job.epochs), "--state-dir", str(state_dir), "--progress",
-           "--export-dir", str(settings.model_dir), "--version", version]
+           "--export-dir", str(settings.model_dir), "--version", version,
+           "--calibration-images", str(settings.federated_calibration_images)]
     return cmd + (["--baseline-dir", str(baseline_dir)] if baseline_dir is not None else [])

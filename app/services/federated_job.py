@@ -199,7 +199,8 @@ def command(settings: GatewaySettings, params: FederatedParams, version: str, ba
            "--pairs-per-fold", str(params.pairs_per_fold), "--max-images", str(params.max_images),
            "--epochs", str(params.epochs), "--aggregation", params.aggregation, "--progress",
            "--mode", params.mode, "--negatives", params.negatives,
-           "--state-dir", str(state_dir), "--export-dir", str(settings.model_dir), "--version", version]
+           "--state-dir", str(state_dir), "--export-dir", str(settings.model_dir), "--version", version,
+           "--calibration-images", str(settings.federated_calibration_images)]
     if params.heldout_every_round:
         cmd.append("--heldout-every-round")
     if params.mixup is not None:

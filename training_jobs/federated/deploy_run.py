@@ -39,8 +39,8 @@ from training_jobs.federated.deploy import settings_from_run_config
 from training_jobs.federated.heldout import Heldout
 from training_jobs.federated.params import set_arrays
 from training_jobs.federated.server_app import AGGREGATIONS, ServerSettings, base_model
-from training_jobs.federated.simulate import (PARENT_ENV, baseline_metrics, die_with_parent, export_candidate,
-                                              print_event, progress_printer)
+from training_jobs.federated.simulate import (PARENT_ENV, add_calibration_argument, baseline_metrics,
+                                              die_with_parent, export_candidate, print_event, progress_printer)
 
 APP = Path(__file__).resolve().parent / "flower_app"
 CONNECTION = "job"  # the one SuperLink connection in the run's own FLWR_HOME
@@ -205,7 +205,8 @@ def publish(args: argparse.Namespace, settings: ServerSettings, state: checkpoin
         metrics = {"federated": {"heldout": log["heldout"], "baseline": baseline, "settings": report["settings"],
                                  "engine": "deployment", "devices": sorted({c for r in state.log["rounds"]
                                                                             for c in r.get("replied_clients", [])})}}
-        report["exported"] = str(export_candidate(log, settings, args.export_dir, args.version, metrics))
+        report["exported"] = str(export_candidate(log, settings, args.export_dir, args.version, metrics,
+                                                  args.calibration_images))
     report["publish_seconds"] = time.perf_counter() - publishing  # held-out x3 + export (ONNX, calibration)
     report["wall_seconds"] = time.perf_counter() - started
     return report
@@ -233,6 +234,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline-dir", type=Path, default=None, help="the active version (the guardrail's)")
     parser.add_argument("--export-dir", type=Path, default=None)
     parser.add_argument("--version", default=None)
+    add_calibration_argument(parser)
     parser.add_argument("--progress", action="store_true", help="JSON lines for the driving job")
     return parser
 

@@ -30,6 +30,7 @@ from flwr.simulation import run_simulation
 
 from inference.lfw import lfw_dir, load_many, shared_dir
 from inference.metadata import ModelMetadata
+from inference.operating_points import CALIBRATION_IMAGES, MIN_CALIBRATION_IMAGES
 from inference.runtime import OrtEmbedder
 from inference.transform import PRESETS, TransformSpec
 from training_jobs.federated import checkpoint
@@ -142,7 +143,8 @@ def baseline_metrics(version_dir: Path, heldout: Heldout, state_dir: Path | None
     return metrics
 
 
-def export_candidate(log: dict[str, Any], settings: ServerSettings, out_dir: Path, version: str, metrics: dict[str, Any]) -> Path:
+def export_candidate(log: dict[str, Any], settings: ServerSettings, out_dir: Path, version: str, metrics: dict[str, Any],
+                     calibration_images: int = CALIBRATION_IMAGES) -> Path:
     """The final global model as a served model version (ONNX + model.json + its PyTorch weights, so a later
     job can start from it); served threshold calibrated on people in no View-2 fold (threshold None), never on
     the held-out pairs."""
@@ -151,7 +153,8 @@ def export_candidate(log: dict[str, Any], settings: ServerSettings, out_dir: Pat
     spec = TransformSpec.from_dict(settings.transform)
     model = base_model(settings)
     set_arrays(model, log["final_arrays"])
-    return export_model_version(model, spec, version, out_dir, Path(settings.shared), None, metrics)
+    return export_model_version(model, spec, version, out_dir, Path(settings.shared), None, metrics,
+                                calibration_images)
 
 
 def mode_config(mode: str, negatives: str, checkpoint_path: Path) -> dict[str, Any]:
@@ -224,7 +227,23 @@ def make_parser() -> argparse.ArgumentParser:
                              "default: the served v0 (or the baseline's transform)")
     parser.add_argument("--export-dir", type=Path, default=None, help="export the candidate under this directory")
     parser.add_argument("--version", default=None, help="the candidate's model version name (with --export-dir)")
+    add_calibration_argument(parser)
     return parser
+
+
+def add_calibration_argument(parser: argparse.ArgumentParser) -> None:
+    """--calibration-images: the exported candidate's impostor curve is measured on this many images of people in
+    no View-2 fold (the served threshold sits at its false-match rate 1e-3)."""
+    parser.add_argument("--calibration-images", type=calibration_count, default=CALIBRATION_IMAGES,
+                        help=f"images of the exported candidate's impostor curve (default {CALIBRATION_IMAGES})")
+
+
+def calibration_count(text: str) -> int:
+    """An int of at least MIN_CALIBRATION_IMAGES (argparse turns the ValueError into one usage line)."""
+    count = int(text)
+    if count < MIN_CALIBRATION_IMAGES:
+        raise argparse.ArgumentTypeError(f"at least {MIN_CALIBRATION_IMAGES}, not {count}")
+    return count
 
 
 def server_settings(args: argparse.Namespace, shared: Path, spec: TransformSpec,
@@ -276,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.export_dir is not None and log["status"] == "finished":
         metrics = {"federated": {"heldout": log.get("heldout"), "baseline": baseline, "settings": report["settings"],
                                  "population": report["population"]}}
-        report["exported"] = str(export_candidate(log, settings, args.export_dir, args.version, metrics))
+        report["exported"] = str(export_candidate(log, settings, args.export_dir, args.version, metrics,
+                                                  args.calibration_images))
     if args.progress:
         print_event("result", **report)
     else:
