@@ -57,7 +57,8 @@ def test_the_calibration_size_setting_reaches_both_engines_commands_and_too_few_
     for cmd in (command(settings, FederatedParams(), "fed-x", None, tmp_path),
                 deployment_command(settings, FederatedParams(engine="deployment"), "fed-x", None, tmp_path)):
         assert cmd[cmd.index("--calibration-images") + 1] == "300"
-    assert command(GatewaySettings(), FederatedParams(), "fed-x", None, tmp_path)[-1] == "1200"
+    default = command(GatewaySettings(), FederatedParams(), "fed-x", None, tmp_path)
+    assert default[default.index("--calibration-images") + 1] == "1200"
     with pytest.raises(ValueError, match="federated_calibration_images"):
         GatewaySettings(federated_calibration_images=99)
 
