@@ -122,7 +122,7 @@ def load_student(checkpoint: Path | None, width: int, activation: str, channels:
                  calibration: np.ndarray) -> tuple[Any, str]:
     import torch
 
-    from inference.sealed_student import SealedCnn, SealedFaceModel, depth_of
+    from inference.sealed_student import SealedCnn, SealedFaceModel, depth_of, head_of
 
     if checkpoint is None:
         torch.manual_seed(0)
@@ -132,7 +132,7 @@ def load_student(checkpoint: Path | None, width: int, activation: str, channels:
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model_cfg = state["config"]["model"]
     model = SealedFaceModel(SealedCnn(channels, model_cfg.get("activation", "quad"), int(model_cfg.get("width", 128)),
-                                      depth=depth_of(state["student"])))
+                                      depth=depth_of(state["student"]), head=head_of(state["student"])))
     model.load_state_dict(state["student"])
     return model.eval(), f"{checkpoint} (epoch {state['epoch']})"
 

@@ -36,7 +36,7 @@ from common.paths import PROJECT_ROOT
 from inference.export import VERIFY_FAR, publish_staging
 from inference.lfw import images_outside_pairs, lfw_dir, load_many, shared_dir
 from inference.operating_points import calibrate
-from inference.sealed_student import SealedCnn, SealedFaceModel, depth_of, flip_signs, folded_layers
+from inference.sealed_student import SealedCnn, SealedFaceModel, depth_of, flip_signs, folded_layers, head_of
 from inference.transform import TransformSpec, apply
 
 SEALED_FILE = "sealed.json"
@@ -55,13 +55,13 @@ def load_checkpoint(path: Path) -> tuple[SealedFaceModel, TransformSpec, dict[st
     spec = TransformSpec.from_dict(state["transform"])
     width = int(weights["backbone.features.0.0.weight"].shape[0])
     embedding = int(weights["backbone.embed.weight"].shape[0])
-    depth = depth_of(weights)
-    cnn = SealedCnn(spec.num_channels, str(model_cfg.get("activation", "quad")), width, embedding, depth)
+    depth, head = depth_of(weights), head_of(weights)
+    cnn = SealedCnn(spec.num_channels, str(model_cfg.get("activation", "quad")), width, embedding, depth, head)
     model = SealedFaceModel(cnn)
     model.load_state_dict(weights)
     source = {"checkpoint": portable_path(path), "checkpoint_sha256": file_sha256(path), "run": state.get("config", {}).get("name"), "epoch": state.get("epoch"),
               "activation": model_cfg.get("activation", "quad"), "width": width, "embedding_dim": embedding,
-              **({"depth": depth} if depth != 2 else {})}
+              **({"depth": depth} if depth != 2 else {}), **({"head": head} if head != "dense" else {})}
     return model.eval(), spec, source
 
 

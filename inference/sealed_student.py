@@ -29,6 +29,11 @@ from torch import nn
 from inference.transform import TransformSpec, kept_index
 
 ACTIVATIONS = ("relu", "quad")
+# How the 7x7 map becomes the embedding: `dense`, one linear layer over all 2w x 49 values (sealed-v1..v5), or
+# `gdc`, a 7x7 depthwise weighting per channel then a channel mix (MobileFaceNet's global depthwise head: 1/49 of
+# the parameters, the same weight map shared by every output). Both are linear, so both export as one linear layer
+# and cost nothing under MPC.
+HEADS = ("dense", "gdc")
 
 
 class Quad(nn.Module):
@@ -58,19 +63,29 @@ class SealedCnn(nn.Module):
     one activation layer, i.e. a fixed number of rounds, whatever its width (docs/sealed.md)."""
 
     def __init__(self, channels: int, kind: str = "quad", width: int = 128, embedding: int = 128,
-                 depth: int = 2) -> None:
+                 depth: int = 2, head: str = "dense") -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be at least 1, not {depth}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, not {head!r}")
         self.input_norm = nn.BatchNorm2d(channels)  # the planes' scales differ by 100x; folds into conv 1
         first = [conv_block(channels if i == 0 else width, width, 1, kind) for i in range(depth)]
         second = [conv_block(width if i == 0 else 2 * width, 2 * width, 2 if i == 0 else 1, kind) for i in range(depth)]
         self.features = nn.Sequential(*first, *second)  # 14x14 -> 7x7 at the first block of `second`
-        self.embed = nn.Linear(2 * width * 7 * 7, embedding, bias=False)
+        self.head = head
+        if head == "gdc":  # one 7x7 weight map per channel, then a channel mix (MobileFaceNet's embedding head)
+            self.gdc = nn.Conv2d(2 * width, 2 * width, 7, groups=2 * width, bias=False)
+            self.gdc_norm = nn.BatchNorm2d(2 * width)
+            self.embed = nn.Linear(2 * width, embedding, bias=False)
+        else:
+            self.embed = nn.Linear(2 * width * 7 * 7, embedding, bias=False)
         self.embed_norm = nn.BatchNorm1d(embedding)
 
     def forward(self, planes: torch.Tensor) -> torch.Tensor:
         x = self.features(self.input_norm(planes))
+        if self.head == "gdc":
+            x = self.gdc_norm(self.gdc(x))
         embedding: torch.Tensor = self.embed_norm(self.embed(torch.flatten(x, 1)))
         return embedding
 
@@ -81,6 +96,11 @@ class SealedCnn(nn.Module):
             h, w = (h + 2 - 3) // conv.stride[0] + 1, (w + 2 - 3) // conv.stride[1] + 1
             count += conv.out_channels * h * w
         return count
+
+
+def head_of(weights: dict[str, torch.Tensor]) -> str:
+    """The `head` of a SealedCnn state dict."""
+    return "gdc" if "backbone.gdc.weight" in weights else "dense"
 
 
 def depth_of(weights: dict[str, torch.Tensor]) -> int:
@@ -153,7 +173,21 @@ def folded_layers(model: SealedFaceModel | SealedCnn) -> list[dict[str, object]]
                        "stride": int(conv.stride[0]), "padding": int(conv.padding[0])})
         layers.append({"op": "act", "kind": "relu" if isinstance(act, nn.ReLU) else "quad"})
     layers.append({"op": "flatten"})
-    s, b = _bn_affine(cnn.embed_norm)
-    layers.append({"op": "linear", "weight": (cnn.embed.weight.detach() * s.view(-1, 1)).double().numpy(),
-                   "bias": b.double().numpy()})
+    weight, bias = _embedding_map(cnn)
+    layers.append({"op": "linear", "weight": weight.double().numpy(), "bias": bias.double().numpy()})
     return layers
+
+
+def _embedding_map(cnn: SealedCnn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b) with embedding = W @ flatten(x) + b for the 7x7 map x: the head and its BatchNorms as one linear layer.
+
+    gdc: y_c = a_c * sum_p g_cp x_cp + d_c (depthwise conv + its BatchNorm), z = s * (L y) + t, so
+    W[o, c*49 + p] = s_o L_oc a_c g_cp and b = s * (L d) + t."""
+    s, t = (value.double() for value in _bn_affine(cnn.embed_norm))
+    linear = cnn.embed.weight.detach().double()
+    if cnn.head == "dense":
+        return linear * s.view(-1, 1), t
+    a, d = (value.double() for value in _bn_affine(cnn.gdc_norm))
+    spatial = cnn.gdc.weight.detach().double().flatten(1)  # [C, 49]
+    weight = (s.view(-1, 1, 1) * linear.unsqueeze(2) * (a.view(-1, 1) * spatial).unsqueeze(0)).flatten(1)
+    return weight, s * (linear @ d) + t

@@ -20,11 +20,11 @@ from secure.party.sealed import load_sealed_model
 from tests.test_sealed_mpc import run_folded
 
 
-def fake_checkpoint(path, width: int, embedding: int, depth: int = 2) -> SealedFaceModel:
+def fake_checkpoint(path, width: int, embedding: int, depth: int = 2, head: str = "dense") -> SealedFaceModel:
     """A checkpoint as training_jobs.train writes it, of a random student with non-trivial BatchNorm statistics."""
     spec = PRESETS["dct8-v0"](64.0)
     torch.manual_seed(1)
-    model = SealedFaceModel(SealedCnn(spec.num_channels, "quad", width, embedding, depth))
+    model = SealedFaceModel(SealedCnn(spec.num_channels, "quad", width, embedding, depth, head))
     for module in model.modules():
         if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
             module.running_mean.uniform_(-0.5, 0.5)
@@ -35,12 +35,13 @@ def fake_checkpoint(path, width: int, embedding: int, depth: int = 2) -> SealedF
     return model.eval()
 
 
-@pytest.mark.parametrize("depth", [2, 3])
-def test_the_builder_writes_the_checkpoints_student_and_a_calibrated_threshold(tmp_path, depth):
-    model = fake_checkpoint(tmp_path / "last.pt", width=8, embedding=32, depth=depth)  # shapes read from the weights
+@pytest.mark.parametrize("depth,head", [(2, "dense"), (3, "dense"), (2, "gdc")])
+def test_the_builder_writes_the_checkpoints_student_and_a_calibrated_threshold(tmp_path, depth, head):
+    model = fake_checkpoint(tmp_path / "last.pt", width=8, embedding=32, depth=depth, head=head)  # read from weights
     main(["--checkpoint", str(tmp_path / "last.pt"), "--version", "sealed-test", "--out-dir", str(tmp_path / "out")])
     meta = json.loads((tmp_path / "out" / "sealed-test" / SEALED_FILE).read_text())
     assert sum(layer["op"] == "act" for layer in meta["layers"]) == 2 * depth
+    assert meta["source"].get("head", "dense") == head
     spec = TransformSpec.from_dict(meta["transform"])
     assert (meta["transform_id"], meta["params_hash"], meta["embedding_dim"]) == (spec.transform_id, spec.params_hash, 32)
     curve = ImpostorCurve.from_dict(meta["impostor_curve"])

@@ -36,10 +36,12 @@ def run_folded(layers: list[dict], x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("kind,depth", [("quad", 2), ("relu", 2), ("quad", 3)])
-def test_folding_the_batchnorms_keeps_the_plaintext_twin(kind, depth):
+@pytest.mark.parametrize("kind,depth,head", [("quad", 2, "dense"), ("relu", 2, "dense"), ("quad", 3, "dense"),
+                                             ("quad", 2, "gdc")])
+def test_folding_the_batchnorms_keeps_the_plaintext_twin(kind, depth, head):
+    """The global depthwise head (`gdc`) folds, with its two BatchNorms, into the same single linear layer."""
     torch.manual_seed(0)
-    model = SealedFaceModel(SealedCnn(6, kind, width=8, depth=depth))
+    model = SealedFaceModel(SealedCnn(6, kind, width=8, depth=depth, head=head))
     assert sum(layer["op"] == "act" for layer in folded_layers(model)) == 2 * depth
     for bn in (m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)):
         bn.running_mean.uniform_(-0.5, 0.5)  # non-trivial statistics, so a wrong fold shows

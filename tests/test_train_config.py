@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from inference.sealed_student import SealedCnn, SealedFaceModel, depth_of
+from inference.sealed_student import SealedCnn, SealedFaceModel, depth_of, head_of
 from inference.transform import PRESETS
 from training_jobs.evaluate import ModelResult, NonFiniteEmbeddings, baseline, embed_all
 from training_jobs.train import build_student
@@ -38,6 +38,7 @@ def test_every_sealed_config_builds_the_shape_it_declares(path: Path, tmp_path: 
     config = load_config(path)
     student = build_student(config["model"], make_spec(config), tmp_path)
     assert depth_of(student.state_dict()) == config["model"].get("depth", 2)
+    assert head_of(student.state_dict()) == config["model"].get("head", "dense")
 
 
 def test_a_misspelt_key_is_named_and_nested_sections_are_checked():

@@ -74,13 +74,13 @@ class Teacher:
 def build_student(model: dict[str, Any], spec: TransformSpec, shared: Path) -> Student:
     """`kind: frequency-mobilefacenet` (default): learnable inverse-DCT adapter + pretrained MobileFaceNet, the
     served architecture. `kind: sealed-cnn`: the small CNN on the DCT planes made for MPC (issue 12), trained
-    from scratch, `activation: relu | quad`, `width` channels, `depth` blocks per stage."""
+    from scratch, `activation: relu | quad`, `width` channels, `depth` blocks per stage, `head: dense | gdc`."""
     kind = model.get("kind", "frequency-mobilefacenet")
     if kind == "frequency-mobilefacenet":
         return FrequencyFaceModel(InverseDctAdapter(spec, learnable=model["adapter_learnable"]), load_pretrained(shared))
     if kind == "sealed-cnn":
         return SealedFaceModel(SealedCnn(spec.num_channels, model.get("activation", "quad"), int(model.get("width", 128)),
-                                         depth=int(model.get("depth", 2))))
+                                         depth=int(model.get("depth", 2)), head=model.get("head", "dense")))
     raise ValueError(f"model.kind must be frequency-mobilefacenet or sealed-cnn, not {kind!r}")
 
 

@@ -49,7 +49,7 @@ def merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, An
 
 # Keys a config may set that have no default above: the model's shape (read by train.build_student) and the
 # switch that keeps every epoch's checkpoint.
-OPTIONAL_KEYS = {"keep_every_epoch", "model.kind", "model.activation", "model.width", "model.depth"}
+OPTIONAL_KEYS = {"keep_every_epoch", "model.kind", "model.activation", "model.width", "model.depth", "model.head"}
 
 
 def unknown_keys(data: dict[str, Any], base: Any = DEFAULTS, prefix: str = "") -> list[str]:
