@@ -48,7 +48,10 @@ def test_a_misspelt_key_is_named_and_nested_sections_are_checked():
 
 @pytest.mark.parametrize("text, expected", [("model: {dpeth: 3}\n", "unknown key(s) model.dpeth"),
                                             ("- a list\n", "a mapping of keys, not list"),
-                                            ("model: {kind: [\n", "not YAML")])
+                                            ("model: {kind: [\n", "not YAML"),
+                                            ("loss: {mixed_faces: 1.5}\n", "in [0, 1], not 1.5"),
+                                            ("loss: {mixed_faces: 0.5}\ndata: {cached_views: 8}\n",
+                                             "needs the teacher run online")])
 def test_the_trainer_cli_refuses_a_bad_config_in_one_line_before_it_loads_data(tmp_path: Path, text: str,
                                                                                 expected: str):
     bad = tmp_path / "bad.yaml"

@@ -219,7 +219,7 @@ def test_cached_views_serve_the_served_features_and_the_teachers_embedding(tmp_p
     from inference.lfw import load_rgb
     from inference.transform import clean
     from training_jobs.cached_views import CachedViews, build_views, load_or_build
-    from training_jobs.train import Teacher
+    from training_jobs.teacher import Teacher
 
     split = make_split(LFW, max_identities=2, max_images_per_identity=2, min_images=2)
     spec, augment, teacher = spec_v0(64.0), Augment(), Teacher("mobilefacenet", SHARED, torch.device("cpu"))

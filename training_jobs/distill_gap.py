@@ -21,7 +21,8 @@ from inference.lfw import lfw_dir, load_many, shared_dir
 from inference.transform import apply
 from training_jobs.datasets import make_split
 from training_jobs.evaluate import heldout_pairs
-from training_jobs.train import Teacher, build_student
+from training_jobs.teacher import Teacher
+from training_jobs.train import build_student
 from training_jobs.train_config import make_spec
 
 SEED = 0  # which images and which noise draw: a measurement, not protection

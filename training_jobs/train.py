@@ -40,36 +40,14 @@ from inference.transform import TransformSpec
 from training_jobs.cached_views import TEACHER_INCLUDED, training_views
 from training_jobs.datasets import Augment, TransformedFaces, make_split, training_faces
 from training_jobs.eval_report import plot_roc_det
-from training_jobs.evaluate import HeldoutSet, ModelResult, baseline, frequency_embedder, pixel_input, torch_features_fn
+from training_jobs.evaluate import HeldoutSet, ModelResult, baseline, frequency_embedder, torch_features_fn
 from training_jobs.losses import DistillationLoss, MarginHead
+from training_jobs.mixed_faces import mix_batch
+from training_jobs.teacher import Teacher
 from training_jobs.train_config import load_config, make_spec, pick_device, seed_everything
 
 # what build_student makes: both have .adapter and .backbone and map features to a unit embedding
 Student = FrequencyFaceModel | SealedFaceModel
-
-class Teacher:
-    """Frozen pixel-domain embedder: clean RGB uint8 [B,112,112,3] tensor -> raw [B,128] embedding."""
-
-    def __init__(self, kind: str, shared: Path, device: torch.device) -> None:
-        self.kind = kind
-        self.device = device
-        if kind == "mobilefacenet":
-            self.model = load_pretrained(shared).to(device).eval().requires_grad_(False)
-        elif kind == "sface":
-            from training_jobs.sface import SFaceEmbedder
-            self.sface = SFaceEmbedder(threads=max(torch.get_num_threads(), 1))
-        elif kind != "none":
-            raise ValueError(f"teacher must be mobilefacenet, sface or none, not {kind!r}")
-
-    @torch.no_grad()
-    def __call__(self, clean: torch.Tensor) -> torch.Tensor | None:
-        if self.kind == "mobilefacenet":
-            result: torch.Tensor = self.model(pixel_input(clean.numpy()).to(self.device))
-            return result
-        if self.kind == "sface":
-            return torch.from_numpy(self.sface.raw(clean.numpy())).to(self.device)
-        return None
-
 
 def build_student(model: dict[str, Any], spec: TransformSpec, shared: Path) -> Student:
     """`kind: frequency-mobilefacenet` (default): learnable inverse-DCT adapter + pretrained MobileFaceNet, the
@@ -110,6 +88,7 @@ def lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int]
 class Trainer:
     def __init__(self, config: dict[str, Any], out_dir: Path | None = None) -> None:
         self.config = config
+        self.mixed_faces = float(config["loss"].get("mixed_faces", 0.0))  # checked by load_config
         self.out_dir = Path(out_dir or config["out_dir"] or Path("var/training") / config["name"])
         if config.get("threads"):
             torch.set_num_threads(int(config["threads"]))
@@ -227,6 +206,9 @@ class Trainer:
         for index, (features, clean, labels) in enumerate(bar):
             if index >= self.steps_per_epoch:
                 break
+            if self.mixed_faces:
+                features, clean, labels = mix_batch(features, clean, labels, self.spec, self.mixed_faces,
+                                                    np.random.default_rng([self.config["seed"], epoch, index]))
             features, labels = features.to(self.device, non_blocking=True), labels.to(self.device)
             teacher = clean.to(self.device) if getattr(self.dataset, TEACHER_INCLUDED, False) else self.teacher(clean)
             embedding = student_embedding(self.student, features)

@@ -49,7 +49,8 @@ def merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, An
 
 # Keys a config may set that have no default above: the model's shape (read by train.build_student) and the
 # switch that keeps every epoch's checkpoint.
-OPTIONAL_KEYS = {"keep_every_epoch", "model.kind", "model.activation", "model.width", "model.depth", "model.head"}
+OPTIONAL_KEYS = {"keep_every_epoch", "model.kind", "model.activation", "model.width", "model.depth", "model.head",
+                "loss.mixed_faces"}
 
 
 def unknown_keys(data: dict[str, Any], base: Any = DEFAULTS, prefix: str = "") -> list[str]:
@@ -83,7 +84,13 @@ def load_config(path: Path) -> dict[str, Any]:
     unknown = unknown_keys(data)
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)} (training_jobs/train_config.py lists them)")
-    return merge(DEFAULTS, data)
+    config = merge(DEFAULTS, data)
+    mixed = config["loss"].get("mixed_faces", 0.0)
+    if not isinstance(mixed, (int, float)) or not 0 <= mixed <= 1:
+        raise ValueError(f"{path}: loss.mixed_faces is the fraction of a batch to mix, in [0, 1], not {mixed!r}")
+    if mixed and (config["data"]["cached_views"] or config["teacher"] == "none"):
+        raise ValueError(f"{path}: loss.mixed_faces needs the teacher run online (no data.cached_views, a teacher)")
+    return config
 
 
 def seed_everything(seed: int) -> None:
