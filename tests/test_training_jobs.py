@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from inference.lfw import lfw_dir, read_pairs, shared_dir
+from inference.lfw import lfw_dir, load_rgb, read_pairs, shared_dir
 from inference.mobilefacenet import WEIGHTS_SUBPATH
 from inference.transform import spec_v0
 from training_jobs.datasets import Augment, TransformedFaces, make_split
@@ -212,11 +212,26 @@ def test_sealed_student_trains_through_the_same_trainer(tmp_path):
 
 
 @needs_model
+def test_the_cpu_teacher_runs_through_onnx_runtime_and_embeds_as_the_pytorch_model_does():
+    """training_jobs/teacher.py: on a CPU the MobileFaceNet teacher is an ORT session exported from the same weights;
+    on 8 real training faces its raw embeddings equal the eager PyTorch model's within float error."""
+    from training_jobs.evaluate import pixel_input
+    from training_jobs.teacher import Teacher
+
+    teacher = Teacher("mobilefacenet", SHARED, torch.device("cpu"))
+    assert teacher.session is not None
+    faces = np.stack([load_rgb(LFW, path) for path in make_split(LFW).train_images[:8]])
+    with torch.inference_mode():
+        eager = teacher.model(pixel_input(faces)).numpy()
+    got = teacher(torch.from_numpy(faces))
+    assert got is not None and got.shape == (8, 128)
+    np.testing.assert_allclose(got.numpy(), eager, atol=1e-4 * float(np.abs(eager).max()))
+
+
 def test_cached_views_serve_the_served_features_and_the_teachers_embedding(tmp_path):
     """Each sample is one of its image's stored views (the augmented face's clipped channels, float16) plus a
     fresh noise draw at the served calibration, with the teacher's embedding of that same augmented face; the
     cache is built once and reused."""
-    from inference.lfw import load_rgb
     from inference.transform import clean
     from training_jobs.cached_views import CachedViews, build_views, load_or_build
     from training_jobs.teacher import Teacher
