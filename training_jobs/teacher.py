@@ -8,6 +8,7 @@ run with `loss.mixed_faces`, the cached views' build, the class-centre initialis
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,11 @@ def ort_session(model: torch.nn.Module, threads: int) -> ort.InferenceSession:
     """An ONNX Runtime CPU session of `model` (input [B,3,112,112] float32), exported through a temporary file."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "teacher.onnx"
-        torch.onnx.export(model, (torch.zeros(1, 3, 112, 112),), str(path), input_names=["faces"],
-                          output_names=["embeddings"], dynamic_axes={"faces": {0: "batch"}, "embeddings": {0: "batch"}},
-                          dynamo=False)
+        with warnings.catch_warnings():  # the TorchScript exporter is deprecated but is what dynamo=False asks for
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            torch.onnx.export(model, (torch.zeros(1, 3, 112, 112),), str(path), input_names=["faces"],
+                              output_names=["embeddings"],
+                              dynamic_axes={"faces": {0: "batch"}, "embeddings": {0: "batch"}}, dynamo=False)
         model_bytes = path.read_bytes()
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(threads, 1)
