@@ -50,8 +50,9 @@ def checkpoint_student(checkpoint: Path) -> tuple[Callable[[torch.Tensor], torch
 
 
 def onnx_student(model_dir: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], TransformSpec]:
-    embed = embeddings_fn(Path(model_dir) / ModelMetadata.load(model_dir).onnx_file)
-    return lambda features: torch.from_numpy(in_chunks(embed, features.numpy())), ModelMetadata.load(model_dir).spec
+    meta = ModelMetadata.load(model_dir)
+    embed = embeddings_fn(Path(model_dir) / meta.onnx_file)
+    return lambda features: torch.from_numpy(in_chunks(embed, features.numpy())), meta.spec
 
 
 def measure(source: Path, images: int, onnx: bool = False) -> dict[str, float | int | str]:

@@ -47,8 +47,8 @@ def merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, An
     return out
 
 
-# Keys a config may set that have no default above: the model's shape (read by train.build_student) and the
-# switch that keeps every epoch's checkpoint.
+# Keys a config may set that have no default above: the model's shape (read by train.build_student), the share of
+# mixed faces (training_jobs/mixed_faces.py) and the switch that keeps every epoch's checkpoint.
 OPTIONAL_KEYS = {"keep_every_epoch", "model.kind", "model.activation", "model.width", "model.depth", "model.head",
                 "loss.mixed_faces"}
 
