@@ -178,7 +178,7 @@ def test_client_round_refuses_parameters_it_does_not_know_and_trains_only_what_t
 def test_two_round_simulation_with_three_clients_runs_and_changes_the_model():
     from inference.transform import spec_v0
     from training_jobs.federated.params import build_base_model, get_arrays, travelling_names
-    from training_jobs.federated.server_app import ServerSettings
+    from training_jobs.federated.settings import ServerSettings
     from training_jobs.federated.simulate import simulate
 
     spec = spec_v0()
@@ -225,6 +225,58 @@ def test_the_exported_candidates_calibration_size_is_an_option_with_a_floor(caps
     with pytest.raises(SystemExit):
         make_parser().parse_args(["--calibration-images", "99"])
     assert "at least 100, not 99" in capsys.readouterr().err
+
+
+@needs_flwr
+def test_the_devices_learning_rates_reach_the_local_config_only_when_given(capsys):
+    """`--lr`/`--adapter-lr` travel in the round's config and become the devices' LocalConfig; left out, the
+    config has no such key (a run at the defaults keeps its settings fingerprint, so its saved state resumes)."""
+    from inference.transform import spec_v0
+    from training_jobs.federated.client_app import local_config
+    from training_jobs.federated.local import LocalConfig
+    from training_jobs.federated.simulate import make_parser, server_settings
+
+    tuned = server_settings(make_parser().parse_args(["--lr", "5e-5", "--adapter-lr", "1e-5"]), SHARED, spec_v0(), None)
+    assert (local_config(tuned.local).lr, local_config(tuned.local).adapter_lr) == (5e-5, 1e-5)
+    default = server_settings(make_parser().parse_args([]), SHARED, spec_v0(), None)
+    assert "lr" not in default.local and "adapter-lr" not in default.local
+    assert local_config(default.local) == LocalConfig(epochs=1, batch_size=4)
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["--lr", "0"])
+    assert "must be above 0, not 0" in capsys.readouterr().err
+
+
+def test_the_settings_identity_names_a_face_set_only_when_it_is_not_lfws():
+    """A run on another face set (`simulate --faces`) must not resume a state saved by an LFW run, and an LFW run
+    must keep the identity it had before the face-set fields existed (its saved states still resume)."""
+    from training_jobs.federated.checkpoint import fingerprint
+    from training_jobs.federated.settings import ServerSettings
+
+    lfw = ServerSettings("/shared", {"name": "t"})
+    assert sorted(lfw.identity()) == ["aggregation", "base_sha256", "base_weights", "clients_per_round", "dp",
+                                      "drop_fraction", "local", "num_clients", "rounds", "scope", "secagg", "seed",
+                                      "shared", "transform"]
+    other = ServerSettings("/shared", {"name": "t"}, faces="/data/celeba-val", heldout_folds=(8, 9, 10))
+    assert other.identity()["faces"] == "/data/celeba-val" and other.identity()["heldout_folds"] == (8, 9, 10)
+    assert fingerprint(other.identity()) != fingerprint(lfw.identity())
+    assert fingerprint(ServerSettings("/shared", {"name": "t"}, heldout_folds=(1, 2)).identity()) != fingerprint(
+        lfw.identity())
+
+
+@needs_flwr
+@needs_data
+def test_simulate_draws_clients_and_heldout_pairs_from_the_face_set_it_is_given(tmp_path, capsys):
+    """`--faces DIR --heldout-folds F`: the settings name the set and its folds; a folder without pairs.txt is
+    refused in one usage line."""
+    from inference.transform import spec_v0
+    from training_jobs.federated.simulate import make_parser, server_settings
+
+    args = make_parser().parse_args(["--faces", str(LFW), "--heldout-folds", "8-10"])
+    settings = server_settings(args, SHARED, spec_v0(), None)
+    assert (settings.faces, settings.heldout_folds) == (str(LFW.resolve()), (8, 9, 10))
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["--faces", str(tmp_path)])
+    assert f"{tmp_path} is not a face set: no pairs.txt in it" in capsys.readouterr().err
 
 
 # --- SecAgg+: masks from a CSPRNG, secure sums equal plain sums, dropouts ------------------------
@@ -346,7 +398,7 @@ def test_secagg_round_of_the_face_model_equals_fedavg_of_the_survivors_updates()
     from training_jobs.federated.client_app import local_update
     from training_jobs.federated.params import build_base_model, get_arrays, travelling_names
     from training_jobs.federated.secagg import SecAggSettings
-    from training_jobs.federated.server_app import ServerSettings
+    from training_jobs.federated.settings import ServerSettings
     from training_jobs.federated.simulate import simulate
 
     spec = spec_v0()
@@ -502,3 +554,23 @@ def test_a_run_starts_from_the_bundled_v1_model_rebuilt_from_its_onnx_file(tmp_p
     apart = max(float(np.abs(from_v0[k] - from_v1[k]).max()) for k in names)
     assert 0 < moved < apart / 10, (moved, apart)
     assert result["heldout"]["1"]["num_pairs"] == 10
+
+
+def test_the_run_plot_reads_before_and_after_and_refuses_a_report_without_them(tmp_path, capsys):
+    """plot_runs draws one before -> after arrow per simulate report; a report measured after its last round
+    only (or not at all) is refused in one line, and nothing is written."""
+    import json
+
+    from training_jobs.federated.plot_runs import before_after, main
+
+    metrics = {"accuracy": 0.9, "tar_at_far_1e-3": 0.5}
+    good = {"heldout": {"0": metrics, "20": {"accuracy": 0.95, "tar_at_far_1e-3": 0.7}}}
+    assert before_after(good) == (metrics, good["heldout"]["20"])
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    (tmp_path / "bad.json").write_text(json.dumps({"heldout": {"20": metrics}}))
+    main(["--run", f"a={tmp_path / 'good.json'}", "--out", str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):
+        main(["--run", f"b={tmp_path / 'bad.json'}", "--out", str(tmp_path / "q.png")])
+    assert "b: the report has no held-out metrics before and after its rounds" in capsys.readouterr().err
+    assert not (tmp_path / "q.png").exists()

@@ -37,7 +37,8 @@ TINY = {"rounds": 2, "clients": 3, "clients_per_round": 3, "pairs_per_fold": 4, 
 @pytest.mark.parametrize("params, field", [
     ({"rounds": 0}, "rounds"), ({"rounds": 51}, "rounds"), ({"rounds": "3"}, "rounds"),
     ({"scope": "everything"}, "scope"), ({"mode": "semi-supervised"}, "mode"), ({"learning_rate": 1}, "learning_rate"),
-    ({"clients": 3, "clients_per_round": 4}, "clients_per_round"),
+    ({"clients": 3, "clients_per_round": 4}, "clients_per_round"), ({"lr": 0}, "lr"), ({"lr": 0.5}, "lr"),
+    ({"lr": "5e-5"}, "lr"),
 ])
 def test_federated_params_are_strict(params, field):
     with pytest.raises(Problem) as caught:
@@ -49,6 +50,16 @@ def test_federated_params_are_strict(params, field):
 def test_federated_params_defaults():
     assert validate_params({"rounds": 2})["rounds"] == 2
     assert validate_params({})["scope"] == "whole" and validate_params({})["mode"] == "supervised"
+
+
+def test_the_devices_learning_rate_reaches_the_run_only_when_set(tmp_path):
+    """`lr` becomes simulate's --lr and --adapter-lr (a fifth, the default ratio); unset, neither is passed, so a
+    job keeps the command (and the saved-state fingerprint) it had before the option existed."""
+    settings = GatewaySettings(model_dir=tmp_path / "models")
+    tuned = command(settings, FederatedParams.model_validate({"lr": 5e-5}), "fed-x", None, tmp_path / "state")
+    assert tuned[tuned.index("--lr") + 1] == "5e-05" and float(tuned[tuned.index("--adapter-lr") + 1]) == 1e-5
+    default = command(settings, FederatedParams(), "fed-x", None, tmp_path / "state")
+    assert "--lr" not in default and "--adapter-lr" not in default
 
 
 def test_the_calibration_size_setting_reaches_both_engines_commands_and_too_few_images_are_refused(tmp_path):
@@ -92,7 +103,7 @@ def test_progress_events_are_read_and_other_output_ignored():
 
 def test_engine_deployment_refuses_options_its_app_does_not_run():
     for bad, named in (({"mixup": {"k": 2}}, "mixup"), ({"mode": "unsupervised"}, "unsupervised"),
-                       ({"heldout_every_round": True}, "heldout_every_round")):
+                       ({"heldout_every_round": True}, "heldout_every_round"), ({"lr": 5e-5}, "lr")):
         with pytest.raises(Problem) as err:
             validate_params({"engine": "deployment", **bad})
         assert err.value.status == 422 and "engine deployment" in err.value.detail and named in err.value.detail

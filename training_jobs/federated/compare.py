@@ -25,7 +25,7 @@ from training_jobs.federated.heldout import Heldout
 from training_jobs.federated.population import make_population
 from training_jobs.federated.script import run_arguments, setup, write_report
 from training_jobs.federated.secagg import SecAggSettings
-from training_jobs.federated.server_app import ServerSettings
+from training_jobs.federated.settings import ServerSettings
 from training_jobs.federated.simulate import simulate
 
 

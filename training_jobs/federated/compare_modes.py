@@ -27,7 +27,7 @@ from training_jobs.federated.impostors import DEFAULT_CHECKPOINT
 from training_jobs.federated.params import build_base_model
 from training_jobs.federated.population import Population, make_population
 from training_jobs.federated.script import run_arguments, setup, write_report
-from training_jobs.federated.server_app import ServerSettings
+from training_jobs.federated.settings import ServerSettings
 from training_jobs.federated.simulate import mode_config, simulate
 
 RUNS = (("supervised", "none"), ("supervised", "gan"), ("unsupervised", "none"), ("unsupervised", "gan"))

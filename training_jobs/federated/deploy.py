@@ -33,7 +33,8 @@ from inference.transform import PRESETS, TransformSpec
 from training_jobs.federated import checkpoint
 from training_jobs.federated.client_app import make_client_app
 from training_jobs.federated.heldout import Heldout
-from training_jobs.federated.server_app import AGGREGATIONS, ServerSettings, run_rounds
+from training_jobs.federated.server_app import run_rounds
+from training_jobs.federated.settings import AGGREGATIONS, ServerSettings
 
 FACES_KEY = "faces"  # node config: path of a .npy of the owner's aligned faces, RGB uint8 [n, 112, 112, 3]
 CLIENT_ID_KEY = "client-id"  # node config: the device's stable pseudonym (default: Flower's node id)

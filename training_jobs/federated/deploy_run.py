@@ -38,7 +38,8 @@ from training_jobs.federated import checkpoint
 from training_jobs.federated.deploy import settings_from_run_config
 from training_jobs.federated.heldout import Heldout
 from training_jobs.federated.params import set_arrays
-from training_jobs.federated.server_app import AGGREGATIONS, ServerSettings, base_model
+from training_jobs.federated.server_app import base_model
+from training_jobs.federated.settings import AGGREGATIONS, ServerSettings
 from training_jobs.federated.simulate import (PARENT_ENV, add_calibration_argument, baseline_metrics,
                                               die_with_parent, export_candidate, print_event, progress_printer)
 

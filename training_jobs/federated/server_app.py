@@ -20,7 +20,6 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +38,9 @@ from training_jobs.federated.client_app import CLASS_KEY
 from training_jobs.federated.heldout import Heldout
 from training_jobs.federated.params import build_base_model, get_arrays, set_arrays, travelling_names
 from training_jobs.federated.secagg import SecAggSettings, run_secagg
+from training_jobs.federated.settings import ServerSettings
 from training_jobs.federated.spreadout import spread_out
 
-AGGREGATIONS = ("fedavg", "secagg+")
 METRIC_KEYS = ("loss", "identity", "distill", "impostor", "train-seconds", "clipped")
 
 
@@ -249,40 +248,6 @@ class FedFaceAvg(FedAvg):
             return
         spread = spread_out(np.stack([self.class_vectors[c] for c in clients]), *self.spreadout)
         self.class_vectors = {client: spread[i] for i, client in enumerate(clients)}
-
-
-@dataclass
-class ServerSettings:
-    """One federated job: model scope, sampling, rounds, aggregation and the local training config sent to clients."""
-
-    shared: str
-    transform: dict[str, Any]
-    scope: str = "adapter-tail"
-    rounds: int = 3
-    clients_per_round: int = 10
-    num_clients: int = 10
-    seed: int | None = 0
-    local: dict[str, Any] = field(default_factory=lambda: {"epochs": 1, "batch-size": 4})
-    eval_rounds: tuple[int, ...] | None = None  # rounds after which to evaluate (0 = before); None: 0 and last
-    aggregation: str = "fedavg"
-    secagg: dict[str, Any] = field(default_factory=dict)  # SecAggSettings fields
-    drop_fraction: float = 0.0  # simulation: this share of each round's clients drops after key sharing
-    state_dir: str | None = None  # round state (resume) and cancel request; None: neither
-    round_timeout: float = 3600.0  # seconds to wait for a round's replies (deployment: devices that vanish)
-    base_weights: str | None = None  # the starting model's state dict (params.base_weights_of); None: served v0
-    base_sha256: str | None = None
-    dp: dict[str, Any] = field(default_factory=dict)  # dp.DpSettings fields; empty: no DP
-
-    def __post_init__(self) -> None:
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {self.aggregation!r}")
-
-    def identity(self) -> dict[str, Any]:
-        """What determines the training (a saved state is only resumed by a run with the same identity)."""
-        out = asdict(self)
-        for key in ("state_dir", "eval_rounds", "round_timeout"):
-            out.pop(key)
-        return out
 
 
 def base_model(settings: ServerSettings) -> FrequencyFaceModel:

@@ -7,7 +7,10 @@ With --state-dir the run saves its state after every round and, started again wi
 directory, resumes after the last saved round; creating `<state-dir>/cancel` stops it between rounds.
 
 Clients = LFW training identities (outside folds 6-10) with >= 2 photos, each seeing only its own photos
-(`population`); held-out evaluation on folds 6-10 pairs before and after, same pairs and noise draws.
+(`population`); held-out evaluation on folds 6-10 pairs before and after, same pairs and noise draws. With
+--faces DIR (a face set in LFW's layout, e.g. `training_jobs.validation_set build`'s CelebA people) the clients
+are that set's people outside --heldout-folds and the held-out pairs are those folds' pairs: new users' devices,
+whose photos the served model never saw.
 One Ray actor with one torch thread runs the clients one after another (2-core shared machine); --actors N
 runs N in parallel.
 """
@@ -33,16 +36,17 @@ from inference.metadata import ModelMetadata
 from inference.operating_points import CALIBRATION_IMAGES, MIN_CALIBRATION_IMAGES
 from inference.runtime import OrtEmbedder
 from inference.transform import PRESETS, TransformSpec
+from training_jobs.evaluate import DEFAULT_FOLDS, parse_folds
 from training_jobs.federated import checkpoint
 from training_jobs.federated.client_app import make_client_app
 from training_jobs.federated.heldout import Heldout
 from training_jobs.federated.impostors import DEFAULT_CHECKPOINT, NEGATIVES, file_sha256
-from training_jobs.federated.local import MODES
+from training_jobs.federated.local import MODES, LocalConfig
 from training_jobs.federated.params import saved_weights, set_arrays
 from training_jobs.federated.population import IsolationError, Population, make_population
 from training_jobs.federated.secagg import SecAggSettings
-from training_jobs.federated.server_app import (AGGREGATIONS, RoundCallback, ServerSettings, base_model,
-                                                make_server_app)
+from training_jobs.federated.server_app import RoundCallback, base_model, make_server_app
+from training_jobs.federated.settings import AGGREGATIONS, ServerSettings
 
 BACKEND: dict[str, dict[str, object]] = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
            "init_args": {"num_cpus": 1, "num_gpus": 0, "logging_level": "error", "log_to_driver": False}}
@@ -57,15 +61,15 @@ def backend(actors: int = 1) -> dict[str, Any]:
 class PopulationPhotos:
     """Photo loader of a simulated node: its own identity's photos, checked, and nothing else."""
 
-    def __init__(self, population: Population, lfw: Path) -> None:
+    def __init__(self, population: Population, faces: Path) -> None:
         self.population = population
-        self.lfw = lfw
+        self.faces = faces
 
     def __call__(self, context: Context) -> np.ndarray:
         data = self.population.client(int(context.node_config["partition-id"]))
         if len(self.population.clients) != int(context.node_config["num-partitions"]):
             raise IsolationError("node partitions and clients differ")
-        return load_many(self.lfw, list(data.images))
+        return load_many(self.faces, list(data.images))
 
 
 PARENT_ENV = "PRIVFACE_FEDERATED_PARENT"
@@ -105,7 +109,7 @@ def progress_printer(total: int) -> RoundCallback:
     return on_round
 
 
-def simulate(population: Population, settings: ServerSettings, lfw: Path, heldout: Heldout | None,
+def simulate(population: Population, settings: ServerSettings, faces: Path, heldout: Heldout | None,
              on_round: RoundCallback | None = None, actors: int = 1) -> dict[str, Any]:
     """Run the rounds; returns the server's log (rounds, bytes, times, held-out metrics, final arrays)."""
     if heldout is not None and {c.identity for c in population.clients} & heldout.identities:
@@ -114,7 +118,7 @@ def simulate(population: Population, settings: ServerSettings, lfw: Path, heldou
         checkpoint.load(Path(settings.state_dir), checkpoint.fingerprint(settings.identity()))
     random.seed(settings.seed)  # SecAgg+ shuffles its neighbour graph with `random`; reproducible runs
     log: dict[str, Any] = {}
-    client_app = make_client_app(PopulationPhotos(population, lfw), Path(settings.shared))
+    client_app = make_client_app(PopulationPhotos(population, faces), Path(settings.shared))
     server_app = make_server_app(settings, heldout, log, on_round)
     start = time.perf_counter()
     run_simulation(server_app, client_app, num_supernodes=len(population.clients), backend_config=backend(actors))
@@ -180,6 +184,13 @@ def mixup_config(args: argparse.Namespace) -> dict[str, Any]:
     return {"mixup-k": args.mixup_k, "mixup-adaptive": bool(args.mixup_adaptive)}
 
 
+def learning_rate_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The learning-rate keys of the clients' local config, only those given (so runs at the defaults keep
+    their settings fingerprint and resume their saved states)."""
+    given = {"lr": args.lr, "adapter-lr": args.adapter_lr}
+    return {key: value for key, value in given.items() if value is not None}
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=60)
@@ -206,7 +217,16 @@ def make_parser() -> argparse.ArgumentParser:
                         help="the impostor generator the round ships (with --negatives gan)")
     parser.add_argument("--max-images", type=int, default=4, help="photos per client at most")
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    parser.add_argument("--lr", type=positive_float, default=None,
+                        help=f"devices' learning rate of the backbone (default {LocalConfig.lr})")
+    parser.add_argument("--adapter-lr", type=positive_float, default=None,
+                        help=f"devices' learning rate of the adapter (default {LocalConfig.adapter_lr})")
     parser.add_argument("--pairs-per-fold", type=int, default=60)
+    parser.add_argument("--faces", type=face_set, default=None,
+                        help="a face set in LFW's layout with its pairs.txt whose people are the clients and whose "
+                             "--heldout-folds give the held-out pairs (default: the shared LFW)")
+    parser.add_argument("--heldout-folds", type=parse_folds, default=DEFAULT_FOLDS,
+                        help="folds of the face set no client is drawn from, evaluated before/after (default 6-10)")
     parser.add_argument("--epsilon", type=float, default=64.0, help="served noise, per coefficient")
     parser.add_argument("--transform", default="dct8-v0", choices=sorted(PRESETS))
     parser.add_argument("--seed", type=int, default=0)
@@ -238,6 +258,22 @@ def add_calibration_argument(parser: argparse.ArgumentParser) -> None:
                         help=f"images of the exported candidate's impostor curve (default {CALIBRATION_IMAGES})")
 
 
+def face_set(text: str) -> Path:
+    """A folder with a pairs.txt (argparse turns the error into one usage line)."""
+    path = Path(text)
+    if not (path / "pairs.txt").is_file():
+        raise argparse.ArgumentTypeError(f"{text} is not a face set: no pairs.txt in it")
+    return path
+
+
+def positive_float(text: str) -> float:
+    """A float above 0 (argparse turns the ValueError into one usage line)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
+
+
 def calibration_count(text: str) -> int:
     """An int of at least MIN_CALIBRATION_IMAGES (argparse turns the ValueError into one usage line)."""
     count = int(text)
@@ -254,13 +290,14 @@ def server_settings(args: argparse.Namespace, shared: Path, spec: TransformSpec,
     return ServerSettings(str(shared), spec.to_dict(), args.scope, args.rounds, args.per_round, args.clients,
                           args.seed, {"epochs": args.epochs, "batch-size": 4,
                                       **mode_config(args.mode, args.negatives, args.impostor_checkpoint),
-                                      **mixup_config(args)},
+                                      **mixup_config(args), **learning_rate_config(args)},
                           tuple(range(args.rounds + 1)) if args.heldout_every_round else None,
                           args.aggregation, {"clipping_range": args.secagg_clip, "max_weight": args.max_images},
                           args.drop_fraction, str(args.state_dir) if args.state_dir else None,
                           base_weights=str(base[0]) if base else None, base_sha256=base[1] if base else None,
                           dp={"clip": args.dp_clip, "noise_multiplier": args.dp_noise, "delta": args.dp_delta}
-                          if args.dp_clip is not None else {})
+                          if args.dp_clip is not None else {},
+                          faces=str(args.faces.resolve()) if args.faces else None, heldout_folds=args.heldout_folds)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -273,18 +310,18 @@ def main(argv: list[str] | None = None) -> None:
     if (args.export_dir is None) != (args.version is None):
         parser.error("--export-dir and --version go together")
     shared = shared_dir()
-    lfw = lfw_dir(shared)
+    faces = args.faces or lfw_dir(shared)
     spec_dir = args.base_dir or args.baseline_dir
     spec = (ModelMetadata.load(spec_dir, verify=False).spec if spec_dir else PRESETS[args.transform](args.epsilon))
     if args.base_dir and args.baseline_dir and ModelMetadata.load(args.baseline_dir, verify=False).spec != spec:
         parser.error("--base-dir and --baseline-dir serve different transforms")
     base = saved_weights(args.base_dir) if args.base_dir else None
-    population = make_population(lfw, args.clients, min_images=1 if args.mode == "unsupervised" else 2,
-                                 max_images=args.max_images)
-    heldout = Heldout(lfw, spec, args.pairs_per_fold, seed=args.seed)
+    population = make_population(faces, args.clients, min_images=1 if args.mode == "unsupervised" else 2,
+                                 max_images=args.max_images, eval_folds=args.heldout_folds)
+    heldout = Heldout(faces, spec, args.pairs_per_fold, seed=args.seed, folds=args.heldout_folds)
     settings = server_settings(args, shared, spec, base)
     baseline = baseline_metrics(args.baseline_dir, heldout, args.state_dir) if args.baseline_dir else None
-    log = simulate(population, settings, lfw, heldout, progress_printer(args.rounds) if args.progress else None,
+    log = simulate(population, settings, faces, heldout, progress_printer(args.rounds) if args.progress else None,
                    args.actors)
     report = {key: value for key, value in log.items() if key != "final_arrays"}
     report["population"] = {"clients": len(population.clients),

@@ -1,0 +1,53 @@
+"""The settings of one federated job, apart from the server that runs it.
+
+Why a module of its own: the simulation, the deployment runtime and the gateway's job all build these settings,
+and a saved round state is resumed only by a run whose settings have the same `identity()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from training_jobs.evaluate import DEFAULT_FOLDS
+
+AGGREGATIONS = ("fedavg", "secagg+")
+
+
+@dataclass
+class ServerSettings:
+    """One federated job: model scope, sampling, rounds, aggregation and the local training config sent to clients."""
+
+    shared: str
+    transform: dict[str, Any]
+    scope: str = "adapter-tail"
+    rounds: int = 3
+    clients_per_round: int = 10
+    num_clients: int = 10
+    seed: int | None = 0
+    local: dict[str, Any] = field(default_factory=lambda: {"epochs": 1, "batch-size": 4})
+    eval_rounds: tuple[int, ...] | None = None  # rounds after which to evaluate (0 = before); None: 0 and last
+    aggregation: str = "fedavg"
+    secagg: dict[str, Any] = field(default_factory=dict)  # SecAggSettings fields
+    drop_fraction: float = 0.0  # simulation: this share of each round's clients drops after key sharing
+    state_dir: str | None = None  # round state (resume) and cancel request; None: neither
+    round_timeout: float = 3600.0  # seconds to wait for a round's replies (deployment: devices that vanish)
+    base_weights: str | None = None  # the starting model's state dict (params.base_weights_of); None: served v0
+    base_sha256: str | None = None
+    dp: dict[str, Any] = field(default_factory=dict)  # dp.DpSettings fields; empty: no DP
+    faces: str | None = None  # simulation: the face set (LFW layout, pairs.txt) of clients and held-out; None: LFW
+    heldout_folds: tuple[int, ...] = DEFAULT_FOLDS  # the face set's folds no client is drawn from
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {self.aggregation!r}")
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the training (a saved state is only resumed by a run with the same identity)."""
+        out = asdict(self)
+        for key in ("state_dir", "eval_rounds", "round_timeout"):
+            out.pop(key)
+        if self.faces is None and self.heldout_folds == DEFAULT_FOLDS:  # LFW's population: states saved before
+            out.pop("faces")                                              # these fields existed still resume
+            out.pop("heldout_folds")
+        return out
