@@ -253,6 +253,9 @@ def test_the_settings_identity_names_a_face_set_only_when_it_is_not_lfws():
     from training_jobs.federated.settings import ServerSettings
 
     lfw = ServerSettings("/shared", {"name": "t"})
+    assert fingerprint(lfw.identity()) == "ed1de7e62254574d"  # what the code before these fields gave (5dc5229)
+    assert fingerprint(ServerSettings("/shared", {"name": "t"}, heldout_folds=[10, 9, 8, 7, 6]).identity()) == (
+        "ed1de7e62254574d")  # LFW's folds in another order or as a list are the same run
     assert sorted(lfw.identity()) == ["aggregation", "base_sha256", "base_weights", "clients_per_round", "dp",
                                       "drop_fraction", "local", "num_clients", "rounds", "scope", "secagg", "seed",
                                       "shared", "transform"]
@@ -263,20 +266,67 @@ def test_the_settings_identity_names_a_face_set_only_when_it_is_not_lfws():
         lfw.identity())
 
 
-@needs_flwr
-@needs_data
-def test_simulate_draws_clients_and_heldout_pairs_from_the_face_set_it_is_given(tmp_path, capsys):
-    """`--faces DIR --heldout-folds F`: the settings name the set and its folds; a folder without pairs.txt is
-    refused in one usage line."""
-    from inference.transform import spec_v0
-    from training_jobs.federated.simulate import make_parser, server_settings
+def tiny_face_set(root: Path) -> Path:
+    """Six people x 3 random 112x112 faces in LFW's layout; pairs.txt with fold 1 on people p0/p1 and fold 2 on
+    p2/p3 (600 pairs each, repeated, as View-2's reader counts 600 per fold); p4/p5 in no fold."""
+    import cv2
 
-    args = make_parser().parse_args(["--faces", str(LFW), "--heldout-folds", "8-10"])
+    rng = np.random.default_rng(0)
+    for person in range(6):
+        (root / f"p{person}").mkdir(parents=True)
+        for index in range(1, 4):
+            pixels = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
+            cv2.imwrite(str(root / f"p{person}" / f"p{person}_{index:04d}.jpg"), pixels)
+    lines = ["2\t300"]
+    for a, b in (("p0", "p1"), ("p2", "p3")):
+        lines += [f"{a}\t1\t2"] * 300 + [f"{a}\t1\t{b}\t3"] * 300
+    (root / "pairs.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@needs_flwr
+def test_simulate_draws_clients_and_heldout_pairs_from_the_face_set_it_is_given(tmp_path, capsys):
+    """`--faces DIR --heldout-folds F`: the clients are the set's people outside F, the held-out pairs are F's,
+    and the settings name both; a folder without pairs.txt is refused in one usage line."""
+    from inference.transform import spec_v0
+    from training_jobs.federated.simulate import make_parser, population_and_heldout, server_settings
+
+    faces = tiny_face_set(tmp_path / "set")
+    args = make_parser().parse_args(["--faces", str(faces), "--heldout-folds", "2", "--clients", "4",
+                                     "--pairs-per-fold", "4"])
+    population, heldout = population_and_heldout(args, faces, spec_v0())
+    assert [c.identity for c in population.clients] == ["p0", "p1", "p4", "p5"]
+    assert heldout.identities == {"p2", "p3"} and len(heldout.pairs.pairs) == 4
     settings = server_settings(args, SHARED, spec_v0(), None)
-    assert (settings.faces, settings.heldout_folds) == (str(LFW.resolve()), (8, 9, 10))
+    assert (settings.faces, settings.heldout_folds) == (str(faces.resolve()), (2,))
     with pytest.raises(SystemExit):
         make_parser().parse_args(["--faces", str(tmp_path)])
     assert f"{tmp_path} is not a face set: no pairs.txt in it" in capsys.readouterr().err
+
+
+@needs_flwr
+def test_a_cached_baseline_is_reused_only_for_the_same_pairs_and_model(tmp_path):
+    """The guardrail's baseline is kept in the state directory for a resumed run; measured on other pairs (e.g.
+    another --heldout-folds) it is measured again, not reused."""
+    import json
+
+    from inference.metadata import ModelMetadata
+    from training_jobs.federated.heldout import Heldout
+    from training_jobs.federated.simulate import baseline_metrics
+
+    version = Path(__file__).resolve().parents[1] / "inference" / "bundled" / "v1-accurate"
+    spec = ModelMetadata.load(version, verify=False).spec
+    faces = tiny_face_set(tmp_path / "set")
+    fold2, fold1 = Heldout(faces, spec, 4, folds=(2,)), Heldout(faces, spec, 4, folds=(1,))
+    first = baseline_metrics(version, fold2, tmp_path / "state")
+    cache = tmp_path / "state" / "baseline.json"
+    saved = json.loads(cache.read_text())
+    saved["metrics"]["accuracy"] = -1.0  # a marker: only a reuse returns it
+    cache.write_text(json.dumps(saved))
+    assert baseline_metrics(version, fold2, tmp_path / "state")["accuracy"] == -1.0
+    again = baseline_metrics(version, fold1, tmp_path / "state")
+    assert again["accuracy"] != -1.0 and again["num_pairs"] == first["num_pairs"] == 4
+    assert json.loads(cache.read_text())["measured_on"]["heldout"] == fold1.fingerprint() != fold2.fingerprint()
 
 
 # --- SecAgg+: masks from a CSPRNG, secure sums equal plain sums, dropouts ------------------------
@@ -555,22 +605,3 @@ def test_a_run_starts_from_the_bundled_v1_model_rebuilt_from_its_onnx_file(tmp_p
     assert 0 < moved < apart / 10, (moved, apart)
     assert result["heldout"]["1"]["num_pairs"] == 10
 
-
-def test_the_run_plot_reads_before_and_after_and_refuses_a_report_without_them(tmp_path, capsys):
-    """plot_runs draws one before -> after arrow per simulate report; a report measured after its last round
-    only (or not at all) is refused in one line, and nothing is written."""
-    import json
-
-    from training_jobs.federated.plot_runs import before_after, main
-
-    metrics = {"accuracy": 0.9, "tar_at_far_1e-3": 0.5}
-    good = {"heldout": {"0": metrics, "20": {"accuracy": 0.95, "tar_at_far_1e-3": 0.7}}}
-    assert before_after(good) == (metrics, good["heldout"]["20"])
-    (tmp_path / "good.json").write_text(json.dumps(good))
-    (tmp_path / "bad.json").write_text(json.dumps({"heldout": {"20": metrics}}))
-    main(["--run", f"a={tmp_path / 'good.json'}", "--out", str(tmp_path / "p.png")])
-    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(SystemExit):
-        main(["--run", f"b={tmp_path / 'bad.json'}", "--out", str(tmp_path / "q.png")])
-    assert "b: the report has no held-out metrics before and after its rounds" in capsys.readouterr().err
-    assert not (tmp_path / "q.png").exists()

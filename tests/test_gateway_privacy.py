@@ -72,8 +72,8 @@ def test_shares_uniform_and_nothing_plaintext_at_rest_or_in_logs(tmp_path, share
                 shares = b"".join(row[0] for row in conn.execute("SELECT share FROM shares"))
             counts = np.bincount(np.frombuffer(shares, np.uint8), minlength=256)
             assert len(shares) == 20 * meta.embedding_dim * 8
-            # Thresholds that a uniform source crosses about once in a million runs (1e-3 failed one CI run in
-            # the hundreds at p = 3e-4); a template in the clear gives p = 0 here (fixed-point high bytes are 0/255).
+            # Thresholds a uniform source crosses about once in a million checks, ~2e-6 per run for both parties
+            # (1e-3 failed one CI run at p = 3e-4); a template in the clear gives p = 0 (fixed-point high bytes).
             assert stats.chisquare(counts).pvalue > 1e-6, f"party {rank} shares are not uniform bytes"
             bits = np.unpackbits(np.frombuffer(shares, np.uint8))
             assert abs(bits.mean() - 0.5) < 5.5 * 0.5 / np.sqrt(bits.size)

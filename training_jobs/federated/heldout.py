@@ -7,6 +7,8 @@ the model (protocol of training_jobs.evaluate: leave-one-fold-out accuracy, TAR 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,13 @@ class Heldout:
     @property
     def identities(self) -> frozenset[str]:
         return frozenset(path.split("/")[0] for path in self.pairs.images)
+
+    def fingerprint(self) -> str:
+        """What the metrics depend on besides the model: the pairs, the noise seed and the transform (a cached
+        measurement is reused only for the same fingerprint)."""
+        pairs = [[p.left, p.right, bool(p.same)] for p in self.pairs.pairs]
+        text = json.dumps({"pairs": pairs, "seed": self.seed, "transform": self.spec.to_dict()}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def evaluate(self, model: FrequencyFaceModel, name: str) -> dict[str, Any]:
         """Accuracy (leave-one-fold-out), TAR@FAR 1e-3/1e-4 and rank-1 of `model`, as a JSON-able dict."""

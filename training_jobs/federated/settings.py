@@ -39,6 +39,7 @@ class ServerSettings:
     heldout_folds: tuple[int, ...] = DEFAULT_FOLDS  # the face set's folds no client is drawn from
 
     def __post_init__(self) -> None:
+        self.heldout_folds = tuple(sorted(set(self.heldout_folds)))  # a list or another order is the same run
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {self.aggregation!r}")
 

@@ -135,15 +135,17 @@ def baseline_metrics(version_dir: Path, heldout: Heldout, state_dir: Path | None
     """Held-out metrics of a served model version (its ONNX file), on the same pairs and noise draws; kept in
     the state directory so a resumed run does not measure it again."""
     cached = state_dir / "baseline.json" if state_dir else None
-    if cached is not None and cached.exists():
-        result: dict[str, Any] = json.loads(cached.read_text())
-        return result
     meta = ModelMetadata.load(version_dir, verify=True)
+    key = {"version": meta.version, "sha256": meta.sha256, "heldout": heldout.fingerprint()}
+    if cached is not None and cached.exists():  # measured on other pairs or another model: measured again
+        saved: dict[str, Any] = json.loads(cached.read_text())
+        if saved.get("measured_on") == key:
+            return dict(saved["metrics"])
     features_fn = OrtEmbedder(version_dir / meta.onnx_file, prefer_gpu=True, intra_op_threads=1).embed
     metrics = {"version": meta.version, **heldout.evaluate_features_fn(features_fn, f"baseline {meta.version}")}
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(json.dumps(metrics))
+        cached.write_text(json.dumps({"measured_on": key, "metrics": metrics}))
     return metrics
 
 
@@ -300,6 +302,14 @@ def server_settings(args: argparse.Namespace, shared: Path, spec: TransformSpec,
                           faces=str(args.faces.resolve()) if args.faces else None, heldout_folds=args.heldout_folds)
 
 
+def population_and_heldout(args: argparse.Namespace, faces: Path, spec: TransformSpec) -> tuple[Population, Heldout]:
+    """The clients (the face set's people outside --heldout-folds, one identity each) and the held-out pairs of
+    those folds: disjoint by construction, and `simulate` checks it again."""
+    population = make_population(faces, args.clients, min_images=1 if args.mode == "unsupervised" else 2,
+                                 max_images=args.max_images, eval_folds=args.heldout_folds)
+    return population, Heldout(faces, spec, args.pairs_per_fold, seed=args.seed, folds=args.heldout_folds)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = make_parser()
     args = parser.parse_args(argv)
@@ -316,9 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.base_dir and args.baseline_dir and ModelMetadata.load(args.baseline_dir, verify=False).spec != spec:
         parser.error("--base-dir and --baseline-dir serve different transforms")
     base = saved_weights(args.base_dir) if args.base_dir else None
-    population = make_population(faces, args.clients, min_images=1 if args.mode == "unsupervised" else 2,
-                                 max_images=args.max_images, eval_folds=args.heldout_folds)
-    heldout = Heldout(faces, spec, args.pairs_per_fold, seed=args.seed, folds=args.heldout_folds)
+    population, heldout = population_and_heldout(args, faces, spec)
     settings = server_settings(args, shared, spec, base)
     baseline = baseline_metrics(args.baseline_dir, heldout, args.state_dir) if args.baseline_dir else None
     log = simulate(population, settings, faces, heldout, progress_printer(args.rounds) if args.progress else None,
