@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import threading
 import time
 
@@ -12,7 +10,6 @@ import httpx
 import psycopg
 import pytest
 
-from common.paths import PROJECT_ROOT as ROOT
 from devtools.localstack import MODEL_CACHE, LocalStack
 from tests.test_gateway_api import aligned_face, auth, payload
 from tests.test_gateway_recovery import FACES, served_spec
@@ -51,8 +48,7 @@ def test_postgresql_redis_rq_jobs_and_live_model_swap(tmp_path, shared, postgres
     models = copy_models(tmp_path)
     stack = LocalStack(tmp_path / "stack", gateway_db=postgres_db(), party_dbs=(postgres_db(), postgres_db()),
                        redis_url=redis_url, model_dir=models, gateway_workers=2).start()
-    worker = subprocess.Popen([sys.executable, "-m", "privface", "worker"], cwd=ROOT, env=stack.env(),
-                              stdout=open(tmp_path / "worker.log", "wb"), stderr=subprocess.STDOUT)
+    stack.start_worker()  # stack.stop(): SIGTERM, SIGKILL after 15 s (an idle rq worker once hung in its warm shutdown)
     try:
         key = stack.api_key("enroll", "verify", "admin")
         spec = served_spec(stack, key)
@@ -113,8 +109,6 @@ def test_postgresql_redis_rq_jobs_and_live_model_swap(tmp_path, shared, postgres
         listed = httpx.get(stack.url + "/v1/admin/models", headers=auth(key)).json()
         assert {m["version"]: m["status"] for m in listed} == {"v0": "retired", "v0b": "active"}
     finally:
-        worker.terminate()
-        worker.wait(timeout=15)
         stack.stop()
 
 
