@@ -48,7 +48,7 @@ def test_postgresql_redis_rq_jobs_and_live_model_swap(tmp_path, shared, postgres
     models = copy_models(tmp_path)
     stack = LocalStack(tmp_path / "stack", gateway_db=postgres_db(), party_dbs=(postgres_db(), postgres_db()),
                        redis_url=redis_url, model_dir=models, gateway_workers=2).start()
-    stack.start_worker()  # stack.stop(): SIGTERM, SIGKILL after 15 s (an idle rq worker once hung in its warm shutdown)
+    stack.start_worker()  # ended by stack.stop(): SIGTERM, then SIGKILL after 15 s, its work-horse with it
     try:
         key = stack.api_key("enroll", "verify", "admin")
         spec = served_spec(stack, key)

@@ -318,10 +318,11 @@ class JobRunner:
 def run_worker(settings: GatewaySettings) -> None:
     """`privface worker`: an rq worker on the privface queue."""
     import redis
-    from rq import Worker
+
+    from app.services.rq_worker import PromptStopWorker
 
     if not settings.redis_url:
         raise SystemExit("error: PRIVFACE_REDIS_URL is not set; without Redis, jobs run inside the gateway")
     connection = redis.Redis.from_url(settings.redis_url)
     JobRunner(settings, make_sessionmaker(make_engine(settings.database_url)), recover=True)  # requeues orphans
-    Worker([QUEUE_NAME], connection=connection).work(with_scheduler=False)
+    PromptStopWorker([QUEUE_NAME], connection=connection).work(with_scheduler=False)
