@@ -1,4 +1,4 @@
-"""The rq worker class of `privface worker`: rq's own Worker, but its shutdown cannot hang.
+"""The rq worker class of `privface worker`: rq's own Worker, but an idle one stops at once on SIGTERM.
 
 rq 3.0's teardown unsubscribes the worker's pubsub channel and then stops the listener thread. With redis-py 8.2
 `PubSubWorkerThread.stop()` joins the thread without a bound, and the listener, once it has read the unsubscribe
