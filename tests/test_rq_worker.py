@@ -17,15 +17,7 @@ import redis
 
 from app.services.rq_worker import PromptStopWorker
 from common.paths import PROJECT_ROOT as ROOT
-
-
-def wait_until(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+from tests.test_mpc_restart import wait_for
 
 
 def test_teardown_ends_when_the_listener_has_read_the_unsubscribe_first(redis_url):
@@ -33,12 +25,12 @@ def test_teardown_ends_when_the_listener_has_read_the_unsubscribe_first(redis_ur
         worker = PromptStopWorker(["privface-teardown-test"], connection=redis.Redis.from_url(redis_url))
         worker.subscribe()
         pubsub = worker.pubsub
-        assert wait_until(lambda: pubsub.subscribed), "the listener never saw its subscription"
+        assert wait_for(lambda: pubsub.subscribed, timeout=5, pause=0.01), "the listener never saw its subscription"
         unsubscribe = pubsub.unsubscribe
 
         def unsubscribe_and_let_the_listener_read_it(*args):
             result = unsubscribe(*args)
-            assert wait_until(lambda: not pubsub.subscribed), "the listener never read the confirmation"
+            assert wait_for(lambda: not pubsub.subscribed, timeout=5, pause=0.01), "the listener never read the confirmation"
             return result
 
         pubsub.unsubscribe = unsubscribe_and_let_the_listener_read_it
@@ -59,7 +51,7 @@ def test_a_sigterm_stops_an_idle_worker_process_at_once_and_it_deregisters(redis
                               stdout=log.open("wb"), stderr=subprocess.STDOUT)
     connection = redis.Redis.from_url(redis_url)
     try:
-        assert wait_until(lambda: b"Listening on" in log.read_bytes(), timeout=60), log.read_text()
+        assert wait_for(lambda: b"Listening on" in log.read_bytes(), timeout=60), log.read_text()
         assert connection.scard("rq:workers") == 1
         worker.send_signal(signal.SIGTERM)
         started = time.monotonic()
