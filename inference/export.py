@@ -9,7 +9,6 @@ atomically (built under a temporary name, then renamed), so a crashed export nev
 from __future__ import annotations
 
 import argparse
-import fcntl
 import shutil
 import tempfile
 import warnings
@@ -209,28 +208,6 @@ def saved_weights(version_dir: Path) -> tuple[Path, str] | None:
         raise WeightsError(f"model version {meta.version} has no PyTorch weights and its ONNX file cannot be "
                            f"rebuilt into them: {exc}") from None
     return onnx_path, meta.sha256
-
-
-def ensure_model_v0(model_dir: Path, shared_dir: Path, eval_pairs: int = 600) -> Path:
-    """MODEL_DIR/v0, exported (with metrics and threshold) only if absent or not matching its checksum.
-
-    Gateway workers may call this together at first start: a lock file makes one export, the rest reuse it.
-    """
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    with (model_dir / ".v0.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not valid_version_dir(model_dir / "v0"):
-            export_version("v0", model_dir, Path(shared_dir), eval_pairs)
-    return model_dir / "v0"
-
-
-def valid_version_dir(version_dir: Path) -> bool:
-    """A complete export: checksum right, and calibrated (an export from before calibration is redone)."""
-    try:
-        return bool(ModelMetadata.load(version_dir, verify=True).impostor_curve)
-    except (ValueError, OSError, TypeError, KeyError):
-        return False
 
 
 def main(argv: list[str] | None = None) -> None:

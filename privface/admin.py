@@ -52,7 +52,7 @@ def ensure_model(settings: GatewaySettings) -> str:
     from app.db import make_engine, make_sessionmaker, session_scope
     from app.services.bundled_models import install_bundled
     from app.services.model_registry import activate_version, active_version, register_model_dir
-    from inference.export import ensure_model_v0
+    from inference.model_v0 import VERSION, ensure_model_v0, valid_version_dir
 
     sessions = make_sessionmaker(make_engine(settings.database_url))
     with session_scope(sessions) as session:
@@ -66,7 +66,8 @@ def ensure_model(settings: GatewaySettings) -> str:
     weights = settings.shared_dir / "models" / "mobilefacenet_foamliu" / "mobilefacenet.pt"
     if not weights.exists():
         raise SystemExit(f"error: no pretrained model at {weights}; set PRIVFACE_SHARED_DIR to the shared folder")
-    print("exporting model v0 (first start only, about a minute) ...", flush=True)
+    if not valid_version_dir(settings.model_dir / VERSION):
+        print("exporting model v0 (first start only, about a minute) ...", flush=True)
     version_dir = ensure_model_v0(settings.model_dir, settings.shared_dir)
     with session_scope(sessions) as session:
         row = register_model_dir(session, settings.model_dir, Path(version_dir))

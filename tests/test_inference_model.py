@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +13,12 @@ import pytest
 import torch
 
 from inference import transform as T
-from inference.export import EVAL_FOLD, ensure_model_v0, export_version, sample_features
+from inference.export import EVAL_FOLD, export_version, sample_features
 from inference.frequency_model import InverseDctAdapter, build_model_v0
 from inference.lfw import lfw_dir, shared_dir
 from inference.metadata import ModelMetadata, file_sha256
 from inference.mobilefacenet import IMAGENET_MEAN, IMAGENET_STD, WEIGHTS_SUBPATH, load_pretrained
+from inference.model_v0 import ensure_model_v0
 from inference.runtime import OrtEmbedder
 
 SHARED = shared_dir()
@@ -121,3 +125,19 @@ def test_ensure_model_v0_reuses_a_valid_export_and_replaces_a_damaged_one(export
         assert len(calls) == 1  # a checksum mismatch triggers a new export
     finally:
         meta.save(exported_v0)
+
+
+def test_models_ensure_with_v0_on_disk_loads_neither_torch_nor_onnx(exported_v0: Path, tmp_path: Path):
+    """Every test stack and gateway start runs `privface models ensure`; with v0 already exported it must not pay
+    torch's and onnx's imports (3.3 → 1.0 CPU-s, docs/operations.md "`privface models ensure` on every start")."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVFACE_")} | {
+        "PRIVFACE_ENV": "test", "PRIVFACE_SHARED_DIR": str(SHARED), "PRIVFACE_MODEL_DIR": str(exported_v0.parent),
+        "PRIVFACE_DATABASE_URL": f"sqlite:///{tmp_path / 'gateway.db'}", "PRIVFACE_DEFAULT_PRESET": "accurate",
+        "PRIVFACE_BUNDLED_MODEL_DIR": "", "PRIVFACE_SECRET_KEY": "k", "PRIVFACE_PARTY0_TOKEN": "a",
+        "PRIVFACE_PARTY1_TOKEN": "b"}
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "privface", "models", "ensure"], env=env,
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "active model: v0", proc.stdout + proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "inference.model_v0" in imported and "app.services.model_registry" in imported  # the check did run
+    assert not imported & {"torch", "onnx", "inference.export"}, sorted(imported & {"torch", "onnx", "inference.export"})

@@ -75,7 +75,7 @@ class JobReporter:
 def _export_model_v0(settings: GatewaySettings, sessions: sessionmaker[Session], params: dict[str, Any],
                      report: JobReporter) -> dict[str, Any]:
     from app.services.model_registry import register_model_dir
-    from inference.export import ensure_model_v0
+    from inference.model_v0 import ensure_model_v0
 
     report.progress(0.05, "exporting model v0 to ONNX")
     version_dir = ensure_model_v0(settings.model_dir, settings.shared_dir)
