@@ -266,6 +266,33 @@ def test_the_settings_identity_names_a_face_set_only_when_it_is_not_lfws():
         lfw.identity())
 
 
+def test_a_state_saved_with_one_held_out_sample_size_is_not_resumed_with_another(tmp_path: Path):
+    """The log a resumed run continues holds its held-out metrics per round: --pairs-per-fold 300 must not extend a
+    log measured on 60 pairs per fold. The default keeps the identity it had before the field existed."""
+    from training_jobs.federated import checkpoint
+    from training_jobs.federated.settings import ServerSettings
+    from training_jobs.federated.simulate import make_parser, server_settings
+    from inference.transform import PRESETS
+
+    spec = PRESETS["dct8-v0"](64.0)
+    def settings(*extra: str) -> ServerSettings:
+        return server_settings(make_parser().parse_args(["--state-dir", str(tmp_path), *extra]), SHARED, spec, None)
+    assert settings().identity() == settings("--pairs-per-fold", "60").identity()
+    assert "heldout_pairs_per_fold" not in settings().identity()
+    assert fingerprint_of(settings("--pairs-per-fold", "300")) != fingerprint_of(settings())
+    assert ServerSettings("/shared", {"name": "t"}, heldout_pairs_per_fold=0).identity()["heldout_pairs_per_fold"] == 0
+    state = checkpoint.RoundState(1, {"w": np.zeros(2)}, log={"rounds": []}, fingerprint=fingerprint_of(settings()))
+    checkpoint.save(tmp_path, state)
+    assert checkpoint.load(tmp_path, fingerprint_of(settings())) is not None
+    with pytest.raises(checkpoint.CheckpointMismatch):
+        checkpoint.load(tmp_path, fingerprint_of(settings("--pairs-per-fold", "300")))
+
+
+def fingerprint_of(settings) -> str:
+    from training_jobs.federated.checkpoint import fingerprint
+    return fingerprint(settings.identity())
+
+
 def tiny_face_set(root: Path) -> Path:
     """Six people x 3 random 112x112 faces in LFW's layout; pairs.txt with fold 1 on people p0/p1 and fold 2 on
     p2/p3 (600 pairs each, repeated, as View-2's reader counts 600 per fold); p4/p5 in no fold."""

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = ServerSettings(str(shared), spec.to_dict(), args.scope, args.rounds, args.per_round, args.clients,
                                   args.seed, {"epochs": 1, "batch-size": 4}, None, aggregation,
                                   {"clipping_range": args.secagg_clip, "max_weight": args.max_images,
-                                   "max_shares": args.max_shares}, drop)
+                                   "max_shares": args.max_shares}, drop, heldout_pairs_per_fold=args.pairs_per_fold)
         logs[name] = simulate(population, settings, lfw, heldout if rep == 0 else None)
         report["runs"][name] = summary(logs[name])
         print(json.dumps({name: report["runs"][name]["mean_round_seconds_after_first"]}), flush=True)

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
                                      else 2, max_images=args.max_images)
         local = {"epochs": args.epochs, "batch-size": 4, **mode_config(mode, negatives, args.impostor_checkpoint)}
         settings = ServerSettings(str(shared), spec.to_dict(), args.scope, args.rounds, args.per_round, args.clients,
-                                  args.seed, local, (args.rounds,))
+                                  args.seed, local, (args.rounds,), heldout_pairs_per_fold=args.pairs_per_fold)
         log = simulate_with_retry(population, settings, lfw, heldout)
         run = summary(log)
         run["retried_after"] = log.get("retried_after")

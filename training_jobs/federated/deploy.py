@@ -97,7 +97,8 @@ def settings_from_run_config(config: dict[str, Any], shared: Path) -> ServerSett
                           seed if seed >= 0 else None,
                           {"epochs": int(config["local-epochs"]), "batch-size": int(config["batch-size"])},
                           None, aggregation, {"timeout": timeout, "max_weight": int(config["max-weight"])},
-                          0.0, str(config["state-dir"]) or None, round_timeout=timeout)
+                          0.0, str(config["state-dir"]) or None, round_timeout=timeout,
+                          heldout_pairs_per_fold=int(config["heldout-pairs-per-fold"]))
 
 
 def write_report(path: Path, log_: dict[str, Any]) -> None:
@@ -119,7 +120,7 @@ def server_app(shared: Path | None = None) -> ServerApp:
         settings = settings_from_run_config(dict(context.run_config), root)
         if settings.state_dir:  # before the report is touched: a refused duplicate leaves the directory as it is
             checkpoint.claim(Path(settings.state_dir), context.run_id)
-        pairs = int(context.run_config["heldout-pairs-per-fold"])
+        pairs = settings.heldout_pairs_per_fold
         spec = TransformSpec.from_dict(settings.transform)
         heldout = Heldout(lfw_dir(root), spec, pairs, seed=settings.seed or 0) if pairs > 0 else None
         out = str(context.run_config["report"])

@@ -12,6 +12,7 @@ from typing import Any
 from training_jobs.evaluate import DEFAULT_FOLDS
 
 AGGREGATIONS = ("fedavg", "secagg+")
+DEFAULT_PAIRS_PER_FOLD = 60
 
 
 @dataclass
@@ -37,6 +38,9 @@ class ServerSettings:
     dp: dict[str, Any] = field(default_factory=dict)  # dp.DpSettings fields; empty: no DP
     faces: str | None = None  # simulation: the face set (LFW layout, pairs.txt) of clients and held-out; None: LFW
     heldout_folds: tuple[int, ...] = DEFAULT_FOLDS  # the face set's folds no client is drawn from
+    # pairs per held-out fold of the evaluations the run's log records after its rounds (0: none per round, as in
+    # the deployment runtime); part of the identity, so a resumed log never mixes two sample sizes
+    heldout_pairs_per_fold: int = DEFAULT_PAIRS_PER_FOLD
 
     def __post_init__(self) -> None:
         self.heldout_folds = tuple(sorted(set(self.heldout_folds)))  # a list or another order is the same run
@@ -51,4 +55,6 @@ class ServerSettings:
         if self.faces is None and self.heldout_folds == DEFAULT_FOLDS:  # LFW's population: states saved before
             out.pop("faces")                                              # these fields existed still resume
             out.pop("heldout_folds")
+        if self.heldout_pairs_per_fold == DEFAULT_PAIRS_PER_FOLD:  # likewise for states saved before this field
+            out.pop("heldout_pairs_per_fold")
         return out

@@ -299,7 +299,8 @@ def server_settings(args: argparse.Namespace, shared: Path, spec: TransformSpec,
                           base_weights=str(base[0]) if base else None, base_sha256=base[1] if base else None,
                           dp={"clip": args.dp_clip, "noise_multiplier": args.dp_noise, "delta": args.dp_delta}
                           if args.dp_clip is not None else {},
-                          faces=str(args.faces.resolve()) if args.faces else None, heldout_folds=args.heldout_folds)
+                          faces=str(args.faces.resolve()) if args.faces else None, heldout_folds=args.heldout_folds,
+                          heldout_pairs_per_fold=args.pairs_per_fold)
 
 
 def population_and_heldout(args: argparse.Namespace, faces: Path, spec: TransformSpec) -> tuple[Population, Heldout]:
