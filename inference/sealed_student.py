@@ -83,11 +83,24 @@ class SealedCnn(nn.Module):
         self.embed_norm = nn.BatchNorm1d(embedding)
 
     def forward(self, planes: torch.Tensor) -> torch.Tensor:
-        x = self.features(self.input_norm(planes))
+        return self.stages(planes)[2]
+
+    @property
+    def stage_channels(self) -> tuple[int, int]:
+        """Channels of the two maps `stages` returns."""
+        convs = [m for m in self.features.modules() if isinstance(m, nn.Conv2d)]
+        return convs[len(convs) // 2 - 1].out_channels, convs[-1].out_channels
+
+    def stages(self, planes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the 14x14 map at the end of the first stage, the 7x7 map at the end of the second, the raw embedding):
+        the maps are what hint distillation (training_jobs/hints.py) matches to the teacher's."""
+        depth = len(self.features) // 2
+        first = self.features[:depth](self.input_norm(planes))
+        x = second = self.features[depth:](first)
         if self.head == "gdc":
             x = self.gdc_norm(self.gdc(x))
         embedding: torch.Tensor = self.embed_norm(self.embed(torch.flatten(x, 1)))
-        return embedding
+        return first, second, embedding
 
     def activation_count(self, height: int = 14, width: int = 14) -> int:
         """Elements that pass through a non-linearity per image: what the MPC cost scales with."""

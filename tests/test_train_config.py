@@ -51,7 +51,14 @@ def test_a_misspelt_key_is_named_and_nested_sections_are_checked():
                                             ("model: {kind: [\n", "not YAML"),
                                             ("loss: {mixed_faces: 1.5}\n", "in [0, 1], not 1.5"),
                                             ("loss: {mixed_faces: 0.5}\ndata: {cached_views: 8}\n",
-                                             "needs the teacher run online")])
+                                             "needs the teacher run online"),
+                                            ("loss: {relation_weight: -1}\n", "a weight >= 0, not -1"),
+                                            ("loss: {relation_weight: 2}\nteacher: none\n", "needs a teacher"),
+                                            ("loss: {hint_weight: -2}\n", "a weight >= 0, not -2"),
+                                            ("loss: {hint_weight: 4}\nmodel: {kind: sealed-cnn}\n",
+                                             "needs model.kind sealed-cnn, data.cached_views"),
+                                            ("loss: {hint_weight: 4}\ndata: {cached_views: 2}\n",
+                                             "needs model.kind sealed-cnn, data.cached_views")])
 def test_the_trainer_cli_refuses_a_bad_config_in_one_line_before_it_loads_data(tmp_path: Path, text: str,
                                                                                 expected: str):
     bad = tmp_path / "bad.yaml"

@@ -16,7 +16,8 @@ from training_jobs.datasets import Augment, TransformedFaces, make_split
 from training_jobs.eval_metrics import leave_one_fold_out_accuracy, rank1, roc_points, tar_at_far
 from training_jobs.evaluate import identification_split, parse_folds
 from training_jobs.leakage import psnr, ssim
-from training_jobs.losses import DistillationLoss, MarginHead
+from training_jobs.hints import HINT_SHAPES, HintLoss
+from training_jobs.losses import DistillationLoss, MarginHead, relation_loss
 from tests.conftest import one_torch_thread
 
 SHARED = shared_dir()
@@ -111,6 +112,23 @@ def test_distillation_is_zero_for_identical_directions():
     assert DistillationLoss()(x, -x) == pytest.approx(2.0, abs=1e-5)
 
 
+def test_the_relation_term_sees_the_geometry_between_faces_not_where_each_embedding_sits():
+    """A rotated, rescaled copy of the teacher's space has the teacher's relations (term 0) though every
+    embedding points elsewhere (embedding term large); shuffling which face gets which embedding breaks them."""
+    torch.manual_seed(0)
+    teacher = torch.randn(16, 8)
+    rotation, _ = torch.linalg.qr(torch.randn(8, 8))
+    rotated = 5.0 * teacher @ rotation
+    assert relation_loss(rotated, teacher) < 1e-10
+    assert DistillationLoss()(rotated, teacher) > 0.5
+    shuffled = rotated[torch.randperm(16)]
+    assert relation_loss(shuffled, teacher) > 0.05
+    student = shuffled.clone().requires_grad_(True)
+    relation_loss(student, teacher).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert relation_loss(torch.randn(1, 8), torch.randn(1, 8)) == 0  # one face has no pair
+
+
 # --- a tiny real training run ---------------------------------------------------------------------
 
 def tiny_config(tmp_path, epochs: int) -> dict:
@@ -198,7 +216,7 @@ def test_sealed_student_trains_through_the_same_trainer(tmp_path):
     from training_jobs.train import Trainer
     config = tiny_config(tmp_path, epochs=3)
     config["model"].update(kind="sealed-cnn", activation="quad", width=16)
-    config["loss"]["distill_weight"] = 4.0
+    config["loss"].update(distill_weight=4.0, relation_weight=8.0)
     trainer = Trainer(config)
     assert isinstance(trainer.student, SealedFaceModel)
     assert any(isinstance(m, Quad) for m in trainer.student.modules())
@@ -207,6 +225,7 @@ def test_sealed_student_trains_through_the_same_trainer(tmp_path):
     trainer.fit()
     losses = [h["loss"] for h in trainer.history]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+    assert all(h["relation"] > 0 for h in trainer.history)  # the batch-relation term took part
     embedding = trainer.student.eval()(torch.zeros(2, *trainer.spec.shape))
     assert embedding.shape == (2, 128) and torch.allclose(embedding.norm(dim=1), torch.ones(2), atol=1e-5)
 
@@ -240,9 +259,12 @@ def test_cached_views_serve_the_served_features_and_the_teachers_embedding(tmp_p
     spec, augment, teacher = spec_v0(64.0), Augment(), Teacher("mobilefacenet", SHARED, torch.device("cpu"))
 
     def build():
-        return build_views(LFW, split.train_images, spec, augment, 0, 3, teacher, progress=False)
+        return build_views(LFW, split.train_images, spec, augment, 0, 3, lambda faces: (teacher(faces),),
+                           progress=False)
 
-    features, embeddings = load_or_build(tmp_path / "views.npz", build)
+    arrays = load_or_build(tmp_path / "views.npz", build)
+    assert sorted(arrays) == ["embeddings", "features"]
+    features, embeddings = arrays["features"], arrays["embeddings"]
     assert features.shape == (4, 3, *spec.shape) and features.dtype == np.float16 and embeddings.shape == (4, 3, 128)
     face = augment(load_rgb(LFW, split.train_images[2]), np.random.default_rng([0, 1, 2]))  # image 2, view 1
     assert np.array_equal(features[2, 1], clean(face, spec))
@@ -253,9 +275,9 @@ def test_cached_views_serve_the_served_features_and_the_teachers_embedding(tmp_p
         raise AssertionError("the cache must be reused")
 
     again = load_or_build(tmp_path / "views.npz", refuse)
-    assert np.array_equal(again[0], features) and np.array_equal(again[1], embeddings)
+    assert np.array_equal(again["features"], features) and np.array_equal(again["embeddings"], embeddings)
 
-    data = CachedViews(features, embeddings, split.train_labels, spec, seed=0)
+    data = CachedViews(arrays, split.train_labels, spec, seed=0)
     first, target, label = data[2]
     assert label == split.train_labels[2] and first.dtype == torch.float32
     view = next(v for v in range(3) if torch.equal(target, torch.from_numpy(embeddings[2, v])))
@@ -286,6 +308,55 @@ def test_a_sealed_run_with_cached_views_trains_without_running_the_teacher(tmp_p
     trainer.fit()
     losses = [h["loss"] for h in trainer.history]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+
+
+@needs_model
+def test_hint_runs_cache_the_teachers_maps_and_train_the_students_stages_toward_them(tmp_path):
+    """training_jobs/hints.py: the teacher's 14x14 and 7x7 maps come out of its ONNX session equal to the eager
+    model's, are cached beside its embeddings (their own cache file), reach the trainer with each sample, and the
+    hint term trains the student's stage maps; the regressors stay out of the student (and so of its export)."""
+    from training_jobs.evaluate import pixel_input
+    from training_jobs.teacher import Teacher
+    from training_jobs.train import Trainer
+
+    teacher = Teacher("mobilefacenet", SHARED, torch.device("cpu"), hints=True)
+    faces = np.stack([load_rgb(LFW, path) for path in make_split(LFW).train_images[:4]])
+    with torch.inference_mode():
+        eager = teacher.with_maps(pixel_input(faces))
+    for got, expected, shape in zip(teacher.hints(torch.from_numpy(faces)), eager, [(128,), *HINT_SHAPES]):
+        assert got.shape == (4, *shape)
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-4 * float(expected.abs().max()))
+    with pytest.raises(ValueError, match="without hints"):
+        Teacher("mobilefacenet", SHARED, torch.device("cpu")).hints(torch.from_numpy(faces))
+
+    config = tiny_config(tmp_path, epochs=3)
+    config["model"].update(kind="sealed-cnn", activation="quad", width=16)
+    config["loss"].update(distill_weight=4.0, hint_weight=4.0)
+    config["loss"]["head"]["init"] = "random"
+    config["data"]["cached_views"] = 2
+    trainer = Trainer(config)
+    features, target, label = trainer.dataset[0]
+    assert sorted(target) == ["embedding", "hint14", "hint7"] and target["hint14"].shape == HINT_SHAPES[0]
+    trainer.fit()
+    hint = [h["hint"] for h in trainer.history]
+    assert all(math.isfinite(v) and v > 0 for v in hint) and hint[-1] < hint[0], hint
+    assert not any("regressors" in key for key in trainer.student.state_dict())
+    plain = tiny_config(tmp_path / "plain", epochs=1)
+    plain["model"].update(kind="sealed-cnn", activation="quad", width=16)
+    plain["data"]["cached_views"] = 2
+    plain["out_dir"] = str(tmp_path / "run")  # the same folder: a run without hints has its own cache file
+    Trainer(plain)
+    assert len(list((tmp_path / "run").glob("views-*.npz"))) == 2
+
+
+def test_the_hint_term_is_zero_when_the_regressed_maps_point_where_the_teachers_do():
+    torch.manual_seed(0)
+    loss = HintLoss((128, 128))
+    for regressor in loss.regressors:
+        torch.nn.init.eye_(regressor.weight.view(128, 128))
+    maps = (torch.randn(3, *HINT_SHAPES[0]), torch.randn(3, *HINT_SHAPES[1]))
+    assert loss(maps, (2 * maps[0], 3 * maps[1])).item() < 1e-6
+    assert loss(maps, (-maps[0], -maps[1])).item() == pytest.approx(2.0, abs=1e-5)
 
 
 @needs_model

@@ -8,6 +8,9 @@
 - Distillation: 1 - cos(student, teacher), averaged; the teacher is detached. When the teacher's embedding
   space is not the student's (SFace teaching a MobileFaceNet student), a learned linear projection maps the
   student embedding first (`DistillationLoss(project_from=128, project_to=128)`).
+- Relation distillation (similarity-preserving, Tung & Mori 2019): the batch's cosine-similarity matrix of the
+  student against the teacher's, mean squared difference over the off-diagonal pairs. It asks only that faces
+  stand to each other as the teacher sees them, not that each embedding sits where the teacher's does.
 """
 
 from __future__ import annotations
@@ -80,3 +83,16 @@ class DistillationLoss(nn.Module):
         if self.projection is not None:
             student = self.projection(student)
         return (1.0 - F.cosine_similarity(student, teacher.detach().to(student.dtype), dim=1)).mean()
+
+
+def relation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between the batch's pairwise cosine similarities, student vs (detached) teacher,
+    over the off-diagonal pairs (the diagonal is 1 for both). Invariant to any rotation of either embedding
+    space, so it constrains what the embedding-wise term cannot: the geometry between different faces."""
+    if student.shape[0] < 2:
+        return student.sum() * 0.0
+    s = F.normalize(student, dim=1)
+    t = F.normalize(teacher.detach().to(student.dtype), dim=1)
+    difference = s @ s.T - t @ t.T
+    off_diagonal = ~torch.eye(student.shape[0], dtype=torch.bool, device=student.device)
+    return (difference[off_diagonal] ** 2).mean()

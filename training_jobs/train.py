@@ -7,7 +7,9 @@ the pretrained MobileFaceNet; it sees the SDK's exact transform of an augmented 
 Teacher: a frozen pixel-domain model on the same augmented clean face (pretrained MobileFaceNet, or SFace
 through ONNX Runtime with a learned projection), or none.
 Loss: identity_weight * margin loss (CosFace/ArcFace over the training identities) + distill_weight *
-(1 - cos(student, teacher)); `data.extra_faces` adds unlabelled faces that only the distillation term sees.
+(1 - cos(student, teacher)) [+ loss.relation_weight * the batch-relation term, training_jobs/losses.py]
+[+ loss.hint_weight * the stage-map term, training_jobs/hints.py];
+`data.extra_faces` adds unlabelled faces that only the distillation terms see.
 AdamW, linear warm-up then cosine decay (per step), fixed seeds, tqdm progress, a checkpoint after every
 epoch (OUT/checkpoints/last.pt, resumed with --resume), a metrics JSON per epoch (OUT/metrics/epoch_NNN.json).
 At the end: held-out evaluation (training_jobs.evaluate protocol) of the final model with the served noise,
@@ -41,7 +43,8 @@ from training_jobs.cached_views import TEACHER_INCLUDED, training_views
 from training_jobs.datasets import Augment, TransformedFaces, make_split, training_faces
 from training_jobs.eval_report import plot_roc_det
 from training_jobs.evaluate import HeldoutSet, ModelResult, baseline, frequency_embedder, torch_features_fn
-from training_jobs.losses import DistillationLoss, MarginHead
+from training_jobs.hints import hint_loss_for, split_hints, student_outputs
+from training_jobs.losses import DistillationLoss, MarginHead, relation_loss
 from training_jobs.mixed_faces import mix_batch
 from training_jobs.teacher import Teacher
 from training_jobs.train_config import load_config, make_spec, pick_device, seed_everything
@@ -89,6 +92,7 @@ class Trainer:
     def __init__(self, config: dict[str, Any], out_dir: Path | None = None) -> None:
         self.config = config
         self.mixed_faces = float(config["loss"].get("mixed_faces", 0.0))  # checked by load_config
+        self.relation_weight = float(config["loss"].get("relation_weight", 0.0))  # likewise
         self.out_dir = Path(out_dir or config["out_dir"] or Path("var/training") / config["name"])
         if config.get("threads"):
             torch.set_num_threads(int(config["threads"]))
@@ -100,7 +104,8 @@ class Trainer:
         data = config["data"]
         self.split = make_split(self.lfw, tuple(data["eval_folds"]), data["min_images"], data["max_identities"],
                                 data["max_images_per_identity"])
-        self.teacher = Teacher(config["teacher"], self.shared, self.device)
+        self.hint_weight = float(config["loss"].get("hint_weight", 0.0))  # checked by load_config
+        self.teacher = Teacher(config["teacher"], self.shared, self.device, hints=bool(self.hint_weight))
         augment = Augment.from_config(config["augment"])
         self.dataset = training_views(self.lfw, self.split, self.spec, augment, config, self.teacher, self.out_dir) \
             if data.get("cached_views") else training_faces(self.lfw, self.split, self.spec, augment, config["seed"],
@@ -111,10 +116,11 @@ class Trainer:
         self.head = MarginHead(EMBEDDING_DIM, self.split.num_classes, head["kind"], head["scale"],
                                head["margin"]).to(self.device)
         self.distill = DistillationLoss(EMBEDDING_DIM if config["teacher"] == "sface" else None).to(self.device)
+        self.hints = hint_loss_for(self.student.backbone).to(self.device) if self.hint_weight else None
         optim = config["optim"]
         groups = [{"params": [p for p in self.student.backbone.parameters()], "lr": optim["lr"]},
-                  {"params": [p for p in self.head.parameters()] + list(self.distill.parameters()),
-                   "lr": optim["head_lr"]}]
+                  {"params": [p for p in self.head.parameters()] + list(self.distill.parameters())
+                   + (list(self.hints.parameters()) if self.hints else []), "lr": optim["head_lr"]}]
         adapter_params = [p for p in self.student.adapter.parameters() if p.requires_grad]
         if adapter_params:
             groups.append({"params": adapter_params, "lr": optim["adapter_lr"], "weight_decay": 0.0})
@@ -142,6 +148,7 @@ class Trainer:
         state = {"epoch": self.epoch, "step": self.step, "config": self.config,
                  "student": self.student.state_dict(), "head": self.head.state_dict(),
                  "distill": self.distill.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "hints": self.hints.state_dict() if self.hints else None,
                  "scheduler": self.scheduler.state_dict(), "history": self.history,
                  "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
                  "transform": self.spec.to_dict()}
@@ -159,6 +166,8 @@ class Trainer:
         self.student.load_state_dict(state["student"])
         self.head.load_state_dict(state["head"])
         self.distill.load_state_dict(state["distill"])
+        if self.hints is not None:
+            self.hints.load_state_dict(state["hints"])
         if "optimizer" in state:  # a slim checkpoint (--slim-copy) restarts AdamW's moments from zero
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -198,7 +207,7 @@ class Trainer:
 
         loss_cfg = self.config["loss"]
         set_train_mode(self.student, self.config["model"]["freeze_backbone_bn"])
-        sums = {"loss": 0.0, "identity": 0.0, "distill": 0.0, "train_acc": 0.0}
+        sums = {"loss": 0.0, "identity": 0.0, "distill": 0.0, "relation": 0.0, "hint": 0.0, "train_acc": 0.0}
         count = labelled = 0
         start = time.perf_counter()
         bar = tqdm(self.loader(epoch), total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.config['optim']['epochs']}",
@@ -210,12 +219,16 @@ class Trainer:
                 features, clean, labels = mix_batch(features, clean, labels, self.spec, self.mixed_faces,
                                                     np.random.default_rng([self.config["seed"], epoch, index]))
             features, labels = features.to(self.device, non_blocking=True), labels.to(self.device)
+            maps, clean = split_hints(clean)  # the teacher's maps when the cached views hold them
             teacher = clean.to(self.device) if getattr(self.dataset, TEACHER_INCLUDED, False) else self.teacher(clean)
-            embedding = student_embedding(self.student, features)
+            embedding, hint = student_outputs(self.student, features, maps, self.hints)
             identity, cos = self.head(embedding, labels) if loss_cfg["identity_weight"] else (embedding.new_zeros(()), None)
             distill = self.distill(embedding, teacher) if teacher is not None and loss_cfg["distill_weight"] \
                 else embedding.new_zeros(())
-            loss = loss_cfg["identity_weight"] * identity + loss_cfg["distill_weight"] * distill
+            relation = relation_loss(embedding, teacher) if teacher is not None and self.relation_weight \
+                else embedding.new_zeros(())
+            loss = loss_cfg["identity_weight"] * identity + loss_cfg["distill_weight"] * distill \
+                + self.relation_weight * relation + self.hint_weight * hint
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.config["optim"]["grad_clip"]:
@@ -230,6 +243,8 @@ class Trainer:
             sums["loss"] += loss.item() * n
             sums["identity"] += identity.item() * n
             sums["distill"] += distill.item() * n
+            sums["relation"] += relation.item() * n
+            sums["hint"] += hint.item() * n
             if cos is not None:
                 sums["train_acc"] += float((cos.argmax(1) == labels).float().sum())
             bar.set_postfix(loss=f"{loss.item():.4f}", id=f"{identity.item():.3f}", kd=f"{distill.item():.4f}")

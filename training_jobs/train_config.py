@@ -48,9 +48,10 @@ def merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, An
 
 
 # Keys a config may set that have no default above: the model's shape (read by train.build_student), the share of
-# mixed faces (training_jobs/mixed_faces.py) and the switch that keeps every epoch's checkpoint.
+# mixed faces (training_jobs/mixed_faces.py), the weights of the batch-relation term (training_jobs/losses.py) and
+# of the stage-map hints (training_jobs/hints.py), and the switch that keeps every epoch's checkpoint.
 OPTIONAL_KEYS = {"keep_every_epoch", "model.kind", "model.activation", "model.width", "model.depth", "model.head",
-                "loss.mixed_faces"}
+                "loss.mixed_faces", "loss.relation_weight", "loss.hint_weight"}
 
 
 def unknown_keys(data: dict[str, Any], base: Any = DEFAULTS, prefix: str = "") -> list[str]:
@@ -90,6 +91,18 @@ def load_config(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: loss.mixed_faces is the fraction of a batch to mix, in [0, 1], not {mixed!r}")
     if mixed and (config["data"]["cached_views"] or config["teacher"] == "none"):
         raise ValueError(f"{path}: loss.mixed_faces needs the teacher run online (no data.cached_views, a teacher)")
+    relation = config["loss"].get("relation_weight", 0.0)
+    if not isinstance(relation, (int, float)) or relation < 0:
+        raise ValueError(f"{path}: loss.relation_weight is a weight >= 0, not {relation!r}")
+    if relation and config["teacher"] == "none":
+        raise ValueError(f"{path}: loss.relation_weight needs a teacher (the batch's similarities are the teacher's)")
+    hint = config["loss"].get("hint_weight", 0.0)
+    if not isinstance(hint, (int, float)) or hint < 0:
+        raise ValueError(f"{path}: loss.hint_weight is a weight >= 0, not {hint!r}")
+    if hint and (config["model"].get("kind") != "sealed-cnn" or not config["data"]["cached_views"]
+                 or config["teacher"] != "mobilefacenet"):
+        raise ValueError(f"{path}: loss.hint_weight needs model.kind sealed-cnn, data.cached_views and teacher: "
+                         "mobilefacenet (the teacher's maps are cached with its embeddings)")
     return config
 
 
