@@ -79,7 +79,7 @@ class GatewaySettings(BaseSettings):
         PROJECT_ROOT / "inference" / "bundled", description="Sealed mode: directory of sealed model versions "
         "(<version>/sealed.json + layers.npz, inference/sealed_export.py). Empty: sealed mode is not served.")
     sealed_model_version: str = Field(
-        "sealed-v5", description="Sealed mode: the sealed model version served to tenants in mode 'sealed' (the "
+        "sealed-v6", description="Sealed mode: the sealed model version served to tenants in mode 'sealed' (the "
                                  "parties must serve the same one: PRIVFACE_PARTY_SEALED_MODEL_DIR).")
     default_epsilon_max: float | None = Field(None, description="Default tenant ceiling on the per-image ε (None: any).")
     replay_window_s: int = Field(

@@ -154,6 +154,25 @@ def test_a_tiny_sealed_run_distils_on_extra_faces(tmp_path):
     assert flipped["B"]["verification"] != flipped["A"]["verification"]  # the flip changed B's scores
     with pytest.raises(SystemExit, match="--flip names no --run"):
         ab_compare.main(["--run", f"A={tmp_path / 'run'}", "--run", f"B={tmp_path / 'run'}", "--flip", "C"])
+    # --bundle: the same pairs decided at a served bundle's own thresholds (1:1, and the 1:N schedule's at a gallery)
+    from inference.operating_points import ImpostorCurve
+    curve = ImpostorCurve.from_scores(np.linspace(-0.5, 0.9, 500)).to_dict()
+    for name, threshold in (("lenient", -1.0), ("strict", 1.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "sealed.json").write_text(json.dumps({"threshold": threshold, "impostor_curve": curve}))
+    ab_compare.main(["--run", f"A={tmp_path / 'run'}", "--run", f"B={tmp_path / 'run'}", "--folds", "6-7",
+                     "--pairs-per-fold", "4", "--bundle", f"A={tmp_path / 'lenient'}", "--bundle",
+                     f"B={tmp_path / 'strict'}", "--gallery", "100", "--out", str(out)])
+    served = json.loads(out.read_text())["served"]
+    lenient, strict = served["models"]["A"], served["models"]["B"]
+    assert lenient["genuine_accepted"] == lenient["impostors_accepted"] == 1.0  # everything matches at -1
+    assert strict["genuine_accepted"] == strict["impostors_accepted"] == 0.0
+    assert lenient["identify_threshold"] == pytest.approx(ImpostorCurve.from_dict(curve).threshold(1 - 0.99 ** 0.01))
+    assert strict["identify_threshold"] == 1.0  # never below the verify threshold
+    assert served["paired_at_verify_threshold"]["pairs"] == 8 and served["paired_genuine_above_identify_threshold"]["pairs"] == 4
+    with pytest.raises(SystemExit, match="a --bundle NAME=DIR for each --run"):
+        ab_compare.main(["--run", f"A={tmp_path / 'run'}", "--run", f"B={tmp_path / 'run'}", "--folds", "6-7",
+                         "--pairs-per-fold", "4", "--bundle", f"A={tmp_path / 'lenient'}"])
 
 
 @needs_lfw
@@ -169,8 +188,8 @@ def test_cached_views_take_the_extra_faces_unlabelled_in_a_cache_file_of_their_o
     assert len(files) == 2 and cache in files  # the labelled images' cache is reused, the extra faces get their own
     dataset = trainer.dataset
     assert len(dataset) == 14 and dataset.labels == labelled_only.dataset.labels + [UNLABELLED] * 6
-    (features, embeddings), (extra_features, extra_embeddings) = dataset.sources
-    assert np.array_equal(features, labelled_only.dataset.sources[0][0]) and dataset.starts == [0, 8]
+    (features, embeddings), (extra_features, extra_embeddings) = ((a["features"], a["embeddings"]) for a in dataset.sources)
+    assert np.array_equal(features, labelled_only.dataset.sources[0]["features"]) and dataset.starts == [0, 8]
     assert extra_embeddings.shape == (6, 2, 128) and not np.array_equal(extra_embeddings[0], embeddings[0])
 
     def no_teacher(clean):
@@ -189,7 +208,7 @@ def test_extra_faces_may_have_fewer_views_than_the_labelled_images(tmp_path):
     config = tiny_sealed_config(tmp_path, 6, cached_views=3)
     config["data"].update(extra_faces=str(tmp_path / "extra"), extra_views=1)
     dataset = Trainer(config).dataset
-    (features, embeddings), (extra_features, extra_embeddings) = dataset.sources
+    (features, embeddings), (extra_features, extra_embeddings) = ((a["features"], a["embeddings"]) for a in dataset.sources)
     assert features.shape[1] == 3 and extra_features.shape[:2] == (6, 1) and len(dataset) == 14
     for epoch in range(3):
         dataset.set_epoch(epoch)

@@ -2,11 +2,14 @@
 
     python -m training_jobs.ab_compare --run A=var/training/cpu-sealed-celeba-a --run B=var/training/cpu-sealed-celeba-b \
         --folds 6-10 [--pairs-per-fold 100] [--out docs/results/celeba_ab.json] [--root VALIDATION_SET --folds 1-10]
+        [--flip A --flip B] [--bundle A=inference/bundled/sealed-vN --bundle B=... [--gallery 1000 --fpir 0.01]]
 
 Why paired: the two models see the same pairs with the same transform-noise draws, so their difference has far less
 spread than each accuracy's ± over folds suggests. Per pair, each model's decision uses the threshold chosen on the
 OTHER folds (the leave-one-fold-out protocol of training_jobs.evaluate); the interval is a bootstrap over pairs
 (resampling A's and B's decisions together). Folds 6-10 are evaluated only; nothing here is tuned on them.
+With --bundle, the same pairs are also decided at each served sealed bundle's own thresholds (1:1, and the 1:N
+schedule's at a gallery size): what the service would answer, which a threshold chosen on the pairs does not show.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 
 from inference.lfw import lfw_dir, shared_dir
+from inference.operating_points import ImpostorCurve, per_comparison_fmr
 from inference.sealed_student import SealedFaceModel, flip_signs
 from training_jobs.evaluate import HeldoutSet, ModelResult, frequency_embedder, parse_folds, torch_features_fn
 from training_jobs.train import build_student
@@ -51,6 +55,21 @@ def correct_per_pair(result: ModelResult, folds: np.ndarray) -> np.ndarray:
     return right
 
 
+def served_decisions(result: ModelResult, bundle: Path, gallery: int, fpir: float) -> dict[str, Any]:
+    """The pairs' decisions at a served bundle's own thresholds, as the service decides (no threshold from the pairs):
+    1:1 at sealed.json's `threshold`; 1:N as the gateway's schedule for a gallery of `gallery` at `fpir` per search
+    (the verify threshold or, when higher, the impostor curve's at the per-comparison rate; operating_points.py)."""
+    meta = json.loads((bundle / "sealed.json").read_text())
+    verify = float(meta["threshold"])
+    identify = max(verify, ImpostorCurve.from_dict(meta["impostor_curve"]).threshold(per_comparison_fmr(fpir, gallery)))
+    genuine, impostor = result.scores[result.same], result.scores[~result.same]
+    return {"bundle": str(bundle), "verify_threshold": verify, "right_at_verify": (result.scores >= verify) == result.same,
+            "genuine_accepted": float((genuine >= verify).mean()), "impostors_accepted": float((impostor >= verify).mean()),
+            "gallery": gallery, "fpir": fpir, "identify_threshold": identify,
+            "genuine_above_identify_threshold": float((genuine >= identify).mean()),
+            "genuine_above_identify": genuine >= identify}
+
+
 def paired(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict[str, Any]:
     """Accuracy difference B - A with a 95% bootstrap interval over pairs, and the discordant pair counts."""
     rng = np.random.default_rng(seed)  # resampling an evaluation, not protecting data
@@ -70,6 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--flip", action="append", default=[], metavar="NAME",
                         help="evaluate run NAME with the sealed test-time flip (repeatable)")
+    parser.add_argument("--bundle", action="append", default=[], metavar="NAME=DIR",
+                        help="also score run NAME at the served thresholds of sealed bundle DIR (both runs, or none)")
+    parser.add_argument("--gallery", type=int, default=1000, help="gallery size of the 1:N threshold (--bundle)")
+    parser.add_argument("--fpir", type=float, default=0.01, help="false-positive rate per search (--bundle)")
     parser.add_argument("--root", type=Path, default=None,
                         help="a folder laid out as LFW with its own pairs.txt (training_jobs.validation_set); default LFW")
     args = parser.parse_args(argv)
@@ -86,6 +109,16 @@ def main(argv: list[str] | None = None) -> None:
               "models": {r.name: {"run": path, "test_time_flip": r.name in args.flip, **r.to_dict()}
                          for r, (_, path) in zip(results, runs)},
               "paired": paired(rights[0], rights[1])}
+    bundles = dict(item.split("=", 1) for item in args.bundle)
+    if bundles:
+        if sorted(bundles) != sorted(r.name for r in results):
+            raise SystemExit("error: give a --bundle NAME=DIR for each --run, or none")
+        served = [served_decisions(r, Path(bundles[r.name]), args.gallery, args.fpir) for r in results]
+        genuine = [s.pop("genuine_above_identify") for s in served]
+        report["served"] = {
+            "models": {r.name: {k: v for k, v in s.items() if k != "right_at_verify"} for r, s in zip(results, served)},
+            "paired_at_verify_threshold": paired(served[0]["right_at_verify"], served[1]["right_at_verify"]),
+            "paired_genuine_above_identify_threshold": paired(genuine[0], genuine[1])}
     text = json.dumps(report, indent=1)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

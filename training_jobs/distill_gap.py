@@ -1,6 +1,6 @@
 """How far a student is from its teacher on training images and on faces it never saw: the overfitting check.
 
-    python -m training_jobs.distill_gap --checkpoint training_jobs/checkpoints/cpu-sealed-quad-w128-kd.pt [--images 600]
+    python -m training_jobs.distill_gap --checkpoint training_jobs/checkpoints/cpu-sealed-quad-w128-hint.pt [--images 600]
     python -m training_jobs.distill_gap --model-dir inference/bundled/v1-accurate   # an ONNX model version
 
 Why: a run's own distillation loss is measured on its training views; a student that copies the teacher there but

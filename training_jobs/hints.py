@@ -16,6 +16,8 @@ blocks tile the 112x112 face as those stages' cells do), so the maps align posit
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,7 +40,7 @@ class TeacherWithHints(nn.Module):
         for index in HINT_BLOCKS:
             teacher.features[index].register_forward_hook(self._keeper(index))
 
-    def _keeper(self, index: int):  # type: ignore[no-untyped-def]
+    def _keeper(self, index: int) -> Callable[[nn.Module, object, torch.Tensor], None]:
         def keep(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
             self._maps[index] = output
         return keep
