@@ -168,8 +168,16 @@ def test_a_tiny_sealed_run_distils_on_extra_faces(tmp_path):
     assert lenient["genuine_accepted"] == lenient["impostors_accepted"] == 1.0  # everything matches at -1
     assert strict["genuine_accepted"] == strict["impostors_accepted"] == 0.0
     assert lenient["identify_threshold"] == pytest.approx(ImpostorCurve.from_dict(curve).threshold(1 - 0.99 ** 0.01))
+    assert lenient["gallery"] == 100  # a step of the gateway's schedule: its threshold is the curve's at that size
     assert strict["identify_threshold"] == 1.0  # never below the verify threshold
     assert served["paired_at_verify_threshold"]["pairs"] == 8 and served["paired_genuine_above_identify_threshold"]["pairs"] == 4
+    (tmp_path / "flipped").mkdir()  # a bundle served with the test-time flip scores e(x) + e(flip x)
+    (tmp_path / "flipped" / "sealed.json").write_text(json.dumps({"threshold": 0.3, "impostor_curve": curve,
+                                                                   "flip_signs": [1, -1]}))
+    with pytest.raises(SystemExit, match=r"scores with the test-time flip \(--flip B\)"):
+        ab_compare.main(["--run", f"A={tmp_path / 'run'}", "--run", f"B={tmp_path / 'run'}", "--folds", "6-7",
+                         "--pairs-per-fold", "4", "--bundle", f"A={tmp_path / 'lenient'}", "--bundle",
+                         f"B={tmp_path / 'flipped'}"])
     with pytest.raises(SystemExit, match="a --bundle NAME=DIR for each --run"):
         ab_compare.main(["--run", f"A={tmp_path / 'run'}", "--run", f"B={tmp_path / 'run'}", "--folds", "6-7",
                          "--pairs-per-fold", "4", "--bundle", f"A={tmp_path / 'lenient'}"])

@@ -345,8 +345,10 @@ def test_hint_runs_cache_the_teachers_maps_and_train_the_students_stages_toward_
     plain["model"].update(kind="sealed-cnn", activation="quad", width=16)
     plain["data"]["cached_views"] = 2
     plain["out_dir"] = str(tmp_path / "run")  # the same folder: a run without hints has its own cache file
-    Trainer(plain)
+    plain_trainer = Trainer(plain)
     assert len(list((tmp_path / "run").glob("views-*.npz"))) == 2
+    with pytest.raises(ValueError, match="trained with loss.hint_weight"):  # no silent drop of the regressors
+        plain_trainer.load_checkpoint(trainer.checkpoint_path)
 
 
 def test_the_hint_term_is_zero_when_the_regressed_maps_point_where_the_teachers_do():

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from inference.lfw import lfw_dir, shared_dir
-from inference.operating_points import ImpostorCurve, per_comparison_fmr
+from inference.operating_points import ImpostorCurve
 from inference.sealed_student import SealedFaceModel, flip_signs
 from training_jobs.evaluate import HeldoutSet, ModelResult, frequency_embedder, parse_folds, torch_features_fn
 from training_jobs.train import build_student
@@ -55,13 +55,20 @@ def correct_per_pair(result: ModelResult, folds: np.ndarray) -> np.ndarray:
     return right
 
 
-def served_decisions(result: ModelResult, bundle: Path, gallery: int, fpir: float) -> dict[str, Any]:
+def served_decisions(result: ModelResult, flip: bool, bundle: Path, gallery: int, fpir: float) -> dict[str, Any]:
     """The pairs' decisions at a served bundle's own thresholds, as the service decides (no threshold from the pairs):
-    1:1 at sealed.json's `threshold`; 1:N as the gateway's schedule for a gallery of `gallery` at `fpir` per search
-    (the verify threshold or, when higher, the impostor curve's at the per-comparison rate; operating_points.py)."""
+    1:1 at sealed.json's `threshold`; 1:N at the gateway's schedule step for a gallery of `gallery` at `fpir` per
+    search (inference/operating_points.py, secure/thresholds.py)."""
     meta = json.loads((bundle / "sealed.json").read_text())
+    if meta.get("transform_id", result.input) != result.input:
+        raise SystemExit(f"error: --bundle {result.name}: the bundle serves {meta['transform_id']}, the run "
+                         f"{result.input}")
+    if bool(meta.get("flip_signs")) != flip:
+        raise SystemExit(f"error: --bundle {result.name}: the bundle's threshold is for scores "
+                         f"{'with' if meta.get('flip_signs') else 'without'} the test-time flip (--flip {result.name})")
     verify = float(meta["threshold"])
-    identify = max(verify, ImpostorCurve.from_dict(meta["impostor_curve"]).threshold(per_comparison_fmr(fpir, gallery)))
+    schedule = ImpostorCurve.from_dict(meta["impostor_curve"]).identify_schedule(fpir, floor=verify)
+    identify = next((t for n, t in schedule if gallery <= n), schedule[-1][1])  # the step the gateway uses
     genuine, impostor = result.scores[result.same], result.scores[~result.same]
     return {"bundle": str(bundle), "verify_threshold": verify, "right_at_verify": (result.scores >= verify) == result.same,
             "genuine_accepted": float((genuine >= verify).mean()), "impostors_accepted": float((impostor >= verify).mean()),
@@ -113,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     if bundles:
         if sorted(bundles) != sorted(r.name for r in results):
             raise SystemExit("error: give a --bundle NAME=DIR for each --run, or none")
-        served = [served_decisions(r, Path(bundles[r.name]), args.gallery, args.fpir) for r in results]
+        served = [served_decisions(r, r.name in args.flip, Path(bundles[r.name]), args.gallery, args.fpir)
+                  for r in results]
         genuine = [s.pop("genuine_above_identify") for s in served]
         report["served"] = {
             "models": {r.name: {k: v for k, v in s.items() if k != "right_at_verify"} for r, s in zip(results, served)},

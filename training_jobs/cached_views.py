@@ -91,7 +91,7 @@ def load_or_build(path: Path, build: Callable[[], dict[str, np.ndarray]]) -> dic
     return arrays
 
 
-class CachedViews(Dataset[tuple[torch.Tensor, Any, int]]):
+class CachedViews(Dataset[tuple[torch.Tensor, Any, int]]):  # Any: a Tensor, or a dict with hints
     """(features float32 [K,14,14] with fresh noise, teacher embedding float32 [128], label) per sample; with hints
     the middle item is {"embedding": [128], "hint14": [128,14,14], "hint7": [128,7,7]} (float32).
 
@@ -129,7 +129,7 @@ class CachedViews(Dataset[tuple[torch.Tensor, Any, int]]):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor], int]:
         source = bisect.bisect_right(self.starts, index) - 1
         arrays = self.sources[source]
         row = index - self.starts[source]
@@ -137,7 +137,7 @@ class CachedViews(Dataset[tuple[torch.Tensor, Any, int]]):
         view = int(rng.integers(arrays["features"].shape[1]))
         noisy = to_float16(add_noise(arrays["features"][row, view].astype(np.float64), self.spec, rng))
         embedding = torch.from_numpy(arrays["embeddings"][row, view])
-        teacher: Any = embedding if not self.hints else {"embedding": embedding, **{
+        teacher: torch.Tensor | dict[str, torch.Tensor] = embedding if not self.hints else {"embedding": embedding, **{
             name: torch.from_numpy(arrays[name][row, view].astype(np.float32)) for name in HINT_NAMES}}
         return torch.from_numpy(noisy.astype(np.float32)), teacher, self.labels[index]
 

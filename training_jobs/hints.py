@@ -88,7 +88,7 @@ def student_outputs(student: nn.Module, features: torch.Tensor, maps: tuple[torc
     """(raw embedding, hint term) of a batch: the term is 0 unless the batch carries the teacher's maps and the run
     weighs them; then the student (a SealedCnn behind its identity adapter) also yields its stage maps."""
     backbone, adapter = student.get_submodule("backbone"), student.get_submodule("adapter")
-    if maps is None or loss is None:
+    if maps is None or loss is None:  # train.student_embedding's computation (train imports this module)
         embedding: torch.Tensor = backbone(adapter(features))
         return embedding, features.new_zeros(())
     assert isinstance(backbone, SealedCnn), "hint_loss_for refused this student"

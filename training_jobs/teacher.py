@@ -43,6 +43,7 @@ class Teacher:
         self.kind = kind
         self.device = device
         self.session: ort.InferenceSession | None = None
+        self.with_maps: TeacherWithHints | None = None
         if hints and kind != "mobilefacenet":
             raise ValueError("hint distillation needs teacher: mobilefacenet (its maps are the hints)")
         if kind == "mobilefacenet":

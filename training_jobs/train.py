@@ -166,6 +166,8 @@ class Trainer:
         self.student.load_state_dict(state["student"])
         self.head.load_state_dict(state["head"])
         self.distill.load_state_dict(state["distill"])
+        if (self.hints is None) != (state.get("hints") is None):
+            raise ValueError("the checkpoint was trained " + ("without" if self.hints else "with") + " loss.hint_weight")
         if self.hints is not None:
             self.hints.load_state_dict(state["hints"])
         if "optimizer" in state:  # a slim checkpoint (--slim-copy) restarts AdamW's moments from zero

@@ -55,6 +55,8 @@ class ServerSettings:
         if self.faces is None and self.heldout_folds == DEFAULT_FOLDS:  # LFW's population: states saved before
             out.pop("faces")                                              # these fields existed still resume
             out.pop("heldout_folds")
-        if self.heldout_pairs_per_fold == DEFAULT_PAIRS_PER_FOLD:  # likewise for states saved before this field
+        # likewise for states saved before this field: the default, and 0 (the deployment runtime logs no held-out
+        # metrics per round, so there is no sample size to mix)
+        if self.heldout_pairs_per_fold in (0, DEFAULT_PAIRS_PER_FOLD):
             out.pop("heldout_pairs_per_fold")
         return out
