@@ -266,6 +266,7 @@ def test_the_settings_identity_names_a_face_set_only_when_it_is_not_lfws():
         lfw.identity())
 
 
+@needs_flwr  # simulate's parser imports Flower
 def test_a_state_saved_with_one_held_out_sample_size_is_not_resumed_with_another(tmp_path: Path):
     """The log a resumed run continues holds its held-out metrics per round: --pairs-per-fold 300 must not extend a
     log measured on 60 pairs per fold. The default keeps the identity it had before the field existed."""

@@ -430,6 +430,8 @@ def test_run_config_is_checked_before_any_round():
             "local-epochs": 1, "batch-size": 4, "max-weight": 4, "state-dir": ""}
     settings = settings_from_run_config(good, SHARED)
     assert settings.seed is None and settings.round_timeout == 30.0 and settings.secagg["timeout"] == 30.0
+    assert settings.heldout_pairs_per_fold == 0  # optional in a run config: no held-out evaluation per round
+    assert settings_from_run_config({**good, "heldout-pairs-per-fold": 20}, SHARED).heldout_pairs_per_fold == 20
     assert settings.state_dir is None and settings.num_clients == 5 and settings.clients_per_round == 3
     for key, bad in (("aggregation", "median"), ("scope", "all"), ("clients-per-round", 6)):
         with pytest.raises(ValueError, match=key.split("-")[0]):

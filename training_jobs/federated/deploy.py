@@ -98,7 +98,7 @@ def settings_from_run_config(config: dict[str, Any], shared: Path) -> ServerSett
                           {"epochs": int(config["local-epochs"]), "batch-size": int(config["batch-size"])},
                           None, aggregation, {"timeout": timeout, "max_weight": int(config["max-weight"])},
                           0.0, str(config["state-dir"]) or None, round_timeout=timeout,
-                          heldout_pairs_per_fold=int(config["heldout-pairs-per-fold"]))
+                          heldout_pairs_per_fold=int(config.get("heldout-pairs-per-fold", 0)))  # optional: 0
 
 
 def write_report(path: Path, log_: dict[str, Any]) -> None:
