@@ -46,7 +46,7 @@ from training_jobs.federated.params import saved_weights, set_arrays
 from training_jobs.federated.population import IsolationError, Population, make_population
 from training_jobs.federated.secagg import SecAggSettings
 from training_jobs.federated.server_app import RoundCallback, base_model, make_server_app
-from training_jobs.federated.settings import AGGREGATIONS, ServerSettings
+from training_jobs.federated.settings import AGGREGATIONS, DEFAULT_PAIRS_PER_FOLD, ServerSettings
 
 BACKEND: dict[str, dict[str, object]] = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
            "init_args": {"num_cpus": 1, "num_gpus": 0, "logging_level": "error", "log_to_driver": False}}
@@ -223,7 +223,7 @@ def make_parser() -> argparse.ArgumentParser:
                         help=f"devices' learning rate of the backbone (default {LocalConfig.lr})")
     parser.add_argument("--adapter-lr", type=positive_float, default=None,
                         help=f"devices' learning rate of the adapter (default {LocalConfig.adapter_lr})")
-    parser.add_argument("--pairs-per-fold", type=int, default=60)
+    parser.add_argument("--pairs-per-fold", type=int, default=DEFAULT_PAIRS_PER_FOLD)
     parser.add_argument("--faces", type=face_set, default=None,
                         help="a face set in LFW's layout with its pairs.txt whose people are the clients and whose "
                              "--heldout-folds give the held-out pairs (default: the shared LFW)")
