@@ -67,6 +67,12 @@ def images_outside_pairs(lfw: Path) -> list[str]:
                   if person.is_dir() and person.name not in excluded for p in sorted(person.glob("*.jpg")))
 
 
+def every_image(root: Path) -> list[str]:
+    """Relative paths of every image of every person folder under ``root`` (a face folder laid out as LFW is)."""
+    return sorted(str(p.relative_to(root)) for person in sorted(root.iterdir()) if person.is_dir()
+                  for p in sorted(person.glob("*.jpg")))
+
+
 def load_rgb(lfw: Path, relative: str) -> np.ndarray:
     """One aligned face as RGB uint8 [112, 112, 3]."""
     bgr = cv2.imread(str(lfw / relative), cv2.IMREAD_COLOR)

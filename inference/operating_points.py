@@ -102,13 +102,14 @@ class ImpostorCurve:
         return cls(**{**data, "fmr": tuple(data["fmr"]), "thresholds": tuple(data["thresholds"])})
 
 
-def calibration_images(lfw: Path, limit: int = CALIBRATION_IMAGES) -> list[str]:
-    """Up to ``limit`` images of identities in no View-2 fold, at most 4 per identity (many identities)."""
-    from inference.lfw import images_outside_pairs
+def calibration_images(root: Path, limit: int = CALIBRATION_IMAGES, every_person: bool = False) -> list[str]:
+    """Up to ``limit`` images, at most 4 per identity (many identities): of identities in no View-2 fold of LFW, or
+    (``every_person``) of every person of a face folder the model never trained on."""
+    from inference.lfw import every_image, images_outside_pairs
 
     chosen: list[str] = []
     per_id: dict[str, int] = {}
-    for path in images_outside_pairs(lfw):
+    for path in every_image(root) if every_person else images_outside_pairs(root):
         name = path.split("/")[0]
         if per_id.get(name, 0) < 4:
             per_id[name] = per_id.get(name, 0) + 1
@@ -119,14 +120,24 @@ def calibration_images(lfw: Path, limit: int = CALIBRATION_IMAGES) -> list[str]:
 
 
 def calibrate(embed: Callable[[np.ndarray], np.ndarray], spec: TransformSpec, lfw: Path,
-              limit: int = CALIBRATION_IMAGES, seed: int = 0) -> ImpostorCurve:
-    """The impostor curve of a model (``embed``: features [B, K, 14, 14] -> embeddings) on calibration images."""
+              limit: int = CALIBRATION_IMAGES, seed: int = 0, unseen: Path | None = None) -> ImpostorCurve:
+    """The impostor curve of a model (``embed``: features [B, K, 14, 14] -> embeddings) on calibration images.
+
+    ``unseen``: a face folder laid out as LFW (the CelebA validation set, training_jobs/validation_set.py) none of
+    whose people the model trained on. Why: LFW's people in no View-2 fold are TRAINING people of every model trained
+    here (training_jobs/datasets.py), and a model tells its own training faces apart better than new ones, so their
+    impostor scores are lower and a threshold placed on them accepts more new impostors than its target rate."""
     from inference.evaluation import embed_images
 
-    images = calibration_images(lfw, limit)
-    vectors = embed_images(lfw, images, spec, embed, np.random.default_rng(seed))
+    root = unseen if unseen is not None else lfw
+    images = calibration_images(root, limit, every_person=unseen is not None)
+    if unseen is not None and len(images) < MIN_CALIBRATION_IMAGES:  # a folder the caller chose
+        raise ValueError(f"{root}: {len(images)} calibration images, fewer than {MIN_CALIBRATION_IMAGES}")
+    vectors = embed_images(root, images, spec, embed, np.random.default_rng(seed))
     emb = np.stack([vectors[path] for path in images])
     people = [p.split("/")[0] for p in images]
-    source = (f"LFW identities in no View-2 fold: {len(images)} images of {len(set(people))} people, transform "
+    who = (f"every person of {root.name} (none trained on)" if unseen is not None
+           else "LFW identities in no View-2 fold")
+    source = (f"{who}: {len(images)} images of {len(set(people))} people, transform "
               f"{spec.transform_id}, one noise draw per image (seed {seed})")
     return ImpostorCurve.from_scores(impostor_scores(emb, people), source)

@@ -120,8 +120,9 @@ def twin_embed(model: SealedFaceModel) -> Any:
 
 
 def build_sealed(checkpoint: Path, version: str, out_dir: Path, shared: Path, far: float = VERIFY_FAR,
-                 test_time_flip: bool = True) -> Path:
-    """OUT_DIR/<version> from ``checkpoint``; replaces an existing one."""
+                 test_time_flip: bool = True, unseen: Path | None = None) -> Path:
+    """OUT_DIR/<version> from ``checkpoint``; replaces an existing one. ``unseen``: calibrate the threshold on this
+    face folder's people, none of them trained on (inference.operating_points.calibrate), not on LFW's."""
     model, spec, source = load_checkpoint(checkpoint)
     model.flip = flip_signs(spec) if test_time_flip else None
     lfw = lfw_dir(shared)
@@ -129,7 +130,7 @@ def build_sealed(checkpoint: Path, version: str, out_dir: Path, shared: Path, fa
     staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=out_dir))
     try:
         layers = save_layers(folded_layers(model), staging / LAYERS_FILE)
-        curve = calibrate(twin_embed(model), spec, lfw)  # people in no View-2 fold
+        curve = calibrate(twin_embed(model), spec, lfw, unseen=unseen)  # never a View-2 fold's people
         meta = {"version": version, "kind": "sealed-student", "transform": spec.to_dict(),
                 "transform_id": spec.transform_id, "params_hash": spec.params_hash, "shape": list(spec.shape),
                 "embedding_dim": source["embedding_dim"], "layers": layers, "layers_file": LAYERS_FILE,
@@ -165,10 +166,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shared-dir", type=Path, default=None)
     parser.add_argument("--far", type=float, default=VERIFY_FAR, help="served false-match rate (calibration set)")
     parser.add_argument("--no-test-time-flip", action="store_true", help="embed e(x) only (half the MPC bytes)")
+    parser.add_argument("--calibration-faces", type=Path, default=None,
+                        help="face folder laid out as LFW whose people the model never trained on (e.g. the CelebA "
+                             "validation set); default: LFW people in no View-2 fold, who are training people")
     args = parser.parse_args(argv)
+    if args.calibration_faces is not None and not args.calibration_faces.is_dir():
+        parser.error(f"--calibration-faces {args.calibration_faces}: not a folder")
     torch.set_num_threads(1)
     final = build_sealed(args.checkpoint, args.version, args.out_dir, args.shared_dir or shared_dir(), args.far,
-                         test_time_flip=not args.no_test_time_flip)
+                         test_time_flip=not args.no_test_time_flip, unseen=args.calibration_faces)
     meta = json.loads((final / SEALED_FILE).read_text())
     print(f"built {final}: {meta['transform_id']}, d={meta['embedding_dim']}, threshold {meta['threshold']:.4f}, "
           f"norm scale {meta['norm_hint']:.3f}, test-time flip {'on' if meta['flip_signs'] else 'off'}")

@@ -86,3 +86,33 @@ def test_calibration_never_uses_a_held_out_identity(shared: Path) -> None:
     named = {path.split("/")[0] for p in read_pairs(lfw) for path in (p.left, p.right)}
     chosen = calibration_images(lfw, 500)
     assert len(chosen) == 500 and not {p.split("/")[0] for p in chosen} & named
+
+
+def _face_folder(root: Path, people: int, photos: int, lfw: Path) -> Path:
+    """A face folder laid out as LFW (person/person_NNNN.jpg), its photos hard-linked from real LFW faces."""
+    from inference.lfw import images_outside_pairs
+
+    sources = iter(images_outside_pairs(lfw))
+    for k in range(people):
+        folder = root / f"celeb_{k}"
+        folder.mkdir(parents=True)
+        for j in range(photos):
+            (folder / f"celeb_{k}_{j:04d}.jpg").hardlink_to(lfw / next(sources))
+    return root
+
+
+def test_calibration_on_unseen_people_uses_every_person_of_their_folder(shared: Path, tmp_path: Path) -> None:
+    from inference.lfw import lfw_dir
+    from inference.operating_points import calibrate
+    from inference.transform import spec_v0
+
+    lfw = lfw_dir(shared)
+    folder = _face_folder(tmp_path / "unseen", people=30, photos=5, lfw=lfw)
+    chosen = calibration_images(folder, 1000, every_person=True)
+    assert len(chosen) == 120 and len({p.split("/")[0] for p in chosen}) == 30  # 4 of each person's 5
+    spec = spec_v0()
+    curve = calibrate(lambda x: x.reshape(len(x), -1)[:, :64], spec, lfw, unseen=folder)
+    assert "every person of unseen (none trained on): 120 images of 30 people" in curve.source
+    small = _face_folder(tmp_path / "small", people=20, photos=3, lfw=lfw)  # 60 images: too few to calibrate on
+    with pytest.raises(ValueError, match="60 calibration images, fewer than 100"):
+        calibrate(lambda x: x.reshape(len(x), -1)[:, :64], spec, lfw, unseen=small)
