@@ -79,7 +79,7 @@ class GatewaySettings(BaseSettings):
         PROJECT_ROOT / "inference" / "bundled", description="Sealed mode: directory of sealed model versions "
         "(<version>/sealed.json + layers.npz, inference/sealed_export.py). Empty: sealed mode is not served.")
     sealed_model_version: str = Field(
-        "sealed-v6", description="Sealed mode: the sealed model version served to tenants in mode 'sealed' (the "
+        "sealed-v7", description="Sealed mode: the sealed model version served to tenants in mode 'sealed' (the "
                                  "parties must serve the same one: PRIVFACE_PARTY_SEALED_MODEL_DIR).")
     default_epsilon_max: float | None = Field(None, description="Default tenant ceiling on the per-image ε (None: any).")
     replay_window_s: int = Field(
@@ -125,6 +125,11 @@ class GatewaySettings(BaseSettings):
         CALIBRATION_IMAGES, ge=MIN_CALIBRATION_IMAGES,
         description="Images (people in no View-2 fold) on which a federated candidate's impostor curve and served "
                     "threshold are measured at export; fewer exports faster with a coarser curve.")
+    federated_calibration_faces: Path | None = Field(
+        None, description="A face folder laid out as LFW whose people no model here trained on (e.g. the CelebA "
+                          "validation set of training_jobs/validation_set.py): a federated candidate's served threshold "
+                          "is calibrated on them instead of on LFW's no-fold people, who are training people "
+                          "(docs/sealed.md: thresholds calibrated on training people let through more new impostors).")
     federated_state_dir: Path = Field(
         PROJECT_ROOT / "var" / "federated", description="Per-round state of running federated jobs (resume after a "
                                                         "worker restart); removed when a job ends.")

@@ -109,7 +109,7 @@ def export_version(version: str, out_dir: Path, shared: Path, eval_pairs: int = 
 
 def export_model_version(model: torch.nn.Module, spec: TransformSpec, version: str, out_dir: Path,
                          shared: Path, threshold: float | None, metrics: dict,
-                         calibration_images: int = CALIBRATION_IMAGES) -> Path:
+                         calibration_images: int = CALIBRATION_IMAGES, calibration_faces: Path | None = None) -> Path:
     """Export an already-built (e.g. trained) model as OUT_DIR/<version>: ONNX, ORT-vs-PyTorch parity, model.json.
 
     Unlike export_version, the caller supplies the metrics (a trained model must be measured on identities it never
@@ -117,13 +117,16 @@ def export_model_version(model: torch.nn.Module, spec: TransformSpec, version: s
     VERIFY_FAR on the calibration impostors (people in no View-2 fold), so nothing is tuned on held-out pairs.
     Same atomic directory swap. ``calibration_images``: how many such images the impostor curve is measured on
     (fewer: a faster export and a coarser curve at low false-match rates; model.json's curve says how many).
+    ``calibration_faces``: a face folder of people the model never trained on to calibrate on instead of LFW's
+    no-fold people, who are training people of every model trained here (inference.operating_points.calibrate).
     """
     return _export_atomically(model.cpu().eval(), spec, version, Path(out_dir), shared,
-                              lambda _embedder: (threshold, metrics), calibration_images)
+                              lambda _embedder: (threshold, metrics), calibration_images, calibration_faces)
 
 
 def _export_atomically(model: torch.nn.Module, spec: TransformSpec, version: str, out_dir: Path, shared: Path,
-                       threshold_and_metrics, calibration_images: int = CALIBRATION_IMAGES) -> Path:
+                       threshold_and_metrics, calibration_images: int = CALIBRATION_IMAGES,
+                       calibration_faces: Path | None = None) -> Path:
     """ONNX export + parity check + model.json, built under a temporary name and renamed into place, so a
     crashed export never looks complete. `threshold_and_metrics(embedder) -> (threshold, metrics)`."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -137,7 +140,7 @@ def _export_atomically(model: torch.nn.Module, spec: TransformSpec, version: str
         if not diff <= MAX_PARITY_DIFF:
             raise RuntimeError(f"ONNX Runtime and PyTorch disagree by {diff:.3g} (limit {MAX_PARITY_DIFF})")
         threshold, metrics = threshold_and_metrics(embedder)
-        curve = calibrate(embedder.embed, spec, lfw_dir(shared), calibration_images)  # identities in no View-2 fold
+        curve = calibrate(embedder.embed, spec, lfw_dir(shared), calibration_images, unseen=calibration_faces)
         if threshold is None:
             threshold = curve.threshold(VERIFY_FAR)
             metrics = {**metrics, "served_threshold": f"false-match rate {VERIFY_FAR:g} on the calibration impostors"}

@@ -225,6 +225,11 @@ def test_the_exported_candidates_calibration_size_is_an_option_with_a_floor(caps
     with pytest.raises(SystemExit):
         make_parser().parse_args(["--calibration-images", "99"])
     assert "at least 100, not 99" in capsys.readouterr().err
+    assert make_parser().parse_args([]).calibration_faces is None  # LFW's no-fold people
+    assert make_parser().parse_args(["--calibration-faces", str(SHARED)]).calibration_faces == SHARED
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["--calibration-faces", str(SHARED / "no-such-folder")])
+    assert "no-such-folder: not a folder" in capsys.readouterr().err
 
 
 @needs_flwr

@@ -62,7 +62,7 @@ def test_the_devices_learning_rate_reaches_the_run_only_when_set(tmp_path):
     assert "--lr" not in default and "--adapter-lr" not in default
 
 
-def test_the_calibration_size_setting_reaches_both_engines_commands_and_too_few_images_are_refused(tmp_path):
+def test_the_calibration_settings_reach_both_engines_commands_and_too_few_images_are_refused(tmp_path):
     settings = GatewaySettings(federated_calibration_images=300, federated_superlink="127.0.0.1:9093",
                                federated_superlink_insecure=True)
     for cmd in (command(settings, FederatedParams(), "fed-x", None, tmp_path),
@@ -72,6 +72,12 @@ def test_the_calibration_size_setting_reaches_both_engines_commands_and_too_few_
     assert default[default.index("--calibration-images") + 1] == "1200"
     with pytest.raises(ValueError, match="federated_calibration_images"):
         GatewaySettings(federated_calibration_images=99)
+    assert "--calibration-faces" not in default  # unset: a job's command (its resume fingerprint) as before
+    unseen = GatewaySettings(federated_calibration_faces=tmp_path / "celeba-val", federated_superlink="127.0.0.1:9093",
+                             federated_superlink_insecure=True)
+    for cmd in (command(unseen, FederatedParams(), "fed-x", None, tmp_path),
+                deployment_command(unseen, FederatedParams(engine="deployment"), "fed-x", None, tmp_path)):
+        assert cmd[cmd.index("--calibration-faces") + 1] == str(tmp_path / "celeba-val")
 
 
 def test_guardrail_refuses_a_worse_candidate_and_accepts_one_within_tolerance():

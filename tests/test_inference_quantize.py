@@ -38,3 +38,16 @@ def test_the_thread_settings_reach_the_session():
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     default = OrtEmbedder(MODEL, prefer_gpu=False).session.get_session_options()
     assert default.intra_op_num_threads == 0  # ORT picks one per core, as on main
+
+
+def test_the_parallel_bench_sums_real_workers(tmp_path: Path) -> None:
+    """bench/ort_parallel.py: every (model, processes, batch) setting measured, each a positive summed rate."""
+    import json
+
+    from bench.ort_parallel import main
+
+    out = tmp_path / "parallel.json"
+    main(["--processes", "1,2", "--batches", "2", "--seconds", "0.3", "--rounds", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert set(report["per_s"]) == {"fp32, 1 process, batch 2", "fp32, 2 processes, batch 2"}
+    assert all(row["median"] > 0 and len(row["samples"]) == 1 for row in report["per_s"].values())

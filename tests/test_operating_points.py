@@ -116,3 +116,27 @@ def test_calibration_on_unseen_people_uses_every_person_of_their_folder(shared: 
     small = _face_folder(tmp_path / "small", people=20, photos=3, lfw=lfw)  # 60 images: too few to calibrate on
     with pytest.raises(ValueError, match="60 calibration images, fewer than 100"):
         calibrate(lambda x: x.reshape(len(x), -1)[:, :64], spec, lfw, unseen=small)
+
+
+def test_a_trained_model_exported_with_unseen_faces_is_calibrated_on_them(shared: Path, tmp_path: Path) -> None:
+    """export_model_version(calibration_faces=...), what a training config's `export.calibration_faces` passes: the
+    served threshold comes from the unseen people's impostor curve, and model.json says whose."""
+    import torch
+
+    from inference.export import export_model_version
+    from inference.mobilefacenet import EMBEDDING_DIM
+    from inference.lfw import lfw_dir
+    from inference.metadata import ModelMetadata
+    from inference.transform import spec_v0
+
+    spec = spec_v0()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(spec.num_channels * 196, EMBEDDING_DIM))
+    folder = _face_folder(tmp_path / "unseen", people=30, photos=5, lfw=lfw_dir(shared))
+    final = export_model_version(model, spec, "v9-test", tmp_path / "models", shared, None, {},
+                                 calibration_faces=folder)
+    meta = ModelMetadata.load(final)
+    curve = ImpostorCurve.from_dict(meta.impostor_curve)
+    assert curve.source.startswith("every person of unseen (none trained on): 120 images of 30 people")
+    assert meta.threshold == pytest.approx(curve.threshold(1e-3))
+    assert meta.metrics["served_threshold"] == "false-match rate 0.001 on the calibration impostors"

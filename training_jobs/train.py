@@ -344,8 +344,9 @@ class Trainer:
                        "threshold is NOT chosen on these pairs (inference.export.VERIFY_FAR on calibration impostors)",
                        "heldout": result.to_dict(),
                        "training": {k: report[k] for k in ("epochs", "steps", "train_images", "train_identities")}}
+            unseen = Path(export["calibration_faces"]) if export.get("calibration_faces") else None
             final = export_model_version(copy.deepcopy(self.student).cpu(), self.spec, export["version"],
-                                         Path(export["out_dir"]), self.shared, None, metrics)
+                                         Path(export["out_dir"]), self.shared, None, metrics, calibration_faces=unseen)
             report["exported"] = str(final)
         (self.out_dir / "final.json").write_text(json.dumps(report, indent=1) + "\n")
         return report

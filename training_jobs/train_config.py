@@ -36,7 +36,7 @@ DEFAULTS: dict[str, Any] = {
               "weight_decay": 5e-4, "warmup_steps": 200, "min_lr_ratio": 0.01, "max_steps_per_epoch": None,
               "grad_clip": 5.0},
     "eval": {"epoch_pairs_per_fold": 100, "final_pairs_per_fold": None, "plots_dir": None, "seed": 0},
-    "export": None,  # {"version": "v1", "out_dir": "var/models"}
+    "export": None,  # {"version": "v1", "out_dir": "var/models", "calibration_faces": <folder of unseen people>}
 }
 
 

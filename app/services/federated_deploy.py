@@ -83,5 +83,6 @@ def deployment_command(settings: GatewaySettings, job: FederatedParams, version:
            "--pairs-per-fold", str(job.pairs_per_fold), "--max-images", str(job.max_images),
            "--epochs", str(job.epochs), "--state-dir", str(state_dir), "--progress",
            "--export-dir", str(settings.model_dir), "--version", version,
-           "--calibration-images", str(settings.federated_calibration_images)]
+           "--calibration-images", str(settings.federated_calibration_images),
+           *(["--calibration-faces", str(faces)] if (faces := settings.federated_calibration_faces) else [])]
     return cmd + (["--baseline-dir", str(baseline_dir)] if baseline_dir is not None else [])

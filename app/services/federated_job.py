@@ -203,7 +203,8 @@ def command(settings: GatewaySettings, params: FederatedParams, version: str, ba
            "--epochs", str(params.epochs), "--aggregation", params.aggregation, "--progress",
            "--mode", params.mode, "--negatives", params.negatives,
            "--state-dir", str(state_dir), "--export-dir", str(settings.model_dir), "--version", version,
-           "--calibration-images", str(settings.federated_calibration_images)]
+           "--calibration-images", str(settings.federated_calibration_images),
+           *(["--calibration-faces", str(faces)] if (faces := settings.federated_calibration_faces) else [])]
     if params.heldout_every_round:
         cmd.append("--heldout-every-round")
     if params.lr is not None:

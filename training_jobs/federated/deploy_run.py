@@ -207,7 +207,7 @@ def publish(args: argparse.Namespace, settings: ServerSettings, state: checkpoin
                                  "engine": "deployment", "devices": sorted({c for r in state.log["rounds"]
                                                                             for c in r.get("replied_clients", [])})}}
         report["exported"] = str(export_candidate(log, settings, args.export_dir, args.version, metrics,
-                                                  args.calibration_images))
+                                                  args.calibration_images, args.calibration_faces))
     report["publish_seconds"] = time.perf_counter() - publishing  # held-out x3 + export (ONNX, calibration)
     report["wall_seconds"] = time.perf_counter() - started
     return report

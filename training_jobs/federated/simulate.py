@@ -150,17 +150,17 @@ def baseline_metrics(version_dir: Path, heldout: Heldout, state_dir: Path | None
 
 
 def export_candidate(log: dict[str, Any], settings: ServerSettings, out_dir: Path, version: str, metrics: dict[str, Any],
-                     calibration_images: int = CALIBRATION_IMAGES) -> Path:
+                     calibration_images: int = CALIBRATION_IMAGES, calibration_faces: Path | None = None) -> Path:
     """The final global model as a served model version (ONNX + model.json + its PyTorch weights, so a later
-    job can start from it); served threshold calibrated on people in no View-2 fold (threshold None), never on
-    the held-out pairs."""
+    job can start from it); served threshold calibrated on people in no View-2 fold, or on ``calibration_faces``'s
+    people (threshold None), never on the held-out pairs."""
     from inference.export import export_model_version
 
     spec = TransformSpec.from_dict(settings.transform)
     model = base_model(settings)
     set_arrays(model, log["final_arrays"])
     return export_model_version(model, spec, version, out_dir, Path(settings.shared), None, metrics,
-                                calibration_images)
+                                calibration_images, calibration_faces)
 
 
 def mode_config(mode: str, negatives: str, checkpoint_path: Path) -> dict[str, Any]:
@@ -255,9 +255,20 @@ def make_parser() -> argparse.ArgumentParser:
 
 def add_calibration_argument(parser: argparse.ArgumentParser) -> None:
     """--calibration-images: the exported candidate's impostor curve is measured on this many images of people in
-    no View-2 fold (the served threshold sits at its false-match rate 1e-3)."""
+    no View-2 fold (the served threshold sits at its false-match rate 1e-3); --calibration-faces: on every person of
+    this face folder instead, people no model here trained on (inference.operating_points.calibrate)."""
     parser.add_argument("--calibration-images", type=calibration_count, default=CALIBRATION_IMAGES,
                         help=f"images of the exported candidate's impostor curve (default {CALIBRATION_IMAGES})")
+    parser.add_argument("--calibration-faces", type=face_folder, default=None,
+                        help="calibrate on this face folder's people (none trained on) instead of LFW's no-fold people")
+
+
+def face_folder(text: str) -> Path:
+    """An existing folder (argparse turns the error into one usage line)."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: not a folder")
+    return path
 
 
 def face_set(text: str) -> Path:
@@ -342,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = {"federated": {"heldout": log.get("heldout"), "baseline": baseline, "settings": report["settings"],
                                  "population": report["population"]}}
         report["exported"] = str(export_candidate(log, settings, args.export_dir, args.version, metrics,
-                                                  args.calibration_images))
+                                                  args.calibration_images, args.calibration_faces))
     if args.progress:
         print_event("result", **report)
     else:
