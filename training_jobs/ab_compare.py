@@ -24,6 +24,7 @@ import torch
 from inference.lfw import lfw_dir, shared_dir
 from inference.operating_points import ImpostorCurve
 from inference.sealed_student import SealedFaceModel, flip_signs
+from training_jobs.eval_report import print_and_save
 from training_jobs.evaluate import HeldoutSet, ModelResult, frequency_embedder, parse_folds, torch_features_fn
 from training_jobs.train import build_student
 from training_jobs.train_config import make_spec
@@ -127,11 +128,7 @@ def main(argv: list[str] | None = None) -> None:
             "models": {r.name: {k: v for k, v in s.items() if k != "right_at_verify"} for r, s in zip(results, served)},
             "paired_at_verify_threshold": paired(served[0]["right_at_verify"], served[1]["right_at_verify"]),
             "paired_genuine_above_identify_threshold": paired(genuine[0], genuine[1])}
-    text = json.dumps(report, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    print_and_save(report, args.out)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@ the models compared, accuracy against ε, and the Markdown table the docs quote.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -12,6 +13,15 @@ from training_jobs.eval_metrics import roc_points
 
 if TYPE_CHECKING:  # evaluate.py imports this module
     from training_jobs.evaluate import ModelResult
+
+
+def print_and_save(report: dict[str, Any], out: Path | None) -> None:
+    """A measurement's JSON report on stdout and, with ``out``, in that file (its folder made)."""
+    text = json.dumps(report, indent=1)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    print(text)
 
 
 def plot_roc_det(results: list[ModelResult], out_dir: Path, title: str) -> list[Path]:

@@ -35,6 +35,7 @@ from inference.operating_points import ImpostorCurve, per_comparison_fmr
 from inference.runtime import OrtEmbedder
 from inference.sealed_export import SEALED_FILE, load_checkpoint, twin_embed
 from inference.transform import TransformSpec
+from training_jobs.eval_report import print_and_save
 from training_jobs.evaluate import parse_folds
 
 BOOTSTRAP = 1000
@@ -205,11 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = {key: {"target_fmr": target, **realised_rate(embedded[model.key], person, threshold, args.seed)}
                 for key, (target, threshold) in bundle_thresholds(model.meta, args.gallery, args.fpir).items()}
         report["models"][name] = {"threshold_source": model.meta["threshold_source"], **rows}
-    text = json.dumps(report, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    print_and_save(report, args.out)
 
 
 if __name__ == "__main__":
