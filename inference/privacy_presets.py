@@ -12,7 +12,7 @@ from __future__ import annotations
 # privacy preset -> transform preset (inference.transform.PRESETS)
 PRIVACY_PRESETS: dict[str, str] = {
     "accurate": "dct8-v0",  # luma DC removed only: best accuracy, and a learned inverter rebuilds the face
-    "balanced": "dct8-low10",  # the 10 lowest frequencies removed from every channel
+    "balanced": "dct8-low8",  # the 8 lowest frequencies removed from every channel (dct8-low10 until 2026-12-06)
     "strict": "dct8-low21",  # the 21 lowest removed: the least appearance left in the features
 }
 

@@ -241,11 +241,13 @@ def test_sdk_noise_comes_from_the_os_and_has_the_right_law() -> None:
 
 
 def test_frontier_presets_remove_the_lowest_zigzag_frequencies() -> None:
-    from inference.transform import LOW10, LOW10_CHROMA_KEEP, PRESETS, ZIGZAG
+    from inference.transform import LOW10, LOW10_CHROMA_KEEP, PRESETS, SCREENED, ZIGZAG
 
     assert sorted(ZIGZAG) == list(range(64)) and set(ZIGZAG[:10]) == set(LOW10)
     assert tuple(sorted(ZIGZAG[10:15])) == LOW10_CHROMA_KEEP
-    for name, removed in (("dct8-low15", 15), ("dct8-low21", 21)):
-        spec = PRESETS[name]()
+    for removed in (3, 6, 8, 9, 10, 15, 21):
+        spec = {**PRESETS, **SCREENED}[f"dct8-low{removed}"]()
+        assert spec.name == f"dct8-low{removed}"
         assert not set(spec.luma_keep) & set(ZIGZAG[:removed]) and len(spec.luma_keep) == 64 - removed
-        assert not set(spec.chroma_keep) & set(ZIGZAG[:removed]) and len(spec.chroma_keep) == 5
+        assert set(spec.chroma_keep) == set(ZIGZAG[removed:removed + 5])  # sparse colour: the next five
+    assert PRESETS["dct8-low8"](64.0).transform_id != SCREENED["dct8-low9"](64.0).transform_id

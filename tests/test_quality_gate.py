@@ -59,6 +59,16 @@ def feature_payload(features: np.ndarray, spec: TransformSpec) -> FeaturePayload
                           created_at=datetime.now(timezone.utc).isoformat())
 
 
+def test_every_bundled_model_version_is_served_with_a_gate():
+    """A version whose transform has no fitted gate would be served ungated (the gateway only logs a warning):
+    v2-balanced's first end-to-end run was, before its gate was fitted."""
+    from inference.metadata import ModelMetadata
+    bundled = sorted(p for p in (Path(__file__).resolve().parents[1] / "inference" / "bundled").iterdir()
+                     if (p / "model.json").is_file())
+    assert len(bundled) >= 3
+    assert [p.name for p in bundled if gate_for(ModelMetadata.load(p, verify=False).spec) is None] == []
+
+
 # --- the committed gates ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(SPECS))

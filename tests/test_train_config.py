@@ -14,7 +14,7 @@ import torch
 from inference.sealed_student import SealedCnn, SealedFaceModel, depth_of, head_of
 from inference.transform import PRESETS
 from training_jobs.evaluate import ModelResult, NonFiniteEmbeddings, baseline, embed_all
-from training_jobs.train import build_student
+from training_jobs.students import build_student
 from training_jobs.train_config import load_config, make_spec, unknown_keys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +53,10 @@ def test_a_misspelt_key_is_named_and_nested_sections_are_checked():
                                             ("loss: {mixed_faces: 0.5}\ndata: {cached_views: 8}\n",
                                              "needs the teacher run online"),
                                             ("loss: {relation_weight: -1}\n", "a weight >= 0, not -1"),
+                                            ("model: {init_onnx: inference/bundled/v1-accurate/model.onnx}\n",
+                                             "needs a frequency-mobilefacenet with freeze_backbone_bn: true"),
+                                            ("model: {init_onnx: x.onnx, freeze_backbone_bn: true}\n",
+                                             "a model version folder"),
                                             ("loss: {relation_weight: 2}\nteacher: none\n", "needs a teacher"),
                                             ("loss: {hint_weight: -2}\n", "a weight >= 0, not -2"),
                                             ("loss: {hint_weight: 4}\nmodel: {kind: sealed-cnn}\n",

@@ -27,7 +27,7 @@ from inference.transform import TransformSpec, apply
 from training_jobs.datasets import make_split
 from training_jobs.evaluate import heldout_pairs
 from training_jobs.teacher import Teacher
-from training_jobs.train import build_student
+from training_jobs.students import build_student
 from training_jobs.train_config import make_spec
 
 SEED = 0  # which images and which noise draw: a measurement, not protection

@@ -1,7 +1,10 @@
 """The privacy-accuracy frontier: held-out accuracy of each trained model against the learned attackers' rank-1.
 
     python -m training_jobs.frontier --runs var/training/gpu-v0 var/training/gpu-low10 ... \
-        --attacks docs/attacks/results.json --out docs/models/frontier
+        --attacks docs/attacks/results.json --out docs/models/frontier [--keep]
+
+--keep adds the new runs to the points already in OUT.json (runs trained elsewhere, whose folders are not on this
+machine); each kept point's attack figures are read again from the attack results.
 
 Why one plot: a transform is only worth serving if its model recognises people AND the features resist a
 learned inverter; each candidate is one point (x: SFace rank-1 of the attacker's reconstructions, y: the
@@ -59,6 +62,14 @@ def attack_figures(results: list[dict[str, Any]], transform: str, epsilon: float
     return out
 
 
+def kept_points(path: Path, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The points already plotted (none when the file is absent), their attack figures refreshed."""
+    points: list[dict[str, Any]] = json.loads(path.read_text()) if path.exists() else []
+    for point in points:
+        point["attacks"] = attack_figures(results, point["transform"], point["epsilon"])
+    return points
+
+
 def plot(points: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -90,17 +101,18 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, nargs="+", required=True)
+    parser.add_argument("--keep", action="store_true", help="keep OUT.json's points of other runs")
     parser.add_argument("--attacks", type=Path, default=Path("docs/attacks/results.json"))
     parser.add_argument("--out", type=Path, default=Path("docs/models/frontier"))
     args = parser.parse_args(argv)
     results = json.loads(args.attacks.read_text())
-    points = []
+    points = kept_points(args.out.with_suffix(".json"), results) if args.keep else []
     for run_dir in args.runs:
         summary = run_summary(run_dir)
         if summary["transform"] not in PRESETS:
             raise SystemExit(f"error: {run_dir}: unknown transform {summary['transform']!r}")
         summary["attacks"] = attack_figures(results, summary["transform"], summary["epsilon"])
-        points.append(summary)
+        points = [p for p in points if p["run"] != summary["run"]] + [summary]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(points, indent=1) + "\n")
     plot(points, args.out.with_suffix(".png"))

@@ -33,8 +33,10 @@ def pct(value: float | None) -> str:
 def recipe(config: dict[str, Any]) -> list[str]:
     model, loss, optim = config["model"], config["loss"], config["optim"]
     kind = model.get("kind", "frequency-mobilefacenet")
-    arch = ("learnable inverse-DCT adapter (1x1 conv initialised to the exact inverse DCT) + pretrained "
-            "MobileFaceNet (foamliu), flip test-time augmentation") if kind == "frequency-mobilefacenet" else \
+    start = (f"MobileFaceNet started, adapter included, from the served `{Path(model['init_onnx']).parent.name}` "
+             "(its BatchNorms folded and frozen)" if model.get("init_onnx") else "pretrained MobileFaceNet (foamliu)")
+    arch = ("learnable inverse-DCT adapter (1x1 conv initialised to the exact inverse DCT) + "
+            f"{start}, flip test-time augmentation") if kind == "frequency-mobilefacenet" else \
         f"sealed CNN on the 14x14 DCT planes ({model.get('activation')} activations, width {model.get('width')})"
     return [f"| Architecture | {arch} |",
             f"| Loss | {loss['identity_weight']} x CosFace (s {loss['head']['scale']}, m {loss['head']['margin']}, "

@@ -1,7 +1,8 @@
 """Fit and measure the feature quality gate (`inference/quality_gate.py`, docs/quality_gate.md).
 
-    python -m training_jobs.quality_gate fit [--epsilon 64] [--gates inference/transforms/quality_gate.json]
+    python -m training_jobs.quality_gate fit [--epsilon 64] [--gates inference/transforms/quality_gate.json] [--only P]
     python -m training_jobs.quality_gate evaluate [--epsilon 64] [--gates ...] [--out docs/results/quality_gate.json]
+        [--only P]
 
 Fit (per preset of `inference.transform.PRESETS`): faces = (a) the stored aligned images of every LFW identity in
 none of View-2 folds 6-10 (`training_jobs.datasets.make_split`) and (b) raw LFW fold-1 photos aligned the SDK's way
@@ -224,18 +225,28 @@ def gate_logits(gate: QualityGate, spectral: np.ndarray, layout: np.ndarray) -> 
     return logits
 
 
-def fit_all(epsilon: float, out: Path) -> dict[str, Any]:
+def chosen(only: list[str] | None) -> dict[str, Callable[..., TransformSpec]]:
+    """The presets to fit or evaluate: all, or those named with --only (a new preset, leaving the others' as they are)."""
+    unknown = sorted(set(only or ()) - set(PRESETS))
+    if unknown:
+        raise SystemExit(f"error: --only names no preset of inference.transform.PRESETS: {', '.join(unknown)}")
+    return {name: make for name, make in PRESETS.items() if only is None or name in only}
+
+
+def fit_all(epsilon: float, out: Path, only: list[str] | None = None) -> dict[str, Any]:
     from training_jobs.datasets import make_split  # torch: only the fit needs it
 
+    presets = chosen(only)
     lfw = lfw_dir(shared_dir())
     data = fit_data(lfw, raw_dir(), make_split(lfw, EVAL_FOLDS).train_images)
-    gates: dict[str, dict[str, Any]] = {}
-    fits: dict[str, dict[str, Any]] = {}
+    kept = json.loads(out.read_text()) if only and out.exists() else {"gates": {}, "fit": {}}
+    gates: dict[str, dict[str, Any]] = kept["gates"]
+    fits: dict[str, dict[str, Any]] = kept["fit"]
     record = {"description": "Feature quality gate per transform (inference/quality_gate.py), keyed by preset; "
                              "fitted by `python -m training_jobs.quality_gate fit` on LFW identities outside View-2 "
                              "folds 6-10 vs synthetic non-faces. See docs/quality_gate.md.",
               "epsilon_per_coefficient": epsilon, "eval_folds_excluded": list(EVAL_FOLDS), "gates": gates, "fit": fits}
-    for name, make in PRESETS.items():
+    for name, make in presets.items():
         gate, report = fit_gate(make(epsilon), lfw, data)
         gates[name] = gate.to_dict()
         fits[name] = report
@@ -316,18 +327,19 @@ def evaluate_preset(spec: TransformSpec, gate: QualityGate, lfw: Path, held_out:
                                        for k, v in informational(sample, sdk_faces, rng).items()}}
 
 
-def evaluate_all(epsilon: float, gates_path: Path, out: Path | None) -> dict[str, Any]:
+def evaluate_all(epsilon: float, gates_path: Path, out: Path | None, only: list[str] | None = None) -> dict[str, Any]:
     from inference.quality_gate import load_gates
 
+    chosen_presets = chosen(only)
     lfw = lfw_dir(shared_dir())
     held_out = held_out_images(lfw)
     check = raw_split(raw_dir())["check"]
     sdk_faces = realigned(lfw, raw_dir(), check)
     gates = load_gates(gates_path)
-    presets: dict[str, dict[str, Any]] = {}
+    presets: dict[str, dict[str, Any]] = json.loads(out.read_text())["presets"] if only and out and out.exists() else {}
     result = {"folds": list(EVAL_FOLDS), "held_out_images": len(held_out), "sdk_aligned_check_photos": len(check),
               "epsilon_per_coefficient": epsilon, "presets": presets}
-    for name, make in PRESETS.items():
+    for name, make in chosen_presets.items():
         spec = make(epsilon)
         presets[name] = evaluate_preset(spec, gates[spec.params_hash], lfw, held_out, sdk_faces)
         print(name, json.dumps(presets[name]), flush=True)
@@ -342,11 +354,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epsilon", type=float, default=64.0, help="per-coefficient ε of the presets (served: 64)")
     ap.add_argument("--gates", type=Path, default=GATE_PATH, help="gate file to write (fit) or read (evaluate)")
     ap.add_argument("--out", type=Path, help="evaluate: where to write the JSON results")
+    ap.add_argument("--only", action="append", default=None, metavar="PRESET",
+                    help="only this preset (repeatable); the file's other entries are kept")
     args = ap.parse_args(argv)
     if args.command == "fit":
-        fit_all(args.epsilon, args.gates)
+        fit_all(args.epsilon, args.gates, args.only)
     else:
-        evaluate_all(args.epsilon, args.gates, args.out)
+        evaluate_all(args.epsilon, args.gates, args.out, args.only)
 
 
 if __name__ == "__main__":

@@ -34,11 +34,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from inference.frequency_model import FrequencyFaceModel, InverseDctAdapter
 from inference.lfw import lfw_dir, shared_dir
-from inference.mobilefacenet import EMBEDDING_DIM, load_pretrained
-from inference.sealed_student import SealedCnn, SealedFaceModel
-from inference.transform import TransformSpec
+from inference.mobilefacenet import EMBEDDING_DIM
 from training_jobs.cached_views import TEACHER_INCLUDED, training_views
 from training_jobs.datasets import Augment, TransformedFaces, make_split, training_faces
 from training_jobs.eval_report import plot_roc_det
@@ -47,23 +44,8 @@ from training_jobs.hints import hint_loss_for, split_hints, student_outputs
 from training_jobs.losses import DistillationLoss, MarginHead, relation_loss
 from training_jobs.mixed_faces import mix_batch
 from training_jobs.teacher import Teacher
+from training_jobs.students import Student, build_student
 from training_jobs.train_config import load_config, make_spec, pick_device, seed_everything
-
-# what build_student makes: both have .adapter and .backbone and map features to a unit embedding
-Student = FrequencyFaceModel | SealedFaceModel
-
-def build_student(model: dict[str, Any], spec: TransformSpec, shared: Path) -> Student:
-    """`kind: frequency-mobilefacenet` (default): learnable inverse-DCT adapter + pretrained MobileFaceNet, the
-    served architecture. `kind: sealed-cnn`: the small CNN on the DCT planes made for MPC (issue 12), trained
-    from scratch, `activation: relu | quad`, `width` channels, `depth` blocks per stage, `head: dense | gdc`."""
-    kind = model.get("kind", "frequency-mobilefacenet")
-    if kind == "frequency-mobilefacenet":
-        return FrequencyFaceModel(InverseDctAdapter(spec, learnable=model["adapter_learnable"]), load_pretrained(shared))
-    if kind == "sealed-cnn":
-        return SealedFaceModel(SealedCnn(spec.num_channels, model.get("activation", "quad"), int(model.get("width", 128)),
-                                         depth=int(model.get("depth", 2)), head=model.get("head", "dense")))
-    raise ValueError(f"model.kind must be frequency-mobilefacenet or sealed-cnn, not {kind!r}")
-
 
 def set_train_mode(student: Student, freeze_bn: bool) -> None:
     student.train()

@@ -28,7 +28,8 @@ DEFAULTS: dict[str, Any] = {
              "cached_views": 0,  # N > 0: N augmented views per image with the teacher's embeddings, computed once
              "extra_views": None},  # views per extra face (None: cached_views)
     "augment": {"flip": 0.5, "brightness": 0.1, "contrast": 0.1, "translate": 4},
-    "model": {"adapter_learnable": True, "freeze_backbone_bn": False},
+    "model": {"adapter_learnable": True, "freeze_backbone_bn": False,
+              "init_onnx": None},  # a served ONNX model of the same family to start from (students.load_served_onnx)
     "teacher": "mobilefacenet",  # mobilefacenet | sface | none
     "loss": {"identity_weight": 1.0, "distill_weight": 1.0,
              "head": {"kind": "cosface", "scale": 32.0, "margin": 0.35, "init": "teacher_means"}},
@@ -103,6 +104,11 @@ def load_config(path: Path) -> dict[str, Any]:
                  or config["teacher"] != "mobilefacenet"):
         raise ValueError(f"{path}: loss.hint_weight needs model.kind sealed-cnn, data.cached_views and teacher: "
                          "mobilefacenet (the teacher's maps are cached with its embeddings)")
+    start = config["model"].get("init_onnx")
+    if start and (config["model"].get("kind", "frequency-mobilefacenet") != "frequency-mobilefacenet"
+                  or not config["model"]["freeze_backbone_bn"] or not (Path(start).parent / "model.json").is_file()):
+        raise ValueError(f"{path}: model.init_onnx needs a frequency-mobilefacenet with freeze_backbone_bn: true (the "
+                         "folded BatchNorms are exact in eval mode only) and a model version folder (model.json beside)")
     return config
 
 

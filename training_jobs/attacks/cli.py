@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from inference.lfw import lfw_dir, shared_dir
-from inference.transform import PRESETS, TransformSpec
+from inference.transform import PRESETS, SCREENED, TransformSpec
 from training_jobs.attacks.a1_inverter import A1
 from training_jobs.attacks.a2_identity import A2
 from training_jobs.attacks.a3_embedding import A3
@@ -81,7 +81,7 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     shared = args.shared_dir or shared_dir()
     lfw = lfw_dir(shared)
-    spec = PRESETS[args.transform](args.epsilon)
+    spec = {**PRESETS, **SCREENED}[args.transform](args.epsilon)
     name = args.name or run_name(args.attack, args.transform, args.epsilon, args.minutes, args.clock)
     run_dir = args.runs_dir / name
     attack = make_attack(args.attack, spec, shared, args.ssim_weight, args.identity_weight)
@@ -125,7 +125,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train (or resume) an attack for a fixed budget, then score it")
     run.add_argument("--attack", choices=ATTACKS, required=True)
-    run.add_argument("--transform", choices=sorted(PRESETS), required=True)
+    run.add_argument("--transform", choices=sorted({**PRESETS, **SCREENED}), required=True)
     run.add_argument("--epsilon", type=parse_epsilon, default=64.0, help="ε per coefficient, or 'none'")
     run.add_argument("--minutes", type=float, required=True, help="wall-clock training budget")
     run.add_argument("--clock", choices=("wall", "cpu"), default="wall",
