@@ -192,3 +192,12 @@ def test_logistic_fit_separates_and_threshold_keeps_calibration_faces():
     faces = [np.linspace(1.0, 10.0, 1000), np.linspace(0.5, 8.0, 1000)]
     assert fit.threshold_from(faces, np.array([-3.0, 0.9])) == pytest.approx(np.quantile(faces[1], 0.001))
     assert fit.threshold_from(faces, np.array([-3.0, -1.5])) == pytest.approx(-0.5)  # the gap's middle is lower
+
+
+def test_only_fits_the_named_presets_and_refuses_a_name_that_is_none() -> None:
+    """`fit --only dct8-low8` added one gate and left the others' as they were (2026-12-06); a misspelt or
+    screening-only transform is refused in one line before any data is loaded."""
+    assert list(fit.chosen(["dct8-low8"])) == ["dct8-low8"]
+    assert list(fit.chosen(None)) == list(PRESETS)
+    with pytest.raises(SystemExit, match="--only names no preset of inference.transform.PRESETS: dct8-low6"):
+        fit.chosen(["dct8-low6"])
