@@ -199,7 +199,11 @@ def saved_weights(version_dir: Path) -> tuple[Path, str] | None:
         if meta.weights.get("architecture") != FREQUENCY_ARCHITECTURE:
             raise WeightsError(f"model version {meta.version} is a {meta.weights.get('architecture')}, "
                                f"not a {FREQUENCY_ARCHITECTURE}")
-        return Path(version_dir) / str(meta.weights["file"]), str(meta.weights["sha256"])
+        path = Path(version_dir) / str(meta.weights["file"])
+        if not path.is_file():  # refused when a job is created, not rounds later in the federated run
+            raise WeightsError(f"model version {meta.version} names PyTorch weights {meta.weights['file']} that "
+                               "are not beside its model.json")
+        return path, str(meta.weights["sha256"])
     if meta.version == "v0":
         return None
     onnx_path = Path(version_dir) / meta.onnx_file

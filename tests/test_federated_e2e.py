@@ -62,6 +62,9 @@ def test_saved_weights_round_trip_and_refusals(tmp_path, shared):
     (tmp_path / "fed-x" / "weights.pt").write_bytes(b"tampered")
     with pytest.raises(WeightsError, match="sha256"):
         build_base_model(spec, shared, path, sha)
+    (tmp_path / "fed-x" / "weights.pt").unlink()  # named in model.json but not shipped: refused at job creation
+    with pytest.raises(WeightsError, match="not beside its model.json"):
+        saved_weights(tmp_path / "fed-x")
     write_version(tmp_path / "v1-accurate", "v1-accurate", None)
     with pytest.raises(WeightsError, match="no PyTorch weights"):
         saved_weights(tmp_path / "v1-accurate")

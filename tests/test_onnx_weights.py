@@ -25,7 +25,7 @@ from inference.runtime import OrtEmbedder
 from inference.transform import apply
 
 BUNDLED = PROJECT_ROOT / "inference" / "bundled"
-V1 = ("v1-accurate", "v3-balanced", "v1-strict")  # the bundled versions shipped as ONNX only
+V1 = ("v1-accurate", "v4-balanced", "v1-strict")  # the bundled versions shipped as ONNX only
 
 
 def training_features(shared: Path, spec, count: int = 24) -> np.ndarray:
@@ -74,6 +74,14 @@ def initializer(graph, name: str):
 def folded_weight(graph) -> str:
     """The folded weight of the embedding head (backbone.conv3 + backbone.bn)."""
     return next(n.input[1] for n in graph.graph.node if n.name == "/backbone/conv3/Conv")
+
+
+@pytest.mark.parametrize("version", V1)
+def test_every_bundled_version_is_a_base_a_federated_job_can_start_from(version):
+    """What saved_weights gives for a bundled version exists and matches its checksum (a model.json naming a
+    weights file that was not shipped would let a job be created and fail rounds later)."""
+    path, sha = saved_weights(BUNDLED / version)
+    assert path.is_file() and file_sha256(path) == sha
 
 
 def test_a_graph_that_does_not_fit_is_refused_with_one_reason(tmp_path):
