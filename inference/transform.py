@@ -390,7 +390,7 @@ def spec_low10(epsilon_per_coefficient: float | None = DEFAULT_EPSILON_PER_COEFF
 # Transforms a model was trained for (each has a quality gate: training_jobs/quality_gate.py).
 PRESETS: dict[str, Callable[..., TransformSpec]] = {
     "dct8-v0": spec_v0, "dct8-low10": spec_low10,
-    **{f"dct8-low{count}": partial(spec_low, count) for count in (8, 15, 21)}}
+    **{f"dct8-low{count}": partial(spec_low, count) for count in (8, 12, 15, 21)}}
 # Screened by the attack harness only (docs/attacks/README.md): no model, no quality gate.
 SCREENED: dict[str, Callable[..., TransformSpec]] = {f"dct8-low{count}": partial(spec_low, count) for count in (3, 6, 9)}
 
