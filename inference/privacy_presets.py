@@ -12,7 +12,9 @@ from __future__ import annotations
 # privacy preset -> transform preset (inference.transform.PRESETS)
 PRIVACY_PRESETS: dict[str, str] = {
     "accurate": "dct8-v0",  # luma DC removed only: best accuracy, and a learned inverter rebuilds the face
-    "balanced": "dct8-low8",  # the 8 lowest frequencies removed from every channel (dct8-low10 until 2026-12-06)
+    # the 12 lowest frequencies removed from every channel: the most kept while a learned inverter's rebuilds stay
+    # <= 30% recognisable (dct8-low10 until 2026-12-06 morning, dct8-low8 until 2026-12-06 night)
+    "balanced": "dct8-low12",
     "strict": "dct8-low21",  # the 21 lowest removed: the least appearance left in the features
 }
 

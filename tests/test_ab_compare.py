@@ -14,7 +14,7 @@ BUNDLED = Path(__file__).resolve().parents[1] / "inference" / "bundled"
 
 
 def test_two_gateway_model_versions_compare_on_the_same_pairs(shared: Path, tmp_path: Path) -> None:
-    accurate, balanced = BUNDLED / "v1-accurate", BUNDLED / "v4-balanced"
+    accurate, balanced = BUNDLED / "v1-accurate", BUNDLED / "v5-balanced"
     out = tmp_path / "ab.json"
     ab_compare.main(["--run", f"A={accurate}", "--run", f"B={balanced}", "--bundle", f"A={accurate}",
                      "--bundle", f"B={balanced}", "--folds", "6-7", "--pairs-per-fold", "6", "--out", str(out)])
@@ -32,4 +32,4 @@ def test_two_gateway_model_versions_compare_on_the_same_pairs(shared: Path, tmp_
 
 def test_a_folder_that_is_neither_a_run_nor_a_version_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="DIR/checkpoints/last.pt or DIR/model.json"):
-        ab_compare.main(["--run", f"A={tmp_path}", "--run", f"B={BUNDLED / 'v4-balanced'}"])
+        ab_compare.main(["--run", f"A={tmp_path}", "--run", f"B={BUNDLED / 'v5-balanced'}"])

@@ -18,7 +18,7 @@ from inference.mobilefacenet import WEIGHTS_SUBPATH
 from inference.transform import spec_low10, spec_v0
 from training_jobs.attacks.a1_inverter import A1, ssim_torch
 from training_jobs.attacks.data import attacker_split, check_disjoint, probe_set, training_faces
-from training_jobs.attacks.evaluation import identification, write_table
+from training_jobs.attacks.evaluation import budget_label, identification, write_table
 from training_jobs.attacks.training import Budget, train
 from training_jobs.leakage import psnr, ssim
 from tests.conftest import one_torch_thread
@@ -149,6 +149,14 @@ def test_table_is_rewritten_between_markers(tmp_path):
     text = readme.read_text()
     assert text.startswith("# Attacks\n\nintro\n") and text.count("attacks-table:start") == 1
     assert "**50.0%**" in text and "**25.0%**" in text
+
+
+def test_a_run_stopped_by_its_step_cap_shows_the_steps_as_its_budget():
+    """A CPU-minute buys ~2x fewer steps on a slower machine: a run matched in steps to another machine's says so."""
+    row = {"minutes": 60.0, "clock": "cpu", "steps": 4950, "max_steps": 4950, "train_seconds": 2725.5}
+    assert budget_label(row) == "4950 steps (45 min cpu)"
+    assert budget_label({**row, "steps": 3000}) == "60 min cpu"  # the minutes ran out first
+    assert budget_label({"minutes": 8.0, "steps": 10}) == "8 min wall"  # rows recorded before the cap was kept
 
 
 @needs_lfw

@@ -96,7 +96,7 @@ def test_console_login_job_activation_keys_audit_and_parties(stack, browser):
     assert "tenant acme" in browser.text("#who")
     assert browser.evaluate("document.cookie") == ""  # the key is never a cookie
     browser.wait_for("document.querySelectorAll('#models tr[data-version]').length === 3")
-    assert "active" in browser.evaluate(row("#models tr", "v4-balanced"))
+    assert "active" in browser.evaluate(row("#models tr", "v5-balanced"))
 
     # start a short job (register the copied version) and watch it finish
     browser.click("nav button[data-tab=jobs]")

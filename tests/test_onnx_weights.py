@@ -25,7 +25,7 @@ from inference.runtime import OrtEmbedder
 from inference.transform import apply
 
 BUNDLED = PROJECT_ROOT / "inference" / "bundled"
-V1 = ("v1-accurate", "v4-balanced", "v1-strict")  # the bundled versions shipped as ONNX only
+V1 = ("v1-accurate", "v5-balanced", "v1-strict")  # the bundled versions shipped as ONNX only
 
 
 def training_features(shared: Path, spec, count: int = 24) -> np.ndarray:

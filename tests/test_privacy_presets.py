@@ -196,7 +196,7 @@ def test_tenants_choose_a_preset_and_each_is_served_by_its_own_model(preset_stac
     assert verify(strict, subject, stranger).json()["match"] is False
 
 
-CARDS = {"v1-accurate": "gpu-v0", "v4-balanced": "cpu-low8-cont2", "v1-strict": "gpu-low21"}
+CARDS = {"v1-accurate": "gpu-v0", "v5-balanced": "cpu-low12-warm", "v1-strict": "gpu-low21"}
 
 
 @pytest.mark.skipif(not BUNDLED.is_dir(), reason="no bundled models in this checkout")

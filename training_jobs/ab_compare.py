@@ -3,8 +3,8 @@
     python -m training_jobs.ab_compare --run A=var/training/cpu-sealed-celeba-a --run B=var/training/cpu-sealed-celeba-b \
         --folds 6-10 [--pairs-per-fold 100] [--out docs/results/celeba_ab.json] [--root VALIDATION_SET --folds 1-10]
         [--flip A --flip B] [--bundle A=inference/bundled/sealed-vN --bundle B=... [--gallery 1000 --fpir 0.01]]
-    python -m training_jobs.ab_compare --run A=<old version dir> --run B=inference/bundled/v4-balanced \
-        --bundle A=<old version dir> --bundle B=inference/bundled/v4-balanced --folds 6-10
+    python -m training_jobs.ab_compare --run A=<old version dir> --run B=inference/bundled/v5-balanced \
+        --bundle A=<old version dir> --bundle B=inference/bundled/v5-balanced --folds 6-10
 
 A --run is a training run folder (its checkpoints/last.pt) or a gateway model version folder (model.json + ONNX,
 embedded with ONNX Runtime under the transform it names; two versions of different transforms compare on the same

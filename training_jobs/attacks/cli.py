@@ -88,7 +88,8 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
     dataset = training_faces(lfw, spec, args.seed, args.max_train_identities, args.max_images_per_identity)
     budget = Budget(args.minutes, args.batch, args.lr, args.seed, max_steps=args.max_steps, clock=args.clock)
     meta = {"attack": args.attack, "transform": args.transform, "transform_id": spec.transform_id,
-            "epsilon": epsilon_tag(args.epsilon), "minutes": args.minutes, "clock": args.clock, "batch": args.batch}
+            "epsilon": epsilon_tag(args.epsilon), "minutes": args.minutes, "clock": args.clock, "batch": args.batch,
+            **({"max_steps": args.max_steps} if args.max_steps is not None else {})}
     started = time.perf_counter()
     progress = train(attack, dataset, budget, run_dir / "checkpoint.pt", meta)
     print(f"trained {progress.step} steps, {progress.epoch + progress.position / len(dataset):.2f} epochs, "
@@ -137,7 +138,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--identity-weight", type=float, default=0.5, help="A2 only")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--max-probes", type=int, default=1000)
-    run.add_argument("--max-steps", type=int, default=None, help="stop earlier than the budget (tests)")
+    run.add_argument("--max-steps", type=int, default=None,
+                     help="stop at this many steps if the minutes last that long (tests; matching a run of another machine)")
     run.add_argument("--max-train-identities", type=int, default=None, help="tests: a small training split")
     run.add_argument("--max-images-per-identity", type=int, default=None)
     run.add_argument("--max-eval-identities", type=int, default=None, help="tests: a small gallery")

@@ -117,6 +117,16 @@ def _num(value: float | None, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def budget_label(row: dict[str, Any]) -> str:
+    """What stopped the run: its step cap when it reached one (a CPU-minute differs ~2x between machines, so runs
+    compared across sessions are matched in steps), otherwise its minutes."""
+    clock = row.get("clock", "wall")
+    cap = row.get("max_steps")
+    if cap is not None and row["steps"] >= cap:
+        return f"{cap} steps ({row['train_seconds'] / 60:.0f} min {clock})"
+    return f"{row['minutes']:g} min {clock}"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| attack | transform | ε/coef | budget | steps (epochs) | rank-1 | chance | clean rank-1 | "
              "TAR@FAR1e-3 | PSNR (dB) | SSIM | probes / gallery |",
@@ -124,7 +134,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         clean = r.get("sface_rank1_clean_probes", r.get("pixel_rank1_clean_probes"))
         lines.append(
-            f"| {r['attack'].upper()} ({r['scorer']}) | {r['transform']} | {r['epsilon']} | {r['minutes']:g} min {r.get('clock', 'wall')} | "
+            f"| {r['attack'].upper()} ({r['scorer']}) | {r['transform']} | {r['epsilon']} | {budget_label(r)} | "
             f"{r['steps']} ({r['epochs']:.2f}) | **{_pct(r['rank1'])}** | {_pct(r['chance_rank1'], 2)} | {_pct(clean)} | "
             f"{_pct(r['tar_at_far_1e-3'])} | {_num(r.get('psnr_mean_db'), 2)} | {_num(r.get('ssim_mean'), 3)} | "
             f"{r['probes']} / {r['gallery']} |")
@@ -150,7 +160,7 @@ def write_grid(out: Path, transform: str, epsilon_tag: str, originals: np.ndarra
     for r in rows:
         grid_file = runs_dir / r["run"] / "grid.npy"
         if r["transform"] == transform and str(r["epsilon"]) == epsilon_tag and grid_file.exists():
-            candidates[f"{r['attack'].upper()}\n{r['minutes']:g} min"] = np.load(grid_file)
+            candidates[f"{r['attack'].upper()}\n{budget_label(r)}"] = np.load(grid_file)
     if not candidates:
         return None
     return save_grid(originals, candidates, out / f"grid_{transform}_eps{epsilon_tag}.png",
