@@ -11,7 +11,9 @@ Settings: `tuned` = this gateway's defaults (one ONNX Runtime thread without spi
 secure/pacing.py); `unpaced` = the same without the pacer (every job sent at once, as before it); `main` = also
 ORT's default session (PRIVFACE_ORT_THREADS=0: a spinning thread per core), the gateway before both changes;
 `open-budget` = the defaults with the parties' match-job budget (20/s per link) and the pacer's rate lifted to
-1,000/s, the in-flight cap kept: what the two parties' MPC can serve when the budget does not bind.
+1,000/s, the in-flight cap kept: what the two parties' MPC can serve when the budget does not bind;
+`open-budget-verify-alone` = the same with every verify job run alone (no verify coalescing in the parties'
+workers, PRIVFACE_MPC_COALESCE_VERIFY=0: the MPC before it).
 Photos: LFW identities in no View-2 fold (never the held-out folds 6-10); each subject is enrolled with its first photo and probed with its second
 (or the first again, under other noise). Every request carries a fresh nonce; the noisy features of each photo
 are drawn once. Reported per setting and route: requests, throughput, p50/p95/p99 latency, errors (any
@@ -46,7 +48,8 @@ UNPACED = {"PRIVFACE_PARTY_JOBS_IN_FLIGHT": "100000", "PRIVFACE_PARTY_JOBS_PER_S
 OPEN_BUDGET = {"PRIVFACE_PARTY_MATCH_RATE_PER_S": "1000", "PRIVFACE_PARTY_MATCH_BURST": "1000",
                "PRIVFACE_PARTY_JOBS_PER_S": "1000", "PRIVFACE_PARTY_JOBS_BURST": "1000"}  # what the MPC itself can do
 SETTINGS: dict[str, dict[str, str]] = {"main": {"PRIVFACE_ORT_THREADS": "0", **UNPACED}, "unpaced": UNPACED,
-                                       "tuned": {}, "open-budget": OPEN_BUDGET}
+                                       "tuned": {}, "open-budget": OPEN_BUDGET,
+                                       "open-budget-verify-alone": {**OPEN_BUDGET, "PRIVFACE_MPC_COALESCE_VERIFY": "0"}}
 VERIFY_SHARE = 0.7
 
 

@@ -183,23 +183,30 @@ class Cluster:
                         gallery_id: str | None = None) -> list[tuple[int | list[int], float, list[Any]]]:
         """Like ``run_shared`` for several jobs submitted at once (concurrent requests, in this order at both
         parties); returns (output, party-0 seconds, stats) per job."""
-        jobs = []
-        for query in queries:
+        return self.run_jobs([(kind, q, gallery_shares, labels, gallery_id) for q in queries], threshold, rng, timeout)
+
+    def run_jobs(self, jobs: list[tuple[str, np.ndarray, tuple[np.ndarray, np.ndarray], np.ndarray, str | None]],
+                 threshold: float, rng: np.random.Generator,
+                 timeout: float = 60) -> list[tuple[int | list[int], float, list[Any]]]:
+        """Jobs (kind, query, gallery shares, labels, gallery id), each on its own gallery, submitted at once in this
+        order at both parties (fresh query shares); returns (output, party-0 seconds, stats) per job."""
+        written = []
+        for kind, query, gallery_shares, labels, gallery_id in jobs:
             q0, q1 = split(encode_trunc(query), rng)
             paths = []
             for rank, (q, g) in enumerate(((q0, gallery_shares[0]), (q1, gallery_shares[1]))):
                 path = self.dir / f"job-{uuid.uuid4().hex}-{rank}.npz"
                 np.savez(path, query_share=q, gallery_share=g, labels=np.asarray(labels, dtype=np.int64))
                 paths.append(path)
-            jobs.append((uuid.uuid4().hex, paths))
+            written.append((uuid.uuid4().hex, kind, paths, gallery_id))
         loads = [self.party(r).send({"cmd": "load", "npz": str(paths[r])})
-                 for _, paths in jobs for r in (0, 1)]
+                 for _, _, paths, _ in written for r in (0, 1)]
         for replies in loads:  # both parties hold the arrays before either timer starts
             replies.get(timeout=timeout + 60)
         pending = [[self.submit_async(r, job_id, kind, paths[r], threshold, timeout, gallery_id) for r in (0, 1)]
-                   for job_id, paths in jobs]
+                   for job_id, kind, paths, gallery_id in written]
         out = []
-        for (_, paths), qs in zip(jobs, pending):
+        for (_, _, paths, _), qs in zip(written, pending):
             res = [self.result(q, timeout + 60) for q in qs]
             for p in paths:
                 p.unlink(missing_ok=True)

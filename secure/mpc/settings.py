@@ -82,8 +82,12 @@ class MpcSettings(BaseSettings):
         "", description="Comma-separated party-0 addresses of shards 0..K-1 (empty: master_addr for all).")
     coalesce_max: int = Field(
         16, ge=1, le=256, description="Up to this many queued single-query identify jobs on the same gallery "
-                                      "snapshot run as one batched MPC job (concurrent requests share one "
-                                      "knockout); 1 turns coalescing off. Both parties should agree.")
+                                      "snapshot (or verify jobs, see coalesce_verify) run as one batched MPC job "
+                                      "(concurrent requests share one knockout's rounds); 1 turns coalescing off. "
+                                      "Both parties should agree.")
+    coalesce_verify: bool = Field(
+        True, description="Queued verify jobs coalesce too (each query compared with its own subject's rows only; "
+                          "runtime/coalesce.py). Both parties should agree (if not, every job runs alone).")
     torch_threads: int = Field(
         0, ge=0, le=256, description="torch intra-op threads of each MPC worker (0: torch's default, all cores). "
                                      "Set 1 when the dealer and both parties share one small machine.")

@@ -7,7 +7,8 @@ CrypTen-compatible: int64 shares in Z_2^64 at integer scale (query and gallery r
 probabilistic truncation is ever needed.
 
 Outputs, per job kind (the threshold T is public, ``threshold_raw``):
-* verify:        [max_i score_i >= T]                      (one bit per query)
+* verify:        [max_i score_i >= T]                      (one bit per query; a coalesced batch of verifies
+                 stacks every query's own rows, and query j's max runs over its rows only: ``own_rows``)
 * identify:      [max_i score_i >= T] * label(argmax_i)    (the label or 0; the lowest row wins ties)
 * identify-best: the knockout winner, shares of [Q scores, Q labels], no threshold (a shard's candidate)
 * merge:         identify over the shard winners (``sharding.py``); its "gallery" rows are those winners' shares
@@ -47,6 +48,7 @@ class JobInputs:
     threshold: float
     resident: bool = False  # the gallery is the snapshot this worker already held (the engine sent "same gallery")
     sealed: Any = field(default=None, repr=False)  # sealed mode: a ``sealed_model.SealedQuery`` the query comes from
+    row_counts: tuple[int, ...] | None = None  # coalesced verify: gallery rows per query, in order (they sum to n)
 
     @property
     def batch(self) -> int:
@@ -58,6 +60,24 @@ class JobInputs:
     @property
     def rows(self) -> int:
         return int(self.gallery.shape[0])
+
+    @property
+    def compared_rows(self) -> int:
+        """Rows the comparison's knockout runs over per query: a coalesced verify's largest member, else all."""
+        return max(self.row_counts) if self.row_counts else self.rows
+
+
+def own_rows(scores: Any, row_counts: tuple[int, ...]) -> Any:
+    """Scores [n, Q] of a coalesced verify (every stacked row against every query) -> [m, Q], m = the largest
+    count: column j holds query j's own rows, the shorter columns filled with repeats of their first own row (a
+    repeat leaves the max unchanged, so no padding value has to be chosen). Local: the row counts are public."""
+    import torch
+
+    m = max(row_counts)
+    starts = np.cumsum((0,) + tuple(row_counts[:-1]))
+    index = np.array([[start + (k if k < count else 0) for start, count in zip(starts, row_counts)]
+                      for k in range(m)], dtype=np.int64)
+    return torch.gather(scores, 0, torch.from_numpy(index).to(scores.device))
 
 
 def shape_output(job: JobInputs, out: np.ndarray) -> Output:
@@ -162,6 +182,8 @@ class MatchProtocol:
             return comparison.finish(torch.from_numpy(np.ascontiguousarray(job.gallery, dtype=np.int64))), comparison
         self.last_scores = self.scores_for(job.kind)
         scores = self.last_scores.scores(job, comparison)
+        if job.row_counts:
+            scores = own_rows(scores, job.row_counts)
         return comparison.finish(scores), comparison
 
     def sealed_query(self, job: JobInputs) -> np.ndarray:

@@ -34,7 +34,7 @@ class CrypTenComparison(Comparison):
         t_raw = threshold_raw(job.threshold)
         if job.kind == "verify":
             bits = values.ge(t_raw)  # 0/1 at scale 1
-            out = bits if job.rows == 1 else bits.sum(0, keepdim=True).ge(1)
+            out = bits if job.compared_rows == 1 else bits.sum(0, keepdim=True).ge(1)
         else:
             lab = torch.as_tensor(np.asarray(job.labels, dtype=np.int64).copy()).to(shares.device)
             if job.query.ndim == 2:  # a batch: one column per query, the tournament runs along the rows for all

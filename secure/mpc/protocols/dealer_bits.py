@@ -28,7 +28,7 @@ class DealerBitsComparison(Comparison):
     def __init__(self, rank: int, channel: compare.PeerChannel, key: bytes, stream_id: int, job: JobInputs) -> None:
         super().__init__()
         self.rank, self.channel, self.key, self.stream_id, self.job = rank, channel, key, stream_id, job
-        self.kind, self.rows, self.batch = job.kind, job.rows, job.batch
+        self.kind, self.rows, self.batch = job.kind, job.compared_rows, job.batch
         self.gate = None if job.kind == "merge" else np.asarray(job.query, dtype=np.int64).reshape(max(self.batch, 1), -1)
         self.dim = 0 if self.gate is None else int(self.gate.shape[1])
         self.plan = correlations.match_plan(self.kind, self.rows, self.batch, self.dim)

@@ -28,6 +28,7 @@ class WorkerJob:
     arrived: float = 0.0       # monotonic time it reached the worker (stats: time queued)
     resident: bool = False     # the gallery is the resident snapshot (the engine's "same gallery" marker)
     members: tuple[str, ...] | None = field(default=None)  # a coalesced group: the jobs it answers, in order
+    row_counts: tuple[int, ...] | None = None  # a coalesced verify: how many of the stacked rows are each member's
     sealed: Any = field(default=None, repr=False)  # sealed mode: ``sealed_model.SealedQuery`` (the query comes from it)
 
     @property
@@ -43,7 +44,8 @@ class WorkerJob:
         if self.gallery is None or self.labels is None:
             raise RuntimeError(f"job {self.job_id} has no gallery snapshot")
         return JobInputs(kind=self.kind, query=self.query, gallery=self.gallery, labels=self.labels,
-                         threshold=self.threshold, resident=self.resident, sealed=self.sealed)
+                         threshold=self.threshold, resident=self.resident, sealed=self.sealed,
+                         row_counts=self.row_counts)
 
 
 # -- engine -> worker

@@ -37,8 +37,8 @@ from secure.mpc.runtime.messages import (
 from secure.mpc.settings import MpcSettings
 
 JobRunner = Callable[[WorkerJob], tuple[Output, dict[str, Any]]]  # runs one job in lockstep: (share, stats)
-PROTOCOL_VERSION = 5  # 3: dealer-bits comparison; 4: public labels at level 1; 5: AES-CTR TTP streams from
-# authenticated X25519 session keys, the query gate (compare.query_ok)
+PROTOCOL_VERSION = 6  # 3: dealer-bits comparison; 4: public labels at level 1; 5: AES-CTR TTP streams from
+# authenticated X25519 session keys, the query gate (compare.query_ok); 6: coalesced verify jobs (row_counts)
 
 
 class Party(ABC):
@@ -175,7 +175,7 @@ class Leader(Party):
         group = [first]
         while len(group) < limit and self.jobs:
             job_id, nxt = next(iter(self.jobs.items()))
-            if not coalescible(first, nxt):
+            if not coalescible(first, nxt, self.settings.coalesce_verify):
                 break
             group.append(self.jobs.pop(job_id))
         return group
@@ -246,7 +246,8 @@ class Follower(Party):
         self.wait_for(ids, min(self.pair_wait, COALESCE_WAIT_S))
         found = [self.jobs.get(i) for i in ids]
         group = [x for x in found if x is not None]
-        ok = len(group) == len(ids) and all(coalescible(group[0], x) for x in group[1:])
+        verify = self.settings.coalesce_verify
+        ok = len(group) == len(ids) and all(coalescible(group[0], x, verify) for x in group[1:])
         job = combined_job(group) if ok else None
         if self.agree(job is not None and self.digest(job) == msg.get("digest")):
             assert job is not None
