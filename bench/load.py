@@ -17,7 +17,8 @@ workers, PRIVFACE_MPC_COALESCE_VERIFY=0: the MPC before it).
 Photos: LFW identities in no View-2 fold (never the held-out folds 6-10); each subject is enrolled with its first photo and probed with its second
 (or the first again, under other noise). Every request carries a fresh nonce; the noisy features of each photo
 are drawn once. Reported per setting and route: requests, throughput, p50/p95/p99 latency, errors (any
-answer other than 200/201, or no answer), and the gateway process's CPU-seconds per request.
+answer other than 200/201, or no answer), and the CPU-seconds per request of the gateway, each party and the dealer
+(each with its child processes: a party's MPC worker).
 """
 from __future__ import annotations
 
@@ -150,13 +151,42 @@ async def load_window(stack: LocalStack, key: str, subjects: list[str], probes: 
     return samples
 
 
+ROLES = ("gateway", "party0", "party1", "dealer")
+
+
 def process_cpu_s(pid: int) -> float:
     """utime + stime of one process, in seconds (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def summarise(samples: list[tuple[str, int, float, str]], seconds: float, gateway_cpu_s: float) -> dict[str, Any]:
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and every live descendant (a party's MPC worker and fork server run as its
+    children, the gateway's ORT work in the gateway itself)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # exited while listed
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier and child not in tree]
+        tree.update(frontier)
+    total = 0.0
+    for member in tree:
+        try:
+            total += process_cpu_s(member)
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def stack_cpu_s(stack: LocalStack) -> dict[str, float]:
+    return {role: tree_cpu_s(stack.processes[role].pid) for role in ROLES}
+
+
+def summarise(samples: list[tuple[str, int, float, str]], seconds: float, cpu_s: dict[str, float]) -> dict[str, Any]:
     routes: dict[str, Any] = {}
     for route in ("verify", "identify"):
         took = np.array([s[2] for s in samples if s[0] == route]) * 1000
@@ -168,8 +198,9 @@ def summarise(samples: list[tuple[str, int, float, str]], seconds: float, gatewa
             "routes": routes, "errors": len(errors),
             "errors_by_status": {str(k): v for k, v in sorted(collections.Counter(s[1] for s in errors).items())},
             "error_examples": sorted({f"{s[0]} {s[1]} {s[3]}" for s in errors})[:5],
-            "gateway_cpu_s": round(gateway_cpu_s, 1),
-            "gateway_cpu_ms_per_request": round(1000 * gateway_cpu_s / max(len(samples), 1), 1)}
+            "gateway_cpu_s": round(cpu_s["gateway"], 1),
+            "gateway_cpu_ms_per_request": round(1000 * cpu_s["gateway"] / max(len(samples), 1), 1),
+            "cpu_ms_per_request": {role: round(1000 * cpu_s[role] / max(len(samples), 1), 1) for role in ROLES}}
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -190,16 +221,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{args.gallery} subjects enrolled in each stack in {time.perf_counter() - started:.0f} s "
               f"(retried 503s: {enroll_retries})", flush=True)
         samples: dict[str, list] = {name: [] for name in settings}
-        cpu = dict.fromkeys(settings, 0.0)
+        cpu = {name: dict.fromkeys(ROLES, 0.0) for name in settings}
         window = args.duration / args.rounds
         loads = [os.getloadavg()[0]]
         for round_no in range(args.rounds):
             for name in (settings if round_no % 2 == 0 else settings[::-1]):
-                pid = stacks[name].processes["gateway"].pid
-                before = process_cpu_s(pid)
+                before = stack_cpu_s(stacks[name])
                 samples[name] += await load_window(stacks[name], keys[name], subjects[name], probes, args.clients,
                                                    window, seed=round_no)
-                cpu[name] += process_cpu_s(pid) - before
+                after = stack_cpu_s(stacks[name])
+                for role in ROLES:
+                    cpu[name][role] += after[role] - before[role]
                 loads.append(os.getloadavg()[0])
                 print(f"round {round_no + 1} {name}: {len(samples[name])} requests so far, load {loads[-1]:.1f}",
                       flush=True)
