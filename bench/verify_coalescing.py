@@ -59,12 +59,12 @@ def one_round(cluster: Cluster, rng: np.random.Generator, count: int) -> dict[st
             "coalesced": [int((r[2][0] or {}).get("coalesced", 1)) for r in results]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrent", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rng = np.random.default_rng(0)  # test data, not protection
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in SETTINGS}
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,8 +85,10 @@ def main() -> None:
                       "wrong_answers": sum(r["wrong"] for r in rs),
                       "largest_group": max(max(r["coalesced"]) for r in rs)} for name, rs in rounds.items()}
     ratio = summary["coalesced"]["verifies_per_s_median"] / summary["alone"]["verifies_per_s_median"]
-    emit({"concurrent": args.concurrent, "rounds": args.rounds, "rows_per_job": "1-5", "d": D,
-          "summary": summary, "ratio_coalesced_to_alone": ratio, "rounds_detail": rounds}, args.out)
+    report = {"concurrent": args.concurrent, "rounds": args.rounds, "rows_per_job": "1-5", "d": D,
+              "summary": summary, "ratio_coalesced_to_alone": ratio, "rounds_detail": rounds}
+    emit(report, args.out)
+    return report
 
 
 if __name__ == "__main__":

@@ -27,3 +27,14 @@ def test_unknown_settings_are_refused_in_one_line(capsys):
     with pytest.raises(SystemExit):
         load.main(["--settings", "main,fastest"])
     assert "unknown settings ['fastest']" in capsys.readouterr().err
+
+
+def test_the_verify_coalescing_bench_checks_every_answer_and_groups_only_where_on():
+    """bench/verify_coalescing.py in miniature (two real clusters, one round): the figures in docs/internals.md come
+    from answers that were each checked against plaintext."""
+    from bench import verify_coalescing
+
+    report = verify_coalescing.main(["--concurrent", "4", "--rounds", "1"])
+    summary = report["summary"]
+    assert summary["coalesced"]["wrong_answers"] == summary["alone"]["wrong_answers"] == 0
+    assert summary["alone"]["largest_group"] == 1 and summary["coalesced"]["largest_group"] >= 2
