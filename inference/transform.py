@@ -18,6 +18,9 @@ An aligned 112x112 RGB face becomes a stack of noisy 8x8-block DCT coefficient p
      (the classic bound, strictly valid for eps_coef < 1).
    Per image, basic composition over the K*196 released coefficients: eps_image = K*196*eps_coef
    (and delta_image = K*196*delta for Gaussian). That is an honest but loose upper bound.
+   An ALLOCATED spec (epsilon_weights) spends the same per-image budget unevenly: channel c gets
+   eps_coef * w_c with mean(w) = 1, so eps_image is unchanged (`training_jobs.noise_allocation` learns w
+   against an inverter: more noise where the inverter gains most, less where recognition needs it).
    epsilon_per_coefficient=None disables noise: the features are then NOT differentially private and
    epsilon_per_image is reported as infinity.
 6. Cast to float16 (values beyond float16 range are clamped first; clamping is post-processing and
@@ -32,12 +35,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from collections.abc import Callable
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +48,8 @@ from inference.dct import BLOCK as BLOCK, COEFFS as COEFFS, FACE_SIZE as FACE_SI
 from inference.dct import LEVEL_SHIFT as LEVEL_SHIFT, YCBCR_OFFSET as YCBCR_OFFSET, YCBCR_TO_RGB as YCBCR_TO_RGB
 from inference.dct import ZIGZAG as ZIGZAG, block_dct as block_dct, block_idct as block_idct, dct_matrix as dct_matrix
 from inference.dct import check_face, rgb_to_ycbcr as rgb_to_ycbcr, ycbcr_to_rgb as ycbcr_to_rgb
+# re-exported: the SDK draws its privacy noise from OsNoise
+from inference.noise import NoiseSource as NoiseSource, OsNoise as OsNoise
 
 FLOAT16_MAX = 65504.0
 # Laplace noise is unbounded; validation accepts |x| up to clip bound + this many noise scales.
@@ -53,6 +57,7 @@ FLOAT16_MAX = 65504.0
 NOISE_TOLERANCE_SCALES = 50.0
 MECHANISMS = ("laplace", "gaussian")
 STATS_PATH = Path(__file__).parent / "transforms" / "dct8_stats.json"
+ALLOCATIONS = Path(__file__).parent / "transforms" / "allocations"  # learned per-channel ε weights
 
 
 class FeatureValidationError(ValueError):
@@ -80,6 +85,7 @@ class TransformSpec:
     epsilon_per_coefficient: float | None
     delta: float | None
     channel_std: tuple[float, ...]
+    epsilon_weights: tuple[float, ...] | None = None  # per kept channel, mean 1: the same total budget
 
     def __post_init__(self) -> None:
         _check_indices("luma_keep", self.luma_keep)
@@ -97,6 +103,7 @@ class TransformSpec:
             raise ValueError("the Gaussian mechanism needs 0 < delta < 1")
         if self.mechanism == "laplace" and self.delta not in (None, 0.0):
             raise ValueError("the Laplace mechanism takes no delta")
+        _check_weights(self.epsilon_weights, self.num_channels)
 
     @property
     def num_channels(self) -> int:
@@ -144,16 +151,25 @@ class TransformSpec:
         if self.epsilon_per_coefficient is None:
             return np.zeros(self.num_channels)
         sensitivity = 2.0 * self.clip_bounds()
-        scale = sensitivity / self.epsilon_per_coefficient
+        scale = sensitivity / (self.epsilon_per_coefficient * self.weights())
         if self.mechanism == "gaussian":
             assert self.delta is not None  # __post_init__ refuses the Gaussian mechanism without a delta
             scale = scale * math.sqrt(2.0 * math.log(1.25 / self.delta))
         return scale
 
+    def weights(self) -> np.ndarray:
+        """Each kept channel's share of the per-coefficient ε (all ones unless the spec is allocated)."""
+        return np.ones(self.num_channels) if self.epsilon_weights is None else np.asarray(self.epsilon_weights)
+
     def to_dict(self) -> dict[str, Any]:
+        """Canonical parameters; an even spec leaves epsilon_weights out, so the hashes of older specs hold."""
         data = asdict(self)
         for key in ("luma_keep", "chroma_keep", "channel_std"):
             data[key] = list(data[key])
+        if self.epsilon_weights is None:
+            del data["epsilon_weights"]
+        else:
+            data["epsilon_weights"] = list(self.epsilon_weights)
         return data
 
     @classmethod
@@ -167,12 +183,15 @@ class TransformSpec:
             epsilon_per_coefficient=_optional_float(data.get("epsilon_per_coefficient")),
             delta=_optional_float(data.get("delta")),
             channel_std=tuple(float(s) for s in data["channel_std"]),
+            epsilon_weights=None if data.get("epsilon_weights") is None
+            else tuple(float(w) for w in data["epsilon_weights"]),
         )
 
     def with_epsilon(self, epsilon_per_coefficient: float | None, delta: float | None = None) -> "TransformSpec":
         """The same transform with another noise level (None: no noise)."""
         return TransformSpec(self.name, self.luma_keep, self.chroma_keep, self.clip_sigmas, self.mechanism,
-                             epsilon_per_coefficient, delta if delta is not None else self.delta, self.channel_std)
+                             epsilon_per_coefficient, delta if delta is not None else self.delta, self.channel_std,
+                             self.epsilon_weights)
 
     def apply(self, face_rgb: np.ndarray, rng: NoiseSource) -> np.ndarray:
         return apply(face_rgb, self, rng)
@@ -186,6 +205,16 @@ def _check_indices(field: str, indices: tuple[int, ...]) -> None:
         raise ValueError(f"{field} must be strictly ascending frequency indices in 0..63")
 
 
+def _check_weights(weights: tuple[float, ...] | None, channels: int) -> None:
+    """An allocation must cover every kept channel, be positive and keep the total budget (mean 1)."""
+    if weights is None:
+        return
+    if len(weights) != channels or not all(w > 0 and math.isfinite(w) for w in weights):
+        raise ValueError(f"epsilon_weights needs {channels} positive finite values, got {len(weights)}")
+    if abs(sum(weights) / channels - 1.0) > 1e-6:
+        raise ValueError(f"epsilon_weights must average 1 (the same total budget), not {sum(weights) / channels:.6f}")
+
+
 def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
@@ -193,9 +222,10 @@ def _optional_float(value: Any) -> float | None:
 def _noise_tag(spec: TransformSpec) -> str:
     if spec.epsilon_per_coefficient is None:
         return "clean"
+    allocated = "a" if spec.epsilon_weights is not None else ""
     if spec.mechanism == "laplace":
-        return f"lap{spec.epsilon_per_coefficient:g}"
-    return f"gau{spec.epsilon_per_coefficient:g}d{spec.delta:g}"
+        return f"lap{spec.epsilon_per_coefficient:g}{allocated}"
+    return f"gau{spec.epsilon_per_coefficient:g}d{spec.delta:g}{allocated}"
 
 
 def full_coefficients(face_rgb: np.ndarray) -> np.ndarray:
@@ -225,42 +255,6 @@ def clipped(face_rgb: np.ndarray, spec: TransformSpec) -> np.ndarray:
     return kept
 
 
-class NoiseSource(Protocol):
-    """What add_noise draws from: a numpy Generator (training, studies: seeded, reproducible) or ``OsNoise``."""
-
-    def laplace(self, loc: float, scale: Any) -> np.ndarray: ...
-
-    def normal(self, loc: float, scale: Any) -> np.ndarray: ...
-
-
-class OsNoise:
-    """Laplace and Gaussian draws from ``os.urandom``: the SDK's privacy noise, which nothing may predict.
-
-    Why not a seeded numpy Generator: PCG64 is not a cryptographic generator (its state follows from its output),
-    and the noise is what protects the features. Uniforms carry 53 random bits; Laplace by the inverse CDF,
-    Gaussian by Box-Muller.
-    """
-
-    @staticmethod
-    def uniform(shape: tuple[int, ...]) -> np.ndarray:
-        """Uniform floats in (0, 1) (never exactly 0: logarithms stay finite)."""
-        n = int(np.prod(shape)) if shape else 1
-        words = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
-        return ((words.astype(np.float64) + 0.5) * 2.0**-53).reshape(shape)
-
-    def laplace(self, loc: float, scale: Any) -> np.ndarray:
-        scale = np.asarray(scale, dtype=np.float64)
-        u = self.uniform(scale.shape) - 0.5
-        draws: np.ndarray = loc - scale * np.sign(u) * np.log1p(-2.0 * np.abs(u))
-        return draws
-
-    def normal(self, loc: float, scale: Any) -> np.ndarray:
-        scale = np.asarray(scale, dtype=np.float64)
-        u1, u2 = self.uniform(scale.shape), self.uniform(scale.shape)
-        draws: np.ndarray = loc + scale * np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
-        return draws
-
-
 def add_noise(features: np.ndarray, spec: TransformSpec, rng: NoiseSource) -> np.ndarray:
     """Clipped features [..., K, 14, 14] plus the spec's calibrated noise (float64); unchanged without noise."""
     if not spec.noisy:
@@ -288,10 +282,8 @@ def clean(face_rgb: np.ndarray, spec: TransformSpec) -> np.ndarray:
 
 
 def inverse(features: np.ndarray, spec: TransformSpec) -> np.ndarray:
-    """Naive rebuild for leakage studies: removed channels = 0, inverse DCT -> RGB uint8 [..., 112, 112, 3].
-
-    Chroma planes with every coefficient removed rebuild as mid-grey chroma (zero after level shift).
-    """
+    """Naive rebuild for leakage studies: removed channels = 0, inverse DCT -> RGB uint8 [..., 112, 112, 3]
+    (chroma planes with every coefficient removed rebuild as mid-grey chroma: zero after level shift)."""
     features = np.asarray(features, dtype=np.float64)
     if features.shape[-3:] != spec.shape:
         raise ValueError(f"features shape {features.shape} does not end with {spec.shape}")
@@ -305,11 +297,8 @@ def inverse(features: np.ndarray, spec: TransformSpec) -> np.ndarray:
 
 
 def validation_bounds(spec: TransformSpec) -> np.ndarray:
-    """Largest |x| the server accepts per channel: clip bound + NOISE_TOLERANCE_SCALES noise scales.
-
-    A sanity bound, not a proof of honesty: Laplace/Gaussian noise is unbounded, so a generous multiple
-    of the noise scale is allowed. A float16 rounding margin is added; capped at float16's max.
-    """
+    """Largest |x| the server accepts per channel: clip bound + NOISE_TOLERANCE_SCALES noise scales (noise is
+    unbounded: a sanity bound, not a proof of honesty), plus a float16 rounding margin; capped at float16's max."""
     bound = spec.clip_bounds() + NOISE_TOLERANCE_SCALES * spec.noise_scales()
     return np.minimum(bound * (1 + 2 ** -10) + 1e-3, FLOAT16_MAX)
 
@@ -391,8 +380,20 @@ def spec_low10(epsilon_per_coefficient: float | None = DEFAULT_EPSILON_PER_COEFF
 PRESETS: dict[str, Callable[..., TransformSpec]] = {
     "dct8-v0": spec_v0, "dct8-low10": spec_low10,
     **{f"dct8-low{count}": partial(spec_low, count) for count in (8, 12, 15, 21)}}
+
+
+def spec_allocated(name: str, epsilon_per_coefficient: float | None = DEFAULT_EPSILON_PER_COEFFICIENT) -> TransformSpec:
+    """A committed noise allocation (`training_jobs.noise_allocation`): its base preset's channels and total
+    budget, the per-coefficient ε spread over the channels by the learned weights."""
+    data = json.loads((ALLOCATIONS / f"{name}.json").read_text())
+    base = PRESETS[data["base"]](epsilon_per_coefficient)
+    return replace(base, name=name, epsilon_weights=tuple(float(w) for w in data["weights"]))
+
+
 # Screened by the attack harness only (docs/attacks/README.md): no model, no quality gate.
-SCREENED: dict[str, Callable[..., TransformSpec]] = {f"dct8-low{count}": partial(spec_low, count) for count in (3, 6, 9)}
+SCREENED: dict[str, Callable[..., TransformSpec]] = {
+    **{f"dct8-low{count}": partial(spec_low, count) for count in (3, 6, 9)},
+    **{path.stem: partial(spec_allocated, path.stem) for path in sorted(ALLOCATIONS.glob("*.json"))}}
 
 
 def default_spec() -> TransformSpec:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from inference.sealed_student import SealedCnn, SealedFaceModel, depth_of, head_of
-from inference.transform import PRESETS
+from inference.transform import PRESETS, SCREENED
 from training_jobs.evaluate import ModelResult, NonFiniteEmbeddings, baseline, embed_all
 from training_jobs.students import build_student
 from training_jobs.train_config import load_config, make_spec, unknown_keys
@@ -28,7 +28,8 @@ def test_there_are_committed_configs():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_committed_config_loads_and_names_a_known_transform(path: Path):
     config = load_config(path)
-    assert config["transform"]["preset"] in PRESETS
+    assert config["transform"]["preset"] in {**PRESETS, **SCREENED}  # a screened candidate is trained before it serves
+    assert make_spec(config).num_channels > 0
     assert set(config["data"]["eval_folds"]) == {6, 7, 8, 9, 10}  # the held-out folds are never trained on
 
 

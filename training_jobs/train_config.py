@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from inference.transform import PRESETS, TransformSpec
+from inference.transform import PRESETS, SCREENED, TransformSpec
 
 DEFAULTS: dict[str, Any] = {
     "name": "experiment",
@@ -127,4 +127,5 @@ def pick_device(name: str) -> torch.device:
 
 def make_spec(config: dict[str, Any]) -> TransformSpec:
     epsilon = config["transform"].get("epsilon")
-    return PRESETS[config["transform"]["preset"]](None if epsilon in (None, "none") else float(epsilon))
+    # a screened candidate (e.g. a learned noise allocation) may be trained too: that is how it earns a quality gate
+    return {**PRESETS, **SCREENED}[config["transform"]["preset"]](None if epsilon in (None, "none") else float(epsilon))

@@ -51,8 +51,12 @@ def training_faces(lfw: Path, spec: TransformSpec, seed: int = 0, max_identities
 
 
 def normaliser(spec: TransformSpec) -> torch.Tensor:
-    """Per-channel scale [K, 1, 1] that brings every feature plane to unit std (clip bound = 4 std)."""
-    return torch.tensor(spec.channel_std, dtype=torch.float32).view(-1, 1, 1)
+    """Per-channel scale [K, 1, 1] that brings every NOISY feature plane to about unit std: sqrt(signal variance +
+    noise variance). The attacker knows the spec, so a channel an allocated spec drowns in noise reaches it at unit
+    scale too, not as huge values that slow its training (which would flatter the allocation, not measure it)."""
+    scales = spec.noise_scales()
+    noise_variance = 2.0 * scales ** 2 if spec.mechanism == "laplace" else scales ** 2
+    return torch.tensor(np.sqrt(np.square(spec.channel_std) + noise_variance), dtype=torch.float32).view(-1, 1, 1)
 
 
 def to_unit(faces: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,47 @@
+"""Where the transform's noise comes from: a seeded numpy Generator (training, studies) or ``OsNoise`` (the SDK).
+
+Kept apart from the transform itself, as CrypTen keeps its randomness providers apart from its protocols.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class NoiseSource(Protocol):
+    """What add_noise draws from: a numpy Generator (training, studies: seeded, reproducible) or ``OsNoise``."""
+
+    def laplace(self, loc: float, scale: Any) -> np.ndarray: ...
+
+    def normal(self, loc: float, scale: Any) -> np.ndarray: ...
+
+
+class OsNoise:
+    """Laplace and Gaussian draws from ``os.urandom``: the SDK's privacy noise, which nothing may predict.
+
+    Why not a seeded numpy Generator: PCG64 is not a cryptographic generator (its state follows from its output),
+    and the noise is what protects the features. Uniforms carry 53 random bits; Laplace by the inverse CDF,
+    Gaussian by Box-Muller.
+    """
+
+    @staticmethod
+    def uniform(shape: tuple[int, ...]) -> np.ndarray:
+        """Uniform floats in (0, 1) (never exactly 0: logarithms stay finite)."""
+        n = int(np.prod(shape)) if shape else 1
+        words = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
+        return ((words.astype(np.float64) + 0.5) * 2.0**-53).reshape(shape)
+
+    def laplace(self, loc: float, scale: Any) -> np.ndarray:
+        scale = np.asarray(scale, dtype=np.float64)
+        u = self.uniform(scale.shape) - 0.5
+        draws: np.ndarray = loc - scale * np.sign(u) * np.log1p(-2.0 * np.abs(u))
+        return draws
+
+    def normal(self, loc: float, scale: Any) -> np.ndarray:
+        scale = np.asarray(scale, dtype=np.float64)
+        u1, u2 = self.uniform(scale.shape), self.uniform(scale.shape)
+        draws: np.ndarray = loc + scale * np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+        return draws
