@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from inference.transform import PRESETS
+from inference.transform import PRESETS, SCREENED
 
 
 def run_config(run_dir: Path) -> dict[str, Any]:
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     points = kept_points(args.out.with_suffix(".json"), results) if args.keep else []
     for run_dir in args.runs:
         summary = run_summary(run_dir)
-        if summary["transform"] not in PRESETS:
+        if summary["transform"] not in {**PRESETS, **SCREENED}:
             raise SystemExit(f"error: {run_dir}: unknown transform {summary['transform']!r}")
         summary["attacks"] = attack_figures(results, summary["transform"], summary["epsilon"])
         points = [p for p in points if p["run"] != summary["run"]] + [summary]

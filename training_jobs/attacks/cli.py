@@ -59,7 +59,7 @@ def make_attack(name: str, spec: TransformSpec, shared: Path, ssim_weight: float
 def evaluate(attack: A1 | A2 | A3, spec: TransformSpec, args: argparse.Namespace, run_dir: Path, lfw: Path,
              shared: Path) -> dict[str, Any]:
     probes = probe_set(lfw, args.max_probes, args.seed, args.max_eval_identities)
-    features = probes.probe_features(spec, args.seed)
+    features = probes.probe_features(spec, args.seed, args.random_channels)
     scale = normaliser(spec)
     cache = args.runs_dir / "cache"
     if isinstance(attack, A3):  # predicts embeddings; A1 and A2 rebuild images
@@ -82,12 +82,16 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
     shared = args.shared_dir or shared_dir()
     lfw = lfw_dir(shared)
     spec = {**PRESETS, **SCREENED}[args.transform](args.epsilon)
-    name = args.name or run_name(args.attack, args.transform, args.epsilon, args.minutes, args.clock)
+    # a random channel subset per image (PartialFace-style) is its own candidate: its rows and grid carry its label
+    transform = args.transform if args.random_channels is None else f"{args.transform}-rand{args.random_channels}"
+    name = args.name or run_name(args.attack, transform, args.epsilon, args.minutes, args.clock)
     run_dir = args.runs_dir / name
     attack = make_attack(args.attack, spec, shared, args.ssim_weight, args.identity_weight)
-    dataset = training_faces(lfw, spec, args.seed, args.max_train_identities, args.max_images_per_identity)
+    dataset = training_faces(lfw, spec, args.seed, args.max_train_identities, args.max_images_per_identity,
+                             args.random_channels)
     budget = Budget(args.minutes, args.batch, args.lr, args.seed, max_steps=args.max_steps, clock=args.clock)
-    meta = {"attack": args.attack, "transform": args.transform, "transform_id": spec.transform_id,
+    meta = {"attack": args.attack, "transform": transform, "transform_id": spec.transform_id,
+            **({"random_channels": args.random_channels} if args.random_channels is not None else {}),
             "epsilon": epsilon_tag(args.epsilon), "minutes": args.minutes, "clock": args.clock, "batch": args.batch,
             **({"max_steps": args.max_steps} if args.max_steps is not None else {})}
     started = time.perf_counter()
@@ -107,7 +111,7 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
     rows = upsert_result(args.out / "results.json", row)
     if args.max_eval_identities is None and args.max_probes == 1000:  # only full-protocol runs go in the docs
         write_table(args.out / "README.md", rows)
-        write_grid(args.out, args.transform, epsilon_tag(args.epsilon), probe_set(lfw, 1000, args.seed).probe_faces[
+        write_grid(args.out, transform, epsilon_tag(args.epsilon), probe_set(lfw, 1000, args.seed).probe_faces[
             grid_indices(1000)], args.runs_dir, rows)
     return row
 
@@ -143,6 +147,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--max-train-identities", type=int, default=None, help="tests: a small training split")
     run.add_argument("--max-images-per-identity", type=int, default=None)
     run.add_argument("--max-eval-identities", type=int, default=None, help="tests: a small gallery")
+    run.add_argument("--random-channels", type=int, default=None, metavar="N",
+                     help="each image keeps N of the transform's channels, chosen at random (PartialFace-style)")
     run.add_argument("--name", default=None, help="run name (default: attack-transform-eps-minutes)")
     table = sub.add_parser("table", help="rebuild the README table and grids from results.json")
     for sp in (run, table):
