@@ -107,3 +107,5 @@ def test_the_command_learns_resumes_and_writes_an_allocation_of_the_same_budget(
     assert spec.epsilon_per_image == LOW8.epsilon_per_image
     with pytest.raises(SystemExit, match="no model.onnx"):
         NA.main(args[:3] + [str(tmp_path)] + args[4:])
+    with pytest.raises(SystemExit, match="--warmup must be at least 1 and below --steps"):
+        NA.main(args[:9] + ["0"] + args[10:])  # no even-allocation loss to hold the multiplier to

@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.argv = argv
     if not (args.model / "model.onnx").is_file():
         raise SystemExit(f"error: no model.onnx in {args.model}")
+    if not 1 <= args.warmup < args.steps:  # the warm-up measures the even allocation's loss the multiplier holds to
+        raise SystemExit(f"error: --warmup must be at least 1 and below --steps ({args.steps}), not {args.warmup}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     spec = PRESETS[args.base](args.epsilon)
