@@ -18,9 +18,12 @@ class NoiseSource(Protocol):
 
     def normal(self, loc: float, scale: Any) -> np.ndarray: ...
 
+    def random(self, size: tuple[int, ...]) -> np.ndarray: ...
+
 
 class OsNoise:
-    """Laplace and Gaussian draws from ``os.urandom``: the SDK's privacy noise, which nothing may predict.
+    """Laplace, Gaussian and uniform draws from ``os.urandom``: the SDK's privacy noise and channel choice, which
+    nothing may predict.
 
     Why not a seeded numpy Generator: PCG64 is not a cryptographic generator (its state follows from its output),
     and the noise is what protects the features. Uniforms carry 53 random bits; Laplace by the inverse CDF,
@@ -33,6 +36,10 @@ class OsNoise:
         n = int(np.prod(shape)) if shape else 1
         words = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
         return ((words.astype(np.float64) + 0.5) * 2.0**-53).reshape(shape)
+
+    def random(self, size: tuple[int, ...]) -> np.ndarray:
+        """Uniform floats in (0, 1): a random-subset spec ranks them to choose the channels an image releases."""
+        return self.uniform(size)
 
     def laplace(self, loc: float, scale: Any) -> np.ndarray:
         scale = np.asarray(scale, dtype=np.float64)

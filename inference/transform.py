@@ -21,6 +21,9 @@ An aligned 112x112 RGB face becomes a stack of noisy 8x8-block DCT coefficient p
    An ALLOCATED spec (epsilon_weights) spends the same per-image budget unevenly: channel c gets
    eps_coef * w_c with mean(w) = 1, so eps_image is unchanged (`training_jobs.noise_allocation` learns w
    against an inverter: more noise where the inverter gains most, less where recognition needs it).
+   A RANDOM-SUBSET spec (random_channels = N, PartialFace-style) releases only N of the K channels per image,
+   chosen uniformly at random (os.urandom in the SDK) and independently of the face; the others are sent as
+   zeros. Per image only N*196 coefficients are released, so eps_image = N*196*eps_coef.
    epsilon_per_coefficient=None disables noise: the features are then NOT differentially private and
    epsilon_per_image is reported as infinity.
 6. Cast to float16 (values beyond float16 range are clamped first; clamping is post-processing and
@@ -52,21 +55,9 @@ from inference.dct import check_face, rgb_to_ycbcr as rgb_to_ycbcr, ycbcr_to_rgb
 from inference.noise import NoiseSource as NoiseSource, OsNoise as OsNoise
 
 FLOAT16_MAX = 65504.0
-# Laplace noise is unbounded; validation accepts |x| up to clip bound + this many noise scales.
-# P(|Laplace| > 50 b) = e^-50, so an honest client never trips it, while garbage is still refused.
-NOISE_TOLERANCE_SCALES = 50.0
 MECHANISMS = ("laplace", "gaussian")
 STATS_PATH = Path(__file__).parent / "transforms" / "dct8_stats.json"
 ALLOCATIONS = Path(__file__).parent / "transforms" / "allocations"  # learned per-channel ε weights
-
-
-class FeatureValidationError(ValueError):
-    """Features the server must refuse; `code` is a short slug (shape, dtype, non-finite, out-of-range)."""
-
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(f"{code}: {detail}")
-        self.code = code
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -86,6 +77,7 @@ class TransformSpec:
     delta: float | None
     channel_std: tuple[float, ...]
     epsilon_weights: tuple[float, ...] | None = None  # per kept channel, mean 1: the same total budget
+    random_channels: int | None = None  # channels released per image, a fresh random subset each time
 
     def __post_init__(self) -> None:
         _check_indices("luma_keep", self.luma_keep)
@@ -104,6 +96,8 @@ class TransformSpec:
         if self.mechanism == "laplace" and self.delta not in (None, 0.0):
             raise ValueError("the Laplace mechanism takes no delta")
         _check_weights(self.epsilon_weights, self.num_channels)
+        if self.random_channels is not None and not 0 < self.random_channels < self.num_channels:
+            raise ValueError(f"random_channels must be in 1..{self.num_channels - 1} (or None: every channel)")
 
     @property
     def num_channels(self) -> int:
@@ -114,27 +108,35 @@ class TransformSpec:
         return (self.num_channels, GRID, GRID)
 
     @property
+    def released_channels(self) -> int:
+        """Channels that carry values in one image (the rest are zeros)."""
+        return self.num_channels if self.random_channels is None else self.random_channels
+
+    @property
     def noisy(self) -> bool:
         return self.epsilon_per_coefficient is not None
 
     @property
     def epsilon_per_image(self) -> float:
-        """Basic composition over all K*196 released coefficients; inf when there is no noise."""
+        """Basic composition over the released coefficients (N*196 of a random-subset spec, else K*196); inf
+        when there is no noise."""
         if self.epsilon_per_coefficient is None:
             return math.inf
-        return self.num_channels * POSITIONS * self.epsilon_per_coefficient
+        return self.released_channels * POSITIONS * self.epsilon_per_coefficient
 
     @property
     def delta_per_image(self) -> float:
         """Composed delta (0 for Laplace; 1 = no guarantee when there is no noise)."""
         if self.epsilon_per_coefficient is None:
             return 1.0
-        return self.num_channels * POSITIONS * (self.delta or 0.0)
+        return self.released_channels * POSITIONS * (self.delta or 0.0)
 
     @property
     def transform_id(self) -> str:
-        """Human-readable id, e.g. "dct8-y63c5-lap32"; params_hash tells specs with equal ids apart."""
-        return f"dct8-y{len(self.luma_keep)}c{len(self.chroma_keep)}-{_noise_tag(self)}"
+        """Human-readable id, e.g. "dct8-y63c5-lap32" ("-r33": 33 channels per image); params_hash tells specs
+        with equal ids apart."""
+        subset = "" if self.random_channels is None else f"-r{self.random_channels}"
+        return f"dct8-y{len(self.luma_keep)}c{len(self.chroma_keep)}-{_noise_tag(self)}{subset}"
 
     @property
     def params_hash(self) -> str:
@@ -162,13 +164,15 @@ class TransformSpec:
         return np.ones(self.num_channels) if self.epsilon_weights is None else np.asarray(self.epsilon_weights)
 
     def to_dict(self) -> dict[str, Any]:
-        """Canonical parameters; an even spec leaves epsilon_weights out, so the hashes of older specs hold."""
+        """Canonical parameters; fields added later (epsilon_weights, random_channels) are left out when unused,
+        so the hashes of older specs hold."""
         data = asdict(self)
         for key in ("luma_keep", "chroma_keep", "channel_std"):
             data[key] = list(data[key])
-        if self.epsilon_weights is None:
-            del data["epsilon_weights"]
-        else:
+        for key in ("epsilon_weights", "random_channels"):
+            if data[key] is None:
+                del data[key]
+        if self.epsilon_weights is not None:
             data["epsilon_weights"] = list(self.epsilon_weights)
         return data
 
@@ -185,13 +189,13 @@ class TransformSpec:
             channel_std=tuple(float(s) for s in data["channel_std"]),
             epsilon_weights=None if data.get("epsilon_weights") is None
             else tuple(float(w) for w in data["epsilon_weights"]),
+            random_channels=None if data.get("random_channels") is None else int(data["random_channels"]),
         )
 
     def with_epsilon(self, epsilon_per_coefficient: float | None, delta: float | None = None) -> "TransformSpec":
         """The same transform with another noise level (None: no noise)."""
-        return TransformSpec(self.name, self.luma_keep, self.chroma_keep, self.clip_sigmas, self.mechanism,
-                             epsilon_per_coefficient, delta if delta is not None else self.delta, self.channel_std,
-                             self.epsilon_weights)
+        return replace(self, epsilon_per_coefficient=epsilon_per_coefficient,
+                       delta=delta if delta is not None else self.delta)
 
     def apply(self, face_rgb: np.ndarray, rng: NoiseSource) -> np.ndarray:
         return apply(face_rgb, self, rng)
@@ -265,6 +269,16 @@ def add_noise(features: np.ndarray, spec: TransformSpec, rng: NoiseSource) -> np
     return noisy
 
 
+def release(features: np.ndarray, spec: TransformSpec, rng: NoiseSource) -> np.ndarray:
+    """Keep `random_channels` channels of each image [..., K, 14, 14], a uniform random subset drawn apart from
+    the face, and zero the rest (a model serving the spec sees which ones it got); unchanged for other specs."""
+    if spec.random_channels is None:
+        return features
+    order = rng.random((*features.shape[:-3], spec.num_channels)).argsort(axis=-1)  # a random permutation
+    released: np.ndarray = np.where((order < spec.random_channels)[..., None, None], features, 0.0)
+    return released
+
+
 def to_float16(features: np.ndarray) -> np.ndarray:
     """Clamp into float16's finite range (post-processing) and cast."""
     clamped: np.ndarray = np.clip(features, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
@@ -273,11 +287,11 @@ def to_float16(features: np.ndarray) -> np.ndarray:
 
 def apply(face_rgb: np.ndarray, spec: TransformSpec, rng: NoiseSource) -> np.ndarray:
     """The client-side transform: aligned RGB uint8 face(s) [..., 112, 112, 3] -> float16 [..., K, 14, 14]."""
-    return to_float16(add_noise(clipped(face_rgb, spec), spec, rng))
+    return to_float16(release(add_noise(clipped(face_rgb, spec), spec, rng), spec, rng))
 
 
 def clean(face_rgb: np.ndarray, spec: TransformSpec) -> np.ndarray:
-    """The same features without noise (training targets, studies); float16 like apply()."""
+    """The same features without noise, every channel (training targets, studies); float16 like apply()."""
     return to_float16(clipped(face_rgb, spec))
 
 
@@ -294,31 +308,6 @@ def inverse(features: np.ndarray, spec: TransformSpec) -> np.ndarray:
     rgb = ycbcr_to_rgb(block_idct(coefficients))
     pixels: np.ndarray = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
     return pixels
-
-
-def validation_bounds(spec: TransformSpec) -> np.ndarray:
-    """Largest |x| the server accepts per channel: clip bound + NOISE_TOLERANCE_SCALES noise scales (noise is
-    unbounded: a sanity bound, not a proof of honesty), plus a float16 rounding margin; capped at float16's max."""
-    bound = spec.clip_bounds() + NOISE_TOLERANCE_SCALES * spec.noise_scales()
-    return np.minimum(bound * (1 + 2 ** -10) + 1e-3, FLOAT16_MAX)
-
-
-def validate_features(arr: np.ndarray, spec: TransformSpec) -> None:
-    """Server-side checks on one decoded feature array; raises FeatureValidationError."""
-    if not isinstance(arr, np.ndarray):
-        raise FeatureValidationError("dtype", f"expected a numpy array, got {type(arr).__name__}")
-    if arr.dtype != np.float16:
-        raise FeatureValidationError("dtype", f"dtype {arr.dtype} given, float16 expected")
-    if arr.shape != spec.shape:
-        raise FeatureValidationError("shape", f"shape {list(arr.shape)} given, {list(spec.shape)} expected")
-    values = arr.astype(np.float32)
-    if not np.isfinite(values).all():
-        raise FeatureValidationError("non-finite", f"{int((~np.isfinite(values)).sum())} values are NaN or inf")
-    excess = np.abs(values) > validation_bounds(spec)[:, None, None]
-    if excess.any():
-        channel = int(np.argwhere(excess)[0][0])
-        raise FeatureValidationError(
-            "out-of-range", f"{int(excess.sum())} values exceed the transform's bounds (first in channel {channel})")
 
 
 # ---------------------------------------------------------------------------------------------------

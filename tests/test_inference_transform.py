@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy.fft import dctn
 
+from inference import feature_checks as FC
 from inference import transform as T
 from inference.lfw import fold_pairs, lfw_dir, load_many
 
@@ -166,8 +167,8 @@ def test_validation_accepts_honest_features(faces):
     spec = T.spec_v0()
     rng = np.random.default_rng(2)
     for features in T.apply(faces, spec, rng):
-        T.validate_features(features, spec)
-    T.validate_features(T.clean(faces[0], spec.with_epsilon(None)), spec.with_epsilon(None))
+        FC.validate_features(features, spec)
+    FC.validate_features(T.clean(faces[0], spec.with_epsilon(None)), spec.with_epsilon(None))
 
 
 @pytest.mark.parametrize("corrupt, code", [
@@ -183,9 +184,9 @@ def test_validation_accepts_honest_features(faces):
 def test_validation_rejects_bad_features(corrupt, code):
     spec = T.spec_v0()
     good = T.apply(random_faces(1)[0], spec, np.random.default_rng(3))
-    T.validate_features(good, spec)
-    with pytest.raises(T.FeatureValidationError) as caught:
-        T.validate_features(corrupt(good), spec)
+    FC.validate_features(good, spec)
+    with pytest.raises(FC.FeatureValidationError) as caught:
+        FC.validate_features(corrupt(good), spec)
     assert caught.value.code == code and caught.value.detail
 
 
@@ -194,8 +195,8 @@ def test_validation_bound_is_tight_for_noise_free_transforms():
     features = T.clean(random_faces(1)[0], spec)
     bumped = features.copy()
     bumped[0, 0, 0] = np.float16(spec.clip_bounds()[0] * 1.01)
-    with pytest.raises(T.FeatureValidationError):
-        T.validate_features(bumped, spec)
+    with pytest.raises(FC.FeatureValidationError):
+        FC.validate_features(bumped, spec)
 
 
 def test_transform_is_fast():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from inference import feature_checks as FC
 from inference import transform as T
 from inference.lfw import lfw_dir
 from training_jobs import noise_allocation as NA
@@ -55,7 +56,7 @@ def test_a_committed_allocation_is_a_screenable_transform(tmp_path, monkeypatch)
     spec = T.spec_allocated("demo", 64.0)
     assert spec.name == "demo" and spec.luma_keep == LOW8.luma_keep and spec.epsilon_weights == weights_with(0.5)
     validated = T.apply(np.zeros((112, 112, 3), np.uint8), spec, np.random.default_rng(0))
-    T.validate_features(validated, spec)  # the server's bounds follow the allocated noise scales
+    FC.validate_features(validated, spec)  # the server's bounds follow the allocated noise scales
 
 
 def test_allocation_weights_average_one_and_start_even() -> None:

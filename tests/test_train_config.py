@@ -42,6 +42,13 @@ def test_every_sealed_config_builds_the_shape_it_declares(path: Path, tmp_path: 
     assert head_of(student.state_dict()) == config["model"].get("head", "dense")
 
 
+def test_a_random_subset_config_trains_the_spec_the_sdk_serves():
+    config = load_config(ROOT / "training_jobs/configs/cpu-low8-rand33.yaml")
+    spec = make_spec(config)
+    assert spec.random_channels == 33 and spec.transform_id == "dct8-y56c5-lap64-r33"
+    assert spec.epsilon_per_image == 33 * 196 * 64
+
+
 def test_a_misspelt_key_is_named_and_nested_sections_are_checked():
     assert unknown_keys({"model": {"kind": "sealed-cnn", "dpeth": 3}, "optim": {"lr": 1e-3, "epoch": 2},
                          "export": {"version": "v9"}, "keep_every_epoch": True}) == ["model.dpeth", "optim.epoch"]
@@ -60,6 +67,8 @@ def test_a_misspelt_key_is_named_and_nested_sections_are_checked():
                                              "a model version folder"),
                                             ("loss: {relation_weight: 2}\nteacher: none\n", "needs a teacher"),
                                             ("loss: {hint_weight: -2}\n", "a weight >= 0, not -2"),
+                                            ("transform: {preset: dct8-low8, random_channels: 66}\n",
+                                             "transform: random_channels must be in 1..65"),
                                             ("loss: {hint_weight: 4}\nmodel: {kind: sealed-cnn}\n",
                                              "needs model.kind sealed-cnn, data.cached_views"),
                                             ("loss: {hint_weight: 4}\ndata: {cached_views: 2}\n",

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from inference.lfw import load_rgb
-from inference.transform import TransformSpec, add_noise, clipped, to_float16
+from inference.transform import TransformSpec, add_noise, clipped, release, to_float16
 from training_jobs.datasets import EXTRA_SEED_OFFSET, Augment, Split, extra_faces_dir, kept_faces
 from training_jobs.hints import HINT_NAMES
 from training_jobs.losses import UNLABELLED
@@ -135,7 +135,8 @@ class CachedViews(Dataset[tuple[torch.Tensor, Any, int]]):  # Any: a Tensor, or 
         row = index - self.starts[source]
         rng = np.random.default_rng([self.seed, self.epoch, index])
         view = int(rng.integers(arrays["features"].shape[1]))
-        noisy = to_float16(add_noise(arrays["features"][row, view].astype(np.float64), self.spec, rng))
+        noisy = to_float16(release(add_noise(arrays["features"][row, view].astype(np.float64), self.spec, rng),
+                                    self.spec, rng))
         embedding = torch.from_numpy(arrays["embeddings"][row, view])
         teacher: torch.Tensor | dict[str, torch.Tensor] = embedding if not self.hints else {"embedding": embedding, **{
             name: torch.from_numpy(arrays[name][row, view].astype(np.float32)) for name in HINT_NAMES}}

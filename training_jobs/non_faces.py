@@ -12,7 +12,8 @@ import cv2
 import numpy as np
 
 from inference.lfw import load_rgb
-from inference.transform import FACE_SIZE, TransformSpec, validation_bounds
+from inference.feature_checks import validation_bounds
+from inference.transform import FACE_SIZE, TransformSpec
 
 Images = np.ndarray  # uint8 [n, 112, 112, 3]
 

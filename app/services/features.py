@@ -10,8 +10,9 @@ import numpy as np
 
 from app.problems import Problem, invalid_features
 from app.schemas import FeaturePayload, SealedPayload
+from inference.feature_checks import FeatureValidationError, validate_features
 from inference.quality_gate import QualityGate, gate_for
-from inference.transform import FeatureValidationError, TransformSpec, validate_features
+from inference.transform import TransformSpec
 
 log = logging.getLogger(__name__)
 NO_FACE_SLUG = "no-face-in-features"

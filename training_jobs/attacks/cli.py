@@ -11,6 +11,7 @@ docs/attacks/README.md and the grid docs/attacks/grid_<transform>_eps<ε>.png.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import time
 from pathlib import Path
@@ -59,7 +60,7 @@ def make_attack(name: str, spec: TransformSpec, shared: Path, ssim_weight: float
 def evaluate(attack: A1 | A2 | A3, spec: TransformSpec, args: argparse.Namespace, run_dir: Path, lfw: Path,
              shared: Path) -> dict[str, Any]:
     probes = probe_set(lfw, args.max_probes, args.seed, args.max_eval_identities)
-    features = probes.probe_features(spec, args.seed, args.random_channels)
+    features = probes.probe_features(spec, args.seed)
     scale = normaliser(spec)
     cache = args.runs_dir / "cache"
     if isinstance(attack, A3):  # predicts embeddings; A1 and A2 rebuild images
@@ -83,12 +84,12 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
     lfw = lfw_dir(shared)
     spec = {**PRESETS, **SCREENED}[args.transform](args.epsilon)
     # a random channel subset per image (PartialFace-style) is its own candidate: its rows and grid carry its label
+    spec = replace(spec, random_channels=args.random_channels)
     transform = args.transform if args.random_channels is None else f"{args.transform}-rand{args.random_channels}"
     name = args.name or run_name(args.attack, transform, args.epsilon, args.minutes, args.clock)
     run_dir = args.runs_dir / name
     attack = make_attack(args.attack, spec, shared, args.ssim_weight, args.identity_weight)
-    dataset = training_faces(lfw, spec, args.seed, args.max_train_identities, args.max_images_per_identity,
-                             args.random_channels)
+    dataset = training_faces(lfw, spec, args.seed, args.max_train_identities, args.max_images_per_identity)
     budget = Budget(args.minutes, args.batch, args.lr, args.seed, max_steps=args.max_steps, clock=args.clock)
     meta = {"attack": args.attack, "transform": transform, "transform_id": spec.transform_id,
             **({"random_channels": args.random_channels} if args.random_channels is not None else {}),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -44,40 +43,12 @@ def attacker_split(lfw: Path, max_identities: int | None = None,
     return split
 
 
-def keep_random_channels(features: np.ndarray, keep: int, rng: np.random.Generator) -> np.ndarray:
-    """PartialFace-style release: each image [..., K, 14, 14] keeps `keep` of its K channels, chosen at random per
-    image; the others are sent as zeros (so the attacker knows which ones it got, as a model serving it must)."""
-    channels = features.shape[-3]
-    if not 0 < keep <= channels:
-        raise ValueError(f"keep must be in 1..{channels}, not {keep}")
-    lead = features.shape[:-3]
-    order = rng.random((*lead, channels)).argsort(axis=-1)
-    mask = (order < keep)[..., None, None]
-    kept: np.ndarray = np.where(mask, features, 0).astype(features.dtype)
-    return kept
-
-
-class RandomChannelFaces(TransformedFaces):
-    """TransformedFaces whose features keep a fresh random subset of channels per sample (`keep_random_channels`)."""
-
-    def __init__(self, *args: Any, keep: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.keep = keep
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        features, face, label = super().__getitem__(index)
-        rng = np.random.default_rng([self.seed, self.epoch, index, 1])  # independent of the noise draw
-        return torch.from_numpy(keep_random_channels(features.numpy(), self.keep, rng)), face, label
-
-
 def training_faces(lfw: Path, spec: TransformSpec, seed: int = 0, max_identities: int | None = None,
-                   max_images_per_identity: int | None = None, random_channels: int | None = None) -> TransformedFaces:
-    """(features, clean face, label) samples of the training identities, flipped at random, fresh noise; with
-    `random_channels`, each sample keeps that many channels chosen at random."""
+                   max_images_per_identity: int | None = None) -> TransformedFaces:
+    """(features, clean face, label) samples of the training identities, flipped at random, fresh noise (and a
+    fresh channel subset for a random-subset spec)."""
     split = attacker_split(lfw, max_identities, max_images_per_identity)
-    if random_channels is None:
-        return TransformedFaces(lfw, split.train_images, split.train_labels, spec, FLIP_ONLY, seed)
-    return RandomChannelFaces(lfw, split.train_images, split.train_labels, spec, FLIP_ONLY, seed, keep=random_channels)
+    return TransformedFaces(lfw, split.train_images, split.train_labels, spec, FLIP_ONLY, seed)
 
 
 def normaliser(spec: TransformSpec) -> torch.Tensor:
@@ -116,13 +87,10 @@ class ProbeSet:
     def probe_ids(self) -> list[str]:
         return [identity_of(p) for p in self.probe_paths]
 
-    def probe_features(self, spec: TransformSpec, seed: int = 0, random_channels: int | None = None) -> np.ndarray:
-        """The SDK transform of every probe, one seeded noise draw each (same draw for every attack); with
-        `random_channels`, each probe keeps that many channels (one seeded choice per probe)."""
-        features = apply(self.probe_faces, spec, np.random.default_rng(seed)).astype(np.float32)
-        if random_channels is None:
-            return features
-        return keep_random_channels(features, random_channels, np.random.default_rng([seed, 1]))
+    def probe_features(self, spec: TransformSpec, seed: int = 0) -> np.ndarray:
+        """The SDK transform of every probe, one seeded noise draw (and channel subset) each, the same for every
+        attack."""
+        return apply(self.probe_faces, spec, np.random.default_rng(seed)).astype(np.float32)
 
 
 def probe_set(lfw: Path, max_probes: int | None = 1000, seed: int = 0,
