@@ -52,6 +52,10 @@ class PrivacyBudgetError(PrivfaceError):
     """The transform in use spends more ε per image than the app allows (max_epsilon); nothing was sent."""
 
 
+class SubsetKeyError(PrivfaceError):
+    """The device's subset key file (random-subset transforms) is unreadable or not 32 bytes; nothing was sent."""
+
+
 class AuthenticationError(PrivfaceError):
     """401: the API key is missing or invalid."""
 

@@ -18,7 +18,7 @@ import numpy as np
 from client.align import align_face
 from client.detect import DEFAULT_FACE_POLICY, FaceDetector, FacePolicy, select_face
 from client.errors import InvalidPhotoError
-from inference.transform import OsNoise, TransformSpec
+from inference.transform import NoiseSource, OsNoise, TransformSpec
 
 Photo = Union[str, Path, bytes, bytearray, np.ndarray]
 
@@ -67,10 +67,11 @@ def aligned_face(photo: Photo, face_policy: FacePolicy = DEFAULT_FACE_POLICY, de
 
 
 def extract_features(photo: Photo, spec: TransformSpec, face_policy: FacePolicy = DEFAULT_FACE_POLICY,
-                     detector: FaceDetector | None = None) -> FeaturePayload:
-    """The upload for one photo: aligned, transformed with fresh noise, encoded."""
+                     detector: FaceDetector | None = None, noise: NoiseSource | None = None) -> FeaturePayload:
+    """The upload for one photo: aligned, transformed with fresh noise (from `noise`, default `fresh_rng()`: the
+    SDK passes a `PinnedSubsetNoise` for a random-subset spec), encoded."""
     face = aligned_face(photo, face_policy, detector)
-    return encode_features(spec.apply(face, fresh_rng()), spec)
+    return encode_features(spec.apply(face, noise or fresh_rng()), spec)
 
 
 def fresh_rng() -> OsNoise:

@@ -24,7 +24,8 @@ from client.errors import (InvalidFeaturesError, InvalidRequestError, PrivacyBud
 from client.features import FeaturePayload, Photo, extract_features, with_fresh_nonce
 from client.environment import SEALED_PINS_ENV
 from client.sealed import parse_pins, pinned_keys, sealed_payload
-from inference.transform import TransformSpec
+from client.subset_key import load_or_create, subset_key_path
+from inference.transform import PinnedSubsetNoise, TransformSpec
 
 T = TypeVar("T")
 MAX_RETRY_WAIT_S = 30.0  # a Retry-After beyond this is capped, so a call never hangs for minutes
@@ -36,12 +37,14 @@ class PrivfaceClient:
     def __init__(self, base_url: str, api_key: str, timeout: float = 10.0, retries: int = 3,
                  transform: TransformSpec | None = None, *, backoff_s: float = 0.5,
                  max_epsilon: float | None = None, sealed_pins: str | None = None,
-                 require_sealed: bool = False) -> None:
+                 require_sealed: bool = False, subset_key: bytes | None = None) -> None:
         """max_epsilon: the most per-image ε the app accepts. The gateway chooses the transform, so without
         this cap a misconfigured gateway could ask for weakly noised (or clean) features; None accepts any.
         sealed_pins: the parties' key fingerprints, ``"<party 0>,<party 1>"``, from the operator, not from the
         gateway (default: $PRIVFACE_SDK_SEALED_KEY_PINS); sealed mode refuses to seal without them or to a key
         that differs. require_sealed: refuse to send features in the clear when the gateway says gateway mode.
+        subset_key: a random-subset transform's channel choice for this device (32 bytes; default: the key file of
+        client/subset_key.py, created on first use): every photo sent through this client releases the same channels.
         """
         self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout,
                                   headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"})
@@ -56,6 +59,7 @@ class PrivfaceClient:
         self._keys: dict[int, str] | None = None  # sealed mode: the parties' keys, checked against the pins
         self._pins = sealed_pins if sealed_pins is not None else os.environ.get(SEALED_PINS_ENV)
         self._require_sealed = require_sealed
+        self._subset_noise = PinnedSubsetNoise(subset_key) if subset_key is not None else None
 
     def __enter__(self) -> "PrivfaceClient":
         return self
@@ -93,7 +97,10 @@ class PrivfaceClient:
         with self._lock:
             if self._detector is None:
                 self._detector = FaceDetector()
-            return extract_features(photo, spec, face_policy, self._detector)
+            if spec.random_channels is not None and self._subset_noise is None:  # the key file only when needed
+                self._subset_noise = PinnedSubsetNoise(load_or_create(subset_key_path()))
+            noise = self._subset_noise if spec.random_channels is not None else None
+            return extract_features(photo, spec, face_policy, self._detector, noise)
 
     def enroll(self, subject_id: str, photo: Photo, face_policy: FacePolicy = DEFAULT_FACE_POLICY) -> dict[str, Any]:
         """Enroll the face in `photo` for the subject; returns the enrollment's metadata."""

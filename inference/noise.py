@@ -9,6 +9,9 @@ import os
 from typing import Any, Protocol
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+SUBSET_KEY_BYTES = 32
 
 
 class NoiseSource(Protocol):
@@ -52,3 +55,31 @@ class OsNoise:
         u1, u2 = self.uniform(scale.shape), self.uniform(scale.shape)
         draws: np.ndarray = loc + scale * np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
         return draws
+
+
+class PinnedSubsetNoise(OsNoise):
+    """``OsNoise`` whose channel choice is fixed by a device key: every image from this device releases the SAME
+    random subset of a random-subset spec's channels; the noise stays fresh from ``os.urandom``.
+
+    Why: with a fresh subset per image, a server that gets the same photo twice (a retry, a re-login) or several
+    photos of one person merges the subsets and sees more of the spectrum (docs/attacks/README.md, "The same photo
+    sent again"); pinned, whatever it merges carries the same channels. The subset is still uniform over devices:
+    the key is 32 bytes from ``os.urandom`` and the ranking uniforms are an AES-256-CTR keystream of it, nonce
+    fixed by the channel count (the same key and count give the same subset, nothing else in the stream is used).
+    """
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != SUBSET_KEY_BYTES:
+            raise ValueError(f"a subset key is {SUBSET_KEY_BYTES} bytes, not {len(key)}")
+        self._key = bytes(key)
+
+    def __repr__(self) -> str:  # never the key
+        return "PinnedSubsetNoise(<key>)"
+
+    def random(self, size: tuple[int, ...]) -> np.ndarray:
+        """The same uniforms for every image [..., K]: one keystream vector of K, broadcast over the images."""
+        count = int(size[-1])
+        nonce = count.to_bytes(16, "big")
+        stream = Cipher(algorithms.AES(self._key), modes.CTR(nonce)).encryptor().update(bytes(8 * count))
+        words = np.frombuffer(stream, dtype=np.uint64) >> np.uint64(11)
+        return np.broadcast_to((words.astype(np.float64) + 0.5) * 2.0**-53, size).copy()

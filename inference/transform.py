@@ -51,8 +51,9 @@ from inference.dct import BLOCK as BLOCK, COEFFS as COEFFS, FACE_SIZE as FACE_SI
 from inference.dct import LEVEL_SHIFT as LEVEL_SHIFT, YCBCR_OFFSET as YCBCR_OFFSET, YCBCR_TO_RGB as YCBCR_TO_RGB
 from inference.dct import ZIGZAG as ZIGZAG, block_dct as block_dct, block_idct as block_idct, dct_matrix as dct_matrix
 from inference.dct import check_face, rgb_to_ycbcr as rgb_to_ycbcr, ycbcr_to_rgb as ycbcr_to_rgb
-# re-exported: the SDK draws its privacy noise from OsNoise
-from inference.noise import NoiseSource as NoiseSource, OsNoise as OsNoise
+# re-exported: the SDK draws its privacy noise from OsNoise, a random-subset spec's channels from PinnedSubsetNoise
+from inference.noise import NoiseSource as NoiseSource, OsNoise as OsNoise, PinnedSubsetNoise as PinnedSubsetNoise
+from inference.noise import SUBSET_KEY_BYTES as SUBSET_KEY_BYTES
 
 FLOAT16_MAX = 65504.0
 MECHANISMS = ("laplace", "gaussian")
@@ -379,9 +380,17 @@ def spec_allocated(name: str, epsilon_per_coefficient: float | None = DEFAULT_EP
     return replace(base, name=name, epsilon_weights=tuple(float(w) for w in data["weights"]))
 
 
+def spec_random_subset(base: str, count: int,
+                       epsilon_per_coefficient: float | None = DEFAULT_EPSILON_PER_COEFFICIENT) -> TransformSpec:
+    """A preset whose images each release ``count`` of its channels, a fresh random subset per image (PartialFace-
+    style; named "<base>-r<count>" so a model trained on subsets never serves whole feature sets, or back)."""
+    return replace(PRESETS[base](epsilon_per_coefficient), name=f"{base}-r{count}", random_channels=count)
+
+
 # Screened by the attack harness only (docs/attacks/README.md): no model, no quality gate.
 SCREENED: dict[str, Callable[..., TransformSpec]] = {
     **{f"dct8-low{count}": partial(spec_low, count) for count in (3, 6, 9)},
+    "dct8-low8-r33": partial(spec_random_subset, "dct8-low8", 33),
     **{path.stem: partial(spec_allocated, path.stem) for path in sorted(ALLOCATIONS.glob("*.json"))}}
 
 

@@ -16,9 +16,10 @@ import torch
 
 from inference.lfw import lfw_dir, read_pairs, shared_dir
 from inference.mobilefacenet import WEIGHTS_SUBPATH
+from inference.transform import clean as clean_features
 from inference.transform import spec_low10, spec_v0
 from training_jobs.attacks.a1_inverter import A1, ssim_torch
-from training_jobs.attacks.data import attacker_split, check_disjoint, probe_set, training_faces
+from training_jobs.attacks.data import attacker_split, check_disjoint, merged_releases, probe_set, training_faces
 from training_jobs.attacks.evaluation import budget_label, identification, write_table
 from training_jobs.attacks.training import Budget, train
 from training_jobs.leakage import psnr, ssim
@@ -193,3 +194,39 @@ def test_the_random_subset_attacker_trains_and_is_scored_on_subsets(tmp_path):
     assert not torch.equal(dataset[0][0] != 0, features != 0)  # a new subset each epoch
     probes = probe_set(LFW, max_probes=4, max_identities=3).probe_features(spec, 0)
     assert ((np.abs(probes).sum(axis=(2, 3)) > 0).sum(axis=1) == 7).all()
+
+
+# --- the same photo released several times (fresh noise and subset each), merged by the attacker ------------------
+
+def test_merged_releases_carry_more_channels_and_less_noise_than_one():
+    spec = dataclasses.replace(spec_low10(), random_channels=7)
+    face = np.random.default_rng(0).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    clean = clean_features(face, spec).astype(np.float32)
+    rng = np.random.default_rng(1)
+    one, four = merged_releases(face, spec, rng, 1), merged_releases(face, spec, rng, 4)
+    carried = [int((np.abs(f).sum(axis=(1, 2)) > 0).sum()) for f in (one, four)]
+    assert carried[0] == 7 and 7 < carried[1] <= min(28, spec.num_channels) and four.dtype == np.float32
+    many = merged_releases(face, spec.with_epsilon(8.0), rng, 64)
+    assert int((np.abs(many).sum(axis=(1, 2)) > 0).sum()) == spec.num_channels  # 64 subsets of 7 cover all 28
+    single = merged_releases(face, spec.with_epsilon(8.0), rng, 1)
+    kept = np.abs(single).sum(axis=(1, 2)) > 0
+    # each channel averaged over ~16 releases: its noise shrinks ~4x (never to zero)
+    assert np.abs(many[kept] - clean[kept]).mean() < 0.5 * np.abs(single[kept] - clean[kept]).mean()
+
+
+@needs_lfw
+def test_the_merged_release_attacker_trains_and_is_scored_on_merges(tmp_path):
+    spec = dataclasses.replace(spec_low10(), random_channels=7)
+    dataset = training_faces(LFW, spec, seed=0, max_identities=2, max_images_per_identity=3, releases=3)
+    assert int((dataset[0][0].abs().sum(dim=(1, 2)) > 0).sum()) > 7
+    probes = probe_set(LFW, max_probes=4, max_identities=3).probe_features(spec, 0, releases=3)
+    assert ((np.abs(probes).sum(axis=(2, 3)) > 0).sum(axis=1) > 7).all()
+
+
+def test_the_cli_refuses_zero_releases_in_one_line(tmp_path):
+    command = [sys.executable, "-m", "training_jobs.attacks", "run", "--attack", "a1", "--transform", "dct8-low10",
+               "--minutes", "1", "--releases", "0", "--runs-dir", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "--releases: must be >= 1, not 0" in done.stderr.splitlines()[-1]
+    assert not any(tmp_path.iterdir())

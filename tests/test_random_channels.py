@@ -9,17 +9,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
 from scipy import stats
 
+from client import subset_key
+from client.environment import SUBSET_KEY_ENV
+from client.errors import SubsetKeyError
 from client.features import decode_features, encode_features, fresh_rng
+from client.sdk import PrivfaceClient
 from inference import feature_checks as FC
 from inference import transform as T
+from inference.transform import SUBSET_KEY_BYTES
+from tests.test_client_detect import FACES
 
 K = T.spec_low(8).num_channels  # 66
 N = 33
+PHOTO, OTHER_PHOTO = FACES / "James_Caan_0001.jpg", FACES / "Bill_Maher_0001.jpg"
 
 
 def faces(n: int, seed: int = 0) -> np.ndarray:
@@ -88,3 +97,49 @@ def test_without_noise_a_released_channel_may_be_all_zeros():
     features = T.apply(np.full((112, 112, 3), 128, np.uint8), spec, fresh_rng())  # flat grey: every AC is 0
     assert not released(features).any()
     FC.validate_features(features, spec)
+
+
+# --- the SDK pins the subset to a device key: re-sent photos and several photos of one person add no channels -------
+
+def test_a_device_key_pins_the_subset_and_keys_from_the_os_spread_it_uniformly():
+    spec = subset_spec()
+    key = os.urandom(SUBSET_KEY_BYTES)
+    pinned = T.PinnedSubsetNoise(key)
+    first, second = spec.apply(faces(2), pinned), spec.apply(faces(1, seed=1)[0], T.PinnedSubsetNoise(key))
+    assert (released(first) == released(second)).all() and released(second).sum() == N  # same channels, any photo
+    again = spec.apply(faces(1)[0], pinned)
+    assert not np.array_equal(again, first[0])  # the noise is still fresh from the OS
+    masks = np.stack([released(spec.apply(faces(1)[0], T.PinnedSubsetNoise(os.urandom(32)))) for _ in range(300)])
+    counts = masks.sum(axis=0)  # over devices, each channel is released with probability N/K
+    assert (masks.sum(axis=1) == N).all() and len({tuple(row) for row in masks}) == 300
+    assert stats.chisquare(counts, np.full(K, counts.sum() / K)).pvalue > 1e-4
+    assert "key" in repr(pinned) and key.hex() not in repr(pinned)
+    with pytest.raises(ValueError, match="32 bytes, not 16"):
+        T.PinnedSubsetNoise(bytes(16))
+
+
+def test_the_key_file_is_created_once_private_and_refused_when_damaged(tmp_path):
+    path = tmp_path / "conf" / "subset.key"
+    key = subset_key.load_or_create(path)
+    assert len(key) == SUBSET_KEY_BYTES and subset_key.load_or_create(path) == key
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.write_bytes(b"short")
+    with pytest.raises(SubsetKeyError, match="holds 5 bytes, not 32"):
+        subset_key.load_or_create(path)
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(SubsetKeyError, match="cannot read the subset key .*: Not a directory"):
+        subset_key.load_or_create(blocked / "subset.key")  # its folder is a file
+
+
+@pytest.mark.skipif(not PHOTO.exists(), reason=f"LFW photos absent under {PHOTO.parent}")
+def test_the_sdk_sends_every_photo_with_the_devices_channels(tmp_path, monkeypatch):
+    monkeypatch.setenv(SUBSET_KEY_ENV, str(tmp_path / "subset.key"))
+    spec = subset_spec()
+    with PrivfaceClient("http://127.0.0.1:9", "unused", transform=spec) as sdk:  # features() sends nothing
+        payloads = [sdk.features(photo) for photo in (PHOTO, PHOTO, OTHER_PHOTO)]
+    masks = [released(decode_features(p)) for p in payloads]
+    assert all((m == masks[0]).all() for m in masks) and masks[0].sum() == N
+    assert (tmp_path / "subset.key").stat().st_size == SUBSET_KEY_BYTES
+    with PrivfaceClient("http://127.0.0.1:9", "unused", transform=spec, subset_key=os.urandom(32)) as other:
+        assert not (released(decode_features(other.features(PHOTO))) == masks[0]).all()  # another device

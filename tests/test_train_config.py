@@ -43,8 +43,8 @@ def test_every_sealed_config_builds_the_shape_it_declares(path: Path, tmp_path: 
 
 
 def test_a_random_subset_config_trains_the_spec_the_sdk_serves():
-    config = load_config(ROOT / "training_jobs/configs/cpu-low8-rand33.yaml")
-    spec = make_spec(config)
+    spec = make_spec(load_config(ROOT / "training_jobs/configs/cpu-low8-rand33.yaml"))
+    assert spec == SCREENED["dct8-low8-r33"](64.0) and spec.name == "dct8-low8-r33"
     assert spec.random_channels == 33 and spec.transform_id == "dct8-y56c5-lap64-r33"
     assert spec.epsilon_per_image == 33 * 196 * 64
 
@@ -67,8 +67,8 @@ def test_a_misspelt_key_is_named_and_nested_sections_are_checked():
                                              "a model version folder"),
                                             ("loss: {relation_weight: 2}\nteacher: none\n", "needs a teacher"),
                                             ("loss: {hint_weight: -2}\n", "a weight >= 0, not -2"),
-                                            ("transform: {preset: dct8-low8, random_channels: 66}\n",
-                                             "transform: random_channels must be in 1..65"),
+                                            ("transform: {preset: dct8-low99}\n",
+                                             "transform.preset 'dct8-low99' is not a transform"),
                                             ("loss: {hint_weight: 4}\nmodel: {kind: sealed-cnn}\n",
                                              "needs model.kind sealed-cnn, data.cached_views"),
                                             ("loss: {hint_weight: 4}\ndata: {cached_views: 2}\n",

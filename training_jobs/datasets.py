@@ -168,8 +168,12 @@ class TransformedFaces(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
         face = self.face(index)
         if self.augment is not None:
             face = self.augment(face, rng)
-        features = apply(face, self.spec, rng).astype(np.float32)
+        features = self.features(face, rng)
         return torch.from_numpy(features), torch.from_numpy(np.ascontiguousarray(face)), self.labels[index]
+
+    def features(self, face: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """What the server receives for this (augmented) face: one SDK release (attacks override it)."""
+        return apply(face, self.spec, rng).astype(np.float32)
 
 
 class MixedFaces(ConcatDataset[tuple[torch.Tensor, torch.Tensor, int]]):

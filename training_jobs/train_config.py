@@ -4,7 +4,6 @@ trains for, its seeds and its device. `training_jobs/train.py` runs it; the mode
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import random
 from pathlib import Path
@@ -51,10 +50,9 @@ def merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, An
 
 # Keys a config may set that have no default above: the model's shape (read by train.build_student), the share of
 # mixed faces (training_jobs/mixed_faces.py), the weights of the batch-relation term (training_jobs/losses.py) and
-# of the stage-map hints (training_jobs/hints.py), the channels released per image (a random-subset spec) and the
-# switch that keeps every epoch's checkpoint.
-OPTIONAL_KEYS = {"keep_every_epoch", "transform.random_channels", "model.kind", "model.activation", "model.width",
-                "model.depth", "model.head", "loss.mixed_faces", "loss.relation_weight", "loss.hint_weight"}
+# of the stage-map hints (training_jobs/hints.py), and the switch that keeps every epoch's checkpoint.
+OPTIONAL_KEYS = {"keep_every_epoch", "model.kind", "model.activation", "model.width", "model.depth", "model.head",
+                "loss.mixed_faces", "loss.relation_weight", "loss.hint_weight"}
 
 
 def unknown_keys(data: dict[str, Any], base: Any = DEFAULTS, prefix: str = "") -> list[str]:
@@ -111,10 +109,10 @@ def load_config(path: Path) -> dict[str, Any]:
                   or not config["model"]["freeze_backbone_bn"] or not (Path(start).parent / "model.json").is_file()):
         raise ValueError(f"{path}: model.init_onnx needs a frequency-mobilefacenet with freeze_backbone_bn: true (the "
                          "folded BatchNorms are exact in eval mode only) and a model version folder (model.json beside)")
-    try:
-        make_spec(config)
-    except (KeyError, TypeError, ValueError) as exc:  # before any data loads: a bad transform is a one-line error
-        raise ValueError(f"{path}: transform: {exc}") from None
+    preset = config["transform"].get("preset")
+    if preset not in {**PRESETS, **SCREENED}:  # before any data loads: a bad transform is a one-line error
+        raise ValueError(f"{path}: transform.preset {preset!r} is not a transform of inference/transform.py "
+                         "(PRESETS or SCREENED)")
     return config
 
 
@@ -134,7 +132,4 @@ def pick_device(name: str) -> torch.device:
 def make_spec(config: dict[str, Any]) -> TransformSpec:
     epsilon = config["transform"].get("epsilon")
     # a screened candidate (e.g. a learned noise allocation) may be trained too: that is how it earns a quality gate
-    spec = {**PRESETS, **SCREENED}[config["transform"]["preset"]](None if epsilon in (None, "none") else float(epsilon))
-    # PartialFace-style: each image releases this many of the preset's channels, a fresh random subset per image
-    random_channels = config["transform"].get("random_channels")
-    return spec if random_channels is None else dataclasses.replace(spec, random_channels=int(random_channels))
+    return {**PRESETS, **SCREENED}[config["transform"]["preset"]](None if epsilon in (None, "none") else float(epsilon))

@@ -34,6 +34,13 @@ from training_jobs.evaluate import pixel_mobilefacenet_embedder
 ATTACKS = ("a1", "a2", "a3")
 
 
+def at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
 def parse_epsilon(text: str) -> float | None:
     return None if text.lower() in ("none", "inf") else float(text)
 
@@ -60,7 +67,7 @@ def make_attack(name: str, spec: TransformSpec, shared: Path, ssim_weight: float
 def evaluate(attack: A1 | A2 | A3, spec: TransformSpec, args: argparse.Namespace, run_dir: Path, lfw: Path,
              shared: Path) -> dict[str, Any]:
     probes = probe_set(lfw, args.max_probes, args.seed, args.max_eval_identities)
-    features = probes.probe_features(spec, args.seed)
+    features = probes.probe_features(spec, args.seed, args.releases)
     scale = normaliser(spec)
     cache = args.runs_dir / "cache"
     if isinstance(attack, A3):  # predicts embeddings; A1 and A2 rebuild images
@@ -86,13 +93,16 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
     # a random channel subset per image (PartialFace-style) is its own candidate: its rows and grid carry its label
     spec = replace(spec, random_channels=args.random_channels)
     transform = args.transform if args.random_channels is None else f"{args.transform}-rand{args.random_channels}"
+    transform += "" if args.releases == 1 else f"-x{args.releases}"  # each photo seen that many times, merged
     name = args.name or run_name(args.attack, transform, args.epsilon, args.minutes, args.clock)
     run_dir = args.runs_dir / name
     attack = make_attack(args.attack, spec, shared, args.ssim_weight, args.identity_weight)
-    dataset = training_faces(lfw, spec, args.seed, args.max_train_identities, args.max_images_per_identity)
+    dataset = training_faces(lfw, spec, args.seed, args.max_train_identities, args.max_images_per_identity,
+                             args.releases)
     budget = Budget(args.minutes, args.batch, args.lr, args.seed, max_steps=args.max_steps, clock=args.clock)
     meta = {"attack": args.attack, "transform": transform, "transform_id": spec.transform_id,
             **({"random_channels": args.random_channels} if args.random_channels is not None else {}),
+            **({"releases": args.releases} if args.releases != 1 else {}),
             "epsilon": epsilon_tag(args.epsilon), "minutes": args.minutes, "clock": args.clock, "batch": args.batch,
             **({"max_steps": args.max_steps} if args.max_steps is not None else {})}
     started = time.perf_counter()
@@ -150,6 +160,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--max-eval-identities", type=int, default=None, help="tests: a small gallery")
     run.add_argument("--random-channels", type=int, default=None, metavar="N",
                      help="each image keeps N of the transform's channels, chosen at random (PartialFace-style)")
+    run.add_argument("--releases", type=at_least_one, default=1, metavar="K",
+                     help="the attacker sees each photo K times (fresh noise and subset each) and merges them")
     run.add_argument("--name", default=None, help="run name (default: attack-transform-eps-minutes)")
     table = sub.add_parser("table", help="rebuild the README table and grids from results.json")
     for sp in (run, table):
