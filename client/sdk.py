@@ -24,8 +24,8 @@ from client.errors import (InvalidFeaturesError, InvalidRequestError, PrivacyBud
 from client.features import FeaturePayload, Photo, extract_features, with_fresh_nonce
 from client.environment import SEALED_PINS_ENV
 from client.sealed import parse_pins, pinned_keys, sealed_payload
-from client.subset_key import load_or_create, subset_key_path
-from inference.transform import PinnedSubsetNoise, TransformSpec
+from client.subset_key import load_or_create, pinned_noise, subset_key_path
+from inference.transform import TransformSpec
 
 T = TypeVar("T")
 MAX_RETRY_WAIT_S = 30.0  # a Retry-After beyond this is capped, so a call never hangs for minutes
@@ -59,7 +59,7 @@ class PrivfaceClient:
         self._keys: dict[int, str] | None = None  # sealed mode: the parties' keys, checked against the pins
         self._pins = sealed_pins if sealed_pins is not None else os.environ.get(SEALED_PINS_ENV)
         self._require_sealed = require_sealed
-        self._subset_noise = PinnedSubsetNoise(subset_key) if subset_key is not None else None
+        self._subset_noise = pinned_noise(subset_key) if subset_key is not None else None
 
     def __enter__(self) -> "PrivfaceClient":
         return self
@@ -98,7 +98,7 @@ class PrivfaceClient:
             if self._detector is None:
                 self._detector = FaceDetector()
             if spec.random_channels is not None and self._subset_noise is None:  # the key file only when needed
-                self._subset_noise = PinnedSubsetNoise(load_or_create(subset_key_path()))
+                self._subset_noise = pinned_noise(load_or_create(subset_key_path()))
             noise = self._subset_noise if spec.random_channels is not None else None
             return extract_features(photo, spec, face_policy, self._detector, noise)
 

@@ -64,8 +64,9 @@ class PinnedSubsetNoise(OsNoise):
     Why: with a fresh subset per image, a server that gets the same photo twice (a retry, a re-login) or several
     photos of one person merges the subsets and sees more of the spectrum (docs/attacks/README.md, "The same photo
     sent again"); pinned, whatever it merges carries the same channels. The subset is still uniform over devices:
-    the key is 32 bytes from ``os.urandom`` and the ranking uniforms are an AES-256-CTR keystream of it, nonce
-    fixed by the channel count (the same key and count give the same subset, nothing else in the stream is used).
+    the key is 32 bytes from ``os.urandom`` and the ranking uniforms are an AES-256-CTR keystream of it whose
+    initial counter block holds the channel count in its high half and zeros in its low (block) half: the same key
+    and count give the same subset, and specs of different counts read disjoint keystreams.
     """
 
     def __init__(self, key: bytes) -> None:
@@ -79,7 +80,7 @@ class PinnedSubsetNoise(OsNoise):
     def random(self, size: tuple[int, ...]) -> np.ndarray:
         """The same uniforms for every image [..., K]: one keystream vector of K, broadcast over the images."""
         count = int(size[-1])
-        nonce = count.to_bytes(16, "big")
+        nonce = count.to_bytes(8, "big") + bytes(8)
         stream = Cipher(algorithms.AES(self._key), modes.CTR(nonce)).encryptor().update(bytes(8 * count))
         words = np.frombuffer(stream, dtype=np.uint64) >> np.uint64(11)
         return np.broadcast_to((words.astype(np.float64) + 0.5) * 2.0**-53, size).copy()

@@ -21,9 +21,9 @@ An aligned 112x112 RGB face becomes a stack of noisy 8x8-block DCT coefficient p
    An ALLOCATED spec (epsilon_weights) spends the same per-image budget unevenly: channel c gets
    eps_coef * w_c with mean(w) = 1, so eps_image is unchanged (`training_jobs.noise_allocation` learns w
    against an inverter: more noise where the inverter gains most, less where recognition needs it).
-   A RANDOM-SUBSET spec (random_channels = N, PartialFace-style) releases only N of the K channels per image,
-   chosen uniformly at random (os.urandom in the SDK) and independently of the face; the others are sent as
-   zeros. Per image only N*196 coefficients are released, so eps_image = N*196*eps_coef.
+   A RANDOM-SUBSET spec (random_channels = N, PartialFace-style; never also allocated) releases N of the K
+   channels per image, a uniform subset independent of the face (pinned per device by the SDK's
+   `PinnedSubsetNoise`, fresh per image in training), the rest as zeros: eps_image = N*196*eps_coef.
    epsilon_per_coefficient=None disables noise: the features are then NOT differentially private and
    epsilon_per_image is reported as infinity.
 6. Cast to float16 (values beyond float16 range are clamped first; clamping is post-processing and
@@ -78,7 +78,7 @@ class TransformSpec:
     delta: float | None
     channel_std: tuple[float, ...]
     epsilon_weights: tuple[float, ...] | None = None  # per kept channel, mean 1: the same total budget
-    random_channels: int | None = None  # channels released per image, a fresh random subset each time
+    random_channels: int | None = None  # channels released per image: a uniform subset (per device in the SDK)
 
     def __post_init__(self) -> None:
         _check_indices("luma_keep", self.luma_keep)
@@ -99,6 +99,8 @@ class TransformSpec:
         _check_weights(self.epsilon_weights, self.num_channels)
         if self.random_channels is not None and not 0 < self.random_channels < self.num_channels:
             raise ValueError(f"random_channels must be in 1..{self.num_channels - 1} (or None: every channel)")
+        if self.random_channels is not None and self.epsilon_weights is not None:
+            raise ValueError("a spec is either allocated or random-subset (with both, its ε depends on the subset)")
 
     @property
     def num_channels(self) -> int:
@@ -382,8 +384,8 @@ def spec_allocated(name: str, epsilon_per_coefficient: float | None = DEFAULT_EP
 
 def spec_random_subset(base: str, count: int,
                        epsilon_per_coefficient: float | None = DEFAULT_EPSILON_PER_COEFFICIENT) -> TransformSpec:
-    """A preset whose images each release ``count`` of its channels, a fresh random subset per image (PartialFace-
-    style; named "<base>-r<count>" so a model trained on subsets never serves whole feature sets, or back)."""
+    """``base`` releasing ``count`` of its channels per image (PartialFace-style), named "<base>-r<count>" so a model
+    trained on subsets never serves whole feature sets, or back."""
     return replace(PRESETS[base](epsilon_per_coefficient), name=f"{base}-r{count}", random_channels=count)
 
 

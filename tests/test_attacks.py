@@ -212,6 +212,9 @@ def test_merged_releases_carry_more_channels_and_less_noise_than_one():
     kept = np.abs(single).sum(axis=(1, 2)) > 0
     # each channel averaged over ~16 releases: its noise shrinks ~4x (never to zero)
     assert np.abs(many[kept] - clean[kept]).mean() < 0.5 * np.abs(single[kept] - clean[kept]).mean()
+    pinned = merged_releases(np.stack([face, face[::-1]]), spec, rng, 8, pinned=True)
+    masks = np.abs(pinned).sum(axis=(2, 3)) > 0
+    assert (masks.sum(axis=1) == 7).all() and not (masks[0] == masks[1]).all()  # 7 per photo, its own 7
 
 
 @needs_lfw
@@ -229,4 +232,18 @@ def test_the_cli_refuses_zero_releases_in_one_line(tmp_path):
     done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and "--releases: must be >= 1, not 0" in done.stderr.splitlines()[-1]
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--transform", "dct8-low8-r33", "--random-channels", "20"], "dct8-low8-r33 already releases 33 channels"),
+    (["--transform", "dct8-low8", "--random-channels", "66"], "--random-channels must be in 1..65 for dct8-low8"),
+    (["--transform", "dct8-low8", "--random-channels", "33", "--pinned-subset"], "--pinned-subset needs --releases > 1"),
+    (["--transform", "dct8-low8", "--releases", "2", "--pinned-subset"], "and a random-subset transform")])
+def test_the_cli_refuses_subset_options_that_would_attack_another_transform(tmp_path, options, expected):
+    command = [sys.executable, "-m", "training_jobs.attacks", "run", "--attack", "a1", "--minutes", "1",
+               "--runs-dir", str(tmp_path), *options]
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and expected in done.stderr.splitlines()[-1], done.stderr[-500:]
     assert not any(tmp_path.iterdir())

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import stat
+from typing import Any
 
 import numpy as np
 import pytest
@@ -92,11 +93,24 @@ def test_an_sdk_payload_passes_the_servers_checks_and_tampering_does_not():
         assert caught.value.code == "channels"
 
 
-def test_without_noise_a_released_channel_may_be_all_zeros():
+def test_without_noise_a_released_channel_may_be_all_zeros_but_more_than_n_are_refused():
     spec = subset_spec(epsilon=None)
     features = T.apply(np.full((112, 112, 3), 128, np.uint8), spec, fresh_rng())  # flat grey: every AC is 0
     assert not released(features).any()
     FC.validate_features(features, spec)
+    whole = T.clean(faces(1)[0], spec)  # every channel of a random face carries values
+    with pytest.raises(FC.FeatureValidationError, match=f"{K} channels carry values") as caught:
+        FC.validate_features(whole, spec)
+    assert caught.value.code == "channels"
+    FC.validate_features(T.apply(faces(1)[0], spec, fresh_rng()), spec)
+
+
+def test_a_spec_is_never_both_allocated_and_random_subset():
+    with pytest.raises(ValueError, match="either allocated or random-subset"):
+        dataclasses.replace(subset_spec(), epsilon_weights=tuple([1.0] * K))
+    for bad in (0, K):
+        with pytest.raises(ValueError, match=f"random_channels must be in 1..{K - 1}"):
+            subset_spec(keep=bad)
 
 
 # --- the SDK pins the subset to a device key: re-sent photos and several photos of one person add no channels -------
@@ -116,6 +130,8 @@ def test_a_device_key_pins_the_subset_and_keys_from_the_os_spread_it_uniformly()
     assert "key" in repr(pinned) and key.hex() not in repr(pinned)
     with pytest.raises(ValueError, match="32 bytes, not 16"):
         T.PinnedSubsetNoise(bytes(16))
+    words = [set(pinned.random((count,)).tolist()) for count in (33, 40, 66)]  # disjoint keystreams per count
+    assert all(not a & b for i, a in enumerate(words) for b in words[i + 1:])
 
 
 def test_the_key_file_is_created_once_private_and_refused_when_damaged(tmp_path):
@@ -123,12 +139,21 @@ def test_the_key_file_is_created_once_private_and_refused_when_damaged(tmp_path)
     key = subset_key.load_or_create(path)
     assert len(key) == SUBSET_KEY_BYTES and subset_key.load_or_create(path) == key
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.chmod(0o644)
+    with pytest.raises(SubsetKeyError, match="must belong to this user with mode 0600 \\(it is 644"):
+        subset_key.load_or_create(path)
+    path.chmod(0o600)
     path.write_bytes(b"short")
     with pytest.raises(SubsetKeyError, match="holds 5 bytes, not 32"):
         subset_key.load_or_create(path)
+    assert not [p for p in path.parent.iterdir() if p.name != "subset.key"]  # no staging file left behind
+    cases: list[tuple[Any, str]] = [(bytes(16), "16 bytes"), ("k" * 32, "str")]  # an app passing a wrong key
+    for bad, size in cases:
+        with pytest.raises(SubsetKeyError, match=f"a subset key is 32 bytes, not {size}"):
+            PrivfaceClient("http://127.0.0.1:9", "unused", subset_key=bad)
     blocked = tmp_path / "file"
     blocked.write_text("")
-    with pytest.raises(SubsetKeyError, match="cannot read the subset key .*: Not a directory"):
+    with pytest.raises(SubsetKeyError, match="cannot create the subset key .*file/subset.key"):
         subset_key.load_or_create(blocked / "subset.key")  # its folder is a file
 
 

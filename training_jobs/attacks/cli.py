@@ -67,7 +67,7 @@ def make_attack(name: str, spec: TransformSpec, shared: Path, ssim_weight: float
 def evaluate(attack: A1 | A2 | A3, spec: TransformSpec, args: argparse.Namespace, run_dir: Path, lfw: Path,
              shared: Path) -> dict[str, Any]:
     probes = probe_set(lfw, args.max_probes, args.seed, args.max_eval_identities)
-    features = probes.probe_features(spec, args.seed, args.releases)
+    features = probes.probe_features(spec, args.seed, args.releases, args.pinned_subset)
     scale = normaliser(spec)
     cache = args.runs_dir / "cache"
     if isinstance(attack, A3):  # predicts embeddings; A1 and A2 rebuild images
@@ -84,25 +84,41 @@ def _sizes(probes: ProbeSet) -> dict[str, Any]:
             "chance_rank1": 1.0 / len(probes.gallery_paths)}
 
 
+def check_run_options(args: argparse.Namespace) -> None:
+    """Refuse, in one line before anything loads, subset options that would attack another transform than named."""
+    spec = {**PRESETS, **SCREENED}[args.transform](args.epsilon)
+    if args.random_channels is not None:
+        if spec.random_channels is not None:
+            parser().error(f"--random-channels: {args.transform} already releases {spec.random_channels} channels")
+        if not 0 < args.random_channels < spec.num_channels:
+            parser().error(f"--random-channels must be in 1..{spec.num_channels - 1} for {args.transform}")
+        if spec.epsilon_weights is not None:
+            parser().error(f"--random-channels: {args.transform} is an allocated spec (its ε would depend on the subset)")
+    if args.pinned_subset and (args.releases == 1 or (spec.random_channels is None and args.random_channels is None)):
+        parser().error("--pinned-subset needs --releases > 1 and a random-subset transform")
+
+
 def command_run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     shared = args.shared_dir or shared_dir()
     lfw = lfw_dir(shared)
     spec = {**PRESETS, **SCREENED}[args.transform](args.epsilon)
-    # a random channel subset per image (PartialFace-style) is its own candidate: its rows and grid carry its label
-    spec = replace(spec, random_channels=args.random_channels)
-    transform = args.transform if args.random_channels is None else f"{args.transform}-rand{args.random_channels}"
-    transform += "" if args.releases == 1 else f"-x{args.releases}"  # each photo seen that many times, merged
+    transform = args.transform
+    if args.random_channels is not None:  # a random subset per image (PartialFace-style) is its own candidate
+        spec = replace(spec, random_channels=args.random_channels)
+        transform = f"{args.transform}-r{args.random_channels}"  # as inference.transform.spec_random_subset names it
+    # each photo seen that many times, merged ("p": with the same subset each time, as the SDK pins it)
+    transform += "" if args.releases == 1 else f"-x{args.releases}" + ("p" if args.pinned_subset else "")
     name = args.name or run_name(args.attack, transform, args.epsilon, args.minutes, args.clock)
     run_dir = args.runs_dir / name
     attack = make_attack(args.attack, spec, shared, args.ssim_weight, args.identity_weight)
     dataset = training_faces(lfw, spec, args.seed, args.max_train_identities, args.max_images_per_identity,
-                             args.releases)
+                             args.releases, args.pinned_subset)
     budget = Budget(args.minutes, args.batch, args.lr, args.seed, max_steps=args.max_steps, clock=args.clock)
     meta = {"attack": args.attack, "transform": transform, "transform_id": spec.transform_id,
             **({"random_channels": args.random_channels} if args.random_channels is not None else {}),
-            **({"releases": args.releases} if args.releases != 1 else {}),
+            **({"releases": args.releases, "pinned_subset": args.pinned_subset} if args.releases != 1 else {}),
             "epsilon": epsilon_tag(args.epsilon), "minutes": args.minutes, "clock": args.clock, "batch": args.batch,
             **({"max_steps": args.max_steps} if args.max_steps is not None else {})}
     started = time.perf_counter()
@@ -162,6 +178,8 @@ def parser() -> argparse.ArgumentParser:
                      help="each image keeps N of the transform's channels, chosen at random (PartialFace-style)")
     run.add_argument("--releases", type=at_least_one, default=1, metavar="K",
                      help="the attacker sees each photo K times (fresh noise and subset each) and merges them")
+    run.add_argument("--pinned-subset", action="store_true",
+                     help="with --releases: every release of a photo has the same channel subset (the SDK's device key)")
     run.add_argument("--name", default=None, help="run name (default: attack-transform-eps-minutes)")
     table = sub.add_parser("table", help="rebuild the README table and grids from results.json")
     for sp in (run, table):
@@ -175,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     import sys
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    if args.command == "run":
+        check_run_options(args)
     args.command_line = "python -m training_jobs.attacks " + " ".join(argv)
     if args.command == "run":
         command_run(args)

@@ -44,12 +44,37 @@ def attacker_split(lfw: Path, max_identities: int | None = None,
     return split
 
 
-def merged_releases(faces: np.ndarray, spec: TransformSpec, rng: np.random.Generator, releases: int) -> np.ndarray:
+class SameSubset:
+    """A seeded generator whose channel ranking is drawn once, then repeated: the SDK's pinned subset
+    (`inference.transform.PinnedSubsetNoise`) as an attack simulates it; noise stays fresh."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.ranking: np.ndarray | None = None
+
+    def laplace(self, loc: float, scale: Any) -> np.ndarray:
+        draws: np.ndarray = self.rng.laplace(loc, scale)
+        return draws
+
+    def normal(self, loc: float, scale: Any) -> np.ndarray:
+        draws: np.ndarray = self.rng.normal(loc, scale)
+        return draws
+
+    def random(self, size: tuple[int, ...]) -> np.ndarray:
+        if self.ranking is None:
+            self.ranking = self.rng.random(size)
+        return self.ranking
+
+
+def merged_releases(faces: np.ndarray, spec: TransformSpec, rng: np.random.Generator, releases: int,
+                    pinned: bool = False) -> np.ndarray:
     """What a server holds after the SAME photo(s) [..., 112, 112, 3] were sent `releases` times (a retry, an app
-    that sends a photo on every login): each release has fresh noise and, for a random-subset spec, a fresh subset.
-    The attacker averages each channel over the releases that carry it (zeros where none does): more channels and
-    less noise than one release. float32 [..., K, 14, 14]."""
-    stack = np.stack([apply(faces, spec, rng).astype(np.float32) for _ in range(releases)])
+    that sends a photo on every login): each release has fresh noise and, for a random-subset spec, a fresh subset
+    (`pinned`: the same subset every time, as the SDK sends it). The attacker averages each channel over the
+    releases that carry it (zeros where none does): more channels and less noise than one release.
+    float32 [..., K, 14, 14]."""
+    source = SameSubset(rng) if pinned else rng
+    stack = np.stack([apply(faces, spec, source).astype(np.float32) for _ in range(releases)])
     carried = (stack != 0).any(axis=(-2, -1))  # [releases, ..., K]
     merged: np.ndarray = (stack.sum(axis=0) / np.maximum(carried.sum(axis=0), 1)[..., None, None]).astype(np.float32)
     return merged
@@ -58,22 +83,24 @@ def merged_releases(faces: np.ndarray, spec: TransformSpec, rng: np.random.Gener
 class MergedReleases(TransformedFaces):
     """Training samples as `merged_releases` of each augmented face: the attacker trains on what it will see."""
 
-    def __init__(self, *args: Any, releases: int = 1, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, releases: int = 1, pinned: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.releases = releases
+        self.releases, self.pinned = releases, pinned
 
     def features(self, face: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return merged_releases(face, self.spec, rng, self.releases)
+        return merged_releases(face, self.spec, rng, self.releases, self.pinned)
 
 
 def training_faces(lfw: Path, spec: TransformSpec, seed: int = 0, max_identities: int | None = None,
-                   max_images_per_identity: int | None = None, releases: int = 1) -> TransformedFaces:
+                   max_images_per_identity: int | None = None, releases: int = 1,
+                   pinned: bool = False) -> TransformedFaces:
     """(features, clean face, label) samples of the training identities, flipped at random, fresh noise (and a
     fresh channel subset for a random-subset spec); with `releases` > 1, each sample merges that many releases."""
     split = attacker_split(lfw, max_identities, max_images_per_identity)
     if releases == 1:
         return TransformedFaces(lfw, split.train_images, split.train_labels, spec, FLIP_ONLY, seed)
-    return MergedReleases(lfw, split.train_images, split.train_labels, spec, FLIP_ONLY, seed, releases=releases)
+    return MergedReleases(lfw, split.train_images, split.train_labels, spec, FLIP_ONLY, seed, releases=releases,
+                          pinned=pinned)
 
 
 def normaliser(spec: TransformSpec) -> torch.Tensor:
@@ -112,13 +139,13 @@ class ProbeSet:
     def probe_ids(self) -> list[str]:
         return [identity_of(p) for p in self.probe_paths]
 
-    def probe_features(self, spec: TransformSpec, seed: int = 0, releases: int = 1) -> np.ndarray:
+    def probe_features(self, spec: TransformSpec, seed: int = 0, releases: int = 1, pinned: bool = False) -> np.ndarray:
         """The SDK transform of every probe, one seeded noise draw (and channel subset) each, the same for every
         attack; `releases` > 1 merges that many releases of each probe (`merged_releases`)."""
         rng = np.random.default_rng(seed)
         if releases == 1:
             return apply(self.probe_faces, spec, rng).astype(np.float32)
-        return merged_releases(self.probe_faces, spec, rng, releases)
+        return merged_releases(self.probe_faces, spec, rng, releases, pinned)
 
 
 def probe_set(lfw: Path, max_probes: int | None = 1000, seed: int = 0,
