@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from app.schemas import FeaturePayload
+from app.services.features import decode_features as decode_payload
 from client import subset_key
 from client.environment import SUBSET_KEY_ENV
 from client.errors import SubsetKeyError
@@ -24,6 +26,7 @@ from client.features import decode_features, encode_features, fresh_rng
 from client.sdk import PrivfaceClient
 from inference import feature_checks as FC
 from inference import transform as T
+from common.problems import Problem
 from inference.transform import SUBSET_KEY_BYTES
 from tests.test_client_detect import FACES
 
@@ -91,6 +94,19 @@ def test_an_sdk_payload_passes_the_servers_checks_and_tampering_does_not():
         with pytest.raises(FC.FeatureValidationError, match=f"{count} channels carry values") as caught:
             FC.validate_features(tampered, spec)
         assert caught.value.code == "channels"
+
+
+def test_the_gateway_refuses_a_payload_with_too_many_channels_with_a_422():
+    spec = subset_spec()
+    good = encode_features(spec.apply(faces(1)[0], fresh_rng()), spec)
+    decoded = decode_payload(FeaturePayload(**good), spec, quality_gate=False)
+    assert (released(decoded) == released(decode_features(good))).all()
+    whole = T.apply(faces(1)[0], T.spec_low(8), fresh_rng())
+    tampered = {**good, "data": encode_features(whole, spec)["data"]}  # every channel, under the subset's name
+    with pytest.raises(Problem) as caught:
+        decode_payload(FeaturePayload(**tampered), spec, quality_gate=False)
+    assert caught.value.status == 422 and caught.value.slug == "invalid-channels"
+    assert f"{K} channels carry values" in caught.value.detail
 
 
 def test_without_noise_a_released_channel_may_be_all_zeros_but_more_than_n_are_refused():
