@@ -2,6 +2,7 @@
 embedding, template or score."""
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -34,6 +35,18 @@ def needles(values: np.ndarray) -> list[bytes]:
     patterns = [head.astype("<f4").tobytes(), head.astype("<f8").tobytes(), encode(head).astype("<i8").tobytes()]
     patterns += [f"{v:.6f}".encode() for v in head if abs(v) > 1e-3]
     return patterns
+
+
+DECIMAL = re.compile(rb"-?\d+\.\d{6}")
+
+
+def betrays(needle: bytes, content: bytes) -> bool:
+    """Whether `content` holds the needle. A decimal needle counts only where no digit precedes it: a timestamp's
+    "13:36:10.020566" holds the text "0.020566" by chance (about one run in a few hundred), a value written out
+    does not follow a digit. Binary needles count anywhere."""
+    if DECIMAL.fullmatch(needle):
+        return re.search(rb"(?<![0-9])" + re.escape(needle), content) is not None
+    return needle in content
 
 
 def files_of(stack: LocalStack) -> list[Path]:
@@ -81,6 +94,12 @@ def test_shares_uniform_and_nothing_plaintext_at_rest_or_in_logs(tmp_path, share
         for path in files_of(stack):
             content = path.read_bytes()
             for needle in secrets_to_find:
-                assert needle not in content, f"{path.name} contains a plaintext value"
+                assert not betrays(needle, content), f"{path.name} contains a plaintext value ({needle!r})"
     finally:
         stack.stop()
+
+
+def test_a_decimal_needle_inside_a_timestamp_is_not_a_leak_but_a_written_value_is():
+    assert not betrays(b"0.020566", b"created 2026-12-07 13:36:10.020566 acme")
+    assert betrays(b"0.020566", b'{"score": 0.020566}') and betrays(b"-0.020566", b"[-0.020566,")
+    assert betrays(np.float32(0.5).tobytes(), b"x1" + np.float32(0.5).tobytes())  # binary needles count anywhere
