@@ -21,30 +21,11 @@ import numpy as np
 from inference.lfw import lfw_dir, shared_dir
 from inference.metadata import ModelMetadata
 from inference.transform import TransformSpec, apply
+from training_jobs.attacks.data import FixedSubsets
 from training_jobs.eval_metrics import leave_one_fold_out_accuracy, tar_at_far
 from training_jobs.evaluate import HeldoutSet, onnx_features_fn, parse_folds
 
 BATCH = 64
-
-
-class GivenSubsets:
-    """Noise from a seeded generator, channel rankings given (one row per image): what a device key fixes."""
-
-    def __init__(self, rng: np.random.Generator, rankings: np.ndarray) -> None:
-        self.rng, self.rankings = rng, rankings
-
-    def laplace(self, loc: float, scale: Any) -> np.ndarray:
-        draws: np.ndarray = self.rng.laplace(loc, scale)
-        return draws
-
-    def normal(self, loc: float, scale: Any) -> np.ndarray:
-        draws: np.ndarray = self.rng.normal(loc, scale)
-        return draws
-
-    def random(self, size: tuple[int, ...]) -> np.ndarray:
-        if tuple(size) != self.rankings.shape:
-            raise ValueError(f"rankings for {self.rankings.shape}, asked for {size}")
-        return self.rankings
 
 
 def embed_with_subsets(faces: np.ndarray, spec: TransformSpec, rankings: np.ndarray, rng: np.random.Generator,
@@ -53,7 +34,7 @@ def embed_with_subsets(faces: np.ndarray, spec: TransformSpec, rankings: np.ndar
     out = []
     for start in range(0, len(faces), BATCH):
         chunk = slice(start, start + BATCH)
-        source = GivenSubsets(rng, rankings[chunk])
+        source = FixedSubsets(rng, rankings[chunk])
         out.append(features_fn(apply(faces[chunk], spec, source).astype(np.float32)))
     return np.concatenate(out)
 

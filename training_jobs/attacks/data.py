@@ -44,13 +44,13 @@ def attacker_split(lfw: Path, max_identities: int | None = None,
     return split
 
 
-class SameSubset:
-    """A seeded generator whose channel ranking is drawn once, then repeated: the SDK's pinned subset
-    (`inference.transform.PinnedSubsetNoise`) as an attack simulates it; noise stays fresh."""
+class FixedSubsets:
+    """A seeded generator whose channel rankings are fixed, given or drawn on first use and then repeated: the SDK's
+    pinned subsets (`inference.transform.PinnedSubsetNoise`) as attacks and studies simulate them; noise stays
+    fresh from the generator."""
 
-    def __init__(self, rng: np.random.Generator) -> None:
-        self.rng = rng
-        self.ranking: np.ndarray | None = None
+    def __init__(self, rng: np.random.Generator, rankings: np.ndarray | None = None) -> None:
+        self.rng, self.rankings = rng, rankings
 
     def laplace(self, loc: float, scale: Any) -> np.ndarray:
         draws: np.ndarray = self.rng.laplace(loc, scale)
@@ -61,9 +61,11 @@ class SameSubset:
         return draws
 
     def random(self, size: tuple[int, ...]) -> np.ndarray:
-        if self.ranking is None:
-            self.ranking = self.rng.random(size)
-        return self.ranking
+        if self.rankings is None:
+            self.rankings = self.rng.random(size)
+        if tuple(size) != self.rankings.shape:
+            raise ValueError(f"rankings for {self.rankings.shape}, asked for {tuple(size)}")
+        return self.rankings
 
 
 def merged_releases(faces: np.ndarray, spec: TransformSpec, rng: np.random.Generator, releases: int,
@@ -73,7 +75,7 @@ def merged_releases(faces: np.ndarray, spec: TransformSpec, rng: np.random.Gener
     (`pinned`: the same subset every time, as the SDK sends it). The attacker averages each channel over the
     releases that carry it (zeros where none does): more channels and less noise than one release.
     float32 [..., K, 14, 14]."""
-    source = SameSubset(rng) if pinned else rng
+    source = FixedSubsets(rng) if pinned else rng
     stack = np.stack([apply(faces, spec, source).astype(np.float32) for _ in range(releases)])
     carried = (stack != 0).any(axis=(-2, -1))  # [releases, ..., K]
     merged: np.ndarray = (stack.sum(axis=0) / np.maximum(carried.sum(axis=0), 1)[..., None, None]).astype(np.float32)
