@@ -2,6 +2,7 @@
 embedding, template or score."""
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
 from pathlib import Path
@@ -81,7 +82,9 @@ def test_shares_uniform_and_nothing_plaintext_at_rest_or_in_logs(tmp_path, share
         stack.stop()
 
         for rank in (0, 1):
-            with sqlite3.connect(stack.party_dbs[rank].removeprefix("sqlite:///")) as conn:
+            # closed here, not when collected: closing checkpoints and deletes the -wal file that opening made,
+            # which must not happen while the files are listed and read below
+            with contextlib.closing(sqlite3.connect(stack.party_dbs[rank].removeprefix("sqlite:///"))) as conn:
                 shares = b"".join(row[0] for row in conn.execute("SELECT share FROM shares"))
             counts = np.bincount(np.frombuffer(shares, np.uint8), minlength=256)
             assert len(shares) == 20 * meta.embedding_dim * 8
