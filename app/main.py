@@ -46,6 +46,7 @@ def build_context(settings: GatewaySettings) -> GatewayContext:
     pacer = JobPacer(settings.party_jobs_in_flight, settings.party_jobs_per_s, settings.party_jobs_burst,
                      max_wait_s=settings.party_timeout_s)
     parties = PartyPair(settings.party_urls, settings.party_tokens, settings.party_timeout_s, pacer=pacer,
+                        precheck=settings.party_precheck,
                         **settings.party_tls())
     return GatewayContext(
         settings=settings, engine=engine, sessions=sessions,

@@ -60,6 +60,10 @@ class GatewaySettings(BaseSettings):
                                 "PRIVFACE_PARTY_MATCH_RATE_PER_S divided by the number of gateway processes.")
     party_jobs_burst: int = Field(20, ge=1, description="Jobs allowed at once above party_jobs_per_s (under the "
                                                         "parties' PRIVFACE_PARTY_MATCH_BURST).")
+    party_precheck: Literal["always", "after-refusal"] = Field(
+        "after-refusal", description="When the gateway asks both parties, before an MPC job, whether they hold its "
+                                     "snapshot: 'after-refusal' (a gallery's first job, and after a job that did not "
+                                     "run at both parties) or 'always' (docs/operations.md \"The precheck\").")
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines of every privface process (gateway, parties, dealer): 'text', or 'json' "
                             "(one object per line); each carries the request id (X-Request-ID, docs/operations.md).")

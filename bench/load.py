@@ -13,7 +13,9 @@ ORT's default session (PRIVFACE_ORT_THREADS=0: a spinning thread per core), the 
 `open-budget` = the defaults with the parties' match-job budget (20/s per link) and the pacer's rate lifted to
 1,000/s, the in-flight cap kept: what the two parties' MPC can serve when the budget does not bind;
 `open-budget-verify-alone` = the same with every verify job run alone (no verify coalescing in the parties'
-workers, PRIVFACE_MPC_COALESCE_VERIFY=0: the MPC before it).
+workers, PRIVFACE_MPC_COALESCE_VERIFY=0: the MPC before it); `precheck-always` / `precheck-after-refusal` = the
+defaults with the gateway's precheck before every MPC job, or only after a job on the gallery did not run at both
+parties (PRIVFACE_PARTY_PRECHECK; two of the four party calls of a verify).
 Photos: LFW identities in no View-2 fold (never the held-out folds 6-10); each subject is enrolled with its first photo and probed with its second
 (or the first again, under other noise). Every request carries a fresh nonce; the noisy features of each photo
 are drawn once. Reported per setting and route: requests, throughput, p50/p95/p99 latency, errors (any
@@ -50,7 +52,9 @@ OPEN_BUDGET = {"PRIVFACE_PARTY_MATCH_RATE_PER_S": "1000", "PRIVFACE_PARTY_MATCH_
                "PRIVFACE_PARTY_JOBS_PER_S": "1000", "PRIVFACE_PARTY_JOBS_BURST": "1000"}  # what the MPC itself can do
 SETTINGS: dict[str, dict[str, str]] = {"main": {"PRIVFACE_ORT_THREADS": "0", **UNPACED}, "unpaced": UNPACED,
                                        "tuned": {}, "open-budget": OPEN_BUDGET,
-                                       "open-budget-verify-alone": {**OPEN_BUDGET, "PRIVFACE_MPC_COALESCE_VERIFY": "0"}}
+                                       "open-budget-verify-alone": {**OPEN_BUDGET, "PRIVFACE_MPC_COALESCE_VERIFY": "0"},
+                                       "precheck-after-refusal": {"PRIVFACE_PARTY_PRECHECK": "after-refusal"},
+                                       "precheck-always": {"PRIVFACE_PARTY_PRECHECK": "always"}}
 VERIFY_SHARE = 0.7
 
 

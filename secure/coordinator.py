@@ -50,7 +50,8 @@ from secure.party.replies import (
     raise_unavailable,
 )
 from secure.pacing import JobPacer
-from secure.partylink import POOL_IDLE_S, make_client, send, tls_context
+from secure.precheck import PrecheckMode, PrecheckPolicy
+from secure.partylink import POOL_IDLE_S, make_client, send, send_job, tls_context
 from secure.ranges import check_unit_fixed
 from secure.sharing import reconstruct_int, split, to_b64
 from secure.thresholds import GalleryPolicy
@@ -69,8 +70,8 @@ class PartyPair:
 
     ``tls_verify``: True (system CAs), False, a CA bundle path, or an ``ssl.SSLContext``;
     ``client_cert``: a PEM path or (cert, key) paths for mutual TLS.
-    ``precheck``: before a match job, ask both parties (no shares sent) whether they can serve the snapshot
-    and on which rows, so the MPC starts only when both will join it with identical galleries.
+    ``precheck``: before which match jobs to ask both parties (no shares sent) whether they can serve the snapshot
+    and on which rows (``precheck.py``: "always" = True, "after-refusal", or False = never).
     ``internal_token``: one token per link, ``(token of party 0, token of party 1)``; a single string is
     the same token on both links (tests only: production parties refuse to share one).
     Thresholds: a match job carries none. Before a gallery's first job from this process, the gallery is
@@ -84,12 +85,12 @@ class PartyPair:
     def __init__(self, party_urls: tuple[str, str] | list[str], internal_token: str | tuple[str, str] | list[str],
                  timeout_s: float = 15.0, *,
                  tls_verify: Any = True, client_cert: Any = None, transport_retries: int = 1,
-                 precheck: bool = True, pool_idle_s: float = POOL_IDLE_S, pacer: JobPacer | None = None) -> None:
+                 precheck: bool | PrecheckMode = True, pool_idle_s: float = POOL_IDLE_S, pacer: JobPacer | None = None) -> None:
         if len(party_urls) != 2:
             raise ValueError("exactly two party URLs")
         self.party_urls = tuple(u.rstrip("/") for u in party_urls)
         self.timeout_s = float(timeout_s)
-        self.precheck, self.pacer = precheck, pacer
+        self.precheck, self.pacer = PrecheckPolicy(precheck), pacer
         tokens = (internal_token, internal_token) if isinstance(internal_token, str) else tuple(internal_token)
         if len(tokens) != 2 or not all(tokens):
             raise ValueError("one non-empty token per party")
@@ -276,15 +277,21 @@ class PartyPair:
                        queries: tuple[dict[str, Any], dict[str, Any]]) -> tuple[MatchOut, MatchOut]:
         """Precheck, then one match job at both parties; ``queries[rank]`` holds that party's query fields."""
         await self.register_gallery(check.gallery, threshold)
-        if self.precheck:
-            self._check_sync(check.upto_seq, await self._both("POST", "/internal/match/check", check), CheckOut)
-        # no threshold: the parties use the gallery's recorded one
-        job = MatchIn(**check.model_dump(), job_id=job_id, timeout_s=self.timeout_s)
-        bodies = [_dump(job.model_copy(update=fields)) for fields in queries]
-        del queries  # the caller's tuple held the only other reference to the shares
-        replies = await self._match_both(bodies, timeout=self.timeout_s + 5.0)
-        del bodies
-        return self._check_sync(check.upto_seq, replies, MatchOut)
+        try:
+            if self.precheck.wanted(check.gallery):
+                self._check_sync(check.upto_seq, await self._both("POST", "/internal/match/check", check), CheckOut)
+            # no threshold: the parties use the gallery's recorded one
+            job = MatchIn(**check.model_dump(), job_id=job_id, timeout_s=self.timeout_s)
+            bodies = [_dump(job.model_copy(update=fields)) for fields in queries]
+            del queries  # the caller's tuple held the only other reference to the shares
+            replies = await self._match_both(bodies, timeout=self.timeout_s + 5.0)
+            del bodies
+            answers = self._check_sync(check.upto_seq, replies, MatchOut)
+        except BaseException:  # refused, unavailable, cancelled
+            self.precheck.failed(check.gallery)
+            raise
+        self.precheck.ran(check.gallery)
+        return answers
 
     def _check_sync(self, upto_seq: int, replies: Iterable[Reply], model: type[C]) -> tuple[C, C]:
         """Raise for unavailable / out-of-sync / refused replies; else both answers as ``model`` (a precheck's
@@ -312,30 +319,9 @@ class PartyPair:
 
     async def _match_both(self, bodies: list[dict[str, Any]], timeout: float,
                           path: str = "/internal/match") -> list[Reply]:
-        """Both calls of an MPC job, paced (``pacing.py``) and never resent (``partylink.send``)."""
+        """Both calls of an MPC job, paced (``pacing.py``) and never resent (``partylink.send_job``)."""
         async with self.pacer.slot() if self.pacer else contextlib.nullcontext():
-            return await self._send_job(bodies, timeout, path)
-
-    async def _send_job(self, bodies: list[dict[str, Any]], timeout: float, path: str) -> list[Reply]:
-        """If one party refuses quickly (4xx), do not wait for the other's MPC timeout."""
-        tasks = [asyncio.create_task(self._call(rank, "POST", path, bodies[rank], timeout, idempotent=False))
-                 for rank in (0, 1)]
-        try:
-            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            first = next(iter(done)).result()
-            if pending and first.status is not None and 400 <= first.status < 500:
-                for t in pending:
-                    t.cancel()
-                other = 1 - first.rank
-                replies = [first, first]
-                replies[other] = Reply(other, CANCELLED, {"type": "cancelled"})
-                return replies
-            await asyncio.wait(tasks)
-            return [t.result() for t in tasks]
-        finally:
-            for t in tasks:
-                if not t.done():
-                    t.cancel()
+            return await send_job(self._clients, bodies, timeout, path)
 
     async def _match_one(self, kind: MatchKind, job_id: str, gallery: str, upto_seq: int, query_fixed: np.ndarray,
                          threshold: GalleryPolicy | float, template_seqs: list[int] | None,

@@ -1,4 +1,5 @@
-"""One HTTP link from the gateway to a party: its pooled client, and one request on it (``send``).
+"""One HTTP link from the gateway to a party: its pooled client, one request on it (``send``), and the two calls of
+an MPC job, one per link (``send_job``).
 
 The party closes an idle keep-alive connection after ``api.KEEP_ALIVE_S``; the pool here forgets one after
 ``POOL_IDLE_S``, a quarter of that, so the gateway does not send on a connection the party is closing. (With both
@@ -9,6 +10,7 @@ connection, so on another); see ``send``.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from typing import Any
@@ -17,7 +19,7 @@ import httpx
 
 from common.logs import request_id_headers
 from secure.party.api import KEEP_ALIVE_S
-from secure.party.replies import Reply
+from secure.party.replies import CANCELLED, Reply
 
 log = logging.getLogger("privface.coordinator")
 
@@ -87,3 +89,26 @@ async def send(client: httpx.AsyncClient, rank: int, method: str, path: str, jso
         log.warning("party %d %s %s -> %d %s", rank, method, path, resp.status_code,
                     body.get("type") if isinstance(body, dict) else "")
     return Reply(rank, resp.status_code, body)
+
+
+async def send_job(clients: list[httpx.AsyncClient], bodies: list[dict[str, Any]], timeout: float,
+                   path: str) -> list[Reply]:
+    """Both calls of an MPC job (never resent), party 0's reply first. If one party refuses quickly (4xx), the
+    other's call is cancelled (its reply: ``CANCELLED``) rather than waited for until its MPC timeout."""
+    tasks = [asyncio.create_task(send(clients[rank], rank, "POST", path, bodies[rank], timeout, idempotent=False))
+             for rank in (0, 1)]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        first = next(iter(done)).result()
+        if pending and first.status is not None and 400 <= first.status < 500:
+            for t in pending:
+                t.cancel()
+            replies = [first, first]
+            replies[1 - first.rank] = Reply(1 - first.rank, CANCELLED, {"type": "cancelled"})
+            return replies
+        await asyncio.wait(tasks)
+        return [t.result() for t in tasks]
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
