@@ -50,8 +50,8 @@ from secure.party.replies import (
     raise_unavailable,
 )
 from secure.pacing import JobPacer
-from secure.precheck import PrecheckMode, PrecheckPolicy
 from secure.partylink import POOL_IDLE_S, make_client, send, send_job, tls_context
+from secure.precheck import PrecheckMode, PrecheckPolicy
 from secure.ranges import check_unit_fixed
 from secure.sharing import reconstruct_int, split, to_b64
 from secure.thresholds import GalleryPolicy
