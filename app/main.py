@@ -13,7 +13,7 @@ from app.apidocs import install_docs
 from app.context import GatewayContext
 from app.db import make_engine, make_sessionmaker
 from app.limits import BodySizeLimit
-from app.metrics import RequestMetrics
+from app.metrics import PRECHECKS, RequestMetrics
 from app.migrate import migrate_gateway
 from app.problems import install_problem_handlers
 from app.routers import admin, admin_tenants, console, matching, sealed, service, subjects
@@ -29,6 +29,7 @@ from app.settings import GatewaySettings, get_settings
 from common.logs import RequestIdMiddleware
 from secure.coordinator import PartyPair
 from secure.pacing import JobPacer
+from secure.precheck import PrecheckPolicy
 
 log = logging.getLogger(__name__)
 RECONCILE_EVERY_S = 5.0
@@ -46,7 +47,7 @@ def build_context(settings: GatewaySettings) -> GatewayContext:
     pacer = JobPacer(settings.party_jobs_in_flight, settings.party_jobs_per_s, settings.party_jobs_burst,
                      max_wait_s=settings.party_timeout_s)
     parties = PartyPair(settings.party_urls, settings.party_tokens, settings.party_timeout_s, pacer=pacer,
-                        precheck=settings.party_precheck,
+                        precheck=PrecheckPolicy(settings.party_precheck, on_sent=PRECHECKS.inc),
                         **settings.party_tls())
     return GatewayContext(
         settings=settings, engine=engine, sessions=sessions,

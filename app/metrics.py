@@ -32,6 +32,8 @@ IDENTIFY_BATCH = Histogram("privface_identify_batch_size", "Identify queries tha
                            buckets=(1, 2, 4, 8, 16, 32, 64))
 BUDGET_REFUSALS = Counter("privface_budget_refusals", "Requests refused by an abuse budget: 429 (rate-limited) "
                           "or 423 (subject locked after failed verifies).", ["route", "reason"])
+PRECHECKS = Counter("privface_party_prechecks", "Prechecks sent before an MPC job (to both parties: does each hold "
+                    "the job's snapshot?); with PRIVFACE_PARTY_PRECHECK=after-refusal, only after a job that did not run.")
 # gauges: the most recent value written by any worker is the truth (multiprocess mode "mostrecent")
 MODEL_INFO = Gauge("privface_model_info", "1 for the model version this gateway serves, 0 for one it served before.",
                    ["version"], multiprocess_mode="mostrecent")

@@ -4,7 +4,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import (JSON, BigInteger, Boolean, ColumnElement, DateTime, Float, ForeignKey, Index, Integer, String,
+                        Text, or_)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.db import Base
@@ -71,6 +72,9 @@ class Enrollment(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     subject: Mapped[Subject] = relationship(back_populates="enrollments")
 
+    # which model versions hold a tenant's current templates: one lookup per version (biometrics.versions_in_use)
+    __table_args__ = (Index("ix_enrollments_tenant_key_model", "tenant_id", "key_version", "model_version"),)
+
 
 class Operation(Base):
     """The ordered log the two parties apply; the gateway's durable record of each 2PC decision."""
@@ -87,6 +91,27 @@ class Operation(Base):
     context: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # what to record when committed (subject, tenant...)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+def unacknowledged() -> ColumnElement[bool]:
+    """Operations a party has not acknowledged: few at any time, found through a partial index of just them
+    (each snapshot looks for them; scanning the whole log cost 26 ms per verify at 100,000 operations)."""
+    return or_(Operation.acked_0.is_(False), Operation.acked_1.is_(False))
+
+
+Index("ix_operations_unacknowledged", Operation.seq, sqlite_where=unacknowledged(), postgresql_where=unacknowledged())
+
+
+class OperationTotals(Base):
+    """How many operations are committed, kept in the transaction that commits each one (``operations.decide``).
+
+    A snapshot's committed count (what each party must report) is this total minus the few committed after the
+    snapshot: counting the whole log instead read every operation on every verify (12 ms at 100,000 on SQLite).
+    One row, id 1, created by migration 0005 with the count of the rows already committed."""
+
+    __tablename__ = "operation_totals"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    committed: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class ModelVersion(Base):

@@ -15,7 +15,8 @@ ORT's default session (PRIVFACE_ORT_THREADS=0: a spinning thread per core), the 
 `open-budget-verify-alone` = the same with every verify job run alone (no verify coalescing in the parties'
 workers, PRIVFACE_MPC_COALESCE_VERIFY=0: the MPC before it); `precheck-always` / `precheck-after-refusal` = the
 defaults with the gateway's precheck before every MPC job, or only after a job on the gallery did not run at both
-parties (PRIVFACE_PARTY_PRECHECK; two of the four party calls of a verify).
+parties (PRIVFACE_PARTY_PRECHECK; two of the four party calls of a verify). `precheck-after-refusal` equals
+`tuned` since that became the default; it keeps its name so that docs/results/load_precheck.json reruns as written.
 Photos: LFW identities in no View-2 fold (never the held-out folds 6-10); each subject is enrolled with its first photo and probed with its second
 (or the first again, under other noise). Every request carries a fresh nonce; the noisy features of each photo
 are drawn once. Reported per setting and route: requests, throughput, p50/p95/p99 latency, errors (any

@@ -71,7 +71,7 @@ class PartyPair:
     ``tls_verify``: True (system CAs), False, a CA bundle path, or an ``ssl.SSLContext``;
     ``client_cert``: a PEM path or (cert, key) paths for mutual TLS.
     ``precheck``: before which match jobs to ask both parties (no shares sent) whether they can serve the snapshot
-    and on which rows (``precheck.py``: "always" = True, "after-refusal", or False = never).
+    and on which rows (``precheck.py``: "always" = True, "after-refusal", or False = never; or a ``PrecheckPolicy``).
     ``internal_token``: one token per link, ``(token of party 0, token of party 1)``; a single string is
     the same token on both links (tests only: production parties refuse to share one).
     Thresholds: a match job carries none. Before a gallery's first job from this process, the gallery is
@@ -85,12 +85,14 @@ class PartyPair:
     def __init__(self, party_urls: tuple[str, str] | list[str], internal_token: str | tuple[str, str] | list[str],
                  timeout_s: float = 15.0, *,
                  tls_verify: Any = True, client_cert: Any = None, transport_retries: int = 1,
-                 precheck: bool | PrecheckMode = True, pool_idle_s: float = POOL_IDLE_S, pacer: JobPacer | None = None) -> None:
+                 precheck: bool | PrecheckMode | PrecheckPolicy = True, pool_idle_s: float = POOL_IDLE_S,
+                 pacer: JobPacer | None = None) -> None:
         if len(party_urls) != 2:
             raise ValueError("exactly two party URLs")
         self.party_urls = tuple(u.rstrip("/") for u in party_urls)
         self.timeout_s = float(timeout_s)
-        self.precheck, self.pacer = PrecheckPolicy(precheck), pacer
+        self.precheck = precheck if isinstance(precheck, PrecheckPolicy) else PrecheckPolicy(precheck)
+        self.pacer = pacer
         tokens = (internal_token, internal_token) if isinstance(internal_token, str) else tuple(internal_token)
         if len(tokens) != 2 or not all(tokens):
             raise ValueError("one non-empty token per party")
@@ -279,6 +281,7 @@ class PartyPair:
         await self.register_gallery(check.gallery, threshold)
         try:
             if self.precheck.wanted(check.gallery):
+                self.precheck.count_sent()
                 self._check_sync(check.upto_seq, await self._both("POST", "/internal/match/check", check), CheckOut)
             # no threshold: the parties use the gallery's recorded one
             job = MatchIn(**check.model_dump(), job_id=job_id, timeout_s=self.timeout_s)

@@ -13,6 +13,7 @@ depends on whether the last job ran, never on what it decided: a match and a non
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 PrecheckMode = Literal["always", "after-refusal"]
@@ -22,20 +23,26 @@ PRECHECK_MODES: tuple[PrecheckMode, ...] = ("always", "after-refusal")
 class PrecheckPolicy:
     """The mode and, for ``after-refusal``, the galleries whose last job ran at both parties (per process)."""
 
-    def __init__(self, mode: PrecheckMode | bool) -> None:
-        """``mode``: a ``PRECHECK_MODES`` value; True is ``always``; False never checks (tests only)."""
+    def __init__(self, mode: PrecheckMode | bool, on_sent: Callable[[], None] | None = None) -> None:
+        """``mode``: a ``PRECHECK_MODES`` value; True is ``always``; False never checks (tests only).
+        ``on_sent``: called for each check sent (the gateway counts them in a metric; ``secure`` imports no ``app``)."""
         resolved = "always" if mode is True else (mode or None)
         if resolved not in (None, *PRECHECK_MODES):
             raise ValueError(f"precheck must be one of {PRECHECK_MODES}, True or False, not {mode!r}")
         self.mode: PrecheckMode | None = resolved
         self._in_sync: set[str] = set()
-        self.sent = 0  # checks this process sent (tests, metrics)
+        self._on_sent = on_sent
+        self.sent = 0  # checks this process sent (tests)
 
     def wanted(self, gallery: str) -> bool:
-        """Whether to check before the next job on ``gallery`` (counted as sent when True)."""
-        wanted = self.mode == "always" or (self.mode == "after-refusal" and gallery not in self._in_sync)
-        self.sent += int(wanted)
-        return wanted
+        """Whether to check before the next job on ``gallery``."""
+        return self.mode == "always" or (self.mode == "after-refusal" and gallery not in self._in_sync)
+
+    def count_sent(self) -> None:
+        """A check is being sent."""
+        self.sent += 1
+        if self._on_sent is not None:
+            self._on_sent()
 
     def ran(self, gallery: str) -> None:
         """The job ran at both parties, whatever it decided."""

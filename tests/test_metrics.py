@@ -135,6 +135,8 @@ def test_scrapes_after_enroll_verify_identify(stack, keys, shared):
     assert moved("privface_http_requests_total", method="GET", route="/healthz", status="200") == health
     assert moved("privface_budget_refusals_total", route="identify", reason="rate-limited") == 1
     assert moved("privface_identify_batch_size_count") == IDENTIFY_BUDGET
+    # after-refusal (the default): a gallery's first job from each worker is prechecked, the other 3+ jobs are not
+    assert value(after, "privface_party_prechecks_total") >= 1 and moved("privface_party_prechecks_total") <= 2
     version = httpx.get(stack.url + "/v1/transforms", headers=auth(key)).json()[0]["model_version"]
     assert value(after, "privface_model_info", version=version) == 1
     assert value(after, "privface_party_up", party="0") == value(after, "privface_party_up", party="1") == 1

@@ -19,12 +19,12 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import session_scope
 from app.failpoints import failpoint
-from app.models import Enrollment, Operation, Subject, Tenant
+from app.models import Enrollment, Operation, OperationTotals, Subject, Tenant, unacknowledged
 from secure.coordinator import PartiesUnavailable, PartyPair
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,18 @@ def decide(factory: sessionmaker[Session], seq: int, commit: bool,
         if op is None or op.state != "preparing":
             return op is not None and op.state == ("committed" if commit else "aborted")
         op.state = "committed" if commit else "aborted"
-        if commit and apply is not None:
-            apply(session, op)
+        if commit:
+            if apply is not None:
+                apply(session, op)
+            count_commit(session)
         return True
+
+
+def count_commit(session: Session) -> None:
+    """Add one to the committed total, in the transaction that commits the operation (so they never disagree)."""
+    if session.execute(update(OperationTotals).where(OperationTotals.id == 1).values(
+            committed=OperationTotals.committed + 1).returning(OperationTotals.id)).scalar() is None:
+        raise RuntimeError("the gateway database has no operation_totals row: run `privface migrate`")
 
 
 async def deliver(factory: sessionmaker[Session], pair: PartyPair, seq: int) -> bool:
@@ -94,8 +103,12 @@ def decided_through(session: Session) -> int:
 def committed_through(session: Session, upto: int) -> int:
     """How many operations ≤ `upto` are committed: each party must report exactly this many for the snapshot
     (fewer means it is behind; more, or a restored backup missing data, means it diverged)."""
-    return int(session.execute(select(func.count()).select_from(Operation).where(
-        Operation.state == "committed", Operation.seq <= upto)).scalar() or 0)
+    after = select(func.count()).select_from(Operation).where(
+        Operation.state == "committed", Operation.seq > upto).scalar_subquery()
+    total = session.execute(select(OperationTotals.committed - after).where(OperationTotals.id == 1)).scalar()
+    if total is None:
+        raise RuntimeError("the gateway database has no operation_totals row: run `privface migrate`")
+    return int(total)
 
 
 def latest_decided(session: Session) -> int:
@@ -126,8 +139,7 @@ async def settle(factory: sessionmaker[Session], pair: PartyPair, upto: int) -> 
     decided operation as prepared and refuses the snapshot as 'behind'."""
     with session_scope(factory) as session:
         unacked = session.execute(select(Operation.seq).where(
-            Operation.seq <= upto, Operation.state != "preparing",
-            or_(Operation.acked_0.is_(False), Operation.acked_1.is_(False)))).scalars().all()
+            unacknowledged(), Operation.seq <= upto, Operation.state != "preparing")).scalars().all()
     await asyncio.gather(*(deliver(factory, pair, seq) for seq in unacked))
 
 
@@ -153,8 +165,7 @@ async def reconcile(factory: sessionmaker[Session], pair: PartyPair, stale_after
         log.warning("operation %s was left undecided; aborted it", seq)
     with session_scope(factory) as session:
         pending = session.execute(select(Operation.seq).where(
-            Operation.state != "preparing", or_(Operation.acked_0.is_(False), Operation.acked_1.is_(False))
-        ).order_by(Operation.seq)).scalars().all()
+            unacknowledged(), Operation.state != "preparing").order_by(Operation.seq)).scalars().all()
     left = 0
     for seq in pending:
         try:
