@@ -139,16 +139,13 @@ def test_pending_ops_survive_reload(db_url):
 
 
 def test_migration_matches_models(db_url):
-    from alembic.autogenerate import compare_metadata
-    from alembic.migration import MigrationContext
-
     from secure.party.models import PartyBase
+    from tests.schema_check import schema_differences
 
     migrate_party_db(db_url)
     migrate_party_db(db_url)  # idempotent
     engine = make_party_engine(db_url)
-    with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), PartyBase.metadata)
+    diff = schema_differences(engine, PartyBase.metadata)
     engine.dispose()
     assert diff == []
 
