@@ -23,7 +23,8 @@ import statistics
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -142,15 +143,34 @@ def run_size(url: str, size: int, repeats: int, passes: int) -> dict[str, Any]:
     return {"subjects": size, "steps": per_step, "total": total}
 
 
-def database_url(kind: str, folder: Path, size: int) -> str:
+ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"  # the machine's local server (trust auth)
+
+
+@contextmanager
+def database_url(kind: str, folder: Path, size: int) -> Iterator[str]:
+    """A fresh gateway database for one size: a SQLite file in `folder`, or a PostgreSQL database dropped after."""
     if kind == "sqlite":
-        return f"sqlite:///{folder / f'gateway-{size}.db'}"
+        yield f"sqlite:///{folder / f'gateway-{size}.db'}"
+        return
     import psycopg
 
     name = f"pf_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as admin:
+    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def measure_sizes(kind: str, sizes: list[int], repeats: int, passes: int) -> list[dict[str, Any]]:
+    results = []
+    with TemporaryDirectory(prefix="privface-gateway-db-") as folder:
+        for size in sizes:
+            with database_url(kind, Path(folder), size) as url:
+                results.append(run_size(url, size, repeats, passes))
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -169,9 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--sizes, --repeats and --passes must be positive")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
                             text=True).stdout.strip()
-    with TemporaryDirectory(prefix="privface-gateway-db-") as folder:
-        results = [run_size(database_url(args.database, Path(folder), size), size, args.repeats, args.passes)
-                   for size in sizes]
+    results = measure_sizes(args.database, sizes, args.repeats, args.passes)
     report = {"bench": "gateway_db", "commit": commit, "database": args.database, "repeats": args.repeats,
               "passes": args.passes,
               "results": results}
