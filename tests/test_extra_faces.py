@@ -245,3 +245,34 @@ def test_the_model_card_states_the_celeba_licence_only_when_extra_faces_trained_
     assert "non-commercial research" not in render(meta, config, [])
     config["data"]["extra_faces"] = True
     assert EXTRA_FACES_LICENSE in render(meta, config, [])
+
+
+def test_extra_batches_hold_every_labelled_image_once_per_epoch_and_extras_on_top():
+    """data.extra_per_batch: each batch has batch_size labelled indices (the last one fewer), one pass over the
+    labelled images per epoch as a plain run's, plus `extra` indices after them cycling through every extra face."""
+    from training_jobs.extra_batches import LabelledPlusExtraBatches
+
+    batches = list(LabelledPlusExtraBatches(labelled=21, extras=5, batch_size=8, extra=3, seed=42))
+    labelled = [b[:-3] for b in batches]
+    assert [len(b) for b in labelled] == [8, 8, 5] and sorted(i for b in labelled for i in b) == list(range(21))
+    assert [i for b in labelled for i in b] != list(range(21))  # shuffled
+    extras = [i for b in batches for i in b[-3:]]
+    assert all(21 <= i < 26 for i in extras)
+    assert sorted(extras[:5]) == list(range(21, 26)) and extras[5:] == extras[:4]  # a full pass, then wraps
+    assert list(LabelledPlusExtraBatches(21, 5, 8, 3, seed=42)) == batches  # the epoch's seed fixes it
+    assert list(LabelledPlusExtraBatches(21, 5, 8, 3, seed=43)) != batches
+    with pytest.raises(ValueError, match=">= 1"):
+        LabelledPlusExtraBatches(21, 0, 8, 3, seed=0)
+
+
+@needs_lfw
+def test_a_tiny_run_with_extra_per_batch_sees_every_labelled_image_and_extras_beside(tmp_path):
+    from training_jobs.train import Trainer
+    config = tiny_sealed_config(tmp_path, 6, extra_faces=str(tmp_path / "extra"), extra_per_batch=2)
+    config["augment"] = None
+    trainer = Trainer(config)
+    assert len(trainer.dataset) == 14 and trainer.steps_per_epoch == 1  # 8 labelled in batches of 8
+    labels = [int(label) for _, _, batch in trainer.loader(0) for label in batch]
+    assert labels.count(UNLABELLED) == 2 and len(labels) == 10
+    trainer.fit()
+    assert all(metrics["samples"] == 10 and metrics["distill"] > 0 for metrics in trainer.history)

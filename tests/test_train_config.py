@@ -72,15 +72,31 @@ def test_a_misspelt_key_is_named_and_nested_sections_are_checked():
                                             ("loss: {hint_weight: 4}\nmodel: {kind: sealed-cnn}\n",
                                              "needs model.kind sealed-cnn, data.cached_views"),
                                             ("loss: {hint_weight: 4}\ndata: {cached_views: 2}\n",
-                                             "needs model.kind sealed-cnn, data.cached_views")])
-def test_the_trainer_cli_refuses_a_bad_config_in_one_line_before_it_loads_data(tmp_path: Path, text: str,
-                                                                                expected: str):
+                                             "needs model.kind sealed-cnn, data.cached_views"),
+                                            ("data: {extra_per_batch: -1}\n", "a number of faces >= 0, not -1"),
+                                            ("data: {extra_per_batch: 8}\n", "needs data.extra_faces"),
+                                            ("data: {extra_faces: true, cached_views: 2, extra_per_batch: 8}\n",
+                                             "and no data.cached_views")])
+def test_the_trainer_refuses_a_bad_config_in_one_line_before_it_loads_data(tmp_path: Path, text: str,
+                                                                           expected: str, capsys):
+    """In-process (one import of torch for all cases); the real process's exit is checked once below."""
+    from training_jobs.train import main
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(bad), "--out-dir", str(tmp_path / "run")])
+    message = str(exit_.value.code)
+    assert message.startswith("error: ") and "\n" not in message and expected in message, message
+    assert capsys.readouterr().out == "" and not (tmp_path / "run").exists()
+
+
+def test_the_trainer_cli_exits_1_with_one_line_on_stderr(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {dpeth: 3}\n")
     proc = subprocess.run([sys.executable, "-m", "training_jobs.train", "--config", str(bad),
                            "--out-dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stdout == ""
-    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and expected in proc.stderr, proc.stderr
+    assert proc.stderr == f"error: {bad}: unknown key(s) model.dpeth (training_jobs/train_config.py lists them)\n"
     assert not (tmp_path / "run").exists()
 
 

@@ -37,7 +37,8 @@ from torch.utils.data import DataLoader
 from inference.lfw import lfw_dir, shared_dir
 from inference.mobilefacenet import EMBEDDING_DIM
 from training_jobs.cached_views import TEACHER_INCLUDED, training_views
-from training_jobs.datasets import Augment, TransformedFaces, make_split, training_faces
+from training_jobs.datasets import Augment, MixedFaces, TransformedFaces, make_split, training_faces
+from training_jobs.extra_batches import LabelledPlusExtraBatches
 from training_jobs.eval_report import plot_roc_det
 from training_jobs.evaluate import HeldoutSet, ModelResult, baseline, frequency_embedder, torch_features_fn
 from training_jobs.hints import hint_loss_for, split_hints, student_outputs
@@ -107,7 +108,7 @@ class Trainer:
         if adapter_params:
             groups.append({"params": adapter_params, "lr": optim["adapter_lr"], "weight_decay": 0.0})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=optim["weight_decay"])
-        per_epoch = math.ceil(len(self.dataset) / optim["batch_size"])
+        per_epoch = len(self.batches(0)) if data["extra_per_batch"] else math.ceil(len(self.dataset) / optim["batch_size"])
         self.steps_per_epoch = per_epoch = min(per_epoch, int(optim["max_steps_per_epoch"] or per_epoch))
         total = per_epoch * optim["epochs"]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -165,9 +166,19 @@ class Trainer:
         self.dataset.set_epoch(epoch)
         generator = torch.Generator().manual_seed(self.config["seed"] * 100_003 + epoch)
         workers = int(self.config["data"]["num_workers"])
+        if self.config["data"]["extra_per_batch"]:
+            return DataLoader(self.dataset, batch_sampler=self.batches(epoch), num_workers=workers,
+                              persistent_workers=False, pin_memory=self.device.type == "cuda")
         return DataLoader(self.dataset, batch_size=self.config["optim"]["batch_size"], shuffle=True, drop_last=False,
                           generator=generator, num_workers=workers, persistent_workers=False,
                           pin_memory=self.device.type == "cuda")
+
+    def batches(self, epoch: int) -> LabelledPlusExtraBatches:
+        """Every labelled sample of a plain run's epoch (same shuffle), plus data.extra_per_batch extra faces."""
+        assert isinstance(self.dataset, MixedFaces)
+        labelled, extras = self.dataset.cumulative_sizes[0], len(self.dataset) - self.dataset.cumulative_sizes[0]
+        return LabelledPlusExtraBatches(labelled, extras, self.config["optim"]["batch_size"],
+                                        self.config["data"]["extra_per_batch"], self.config["seed"] * 100_003 + epoch)
 
     @torch.no_grad()
     def init_head(self) -> None:

@@ -26,7 +26,8 @@ DEFAULTS: dict[str, Any] = {
              "max_images_per_identity": None, "num_workers": 0,
              "extra_faces": False,  # true (PRIVFACE_EXTRA_FACES_DIR) or a folder: unlabelled faces, distillation only
              "cached_views": 0,  # N > 0: N augmented views per image with the teacher's embeddings, computed once
-             "extra_views": None},  # views per extra face (None: cached_views)
+             "extra_views": None,  # views per extra face (None: cached_views)
+             "extra_per_batch": 0},  # N > 0: batch_size labelled + N extra faces per batch (extra_batches.py)
     "augment": {"flip": 0.5, "brightness": 0.1, "contrast": 0.1, "translate": 4},
     "model": {"adapter_learnable": True, "freeze_backbone_bn": False,
               "init_onnx": None},  # a served ONNX model of the same family to start from (students.load_served_onnx)
@@ -92,6 +93,11 @@ def load_config(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: loss.mixed_faces is the fraction of a batch to mix, in [0, 1], not {mixed!r}")
     if mixed and (config["data"]["cached_views"] or config["teacher"] == "none"):
         raise ValueError(f"{path}: loss.mixed_faces needs the teacher run online (no data.cached_views, a teacher)")
+    extra = config["data"]["extra_per_batch"]
+    if not isinstance(extra, int) or isinstance(extra, bool) or extra < 0:
+        raise ValueError(f"{path}: data.extra_per_batch is a number of faces >= 0, not {extra!r}")
+    if extra and (not config["data"]["extra_faces"] or config["data"]["cached_views"]):
+        raise ValueError(f"{path}: data.extra_per_batch needs data.extra_faces and no data.cached_views")
     relation = config["loss"].get("relation_weight", 0.0)
     if not isinstance(relation, (int, float)) or relation < 0:
         raise ValueError(f"{path}: loss.relation_weight is a weight >= 0, not {relation!r}")
