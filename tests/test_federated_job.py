@@ -174,15 +174,18 @@ LIFECYCLE = {"clients": 3, "clients_per_round": 2, "pairs_per_fold": 2, "max_ima
 
 @pytest.fixture(scope="module")
 def lifecycle_stack(tmp_path_factory, shared, module_postgres_db, module_redis_url) -> Iterator[LocalStack]:
-    """One stack for the three lifecycle tests (one start instead of three; each test starts its own workers and
-    waits for its jobs to end): jobs have a 6 s lease (heartbeat every 2 s) and their state under `fed_dir`.
-    Each test activates what it needs and compares the models with what it saw first, so their order is free."""
+    """One gateway (PostgreSQL + Redis) for the three lifecycle tests (one start instead of three; each test starts
+    its own workers and waits for its jobs to end): jobs have a 6 s lease (heartbeat every 2 s) and their state under
+    `fed_dir`. No parties: a federated job and its model swap never reach them (a job through the whole stack, with
+    verifies before and after the swap: tests/test_federated_e2e.py). Each test activates what it needs and compares
+    the models with what it saw first, so their order is free."""
     root = tmp_path_factory.mktemp("lifecycle")
-    stack = LocalStack(root / "stack", gateway_db=module_postgres_db(),
-                       party_dbs=(module_postgres_db(), module_postgres_db()), redis_url=module_redis_url,
+    stack = LocalStack(root / "stack", gateway_db=module_postgres_db(), redis_url=module_redis_url,
                        model_dir=private_models(root),
                        extra_env={"PRIVFACE_JOB_LEASE_S": "6", "PRIVFACE_FEDERATED_STATE_DIR": str(root / "fed"),
-                                  "PRIVFACE_FEDERATED_TOLERANCE": "1.0", **QUICK_EXPORT}).start()
+                                  "PRIVFACE_FEDERATED_TOLERANCE": "1.0", **QUICK_EXPORT})
+    stack.cli("models", "ensure")
+    stack.start_gateway_alone()
     yield stack
     stack.stop()
 
