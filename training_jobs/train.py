@@ -174,7 +174,7 @@ class Trainer:
                           pin_memory=self.device.type == "cuda")
 
     def batches(self, epoch: int) -> LabelledPlusExtraBatches:
-        """Every labelled sample of a plain run's epoch (same shuffle), plus data.extra_per_batch extra faces."""
+        """One shuffled pass over the labelled images, as in a plain run's epoch, plus data.extra_per_batch extra faces."""
         assert isinstance(self.dataset, MixedFaces)
         labelled, extras = self.dataset.cumulative_sizes[0], len(self.dataset) - self.dataset.cumulative_sizes[0]
         return LabelledPlusExtraBatches(labelled, extras, self.config["optim"]["batch_size"],
