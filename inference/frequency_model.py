@@ -79,10 +79,38 @@ class InverseDctAdapter(nn.Module):
         """Freeze (v0: exact inverse DCT) or unfreeze the 1x1 conv for fine-tuning."""
         self.idct.requires_grad_(learnable)
 
+    def planes(self, features: torch.Tensor) -> torch.Tensor:
+        """[N, 192, 14, 14]: the kept channels in place, zeros where the transform removed a frequency."""
+        return F.conv2d(features, self.scatter)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        planes = F.conv2d(features, self.scatter)
-        ycbcr = F.pixel_shuffle(self.idct(planes), BLOCK)
+        ycbcr = F.pixel_shuffle(self.idct(self.planes(features)), BLOCK)
         return F.conv2d(ycbcr, self.colour, self.colour_bias)
+
+
+class BlockContextAdapter(InverseDctAdapter):
+    """The inverse-DCT adapter plus a residual estimate of every block's 192 planes from its 5x5 neighbourhood.
+
+    Why: a transform that removes a block's low frequencies removes what the 1x1 adapter cannot bring back, since
+    it sees one block at a time; neighbouring blocks' kept coefficients carry some of it (an edge crossing blocks,
+    shading). Two 3x3 convolutions over the 14x14 grid of blocks (PReLU) and a 1x1 to the planes; the last one
+    starts at zero, so a student built from a served model computes exactly that model's function at step 0.
+    """
+
+    def __init__(self, spec: TransformSpec, width: int, learnable: bool = True) -> None:
+        super().__init__(spec, learnable)
+        self.context = nn.Sequential(nn.Conv2d(spec.num_channels, width, 3, padding=1), nn.PReLU(width),
+                                     nn.Conv2d(width, width, 3, padding=1), nn.PReLU(width),
+                                     nn.Conv2d(width, PLANES, 1))
+        last = self.context[-1]
+        assert isinstance(last, nn.Conv2d) and last.bias is not None
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.zero_()
+
+    def planes(self, features: torch.Tensor) -> torch.Tensor:
+        estimate: torch.Tensor = self.context(features)
+        return super().planes(features) + estimate
 
 
 class FrequencyFaceModel(nn.Module):

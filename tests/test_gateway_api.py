@@ -41,6 +41,7 @@ def auth(key: str) -> dict[str, str]:
 
 def aligned_face(shared, name: str = "Aaron_Eckhart/Aaron_Eckhart_0001.jpg") -> np.ndarray:
     image = cv2.imread(str(shared / "datasets" / "lfw-aligned-112" / name))
+    assert image is not None, name  # opencv >= 4.14 types imread as optional
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 

@@ -76,7 +76,10 @@ def test_a_misspelt_key_is_named_and_nested_sections_are_checked():
                                             ("data: {extra_per_batch: -1}\n", "a number of faces >= 0, not -1"),
                                             ("data: {extra_per_batch: 8}\n", "needs data.extra_faces"),
                                             ("data: {extra_faces: true, cached_views: 2, extra_per_batch: 8}\n",
-                                             "and no data.cached_views")])
+                                             "and no data.cached_views"),
+                                            ("model: {context_width: -4}\n", "channels >= 0 for a frequency"),
+                                            ("model: {context_width: 64, kind: sealed-cnn}\n",
+                                             "channels >= 0 for a frequency-mobilefacenet, not 64")])
 def test_the_trainer_refuses_a_bad_config_in_one_line_before_it_loads_data(tmp_path: Path, text: str,
                                                                            expected: str, capsys):
     """In-process (one import of torch for all cases); the real process's exit is checked once below."""

@@ -35,7 +35,9 @@ def recipe(config: dict[str, Any]) -> list[str]:
     kind = model.get("kind", "frequency-mobilefacenet")
     start = (f"MobileFaceNet started, adapter included, from the served `{Path(model['init_onnx']).parent.name}` "
              "(its BatchNorms folded and frozen)" if model.get("init_onnx") else "pretrained MobileFaceNet (foamliu)")
-    arch = ("learnable inverse-DCT adapter (1x1 conv initialised to the exact inverse DCT) + "
+    context = (f", plus block-context convolutions ({model['context_width']} channels, two 3x3 over the grid of "
+               "blocks, started at zero)") if model.get("context_width") else ""
+    arch = ("learnable inverse-DCT adapter (1x1 conv initialised to the exact inverse DCT" + context + ") + "
             f"{start}, flip test-time augmentation") if kind == "frequency-mobilefacenet" else \
         f"sealed CNN on the 14x14 DCT planes ({model.get('activation')} activations, width {model.get('width')})"
     return [f"| Architecture | {arch} |",

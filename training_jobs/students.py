@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from inference.frequency_model import FrequencyFaceModel, InverseDctAdapter
+from inference.frequency_model import BlockContextAdapter, FrequencyFaceModel, InverseDctAdapter
 from inference.metadata import ModelMetadata
 from inference.mobilefacenet import load_pretrained
 from inference.onnx_weights import FIXED_BY_SPEC, state_dict_from_onnx
@@ -19,12 +19,16 @@ Student = FrequencyFaceModel | SealedFaceModel
 
 def build_student(model: dict[str, Any], spec: TransformSpec, shared: Path) -> Student:
     """`kind: frequency-mobilefacenet` (default): learnable inverse-DCT adapter + pretrained MobileFaceNet, the
-    served architecture, started from the pixel network or (`init_onnx`) from a served version's weights.
+    served architecture, started from the pixel network or (`init_onnx`) from a served version's weights;
+    `context_width: W` adds the adapter's block-context convolutions (W channels, inference/frequency_model.py).
     `kind: sealed-cnn`: the small CNN on the DCT planes made for MPC (issue 12), trained from scratch,
     `activation: relu | quad`, `width` channels, `depth` blocks per stage, `head: dense | gdc`."""
     kind = model.get("kind", "frequency-mobilefacenet")
     if kind == "frequency-mobilefacenet":
-        student = FrequencyFaceModel(InverseDctAdapter(spec, learnable=model["adapter_learnable"]), load_pretrained(shared))
+        width = int(model.get("context_width", 0))
+        adapter = BlockContextAdapter(spec, width, model["adapter_learnable"]) if width \
+            else InverseDctAdapter(spec, learnable=model["adapter_learnable"])
+        student = FrequencyFaceModel(adapter, load_pretrained(shared))
         if model.get("init_onnx"):
             load_served_onnx(student, Path(model["init_onnx"]))
         return student
@@ -45,4 +49,8 @@ def load_served_onnx(student: FrequencyFaceModel, path: Path) -> None:
     """
     served = state_dict_from_onnx(path, ModelMetadata.load(Path(path).parent, verify=False).spec)
     own = student.state_dict()
-    student.load_state_dict({name: own[name] if name in FIXED_BY_SPEC else value for name, value in served.items()})
+    foreign = sorted(set(served) - set(own))
+    if foreign:
+        raise ValueError(f"{path}: {foreign[0]} has no place in this student (another architecture)")
+    # a BlockContextAdapter's context is not in the served file: it keeps its zero start, the same function
+    student.load_state_dict({**own, **{name: value for name, value in served.items() if name not in FIXED_BY_SPEC}})

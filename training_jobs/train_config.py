@@ -53,6 +53,7 @@ def merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, An
 # mixed faces (training_jobs/mixed_faces.py), the weights of the batch-relation term (training_jobs/losses.py) and
 # of the stage-map hints (training_jobs/hints.py), and the switch that keeps every epoch's checkpoint.
 OPTIONAL_KEYS = {"keep_every_epoch", "model.kind", "model.activation", "model.width", "model.depth", "model.head",
+                "model.context_width",
                 "loss.mixed_faces", "loss.relation_weight", "loss.hint_weight"}
 
 
@@ -110,6 +111,11 @@ def load_config(path: Path) -> dict[str, Any]:
                  or config["teacher"] != "mobilefacenet"):
         raise ValueError(f"{path}: loss.hint_weight needs model.kind sealed-cnn, data.cached_views and teacher: "
                          "mobilefacenet (the teacher's maps are cached with its embeddings)")
+    context = config["model"].get("context_width", 0)
+    if not isinstance(context, int) or isinstance(context, bool) or context < 0 or \
+            (context and config["model"].get("kind", "frequency-mobilefacenet") != "frequency-mobilefacenet"):
+        raise ValueError(f"{path}: model.context_width is a number of channels >= 0 for a frequency-mobilefacenet, "
+                         f"not {context!r}")
     start = config["model"].get("init_onnx")
     if start and (config["model"].get("kind", "frequency-mobilefacenet") != "frequency-mobilefacenet"
                   or not config["model"]["freeze_backbone_bn"] or not (Path(start).parent / "model.json").is_file()):

@@ -1,0 +1,94 @@
+"""The adapter's block-context convolutions (inference/frequency_model.py::BlockContextAdapter; issue 10's capacity
+experiment): a student built from a served model starts as exactly that model, the new layers learn, the result
+exports to ONNX that serves, and a federated job refuses to start from it (its architecture is not the one rounds
+train).
+
+Real data: the bundled v5-balanced ONNX file, LFW faces of training identities, the served noisy transform.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.paths import PROJECT_ROOT
+from inference.export import WeightsError, architecture, export_onnx, save_weights, saved_weights
+from inference.frequency_model import BlockContextAdapter
+from inference.metadata import ModelMetadata
+from inference.runtime import OrtEmbedder
+from tests.test_onnx_weights import torch_embed, training_features
+from training_jobs.students import build_student
+
+V5 = PROJECT_ROOT / "inference" / "bundled" / "v5-balanced"
+
+
+def context_student(shared: Path) -> torch.nn.Module:
+    meta = ModelMetadata.load(V5)
+    config = {"adapter_learnable": True, "context_width": 16, "init_onnx": str(V5 / meta.onnx_file)}
+    return build_student(config, meta.spec, shared).eval()
+
+
+def test_a_context_student_started_from_v5_embeds_exactly_as_v5_does(shared):
+    torch.set_num_threads(1)
+    meta = ModelMetadata.load(V5)
+    features = training_features(shared, meta.spec, count=8)
+    student = context_student(shared)
+    assert isinstance(student.adapter, BlockContextAdapter)
+    reference = OrtEmbedder(V5 / meta.onnx_file, prefer_gpu=False, intra_op_threads=1).embed(features)
+    assert float(np.max(np.abs(torch_embed(student, features) - reference))) <= 1e-4
+
+
+def test_the_context_layers_get_a_gradient_and_change_the_embedding(shared):
+    """The zero start must not be a dead end: the last (zero) layer gets a gradient, and one step moves the output."""
+    torch.set_num_threads(1)
+    meta = ModelMetadata.load(V5)
+    features = torch.from_numpy(training_features(shared, meta.spec, count=8))
+    student = context_student(shared)
+    before = student(features).detach()
+    loss = -(student(features) * before.roll(1, dims=0)).sum()  # pull each face toward another: any real loss
+    loss.backward()
+    last = student.adapter.context[-1]
+    assert last.weight.grad is not None and float(last.weight.grad.abs().max()) > 0
+    with torch.no_grad():
+        for parameter in student.adapter.context.parameters():
+            if parameter.grad is not None:
+                parameter -= 1e-2 * parameter.grad.sign()
+    assert float((student(features).detach() - before).abs().max()) > 1e-3
+
+
+def test_a_context_model_exports_to_onnx_and_federated_rounds_refuse_it(shared, tmp_path):
+    torch.set_num_threads(1)
+    meta = ModelMetadata.load(V5)
+    features = training_features(shared, meta.spec, count=4)
+    student = context_student(shared)
+    with torch.no_grad():
+        student.adapter.context[-1].weight.normal_(0, 0.01)  # a trained context, not the zero start
+    export_onnx(student, meta.spec, tmp_path / "model.onnx")
+    served = OrtEmbedder(tmp_path / "model.onnx", prefer_gpu=False, intra_op_threads=1).embed(features)
+    assert float(np.max(np.abs(served - torch_embed(student, features)))) <= 1e-4
+    assert architecture(student) == "FrequencyFaceModel/BlockContextAdapter/MobileFaceNet"
+    weights = save_weights(student, tmp_path / "weights.pt")
+    version = tmp_path / "v9-context"
+    version.mkdir()
+    dataclasses.replace(meta, version="v9-context", weights=weights).save(version)
+    with pytest.raises(WeightsError, match="is a FrequencyFaceModel/BlockContextAdapter/MobileFaceNet, not a"):
+        saved_weights(version)
+
+
+def test_the_trainer_trains_the_context_at_the_backbones_lr_and_it_moves_off_zero(tmp_path):
+    """A tiny real run (4 people x 4 LFW faces of training identities, 2 steps): the context layers are in the
+    backbone's group (lr 1e-3 here, not the adapter's 1e-4) and the zero layer is no longer zero after it."""
+    from tests.test_training_jobs import tiny_config
+    from training_jobs.train import Trainer
+    config = tiny_config(tmp_path, epochs=1)
+    config["model"]["context_width"] = 8
+    trainer = Trainer(config)
+    context = set(map(id, trainer.student.adapter.context.parameters()))
+    lr_of = {id(p): group["initial_lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert {lr_of[p] for p in context} == {config["optim"]["lr"]} != {config["optim"]["adapter_lr"]}
+    assert lr_of[id(trainer.student.adapter.idct.weight)] == config["optim"]["adapter_lr"]
+    trainer.fit()
+    assert float(trainer.student.adapter.context[-1].weight.abs().max()) > 0
