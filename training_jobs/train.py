@@ -101,11 +101,12 @@ class Trainer:
         self.distill = DistillationLoss(EMBEDDING_DIM if config["teacher"] == "sface" else None).to(self.device)
         self.hints = hint_loss_for(self.student.backbone).to(self.device) if self.hint_weight else None
         optim = config["optim"]
-        fresh = [p for name, p in self.student.adapter.named_parameters() if name.startswith("context.")]  # new layers
+        adapter = dict(self.student.adapter.named_parameters())
+        fresh = [p for name, p in adapter.items() if name.startswith("context.")]  # new layers: the backbone's lr
         groups = [{"params": [p for p in self.student.backbone.parameters()] + fresh, "lr": optim["lr"]},
                   {"params": [p for p in self.head.parameters()] + list(self.distill.parameters())
                    + (list(self.hints.parameters()) if self.hints else []), "lr": optim["head_lr"]}]
-        adapter_params = [p for p in self.student.adapter.parameters() if p.requires_grad and id(p) not in map(id, fresh)]
+        adapter_params = [p for name, p in adapter.items() if p.requires_grad and not name.startswith("context.")]
         if adapter_params:
             groups.append({"params": adapter_params, "lr": optim["adapter_lr"], "weight_decay": 0.0})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=optim["weight_decay"])
