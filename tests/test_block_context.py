@@ -78,17 +78,29 @@ def test_a_context_model_exports_to_onnx_and_federated_rounds_refuse_it(shared, 
         saved_weights(version)
 
 
-def test_the_trainer_trains_the_context_at_the_backbones_lr_and_it_moves_off_zero(tmp_path):
-    """A tiny real run (4 people x 4 LFW faces of training identities, 2 steps): the context layers are in the
-    backbone's group (lr 1e-3 here, not the adapter's 1e-4) and the zero layer is no longer zero after it."""
+def context_trainer(tmp_path: Path, **optim: float):
     from tests.test_training_jobs import tiny_config
     from training_jobs.train import Trainer
     config = tiny_config(tmp_path, epochs=1)
     config["model"]["context_width"] = 8
+    config["optim"].update(optim)
     trainer = Trainer(config)
-    context = set(map(id, trainer.student.adapter.context.parameters()))
     lr_of = {id(p): group["initial_lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
-    assert {lr_of[p] for p in context} == {config["optim"]["lr"]} != {config["optim"]["adapter_lr"]}
-    assert lr_of[id(trainer.student.adapter.idct.weight)] == config["optim"]["adapter_lr"]
+    return trainer, config["optim"], lr_of
+
+
+def test_the_trainer_trains_the_context_at_the_backbones_lr_and_it_moves_off_zero(tmp_path):
+    """A tiny real run (4 people x 4 LFW faces of training identities, 2 steps): the context layers train at the
+    backbone's lr (1e-3 here, not the adapter's 1e-4) and the zero layer is no longer zero after it."""
+    trainer, optim, lr_of = context_trainer(tmp_path)
+    assert {lr_of[id(p)] for p in trainer.student.adapter.context.parameters()} == {optim["lr"]} != {optim["adapter_lr"]}
+    assert lr_of[id(trainer.student.adapter.idct.weight)] == optim["adapter_lr"]
     trainer.fit()
     assert float(trainer.student.adapter.context[-1].weight.detach().abs().max()) > 0
+
+
+def test_optim_context_lr_gives_the_context_its_own_lr_and_nothing_else(tmp_path):
+    trainer, optim, lr_of = context_trainer(tmp_path, context_lr=5e-3)
+    assert {lr_of[id(p)] for p in trainer.student.adapter.context.parameters()} == {5e-3}
+    assert {lr_of[id(p)] for p in trainer.student.backbone.parameters()} == {optim["lr"]}
+    assert lr_of[id(trainer.student.adapter.idct.weight)] == optim["adapter_lr"]

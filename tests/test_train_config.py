@@ -79,7 +79,10 @@ def test_a_misspelt_key_is_named_and_nested_sections_are_checked():
                                              "and no data.cached_views"),
                                             ("model: {context_width: -4}\n", "channels >= 0 for a frequency"),
                                             ("model: {context_width: 64, kind: sealed-cnn}\n",
-                                             "channels >= 0 for a frequency-mobilefacenet, not 64")])
+                                             "channels >= 0 for a frequency-mobilefacenet, not 64"),
+                                            ("optim: {context_lr: 0.001}\n", "not 0.001 (with context_width 0)"),
+                                            ("model: {context_width: 8}\noptim: {context_lr: -1}\n",
+                                             "a learning rate > 0 for model.context_width's layers, not -1")])
 def test_the_trainer_refuses_a_bad_config_in_one_line_before_it_loads_data(tmp_path: Path, text: str,
                                                                            expected: str, capsys):
     """In-process (one import of torch for all cases); the real process's exit is checked once below."""

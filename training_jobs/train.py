@@ -102,10 +102,12 @@ class Trainer:
         self.hints = hint_loss_for(self.student.backbone).to(self.device) if self.hint_weight else None
         optim = config["optim"]
         adapter = dict(self.student.adapter.named_parameters())
-        fresh = [p for name, p in adapter.items() if name.startswith("context.")]  # new layers: the backbone's lr
-        groups = [{"params": [p for p in self.student.backbone.parameters()] + fresh, "lr": optim["lr"]},
+        fresh = [p for name, p in adapter.items() if name.startswith("context.")]  # new layers: their own lr
+        groups = [{"params": [p for p in self.student.backbone.parameters()], "lr": optim["lr"]},
                   {"params": [p for p in self.head.parameters()] + list(self.distill.parameters())
                    + (list(self.hints.parameters()) if self.hints else []), "lr": optim["head_lr"]}]
+        if fresh:
+            groups.append({"params": fresh, "lr": optim.get("context_lr", optim["lr"])})
         adapter_params = [p for name, p in adapter.items() if p.requires_grad and not name.startswith("context.")]
         if adapter_params:
             groups.append({"params": adapter_params, "lr": optim["adapter_lr"], "weight_decay": 0.0})

@@ -53,7 +53,7 @@ def merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, An
 # mixed faces (training_jobs/mixed_faces.py), the weights of the batch-relation term (training_jobs/losses.py) and
 # of the stage-map hints (training_jobs/hints.py), and the switch that keeps every epoch's checkpoint.
 OPTIONAL_KEYS = {"keep_every_epoch", "model.kind", "model.activation", "model.width", "model.depth", "model.head",
-                "model.context_width",
+                "model.context_width", "optim.context_lr",
                 "loss.mixed_faces", "loss.relation_weight", "loss.hint_weight"}
 
 
@@ -116,6 +116,10 @@ def load_config(path: Path) -> dict[str, Any]:
             (context and config["model"].get("kind", "frequency-mobilefacenet") != "frequency-mobilefacenet"):
         raise ValueError(f"{path}: model.context_width is a number of channels >= 0 for a frequency-mobilefacenet, "
                          f"not {context!r}")
+    context_lr = config["optim"].get("context_lr")
+    if context_lr is not None and (not context or not isinstance(context_lr, (int, float)) or context_lr <= 0):
+        raise ValueError(f"{path}: optim.context_lr is a learning rate > 0 for model.context_width's layers, "
+                         f"not {context_lr!r} (with context_width {context})")
     start = config["model"].get("init_onnx")
     if start and (config["model"].get("kind", "frequency-mobilefacenet") != "frequency-mobilefacenet"
                   or not config["model"]["freeze_backbone_bn"] or not (Path(start).parent / "model.json").is_file()):
