@@ -180,8 +180,10 @@ def save_weights(model: torch.nn.Module, path: Path) -> dict:
     return {"file": path.name, "sha256": file_sha256(path), "architecture": architecture(model)}
 
 
-# The architecture federated rounds and training_jobs.train fine-tune (learnable inverse DCT + MobileFaceNet).
+# The architecture federated rounds and training_jobs.train fine-tune (learnable inverse DCT + MobileFaceNet), and
+# the same with the adapter's block-context convolutions (inference/frequency_model.py::BlockContextAdapter).
 FREQUENCY_ARCHITECTURE = "FrequencyFaceModel/InverseDctAdapter/MobileFaceNet"
+CONTEXT_ARCHITECTURE = "FrequencyFaceModel/BlockContextAdapter/MobileFaceNet"
 
 
 class WeightsError(ValueError):
@@ -196,9 +198,9 @@ def saved_weights(version_dir: Path) -> tuple[Path, str] | None:
     a version trained with another architecture or whose ONNX file is absent or cannot be rebuilt."""
     meta = ModelMetadata.load(version_dir, verify=False)
     if meta.weights:
-        if meta.weights.get("architecture") != FREQUENCY_ARCHITECTURE:
+        if meta.weights.get("architecture") not in (FREQUENCY_ARCHITECTURE, CONTEXT_ARCHITECTURE):
             raise WeightsError(f"model version {meta.version} is a {meta.weights.get('architecture')}, "
-                               f"not a {FREQUENCY_ARCHITECTURE}")
+                               f"not a {FREQUENCY_ARCHITECTURE} (or with a BlockContextAdapter)")
         path = Path(version_dir) / str(meta.weights["file"])
         if not path.is_file():  # refused when a job is created, not rounds later in the federated run
             raise WeightsError(f"model version {meta.version} names PyTorch weights {meta.weights['file']} that "

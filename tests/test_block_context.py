@@ -1,7 +1,6 @@
 """The adapter's block-context convolutions (inference/frequency_model.py::BlockContextAdapter; issue 10's capacity
 experiment): a student built from a served model starts as exactly that model, the new layers learn, the result
-exports to ONNX that serves, and a federated job refuses to start from it (its architecture is not the one rounds
-train).
+exports to ONNX that serves, and a federated job can start from its saved weights.
 
 Real data: the bundled v5-balanced ONNX file, LFW faces of training identities, the served noisy transform.
 """
@@ -59,7 +58,10 @@ def test_the_context_layers_get_a_gradient_and_change_the_embedding(shared):
     assert float((student(features).detach() - before).abs().max()) > 1e-3
 
 
-def test_a_context_model_exports_to_onnx_and_federated_rounds_refuse_it(shared, tmp_path):
+def test_a_context_model_exports_to_onnx_and_federated_rounds_start_from_it(shared, tmp_path):
+    """Served through ONNX Runtime as trained; a federated job's base model is rebuilt with the same context
+    (width from the saved tensors) and its context layers travel with the adapter in both scopes."""
+    from training_jobs.federated.params import build_base_model, travelling_names
     torch.set_num_threads(1)
     meta = ModelMetadata.load(V5)
     features = training_features(shared, meta.spec, count=4)
@@ -70,11 +72,19 @@ def test_a_context_model_exports_to_onnx_and_federated_rounds_refuse_it(shared, 
     served = OrtEmbedder(tmp_path / "model.onnx", prefer_gpu=False, intra_op_threads=1).embed(features)
     assert float(np.max(np.abs(served - torch_embed(student, features)))) <= 1e-4
     assert architecture(student) == "FrequencyFaceModel/BlockContextAdapter/MobileFaceNet"
-    weights = save_weights(student, tmp_path / "weights.pt")
     version = tmp_path / "v9-context"
     version.mkdir()
+    weights = save_weights(student, version / "weights.pt")
     dataclasses.replace(meta, version="v9-context", weights=weights).save(version)
-    with pytest.raises(WeightsError, match="is a FrequencyFaceModel/BlockContextAdapter/MobileFaceNet, not a"):
+    found = saved_weights(version)
+    assert found is not None and found[0] == version / "weights.pt"
+    base = build_base_model(meta.spec, shared, *found).eval()
+    assert isinstance(base.adapter, BlockContextAdapter) and base.adapter.context[0].out_channels == 16
+    assert float(np.max(np.abs(torch_embed(base, features) - torch_embed(student, features)))) == 0.0
+    for scope in ("whole", "adapter-tail"):
+        assert "adapter.context.4.weight" in travelling_names(base, scope)
+    dataclasses.replace(meta, version="v9-other", weights={**weights, "architecture": "SealedFaceModel"}).save(version)
+    with pytest.raises(WeightsError, match="is a SealedFaceModel, not a FrequencyFaceModel"):
         saved_weights(version)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from inference.export import WeightsError, saved_weights
-from inference.frequency_model import FrequencyFaceModel, InverseDctAdapter
+from inference.frequency_model import BlockContextAdapter, FrequencyFaceModel, InverseDctAdapter
 from inference.metadata import file_sha256
 from inference.mobilefacenet import load_pretrained
 from inference.onnx_weights import OnnxWeightsError, state_dict_from_onnx
@@ -32,10 +32,16 @@ def build_base_model(spec: TransformSpec, shared: Path, weights: str | Path | No
                      sha256: str | None = None) -> FrequencyFaceModel:
     """The model federated rounds start from, with a learnable adapter: the served v0 (exact inverse-DCT adapter
     + pretrained MobileFaceNet) without `weights`, else that architecture loaded with a model version's saved
-    state dict (inference.export.save_weights), checked against `sha256` when given."""
-    model = FrequencyFaceModel(InverseDctAdapter(spec, learnable=True), load_pretrained(shared))
-    if weights is not None:
-        model.load_state_dict(load_weights(Path(weights), sha256, spec))
+    state dict (inference.export.save_weights), checked against `sha256` when given. A state dict with the
+    adapter's block-context layers gets a BlockContextAdapter of their width (their tensors travel with the
+    adapter's in both scopes)."""
+    state = load_weights(Path(weights), sha256, spec) if weights is not None else None
+    context = state.get("adapter.context.0.weight") if state is not None else None
+    adapter = BlockContextAdapter(spec, int(context.shape[0])) if context is not None \
+        else InverseDctAdapter(spec, learnable=True)
+    model = FrequencyFaceModel(adapter, load_pretrained(shared))
+    if state is not None:
+        model.load_state_dict(state)
     return model
 
 
